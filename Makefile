@@ -1,0 +1,27 @@
+# The two everyday commands: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# These two versions are the ones the project's machines hold locally; requirements.txt states the real ranges.
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt $(TORCH_PIN)
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(PY) -m data.demo --out demo_data
+	$(PY) main.py --cfg configs/demo/focal_demo.yaml --data-path demo_data --output output/demo
+
+clean:
+	rm -rf $(VENV) output demo_data

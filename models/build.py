@@ -1,0 +1,108 @@
+"""Build a model from the config tree, rejecting inconsistent settings with errors that name the key."""
+from __future__ import annotations
+
+from typing import Any
+
+from .focal_attention import GATHER_METHODS
+from .focal_transformer import FocalTransformer
+from .layers import POOL_METHODS
+from .topk_attention import MAX_LEVELS
+
+MODEL_TYPES = ("focal", "focalv2")
+EXPAND_LAYERS = ("all", "even", "odd")
+
+
+class ConfigError(ValueError):
+    """A model setting that cannot be built; the message names the config key."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate_model_config(config: Any) -> None:
+    m, f = config.MODEL, config.MODEL.FOCAL
+    _require(m.TYPE in MODEL_TYPES, "MODEL.TYPE", f"must be one of {MODEL_TYPES}, got {m.TYPE!r}")
+    n = len(f.DEPTHS)
+    _require(n >= 1 and all(d >= 1 for d in f.DEPTHS), "MODEL.FOCAL.DEPTHS", f"needs positive depths, got {f.DEPTHS}")
+    for key in ("NUM_HEADS", "FOCAL_LEVELS", "FOCAL_WINDOWS", "EXPAND_SIZES"):
+        _require(len(f[key]) == n, f"MODEL.FOCAL.{key}",
+                 f"needs one value per stage ({n}, as MODEL.FOCAL.DEPTHS), got {list(f[key])}")
+    _require(f.PATCH_SIZE >= 1, "MODEL.FOCAL.PATCH_SIZE", f"must be >= 1, got {f.PATCH_SIZE}")
+    _require(f.EMBED_DIM >= 1, "MODEL.FOCAL.EMBED_DIM", f"must be >= 1, got {f.EMBED_DIM}")
+    _require(f.WINDOW_SIZE >= 1, "MODEL.FOCAL.WINDOW_SIZE", f"must be >= 1, got {f.WINDOW_SIZE}")
+    _require(m.NUM_CLASSES >= 0, "MODEL.NUM_CLASSES", f"must be >= 0, got {m.NUM_CLASSES}")
+    size = config.DATA.IMG_SIZE
+    _require(size > 0 and size % f.PATCH_SIZE == 0, "DATA.IMG_SIZE",
+             f"must be a positive multiple of MODEL.FOCAL.PATCH_SIZE ({f.PATCH_SIZE}), got {size}")
+    _require(size // f.PATCH_SIZE >= 2 ** (n - 1), "DATA.IMG_SIZE",
+             f"{size} is too small for {n} stages of 2x downsampling after {f.PATCH_SIZE}x{f.PATCH_SIZE} patches")
+    _require(f.FOCAL_POOL in POOL_METHODS, "MODEL.FOCAL.FOCAL_POOL", f"must be one of {POOL_METHODS}, got {f.FOCAL_POOL!r}")
+    _require(f.EXPAND_LAYER in EXPAND_LAYERS, "MODEL.FOCAL.EXPAND_LAYER",
+             f"must be one of {EXPAND_LAYERS}, got {f.EXPAND_LAYER!r}")
+    _require(f.KV_GATHER in GATHER_METHODS, "MODEL.FOCAL.KV_GATHER", f"must be one of {GATHER_METHODS}, got {f.KV_GATHER!r}")
+    _require(f.FOCAL_TOPK >= 1, "MODEL.FOCAL.FOCAL_TOPK", f"must be >= 1, got {f.FOCAL_TOPK}")
+    _require(f.MLP_RATIO > 0, "MODEL.FOCAL.MLP_RATIO", f"must be > 0, got {f.MLP_RATIO}")
+    for rate in ("DROP_RATE", "ATTN_DROP_RATE", "DROP_PATH_RATE"):
+        _require(0.0 <= m[rate] < 1.0, f"MODEL.{rate}", f"must be in [0, 1), got {m[rate]}")
+    for i in range(n):
+        dim = f.EMBED_DIM * 2 ** i
+        _require(f.NUM_HEADS[i] >= 1 and dim % f.NUM_HEADS[i] == 0, "MODEL.FOCAL.NUM_HEADS",
+                 f"stage {i} has {dim} channels, not divisible by {f.NUM_HEADS[i]} heads")
+        _require(0 <= f.EXPAND_SIZES[i] < f.WINDOW_SIZE, "MODEL.FOCAL.EXPAND_SIZES",
+                 f"stage {i}: expand size must be in [0, WINDOW_SIZE={f.WINDOW_SIZE}), got {f.EXPAND_SIZES[i]}")
+        level = f.FOCAL_LEVELS[i]
+        _require(level >= 0, "MODEL.FOCAL.FOCAL_LEVELS", f"stage {i}: must be >= 0, got {level}")
+        pooled = f.FOCAL_POOL != "none" and i in f.FOCAL_STAGES and level > 1
+        if pooled:
+            _require(2 ** (level - 2) <= f.WINDOW_SIZE, "MODEL.FOCAL.FOCAL_LEVELS",
+                     f"stage {i}: {level} levels pool sub-windows smaller than one token (WINDOW_SIZE={f.WINDOW_SIZE})")
+            _require(f.FOCAL_WINDOWS[i] % 2 == 1, "MODEL.FOCAL.FOCAL_WINDOWS",
+                     f"stage {i}: pooled focal windows must be odd, got {f.FOCAL_WINDOWS[i]}")
+        if m.TYPE == "focalv2":
+            _require(1 <= level <= MAX_LEVELS, "MODEL.FOCAL.FOCAL_LEVELS",
+                     f"focalv2 supports 1 or {MAX_LEVELS} levels per stage, stage {i} has {level}")
+            _require(level == 1 or pooled, "MODEL.FOCAL.FOCAL_POOL",
+                     f"focalv2 stage {i} has {level} levels, so it needs pooling: set FOCAL_POOL (not 'none') "
+                     f"and list the stage in MODEL.FOCAL.FOCAL_STAGES")
+
+
+def build_model(config: Any) -> FocalTransformer:
+    """The model selected by ``MODEL.TYPE`` with every ``MODEL.FOCAL`` setting applied."""
+    validate_model_config(config)
+    f = config.MODEL.FOCAL
+    return FocalTransformer(
+        variant=config.MODEL.TYPE,
+        img_size=config.DATA.IMG_SIZE,
+        patch_size=f.PATCH_SIZE,
+        in_chans=f.IN_CHANS,
+        num_classes=config.MODEL.NUM_CLASSES,
+        embed_dim=f.EMBED_DIM,
+        depths=list(f.DEPTHS),
+        num_heads=list(f.NUM_HEADS),
+        window_size=f.WINDOW_SIZE,
+        mlp_ratio=f.MLP_RATIO,
+        qkv_bias=f.QKV_BIAS,
+        qk_scale=f.QK_SCALE or None,
+        drop_rate=config.MODEL.DROP_RATE,
+        attn_drop_rate=config.MODEL.ATTN_DROP_RATE,
+        drop_path_rate=config.MODEL.DROP_PATH_RATE,
+        ape=f.APE,
+        patch_norm=f.PATCH_NORM,
+        use_checkpoint=config.TRAIN.USE_CHECKPOINT,
+        use_shift=f.USE_SHIFT,
+        focal_stages=list(f.FOCAL_STAGES),
+        focal_levels=list(f.FOCAL_LEVELS),
+        focal_windows=list(f.FOCAL_WINDOWS),
+        focal_pool=f.FOCAL_POOL,
+        focal_topk=f.FOCAL_TOPK,
+        expand_stages=list(f.EXPAND_STAGES),
+        expand_sizes=list(f.EXPAND_SIZES),
+        expand_layer=f.EXPAND_LAYER,
+        use_conv_embed=f.USE_CONV_EMBED,
+        use_layerscale=f.USE_LAYERSCALE,
+        layerscale_value=f.LAYERSCALE_VALUE,
+        use_pre_norm=f.USE_PRE_NORM,
+        kv_gather=f.KV_GATHER,
+    )

@@ -1,0 +1,284 @@
+"""Focal self-attention (v1): each window attends to itself, to its fine-grained surroundings and to pooled
+coarse tokens around it.
+
+Key/value order per window, which the bias tables of released checkpoints are laid out for:
+  1. the window's own ``ws*ws`` tokens, row-major;
+  2. the surroundings: the window shifted diagonally by ``expand_size`` in the four directions
+     (+e,+e), (+e,-e), (-e,+e), (-e,-e) (cyclically over the padded map), each row-major, keeping only the
+     tokens that fall outside the window (duplicates included);
+  3. per coarse level ``k``: the pooled tokens under a ``focal_window + 2**k - 1`` square anchored at the window,
+     row-major; positions beyond the pooled map are zero keys/values with a -100 logit penalty.
+
+All of that depends only on the map size, so it is computed once per size as a :class:`FocalLayout` and the
+keys/values are gathered by one of three equivalent methods (``KV_GATHER``): one precomputed ``index`` gather,
+``unfold`` windows, or the reference's ``roll``s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+from .layers import relative_position_index, window_partition, window_reverse
+
+GATHER_METHODS = ("index", "unfold", "roll")
+MASK_VALUE = -100.0  # the reference's logit penalty (not -inf: fully masked rows stay finite)
+
+
+def surrounding_offsets(window_size: int, expand_size: int) -> List[Tuple[int, int, int, int]]:
+    """``(a, b, dy, dx)`` for every surrounding key: query-window cell (a, b) read at offset (dy, dx)."""
+    ws, e = window_size, expand_size
+    out = []
+    for dy, dx in ((e, e), (e, -e), (-e, e), (-e, -e)):
+        for a in range(ws):
+            for b in range(ws):
+                if not (0 <= a + dy < ws and 0 <= b + dx < ws):
+                    out.append((a, b, dy, dx))
+    return out
+
+
+def pooled_kernel(focal_window: int, level: int) -> Tuple[int, int, List[Tuple[int, int]]]:
+    """Unfold kernel size, stride and the kept kernel cells for coarse level ``level``."""
+    stride = 2 ** level
+    kernel = 2 * (focal_window // 2) + 2 * stride - 1
+    first = stride - 1
+    cells = [(u, v) for u in range(first, kernel) for v in range(first, kernel)]
+    return kernel, stride, cells
+
+
+@dataclass
+class FocalLayout:
+    """Where every key of every window comes from, for one padded map size (all index tensors are int64)."""
+    grid: Tuple[int, int]            # windows along H and W
+    pooled_grids: List[Tuple[int, int]]
+    index: torch.Tensor              # (nW, L) into [map tokens, pooled tokens per level..., one zero token]
+    mask: Optional[torch.Tensor]     # (nW, ws*ws, L) additive 0/-100, or None when nothing is masked
+    roll_select: Optional[torch.Tensor]    # (n_sur,) into the 4 diagonally shifted windows, concatenated
+    unfold_select: torch.Tensor      # (ws*ws + n_sur,) into the (ws + 2e)**2 unfold patch
+    pooled_select: List[torch.Tensor]  # per level, kept cells of the unfold kernel
+
+    def to(self, device: torch.device) -> "FocalLayout":
+        def move(t):
+            return None if t is None else t.to(device)
+        return FocalLayout(self.grid, self.pooled_grids, move(self.index), move(self.mask),
+                           move(self.roll_select), move(self.unfold_select), [move(t) for t in self.pooled_select])
+
+
+def shift_mask(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor:
+    """Swin's mask for cyclically shifted windows: (nW, ws*ws, ws*ws), -100 between tokens of different regions."""
+    labels = torch.zeros(1, height, width, 1)
+    bounds = lambda n: ((0, n - window_size), (n - window_size, n - shift_size), (n - shift_size, n))
+    region = 0
+    for h0, h1 in bounds(height):
+        for w0, w1 in bounds(width):
+            labels[:, h0:h1, w0:w1] = region
+            region += 1
+    windows = window_partition(labels, window_size)[0, :, :, 0]
+    different = windows[:, :, None] != windows[:, None, :]
+    return different.float() * MASK_VALUE
+
+
+def build_focal_layout(height: int, width: int, window_size: int, expand_size: int, shift_size: int,
+                       focal_window: int, num_pooled: int) -> FocalLayout:
+    ws, e = window_size, expand_size
+    nh, nw = height // ws, width // ws
+    wy, wx = torch.meshgrid(torch.arange(nh), torch.arange(nw), indexing="ij")
+    wy, wx = wy.reshape(-1, 1), wx.reshape(-1, 1)  # (nW, 1)
+    cells = torch.arange(ws * ws)
+    a, b = cells // ws, cells % ws
+
+    parts = [(wy * ws + a) * width + (wx * ws + b)]
+    sur = surrounding_offsets(ws, e) if e > 0 else []
+    roll_select = None
+    if sur:
+        sa, sb, dy, dx = (torch.tensor(c) for c in zip(*sur))
+        rows = (wy * ws + sa + dy) % height
+        cols = (wx * ws + sb + dx) % width
+        parts.append(rows * width + cols)
+        directions = [(e, e), (e, -e), (-e, e), (-e, -e)]
+        quadrant = torch.tensor([directions.index(d) for d in zip(dy.tolist(), dx.tolist())])
+        roll_select = quadrant * ws * ws + sa * ws + sb
+    k = ws + 2 * e
+    unfold_cells = [(int(x) + e, int(y) + e) for x, y in zip(a, b)] + [(aa + dy_ + e, bb + dx_ + e) for aa, bb, dy_, dx_ in sur]
+    unfold_select = torch.tensor([r * k + c for r, c in unfold_cells])
+
+    n_tokens = height * width
+    pooled_grids, pooled_select, pooled_masks = [], [], []
+    pooled_index_parts = []
+    offset = n_tokens
+    for level in range(num_pooled):
+        ph, pw = nh * 2 ** level, nw * 2 ** level
+        kernel, stride, kept = pooled_kernel(focal_window, level)
+        pad = kernel // 2
+        u = torch.tensor([c[0] for c in kept])
+        v = torch.tensor([c[1] for c in kept])
+        rows = wy * stride - pad + u
+        cols = wx * stride - pad + v
+        inside = (rows >= 0) & (rows < ph) & (cols >= 0) & (cols < pw)
+        pooled_index_parts.append((offset + rows.clamp(0, ph - 1) * pw + cols.clamp(0, pw - 1), inside))
+        pooled_grids.append((ph, pw))
+        pooled_select.append(u * kernel + v)
+        offset += ph * pw
+    zero_token = offset
+    masks = []
+    for idx, inside in pooled_index_parts:
+        parts.append(torch.where(inside, idx, torch.full_like(idx, zero_token)))
+        masks.append(inside)
+    index = torch.cat([p.expand(nh * nw, -1) for p in parts], dim=1)
+
+    n_keys = index.shape[1]
+    mask = None
+    n_local = ws * ws + len(sur)
+    if shift_size > 0 or (masks and not all(bool(m.all()) for m in masks)):
+        mask = torch.zeros(nh * nw, ws * ws, n_keys)
+        if shift_size > 0:
+            mask[:, :, :ws * ws] = shift_mask(height, width, ws, shift_size)
+        if masks:
+            pooled_valid = torch.cat(masks, dim=1)  # (nW, L_pooled)
+            mask[:, :, n_local:] = (~pooled_valid).float()[:, None, :] * MASK_VALUE
+    return FocalLayout((nh, nw), pooled_grids, index, mask, roll_select, unfold_select, pooled_select)
+
+
+class FocalWindowAttention(nn.Module):
+    """Multi-head focal attention for one block; input and output are padded, shifted ``(B, Hp, Wp, C)`` maps."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, expand_size: int, shift_size: int,
+                 focal_level: int, focal_window: int, pool_method: str, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 kv_gather: str = "index"):
+        super().__init__()
+        if kv_gather not in GATHER_METHODS:
+            raise ValueError(f"MODEL.FOCAL.KV_GATHER must be one of {GATHER_METHODS}, got {kv_gather!r}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.expand_size = expand_size if focal_level > 0 else 0
+        self.shift_size = shift_size
+        self.focal_window = focal_window
+        self.num_pooled = focal_level - 1 if (pool_method != "none" and focal_level > 1) else 0
+        self.kv_gather = kv_gather
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        ws = window_size
+
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, num_heads))
+        self.register_buffer("window_bias_index", relative_position_index(ws, ws), persistent=False)
+        self.num_surrounding = len(surrounding_offsets(ws, self.expand_size)) if self.expand_size > 0 else 0
+        if self.num_surrounding:
+            self.relative_position_bias_table_to_neighbors = nn.Parameter(
+                torch.zeros(1, num_heads, ws * ws, self.num_surrounding))
+            trunc_normal_(self.relative_position_bias_table_to_neighbors, std=0.02)
+        if self.num_pooled:
+            self.relative_position_bias_table_to_windows = nn.ParameterList()
+            for level in range(self.num_pooled):
+                span = focal_window + 2 ** level - 1
+                table = nn.Parameter(torch.zeros(num_heads, (ws + span - 1) ** 2))
+                trunc_normal_(table, std=0.02)
+                self.relative_position_bias_table_to_windows.append(table)
+                self.register_buffer(f"pooled_bias_index_{level}", relative_position_index(ws, span), persistent=False)
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._layouts: Dict[Tuple[int, int, torch.device], FocalLayout] = {}
+
+    def layout(self, height: int, width: int, device: torch.device) -> FocalLayout:
+        key = (height, width, device)
+        if key not in self._layouts:
+            cpu = build_focal_layout(height, width, self.window_size, self.expand_size, self.shift_size,
+                                     self.focal_window, self.num_pooled)
+            self._layouts[key] = cpu.to(device)
+        return self._layouts[key]
+
+    def relative_bias(self) -> torch.Tensor:
+        """(nH, ws*ws, L): the three position-bias tables laid out along the key order."""
+        n = self.window_size ** 2
+        parts = [self.relative_position_bias_table[self.window_bias_index.view(-1)].view(n, n, -1).permute(2, 0, 1)]
+        if self.num_surrounding:
+            parts.append(self.relative_position_bias_table_to_neighbors[0])
+        for level in range(self.num_pooled):
+            index = getattr(self, f"pooled_bias_index_{level}")
+            parts.append(self.relative_position_bias_table_to_windows[level][:, index.view(-1)].view(self.num_heads, n, -1))
+        return torch.cat(parts, dim=-1)
+
+    def _gather_index(self, kv: torch.Tensor, pooled_kv: List[torch.Tensor], layout: FocalLayout) -> torch.Tensor:
+        b, c2 = kv.shape[0], kv.shape[-1]
+        sources = [kv.reshape(b, -1, c2)] + [p.reshape(b, -1, c2) for p in pooled_kv] + [kv.new_zeros(b, 1, c2)]
+        return torch.cat(sources, dim=1)[:, layout.index]
+
+    def _gather_local_roll(self, kv: torch.Tensor, layout: FocalLayout) -> torch.Tensor:
+        windows = window_partition(kv, self.window_size)
+        if not self.num_surrounding:
+            return windows
+        e = self.expand_size
+        shifted = [window_partition(torch.roll(kv, shifts=(-dy, -dx), dims=(1, 2)), self.window_size)
+                   for dy, dx in ((e, e), (e, -e), (-e, e), (-e, -e))]
+        return torch.cat([windows, torch.cat(shifted, dim=2)[:, :, layout.roll_select]], dim=2)
+
+    def _gather_local_unfold(self, kv: torch.Tensor, layout: FocalLayout) -> torch.Tensor:
+        b, h, w, c2 = kv.shape
+        e, ws = self.expand_size, self.window_size
+        x = kv.permute(0, 3, 1, 2)
+        if e:
+            x = F.pad(x, (e, e, e, e), mode="circular")
+        patches = F.unfold(x, ws + 2 * e, stride=ws).view(b, c2, (ws + 2 * e) ** 2, -1)
+        return patches[:, :, layout.unfold_select].permute(0, 3, 2, 1)
+
+    def _gather_pooled_unfold(self, pooled_kv: List[torch.Tensor], layout: FocalLayout) -> List[torch.Tensor]:
+        out = []
+        for level, p in enumerate(pooled_kv):
+            kernel, stride, _ = pooled_kernel(self.focal_window, level)
+            b, _, _, c2 = p.shape
+            patches = F.unfold(p.permute(0, 3, 1, 2), kernel, stride=stride, padding=kernel // 2)
+            patches = patches.view(b, c2, kernel * kernel, -1)[:, :, layout.pooled_select[level]]
+            out.append(patches.permute(0, 3, 2, 1))
+        return out
+
+    def gather_kv(self, kv: torch.Tensor, pooled_kv: List[torch.Tensor], layout: FocalLayout) -> torch.Tensor:
+        """(B, nW, L, 2C): keys and values of every window in the documented order."""
+        if self.kv_gather == "index":
+            return self._gather_index(kv, pooled_kv, layout)
+        local = self._gather_local_roll(kv, layout) if self.kv_gather == "roll" else self._gather_local_unfold(kv, layout)
+        return torch.cat([local] + self._gather_pooled_unfold(pooled_kv, layout), dim=2)
+
+    def forward(self, x: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:
+        b, h, w, c = x.shape
+        ws, nh, hd = self.window_size, self.num_heads, c // self.num_heads
+        layout = self.layout(h, w, x.device)
+        qkv = self.qkv(x)
+        q, kv = qkv[..., :c], qkv[..., c:]
+        pooled_kv = [F.linear(p, self.qkv.weight[c:], None if self.qkv.bias is None else self.qkv.bias[c:])
+                     for p in pooled]
+        kv = self.gather_kv(kv, pooled_kv, layout)  # B, nW, L, 2C
+        n_win, n_keys = kv.shape[1], kv.shape[2]
+        kv = kv.view(b, n_win, n_keys, 2, nh, hd).permute(3, 0, 1, 4, 2, 5)
+        k, v = kv[0].reshape(b, n_win * nh, n_keys, hd), kv[1].reshape(b, n_win * nh, n_keys, hd)
+        q = window_partition(q, ws).view(b, n_win, ws * ws, nh, hd).transpose(2, 3).reshape(b, n_win * nh, ws * ws, hd)
+
+        bias = self.relative_bias().unsqueeze(0)  # 1, nH, ws*ws, L
+        if layout.mask is not None:
+            bias = bias + layout.mask.unsqueeze(1)
+        bias = bias.expand(n_win, -1, -1, -1).reshape(1, n_win * nh, ws * ws, n_keys)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
+                                             dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
+        out = out.view(b, n_win, nh, ws * ws, hd).transpose(2, 3).reshape(b, n_win, ws * ws, c)
+        out = self.proj_drop(self.proj(out))
+        return window_reverse(out, ws, h, w)
+
+    def flops(self, n: int) -> float:
+        """The reference's multiply-add count for one window of ``n`` query tokens."""
+        hd = self.dim // self.num_heads
+        keys = n
+        if self.num_pooled:
+            keys += self.focal_window ** 2
+        if self.expand_size > 0:
+            keys += (self.window_size + 2 * self.expand_size) ** 2 - self.window_size ** 2
+        return n * self.dim * 3 * self.dim + 2 * self.num_heads * n * hd * keys + n * self.dim * self.dim
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, "
+                f"expand_size={self.expand_size}, pooled_levels={self.num_pooled}, kv_gather={self.kv_gather}")

@@ -1,0 +1,176 @@
+"""Building blocks shared by both Focal Transformer variants: patch embedding, windowing and window pooling.
+
+Token maps travel between modules as channels-last ``(B, H, W, C)`` tensors, so the spatial size is always
+carried by the tensor itself and any input size works.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+POOL_METHODS = ("none", "fc", "conv", "mean", "max")
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad a ``(B, H, W, C)`` map at the bottom and right so both sides are multiples of ``multiple``."""
+    pad_h = -x.shape[1] % multiple
+    pad_w = -x.shape[2] % multiple
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    return x
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """``(B, H, W, C)`` -> ``(B, nW, window_size**2, C)``, windows in row-major order."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, -1, window_size * window_size, c)
+
+
+def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``(B, nW, window_size**2, C)`` -> ``(B, H, W, C)``."""
+    b, _, _, c = windows.shape
+    x = windows.view(b, height // window_size, width // window_size, window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, height, width, c)
+
+
+def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
+    """Index into a ``(query_size + key_size - 1)**2`` bias table for every (query, key) pair of two square grids.
+
+    Both grids start at the same corner; with equal sizes this is the Swin window table.
+    """
+    q = torch.stack(torch.meshgrid(torch.arange(query_size), torch.arange(query_size), indexing="ij")).flatten(1)
+    k = torch.stack(torch.meshgrid(torch.arange(key_size), torch.arange(key_size), indexing="ij")).flatten(1)
+    rel = q[:, :, None] - k[:, None, :] + (key_size - 1)
+    return rel[0] * (query_size + key_size - 1) + rel[1]
+
+
+def centre_fit(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Crop or zero-pad a ``(B, H, W, C)`` map symmetrically (extra row/column at the bottom/right) to a size."""
+    def split(diff: int) -> Tuple[int, int]:
+        first = diff // 2 if diff >= 0 else -((-diff) // 2)
+        return first, diff - first
+
+    top, bottom = split(height - x.shape[1])
+    left, right = split(width - x.shape[2])
+    if top or bottom or left or right:
+        x = F.pad(x, (0, 0, left, right, top, bottom))
+    return x
+
+
+class WindowPool(nn.Module):
+    """Summarises each sub-window of a map into one token: the coarse levels of focal attention.
+
+    Level ``k`` uses sub-windows of ``window_size // 2**k`` tokens, ``2**k`` of them across each attention window;
+    the map is centre-cropped or padded to a whole number of them first.
+    """
+
+    def __init__(self, dim: int, window_size: int, level: int, method: str):
+        super().__init__()
+        self.window_size = window_size
+        self.level = level
+        self.method = method
+        self.pool_size = window_size // 2 ** level
+        if method == "fc":
+            self.weight = nn.Parameter(torch.full((1, self.pool_size ** 2), 1.0 / self.pool_size ** 2))
+            self.bias = nn.Parameter(torch.zeros(1))
+        elif method == "conv":
+            self.weight = nn.Parameter(torch.empty(dim, 1, self.pool_size, self.pool_size))
+            self.bias = nn.Parameter(torch.empty(dim))
+            self._init_conv()
+
+    def _init_conv(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(self.pool_size ** 2)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def reset_to_mean(self) -> None:
+        """fc pooling starts as the plain window mean."""
+        if self.method == "fc":
+            with torch.no_grad():
+                self.weight.fill_(1.0 / self.pool_size ** 2)
+                self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, Hp, Wp, C)`` with sides multiple of the window -> ``(B, Hp/ws * 2**k, Wp/ws * 2**k, C)``."""
+        grid_h = x.shape[1] // self.window_size * 2 ** self.level
+        grid_w = x.shape[2] // self.window_size * 2 ** self.level
+        p = self.pool_size
+        x = centre_fit(x, grid_h * p, grid_w * p)
+        if self.method == "fc":
+            b, _, _, c = x.shape
+            x = x.view(b, grid_h, p, grid_w, p, c)
+            kernel = self.weight.view(p, p)
+            return torch.einsum("bipjqc,pq->bijc", x, kernel) + self.bias
+        x = x.permute(0, 3, 1, 2)
+        if self.method == "conv":
+            x = F.conv2d(x, self.weight, self.bias, stride=p, groups=x.shape[1])
+        elif self.method == "mean":
+            x = F.avg_pool2d(x, p)
+        else:
+            x = F.max_pool2d(x, p)
+        return x.permute(0, 2, 3, 1)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, level={self.level}, pool_size={self.pool_size}"
+
+
+class PatchEmbed(nn.Module):
+    """Strided (or overlapping, with ``use_conv_embed``) convolution from an NCHW image or a token map.
+
+    The stem takes ``(B, C, H, W)`` images; the stage-to-stage downsampling takes ``(B, H, W, C)`` maps.
+    Inputs whose sides are not multiples of the stride are zero-padded at the bottom/right.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, use_conv_embed: bool = False,
+                 norm: bool = True, use_pre_norm: bool = False, is_stem: bool = False):
+        super().__init__()
+        self.is_stem = is_stem
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.stride = patch_size
+        if use_conv_embed:
+            self.kernel_size, padding, self.stride = (7, 2, 4) if is_stem else (3, 1, 2)
+        else:
+            self.kernel_size, padding = patch_size, 0
+        self.proj = nn.Conv2d(in_chans, embed_dim, self.kernel_size, stride=self.stride, padding=padding)
+        self.pre_norm = nn.GroupNorm(1, in_chans) if (use_pre_norm and norm) else None
+        self.norm = nn.LayerNorm(embed_dim) if norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_stem:
+            x = x.permute(0, 3, 1, 2)
+        pad_h, pad_w = -x.shape[2] % self.stride, -x.shape[3] % self.stride
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        x = self.proj(x).permute(0, 2, 3, 1)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+    def flops(self, height: int, width: int) -> int:
+        """Multiply-adds at the output size ``height x width`` (the reference's count)."""
+        flops = height * width * self.embed_dim * self.in_chans * self.kernel_size ** 2
+        if self.norm is not None:
+            flops += height * width * self.embed_dim
+        return flops
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], new_grid: Tuple[int, int]) -> torch.Tensor:
+    """Resample a ``(1, H*W, C)`` absolute position embedding to another grid (bicubic)."""
+    if tuple(grid) == tuple(new_grid):
+        return pos_embed
+    c = pos_embed.shape[-1]
+    pe = pos_embed.reshape(1, grid[0], grid[1], c).permute(0, 3, 1, 2)
+    pe = F.interpolate(pe, size=new_grid, mode="bicubic", align_corners=False)
+    return pe.permute(0, 2, 3, 1).reshape(1, -1, c)
+
+
+def optional(module: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    return x if module is None else module(x)
