@@ -1,5 +1,7 @@
 """Focal Transformer models: ``build_model(config)`` for both variants."""
 from .build import ConfigError, build_model, validate_model_config
+from .checkpoint import LoadReport, extract_state_dict, load_weights
 from .focal_transformer import FocalTransformer
 
-__all__ = ["ConfigError", "FocalTransformer", "build_model", "validate_model_config"]
+__all__ = ["ConfigError", "FocalTransformer", "LoadReport", "build_model", "extract_state_dict", "load_weights",
+           "validate_model_config"]

@@ -1,0 +1,120 @@
+"""Loading weights into our models: released reference checkpoints, our own, and fine-tuning starts.
+
+Released checkpoints carry the reference's buffers (index tables, masks, top-k sets); our models compute those
+themselves, so such keys are recognised and dropped rather than reported as unexpected.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REFERENCE_BUFFER = re.compile(
+    r"(^|\.)(attn_mask|relative_position_index(_\d+)?|valid_ind_rolled|valid_ind_unfold_\d+|window_coords"
+    r"|topk_cloest_indice_\d+|topk_cloest_coords_\d+)$")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class LoadReport:
+    """What did not load, summarised in a few lines instead of a wall of keys."""
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    mismatched: List[Tuple[str, tuple, tuple]] = field(default_factory=list)
+    dropped_reference_buffers: int = 0
+    resized: List[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self, limit: int = 3) -> str:
+        def head(items):
+            shown = ", ".join(str(i) for i in items[:limit])
+            return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+        lines = []
+        if self.missing:
+            lines.append(f"missing {len(self.missing)} keys: {head(self.missing)}")
+        if self.unexpected:
+            lines.append(f"unexpected {len(self.unexpected)} keys: {head(self.unexpected)}")
+        if self.mismatched:
+            shown = [f"{k} (checkpoint {tuple(a)} vs model {tuple(b)})" for k, a, b in self.mismatched]
+            lines.append(f"mismatched shapes for {len(self.mismatched)} keys: {head(shown)}")
+        if self.resized:
+            lines.append(f"resized {len(self.resized)} position tables: {head(self.resized)}")
+        return "; ".join(lines) if lines else "all keys matched"
+
+
+def extract_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
+    """The weights inside a checkpoint object (``{"model": ...}``, ``{"state_dict": ...}`` or bare), unwrapped."""
+    if isinstance(checkpoint, Mapping):
+        for key in ("model", "state_dict", "model_ema"):
+            if key in checkpoint and isinstance(checkpoint[key], Mapping):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ValueError("checkpoint holds no state dict of tensors (looked for 'model', 'state_dict' or a bare dict)")
+    out = {}
+    for name, value in checkpoint.items():
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        out[name] = value
+    return out
+
+
+def _resize_table(table: torch.Tensor, side: int, heads_first: bool) -> torch.Tensor:
+    """Bicubic resize of a bias table with one axis of heads and one flattened square grid of offsets."""
+    grid = table if heads_first else table.t()
+    heads, old = grid.shape[0], math.isqrt(grid.shape[1])
+    img = F.interpolate(grid.reshape(1, heads, old, old).float(), size=(side, side), mode="bicubic",
+                        align_corners=False)
+    resized = img.reshape(heads, side * side).to(table.dtype)
+    return resized if heads_first else resized.t()
+
+
+def adapt_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                     drop_mismatched_head: bool = False) -> Tuple[Dict[str, torch.Tensor], LoadReport]:
+    """Match a checkpoint to ``model``: drop reference buffers, resize relative-position tables for another
+    window size, and (when fine-tuning) drop a classifier of another class count."""
+    own = model.state_dict()
+    report = LoadReport()
+    adapted = {}
+    for name, value in state_dict.items():
+        if name not in own and REFERENCE_BUFFER.search(name):
+            report.dropped_reference_buffers += 1
+            continue
+        target = own.get(name)
+        if target is not None and target.shape != value.shape:
+            heads_first = ".relative_position_bias_table_to_windows." in name
+            if heads_first or name.endswith("relative_position_bias_table"):
+                side = math.isqrt(target.shape[-1] if heads_first else target.shape[0])
+                value = _resize_table(value, side, heads_first)
+                report.resized.append(name)
+            elif drop_mismatched_head and name.startswith("head."):
+                continue
+        adapted[name] = value
+    for name, value in adapted.items():
+        if name not in own:
+            report.unexpected.append(name)
+        elif own[name].shape != value.shape:
+            report.mismatched.append((name, tuple(value.shape), tuple(own[name].shape)))
+    report.missing = [n for n in own if n not in adapted]
+    return adapted, report
+
+
+def load_weights(model: nn.Module, checkpoint: Any, strict: bool = True,
+                 drop_mismatched_head: bool = False) -> LoadReport:
+    """Load a checkpoint object's weights. With ``strict`` any missing, unexpected or mismatched key raises a
+    ``ValueError`` carrying the short summary; otherwise what matches loads and the report says the rest."""
+    state_dict, report = adapt_state_dict(model, extract_state_dict(checkpoint), drop_mismatched_head)
+    if strict and not report.clean:
+        raise ValueError(f"checkpoint does not fit this model: {report.summary()}")
+    bad = {k for k, _, _ in report.mismatched}
+    model.load_state_dict({k: v for k, v in state_dict.items() if k not in bad}, strict=False)
+    return report
