@@ -162,7 +162,10 @@ def merge_opts(config: CN, opts: Iterable[Any]) -> None:
     opts = list(opts)
     if len(opts) % 2:
         raise ValueError(f"--opts needs KEY VALUE pairs, got an odd number of items: {opts}")
-    config.merge_from_list(opts)
+    try:
+        config.merge_from_list(opts)
+    except AssertionError as err:  # yacs reports unknown keys with a bare assert
+        raise KeyError(str(err)) from None
 
 
 def get_config(args: Any) -> CN:

@@ -1,0 +1,51 @@
+"""The config tree: reference key names, BASE inheritance, and errors that name the key."""
+import pytest
+
+from config import load_config
+
+
+def test_defaults_match_reference_tree():
+    cfg = load_config()
+    f = cfg.MODEL.FOCAL
+    assert (f.PATCH_SIZE, f.EMBED_DIM, f.DEPTHS, f.NUM_HEADS, f.WINDOW_SIZE) == (4, 96, [2, 2, 6, 2], [3, 6, 12, 24], 7)
+    assert (f.FOCAL_POOL, f.FOCAL_LEVELS, f.FOCAL_WINDOWS, f.EXPAND_SIZES, f.FOCAL_TOPK) == \
+        ("none", [1, 1, 1, 1], [7, 5, 3, 1], [3, 3, 3, 3], 128)
+    assert cfg.is_frozen()
+
+
+def test_released_yaml_and_opts_override(tmp_path):
+    cfg = load_config("configs/focal_small_patch4_window7_224.yaml", ["MODEL.NUM_CLASSES", "10", "DATA.IMG_SIZE", 192])
+    assert cfg.MODEL.FOCAL.DEPTHS == [2, 2, 18, 2] and cfg.MODEL.NUM_CLASSES == 10 and cfg.DATA.IMG_SIZE == 192
+
+
+def test_base_inheritance_is_relative_to_the_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("MODEL:\n  TYPE: focalv2\n  FOCAL:\n    EMBED_DIM: 64\n")
+    (tmp_path / "sub" / "child.yaml").write_text("BASE: ['../base.yaml']\nMODEL:\n  FOCAL:\n    EMBED_DIM: 32\n")
+    cfg = load_config(str(tmp_path / "sub" / "child.yaml"))
+    assert cfg.MODEL.TYPE == "focalv2" and cfg.MODEL.FOCAL.EMBED_DIM == 32
+
+
+def test_unknown_key_in_file_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("MODEL:\n  FOCAL:\n    FOCAL_LEVEL: [2, 2, 2, 2]\n")
+    with pytest.raises(KeyError, match=r"MODEL\.FOCAL\.FOCAL_LEVEL.*bad\.yaml"):
+        load_config(str(path))
+
+
+def test_unknown_and_mistyped_opts_are_named():
+    with pytest.raises(KeyError, match=r"TRAIN\.EPOCH\b"):
+        load_config(opts=["TRAIN.EPOCH", 3])
+    with pytest.raises(ValueError, match=r"MODEL\.FOCAL\.DEPTHS"):
+        load_config(opts=["MODEL.FOCAL.DEPTHS", "'deep'"])
+    with pytest.raises(ValueError, match="KEY VALUE"):
+        load_config(opts=["MODEL.NUM_CLASSES"])
+
+
+def test_missing_file_and_self_inheritance(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("BASE: ['loop.yaml']\n")
+    with pytest.raises(ValueError, match="inherits from itself"):
+        load_config(str(loop))

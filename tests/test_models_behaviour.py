@@ -1,0 +1,149 @@
+"""Behaviour beyond the fixtures: any input size, all gather methods equal, backbone outputs, checkpoint loading."""
+import pytest
+import torch
+
+from config import load_config
+from models import ConfigError, build_model, load_weights
+from models.focal_attention import GATHER_METHODS, FocalWindowAttention
+
+SMALL = ["MODEL.NUM_CLASSES", 10, "MODEL.DROP_PATH_RATE", 0.0, "MODEL.FOCAL.EMBED_DIM", 16,
+         "MODEL.FOCAL.DEPTHS", [2, 2, 2, 2], "MODEL.FOCAL.NUM_HEADS", [2, 2, 4, 8],
+         "MODEL.FOCAL.FOCAL_POOL", "fc", "MODEL.FOCAL.FOCAL_LEVELS", [2, 2, 2, 2]]
+
+
+def small_model(*opts, model_type="focal"):
+    torch.manual_seed(0)
+    return build_model(load_config(opts=SMALL + ["MODEL.TYPE", model_type] + list(opts)))
+
+
+def randomise(model):
+    """Training-like weights: the zero-initialised bias tables would hide position-dependent mistakes."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("opts", [
+    (),
+    ("MODEL.FOCAL.USE_SHIFT", True),
+    ("MODEL.FOCAL.FOCAL_POOL", "conv", "MODEL.FOCAL.FOCAL_LEVELS", [3, 3, 2, 1]),
+    ("MODEL.FOCAL.FOCAL_POOL", "mean", "MODEL.FOCAL.EXPAND_LAYER", "even", "MODEL.FOCAL.USE_SHIFT", True),
+    ("MODEL.FOCAL.FOCAL_POOL", "max", "MODEL.FOCAL.FOCAL_LEVELS", [4, 3, 2, 2], "MODEL.FOCAL.EXPAND_SIZES", [2, 1, 3, 0]),
+], ids=["fc", "shift", "conv-3levels", "mean-even-shift", "max-4levels"])
+@pytest.mark.parametrize("size", [(224, 224), (100, 60), (36, 52)])
+def test_gather_methods_agree_at_any_size(opts, size):
+    model = randomise(small_model(*opts)).eval()
+    attns = [m for m in model.modules() if isinstance(m, FocalWindowAttention)]
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
+    outputs = []
+    for method in GATHER_METHODS:
+        for attn in attns:
+            attn.kv_gather = method
+        with torch.no_grad():
+            outputs.append(model(x))
+    for method, out in zip(GATHER_METHODS[1:], outputs[1:]):
+        torch.testing.assert_close(out, outputs[0], atol=1e-5, rtol=1e-5, msg=lambda m: f"{method}: {m}")
+
+
+@pytest.mark.parametrize("model_type,shift", [("focal", False), ("focal", True), ("focalv2", False), ("focalv2", True)])
+@pytest.mark.parametrize("size", [(320, 480), (100, 60), (50, 74)])
+def test_any_input_size_trains(model_type, shift, size):
+    model = small_model("MODEL.FOCAL.USE_SHIFT", shift, "MODEL.FOCAL.USE_CONV_EMBED", model_type == "focalv2",
+                        model_type=model_type).train()
+    x = torch.randn(2, 3, *size)
+    out = model(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    out.logsumexp(-1).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("model_type", ["focal", "focalv2"])
+@pytest.mark.parametrize("size", [(224, 224), (320, 480), (100, 60)])
+def test_forward_intermediates_are_stride_4_to_32_maps(model_type, size):
+    model = small_model("MODEL.FOCAL.USE_CONV_EMBED", model_type == "focalv2", model_type=model_type).eval()
+    with torch.no_grad():
+        final, feats = model.forward_intermediates(torch.randn(1, 3, *size))
+    assert len(feats) == 4
+    for i, feat in enumerate(feats):
+        stride = 4 * 2 ** i
+        assert feat.shape == (1, 16 * 2 ** i, -(-size[0] // stride), -(-size[1] // stride))
+    assert final.shape == (1, feats[-1].shape[2], feats[-1].shape[3], 128)
+
+
+def test_pooled_backbone_matches_classifier_path():
+    model = randomise(small_model()).eval()
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        final, _ = model.forward_intermediates(x)
+        torch.testing.assert_close(model.forward_head(final), model(x))
+        assert model.forward_head(final, pre_logits=True).shape == (2, 128)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for use_checkpoint in (False, True):
+        model = randomise(small_model("TRAIN.USE_CHECKPOINT", use_checkpoint)).train()
+        model(x).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_absolute_position_embedding_follows_input_size():
+    model = small_model("MODEL.FOCAL.APE", True, "MODEL.FOCAL.USE_LAYERSCALE", True, "MODEL.FOCAL.USE_PRE_NORM", True)
+    names = {n for n, _ in model.named_parameters()}
+    assert {"absolute_pos_embed", "layers.0.blocks.0.gamma_1", "layers.0.downsample.pre_norm.weight"} <= names
+    assert model(torch.randn(1, 3, 96, 160)).shape == (1, 10)
+
+
+def test_no_weight_decay_names_cover_position_tables():
+    model = small_model()
+    keywords = model.no_weight_decay_keywords()
+    tables = [n for n, _ in model.named_parameters() if "relative_position_bias_table" in n]
+    assert tables and all(any(k in n for k in keywords) for n in tables)
+    assert model.no_weight_decay() == {"absolute_pos_embed"}
+
+
+@pytest.mark.parametrize("opts,key", [
+    (["MODEL.FOCAL.NUM_HEADS", [2, 2, 4]], "MODEL.FOCAL.NUM_HEADS"),
+    (["MODEL.FOCAL.NUM_HEADS", [3, 2, 4, 8]], "MODEL.FOCAL.NUM_HEADS"),
+    (["MODEL.FOCAL.FOCAL_POOL", "avg"], "MODEL.FOCAL.FOCAL_POOL"),
+    (["MODEL.FOCAL.EXPAND_SIZES", [7, 3, 3, 3]], "MODEL.FOCAL.EXPAND_SIZES"),
+    (["MODEL.FOCAL.FOCAL_WINDOWS", [6, 5, 3, 1]], "MODEL.FOCAL.FOCAL_WINDOWS"),
+    (["MODEL.FOCAL.KV_GATHER", "loop"], "MODEL.FOCAL.KV_GATHER"),
+    (["DATA.IMG_SIZE", 226], "DATA.IMG_SIZE"),
+    (["MODEL.TYPE", "swin"], "MODEL.TYPE"),
+    (["MODEL.TYPE", "focalv2", "MODEL.FOCAL.FOCAL_LEVELS", [3, 2, 2, 2]], "MODEL.FOCAL.FOCAL_LEVELS"),
+    (["MODEL.TYPE", "focalv2", "MODEL.FOCAL.FOCAL_POOL", "none"], "MODEL.FOCAL.FOCAL_POOL"),
+])
+def test_inconsistent_model_settings_name_the_key(opts, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_model(load_config(opts=SMALL + opts))
+
+
+def test_checkpoint_of_another_model_gets_short_summary():
+    source = small_model("MODEL.FOCAL.EMBED_DIM", 32)
+    target = small_model("MODEL.NUM_CLASSES", 5)
+    with pytest.raises(ValueError) as err:
+        load_weights(target, {"model": source.state_dict()})
+    message = str(err.value)
+    assert "mismatched shapes for" in message and "in all)" in message
+    assert len(message) < 800
+
+
+def test_wrapped_checkpoint_keys_and_new_window_size_load():
+    source = randomise(small_model())
+    wrapped = {"state_dict": {"module." + k: v for k, v in source.state_dict().items()}}
+    same = small_model()
+    assert load_weights(same, wrapped).clean
+    torch.testing.assert_close(same.state_dict(), source.state_dict())
+
+    wider = small_model("MODEL.FOCAL.WINDOW_SIZE", 8, "MODEL.FOCAL.FOCAL_POOL", "mean", "MODEL.NUM_CLASSES", 3)
+    report = load_weights(wider, wrapped, strict=False, drop_mismatched_head=True)
+    assert any(n.endswith("attn.relative_position_bias_table") for n in report.resized)
+    assert "head.weight" in report.missing
+    assert wider.layers[0].blocks[0].attn.relative_position_bias_table.shape == (15 * 15, 2)

@@ -1,0 +1,67 @@
+"""The reference implementation's outputs are the contract: names, shapes, counts, FLOPs and logits."""
+import pytest
+import torch
+
+from config import load_config
+from models import build_model, load_weights
+from models.focal_attention import GATHER_METHODS, FocalWindowAttention
+from tests.golden import CASE_FILES, FIXTURES, build_filled, case_input, case_opts, load_case
+
+RELEASED_PARAMS_M = {  # the released model zoo table, in millions
+    "focal_tiny_patch4_window7_224": 28.9, "focal_tiny_useconv_patch4_window7_224": 30.8,
+    "focalv2_tiny_useconv_patch4_window7_224": 30.2, "focal_small_patch4_window7_224": 51.1,
+    "focal_small_useconv_patch4_window7_224": 53.1, "focalv2_small_useconv_patch4_window7_224": 51.5,
+    "focal_base_patch4_window7_224": 89.8, "focal_base_useconv_patch4_window7_224": 93.3,
+    "focalv2_base_useconv_patch4_window7_224": 91.2,
+}
+
+
+def test_all_thirteen_fixtures_present():
+    assert len(CASE_FILES) == 13
+
+
+def set_gather(model: torch.nn.Module, method: str) -> int:
+    attns = [m for m in model.modules() if isinstance(m, FocalWindowAttention)]
+    for attn in attns:
+        attn.kv_gather = method
+    return len(attns)
+
+
+@pytest.mark.parametrize("path", CASE_FILES, ids=lambda p: p.stem)
+def test_parameters_logits_and_flops_match_reference(path):
+    case = load_case(path)
+    model = build_filled(case)
+    assert [[n, list(p.shape)] for n, p in model.named_parameters()] == case["parameters"]
+    assert sum(p.numel() for p in model.parameters()) == case["n_parameters"]
+    assert int(model.flops()) == case["flops"]
+    want = torch.tensor(case["output"])
+    methods = GATHER_METHODS if case["model_type"] == "focal" else ("index",)
+    x = case_input(case)
+    for method in methods:
+        if case["model_type"] == "focal":
+            assert set_gather(model, method) > 0
+        with torch.no_grad():
+            got = model(x)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"{method}: {m}")
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_PARAMS_M))
+def test_released_configs_build_with_published_size(name):
+    case = load_case(FIXTURES / f"{name}.json")
+    model = build_model(load_config(f"configs/{name}.yaml"))
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == case["n_parameters"]
+    assert round(n_params / 1e6, 1) == RELEASED_PARAMS_M[name]
+    assert int(model.flops()) == case["flops"]
+
+
+def test_official_checkpoint_layout_reproduces_logits():
+    case = load_case(FIXTURES / "small_fc_224.json")
+    model = build_model(load_config(opts=case_opts(case))).eval()
+    checkpoint = torch.load(FIXTURES / "small_fc_224.pth", map_location="cpu", weights_only=True)
+    report = load_weights(model, checkpoint)
+    assert report.clean, report.summary()
+    assert report.dropped_reference_buffers == len(case["buffers"])
+    with torch.no_grad():
+        got = model(case_input(case))
+    torch.testing.assert_close(got, torch.tensor(case["output"]), atol=1e-4, rtol=1e-4)
