@@ -191,7 +191,7 @@ def get_config(args: Any) -> CN:
                       "eval": "EVAL_MODE", "throughput": "THROUGHPUT_MODE"}.items():
         if getattr(args, flag, False):
             config.merge_from_list([key, True])
-    amp = getattr(args, "amp", None)
+    amp = "none" if getattr(args, "disable_amp", False) else getattr(args, "amp", None)
     if amp is not None:
         config.AMP_OPT_LEVEL = amp
     config.LOCAL_RANK = int(os.environ.get("LOCAL_RANK", getattr(args, "local_rank", 0) or 0))

@@ -1,0 +1,68 @@
+"""Data loaders for one process of a (possibly distributed) run, with Mixup/CutMix for training."""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+from timm.data import Mixup
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from distributed import DistEnv
+from errors import UsageError
+
+from .datasets import build_dataset
+from .samplers import ShardSampler
+from .transforms import build_transform
+
+
+def _dataset(split: str, config: Any, env: DistEnv) -> Dataset:
+    dataset, num_classes = build_dataset(split, config, build_transform(split == "train", config),
+                                         env.rank, env.world_size)
+    if num_classes != config.MODEL.NUM_CLASSES:
+        raise UsageError(f"MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES} but the '{split}' split of "
+                         f"{config.DATA.DATA_PATH} has {num_classes} classes; "
+                         f"pass --opts MODEL.NUM_CLASSES {num_classes} (or use matching data)")
+    return dataset
+
+
+def _loader(dataset: Dataset, sampler: Sampler, config: Any, env: DistEnv, drop_last: bool) -> DataLoader:
+    workers = config.DATA.NUM_WORKERS
+    return DataLoader(dataset, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=workers,
+                      pin_memory=config.DATA.PIN_MEMORY and env.device.type == "cuda", drop_last=drop_last,
+                      persistent_workers=workers > 0)
+
+
+def build_train_loader(config: Any, env: DistEnv) -> Tuple[Dataset, DataLoader]:
+    """Shuffled, equally many full batches on every rank. With the zip ``part`` cache each rank reads only its
+    cached shard; otherwise a ``DistributedSampler`` reshuffles the whole set across ranks every epoch."""
+    dataset = _dataset("train", config, env)
+    if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == "part":
+        sampler = ShardSampler(len(dataset), env.rank, env.world_size, shuffle=True, seed=config.SEED,
+                               equal_lengths=True)
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                     seed=config.SEED)
+    loader = _loader(dataset, sampler, config, env, drop_last=True)
+    if len(loader) == 0:
+        raise UsageError(f"the training set ({len(dataset)} images over {env.world_size} processes) gives no full "
+                         f"batch of --batch-size {config.DATA.BATCH_SIZE}; lower the batch size")
+    return dataset, loader
+
+
+def build_val_loader(config: Any, env: DistEnv) -> Tuple[Dataset, DataLoader]:
+    """In order and unpadded: rank r evaluates images r, r+W, ..., so together the ranks see each image once."""
+    dataset = _dataset("val", config, env)
+    return dataset, _loader(dataset, ShardSampler(len(dataset), env.rank, env.world_size), config, env,
+                            drop_last=False)
+
+
+def build_mixup(config: Any) -> Optional[Mixup]:
+    """timm's Mixup/CutMix (which also applies label smoothing), or None when both are off."""
+    aug = config.AUG
+    if not (aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None):
+        return None
+    if config.DATA.BATCH_SIZE % 2:
+        raise UsageError(f"Mixup/CutMix (AUG.MIXUP {aug.MIXUP}, AUG.CUTMIX {aug.CUTMIX}) needs an even "
+                         f"--batch-size, got {config.DATA.BATCH_SIZE}")
+    return Mixup(mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX, cutmix_minmax=aug.CUTMIX_MINMAX,
+                 prob=aug.MIXUP_PROB, switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
+                 label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)

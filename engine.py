@@ -1,0 +1,176 @@
+"""What runs on every process: one training epoch, distributed evaluation, and the throughput measurement."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import itertools
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import AverageMeter
+
+from distributed import all_reduce_sum
+from errors import UsageError
+
+logger = logging.getLogger("focal.engine")
+AMP_MODES = ("bf16", "fp16", "none")
+# Values of the reference's apex-era AMP_OPT_LEVEL, so its configs keep working.
+APEX_LEVELS = {"O0": "none", "O1": "fp16", "O2": "fp16"}
+
+
+@dataclass
+class Precision:
+    """Autocast dtype (None: full precision) and the gradient scaler fp16 needs (disabled otherwise)."""
+    device: torch.device
+    dtype: Optional[torch.dtype]
+    scaler: torch.amp.GradScaler
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+
+def build_precision(amp: str, device: torch.device) -> Precision:
+    """``AMP_OPT_LEVEL`` (``--amp``): bf16, fp16 (CUDA only), none; unset means fp16 on CUDA and none on CPU."""
+    mode = APEX_LEVELS.get(amp, amp) or ("fp16" if device.type == "cuda" else "none")
+    if mode not in AMP_MODES:
+        raise UsageError(f"--amp (AMP_OPT_LEVEL) must be one of {AMP_MODES}, got {amp!r}")
+    if mode == "fp16" and device.type != "cuda":
+        raise UsageError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or --amp none")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
+    return Precision(device, dtype, torch.amp.GradScaler(device.type, enabled=mode == "fp16"))
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory: allocated CUDA memory on a GPU, the process's peak resident size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader: Iterable, updates_per_epoch: int,
+                    optimizer: torch.optim.Optimizer, scheduler: Scheduler, precision: Precision, epoch: int,
+                    mixup_fn: Optional[Callable], device: torch.device) -> None:
+    """``updates_per_epoch`` optimizer steps of ``TRAIN.ACCUMULATION_STEPS`` micro-batches each; leftover
+    micro-batches that cannot fill an update are skipped. Under DDP, gradients are synchronised only on the last
+    micro-batch of each update."""
+    model.train()
+    accum = config.TRAIN.ACCUMULATION_STEPS
+    clip = config.TRAIN.CLIP_GRAD or float("inf")  # an infinite bound measures the norm without clipping
+    num_steps = updates_per_epoch * accum
+    batch_time, loss_meter, norm_meter = AverageMeter(), AverageMeter(), AverageMeter()
+    optimizer.zero_grad(set_to_none=True)
+    start = end = time.time()
+    for idx, (samples, targets) in enumerate(itertools.islice(loader, num_steps)):
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        update = (idx + 1) % accum == 0
+        sync = contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with precision.autocast():
+                loss = criterion(model(samples), targets)
+            precision.scaler.scale(loss / accum).backward()
+        if update:
+            precision.scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step_update(epoch * updates_per_epoch + (idx + 1) // accum)
+            norm_meter.update(grad_norm.item())
+        loss_meter.update(loss.item(), targets.size(0))
+        synchronize(device)
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if idx % config.PRINT_FREQ == 0 or idx + 1 == num_steps:
+            eta = datetime.timedelta(seconds=int(batch_time.avg * (num_steps - idx - 1)))
+            logger.info(
+                f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
+                f"eta {eta} lr {optimizer.param_groups[0]['lr']:.6f}\t"
+                f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
+                f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
+                f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
+                f"mem {memory_mb(device):.0f}MB")
+    logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
+
+
+@dataclass
+class EvalResult:
+    acc1: float
+    acc5: float
+    loss: float
+    num_images: int
+
+
+@torch.no_grad()
+def evaluate(config, model: nn.Module, loader: Iterable, precision: Precision, device: torch.device) -> EvalResult:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over the whole validation set.
+
+    Each rank evaluates its own images; correct counts and loss sums (not per-rank averages) are summed across
+    ranks, so the result is the same for any number of processes.
+    """
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, loss sum, images
+    batch_time = AverageMeter()
+    end = time.time()
+    num_batches = len(loader)
+    for idx, (images, targets) in enumerate(loader):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with precision.autocast():
+            output = model(images)
+        output = output.float()
+        k = min(5, output.shape[1])
+        hits = output.topk(k, dim=1).indices.eq(targets[:, None])
+        totals[0] += hits[:, 0].sum()
+        totals[1] += hits.sum()
+        totals[2] += criterion(output, targets)
+        totals[3] += len(targets)
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if idx % config.PRINT_FREQ == 0 or idx + 1 == num_batches:
+            seen = max(totals[3].item(), 1)
+            logger.info(
+                f"Test: [{idx}/{num_batches}]\t"
+                f"time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
+                f"loss ({totals[2].item() / seen:.4f})\t"
+                f"Acc@1 ({100 * totals[0].item() / seen:.3f})\t"
+                f"Acc@5 ({100 * totals[1].item() / seen:.3f})\t"
+                f"mem {memory_mb(device):.0f}MB")
+    hits1, hits5, loss_sum, count = all_reduce_sum(totals).tolist()
+    result = EvalResult(100 * hits1 / count, 100 * hits5 / count, loss_sum / count, int(count))
+    logger.info(f" * Acc@1 {result.acc1:.3f} Acc@5 {result.acc5:.3f} loss {result.loss:.4f} ({result.num_images} images)")
+    return result
+
+
+@torch.no_grad()
+def throughput(model: nn.Module, images: torch.Tensor, precision: Precision, warmup: int = 50,
+               iterations: int = 30) -> float:
+    """Images per second of forward passes on one batch, after ``warmup`` untimed passes."""
+    model.eval()
+    device = images.device
+    with precision.autocast():
+        for _ in range(warmup):
+            model(images)
+        synchronize(device)
+        logger.info(f"throughput averaged over {iterations} forward passes")
+        tic = time.time()
+        for _ in range(iterations):
+            model(images)
+        synchronize(device)
+    rate = iterations * images.shape[0] / (time.time() - tic)
+    logger.info(f"batch_size {images.shape[0]} throughput {rate:.2f} images/s")
+    return rate

@@ -1,0 +1,37 @@
+"""Logging for one run: coloured console output on rank 0 only, and a plain log file for every rank."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from termcolor import colored
+
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def create_logger(output_dir: str, rank: int = 0, name: str = "focal") -> logging.Logger:
+    """A logger writing to ``<output_dir>/log_rank<rank>.txt``, and to stdout on rank 0.
+
+    Calling it again for the same name replaces the handlers, so repeated runs in one process do not duplicate lines.
+    """
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+    plain = "[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(message)s"
+    if rank == 0:
+        console_fmt = (colored("[%(asctime)s %(name)s]", "green") + colored("(%(filename)s %(lineno)d)", "yellow")
+                       + ": %(levelname)s %(message)s")
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter(console_fmt, datefmt=DATE_FORMAT))
+        logger.addHandler(console)
+
+    os.makedirs(output_dir, exist_ok=True)
+    file_handler = logging.FileHandler(os.path.join(output_dir, f"log_rank{rank}.txt"), mode="a")
+    file_handler.setFormatter(logging.Formatter(plain, datefmt=DATE_FORMAT))
+    logger.addHandler(file_handler)
+    return logger

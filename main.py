@@ -1,0 +1,231 @@
+"""Train, evaluate or benchmark a Focal Transformer.
+
+    python main.py --cfg CONFIG --data-path DATA [options]                      # one process, CPU or GPU
+    torchrun --nproc_per_node N main.py --cfg CONFIG --data-path DATA [options] # N processes (DDP)
+
+``--eval`` evaluates the weights of ``--resume`` (or ``--pretrained``); ``--throughput`` times forward passes,
+on random input when there is no ``--data-path``. See get_started.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import random
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch.nn.parallel import DistributedDataParallel
+
+from config import get_config
+from data import build_mixup, build_train_loader, build_val_loader
+from distributed import DEVICES, DistEnv, init_distributed, shutdown
+from engine import AMP_MODES, build_precision, evaluate, throughput, train_one_epoch
+from errors import UsageError
+from logger import create_logger
+from lr_scheduler import build_scheduler
+from models import ConfigError, build_model, validate_model_config
+from optimizer import build_optimizer
+from utils import find_latest_checkpoint, load_checkpoint, load_pretrained, save_checkpoint
+
+# The learning rates in the configs are for a total batch of this many images; they scale linearly from it.
+LR_REFERENCE_BATCH = 512
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser("Focal Transformer training, evaluation and throughput")
+    parser.add_argument("--cfg", required=True, metavar="FILE", help="config file (YAML)")
+    parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
+                        help="override config keys, e.g. --opts TRAIN.EPOCHS 100 DATA.NUM_WORKERS 4")
+    parser.add_argument("--batch-size", type=int, help="batch size per process (DATA.BATCH_SIZE)")
+    parser.add_argument("--data-path", help="dataset root in the ImageNet folder or zip layout")
+    parser.add_argument("--zip", action="store_true", help="read train.zip/val.zip with their map files")
+    parser.add_argument("--cache-mode", choices=("no", "part", "full"),
+                        help="zip layout only: keep no images, this process's shard, or all of them in memory")
+    parser.add_argument("--pretrained", metavar="FILE", help="initial weights only (e.g. a released checkpoint)")
+    parser.add_argument("--resume", metavar="FILE", help="checkpoint to continue training from, or to evaluate")
+    parser.add_argument("--accumulation-steps", type=int, help="micro-batches per optimizer update")
+    parser.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing to save memory")
+    amp = parser.add_mutually_exclusive_group()
+    amp.add_argument("--amp", choices=AMP_MODES,
+                     help="autocast precision (default: fp16 with a gradient scaler on CUDA, none on CPU)")
+    amp.add_argument("--disable-amp", action="store_true", help="same as --amp none")
+    parser.add_argument("--output", metavar="PATH", help="output root; the run writes to <output>/<model>/<tag>")
+    parser.add_argument("--tag", help="experiment tag (default: 'default')")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--eval", action="store_true", help="evaluate only")
+    mode.add_argument("--throughput", action="store_true", help="measure inference throughput only")
+    parser.add_argument("--seed", type=int, help="random seed (each process adds its rank)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else CPU")
+    # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK instead.
+    parser.add_argument("--local-rank", "--local_rank", type=int, dest="local_rank", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def load_run_config(args: argparse.Namespace) -> Any:
+    """The merged config, with bad files, keys or values reported as usage errors."""
+    try:
+        config = get_config(args)
+    except (KeyError, ValueError, AssertionError, FileNotFoundError) as err:
+        raise UsageError(f"config (--cfg {args.cfg} / --opts): {err}") from None
+    for key, flag, value in (("DATA.BATCH_SIZE", "--batch-size", config.DATA.BATCH_SIZE),
+                             ("TRAIN.ACCUMULATION_STEPS", "--accumulation-steps", config.TRAIN.ACCUMULATION_STEPS),
+                             ("SAVE_FREQ", "--opts SAVE_FREQ", config.SAVE_FREQ),
+                             ("PRINT_FREQ", "--opts PRINT_FREQ", config.PRINT_FREQ)):
+        if value < 1:
+            raise UsageError(f"{flag} ({key}) must be at least 1, got {value}")
+    if not config.DATA.DATA_PATH and not config.THROUGHPUT_MODE:
+        raise UsageError("--data-path (DATA.DATA_PATH) is required for training and evaluation; "
+                         "only --throughput runs without data")
+    validate_model_config(config)
+    return config
+
+
+def scale_learning_rates(config: Any, world_size: int) -> None:
+    """Swin's linear rule: the configured rates hold for a total batch of 512 images per optimizer update."""
+    factor = config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS / LR_REFERENCE_BATCH
+    config.defrost()
+    config.TRAIN.BASE_LR *= factor
+    config.TRAIN.WARMUP_LR *= factor
+    config.TRAIN.MIN_LR *= factor
+    config.freeze()
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_criterion(config: Any, mixup: bool) -> nn.Module:
+    """Soft targets with Mixup (which already smooths labels), else label smoothing, else plain cross-entropy."""
+    if mixup:
+        return SoftTargetCrossEntropy()
+    if config.MODEL.LABEL_SMOOTHING > 0:
+        return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
+    return nn.CrossEntropyLoss()
+
+
+def resume_file(config: Any, logger) -> str:
+    """``--resume`` when given; otherwise, with ``TRAIN.AUTO_RESUME``, the newest checkpoint in the output folder."""
+    if config.MODEL.RESUME or not config.TRAIN.AUTO_RESUME:
+        return config.MODEL.RESUME
+    latest = find_latest_checkpoint(config.OUTPUT)
+    if latest:
+        logger.info(f"auto-resuming from {latest}")
+    return latest or ""
+
+
+def run_throughput(config: Any, env: DistEnv, model: nn.Module, precision, logger) -> None:
+    if config.DATA.DATA_PATH:
+        images = next(iter(build_val_loader(config, env)[1]))[0]
+    else:
+        size = config.DATA.IMG_SIZE
+        logger.info(f"no --data-path: timing random {size}x{size} input")
+        images = torch.randn(config.DATA.BATCH_SIZE, config.MODEL.FOCAL.IN_CHANS, size, size)
+    throughput(model, images.to(env.device), precision)
+
+
+def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision, logger) -> None:
+    checkpoint = resume_file(config, logger)
+    if checkpoint:
+        load_checkpoint(checkpoint, model, None, None, None, logger)
+    elif config.MODEL.PRETRAINED:
+        load_pretrained(config.MODEL.PRETRAINED, model, logger)
+    else:
+        raise UsageError(f"--eval needs weights: pass --resume <checkpoint> or --pretrained <checkpoint> "
+                         f"(no checkpoint to auto-resume in {config.OUTPUT})")
+    dataset, loader = build_val_loader(config, env)
+    result = evaluate(config, model, loader, precision, env.device)
+    logger.info(f"Accuracy of the network on the {len(dataset)} test images: {result.acc1:.1f}%")
+
+
+def run_training(config: Any, env: DistEnv, model: nn.Module, precision, logger) -> None:
+    _, train_loader = build_train_loader(config, env)
+    val_dataset, val_loader = build_val_loader(config, env)
+    mixup_fn = build_mixup(config)
+    accum = config.TRAIN.ACCUMULATION_STEPS
+    updates_per_epoch = len(train_loader) // accum
+    if updates_per_epoch == 0:
+        raise UsageError(f"--accumulation-steps {accum} exceeds the {len(train_loader)} batches per epoch")
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer, updates_per_epoch)
+
+    start_epoch, max_accuracy = config.TRAIN.START_EPOCH, 0.0
+    checkpoint = resume_file(config, logger)
+    if checkpoint:
+        start_epoch, max_accuracy = load_checkpoint(checkpoint, model, optimizer, scheduler, precision.scaler, logger)
+    elif config.MODEL.PRETRAINED:
+        load_pretrained(config.MODEL.PRETRAINED, model, logger)
+    model_without_ddp = model
+    if env.distributed:
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    criterion = build_criterion(config, mixup_fn is not None)
+
+    logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {updates_per_epoch} updates "
+                f"per epoch, total batch {config.DATA.BATCH_SIZE * env.world_size * accum}")
+    start = time.time()
+    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+        train_loader.sampler.set_epoch(epoch)
+        train_one_epoch(config, model, criterion, train_loader, updates_per_epoch, optimizer, scheduler, precision,
+                        epoch, mixup_fn, env.device)
+        result = evaluate(config, model_without_ddp, val_loader, precision, env.device)
+        logger.info(f"Accuracy of the network on the {len(val_dataset)} test images: {result.acc1:.1f}%")
+        max_accuracy = max(max_accuracy, result.acc1)
+        logger.info(f"Max accuracy: {max_accuracy:.2f}%")
+        if env.is_main and ((epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1):
+            save_checkpoint(config, epoch, model_without_ddp, max_accuracy, optimizer, scheduler, precision.scaler,
+                            logger)
+    logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
+
+
+def run(config: Any, env: DistEnv) -> None:
+    scale_learning_rates(config, env.world_size)
+    os.makedirs(config.OUTPUT, exist_ok=True)
+    logger = create_logger(config.OUTPUT, env.rank)
+    backend = f", backend {torch.distributed.get_backend()}" if env.distributed else ""
+    logger.info(f"rank {env.rank} of {env.world_size} on {env.device}{backend}")
+    if env.is_main:
+        path = os.path.join(config.OUTPUT, "config.yaml")
+        with open(path, "w") as f:
+            f.write(config.dump())
+        logger.info(f"full config saved to {path}")
+    logger.info(config.dump())
+    set_seed(config.SEED + env.rank)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    precision = build_precision(config.AMP_OPT_LEVEL, env.device)
+
+    logger.info(f"creating model {config.MODEL.TYPE}/{config.MODEL.NAME}")
+    model = build_model(config).to(env.device)
+    logger.info(f"number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
+    logger.info(f"number of GFLOPs: {model.flops() / 1e9:.3f}")
+    if config.THROUGHPUT_MODE:
+        run_throughput(config, env, model, precision, logger)
+    elif config.EVAL_MODE:
+        run_evaluation(config, env, model, precision, logger)
+    else:
+        run_training(config, env, model, precision, logger)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    config = load_run_config(args)
+    env = init_distributed(args.device)
+    try:
+        run(config, env)
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UsageError, ConfigError) as err:
+        sys.exit(f"main.py: error: {err}")

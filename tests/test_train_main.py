@@ -1,0 +1,114 @@
+"""``main.py`` end to end on CPU, as real subprocesses: one process, and torchrun with two (gloo)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import DEMO_CFG, REPO, TINY_OPTS, check, eval_summary, run_main
+
+MODEL_NAME = "focal_demo_patch4_window4_64"
+
+
+def run_dir(output: Path, name: str = MODEL_NAME) -> Path:
+    return output / name / "default"
+
+
+def read_log(output: Path, rank: int = 0, name: str = MODEL_NAME) -> str:
+    return (run_dir(output, name) / f"log_rank{rank}.txt").read_text()
+
+
+def demo_args(data: Path, output: Path, *flags: str, opts=()) -> list:
+    return ["--cfg", DEMO_CFG, "--data-path", str(data), "--output", str(output), *flags,
+            "--opts", *TINY_OPTS, *opts]
+
+
+@pytest.fixture(scope="module")
+def trained(demo_data, tmp_path_factory) -> Path:
+    """One process trains one epoch (folder layout, accumulation and gradient checkpointing on) and saves."""
+    output = tmp_path_factory.mktemp("single")
+    check(run_main(demo_args(demo_data, output, "--accumulation-steps", "2", "--use-checkpoint")))
+    return output
+
+
+def test_single_process_trains_saves_and_evaluates(trained):
+    log = read_log(trained)
+    assert "rank 0 of 1 on cpu" in log
+    # 40 images in batches of 8: 5 batches, 2 updates of 2 micro-batches, the fifth batch skipped.
+    assert "Train: [0/1][3/4]" in log and "Train: [0/1][4/" not in log
+    assert "grad_norm" in log and "eta" in log and "mem" in log
+    summary = eval_summary(log)
+    assert summary["images"] == summary["counted"] == 20
+    checkpoint = torch.load(run_dir(trained) / "ckpt_epoch_0.pth", weights_only=True)
+    assert checkpoint["epoch"] == 0 and checkpoint["max_accuracy"] == pytest.approx(float(summary["acc1"]))
+    assert {"model", "optimizer", "lr_scheduler", "scaler", "config"} <= checkpoint.keys()
+    assert checkpoint["optimizer"]["state"][0]["step"].item() == 2
+    assert "IMG_SIZE: 32" in (run_dir(trained) / "config.yaml").read_text()
+
+
+def test_two_process_eval_equals_single_process(trained, demo_data, tmp_path):
+    checkpoint = str(run_dir(trained) / "ckpt_epoch_0.pth")
+    flags = ("--eval", "--resume", checkpoint)
+    odd_batches = ("DATA.BATCH_SIZE", "3")  # 10 images per rank: batches of 3, 3, 3, 1
+    single = eval_summary(check(run_main(demo_args(demo_data, tmp_path / "one", *flags, opts=odd_batches))).stdout)
+    double = eval_summary(check(run_main(demo_args(demo_data, tmp_path / "two", *flags, opts=odd_batches),
+                                         nproc=2)).stdout)
+    assert "backend gloo" in read_log(tmp_path / "two", rank=1)
+    assert single["counted"] == double["counted"] == 20
+    assert (single["acc1"], single["acc5"]) == (double["acc1"], double["acc5"])
+    assert double["loss"] == pytest.approx(single["loss"], abs=2e-4)
+
+
+def test_torchrun_trains_from_zip_with_part_cache(demo_data, tmp_path):
+    check(run_main(demo_args(demo_data, tmp_path, "--zip", "--cache-mode", "part"), nproc=2))
+    for rank in (0, 1):
+        log = read_log(tmp_path, rank)
+        assert f"rank {rank} of 2 on cpu, backend gloo" in log
+        # Each rank caches only its half of the 40 training images, and of the 20 validation images.
+        assert "cached 20/20 images of" in log and "train.zip (part mode)" in log
+        assert "cached 10/10 images of" in log
+        assert "Train: [0/1][1/2]" in log  # 20 images per rank in batches of 8
+    assert eval_summary(read_log(tmp_path, 0))["counted"] == 20
+    assert (run_dir(tmp_path) / "ckpt_epoch_0.pth").is_file()
+
+
+def test_auto_resume_continues_from_saved_epoch(trained, demo_data, tmp_path):
+    shutil.copytree(run_dir(trained), run_dir(tmp_path))
+    check(run_main(demo_args(demo_data, tmp_path, "--accumulation-steps", "2",
+                             opts=("TRAIN.EPOCHS", "2"))))
+    log = read_log(tmp_path).split("rank 0 of 1")[-1]  # this run's part of the appended log
+    assert "auto-resuming from" in log and "ckpt_epoch_0.pth" in log
+    assert "Train: [1/2]" in log and "Train: [0/2]" not in log
+    checkpoint = torch.load(run_dir(tmp_path) / "ckpt_epoch_1.pth", weights_only=True)
+    assert checkpoint["epoch"] == 1
+    assert checkpoint["optimizer"]["state"][0]["step"].item() == 4
+
+
+def test_eval_resume_of_official_layout_checkpoint(demo_data_224, tmp_path):
+    fixture = json.loads((REPO / "tests" / "fixtures" / "small_fc_224.json").read_text())
+    opts = ["MODEL.NUM_CLASSES", str(fixture["num_classes"]), "DATA.IMG_SIZE", str(fixture["img_size"]),
+            "DATA.BATCH_SIZE", "5", "DATA.NUM_WORKERS", "0"]
+    for key, value in fixture["focal"].items():
+        opts += [f"MODEL.FOCAL.{key}", str(value)]
+    proc = check(run_main(["--cfg", str(REPO / "configs" / "focal_tiny_patch4_window7_224.yaml"),
+                           "--data-path", str(demo_data_224), "--output", str(tmp_path), "--eval",
+                           "--resume", str(REPO / "tests" / "fixtures" / "small_fc_224.pth"), "--opts", *opts]))
+    assert "resumed weights from" in proc.stdout and "all keys matched" in proc.stdout
+    summary = eval_summary(proc.stdout)
+    assert summary["images"] == summary["counted"] == 10
+
+
+def test_throughput_runs_without_data(tmp_path):
+    proc = check(run_main(["--cfg", DEMO_CFG, "--throughput", "--batch-size", "4", "--output", str(tmp_path),
+                           "--opts", "DATA.IMG_SIZE", "32"]))
+    assert "no --data-path: timing random 32x32 input" in proc.stdout
+    assert "batch_size 4 throughput" in proc.stdout and "images/s" in proc.stdout
+
+
+def test_usage_errors_are_short_messages(tmp_path):
+    proc = run_main(["--cfg", DEMO_CFG, "--output", str(tmp_path)])
+    assert proc.returncode != 0
+    assert "main.py: error: --data-path" in proc.stderr and "Traceback" not in proc.stderr
