@@ -23,17 +23,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from .layers import relative_position_index, window_partition, window_reverse
+from .layers import relative_position_index, window_partition
+from .window_attention import (BiasCache, attend, attend_gathered, kv_source, merge_windows, project_kv,
+                               queries_by_window, windows_to_heads)
 
 GATHER_METHODS = ("index", "unfold", "roll")
 MASK_VALUE = -100.0  # the reference's logit penalty (not -inf: fully masked rows stay finite)
 
 
+def diagonal_offsets(expand_size: int) -> List[Tuple[int, int]]:
+    """The four diagonal shifts whose windows make up the surroundings, in key order."""
+    e = expand_size
+    return [(e, e), (e, -e), (-e, e), (-e, -e)]
+
+
 def surrounding_offsets(window_size: int, expand_size: int) -> List[Tuple[int, int, int, int]]:
     """``(a, b, dy, dx)`` for every surrounding key: query-window cell (a, b) read at offset (dy, dx)."""
-    ws, e = window_size, expand_size
+    ws = window_size
     out = []
-    for dy, dx in ((e, e), (e, -e), (-e, e), (-e, -e)):
+    for dy, dx in diagonal_offsets(expand_size):
         for a in range(ws):
             for b in range(ws):
                 if not (0 <= a + dy < ws and 0 <= b + dx < ws):
@@ -99,7 +107,7 @@ def build_focal_layout(height: int, width: int, window_size: int, expand_size: i
         rows = (wy * ws + sa + dy) % height
         cols = (wx * ws + sb + dx) % width
         parts.append(rows * width + cols)
-        directions = [(e, e), (e, -e), (-e, e), (-e, -e)]
+        directions = diagonal_offsets(e)
         quadrant = torch.tensor([directions.index(d) for d in zip(dy.tolist(), dx.tolist())])
         roll_select = quadrant * ws * ws + sa * ws + sb
     k = ws + 2 * e
@@ -107,7 +115,7 @@ def build_focal_layout(height: int, width: int, window_size: int, expand_size: i
     unfold_select = torch.tensor([r * k + c for r, c in unfold_cells])
 
     n_tokens = height * width
-    pooled_grids, pooled_select, pooled_masks = [], [], []
+    pooled_grids, pooled_select = [], []
     pooled_index_parts = []
     offset = n_tokens
     for level in range(num_pooled):
@@ -185,6 +193,11 @@ class FocalWindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self._layouts: Dict[Tuple[int, int, torch.device], FocalLayout] = {}
+        self._bias_cache = BiasCache()
+
+    @property
+    def _bias_params(self) -> List[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if "relative_position_bias_table" in name]
 
     def layout(self, height: int, width: int, device: torch.device) -> FocalLayout:
         key = (height, width, device)
@@ -205,22 +218,16 @@ class FocalWindowAttention(nn.Module):
             parts.append(self.relative_position_bias_table_to_windows[level][:, index.view(-1)].view(self.num_heads, n, -1))
         return torch.cat(parts, dim=-1)
 
-    def _gather_index(self, kv: torch.Tensor, pooled_kv: List[torch.Tensor], layout: FocalLayout) -> torch.Tensor:
-        b, c2 = kv.shape[0], kv.shape[-1]
-        sources = [kv.reshape(b, -1, c2)] + [p.reshape(b, -1, c2) for p in pooled_kv] + [kv.new_zeros(b, 1, c2)]
-        return torch.cat(sources, dim=1)[:, layout.index]
-
-    def _gather_local_roll(self, kv: torch.Tensor, layout: FocalLayout) -> torch.Tensor:
+    def _local_by_roll(self, kv: torch.Tensor, layout: FocalLayout) -> torch.Tensor:
         windows = window_partition(kv, self.window_size)
         if not self.num_surrounding:
             return windows
-        e = self.expand_size
         shifted = [window_partition(torch.roll(kv, shifts=(-dy, -dx), dims=(1, 2)), self.window_size)
-                   for dy, dx in ((e, e), (e, -e), (-e, e), (-e, -e))]
+                   for dy, dx in diagonal_offsets(self.expand_size)]
         return torch.cat([windows, torch.cat(shifted, dim=2)[:, :, layout.roll_select]], dim=2)
 
-    def _gather_local_unfold(self, kv: torch.Tensor, layout: FocalLayout) -> torch.Tensor:
-        b, h, w, c2 = kv.shape
+    def _local_by_unfold(self, kv: torch.Tensor, layout: FocalLayout) -> torch.Tensor:
+        b, _, _, c2 = kv.shape
         e, ws = self.expand_size, self.window_size
         x = kv.permute(0, 3, 1, 2)
         if e:
@@ -228,7 +235,7 @@ class FocalWindowAttention(nn.Module):
         patches = F.unfold(x, ws + 2 * e, stride=ws).view(b, c2, (ws + 2 * e) ** 2, -1)
         return patches[:, :, layout.unfold_select].permute(0, 3, 2, 1)
 
-    def _gather_pooled_unfold(self, pooled_kv: List[torch.Tensor], layout: FocalLayout) -> List[torch.Tensor]:
+    def _pooled_by_unfold(self, pooled_kv: List[torch.Tensor], layout: FocalLayout) -> List[torch.Tensor]:
         out = []
         for level, p in enumerate(pooled_kv):
             kernel, stride, _ = pooled_kernel(self.focal_window, level)
@@ -238,36 +245,38 @@ class FocalWindowAttention(nn.Module):
             out.append(patches.permute(0, 3, 2, 1))
         return out
 
-    def gather_kv(self, kv: torch.Tensor, pooled_kv: List[torch.Tensor], layout: FocalLayout) -> torch.Tensor:
-        """(B, nW, L, 2C): keys and values of every window in the documented order."""
-        if self.kv_gather == "index":
-            return self._gather_index(kv, pooled_kv, layout)
-        local = self._gather_local_roll(kv, layout) if self.kv_gather == "roll" else self._gather_local_unfold(kv, layout)
-        return torch.cat([local] + self._gather_pooled_unfold(pooled_kv, layout), dim=2)
+    def gather_kv(self, kv: torch.Tensor, pooled_kv: List[torch.Tensor],
+                  layout: FocalLayout) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(B, nH*nW, L, hd)`` of every window, in the documented order (roll / unfold)."""
+        local = self._local_by_roll(kv, layout) if self.kv_gather == "roll" else self._local_by_unfold(kv, layout)
+        windows = torch.cat([local] + self._pooled_by_unfold(pooled_kv, layout), dim=2)
+        return windows_to_heads(windows, self.num_heads)
+
+    def attention_bias(self, layout: FocalLayout, n_windows: int) -> torch.Tensor:
+        """(1, nH*nW, ws*ws, L): position biases plus the constant shift / out-of-map masks."""
+        bias = self.relative_bias().unsqueeze(1)  # nH, 1, ws*ws, L
+        if layout.mask is not None:
+            bias = bias + layout.mask
+        else:
+            bias = bias.expand(-1, n_windows, -1, -1)
+        return bias.reshape(1, -1, *bias.shape[2:])
 
     def forward(self, x: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:
         b, h, w, c = x.shape
-        ws, nh, hd = self.window_size, self.num_heads, c // self.num_heads
         layout = self.layout(h, w, x.device)
+        n_windows = layout.grid[0] * layout.grid[1]
         qkv = self.qkv(x)
-        q, kv = qkv[..., :c], qkv[..., c:]
-        pooled_kv = [F.linear(p, self.qkv.weight[c:], None if self.qkv.bias is None else self.qkv.bias[c:])
-                     for p in pooled]
-        kv = self.gather_kv(kv, pooled_kv, layout)  # B, nW, L, 2C
-        n_win, n_keys = kv.shape[1], kv.shape[2]
-        kv = kv.view(b, n_win, n_keys, 2, nh, hd).permute(3, 0, 1, 4, 2, 5)
-        k, v = kv[0].reshape(b, n_win * nh, n_keys, hd), kv[1].reshape(b, n_win * nh, n_keys, hd)
-        q = window_partition(q, ws).view(b, n_win, ws * ws, nh, hd).transpose(2, 3).reshape(b, n_win * nh, ws * ws, hd)
-
-        bias = self.relative_bias().unsqueeze(0)  # 1, nH, ws*ws, L
-        if layout.mask is not None:
-            bias = bias + layout.mask.unsqueeze(1)
-        bias = bias.expand(n_win, -1, -1, -1).reshape(1, n_win * nh, ws * ws, n_keys)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
-                                             dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
-        out = out.view(b, n_win, nh, ws * ws, hd).transpose(2, 3).reshape(b, n_win, ws * ws, c)
-        out = self.proj_drop(self.proj(out))
-        return window_reverse(out, ws, h, w)
+        q = queries_by_window(qkv[..., :c], self.window_size, self.num_heads)
+        kv, pooled_kv = qkv[..., c:], [project_kv(p, self.qkv) for p in pooled]
+        bias = self._bias_cache.get((h, w, x.device, x.dtype), self._bias_params,
+                                    lambda: self.attention_bias(layout, n_windows))
+        dropout = self.attn_drop if self.training else 0.0
+        if self.kv_gather == "index":
+            source = kv_source([kv] + pooled_kv, self.num_heads, zero_token=True)
+            out = attend_gathered(q, source, layout.index, bias, self.scale, dropout)
+        else:
+            out = attend(q, *self.gather_kv(kv, pooled_kv, layout), bias, self.scale, dropout)
+        return self.proj_drop(self.proj(merge_windows(out, h, w, self.window_size, self.num_heads)))
 
     def flops(self, n: int) -> float:
         """The reference's multiply-add count for one window of ``n`` query tokens."""

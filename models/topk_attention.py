@@ -11,9 +11,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .layers import window_partition, window_reverse
+from .window_attention import (BiasCache, attend_gathered, kv_source, merge_windows, project_kv,
+                               queries_by_window)
 
 MAX_LEVELS = 2
 
@@ -97,6 +97,7 @@ class TopKFocalAttention(nn.Module):
             nn.Sequential(nn.Linear(2, head_dim), nn.ReLU(inplace=True), nn.Linear(head_dim, num_heads))
             for _ in range(focal_level))
         self._layouts: Dict[Tuple[int, int, torch.device], TopKLayout] = {}
+        self._bias_cache = BiasCache()
 
     def layout(self, height: int, width: int, device: torch.device) -> TopKLayout:
         key = (height, width, device)
@@ -107,31 +108,22 @@ class TopKFocalAttention(nn.Module):
         return self._layouts[key]
 
     def position_bias(self, layout: TopKLayout) -> torch.Tensor:
-        """(nW, nH, ws*ws, K_total); each MLP runs once per distinct coordinate, then is looked up."""
+        """(1, nH*nW, ws*ws, K_total); each MLP runs once per distinct coordinate, then is looked up."""
         parts = [mlp(layout.coords)[index] for mlp, index in zip(self.coord2rpb_all, layout.coord_index)]
-        return torch.cat(parts, dim=2).permute(0, 3, 1, 2)
+        bias = torch.cat(parts, dim=2).permute(3, 0, 1, 2)  # nH, nW, ws*ws, K
+        return bias.reshape(1, -1, *bias.shape[2:])
 
     def forward(self, x: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:
         b, h, w, c = x.shape
-        ws, nh, hd = self.window_size, self.num_heads, c // self.num_heads
         layout = self.layout(h, w, x.device)
         qkv = self.qkv(x)
-        q, kv = qkv[..., :c], qkv[..., c:]
-        sources = [kv.reshape(b, -1, 2 * c)]
-        for p in pooled[: self.focal_level - 1]:
-            sources.append(F.linear(p, self.qkv.weight[c:], None if self.qkv.bias is None else self.qkv.bias[c:])
-                           .reshape(b, -1, 2 * c))
-        kv = torch.cat(sources, dim=1)[:, layout.index]  # B, nW, K, 2C
-        n_win, n_keys = kv.shape[1], kv.shape[2]
-        kv = kv.view(b, n_win, n_keys, 2, nh, hd).permute(3, 0, 1, 4, 2, 5)
-        k, v = kv[0].reshape(b, n_win * nh, n_keys, hd), kv[1].reshape(b, n_win * nh, n_keys, hd)
-        q = window_partition(q, ws).view(b, n_win, ws * ws, nh, hd).transpose(2, 3).reshape(b, n_win * nh, ws * ws, hd)
-        bias = self.position_bias(layout).reshape(1, n_win * nh, ws * ws, n_keys).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
-                                             dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.view(b, n_win, nh, ws * ws, hd).transpose(2, 3).reshape(b, n_win, ws * ws, c)
-        out = self.proj_drop(self.proj(out))
-        return window_reverse(out, ws, h, w)
+        q = queries_by_window(qkv[..., :c], self.window_size, self.num_heads)
+        pooled_kv = [project_kv(p, self.qkv) for p in pooled[: self.focal_level - 1]]
+        source = kv_source([qkv[..., c:]] + pooled_kv, self.num_heads, zero_token=False)
+        bias = self._bias_cache.get((h, w, x.device, x.dtype), list(self.coord2rpb_all.parameters()),
+                                    lambda: self.position_bias(layout))
+        out = attend_gathered(q, source, layout.index, bias, self.scale, self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(merge_windows(out, h, w, self.window_size, self.num_heads)))
 
     def flops(self, n: int, height: int, width: int) -> float:
         """The reference's multiply-add count for one window of ``n`` query tokens on a ``height x width`` map."""

@@ -1,0 +1,106 @@
+"""Head-major window attention shared by both variants.
+
+Queries are laid out as ``(B, nH*nW, ws*ws, hd)`` and keys/values are gathered straight into
+``(B, nH*nW, L, hd)``, so one additive bias of shape ``(1, nH*nW, ws*ws, L)`` broadcasts over the batch and no
+tensor is copied between the gather and the attention kernel.
+"""
+from __future__ import annotations
+
+from typing import Callable, Hashable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def queries_by_window(q: torch.Tensor, window_size: int, num_heads: int) -> torch.Tensor:
+    """``(B, H, W, C)`` -> ``(B, nH*nW, ws*ws, hd)``."""
+    b, h, w, c = q.shape
+    ws = window_size
+    q = q.view(b, h // ws, ws, w // ws, ws, num_heads, c // num_heads)
+    return q.permute(0, 5, 1, 3, 2, 4, 6).reshape(b, -1, ws * ws, c // num_heads)
+
+
+def merge_windows(out: torch.Tensor, height: int, width: int, window_size: int, num_heads: int) -> torch.Tensor:
+    """Inverse of :func:`queries_by_window`: ``(B, nH*nW, ws*ws, hd)`` -> ``(B, H, W, C)``."""
+    b, _, _, hd = out.shape
+    ws = window_size
+    out = out.view(b, num_heads, height // ws, width // ws, ws, ws, hd)
+    return out.permute(0, 2, 4, 3, 5, 1, 6).reshape(b, height, width, num_heads * hd)
+
+
+def kv_source(maps: List[torch.Tensor], num_heads: int, zero_token: bool) -> torch.Tensor:
+    """Key/value tokens of several ``(B, h, w, 2C)`` maps as one ``(2, B, nH, N, hd)`` table (plus a zero token)."""
+    b, c2 = maps[0].shape[0], maps[0].shape[-1]
+    hd = c2 // 2 // num_heads
+    parts = [m.reshape(b, -1, 2, num_heads, hd).permute(2, 0, 3, 1, 4) for m in maps]
+    if zero_token:
+        parts.append(maps[0].new_zeros(2, b, num_heads, 1, hd))
+    return torch.cat(parts, dim=3) if len(parts) > 1 else parts[0].contiguous()
+
+
+def gather_windows(source: torch.Tensor, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``(B, nH*nW, L, hd)`` for a ``(nW, L)`` index into the source's token axis."""
+    two, b, nh, _, hd = source.shape
+    n_win, n_keys = index.shape
+    kv = source.index_select(3, index.reshape(-1)).view(two, b, nh * n_win, n_keys, hd)
+    return kv[0], kv[1]
+
+
+def windows_to_heads(windows: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(B, nW, L, 2C)`` key/value windows -> keys and values ``(B, nH*nW, L, hd)``."""
+    b, n_win, n_keys, c2 = windows.shape
+    kv = windows.view(b, n_win, n_keys, 2, num_heads, c2 // 2 // num_heads).permute(3, 0, 4, 1, 2, 5)
+    kv = kv.reshape(2, b, num_heads * n_win, n_keys, -1)
+    return kv[0], kv[1]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+           dropout: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout, scale=scale)
+
+
+def _attend_gathered(q: torch.Tensor, source: torch.Tensor, index: torch.Tensor, bias: torch.Tensor, scale: float,
+                     dropout: float) -> torch.Tensor:
+    k, v = gather_windows(source, index)
+    return attend(q, k, v, bias, scale, dropout)
+
+
+def attend_gathered(q: torch.Tensor, source: torch.Tensor, index: torch.Tensor, bias: torch.Tensor, scale: float,
+                    dropout: float) -> torch.Tensor:
+    """Attention over keys/values gathered from ``source``.
+
+    The gathered keys/values are several times larger than their source (every token sits in several windows'
+    key sets), so when training they are not kept for backward: the gather and the attention kernel are redone
+    from the source. That keeps Focal-T's training memory near Swin-T's for one extra attention forward.
+    """
+    if not (torch.is_grad_enabled() and source.requires_grad):
+        return _attend_gathered(q, source, index, bias, scale, dropout)
+    return checkpoint(_attend_gathered, q, source, index, bias, scale, dropout, use_reentrant=False)
+
+
+def project_kv(x: torch.Tensor, qkv: nn.Linear) -> torch.Tensor:
+    """Keys and values only, for pooled tokens whose queries are never used."""
+    c = qkv.in_features
+    return F.linear(x, qkv.weight[c:], None if qkv.bias is None else qkv.bias[c:])
+
+
+class BiasCache:
+    """Keeps the last additive attention bias while gradients are off (evaluation, inference).
+
+    The bias is a function of a few parameters and the map size; a parameter's version counter changes with
+    every in-place update, so an optimizer step or a checkpoint load invalidates the entry.
+    """
+
+    def __init__(self):
+        self._key: Optional[Hashable] = None
+        self._value: Optional[torch.Tensor] = None
+
+    def get(self, key: Hashable, params: List[nn.Parameter], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return compute()
+        key = (key, tuple((id(p), p._version) for p in params))
+        if key != self._key:
+            self._value, self._key = compute(), key
+        return self._value

@@ -1,0 +1,279 @@
+"""Side-by-side speed and memory of our Focal models and timm's Swin-T, measured in one run.
+
+Models are timed alternately (each repetition runs every model once) and medians are reported, so slow drifts of
+the machine hit all models alike; ratios are against the peer (``--peer``, timm's Swin-T by default).
+
+Examples::
+
+    python -m tools.benchmark                                  # inference + training step at 224, batch 8
+    python -m tools.benchmark --mode infer --img-size 224 448 896 --batch-size 1 --plot throughput.png
+    python -m tools.benchmark --gather                          # roll / unfold / index on Focal-T
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from config import load_config  # noqa: E402
+from models import build_model  # noqa: E402
+from models.focal_attention import GATHER_METHODS, FocalWindowAttention  # noqa: E402
+
+DEFAULT_MODELS = ("focal_tiny_patch4_window7_224", "focalv2_tiny_useconv_patch4_window7_224")
+DEFAULT_PEER = "timm:swin_tiny_patch4_window7_224"
+
+
+def create(name: str, img_size: int) -> nn.Module:
+    """A config name under configs/ (our models) or ``timm:NAME`` (a timm model, built for ``img_size``)."""
+    if name.startswith("timm:"):
+        import timm
+        return timm.create_model(name[5:], img_size=img_size)
+    path = name if name.endswith(".yaml") else os.path.join(ROOT, "configs", name + ".yaml")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--models: no config {path} (give a name from configs/ or timm:NAME)")
+    return build_model(load_config(path, ["MODEL.DROP_PATH_RATE", 0.0]))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def inference_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    model.eval()
+
+    def step():
+        with torch.inference_mode():
+            model(x)
+    return step
+
+
+def training_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), target).backward()
+        optimizer.step()
+    return step
+
+
+def time_alternating(steps: Dict[str, Callable[[], None]], reps: int, warmup: int,
+                     device: torch.device) -> Dict[str, float]:
+    """Median seconds per call of each step, interleaving the steps within every repetition."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_memory_mb(name: str, batch: int, img_size: int, device: str) -> float:
+    """Peak memory of training steps: CUDA allocator peak, or on CPU the peak RSS of a fresh process."""
+    cmd = [sys.executable, "-m", "tools.benchmark", "--memory-probe", name, "--batch-size", str(batch),
+           "--img-size", str(img_size), "--device", device]
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def memory_probe(name: str, batch: int, img_size: int, device: torch.device) -> float:
+    model = create(name, img_size).to(device)
+    step = training_step(model, torch.randn(batch, 3, img_size, img_size, device=device))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(2):
+            step()
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    for _ in range(2):
+        step()
+    return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. ``ru_maxrss`` survives exec (it would report the parent's peak),
+    so Linux's per-address-space high-water mark is read when available."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
+
+
+def print_table(title: str, rows: List[List[str]], header: Sequence[str]) -> None:
+    widths = [max(len(str(r[i])) for r in rows + [list(header)]) for i in range(len(header))]
+    print(f"\n{title}")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+
+
+def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]:
+    names = list(args.models) + [args.peer]
+    results: Dict[str, Dict] = {}
+    modes = ["infer", "train"] if args.mode == "both" else [args.mode]
+    for img_size in args.img_size:
+        for mode in modes:
+            x = torch.randn(args.batch_size, 3, img_size, img_size, device=device)
+            models = {n: create(n, img_size).to(device) for n in names}
+            make = inference_step if mode == "infer" else training_step
+            steps = {n: make(m, x) for n, m in models.items()}
+            print(f"timing {mode} at {img_size}x{img_size}, batch {args.batch_size}, {args.reps} reps ...", flush=True)
+            medians = time_alternating(steps, args.reps, args.warmup, device)
+            for n, sec in medians.items():
+                results.setdefault(n, {})[f"{mode}_{img_size}"] = args.batch_size / sec
+            del models, steps
+            gc.collect()
+    rows = []
+    for n in names:
+        row = [n]
+        for img_size in args.img_size:
+            for mode in modes:
+                ips = results[n][f"{mode}_{img_size}"]
+                ratio = ips / results[args.peer][f"{mode}_{img_size}"]
+                row.append(f"{ips:.2f} ({ratio:.2f}x)")
+        rows.append(row)
+    header = ["model"] + [f"{m} {s} img/s (vs peer)" for s in args.img_size for m in modes]
+    print_table(f"images/s, medians of {args.reps} alternating repetitions on {machine()}", rows, header)
+    if args.memory and "train" in modes:
+        mem_rows = []
+        peer_mb = None
+        for n in [args.peer] + list(args.models):
+            mb = peak_memory_mb(n, args.batch_size, args.img_size[0], str(device))
+            peer_mb = peer_mb or mb
+            results[n][f"train_peak_mb_{args.img_size[0]}"] = mb
+            mem_rows.append([n, f"{mb:.0f}", f"{mb / peer_mb:.2f}x"])
+        kind = "CUDA allocator peak" if device.type == "cuda" else "peak process RSS"
+        print_table(f"training-step memory ({kind}), batch {args.batch_size}, {args.img_size[0]}px",
+                    mem_rows, ["model", "MB", "vs peer"])
+    return results
+
+
+def run_gather(args: argparse.Namespace, device: torch.device) -> None:
+    model = create(args.models[0], args.img_size[0]).to(device).eval()
+    attns = [m for m in model.modules() if isinstance(m, FocalWindowAttention)]
+    if not attns:
+        raise SystemExit(f"--gather needs a v1 (MODEL.TYPE focal) model, got {args.models[0]}")
+    x = torch.randn(args.batch_size, 3, args.img_size[0], args.img_size[0], device=device)
+
+    def with_method(method: str) -> Callable[[], None]:
+        def step():
+            for attn in attns:
+                attn.kv_gather = method
+            with torch.inference_mode():
+                model(x)
+        return step
+    medians = time_alternating({m: with_method(m) for m in GATHER_METHODS}, args.reps, args.warmup, device)
+    rows = [[m, f"{1000 * s:.1f}", f"{args.batch_size / s:.2f}", f"{medians['roll'] / s:.2f}x"]
+            for m, s in medians.items()]
+    print_table(f"{args.models[0]} gather methods, batch {args.batch_size}, {args.img_size[0]}px, {machine()}",
+                rows, ["method", "ms/batch", "images/s", "speed-up vs roll"])
+
+
+def plot(results: Dict[str, Dict], sizes: Sequence[int], path: str) -> None:
+    """A small line chart (log scale) of inference images/s against image size, drawn with Pillow."""
+    import math
+    from PIL import Image, ImageDraw
+    width, height, margin = 720, 480, 70
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    values = [v for r in results.values() for k, v in r.items() if k.startswith("infer_")]
+    lo, hi = math.log10(min(values)) - 0.1, math.log10(max(values)) + 0.1
+    sx = lambda i: margin + i * (width - 2 * margin) / max(1, len(sizes) - 1)
+    sy = lambda v: height - margin - (math.log10(v) - lo) / (hi - lo) * (height - 2 * margin)
+    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
+    for i, s in enumerate(sizes):
+        draw.text((sx(i) - 12, height - margin + 8), f"{s}px", fill="black")
+    for exp in range(math.floor(lo), math.ceil(hi) + 1):
+        for mult in (1, 2, 5):
+            v = mult * 10 ** exp
+            if lo <= math.log10(v) <= hi:
+                draw.text((8, sy(v) - 6), f"{v:g}", fill="black")
+                draw.line([margin, sy(v), width - margin, sy(v)], fill=(225, 225, 225))
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    for j, (name, r) in enumerate(results.items()):
+        pts = [(sx(i), sy(r[f"infer_{s}"])) for i, s in enumerate(sizes) if f"infer_{s}" in r]
+        draw.line(pts, fill=colours[j % len(colours)], width=3)
+        for p in pts:
+            draw.ellipse([p[0] - 4, p[1] - 4, p[0] + 4, p[1] + 4], fill=colours[j % len(colours)])
+        draw.text((margin + 10, margin + 10 + 16 * j), name.replace("timm:", ""), fill=colours[j % len(colours)])
+    draw.text((margin, 20), "inference images/s vs image size (log scale)", fill="black")
+    img.save(path)
+    print(f"plot written to {path}")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="config names or timm:NAME")
+    p.add_argument("--peer", default=DEFAULT_PEER, help="the model ratios are taken against")
+    p.add_argument("--mode", choices=["infer", "train", "both"], default="both")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--img-size", type=int, nargs="+", default=[224])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the training-memory probes")
+    p.add_argument("--gather", action="store_true", help="compare the v1 gather methods instead")
+    p.add_argument("--plot", help="write a PNG of inference images/s against image size")
+    p.add_argument("--json", help="write the raw figures to this file")
+    p.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.reps < 1 or args.warmup < 0:
+        p.error("--batch-size and --reps must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    torch.manual_seed(0)
+    if args.memory_probe:
+        print(memory_probe(args.memory_probe, args.batch_size, args.img_size[0], device))
+        return
+    print(f"torch {torch.__version__} on {machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
+    if args.gather:
+        run_gather(args, device)
+        return
+    results = run_speed(args, device)
+    if args.plot:
+        plot(results, args.img_size, args.plot)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
