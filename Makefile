@@ -19,9 +19,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 test: venv
 	$(PY) -m pytest -q tests
 
+# Generate the demo dataset, train the demo model from scratch on it, evaluate the last checkpoint, time it.
+DEMO := --cfg configs/demo/focal_demo.yaml --output output/demo
 demo: venv
 	$(PY) -m data.demo --out demo_data
-	$(PY) main.py --cfg configs/demo/focal_demo.yaml --data-path demo_data --output output/demo
+	rm -rf output/demo
+	$(PY) main.py $(DEMO) --data-path demo_data
+	$(PY) main.py $(DEMO) --data-path demo_data --eval
+	$(PY) main.py $(DEMO) --throughput
 
 clean:
 	rm -rf $(VENV) output demo_data

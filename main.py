@@ -196,7 +196,6 @@ def run(config: Any, env: DistEnv) -> None:
         with open(path, "w") as f:
             f.write(config.dump())
         logger.info(f"full config saved to {path}")
-    logger.info(config.dump())
     set_seed(config.SEED + env.rank)
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True

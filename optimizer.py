@@ -1,23 +1,29 @@
 """AdamW or SGD over two parameter groups: with weight decay, and without it for norms, biases, position tables
-and whatever the model lists in ``no_weight_decay()`` / ``no_weight_decay_keywords()``."""
+and whatever the model lists in ``no_weight_decay()`` (exact names) / ``no_weight_decay_keywords()`` (substrings)."""
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, Dict, List
 
 import torch
 import torch.nn as nn
-from timm.optim import param_groups_weight_decay
 
 from errors import UsageError
 
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def no_weight_decay_patterns(model: nn.Module) -> List[str]:
-    """fnmatch patterns for timm: exact names from ``no_weight_decay()``, substrings from the keywords."""
-    names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    keywords = model.no_weight_decay_keywords() if hasattr(model, "no_weight_decay_keywords") else set()
-    return sorted(names) + sorted(f"*{k}*" for k in keywords)
+def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """Decay only weight matrices and kernels; 1-D tensors (norms, biases) and the model's named exceptions
+    (position tables, absolute position embedding) get none."""
+    names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    keywords = set(model.no_weight_decay_keywords()) if hasattr(model, "no_weight_decay_keywords") else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim <= 1 or name.endswith(".bias") or name in names or any(k in name for k in keywords)
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
@@ -25,8 +31,7 @@ def build_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
     name = config.TRAIN.OPTIMIZER.NAME.lower()
     if name not in OPTIMIZERS:
         raise UsageError(f"TRAIN.OPTIMIZER.NAME must be one of {OPTIMIZERS}, got {config.TRAIN.OPTIMIZER.NAME!r}")
-    groups = param_groups_weight_decay(model, config.TRAIN.WEIGHT_DECAY,
-                                       no_weight_decay_list=no_weight_decay_patterns(model))
+    groups = param_groups(model, config.TRAIN.WEIGHT_DECAY)
     opt = config.TRAIN.OPTIMIZER
     if name == "sgd":
         return torch.optim.SGD(groups, lr=config.TRAIN.BASE_LR, momentum=opt.MOMENTUM, nesterov=True)

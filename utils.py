@@ -82,20 +82,27 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
     except ValueError as err:
         raise UsageError(f"--resume {path}: {err}; to fine-tune from other weights use --pretrained") from None
     logger.info(f"resumed weights from {path}: {report.summary()}")
+    max_accuracy = float(checkpoint.get("max_accuracy", 0.0))
     if optimizer is None or not all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
-        return 0, float(checkpoint.get("max_accuracy", 0.0)) if isinstance(checkpoint, dict) else 0.0
+        return 0, max_accuracy
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
     logger.info(f"resumed training state from {path} (epoch {checkpoint['epoch']})")
-    return checkpoint["epoch"] + 1, float(checkpoint.get("max_accuracy", 0.0))
+    return checkpoint["epoch"] + 1, max_accuracy
 
 
 def load_pretrained(path: str, model: nn.Module, logger: logging.Logger) -> None:
     """Weights only, for fine-tuning: a head of another class count is dropped (left freshly initialised) and
-    relative-position tables are resized to this model's window size."""
-    report = load_weights(model, read_checkpoint(path, logger), strict=False, drop_mismatched_head=True)
-    if report.mismatched:
-        raise UsageError(f"--pretrained {path} does not fit the model built from the config: {report.summary()}")
-    logger.info(f"loaded pretrained weights from {path}: {report.summary()}")
+    relative-position tables are resized to this model's window size. Anything else that does not fit (e.g. the
+    window-sized pooling weights of another window size) keeps its initial values, with a warning."""
+    try:
+        report = load_weights(model, read_checkpoint(path, logger), strict=False, drop_mismatched_head=True)
+    except ValueError as err:
+        raise UsageError(f"--pretrained {path}: {err}") from None
+    if report.mismatched or report.unexpected:
+        logger.warning(f"--pretrained {path} only partly fits the model; the rest keeps its initial values: "
+                       f"{report.summary()}")
+    else:
+        logger.info(f"loaded pretrained weights from {path}: {report.summary()}")

@@ -117,13 +117,13 @@ CLASSES: Dict[str, Callable] = {
 }
 
 
-def draw_image(class_index: int, seed: int, size: int) -> Image.Image:
-    """One image of class ``class_index``, fully determined by ``seed``: shape or texture over a noisy background."""
+def draw_image(class_name: str, seed: int, size: int) -> Image.Image:
+    """One image of ``class_name``, fully determined by ``seed``: a shape or texture over a noisy background."""
     rng = np.random.RandomState(seed)
     bg, fg = _colors(rng)
     s = size * SUPERSAMPLE
     image = Image.new("RGB", (s, s), bg)
-    list(CLASSES.values())[class_index](ImageDraw.Draw(image), rng, s, fg)
+    CLASSES[class_name](ImageDraw.Draw(image), rng, s, fg)
     image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5))).resize((size, size), Image.LANCZOS)
     noise = rng.normal(0, rng.uniform(4, 16), (size, size, 3))
     return Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
@@ -158,14 +158,15 @@ def generate(out: str, size: int = 64, train_per_class: int = 40, val_per_class:
     if size < 8 or train_per_class < 1 or val_per_class < 1:
         raise ValueError("--size must be >= 8 and --train-per-class / --val-per-class >= 1")
     _prepare(out)
-    names = list(CLASSES)[:num_classes]
+    # Labels follow the sorted folder names, as torchvision's ImageFolder numbers them.
+    names = sorted(list(CLASSES)[:num_classes])
     for split_index, (split, per_class) in enumerate((("train", train_per_class), ("val", val_per_class))):
         entries: List[tuple] = []
         for label, name in enumerate(names):
             os.makedirs(os.path.join(out, split, name))
             for i in range(per_class):
                 image_seed = (seed * 1_000_003 + split_index * 100_003 + label * 10_007 + i) % 2 ** 32
-                data = _jpeg(draw_image(label, image_seed, size))
+                data = _jpeg(draw_image(name, image_seed, size))
                 relative = f"{name}/{split}_{name}_{i:05d}.JPEG"
                 with open(os.path.join(out, split, relative), "wb") as f:
                     f.write(data)

@@ -1,0 +1,123 @@
+"""The two dataset layouts, the zip cache modes, the shard sampler and the demo dataset generator."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from config import load_config
+from data import build_train_loader, build_val_loader
+from data.datasets import ZipImageDataset, build_dataset
+from data.demo import generate
+from data.samplers import ShardSampler
+from data.transforms import build_transform
+from distributed import DistEnv
+from errors import UsageError
+
+CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def demo_config(data: Path, *opts) -> object:
+    return load_config("configs/demo/focal_demo.yaml",
+                       ["DATA.DATA_PATH", str(data), "DATA.IMG_SIZE", 32, "DATA.NUM_WORKERS", 0, *opts])
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_zip_and_folder_layouts_read_the_same_samples(demo_data, split):
+    folder, folder_classes = build_dataset(split, demo_config(demo_data), transform=None)
+    zipped, zip_classes = build_dataset(split, demo_config(demo_data, "DATA.ZIP_MODE", True), transform=None)
+    assert folder_classes == zip_classes == 10
+    assert len(folder) == len(zipped) == (40 if split == "train" else 20)
+    for index in range(len(folder)):
+        (a, label_a), (b, label_b) = folder[index], zipped[index]
+        assert label_a == label_b
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_part_cache_holds_only_this_ranks_shard(demo_data):
+    args = (str(demo_data / "val.zip"), str(demo_data / "val_map.txt"))
+    uncached = ZipImageDataset(*args)
+    part = ZipImageDataset(*args, cache_mode="part", rank=1, world_size=3)
+    full = ZipImageDataset(*args, cache_mode="full", rank=1, world_size=3)
+    assert not uncached.cache
+    assert sorted(part.cache) == list(range(1, 20, 3))
+    assert sorted(full.cache) == list(range(20))
+    for index in (0, 1, 19):
+        np.testing.assert_array_equal(np.asarray(part[index][0]), np.asarray(uncached[index][0]))
+
+
+@pytest.mark.parametrize("num_samples,world_size", [(20, 1), (20, 2), (21, 2), (7, 3), (2, 3)])
+def test_shard_sampler_covers_every_index_once(num_samples, world_size):
+    shards = [list(ShardSampler(num_samples, rank, world_size)) for rank in range(world_size)]
+    assert sorted(i for shard in shards for i in shard) == list(range(num_samples))
+    equal = [ShardSampler(num_samples, rank, world_size, shuffle=True, equal_lengths=True)
+             for rank in range(world_size)]
+    assert len({len(s) for s in equal}) == 1 and len(equal[0]) == num_samples // world_size
+    assert all(set(s) <= set(shard) for s, shard in zip(equal, shards))
+
+
+def test_shard_sampler_shuffles_per_epoch_reproducibly():
+    sampler = ShardSampler(40, 0, 2, shuffle=True, seed=3)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(first) == sorted(second) == list(range(0, 40, 2)) and first != second
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+
+
+def test_loaders_shard_validation_and_drop_incomplete_training_batches(demo_data):
+    config = demo_config(demo_data, "DATA.BATCH_SIZE", 6)
+    rank1 = DistEnv(rank=1, world_size=2, local_rank=0, device=torch.device("cpu"))
+    _, train = build_train_loader(config, rank1)
+    assert len(train) == 3  # 20 images per rank -> three full batches of 6
+    images, labels = next(iter(train))
+    assert images.shape == (6, 3, 32, 32) and labels.dtype == torch.int64
+    _, val = build_val_loader(config, rank1)
+    assert list(val.sampler) == list(range(1, 20, 2))
+
+
+def test_transforms_follow_the_config(demo_data):
+    config = demo_config(demo_data, "AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc1", "AUG.REPROB", 0.25)
+    train = repr(build_transform(True, config))
+    assert "RandAugment" in train and "RandomErasing" in train and "bicubic" in train
+    crop = repr(build_transform(False, config))
+    assert "Resize(size=36" in crop and "CenterCrop(size=(32, 32))" in crop
+    squash = repr(build_transform(False, demo_config(demo_data, "TEST.CROP", False)))
+    assert "Resize(size=(32, 32)" in squash
+
+
+def test_class_count_mismatch_is_a_clear_error(demo_data):
+    with pytest.raises(UsageError, match=r"MODEL.NUM_CLASSES is 5 .* has 10 classes.*MODEL.NUM_CLASSES 10"):
+        build_val_loader(demo_config(demo_data, "MODEL.NUM_CLASSES", 5), CPU)
+
+
+def test_missing_layouts_are_clear_errors(tmp_path):
+    (tmp_path / "train.zip").touch()
+    with pytest.raises(UsageError, match=r"has no 'train' folder.*--zip"):
+        build_train_loader(demo_config(tmp_path), CPU)
+    with pytest.raises(UsageError, match=r"val_map.txt not found|val.zip not found"):
+        build_val_loader(demo_config(tmp_path, "DATA.ZIP_MODE", True), CPU)
+    with pytest.raises(UsageError, match="--data-path"):
+        build_val_loader(demo_config(""), CPU)
+
+
+def _digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_demo_generator_is_deterministic_and_guards_other_folders(tmp_path):
+    first = _digest(Path(generate(str(tmp_path / "a"), size=16, train_per_class=1, val_per_class=1, log=None)))
+    second = _digest(Path(generate(str(tmp_path / "b"), size=16, train_per_class=1, val_per_class=1, log=None)))
+    assert first == second and len(first) == 2 * 10 + 5  # 20 images, 2 zips, 2 maps, the marker
+    # Regenerating in place replaces its own output ...
+    assert _digest(Path(generate(str(tmp_path / "a"), size=16, train_per_class=1, val_per_class=1,
+                                 log=None))) == first
+    # ... but never touches a dataset it did not make.
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="not made by data.demo"):
+        generate(str(tmp_path / "imagenet"), size=16, log=None)

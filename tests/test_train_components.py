@@ -1,0 +1,221 @@
+"""Optimisation, schedules, precision, the training step and checkpoints, in process on tiny models."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from config import load_config
+from engine import build_precision, evaluate, train_one_epoch
+from errors import UsageError
+from lr_scheduler import build_scheduler
+from main import load_run_config, main, parse_args, scale_learning_rates
+from models import build_model
+from optimizer import build_optimizer
+from utils import find_latest_checkpoint, load_checkpoint, load_pretrained, save_checkpoint
+
+from .conftest import DEMO_CFG, REPO
+
+CPU = torch.device("cpu")
+LOG = logging.getLogger("focal.test")
+FIXTURE_OPTS = ["MODEL.NUM_CLASSES", 10, "MODEL.FOCAL.EMBED_DIM", 16, "MODEL.FOCAL.DEPTHS", "[2,2,2,2]",
+                "MODEL.FOCAL.NUM_HEADS", "[2,2,4,8]", "MODEL.FOCAL.FOCAL_POOL", "fc",
+                "MODEL.FOCAL.FOCAL_LEVELS", "[2,2,2,2]"]
+
+
+def tiny_config(*opts):
+    return load_config(DEMO_CFG, ["DATA.IMG_SIZE", 32, "PRINT_FREQ", 1, *opts])
+
+
+def fake_batches(n: int, batch: int = 4, size: int = 32):
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch, 3, size, size, generator=generator), torch.randint(0, 10, (batch,), generator=generator))
+            for _ in range(n)]
+
+
+def test_no_weight_decay_on_norms_biases_and_position_tables():
+    model = build_model(tiny_config())
+    optimizer = build_optimizer(tiny_config(), model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    no_decay, decay = groups[0.0], groups[0.05]
+    assert no_decay | decay == set(names.values()) and not no_decay & decay
+    assert any("relative_position_bias_table_to_neighbors" in n for n in no_decay)
+    assert all(n in no_decay for n in names.values() if n.endswith(".bias") or "norm" in n)
+    assert "layers.0.blocks.0.attn.qkv.weight" in decay and "head.weight" in decay
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert isinstance(build_optimizer(tiny_config("TRAIN.OPTIMIZER.NAME", "sgd"), model), torch.optim.SGD)
+    with pytest.raises(UsageError, match="TRAIN.OPTIMIZER.NAME"):
+        build_optimizer(tiny_config("TRAIN.OPTIMIZER.NAME", "lamb"), model)
+
+
+def lr_curve(name: str):
+    config = tiny_config("TRAIN.EPOCHS", 4, "TRAIN.WARMUP_EPOCHS", 1, "TRAIN.BASE_LR", 1.0, "TRAIN.WARMUP_LR", 0.0,
+                         "TRAIN.MIN_LR", 0.01, "TRAIN.LR_SCHEDULER.NAME", name,
+                         "TRAIN.LR_SCHEDULER.DECAY_EPOCHS", 2, "TRAIN.LR_SCHEDULER.DECAY_RATE", 0.1)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(config, optimizer, updates_per_epoch=10)
+    lrs = []
+    for update in range(41):
+        scheduler.step_update(update)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+def test_schedules_warm_up_per_update_then_decay():
+    for name in ("cosine", "linear", "step"):
+        lrs = lr_curve(name)
+        assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0), name
+    cosine, linear, step = lr_curve("cosine"), lr_curve("linear"), lr_curve("step")
+    assert cosine[40] == pytest.approx(0.01) and cosine[25] == pytest.approx(0.505)
+    assert linear[40] == pytest.approx(0.01) and linear[25] == pytest.approx(0.505)
+    assert step[29] == pytest.approx(1.0) and step[30] == pytest.approx(0.1)  # 2 epochs after the warm-up
+    with pytest.raises(UsageError, match="TRAIN.LR_SCHEDULER.NAME"):
+        lr_curve("exponential")
+
+
+def test_learning_rate_scales_with_total_batch():
+    config = tiny_config("DATA.BATCH_SIZE", 64, "TRAIN.ACCUMULATION_STEPS", 2, "TRAIN.BASE_LR", 5e-4,
+                         "TRAIN.WARMUP_LR", 5e-7, "TRAIN.MIN_LR", 5e-6)
+    scale_learning_rates(config, world_size=8)  # 64 * 8 * 2 = 1024 images per update
+    assert (config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR) == pytest.approx((1e-3, 1e-6, 1e-5))
+    assert config.is_frozen()
+
+
+def run_epoch(config, batches, precision):
+    """A freshly seeded model after one epoch over ``batches``, and how many optimizer steps were taken."""
+    torch.manual_seed(0)
+    model = build_model(config)
+    optimizer = build_optimizer(config, model)
+    steps = []
+    optimizer.register_step_post_hook(lambda *_: steps.append(1))
+    updates = len(batches) // config.TRAIN.ACCUMULATION_STEPS
+    scheduler = build_scheduler(config, optimizer, updates)
+    train_one_epoch(config, model, nn.CrossEntropyLoss(), batches, updates, optimizer, scheduler, precision, 0,
+                    None, CPU)
+    return model, optimizer, len(steps)
+
+
+def test_accumulation_updates_once_per_group_and_matches_a_big_batch():
+    batches = fake_batches(5)
+    precision = build_precision("none", CPU)
+    # SGD: its update is linear in the gradient, so equal gradients give equal weights (Adam's first step is not).
+    base = ("MODEL.DROP_PATH_RATE", 0.0, "TRAIN.WARMUP_EPOCHS", 0, "TRAIN.CLIP_GRAD", 0.0,
+            "TRAIN.OPTIMIZER.NAME", "sgd", "TRAIN.BASE_LR", 0.1)
+    assert run_epoch(tiny_config("TRAIN.ACCUMULATION_STEPS", 2, *base), batches, precision)[2] == 2  # the fifth batch cannot fill an update and is left out
+    # Two accumulated micro-batches of 4 make the same update as one batch of 8.
+    accumulated, _, _ = run_epoch(tiny_config("TRAIN.ACCUMULATION_STEPS", 2, *base), batches[:2], precision)
+    merged = [(torch.cat([batches[0][0], batches[1][0]]), torch.cat([batches[0][1], batches[1][1]]))]
+    single, _, _ = run_epoch(tiny_config(*base), merged, precision)
+    for (name, a), b in zip(accumulated.named_parameters(), single.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_bf16_autocast_trains_on_cpu_and_fp16_needs_cuda():
+    model, _, steps = run_epoch(tiny_config(), fake_batches(2), build_precision("bf16", CPU))
+    assert steps == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert build_precision("", CPU).dtype is None and build_precision("O0", CPU).dtype is None
+    with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
+        build_precision("fp16", CPU)
+    with pytest.raises(UsageError, match="--amp"):
+        build_precision("fp8", CPU)
+
+
+def test_evaluate_counts_hits_and_images():
+    class Fixed(nn.Module):
+        def forward(self, x):  # predicts class 0, then 1, 2, ... in order of confidence
+            return torch.arange(10, 0, -1, dtype=torch.float32).repeat(x.shape[0], 1)
+    batches = [(torch.zeros(3, 1), torch.tensor([0, 1, 7])), (torch.zeros(1, 1), torch.tensor([4]))]
+    result = evaluate(tiny_config(), Fixed(), batches, build_precision("none", CPU), CPU)
+    assert (result.acc1, result.acc5, result.num_images) == (25.0, 75.0, 4)
+
+
+def test_checkpoint_round_trip_and_latest_by_epoch(tmp_path):
+    config = tiny_config("OUTPUT", str(tmp_path))
+    model, optimizer, _ = run_epoch(config, fake_batches(2), build_precision("none", CPU))
+    scheduler = build_scheduler(config, optimizer, 2)
+    scheduler.step_update(7)
+    precision = build_precision("none", CPU)
+    for epoch in (2, 10, 9):
+        save_checkpoint(config, epoch, model, 42.5, optimizer, scheduler, precision.scaler, LOG)
+    latest = find_latest_checkpoint(str(tmp_path))
+    assert latest == str(tmp_path / "ckpt_epoch_10.pth") and find_latest_checkpoint(str(tmp_path / "none")) is None
+
+    fresh = build_model(config)
+    fresh_optimizer = build_optimizer(config, fresh)
+    fresh_scheduler = build_scheduler(config, fresh_optimizer, 2)
+    epoch, best = load_checkpoint(latest, fresh, fresh_optimizer, fresh_scheduler, precision.scaler, LOG)
+    assert (epoch, best) == (11, 42.5)
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+    assert fresh_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    for a, b in zip(fresh.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_resume_of_released_weights_starts_at_epoch_zero_and_other_models_are_refused(tmp_path):
+    fixture = str(REPO / "tests" / "fixtures" / "small_fc_224.pth")
+    model = build_model(load_config(None, FIXTURE_OPTS))
+    assert load_checkpoint(fixture, model, None, None, None, LOG)[0] == 0
+    with pytest.raises(UsageError, match="--resume .*--pretrained"):
+        load_checkpoint(fixture, build_model(load_config(None, FIXTURE_OPTS + ["MODEL.NUM_CLASSES", 5])),
+                        None, None, None, LOG)
+
+
+def test_reference_checkpoints_with_a_pickled_config_still_load(tmp_path, caplog):
+    fixture = torch.load(REPO / "tests" / "fixtures" / "small_fc_224.pth", weights_only=True)
+    path = tmp_path / "reference.pth"
+    torch.save({**fixture, "config": load_config()}, path)  # the reference stored its yacs CfgNode
+    with caplog.at_level(logging.WARNING, logger="focal.test"):
+        assert load_checkpoint(str(path), build_model(load_config(None, FIXTURE_OPTS)), None, None, None, LOG)[0] == 0
+    assert "full unpickling" in caplog.text
+
+
+def test_pretrained_drops_another_head(caplog):
+    fixture = str(REPO / "tests" / "fixtures" / "small_fc_224.pth")
+    weights = torch.load(fixture, weights_only=True)["model"]
+    model = build_model(load_config(None, FIXTURE_OPTS + ["MODEL.NUM_CLASSES", 5]))
+    with caplog.at_level(logging.INFO, logger="focal.test"):
+        load_pretrained(fixture, model, LOG)
+    assert "missing 2 keys: head.weight, head.bias" in caplog.text
+    state = model.state_dict()
+    assert state["head.weight"].shape == (5, 128)
+    assert all(torch.equal(state[k], weights[k]) for k in state if not k.startswith("head."))
+
+
+def test_pretrained_at_another_window_size_resizes_position_tables(caplog):
+    fixture = str(REPO / "tests" / "fixtures" / "small_fc_224.pth")
+    weights = torch.load(fixture, weights_only=True)["model"]
+    model = build_model(load_config(None, FIXTURE_OPTS + ["MODEL.FOCAL.WINDOW_SIZE", 5,
+                                                          "MODEL.FOCAL.EXPAND_SIZES", "[2,2,2,2]"]))
+    with caplog.at_level(logging.INFO, logger="focal.test"):
+        load_pretrained(fixture, model, LOG)
+    state = model.state_dict()
+    table = "layers.0.blocks.0.attn.relative_position_bias_table"
+    assert weights[table].shape == (169, 2) and state[table].shape == (81, 2)
+    assert "resized 16 position tables" in caplog.text
+    # The fc pooling weights are sized by the window, not a position table: they stay initialised, with a warning.
+    assert "only partly fits" in caplog.text and "pool_layers.0.weight" in caplog.text
+    assert torch.equal(state["head.weight"], weights["head.weight"])
+
+
+def test_bad_flags_raise_errors_that_name_them(demo_data, tmp_path):
+    common = ["--cfg", DEMO_CFG, "--data-path", str(demo_data), "--output", str(tmp_path)]
+    cases = [
+        (["--batch-size", "0"], r"--batch-size \(DATA.BATCH_SIZE\) must be at least 1"),
+        (["--accumulation-steps", "0"], r"--accumulation-steps \(TRAIN.ACCUMULATION_STEPS\) must be at least 1"),
+        (["--opts", "TRAIN.EPOCH", "3"], r"TRAIN.EPOCH"),
+        (["--eval", "--opts", "DATA.IMG_SIZE", "32"], r"--eval needs weights: pass --resume"),
+        (["--batch-size", "64", "--opts", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0"], r"no full batch"),
+        (["--resume", str(tmp_path / "missing.pth"), "--opts", "DATA.IMG_SIZE", "32"], "checkpoint not found"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(UsageError, match=message):
+            main(common + flags)
+    with pytest.raises(UsageError, match="--data-path"):
+        load_run_config(parse_args(["--cfg", DEMO_CFG]))
+    assert load_run_config(parse_args(["--cfg", DEMO_CFG, "--throughput"])).THROUGHPUT_MODE
+    assert load_run_config(parse_args(["--cfg", DEMO_CFG, "--throughput", "--disable-amp"])).AMP_OPT_LEVEL == "none"
