@@ -16,7 +16,8 @@ keys/values are gathered by one of three equivalent methods (``KV_GATHER``): one
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from functools import lru_cache
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .layers import relative_position_index, window_partition
-from .window_attention import (BiasCache, attend, attend_gathered, kv_source, merge_windows, project_kv,
+from .window_attention import (attend, attend_gathered, kv_source, merge_windows, project_kv,
                                queries_by_window, windows_to_heads)
 
 GATHER_METHODS = ("index", "unfold", "roll")
@@ -151,6 +152,13 @@ def build_focal_layout(height: int, width: int, window_size: int, expand_size: i
     return FocalLayout((nh, nw), pooled_grids, index, mask, roll_select, unfold_select, pooled_select)
 
 
+@lru_cache(maxsize=64)
+def focal_layout(height: int, width: int, window_size: int, expand_size: int, shift_size: int, focal_window: int,
+                 num_pooled: int, device: torch.device) -> FocalLayout:
+    """Layouts are shared by every block of the same geometry and reused across calls."""
+    return build_focal_layout(height, width, window_size, expand_size, shift_size, focal_window, num_pooled).to(device)
+
+
 class FocalWindowAttention(nn.Module):
     """Multi-head focal attention for one block; input and output are padded, shifted ``(B, Hp, Wp, C)`` maps."""
 
@@ -192,20 +200,10 @@ class FocalWindowAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._layouts: Dict[Tuple[int, int, torch.device], FocalLayout] = {}
-        self._bias_cache = BiasCache()
-
-    @property
-    def _bias_params(self) -> List[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if "relative_position_bias_table" in name]
 
     def layout(self, height: int, width: int, device: torch.device) -> FocalLayout:
-        key = (height, width, device)
-        if key not in self._layouts:
-            cpu = build_focal_layout(height, width, self.window_size, self.expand_size, self.shift_size,
-                                     self.focal_window, self.num_pooled)
-            self._layouts[key] = cpu.to(device)
-        return self._layouts[key]
+        return focal_layout(height, width, self.window_size, self.expand_size, self.shift_size, self.focal_window,
+                            self.num_pooled, device)
 
     def relative_bias(self) -> torch.Tensor:
         """(nH, ws*ws, L): the three position-bias tables laid out along the key order."""
@@ -268,8 +266,7 @@ class FocalWindowAttention(nn.Module):
         qkv = self.qkv(x)
         q = queries_by_window(qkv[..., :c], self.window_size, self.num_heads)
         kv, pooled_kv = qkv[..., c:], [project_kv(p, self.qkv) for p in pooled]
-        bias = self._bias_cache.get((h, w, x.device, x.dtype), self._bias_params,
-                                    lambda: self.attention_bias(layout, n_windows))
+        bias = self.attention_bias(layout, n_windows)
         dropout = self.attn_drop if self.training else 0.0
         if self.kv_gather == "index":
             source = kv_source([kv] + pooled_kv, self.num_heads, zero_token=True)

@@ -7,12 +7,13 @@ and relative coordinates depend only on the map size and are computed once per s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from functools import lru_cache
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .window_attention import (BiasCache, attend_gathered, kv_source, merge_windows, project_kv,
+from .window_attention import (attend_gathered, kv_source, merge_windows, project_kv,
                                queries_by_window)
 
 MAX_LEVELS = 2
@@ -75,6 +76,14 @@ def build_topk_layout(height: int, width: int, window_size: int, focal_level: in
     return TopKLayout(torch.cat(indices, dim=1), unique, coord_index)
 
 
+@lru_cache(maxsize=64)
+def topk_layout(height: int, width: int, window_size: int, focal_level: int, top_k: int,
+                device: torch.device) -> TopKLayout:
+    """Layouts are shared by every block of the same geometry and reused across calls."""
+    cpu = build_topk_layout(height, width, window_size, focal_level, top_k)
+    return TopKLayout(cpu.index.to(device), cpu.coords.to(device), [c.to(device) for c in cpu.coord_index])
+
+
 class TopKFocalAttention(nn.Module):
     """Multi-head top-K focal attention; input and output are padded, shifted ``(B, Hp, Wp, C)`` maps."""
 
@@ -96,16 +105,9 @@ class TopKFocalAttention(nn.Module):
         self.coord2rpb_all = nn.ModuleList(
             nn.Sequential(nn.Linear(2, head_dim), nn.ReLU(inplace=True), nn.Linear(head_dim, num_heads))
             for _ in range(focal_level))
-        self._layouts: Dict[Tuple[int, int, torch.device], TopKLayout] = {}
-        self._bias_cache = BiasCache()
 
     def layout(self, height: int, width: int, device: torch.device) -> TopKLayout:
-        key = (height, width, device)
-        if key not in self._layouts:
-            cpu = build_topk_layout(height, width, self.window_size, self.focal_level, self.top_k)
-            self._layouts[key] = TopKLayout(cpu.index.to(device), cpu.coords.to(device),
-                                            [c.to(device) for c in cpu.coord_index])
-        return self._layouts[key]
+        return topk_layout(height, width, self.window_size, self.focal_level, self.top_k, device)
 
     def position_bias(self, layout: TopKLayout) -> torch.Tensor:
         """(1, nH*nW, ws*ws, K_total); each MLP runs once per distinct coordinate, then is looked up."""
@@ -120,9 +122,7 @@ class TopKFocalAttention(nn.Module):
         q = queries_by_window(qkv[..., :c], self.window_size, self.num_heads)
         pooled_kv = [project_kv(p, self.qkv) for p in pooled[: self.focal_level - 1]]
         source = kv_source([qkv[..., c:]] + pooled_kv, self.num_heads, zero_token=False)
-        bias = self._bias_cache.get((h, w, x.device, x.dtype), list(self.coord2rpb_all.parameters()),
-                                    lambda: self.position_bias(layout))
-        out = attend_gathered(q, source, layout.index, bias, self.scale, self.attn_drop if self.training else 0.0)
+        out = attend_gathered(q, source, layout.index, self.position_bias(layout), self.scale, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(merge_windows(out, h, w, self.window_size, self.num_heads)))
 
     def flops(self, n: int, height: int, width: int) -> float:

@@ -6,7 +6,7 @@ tensor is copied between the gather and the attention kernel.
 """
 from __future__ import annotations
 
-from typing import Callable, Hashable, List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
@@ -84,23 +84,3 @@ def project_kv(x: torch.Tensor, qkv: nn.Linear) -> torch.Tensor:
     """Keys and values only, for pooled tokens whose queries are never used."""
     c = qkv.in_features
     return F.linear(x, qkv.weight[c:], None if qkv.bias is None else qkv.bias[c:])
-
-
-class BiasCache:
-    """Keeps the last additive attention bias while gradients are off (evaluation, inference).
-
-    The bias is a function of a few parameters and the map size; a parameter's version counter changes with
-    every in-place update, so an optimizer step or a checkpoint load invalidates the entry.
-    """
-
-    def __init__(self):
-        self._key: Optional[Hashable] = None
-        self._value: Optional[torch.Tensor] = None
-
-    def get(self, key: Hashable, params: List[nn.Parameter], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return compute()
-        key = (key, tuple((id(p), p._version) for p in params))
-        if key != self._key:
-            self._value, self._key = compute(), key
-        return self._value
