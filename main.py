@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import random
 import sys
@@ -25,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from config import get_config
 from data import build_mixup, build_train_loader, build_val_loader
 from distributed import DEVICES, DistEnv, init_distributed, shutdown
-from engine import AMP_MODES, build_precision, evaluate, throughput, train_one_epoch
+from engine import AMP_MODES, EvalResult, Precision, build_precision, evaluate, throughput, train_one_epoch
 from errors import UsageError
 from logger import create_logger
 from lr_scheduler import build_scheduler
@@ -111,7 +112,7 @@ def build_criterion(config: Any, mixup: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def resume_file(config: Any, logger) -> str:
+def resume_file(config: Any, logger: logging.Logger) -> str:
     """``--resume`` when given; otherwise, with ``TRAIN.AUTO_RESUME``, the newest checkpoint in the output folder."""
     if config.MODEL.RESUME or not config.TRAIN.AUTO_RESUME:
         return config.MODEL.RESUME
@@ -121,7 +122,9 @@ def resume_file(config: Any, logger) -> str:
     return latest or ""
 
 
-def run_throughput(config: Any, env: DistEnv, model: nn.Module, precision, logger) -> None:
+def run_throughput(config: Any, env: DistEnv, model: nn.Module, precision: Precision,
+                   logger: logging.Logger) -> None:
+    """Time one batch: the first validation batch, or random images when there is no ``--data-path``."""
     if config.DATA.DATA_PATH:
         images = next(iter(build_val_loader(config, env)[1]))[0]
     else:
@@ -131,21 +134,27 @@ def run_throughput(config: Any, env: DistEnv, model: nn.Module, precision, logge
     throughput(model, images.to(env.device), precision)
 
 
-def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision, logger) -> None:
-    checkpoint = resume_file(config, logger)
-    if checkpoint:
-        load_checkpoint(checkpoint, model, None, None, None, logger)
-    elif config.MODEL.PRETRAINED:
+def log_accuracy(logger: logging.Logger, num_images: int, result: EvalResult) -> None:
+    logger.info(f"Accuracy of the network on the {num_images} test images: {result.acc1:.1f}%")
+
+
+def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Precision,
+                   logger: logging.Logger) -> None:
+    """Weights from ``--resume``, else ``--pretrained``, else the newest checkpoint of this run's output folder."""
+    if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
         load_pretrained(config.MODEL.PRETRAINED, model, logger)
     else:
-        raise UsageError(f"--eval needs weights: pass --resume <checkpoint> or --pretrained <checkpoint> "
-                         f"(no checkpoint to auto-resume in {config.OUTPUT})")
+        checkpoint = resume_file(config, logger)
+        if not checkpoint:
+            raise UsageError(f"--eval needs weights: pass --resume <checkpoint> or --pretrained <checkpoint> "
+                             f"(no checkpoint to auto-resume in {config.OUTPUT})")
+        load_checkpoint(checkpoint, model, None, None, None, logger)
     dataset, loader = build_val_loader(config, env)
-    result = evaluate(config, model, loader, precision, env.device)
-    logger.info(f"Accuracy of the network on the {len(dataset)} test images: {result.acc1:.1f}%")
+    log_accuracy(logger, len(dataset), evaluate(config, model, loader, precision, env.device))
 
 
-def run_training(config: Any, env: DistEnv, model: nn.Module, precision, logger) -> None:
+def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precision, logger: logging.Logger) -> None:
+    """Train from ``TRAIN.START_EPOCH`` (or where a resumed checkpoint left off), evaluating after every epoch."""
     _, train_loader = build_train_loader(config, env)
     val_dataset, val_loader = build_val_loader(config, env)
     mixup_fn = build_mixup(config)
@@ -176,7 +185,7 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision, logger)
         train_one_epoch(config, model, criterion, train_loader, updates_per_epoch, optimizer, scheduler, precision,
                         epoch, mixup_fn, env.device)
         result = evaluate(config, model_without_ddp, val_loader, precision, env.device)
-        logger.info(f"Accuracy of the network on the {len(val_dataset)} test images: {result.acc1:.1f}%")
+        log_accuracy(logger, len(val_dataset), result)
         max_accuracy = max(max_accuracy, result.acc1)
         logger.info(f"Max accuracy: {max_accuracy:.2f}%")
         if env.is_main and ((epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1):

@@ -112,3 +112,17 @@ def test_usage_errors_are_short_messages(tmp_path):
     proc = run_main(["--cfg", DEMO_CFG, "--output", str(tmp_path)])
     assert proc.returncode != 0
     assert "main.py: error: --data-path" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pretrained_starts_a_new_run_from_the_weights(trained, demo_data, tmp_path):
+    """In process: ``--pretrained`` loads weights only, so training starts over at epoch 0; ``--eval
+    --pretrained`` scores the same weights as ``--eval --resume``."""
+    from main import main
+
+    checkpoint = str(run_dir(trained) / "ckpt_epoch_0.pth")
+    main(demo_args(demo_data, tmp_path / "finetune", "--pretrained", checkpoint))
+    log = read_log(tmp_path / "finetune")
+    assert "loaded pretrained weights from" in log and "all keys matched" in log
+    assert "Train: [0/1]" in log and "auto-resuming" not in log
+    main(demo_args(demo_data, tmp_path / "eval", "--eval", "--pretrained", checkpoint))
+    assert eval_summary(read_log(tmp_path / "eval"))["acc1"] == eval_summary(read_log(trained))["acc1"]
