@@ -16,7 +16,6 @@ keys/values are gathered by one of three equivalent methods (``KV_GATHER``): one
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import List, Optional, Tuple
 
 import torch
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .layers import relative_position_index, window_partition
-from .window_attention import (attend, attend_gathered, kv_source, merge_windows, project_kv,
+from .window_attention import (attend, attend_gathered, kv_source, layout_cache, merge_windows, project_kv,
                                queries_by_window, windows_to_heads)
 
 GATHER_METHODS = ("index", "unfold", "roll")
@@ -152,10 +151,9 @@ def build_focal_layout(height: int, width: int, window_size: int, expand_size: i
     return FocalLayout((nh, nw), pooled_grids, index, mask, roll_select, unfold_select, pooled_select)
 
 
-@lru_cache(maxsize=64)
+@layout_cache
 def focal_layout(height: int, width: int, window_size: int, expand_size: int, shift_size: int, focal_window: int,
                  num_pooled: int, device: torch.device) -> FocalLayout:
-    """Layouts are shared by every block of the same geometry and reused across calls."""
     return build_focal_layout(height, width, window_size, expand_size, shift_size, focal_window, num_pooled).to(device)
 
 

@@ -7,13 +7,12 @@ and relative coordinates depend only on the map size and are computed once per s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .window_attention import (attend_gathered, kv_source, merge_windows, project_kv,
+from .window_attention import (attend_gathered, kv_source, layout_cache, merge_windows, project_kv,
                                queries_by_window)
 
 MAX_LEVELS = 2
@@ -76,10 +75,9 @@ def build_topk_layout(height: int, width: int, window_size: int, focal_level: in
     return TopKLayout(torch.cat(indices, dim=1), unique, coord_index)
 
 
-@lru_cache(maxsize=64)
+@layout_cache
 def topk_layout(height: int, width: int, window_size: int, focal_level: int, top_k: int,
                 device: torch.device) -> TopKLayout:
-    """Layouts are shared by every block of the same geometry and reused across calls."""
     cpu = build_topk_layout(height, width, window_size, focal_level, top_k)
     return TopKLayout(cpu.index.to(device), cpu.coords.to(device), [c.to(device) for c in cpu.coord_index])
 

@@ -6,12 +6,34 @@ tensor is copied between the gather and the attention kernel.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+import functools
+from collections import OrderedDict
+from typing import Callable, List, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+
+LayoutT = TypeVar("LayoutT")
+
+
+def layout_cache(build: Callable[..., LayoutT], max_entries: int = 64) -> Callable[..., LayoutT]:
+    """Memoise a layout builder; layouts depend only on sizes and device, so every block of the same geometry
+    shares one, and ``torch.compile`` evaluates the call once at trace time and keeps the result as a constant
+    (the index arithmetic inside would otherwise break the graph)."""
+    store: "OrderedDict[tuple, LayoutT]" = OrderedDict()
+
+    @torch.compiler.assume_constant_result
+    @functools.wraps(build)
+    def cached(*args):
+        if args not in store:
+            store[args] = build(*args)
+            if len(store) > max_entries:
+                store.popitem(last=False)
+        return store[args]
+    return cached
 
 
 def queries_by_window(q: torch.Tensor, window_size: int, num_heads: int) -> torch.Tensor:

@@ -147,3 +147,22 @@ def test_wrapped_checkpoint_keys_and_new_window_size_load():
     assert any(n.endswith("attn.relative_position_bias_table") for n in report.resized)
     assert "head.weight" in report.missing
     assert wider.layers[0].blocks[0].attn.relative_position_bias_table.shape == (15 * 15, 2)
+
+
+@pytest.mark.parametrize("model_type", ["focal", "focalv2"])
+def test_bf16_autocast_training_step(model_type):
+    model = small_model(model_type=model_type).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 96, 128))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_compiles_as_one_graph_and_matches_eager():
+    model = randomise(small_model("MODEL.FOCAL.DEPTHS", [1, 1, 1, 1], "MODEL.FOCAL.USE_SHIFT", True)).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
