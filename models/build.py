@@ -56,8 +56,10 @@ def validate_model_config(config: Any) -> None:
         _require(level >= 0, "MODEL.FOCAL.FOCAL_LEVELS", f"stage {i}: must be >= 0, got {level}")
         pooled = f.FOCAL_POOL != "none" and i in f.FOCAL_STAGES and level > 1
         if pooled:
-            _require(2 ** (level - 2) <= f.WINDOW_SIZE, "MODEL.FOCAL.FOCAL_LEVELS",
-                     f"stage {i}: {level} levels pool sub-windows smaller than one token (WINDOW_SIZE={f.WINDOW_SIZE})")
+            # a stage whose map is no larger than the window uses one window of the map's size
+            window = min(f.WINDOW_SIZE, size // f.PATCH_SIZE // 2 ** i)
+            _require(2 ** (level - 2) <= window, "MODEL.FOCAL.FOCAL_LEVELS",
+                     f"stage {i}: {level} levels pool sub-windows smaller than one token (its window is {window})")
             _require(f.FOCAL_WINDOWS[i] % 2 == 1, "MODEL.FOCAL.FOCAL_WINDOWS",
                      f"stage {i}: pooled focal windows must be odd, got {f.FOCAL_WINDOWS[i]}")
         if m.TYPE == "focalv2":

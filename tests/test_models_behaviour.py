@@ -115,6 +115,7 @@ def test_no_weight_decay_names_cover_position_tables():
     (["MODEL.FOCAL.EXPAND_SIZES", [7, 3, 3, 3]], "MODEL.FOCAL.EXPAND_SIZES"),
     (["MODEL.FOCAL.FOCAL_WINDOWS", [6, 5, 3, 1]], "MODEL.FOCAL.FOCAL_WINDOWS"),
     (["MODEL.FOCAL.KV_GATHER", "loop"], "MODEL.FOCAL.KV_GATHER"),
+    (["DATA.IMG_SIZE", 32, "MODEL.FOCAL.FOCAL_LEVELS", [3, 3, 3, 3]], "MODEL.FOCAL.FOCAL_LEVELS"),
     (["DATA.IMG_SIZE", 226], "DATA.IMG_SIZE"),
     (["MODEL.TYPE", "swin"], "MODEL.TYPE"),
     (["MODEL.TYPE", "focalv2", "MODEL.FOCAL.FOCAL_LEVELS", [3, 2, 2, 2]], "MODEL.FOCAL.FOCAL_LEVELS"),

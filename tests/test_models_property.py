@@ -20,7 +20,7 @@ def configs(draw):
     opts = [
         "MODEL.TYPE", draw(st.sampled_from(["focal", "focalv2"])),
         "MODEL.NUM_CLASSES", draw(st.integers(0, 5)),
-        "DATA.IMG_SIZE", draw(st.sampled_from([32, 48, 56, 64, 70])),
+        "DATA.IMG_SIZE", draw(st.sampled_from([16, 32, 48, 56, 64, 70])),
         "MODEL.FOCAL.EMBED_DIM", draw(st.sampled_from([4, 6, 8])),
         "MODEL.FOCAL.DEPTHS", per_stage(st.integers(1, 2)),
         "MODEL.FOCAL.NUM_HEADS", per_stage(st.sampled_from([1, 2, 3])),
