@@ -39,7 +39,7 @@ LR_REFERENCE_BATCH = 512
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser("Focal Transformer training, evaluation and throughput")
+    parser = argparse.ArgumentParser(description="Focal Transformer training, evaluation and throughput.")
     parser.add_argument("--cfg", required=True, metavar="FILE", help="config file (YAML)")
     parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
                         help="override config keys, e.g. --opts TRAIN.EPOCHS 100 DATA.NUM_WORKERS 4")
