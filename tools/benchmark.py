@@ -8,6 +8,8 @@ Examples::
     python -m tools.benchmark                                  # inference + training step at 224, batch 8
     python -m tools.benchmark --mode infer --img-size 224 448 896 --batch-size 1 --plot throughput.png
     python -m tools.benchmark --gather                          # roll / unfold / index on Focal-T
+    python -m tools.benchmark --reference ../Focal-Transformer/classification \
+        --models focal_tiny_patch4_window7_224 ref:focal_tiny_patch4_window7_224   # against the original code
 """
 from __future__ import annotations
 
@@ -38,15 +40,45 @@ DEFAULT_MODELS = ("focal_tiny_patch4_window7_224", "focalv2_tiny_useconv_patch4_
 DEFAULT_PEER = "timm:swin_tiny_patch4_window7_224"
 
 
+REFERENCE_PATH: Optional[str] = None  # set by --reference
+
+
+def config_for(name: str, img_size: int):
+    path = name if name.endswith(".yaml") else os.path.join(ROOT, "configs", name + ".yaml")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--models: no config {path} (give a name from configs/, ref:NAME or timm:NAME)")
+    return load_config(path, ["MODEL.DROP_PATH_RATE", 0.0, "DATA.IMG_SIZE", img_size])
+
+
+def create_reference(name: str, img_size: int) -> nn.Module:
+    """The original implementation from a checkout given by ``--reference`` (its classification/ folder)."""
+    if REFERENCE_PATH is None:
+        raise SystemExit(f"{name}: pass --reference PATH_TO/Focal-Transformer/classification")
+    import importlib
+    import timm.data.transforms
+    if not hasattr(timm.data.transforms, "_pil_interp"):  # removed from timm; the v2 file still imports it
+        timm.data.transforms._pil_interp = timm.data.transforms.str_to_pil_interp
+    sys.path.insert(0, REFERENCE_PATH)
+    cfg = config_for(name, img_size)
+    f = cfg.MODEL.FOCAL
+    module = importlib.import_module("focal_transformer_v2" if cfg.MODEL.TYPE == "focalv2" else "focal_transformer")
+    extra = dict(focal_topK=f.FOCAL_TOPK) if cfg.MODEL.TYPE == "focalv2" else {}
+    return module.FocalTransformer(
+        img_size=img_size, embed_dim=f.EMBED_DIM, depths=f.DEPTHS, num_heads=f.NUM_HEADS,
+        window_size=f.WINDOW_SIZE, drop_path_rate=0.0, focal_pool=f.FOCAL_POOL, focal_stages=f.FOCAL_STAGES,
+        focal_levels=f.FOCAL_LEVELS, focal_windows=f.FOCAL_WINDOWS, expand_sizes=f.EXPAND_SIZES,
+        use_conv_embed=f.USE_CONV_EMBED, **extra)
+
+
 def create(name: str, img_size: int) -> nn.Module:
-    """A config name under configs/ (our models) or ``timm:NAME`` (a timm model, built for ``img_size``)."""
+    """A config name under configs/ (ours), ``ref:NAME`` (the original code, see ``--reference``) or
+    ``timm:NAME`` (a timm model), built for ``img_size``."""
     if name.startswith("timm:"):
         import timm
         return timm.create_model(name[5:], img_size=img_size)
-    path = name if name.endswith(".yaml") else os.path.join(ROOT, "configs", name + ".yaml")
-    if not os.path.isfile(path):
-        raise SystemExit(f"--models: no config {path} (give a name from configs/ or timm:NAME)")
-    return build_model(load_config(path, ["MODEL.DROP_PATH_RATE", 0.0]))
+    if name.startswith("ref:"):
+        return create_reference(name[4:], img_size)
+    return build_model(config_for(name, img_size))
 
 
 def synchronize(device: torch.device) -> None:
@@ -95,7 +127,7 @@ def time_alternating(steps: Dict[str, Callable[[], None]], reps: int, warmup: in
 def peak_memory_mb(name: str, batch: int, img_size: int, device: str) -> float:
     """Peak memory of training steps: CUDA allocator peak, or on CPU the peak RSS of a fresh process."""
     cmd = [sys.executable, "-m", "tools.benchmark", "--memory-probe", name, "--batch-size", str(batch),
-           "--img-size", str(img_size), "--device", device]
+           "--img-size", str(img_size), "--device", device] + (["--reference", REFERENCE_PATH] if REFERENCE_PATH else [])
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -239,6 +271,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="config names or timm:NAME")
     p.add_argument("--peer", default=DEFAULT_PEER, help="the model ratios are taken against")
+    p.add_argument("--reference", help="classification/ folder of an original Focal-Transformer checkout, for "
+                                       "ref:NAME models (never bundled with this project)")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="both")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--img-size", type=int, nargs="+", default=[224])
@@ -258,6 +292,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
+    global REFERENCE_PATH
+    REFERENCE_PATH = args.reference
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
     torch.manual_seed(0)
     if args.memory_probe:
