@@ -156,7 +156,7 @@ class FocalTransformer(nn.Module):
             self.absolute_pos_embed = None
         self.pos_drop = nn.Dropout(drop_rate)
 
-        drop_path = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        drop_path = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         skip_expand_parity = {"all": None, "even": 0, "odd": 1}[expand_layer]
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
