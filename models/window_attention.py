@@ -29,7 +29,8 @@ def layout_cache(build: Callable[..., LayoutT], max_entries: int = 64) -> Callab
     @functools.wraps(build)
     def cached(*args):
         if args not in store:
-            store[args] = build(*args)
+            with torch.inference_mode(False):  # a layout first needed under inference_mode serves training too
+                store[args] = build(*args)
             if len(store) > max_entries:
                 store.popitem(last=False)
         return store[args]

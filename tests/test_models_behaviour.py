@@ -167,3 +167,13 @@ def test_compiles_as_one_graph_and_matches_eager():
         eager = model(x)
         compiled = torch.compile(model, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["focal", "focalv2"])
+def test_trains_after_inference_mode_at_the_same_size(model_type):
+    model = small_model(model_type=model_type)
+    x = torch.randn(1, 3, 52, 76)
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()(x).sum().backward()
+    assert model.head.weight.grad is not None
