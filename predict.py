@@ -1,0 +1,127 @@
+"""Top-k classes of image files with a trained or released model.
+
+    python predict.py --cfg configs/focal_tiny_patch4_window7_224.yaml --checkpoint focal-tiny-is224-ws7.pth \
+        photos/ cat.jpg
+
+Images are resized and centre-cropped as in evaluation (``DATA.IMG_SIZE``, ``TEST.CROP``) and classified in
+batches. A 1000-class model prints ImageNet-1K class names; any other class count prints class indices.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from PIL import Image
+from timm.data import ImageNetInfo
+
+from config import load_config
+from data.transforms import build_transform
+from errors import UsageError
+from models import build_model, load_weights
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("images", nargs="+", help="image files, or folders searched recursively for images")
+    parser.add_argument("--cfg", required=True, help="model config file")
+    parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ...")
+    parser.add_argument("--checkpoint", required=True, help="weights: ours, a released file, or a bare state dict")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA when available, else CPU")
+    parser.add_argument("--topk", type=int, default=5)
+    args = parser.parse_args(argv)
+    for flag in ("batch_size", "topk"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    return args
+
+
+def find_images(paths: Sequence[str]) -> List[Path]:
+    """Named files as given, folders expanded to their image files in sorted order."""
+    found = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UsageError(f"image path not found: {name}")
+    if not found:
+        raise UsageError(f"no images found in {', '.join(paths)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return found
+
+
+def load_model(cfg: str, opts: Sequence[str], checkpoint: str, device: torch.device) -> tuple[nn.Module, Any]:
+    """The config's model in eval mode with the checkpoint's weights; every failure names its flag."""
+    try:
+        config = load_config(cfg, opts)
+        model = build_model(config)
+    except (KeyError, ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
+        raise UsageError(f"config (--cfg {cfg} / --opts): {err}") from None
+    if config.MODEL.NUM_CLASSES < 1:
+        raise UsageError(f"config (--cfg {cfg} / --opts): MODEL.NUM_CLASSES is 0, so there are no classes to predict")
+    if not Path(checkpoint).is_file():
+        raise UsageError(f"--checkpoint {checkpoint}: file not found")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        load_weights(model, state)
+    except Exception as err:  # unpickling, format and shape errors alike are the file's fault
+        raise UsageError(f"--checkpoint {checkpoint}: cannot load into {config.MODEL.NAME}: {err}") from None
+    return model.to(device).eval(), config
+
+
+def batches(paths: List[Path], size: int) -> Iterator[List[Path]]:
+    for start in range(0, len(paths), size):
+        yield paths[start:start + size]
+
+
+def read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read image {path}: {err}") from None
+
+
+def class_label(index: int, num_classes: int, info: ImageNetInfo) -> str:
+    return f"{index:4d} {info.index_to_description(index)}" if num_classes == info.num_classes() else f"{index:4d}"
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    return torch.device(choice)
+
+
+@torch.no_grad()
+def predict(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    paths = find_images(args.images)
+    model, config = load_model(args.cfg, args.opts, args.checkpoint, device)
+    transform = build_transform(False, config)
+    info = ImageNetInfo()
+    topk = min(args.topk, config.MODEL.NUM_CLASSES)
+    for group in batches(paths, args.batch_size):
+        images = torch.stack([transform(read_image(p)) for p in group]).to(device)
+        probs, indices = model(images).float().softmax(dim=-1).topk(topk, dim=-1)
+        for path, p_row, i_row in zip(group, probs.tolist(), indices.tolist()):
+            print(path)
+            for p, i in zip(p_row, i_row):
+                print(f"  {p:.4f}  {class_label(i, config.MODEL.NUM_CLASSES, info)}")
+
+
+if __name__ == "__main__":
+    try:
+        predict(parse_args())
+    except UsageError as err:
+        sys.exit(f"predict.py: error: {err}")

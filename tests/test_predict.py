@@ -1,0 +1,111 @@
+"""predict.py end to end: generated images through a real subprocess, and the errors that name the bad input."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from config import load_config
+from errors import UsageError
+from models import build_model
+from predict import parse_args, predict
+from tests.golden import FIXTURES, case_opts, load_case
+
+REPO = FIXTURES.parents[1]
+CFG = str(REPO / "configs" / "focal_tiny_patch4_window7_224.yaml")
+FIXTURE = str(FIXTURES / "small_fc_224.pth")
+SMALL_OPTS = [str(v) for v in case_opts(load_case(FIXTURES / "small_fc_224.json"))]  # 10 classes, as the fixture
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Three noise images (JPEG, PNG, one in a subfolder) of odd sizes, and a text file to be ignored."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    for name, size in (("a.jpg", (300, 200)), ("b.png", (97, 131)), ("sub/c.JPEG", (224, 224))):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def run_predict(*args):
+    return subprocess.run([sys.executable, str(REPO / "predict.py"), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def parse_output(stdout):
+    """``{image path: [(probability, class label), ...]}`` from the printed blocks."""
+    out, current = {}, None
+    for line in stdout.splitlines():
+        if line.startswith("  "):
+            prob, label = line.split(maxsplit=1)
+            out[current].append((float(prob), label))
+        else:
+            current = line
+            out[current] = []
+    return out
+
+
+def check_ranked(rows, k):
+    probs = [p for p, _ in rows]
+    assert len(rows) == k
+    assert probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)
+    assert sum(probs) <= 1 + 1e-3  # printed with 4 decimals
+
+
+def test_imagenet_model_prints_top5_names_in_batches(images, tmp_path):
+    torch.manual_seed(0)
+    opts = list(SMALL_OPTS)
+    opts[opts.index("MODEL.NUM_CLASSES") + 1] = "1000"
+    torch.save({"model": build_model(load_config(CFG, opts)).state_dict()}, tmp_path / "imagenet.pth")
+    result = run_predict("--cfg", CFG, "--opts", *opts, "--checkpoint", str(tmp_path / "imagenet.pth"),
+                         "--batch-size", "2", "--device", "cpu", str(images))
+    assert result.returncode == 0, result.stderr
+    printed = parse_output(result.stdout)
+    assert sorted(printed) == sorted(str(images / n) for n in ("a.jpg", "b.png", "sub/c.JPEG"))
+    for rows in printed.values():
+        check_ranked(rows, 5)
+        for _, label in rows:
+            index, name = label.split(maxsplit=1)
+            assert 0 <= int(index) < 1000 and name  # an ImageNet class description, e.g. "tench, Tinca tinca"
+
+
+def test_released_layout_checkpoint_with_other_class_count_prints_indices(images):
+    result = run_predict("--cfg", CFG, "--opts", *SMALL_OPTS, "--checkpoint", FIXTURE, str(images / "a.jpg"),
+                         str(images / "b.png"))
+    assert result.returncode == 0, result.stderr
+    printed = parse_output(result.stdout)
+    assert list(printed) == [str(images / "a.jpg"), str(images / "b.png")]
+    for rows in printed.values():
+        check_ranked(rows, 5)
+        assert all(label.isdigit() and int(label) < 10 for _, label in rows)
+
+
+def test_missing_checkpoint_is_a_short_error(images, tmp_path):
+    result = run_predict("--cfg", CFG, "--checkpoint", str(tmp_path / "none.pth"), str(images))
+    assert result.returncode != 0
+    assert "--checkpoint" in result.stderr and "none.pth" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("problem", ["empty folder", "missing path", "unreadable image", "wrong checkpoint",
+                                     "bad config"])
+def test_bad_input_names_the_flag_or_file(problem, images, tmp_path):
+    opts, checkpoint, paths = SMALL_OPTS, FIXTURE, [str(images)]
+    expected = {"empty folder": "no images found", "missing path": "nothing.png",
+                "unreadable image": "broken.jpg", "wrong checkpoint": "--checkpoint", "bad config": "MODEL.FOCAL.NOPE"}
+    if problem == "empty folder":
+        (tmp_path / "empty").mkdir()
+        paths = [str(tmp_path / "empty")]
+    elif problem == "missing path":
+        paths = [str(images), str(tmp_path / "nothing.png")]
+    elif problem == "unreadable image":
+        (images / "broken.jpg").write_bytes(b"not a jpeg")
+    elif problem == "wrong checkpoint":
+        opts = SMALL_OPTS + ["MODEL.FOCAL.EMBED_DIM", "32"]
+    else:
+        opts = SMALL_OPTS + ["MODEL.FOCAL.NOPE", "1"]
+    with pytest.raises(UsageError, match=expected[problem]):
+        predict(parse_args(["--cfg", CFG, "--opts", *opts, "--checkpoint", checkpoint, *paths]))
