@@ -142,8 +142,8 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim) if norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.is_stem:
-            x = x.permute(0, 3, 1, 2)
+        # channels-last in, channels-last out: the convolution kernels are faster and the result is already NHWC
+        x = x.permute(0, 3, 1, 2) if not self.is_stem else x.contiguous(memory_format=torch.channels_last)
         pad_h, pad_w = -x.shape[2] % self.stride, -x.shape[3] % self.stride
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
@@ -171,6 +171,3 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], new_gr
     pe = F.interpolate(pe, size=new_grid, mode="bicubic", align_corners=False)
     return pe.permute(0, 2, 3, 1).reshape(1, -1, c)
 
-
-def optional(module: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    return x if module is None else module(x)

@@ -55,9 +55,9 @@ def unique_coords(coords: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class TopKLayout:
-    index: torch.Tensor          # (nW, K_total) into [map tokens, pooled tokens]
-    coords: torch.Tensor         # (U, 2) distinct relative coordinates
-    coord_index: List[torch.Tensor]  # per level, (nW, ws*ws, K_level) into ``coords``
+    index: torch.Tensor        # (nW, K) into [map tokens, pooled tokens], levels concatenated along K
+    coords: torch.Tensor       # (U, 2) distinct relative coordinates
+    coord_index: torch.Tensor  # (nW, ws*ws, K) into the per-level bias tables stacked as (levels * U, nH)
 
 
 def build_topk_layout(height: int, width: int, window_size: int, focal_level: int, top_k: int) -> TopKLayout:
@@ -73,22 +73,22 @@ def build_topk_layout(height: int, width: int, window_size: int, focal_level: in
         if level > 0:
             rel = rel * ws
         indices.append(index + offset)
-        coords.append(rel.unsqueeze(1) + within)  # nW, ws*ws, K, 2
+        coords.append(rel.unsqueeze(1) + within)  # nW, ws*ws, K_level, 2
         offset += key_grid[0] * key_grid[1]
     unique, inverse = unique_coords(torch.cat([c.reshape(-1, 2) for c in coords]))
     coord_index, start = [], 0
-    for c in coords:
+    for level, c in enumerate(coords):
         n = c.shape[:-1].numel()
-        coord_index.append(inverse[start:start + n].view(c.shape[:-1]))
+        coord_index.append(inverse[start:start + n].view(c.shape[:-1]) + level * len(unique))
         start += n
-    return TopKLayout(torch.cat(indices, dim=1), unique, coord_index)
+    return TopKLayout(torch.cat(indices, dim=1), unique, torch.cat(coord_index, dim=2))
 
 
 @layout_cache
 def topk_layout(height: int, width: int, window_size: int, focal_level: int, top_k: int,
                 device: torch.device) -> TopKLayout:
     cpu = build_topk_layout(height, width, window_size, focal_level, top_k)
-    return TopKLayout(cpu.index.to(device), cpu.coords.to(device), [c.to(device) for c in cpu.coord_index])
+    return TopKLayout(cpu.index.to(device), cpu.coords.to(device), cpu.coord_index.to(device))
 
 
 class TopKFocalAttention(nn.Module):
@@ -117,9 +117,10 @@ class TopKFocalAttention(nn.Module):
         return topk_layout(height, width, self.window_size, self.focal_level, self.top_k, device)
 
     def position_bias(self, layout: TopKLayout) -> torch.Tensor:
-        """(1, nH*nW, ws*ws, K_total); each MLP runs once per distinct coordinate, then is looked up."""
-        parts = [mlp(layout.coords)[index] for mlp, index in zip(self.coord2rpb_all, layout.coord_index)]
-        bias = torch.cat(parts, dim=2).permute(3, 0, 1, 2)  # nH, nW, ws*ws, K
+        """(1, nH*nW, ws*ws, K); each MLP runs once per distinct coordinate and the heads-first table is then
+        indexed straight into the attention layout."""
+        table = torch.cat([mlp(layout.coords) for mlp in self.coord2rpb_all]).t()  # nH, levels * U
+        bias = table[:, layout.coord_index]  # nH, nW, ws*ws, K
         return bias.reshape(1, -1, *bias.shape[2:])
 
     def forward(self, x: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:
