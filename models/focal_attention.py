@@ -62,18 +62,17 @@ def pooled_kernel(focal_window: int, level: int) -> Tuple[int, int, List[Tuple[i
 class FocalLayout:
     """Where every key of every window comes from, for one padded map size (all index tensors are int64)."""
     grid: Tuple[int, int]            # windows along H and W
-    pooled_grids: List[Tuple[int, int]]
     index: torch.Tensor              # (nW, L) into [map tokens, pooled tokens per level..., one zero token]
     mask: Optional[torch.Tensor]     # (nW, ws*ws, L) additive 0/-100, or None when nothing is masked
-    roll_select: Optional[torch.Tensor]    # (n_sur,) into the 4 diagonally shifted windows, concatenated
+    roll_select: Optional[torch.Tensor]  # (n_sur,) into the 4 diagonally shifted windows, concatenated
     unfold_select: torch.Tensor      # (ws*ws + n_sur,) into the (ws + 2e)**2 unfold patch
     pooled_select: List[torch.Tensor]  # per level, kept cells of the unfold kernel
 
     def to(self, device: torch.device) -> "FocalLayout":
         def move(t):
             return None if t is None else t.to(device)
-        return FocalLayout(self.grid, self.pooled_grids, move(self.index), move(self.mask),
-                           move(self.roll_select), move(self.unfold_select), [move(t) for t in self.pooled_select])
+        return FocalLayout(self.grid, move(self.index), move(self.mask), move(self.roll_select),
+                           move(self.unfold_select), [move(t) for t in self.pooled_select])
 
 
 def shift_mask(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor:
@@ -96,59 +95,46 @@ def build_focal_layout(height: int, width: int, window_size: int, expand_size: i
     nh, nw = height // ws, width // ws
     wy, wx = torch.meshgrid(torch.arange(nh), torch.arange(nw), indexing="ij")
     wy, wx = wy.reshape(-1, 1), wx.reshape(-1, 1)  # (nW, 1)
-    cells = torch.arange(ws * ws)
-    a, b = cells // ws, cells % ws
+    a, b = torch.arange(ws * ws) // ws, torch.arange(ws * ws) % ws
 
+    # the window itself, then its surroundings (cyclic over the padded map, as the reference's rolls)
     parts = [(wy * ws + a) * width + (wx * ws + b)]
     sur = surrounding_offsets(ws, e) if e > 0 else []
+    local_a, local_b = a + e, b + e
     roll_select = None
     if sur:
         sa, sb, dy, dx = (torch.tensor(c) for c in zip(*sur))
-        rows = (wy * ws + sa + dy) % height
-        cols = (wx * ws + sb + dx) % width
-        parts.append(rows * width + cols)
-        directions = diagonal_offsets(e)
-        quadrant = torch.tensor([directions.index(d) for d in zip(dy.tolist(), dx.tolist())])
+        parts.append(((wy * ws + sa + dy) % height) * width + (wx * ws + sb + dx) % width)
+        quadrant = torch.tensor([diagonal_offsets(e).index(d) for d in zip(dy.tolist(), dx.tolist())])
         roll_select = quadrant * ws * ws + sa * ws + sb
-    k = ws + 2 * e
-    unfold_cells = [(int(x) + e, int(y) + e) for x, y in zip(a, b)] + [(aa + dy_ + e, bb + dx_ + e) for aa, bb, dy_, dx_ in sur]
-    unfold_select = torch.tensor([r * k + c for r, c in unfold_cells])
+        local_a, local_b = torch.cat([local_a, sa + dy + e]), torch.cat([local_b, sb + dx + e])
+    unfold_select = local_a * (ws + 2 * e) + local_b
 
-    n_tokens = height * width
-    pooled_grids, pooled_select = [], []
-    pooled_index_parts = []
-    offset = n_tokens
+    # pooled levels: tokens under each window's kernel; outside the pooled map -> the zero token, masked
+    zero_token = height * width + sum(nh * nw * 4 ** level for level in range(num_pooled))
+    offset = height * width
+    pooled_select, outside = [], []
     for level in range(num_pooled):
         ph, pw = nh * 2 ** level, nw * 2 ** level
         kernel, stride, kept = pooled_kernel(focal_window, level)
-        pad = kernel // 2
-        u = torch.tensor([c[0] for c in kept])
-        v = torch.tensor([c[1] for c in kept])
-        rows = wy * stride - pad + u
-        cols = wx * stride - pad + v
-        inside = (rows >= 0) & (rows < ph) & (cols >= 0) & (cols < pw)
-        pooled_index_parts.append((offset + rows.clamp(0, ph - 1) * pw + cols.clamp(0, pw - 1), inside))
-        pooled_grids.append((ph, pw))
+        u, v = (torch.tensor(c) for c in zip(*kept))
+        rows, cols = wy * stride - kernel // 2 + u, wx * stride - kernel // 2 + v
+        out = (rows < 0) | (rows >= ph) | (cols < 0) | (cols >= pw)
+        parts.append(torch.where(out, zero_token, offset + rows * pw + cols))
         pooled_select.append(u * kernel + v)
+        outside.append(out)
         offset += ph * pw
-    zero_token = offset
-    masks = []
-    for idx, inside in pooled_index_parts:
-        parts.append(torch.where(inside, idx, torch.full_like(idx, zero_token)))
-        masks.append(inside)
     index = torch.cat([p.expand(nh * nw, -1) for p in parts], dim=1)
 
-    n_keys = index.shape[1]
     mask = None
-    n_local = ws * ws + len(sur)
-    if shift_size > 0 or (masks and not all(bool(m.all()) for m in masks)):
-        mask = torch.zeros(nh * nw, ws * ws, n_keys)
+    any_outside = bool(outside) and bool(torch.cat(outside, dim=1).any())
+    if shift_size > 0 or any_outside:
+        mask = torch.zeros(nh * nw, ws * ws, index.shape[1])
         if shift_size > 0:
             mask[:, :, :ws * ws] = shift_mask(height, width, ws, shift_size)
-        if masks:
-            pooled_valid = torch.cat(masks, dim=1)  # (nW, L_pooled)
-            mask[:, :, n_local:] = (~pooled_valid).float()[:, None, :] * MASK_VALUE
-    return FocalLayout((nh, nw), pooled_grids, index, mask, roll_select, unfold_select, pooled_select)
+        if any_outside:
+            mask[:, :, ws * ws + len(sur):] = torch.cat(outside, dim=1).float()[:, None, :] * MASK_VALUE
+    return FocalLayout((nh, nw), index, mask, roll_select, unfold_select, pooled_select)
 
 
 @layout_cache
