@@ -25,6 +25,8 @@ _C.DATA.ZIP_MODE = False
 _C.DATA.CACHE_MODE = "part"  # no | part | full (zip mode only)
 _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
+# An image that cannot be decoded stops the run with its path; True leaves such images out and logs the count.
+_C.DATA.SKIP_BAD_IMAGES = False
 
 # Model
 _C.MODEL = CN()
@@ -115,6 +117,10 @@ _C.AMP_OPT_LEVEL = ""
 _C.OUTPUT = ""
 _C.TAG = "default"
 _C.SAVE_FREQ = 1
+# Keep only the newest N epoch checkpoints (0: keep all).
+_C.KEEP_CHECKPOINTS = 0
+# Also write loss, learning rate and accuracy as TensorBoard events to OUTPUT (needs `pip install tensorboard`).
+_C.TENSORBOARD = False
 _C.PRINT_FREQ = 100
 _C.SEED = 0
 _C.EVAL_MODE = False
@@ -188,7 +194,7 @@ def get_config(args: Any) -> CN:
         if value is not None:
             config.merge_from_list([key, value])
     for flag, key in {"zip": "DATA.ZIP_MODE", "use_checkpoint": "TRAIN.USE_CHECKPOINT",
-                      "eval": "EVAL_MODE", "throughput": "THROUGHPUT_MODE"}.items():
+                      "eval": "EVAL_MODE", "throughput": "THROUGHPUT_MODE", "tensorboard": "TENSORBOARD"}.items():
         if getattr(args, flag, False):
             config.merge_from_list([key, True])
     amp = "none" if getattr(args, "disable_amp", False) else getattr(args, "amp", None)

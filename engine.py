@@ -5,6 +5,7 @@ import contextlib
 import datetime
 import itertools
 import logging
+import math
 import resource
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils import AverageMeter
 
 from distributed import all_reduce_sum
-from errors import UsageError
+from errors import TrainingError, UsageError
 
 logger = logging.getLogger("focal.engine")
 AMP_MODES = ("bf16", "fp16", "none")
@@ -58,17 +59,29 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class TrainStats:
+    loss: float  # mean over the epoch's samples
+    lr: float  # at the end of the epoch
+    overflow_skips: int  # fp16 updates the gradient scaler skipped for inf/NaN gradients
+
+
 def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader: Iterable, updates_per_epoch: int,
                     optimizer: torch.optim.Optimizer, scheduler: Scheduler, precision: Precision, epoch: int,
-                    mixup_fn: Optional[Callable], device: torch.device) -> None:
+                    mixup_fn: Optional[Callable], device: torch.device) -> TrainStats:
     """``updates_per_epoch`` optimizer steps of ``TRAIN.ACCUMULATION_STEPS`` micro-batches each; leftover
     micro-batches that cannot fill an update are skipped. Under DDP, gradients are synchronised only on the last
-    micro-batch of each update."""
+    micro-batch of each update.
+
+    A non-finite loss raises ``TrainingError`` before its backward pass, so no update from it reaches the weights.
+    fp16 overflows are different: the scaler skips those updates and lowers its scale, and they are only counted.
+    """
     model.train()
     accum = config.TRAIN.ACCUMULATION_STEPS
     clip = config.TRAIN.CLIP_GRAD or float("inf")  # an infinite bound measures the norm without clipping
     num_steps = updates_per_epoch * accum
     batch_time, loss_meter, norm_meter = AverageMeter(), AverageMeter(), AverageMeter()
+    overflow_skips = 0
     optimizer.zero_grad(set_to_none=True)
     start = end = time.time()
     for idx, (samples, targets) in enumerate(itertools.islice(loader, num_steps)):
@@ -81,16 +94,21 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader: Iter
         with sync:
             with precision.autocast():
                 loss = criterion(model(samples), targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"the loss is {loss_value} at epoch {epoch}, step {idx} of {num_steps}")
             precision.scaler.scale(loss / accum).backward()
         if update:
             precision.scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            scale = precision.scaler.get_scale()
             precision.scaler.step(optimizer)
             precision.scaler.update()
+            overflow_skips += precision.scaler.get_scale() < scale  # the scaler backs off after skipping a step
             optimizer.zero_grad(set_to_none=True)
             scheduler.step_update(epoch * updates_per_epoch + (idx + 1) // accum)
             norm_meter.update(grad_norm.item())
-        loss_meter.update(loss.item(), targets.size(0))
+        loss_meter.update(loss_value, targets.size(0))
         synchronize(device)
         batch_time.update(time.time() - end)
         end = time.time()
@@ -103,7 +121,11 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader: Iter
                 f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
                 f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
                 f"mem {memory_mb(device):.0f}MB")
+    if overflow_skips:
+        logger.info(f"fp16: the gradient scaler skipped {overflow_skips} of {updates_per_epoch} updates "
+                    f"(inf/NaN gradients), scale now {precision.scaler.get_scale():g}")
     logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
+    return TrainStats(loss_meter.avg, optimizer.param_groups[0]["lr"], overflow_skips)
 
 
 @dataclass

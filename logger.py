@@ -1,11 +1,15 @@
-"""Logging for one run: coloured console output on rank 0 only, and a plain log file for every rank."""
+"""Logging for one run: coloured console output on rank 0 only, a plain log file for every rank, and optional
+TensorBoard events."""
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from typing import Any
 
 from termcolor import colored
+
+from errors import UsageError
 
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -35,3 +39,13 @@ def create_logger(output_dir: str, rank: int = 0, name: str = "focal") -> loggin
     file_handler.setFormatter(logging.Formatter(plain, datefmt=DATE_FORMAT))
     logger.addHandler(file_handler)
     return logger
+
+
+def create_tensorboard_writer(output_dir: str) -> Any:
+    """torch's TensorBoard ``SummaryWriter`` into ``output_dir``. TensorBoard stays an optional dependency, so
+    asking for it without the package installed is a usage error, not an import failure at start-up."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError("--tensorboard (TENSORBOARD) needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(log_dir=output_dir)

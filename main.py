@@ -13,6 +13,7 @@ import datetime
 import logging
 import os
 import random
+import signal
 import sys
 import time
 from typing import Any, Optional, Sequence
@@ -25,14 +26,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from config import get_config
 from data import build_mixup, build_train_loader, build_val_loader
-from distributed import DEVICES, DistEnv, init_distributed, shutdown
+from data.datasets import CheckedImages
+from distributed import DEVICES, DistEnv, all_reduce_sum, init_distributed, shutdown
 from engine import AMP_MODES, EvalResult, Precision, build_precision, evaluate, throughput, train_one_epoch
-from errors import UsageError
-from logger import create_logger
+from errors import TrainingError, UsageError, user_message
+from logger import create_logger, create_tensorboard_writer
 from lr_scheduler import build_scheduler
 from models import ConfigError, build_model, validate_model_config
 from optimizer import build_optimizer
-from utils import find_latest_checkpoint, load_checkpoint, load_pretrained, save_checkpoint
+from utils import Checkpoint, latest_checkpoint, load_pretrained, read_checkpoint, restore_checkpoint, save_checkpoint
 
 # The learning rates in the configs are for a total batch of this many images; they scale linearly from it.
 LR_REFERENCE_BATCH = 512
@@ -50,6 +52,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="zip layout only: keep no images, this process's shard, or all of them in memory")
     parser.add_argument("--pretrained", metavar="FILE", help="initial weights only (e.g. a released checkpoint)")
     parser.add_argument("--resume", metavar="FILE", help="checkpoint to continue training from, or to evaluate")
+    parser.add_argument("--unsafe-load", action="store_true",
+                        help="DANGEROUS: also load checkpoints that need full unpickling (not tensors only); "
+                             "unpickling runs any code the file carries, so use it only for files you trust")
     parser.add_argument("--accumulation-steps", type=int, help="micro-batches per optimizer update")
     parser.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing to save memory")
     amp = parser.add_mutually_exclusive_group()
@@ -58,6 +63,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     amp.add_argument("--disable-amp", action="store_true", help="same as --amp none")
     parser.add_argument("--output", metavar="PATH", help="output root; the run writes to <output>/<model>/<tag>")
     parser.add_argument("--tag", help="experiment tag (default: 'default')")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="write loss, learning rate and accuracy as TensorBoard events to the run's output "
+                             "folder (needs `pip install tensorboard`)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--eval", action="store_true", help="evaluate only")
     mode.add_argument("--throughput", action="store_true", help="measure inference throughput only")
@@ -97,10 +105,18 @@ def scale_learning_rates(config: Any, world_size: int) -> None:
     config.freeze()
 
 
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def seed_everything(seed: int, rank: int, stage: int) -> None:
+    """Seed python, numpy (Mixup), torch CPU and CUDA from (``SEED``, rank, stage): stage 0 for the model's
+    initialisation, ``epoch + 1`` as each epoch starts.
+
+    Reseeding per epoch makes an epoch's random stream (augmentations, the DataLoader workers' seeds, which they
+    draw from torch as the epoch's workers start, Mixup, drop-path) a function of the epoch alone: a run resumed
+    at epoch e replays it exactly as the uninterrupted run did, with no RNG state to save for every rank.
+    """
+    value = int(np.random.SeedSequence([seed, rank, stage]).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)  # all CUDA devices too
 
 
 def build_criterion(config: Any, mixup: bool) -> nn.Module:
@@ -112,14 +128,17 @@ def build_criterion(config: Any, mixup: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def resume_file(config: Any, logger: logging.Logger) -> str:
-    """``--resume`` when given; otherwise, with ``TRAIN.AUTO_RESUME``, the newest checkpoint in the output folder."""
-    if config.MODEL.RESUME or not config.TRAIN.AUTO_RESUME:
-        return config.MODEL.RESUME
-    latest = find_latest_checkpoint(config.OUTPUT)
-    if latest:
-        logger.info(f"auto-resuming from {latest}")
-    return latest or ""
+def resume_checkpoint(config: Any, logger: logging.Logger, unsafe: bool) -> Optional[Checkpoint]:
+    """``--resume`` when given; otherwise, with ``TRAIN.AUTO_RESUME``, the newest readable checkpoint in the
+    output folder (a truncated or corrupt newer one is skipped with a warning)."""
+    if config.MODEL.RESUME:
+        return read_checkpoint(config.MODEL.RESUME, logger, unsafe)
+    if not config.TRAIN.AUTO_RESUME:
+        return None
+    checkpoint = latest_checkpoint(config.OUTPUT, logger, unsafe)
+    if checkpoint:
+        logger.info(f"auto-resuming from {checkpoint.path}")
+    return checkpoint
 
 
 def run_throughput(config: Any, env: DistEnv, model: nn.Module, precision: Precision,
@@ -138,24 +157,37 @@ def log_accuracy(logger: logging.Logger, num_images: int, result: EvalResult) ->
     logger.info(f"Accuracy of the network on the {num_images} test images: {result.acc1:.1f}%")
 
 
-def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Precision,
-                   logger: logging.Logger) -> None:
+def log_skipped_images(dataset: CheckedImages, split: str, logger: logging.Logger) -> None:
+    """With ``DATA.SKIP_BAD_IMAGES``: how many unreadable images all ranks left out since the last report."""
+    count = int(all_reduce_sum(torch.tensor([dataset.take_skipped()])).item())
+    if count:
+        logger.warning(f"{count} unreadable {split} images were skipped (DATA.SKIP_BAD_IMAGES)")
+
+
+def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Precision, logger: logging.Logger,
+                   unsafe_load: bool) -> None:
     """Weights from ``--resume``, else ``--pretrained``, else the newest checkpoint of this run's output folder."""
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        load_pretrained(config.MODEL.PRETRAINED, model, logger)
+        load_pretrained(config.MODEL.PRETRAINED, model, logger, unsafe_load)
     else:
-        checkpoint = resume_file(config, logger)
+        checkpoint = resume_checkpoint(config, logger, unsafe_load)
         if not checkpoint:
             raise UsageError(f"--eval needs weights: pass --resume <checkpoint> or --pretrained <checkpoint> "
                              f"(no checkpoint to auto-resume in {config.OUTPUT})")
-        load_checkpoint(checkpoint, model, None, None, None, logger)
+        restore_checkpoint(checkpoint, model, logger)
     dataset, loader = build_val_loader(config, env)
     log_accuracy(logger, len(dataset), evaluate(config, model, loader, precision, env.device))
+    log_skipped_images(dataset, "validation", logger)
 
 
-def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precision, logger: logging.Logger) -> None:
-    """Train from ``TRAIN.START_EPOCH`` (or where a resumed checkpoint left off), evaluating after every epoch."""
-    _, train_loader = build_train_loader(config, env)
+def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precision, logger: logging.Logger,
+                 unsafe_load: bool) -> None:
+    """Train from ``TRAIN.START_EPOCH`` (or where a resumed checkpoint left off), evaluating after every epoch.
+
+    Data, weights and TensorBoard are all checked before the run writes anything besides its log, so a run
+    refused for bad input leaves an earlier run's files in the output folder as they were.
+    """
+    train_dataset, train_loader = build_train_loader(config, env)
     val_dataset, val_loader = build_val_loader(config, env)
     mixup_fn = build_mixup(config)
     accum = config.TRAIN.ACCUMULATION_STEPS
@@ -166,11 +198,23 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
     scheduler = build_scheduler(config, optimizer, updates_per_epoch)
 
     start_epoch, max_accuracy = config.TRAIN.START_EPOCH, 0.0
-    checkpoint = resume_file(config, logger)
+    checkpoint = resume_checkpoint(config, logger, unsafe_load)
     if checkpoint:
-        start_epoch, max_accuracy = load_checkpoint(checkpoint, model, optimizer, scheduler, precision.scaler, logger)
+        start_epoch, step, max_accuracy = restore_checkpoint(checkpoint, model, logger, optimizer, scheduler,
+                                                             precision.scaler)
+        if step and step != start_epoch * updates_per_epoch:
+            logger.warning(f"{checkpoint.path} was saved after {step} updates, but {start_epoch} epochs of this run "
+                           f"make {start_epoch * updates_per_epoch}: batch size, accumulation or data changed, "
+                           f"and the schedule continues from the latter")
     elif config.MODEL.PRETRAINED:
-        load_pretrained(config.MODEL.PRETRAINED, model, logger)
+        load_pretrained(config.MODEL.PRETRAINED, model, logger, unsafe_load)
+    last_good = checkpoint.path if checkpoint else None
+    tensorboard = create_tensorboard_writer(config.OUTPUT) if config.TENSORBOARD and env.is_main else None
+    if env.is_main:
+        path = os.path.join(config.OUTPUT, "config.yaml")
+        with open(path, "w") as f:
+            f.write(config.dump())
+        logger.info(f"full config saved to {path}")
     model_without_ddp = model
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
@@ -181,31 +225,52 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
                 f"per epoch, total batch {config.DATA.BATCH_SIZE * env.world_size * accum}")
     start = time.time()
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+        seed_everything(config.SEED, env.rank, epoch + 1)
         train_loader.sampler.set_epoch(epoch)
-        train_one_epoch(config, model, criterion, train_loader, updates_per_epoch, optimizer, scheduler, precision,
-                        epoch, mixup_fn, env.device)
+        try:
+            stats = train_one_epoch(config, model, criterion, train_loader, updates_per_epoch, optimizer, scheduler,
+                                    precision, epoch, mixup_fn, env.device)
+        except TrainingError as err:
+            raise TrainingError(f"{err}: stopping. The last good checkpoint is {last_good or 'none (none saved yet)'}; "
+                                f"resume from it with a lower TRAIN.BASE_LR or TRAIN.CLIP_GRAD") from None
+        log_skipped_images(train_dataset, "training", logger)
         result = evaluate(config, model_without_ddp, val_loader, precision, env.device)
         log_accuracy(logger, len(val_dataset), result)
+        log_skipped_images(val_dataset, "validation", logger)
         max_accuracy = max(max_accuracy, result.acc1)
         logger.info(f"Max accuracy: {max_accuracy:.2f}%")
+        if tensorboard is not None:
+            for tag, value in (("train/loss", stats.loss), ("train/lr", stats.lr), ("val/acc1", result.acc1),
+                               ("val/acc5", result.acc5), ("val/loss", result.loss)):
+                tensorboard.add_scalar(tag, value, epoch)
+            tensorboard.flush()
         if env.is_main and ((epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1):
-            save_checkpoint(config, epoch, model_without_ddp, max_accuracy, optimizer, scheduler, precision.scaler,
-                            logger)
+            last_good = save_checkpoint(config, epoch, (epoch + 1) * updates_per_epoch, model_without_ddp,
+                                        max_accuracy, optimizer, scheduler, precision.scaler, logger)
+    if tensorboard is not None:
+        tensorboard.close()
     logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
 
 
-def run(config: Any, env: DistEnv) -> None:
+def run(config: Any, env: DistEnv, unsafe_load: bool = False) -> None:
     scale_learning_rates(config, env.world_size)
     os.makedirs(config.OUTPUT, exist_ok=True)
     logger = create_logger(config.OUTPUT, env.rank)
     backend = f", backend {torch.distributed.get_backend()}" if env.distributed else ""
-    logger.info(f"rank {env.rank} of {env.world_size} on {env.device}{backend}")
-    if env.is_main:
-        path = os.path.join(config.OUTPUT, "config.yaml")
-        with open(path, "w") as f:
-            f.write(config.dump())
-        logger.info(f"full config saved to {path}")
-    set_seed(config.SEED + env.rank)
+    logger.info(f"rank {env.rank} of {env.world_size} on {env.device}{backend}, pid {os.getpid()}")
+    try:
+        run_mode(config, env, logger, unsafe_load)
+    except (UsageError, ConfigError, TrainingError, SystemExit) as err:
+        logger.error(f"stopped: {user_message(err)}")
+        raise
+    except BaseException:
+        logger.exception("failed")
+        raise
+
+
+def run_mode(config: Any, env: DistEnv, logger: logging.Logger, unsafe_load: bool) -> None:
+    """Build the model, then train, evaluate or time it."""
+    seed_everything(config.SEED, env.rank, 0)
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     precision = build_precision(config.AMP_OPT_LEVEL, env.device)
@@ -217,9 +282,14 @@ def run(config: Any, env: DistEnv) -> None:
     if config.THROUGHPUT_MODE:
         run_throughput(config, env, model, precision, logger)
     elif config.EVAL_MODE:
-        run_evaluation(config, env, model, precision, logger)
+        run_evaluation(config, env, model, precision, logger, unsafe_load)
     else:
-        run_training(config, env, model, precision, logger)
+        run_training(config, env, model, precision, logger, unsafe_load)
+
+
+def exit_on_sigterm(signum: int, frame: Any) -> None:
+    """torchrun stops every rank with SIGTERM when one fails; exiting through Python logs it and runs clean-up."""
+    raise SystemExit(f"terminated by {signal.Signals(signum).name} (under torchrun: another rank failed)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -227,13 +297,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     config = load_run_config(args)
     env = init_distributed(args.device)
     try:
-        run(config, env)
+        run(config, env, args.unsafe_load)
     finally:
         shutdown()
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         main()
-    except (UsageError, ConfigError) as err:
-        sys.exit(f"main.py: error: {err}")
+    except (UsageError, ConfigError, TrainingError) as err:
+        sys.exit(f"main.py: error: {user_message(err)}")

@@ -1,37 +1,54 @@
 """Data loaders for one process of a (possibly distributed) run, with Mixup/CutMix for training."""
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+import functools
+from typing import Any, List, Optional, Tuple
 
 from timm.data import Mixup
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from distributed import DistEnv
 from errors import UsageError
 
-from .datasets import build_dataset
+from .datasets import CheckedImages, build_dataset, image_sources
 from .samplers import ShardSampler
 from .transforms import build_transform
 
 
-def _dataset(split: str, config: Any, env: DistEnv) -> Dataset:
+def _dataset(split: str, config: Any, env: DistEnv) -> CheckedImages:
     dataset, num_classes = build_dataset(split, config, build_transform(split == "train", config),
                                          env.rank, env.world_size)
     if num_classes != config.MODEL.NUM_CLASSES:
         raise UsageError(f"MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES} but the '{split}' split of "
                          f"{config.DATA.DATA_PATH} has {num_classes} classes; "
                          f"pass --opts MODEL.NUM_CLASSES {num_classes} (or use matching data)")
-    return dataset
+    return CheckedImages(dataset, image_sources(dataset), config.DATA.SKIP_BAD_IMAGES)
 
 
-def _loader(dataset: Dataset, sampler: Sampler, config: Any, env: DistEnv, drop_last: bool) -> DataLoader:
+def collate_readable(batch: List[Optional[tuple]], even: bool = False) -> Any:
+    """Collate the samples that could be read (see ``CheckedImages``); ``even`` keeps the count even, as
+    Mixup/CutMix need."""
+    kept = [sample for sample in batch if sample is not None]
+    if even and len(kept) % 2:
+        kept = kept[:-1]
+    if not kept:
+        raise UsageError(f"none of the {len(batch)} images of a batch could be read (see the warnings naming "
+                         f"them); check the dataset under DATA.DATA_PATH")
+    return default_collate(kept)
+
+
+def _loader(dataset: Dataset, sampler: Sampler, config: Any, env: DistEnv, train: bool) -> DataLoader:
+    """Training workers start afresh every epoch, so they take their seeds from the torch RNG as the epoch begins
+    (which ``main`` seeds per epoch: a resumed run sees the same augmentations). Evaluation has no randomness, so
+    its workers persist."""
     workers = config.DATA.NUM_WORKERS
     return DataLoader(dataset, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=workers,
-                      pin_memory=config.DATA.PIN_MEMORY and env.device.type == "cuda", drop_last=drop_last,
-                      persistent_workers=workers > 0)
+                      pin_memory=config.DATA.PIN_MEMORY and env.device.type == "cuda", drop_last=train,
+                      persistent_workers=workers > 0 and not train,
+                      collate_fn=functools.partial(collate_readable, even=train and mixup_active(config)))
 
 
-def build_train_loader(config: Any, env: DistEnv) -> Tuple[Dataset, DataLoader]:
+def build_train_loader(config: Any, env: DistEnv) -> Tuple[CheckedImages, DataLoader]:
     """Shuffled, equally many full batches on every rank. With the zip ``part`` cache each rank reads only its
     cached shard; otherwise a ``DistributedSampler`` reshuffles the whole set across ranks every epoch."""
     dataset = _dataset("train", config, env)
@@ -41,24 +58,29 @@ def build_train_loader(config: Any, env: DistEnv) -> Tuple[Dataset, DataLoader]:
     else:
         sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                      seed=config.SEED)
-    loader = _loader(dataset, sampler, config, env, drop_last=True)
+    loader = _loader(dataset, sampler, config, env, train=True)
     if len(loader) == 0:
         raise UsageError(f"the training set ({len(dataset)} images over {env.world_size} processes) gives no full "
                          f"batch of --batch-size {config.DATA.BATCH_SIZE}; lower the batch size")
     return dataset, loader
 
 
-def build_val_loader(config: Any, env: DistEnv) -> Tuple[Dataset, DataLoader]:
+def build_val_loader(config: Any, env: DistEnv) -> Tuple[CheckedImages, DataLoader]:
     """In order and unpadded: rank r evaluates images r, r+W, ..., so together the ranks see each image once."""
     dataset = _dataset("val", config, env)
     return dataset, _loader(dataset, ShardSampler(len(dataset), env.rank, env.world_size), config, env,
-                            drop_last=False)
+                            train=False)
+
+
+def mixup_active(config: Any) -> bool:
+    aug = config.AUG
+    return aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None
 
 
 def build_mixup(config: Any) -> Optional[Mixup]:
     """timm's Mixup/CutMix (which also applies label smoothing), or None when both are off."""
     aug = config.AUG
-    if not (aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None):
+    if not mixup_active(config):
         return None
     if config.DATA.BATCH_SIZE % 2:
         raise UsageError(f"Mixup/CutMix (AUG.MIXUP {aug.MIXUP}, AUG.CUTMIX {aug.CUTMIX}) needs an even "

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import io
 import logging
+import multiprocessing
 import os
 import zipfile
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from errors import UsageError
 
@@ -115,5 +117,77 @@ def build_dataset(split: str, config: Any, transform: Optional[Callable], rank: 
     try:
         dataset = ImageFolder(folder, transform=transform)
     except (FileNotFoundError, RuntimeError) as err:
-        raise UsageError(f"cannot read images from {folder}: {err}") from None
+        raise UsageError(f"cannot read images from {folder}: {_empty_class_folders(folder) or err}") from None
+    if split == "val":
+        check_same_classes(root)
     return dataset, len(dataset.classes)
+
+
+def _empty_class_folders(folder: str) -> str:
+    """Which class folders hold no image (ImageFolder only says which classes)."""
+    empty = [os.path.join(folder, name) for name in _class_names(folder)
+             if not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(os.path.join(folder, name))
+                        for f in files)]
+    if not empty:
+        return ""
+    return (f"{len(empty)} class folder(s) hold no image ({', '.join(IMG_EXTENSIONS)}): {', '.join(empty[:3])}; "
+            f"add images or remove the folder from both splits")
+
+
+def _class_names(folder: str) -> List[str]:
+    """The class-folder names under ``folder``; none when it is missing or has no subfolders."""
+    try:
+        return find_classes(folder)[0]
+    except FileNotFoundError:
+        return []
+
+
+def check_same_classes(root: str) -> None:
+    """In the folder layout labels are the sorted class-folder names, so ``train`` and ``val`` must have the same
+    folders or every label after the first difference would silently mean another class."""
+    train, val = (set(_class_names(os.path.join(root, split))) for split in ("train", "val"))
+    if train and train != val:
+        only = [f"only in {split}: {', '.join(sorted(names)[:5])}" for split, names in
+                (("train", train - val), ("val", val - train)) if names]
+        raise UsageError(f"--data-path {root}: 'train' and 'val' have different class folders ({'; '.join(only)}); "
+                         f"labels are assigned by sorted folder name, so both splits need the same classes")
+
+
+def image_sources(dataset: Dataset) -> List[str]:
+    """Where each sample's image comes from, for error messages: a file, or ``archive.zip/member``."""
+    if isinstance(dataset, ZipImageDataset):
+        return [f"{dataset.zip_path}/{name}" for name, _ in dataset.samples]
+    return [path for path, _ in dataset.samples]
+
+
+class CheckedImages(Dataset):
+    """``dataset`` where an image that cannot be decoded (truncated, corrupt, not an image) is an error naming its
+    file, or, with ``skip`` (``DATA.SKIP_BAD_IMAGES``), becomes ``None`` (left out of the batch) and is counted.
+    The count sits in shared memory so that skips in DataLoader workers add up in the main process."""
+
+    def __init__(self, dataset: Dataset, sources: Sequence[str], skip: bool):
+        self.dataset = dataset
+        self.sources = sources
+        self.skip = skip
+        self._skipped = multiprocessing.Value("q", 0)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
+        try:
+            return self.dataset[index]
+        except (OSError, SyntaxError) as err:  # PIL's errors for unreadable, truncated and unidentified files
+            if not self.skip:
+                raise UsageError(f"cannot read image {self.sources[index]}: {err}; replace the file, or set "
+                                 f"DATA.SKIP_BAD_IMAGES True to leave unreadable images out") from None
+            logger.warning(f"skipping unreadable image {self.sources[index]}: {err}")
+            with self._skipped.get_lock():
+                self._skipped.value += 1
+            return None
+
+    def take_skipped(self) -> int:
+        """Images skipped since the last call."""
+        with self._skipped.get_lock():
+            count, self._skipped.value = self._skipped.value, 0
+        return count

@@ -34,14 +34,37 @@ def demo_data_224(tmp_path_factory) -> Path:
                          val_per_class=1, zip_layout=False, log=None))
 
 
-def run_main(args: Sequence[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+# One CPU thread per process and no GPU: results are deterministic and the same on every machine.
+MAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+
+
+def main_command(args: Sequence[str], nproc: int = 1) -> List[str]:
     """``python main.py ARGS``, or ``torchrun --standalone --nproc_per_node NPROC main.py ARGS`` (gloo on CPU)."""
     launcher: List[str] = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(launcher + ["main.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+    return launcher + ["main.py", *args]
+
+
+def run_main(args: Sequence[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(main_command(args, nproc), cwd=REPO, env=MAIN_ENV, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def start_main(args: Sequence[str], nproc: int = 1) -> subprocess.Popen:
+    """``main.py`` started in the background, its stdout (rank 0's log, unbuffered) readable line by line."""
+    return subprocess.Popen(main_command(args, nproc), cwd=REPO, env=MAIN_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str) -> str:
+    """Read ``proc``'s stdout up to the first line containing ``needle``; fails if the process ends first."""
+    for line in proc.stdout:
+        if needle in line:
+            return line
+    proc.wait()
+    raise AssertionError(f"the process ended (exit {proc.returncode}) before logging {needle!r}:\n"
+                         f"{proc.stderr.read()[-3000:]}")
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

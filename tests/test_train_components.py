@@ -14,7 +14,7 @@ from lr_scheduler import build_scheduler
 from main import load_run_config, main, parse_args, scale_learning_rates
 from models import build_model
 from optimizer import build_optimizer
-from utils import find_latest_checkpoint, load_checkpoint, load_pretrained, save_checkpoint
+from utils import latest_checkpoint, load_pretrained, read_checkpoint, restore_checkpoint, save_checkpoint
 
 from .conftest import DEMO_CFG, REPO
 
@@ -133,22 +133,24 @@ def test_evaluate_counts_hits_and_images():
     assert (result.acc1, result.acc5, result.num_images) == (25.0, 75.0, 4)
 
 
-def test_checkpoint_round_trip_and_latest_by_epoch(tmp_path):
-    config = tiny_config("OUTPUT", str(tmp_path))
+def test_checkpoint_round_trip_latest_by_epoch_and_keep_last(tmp_path):
+    config = tiny_config("OUTPUT", str(tmp_path), "KEEP_CHECKPOINTS", 2)
     model, optimizer, _ = run_epoch(config, fake_batches(2), build_precision("none", CPU))
     scheduler = build_scheduler(config, optimizer, 2)
     scheduler.step_update(7)
     precision = build_precision("none", CPU)
     for epoch in (2, 10, 9):
-        save_checkpoint(config, epoch, model, 42.5, optimizer, scheduler, precision.scaler, LOG)
-    latest = find_latest_checkpoint(str(tmp_path))
-    assert latest == str(tmp_path / "ckpt_epoch_10.pth") and find_latest_checkpoint(str(tmp_path / "none")) is None
+        save_checkpoint(config, epoch, 2 * epoch + 2, model, 42.5, optimizer, scheduler, precision.scaler, LOG)
+    # Only the two newest by epoch are kept, and no temporary file is left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_epoch_10.pth", "ckpt_epoch_9.pth"]
+    latest = latest_checkpoint(str(tmp_path), LOG)
+    assert latest.path == str(tmp_path / "ckpt_epoch_10.pth") and latest_checkpoint(str(tmp_path / "none"), LOG) is None
 
     fresh = build_model(config)
     fresh_optimizer = build_optimizer(config, fresh)
     fresh_scheduler = build_scheduler(config, fresh_optimizer, 2)
-    epoch, best = load_checkpoint(latest, fresh, fresh_optimizer, fresh_scheduler, precision.scaler, LOG)
-    assert (epoch, best) == (11, 42.5)
+    epoch, step, best = restore_checkpoint(latest, fresh, LOG, fresh_optimizer, fresh_scheduler, precision.scaler)
+    assert (epoch, step, best) == (11, 22, 42.5)
     assert fresh_scheduler.state_dict() == scheduler.state_dict()
     assert fresh_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
     for a, b in zip(fresh.state_dict().values(), model.state_dict().values()):
@@ -158,19 +160,20 @@ def test_checkpoint_round_trip_and_latest_by_epoch(tmp_path):
 def test_resume_of_released_weights_starts_at_epoch_zero_and_other_models_are_refused(tmp_path):
     fixture = str(REPO / "tests" / "fixtures" / "small_fc_224.pth")
     model = build_model(load_config(None, FIXTURE_OPTS))
-    assert load_checkpoint(fixture, model, None, None, None, LOG)[0] == 0
-    with pytest.raises(UsageError, match="--resume .*--pretrained"):
-        load_checkpoint(fixture, build_model(load_config(None, FIXTURE_OPTS + ["MODEL.NUM_CLASSES", 5])),
-                        None, None, None, LOG)
+    assert restore_checkpoint(read_checkpoint(fixture, LOG), model, LOG)[0] == 0
+    with pytest.raises(UsageError, match=r"--resume .*mismatched shapes for 2 keys: head.weight.*--pretrained"):
+        restore_checkpoint(read_checkpoint(fixture, LOG),
+                           build_model(load_config(None, FIXTURE_OPTS + ["MODEL.NUM_CLASSES", 5])), LOG)
 
 
-def test_reference_checkpoints_with_a_pickled_config_still_load(tmp_path, caplog):
+def test_reference_checkpoints_with_a_pickled_config_load_safely(tmp_path, caplog):
     fixture = torch.load(REPO / "tests" / "fixtures" / "small_fc_224.pth", weights_only=True)
     path = tmp_path / "reference.pth"
     torch.save({**fixture, "config": load_config()}, path)  # the reference stored its yacs CfgNode
     with caplog.at_level(logging.WARNING, logger="focal.test"):
-        assert load_checkpoint(str(path), build_model(load_config(None, FIXTURE_OPTS)), None, None, None, LOG)[0] == 0
-    assert "full unpickling" in caplog.text
+        checkpoint = read_checkpoint(str(path), LOG)
+    assert restore_checkpoint(checkpoint, build_model(load_config(None, FIXTURE_OPTS)), LOG)[0] == 0
+    assert checkpoint.state["config"]["DATA"]["IMG_SIZE"] == 224 and not caplog.text  # a plain mapping, no warning
 
 
 def test_pretrained_drops_another_head(caplog):

@@ -1,0 +1,268 @@
+"""Faults: a killed run resumes exactly, checkpoints load safely and save atomically, and bad input stops a run
+with a message naming the culprit while an earlier run's output folder stays intact."""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from errors import TrainingError, UsageError
+from main import main
+from models import ConfigError
+from utils import latest_checkpoint, read_checkpoint
+
+from .conftest import DEMO_CFG, REPO, TINY_OPTS, check, eval_summary, run_main, start_main, wait_for_line
+from .test_train_main import demo_args, read_log, run_dir
+
+LOG = logging.getLogger("focal.test")
+# Every random stream in play: augmentation in a DataLoader worker, random erasing, Mixup, drop-path.
+RANDOM_OPTS = ("SAVE_FREQ", "1", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "1", "AUG.MIXUP", "0.8",
+               "AUG.REPROB", "0.25", "MODEL.DROP_PATH_RATE", "0.1")
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def this_run(log: str) -> str:
+    """The part of an appended log written by the latest run."""
+    return log.split("rank 0 of ")[-1]
+
+
+def test_run_killed_in_epoch_three_resumes_to_the_same_weights(demo_data, tmp_path):
+    """3 epochs straight == 2 epochs, SIGKILL during the third, and the same command again, bit for bit."""
+    opts = ("TRAIN.EPOCHS", "3", *RANDOM_OPTS)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    check(run_main(demo_args(demo_data, straight, opts=opts)))
+
+    args = demo_args(demo_data, killed, opts=opts)
+    proc = start_main(args)
+    wait_for_line(proc, "Train: [2/3][1/10]")  # a step of the third epoch is done
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    proc.stdout.close(), proc.stderr.close()
+    assert (run_dir(killed) / "ckpt_epoch_1.pth").is_file() and not (run_dir(killed) / "ckpt_epoch_2.pth").exists()
+
+    check(run_main(args))
+    log = this_run(read_log(killed))
+    assert "auto-resuming from" in log and "ckpt_epoch_1.pth" in log and "Train: [1/3]" not in log
+    expected, resumed = (load(run_dir(d) / "ckpt_epoch_2.pth") for d in (straight, killed))
+    for key in ("model", "optimizer"):
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
+    for key in ("lr_scheduler", "max_accuracy", "epoch", "step"):
+        assert resumed[key] == expected[key], key
+
+
+@pytest.fixture(scope="module")
+def previous_run(demo_data, tmp_path_factory) -> Path:
+    """The output root of a finished one-epoch run: config, log and ckpt_epoch_0.pth."""
+    output = tmp_path_factory.mktemp("previous")
+    main(demo_args(demo_data, output))
+    return output
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_intact(folder: Path, before: dict, may_change: tuple = ()) -> None:
+    """Nothing removed, added or rewritten; logs only appended to."""
+    after = snapshot(folder)
+    assert set(after) == set(before)
+    for name, data in before.items():
+        if "log_rank" in name:
+            assert after[name].startswith(data), name
+        elif not name.endswith(may_change):
+            assert after[name] == data, name
+
+
+@pytest.fixture
+def copy_of(previous_run, tmp_path):
+    """A copy of the previous run's output root and its snapshot."""
+    output = tmp_path / "output"
+    shutil.copytree(previous_run, output)
+    return output, snapshot(output)
+
+
+@pytest.fixture
+def data(demo_data, tmp_path) -> Path:
+    """A private copy of the demo dataset to damage."""
+    return Path(shutil.copytree(demo_data, tmp_path / "data"))
+
+
+def first_image(root: Path, split: str = "train") -> Path:
+    return sorted((root / split / "circle").iterdir())[0]
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+BAD_INPUT = {
+    "missing --data-path": (None, ("--data-path", ""), (), UsageError, r"--data-path \(DATA.DATA_PATH\) is required"),
+    "missing val folder": (lambda d: shutil.rmtree(d / "val"), (), (), UsageError, r"has no 'val' folder"),
+    "empty class folder": (lambda d: [p.unlink() for p in (d / "train" / "circle").iterdir()], (), (), UsageError,
+                           r"1 class folder\(s\) hold no image .*train/circle"),
+    "classes differ": (lambda d: (d / "val" / "circle").rename(d / "val" / "oval"), (), (), UsageError,
+                       r"'train' and 'val' have different class folders \(only in train: circle; only in val: oval\)"),
+    "zip member missing": (lambda d: (d / "train_map.txt").open("a").write("circle/gone.JPEG\t0\n"), ("--zip",),
+                           (), UsageError, r"1 images listed in .*train_map.txt are not in .*train.zip, e.g. "
+                                       r"circle/gone.JPEG"),
+    "unknown key": (None, (), ("TRAIN.EPOCH", "3"), UsageError, r"Non-existent key: TRAIN.EPOCH"),
+    "wrong type": (None, (), ("TRAIN.EPOCHS", "many"), UsageError, r"Type mismatch .* TRAIN.EPOCHS"),
+    "eval without weights": (None, ("--eval",), ("TRAIN.AUTO_RESUME", "False"), UsageError,
+                             r"--eval needs weights: pass --resume"),
+    "accumulation 0": (None, ("--accumulation-steps", "0"), (), UsageError,
+                       r"--accumulation-steps \(TRAIN.ACCUMULATION_STEPS\) must be at least 1"),
+    "batch size 0": (None, ("--batch-size", "0"), (), UsageError, r"--batch-size \(DATA.BATCH_SIZE\) must be at least 1"),
+    "image size vs patch size": (None, (), ("DATA.IMG_SIZE", "30"), ConfigError,
+                                 r"DATA.IMG_SIZE: must be a positive multiple of MODEL.FOCAL.PATCH_SIZE \(4\)"),
+    "checkpoint of another model": (None, ("--resume", str(REPO / "tests" / "fixtures" / "small_fc_224.pth")), (),
+                                    UsageError, r"checkpoint does not fit this model: unexpected 53 keys: .*, "
+                                                r"\.\.\. \(53 in all\); mismatched shapes for 87 keys: .*"
+                                                r"to fine-tune from other weights use --pretrained"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_refused_by_name_and_damages_nothing(case, copy_of, data):
+    damage, flags, opts, error, message = BAD_INPUT[case]
+    output, before = copy_of
+    if damage:
+        damage(data)
+    with pytest.raises(error, match=message) as info:
+        main(demo_args(data, output, *flags, opts=opts))
+    assert len(str(info.value)) < 1000 and "\n" not in str(info.value)  # a summary, not a wall of keys
+    assert_intact(output, before)
+
+
+def test_unreadable_image_in_a_worker_is_one_line_naming_the_file(copy_of, data):
+    output, before = copy_of
+    bad = first_image(data)
+    truncate(bad)
+    proc = run_main(demo_args(data, output, opts=("TRAIN.EPOCHS", "2", "DATA.NUM_WORKERS", "1")))
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"main.py: error: cannot read image {bad}: image file is truncated")
+    assert proc.stderr.strip().endswith("set DATA.SKIP_BAD_IMAGES True to leave unreadable images out")
+    assert "stopped: cannot read image" in read_log(output)  # the failure is in the run's log too
+    assert_intact(output, before, may_change=("config.yaml",))
+
+
+def test_unreadable_images_can_be_skipped_and_are_counted(data, tmp_path):
+    truncate(first_image(data, "train"))
+    (first_image(data, "val")).write_bytes(b"not an image")
+    main(demo_args(data, tmp_path, opts=("DATA.SKIP_BAD_IMAGES", "True")))
+    log = read_log(tmp_path)
+    assert f"skipping unreadable image {first_image(data, 'train')}" in log
+    assert "1 unreadable training images were skipped (DATA.SKIP_BAD_IMAGES)" in log
+    assert "1 unreadable validation images were skipped" in log
+    assert eval_summary(log)["counted"] == 19
+
+
+def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(demo_data, tmp_path):
+    # The step schedule multiplies the learning rate by 1e38 after the first epoch: the weights blow up.
+    opts = ("TRAIN.EPOCHS", "3", "SAVE_FREQ", "1", "TRAIN.LR_SCHEDULER.NAME", "step",
+            "TRAIN.LR_SCHEDULER.DECAY_EPOCHS", "1", "TRAIN.LR_SCHEDULER.DECAY_RATE", "1e38")
+    with pytest.raises(TrainingError, match=r"the loss is nan at epoch 1, step \d+ of 5: stopping. The last good "
+                                            r"checkpoint is .*ckpt_epoch_0.pth"):
+        main(demo_args(demo_data, tmp_path, opts=opts))
+    assert sorted(p.name for p in run_dir(tmp_path).glob("*.pth")) == ["ckpt_epoch_0.pth"]
+    assert all(torch.isfinite(w).all() for w in load(run_dir(tmp_path) / "ckpt_epoch_0.pth")["model"].values())
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(copy_of, data, monkeypatch):
+    output, before = copy_of
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(UsageError, match=r"--tensorboard \(TENSORBOARD\) needs the tensorboard package: "
+                                         r"pip install tensorboard"):
+        main(demo_args(data, output, "--tensorboard", opts=("TRAIN.EPOCHS", "2")))
+    assert_intact(output, before)
+
+
+class CreatesFile:
+    """What a malicious checkpoint carries: unpickling it calls ``open(path, "w")``."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_malicious_checkpoint_is_refused_unless_explicitly_allowed(previous_run, copy_of, data, tmp_path):
+    output, before = copy_of
+    marker = tmp_path / "created-by-unpickling"
+    weights = load(run_dir(previous_run) / "ckpt_epoch_0.pth")["model"]
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": weights, "payload": CreatesFile(marker)}, evil)
+    with pytest.raises(UsageError, match=r"refusing to load checkpoint .*evil.pth: it needs io.open; "
+                                         r"--unsafe-load unpickles it anyway, which runs whatever code"):
+        main(demo_args(data, output, "--eval", "--resume", str(evil)))
+    assert not marker.exists()
+    assert_intact(output, before)
+    # An old-style bare pickle is refused too.
+    bare = tmp_path / "bare.pth"
+    bare.write_bytes(pickle.dumps({"model": weights, "payload": CreatesFile(marker)}))
+    with pytest.raises(UsageError, match=r"bare.pth: it is not a tensors-only PyTorch checkpoint; --unsafe-load"):
+        read_checkpoint(str(bare), LOG)
+    assert not marker.exists()
+    # The opt-in does what it warns about: the file's code runs.
+    main(demo_args(data, output, "--eval", "--unsafe-load", "--resume", str(evil)))
+    assert marker.exists() and "--unsafe-load: fully unpickling" in read_log(output)
+
+
+def test_auto_resume_skips_truncated_and_empty_newest_checkpoints(copy_of, data):
+    output, _ = copy_of
+    folder = run_dir(output)
+    good = (folder / "ckpt_epoch_0.pth").read_bytes()
+    (folder / "ckpt_epoch_1.pth").write_bytes(good[: len(good) // 2])  # killed mid-copy
+    (folder / "ckpt_epoch_2.pth").write_bytes(b"")  # disk full
+    assert latest_checkpoint(str(folder), LOG).path == str(folder / "ckpt_epoch_0.pth")
+    main(demo_args(data, output, opts=("TRAIN.EPOCHS", "2")))
+    log = this_run(read_log(output))
+    assert f"auto-resume skips {folder / 'ckpt_epoch_2.pth'}: cannot read checkpoint" in log
+    assert f"auto-resume skips {folder / 'ckpt_epoch_1.pth'}: cannot read checkpoint" in log and "truncated" in log
+    assert f"auto-resuming from {folder / 'ckpt_epoch_0.pth'}" in log and "Train: [1/2]" in log
+    assert load(folder / "ckpt_epoch_1.pth")["epoch"] == 1  # rewritten whole
+    assert (folder / "ckpt_epoch_0.pth").read_bytes() == good
+
+
+def test_a_crash_while_saving_leaves_no_partial_checkpoint(copy_of, data, monkeypatch):
+    output, before = copy_of
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        main(demo_args(data, output, opts=("TRAIN.EPOCHS", "2")))
+    assert_intact(output, before, may_change=("config.yaml",))  # no ckpt_epoch_1.pth, no temporary file
+
+
+def test_a_dead_rank_stops_the_others_and_the_same_command_resumes(demo_data, tmp_path):
+    args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "3", *RANDOM_OPTS[:4]))
+    proc = start_main(args, nproc=2)
+    wait_for_line(proc, "Train: [1/3][0/5]")
+    pid = int(read_log(tmp_path, rank=1).split("pid ")[1].split()[0])
+    os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=90) != 0  # torchrun notices at once and stops rank 0: no collective timeout
+    stderr = proc.stderr.read()
+    proc.stdout.close(), proc.stderr.close()
+    assert "Signal 9 (SIGKILL)" in stderr or "SIGKILL" in stderr
+    # Rank 0 logs why it stopped: gloo's lost connection to rank 1, or torchrun's SIGTERM, whichever comes first.
+    rank0 = read_log(tmp_path, rank=0)
+    assert "ERROR failed" in rank0 or "stopped: terminated by SIGTERM (under torchrun: another rank failed)" in rank0
+
+    check(run_main(args, nproc=2))
+    for rank in (0, 1):
+        log = this_run(read_log(tmp_path, rank))
+        assert "auto-resuming from" in log and "ckpt_epoch_0.pth" in log and "Train: [1/3]" in log
+    assert load(run_dir(tmp_path) / "ckpt_epoch_2.pth")["epoch"] == 2
