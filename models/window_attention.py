@@ -13,7 +13,6 @@ from typing import Callable, List, Tuple, TypeVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 LayoutT = TypeVar("LayoutT")
@@ -68,7 +67,7 @@ def gather_windows(source: torch.Tensor, index: torch.Tensor) -> Tuple[torch.Ten
     two, b, nh, _, hd = source.shape
     n_win, n_keys = index.shape
     kv = source.index_select(3, index.reshape(-1)).view(two, b, nh * n_win, n_keys, hd)
-    return kv[0], kv[1]
+    return kv.unbind(0)  # unbind, not indexing: its backward stacks the two gradients instead of zero-filling
 
 
 def windows_to_heads(windows: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -76,31 +75,30 @@ def windows_to_heads(windows: torch.Tensor, num_heads: int) -> Tuple[torch.Tenso
     b, n_win, n_keys, c2 = windows.shape
     kv = windows.view(b, n_win, n_keys, 2, num_heads, c2 // 2 // num_heads).permute(3, 0, 4, 1, 2, 5)
     kv = kv.reshape(2, b, num_heads * n_win, n_keys, -1)
-    return kv[0], kv[1]
+    return kv.unbind(0)  # unbind, not indexing: its backward stacks the two gradients instead of zero-filling
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
            dropout: float) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout, scale=scale)
+    """Softmax attention with an additive bias.
 
-
-def _attend_gathered(q: torch.Tensor, source: torch.Tensor, index: torch.Tensor, bias: torch.Tensor, scale: float,
-                     dropout: float) -> torch.Tensor:
-    k, v = gather_windows(source, index)
-    return attend(q, k, v, bias, scale, dropout)
+    When the bias itself needs a gradient (training), the fused kernels do not apply and PyTorch's generic
+    fallback spends much of its time guarding against fully masked rows, which cannot occur here (masks are
+    finite); the plain formulation is then faster and computes the same thing.
+    """
+    bias = bias.to(q.dtype)
+    if not (torch.is_grad_enabled() and bias.requires_grad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+    attn = torch.matmul(q * scale, k.transpose(-2, -1)) + bias
+    attn = F.dropout(attn.softmax(dim=-1), dropout, training=dropout > 0)
+    return torch.matmul(attn, v)
 
 
 def attend_gathered(q: torch.Tensor, source: torch.Tensor, index: torch.Tensor, bias: torch.Tensor, scale: float,
                     dropout: float) -> torch.Tensor:
-    """Attention over keys/values gathered from ``source``.
-
-    The gathered keys/values are several times larger than their source (every token sits in several windows'
-    key sets), so when training they are not kept for backward: the gather and the attention kernel are redone
-    from the source. That keeps Focal-T's training memory near Swin-T's for one extra attention forward.
-    """
-    if not (torch.is_grad_enabled() and source.requires_grad):
-        return _attend_gathered(q, source, index, bias, scale, dropout)
-    return checkpoint(_attend_gathered, q, source, index, bias, scale, dropout, use_reentrant=False)
+    """Attention over keys/values gathered from ``source`` by a ``(nW, L)`` index."""
+    k, v = gather_windows(source, index)
+    return attend(q, k, v, bias, scale, dropout)
 
 
 def project_kv(x: torch.Tensor, qkv: nn.Linear) -> torch.Tensor:
