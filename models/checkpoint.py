@@ -46,7 +46,7 @@ class LoadReport:
             shown = [f"{k} (checkpoint {tuple(a)} vs model {tuple(b)})" for k, a, b in self.mismatched]
             lines.append(f"mismatched shapes for {len(self.mismatched)} keys: {head(shown)}")
         if self.resized:
-            lines.append(f"resized {len(self.resized)} position tables: {head(self.resized)}")
+            lines.append(f"resized {len(self.resized)} position tables to this window size")
         return "; ".join(lines) if lines else "all keys matched"
 
 

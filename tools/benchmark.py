@@ -261,7 +261,8 @@ def plot(results: Dict[str, Dict], sizes: Sequence[int], path: str) -> None:
         draw.line(pts, fill=colours[j % len(colours)], width=3)
         for p in pts:
             draw.ellipse([p[0] - 4, p[1] - 4, p[0] + 4, p[1] + 4], fill=colours[j % len(colours)])
-        draw.text((margin + 10, margin + 10 + 16 * j), name.replace("timm:", ""), fill=colours[j % len(colours)])
+        legend_y = height - margin - 16 * (len(results) - j) - 6  # bottom left: lines fall from top left
+        draw.text((margin + 10, legend_y), name.replace("timm:", ""), fill=colours[j % len(colours)])
     draw.text((margin, 20), "inference images/s vs image size (log scale)", fill="black")
     img.save(path)
     print(f"plot written to {path}")
