@@ -49,17 +49,21 @@ def test_single_process_trains_saves_and_evaluates(trained):
     assert "IMG_SIZE: 32" in (run_dir(trained) / "config.yaml").read_text()
 
 
-def test_two_process_eval_equals_single_process(trained, demo_data, tmp_path):
+def test_two_and_three_process_eval_equal_single_process(trained, demo_data, tmp_path):
     checkpoint = str(run_dir(trained) / "ckpt_epoch_0.pth")
     flags = ("--eval", "--resume", checkpoint)
     odd_batches = ("DATA.BATCH_SIZE", "3")  # 10 images per rank: batches of 3, 3, 3, 1
     single = eval_summary(check(run_main(demo_args(demo_data, tmp_path / "one", *flags, opts=odd_batches))).stdout)
     double = eval_summary(check(run_main(demo_args(demo_data, tmp_path / "two", *flags, opts=odd_batches),
                                          nproc=2)).stdout)
+    # 20 images over 3 ranks: unequal shards of 7, 7 and 6, whose counts and sums must still add up exactly
+    triple = eval_summary(check(run_main(demo_args(demo_data, tmp_path / "three", *flags, opts=odd_batches),
+                                         nproc=3)).stdout)
     assert "backend gloo" in read_log(tmp_path / "two", rank=1)
-    assert single["counted"] == double["counted"] == 20
-    assert (single["acc1"], single["acc5"]) == (double["acc1"], double["acc5"])
-    assert double["loss"] == pytest.approx(single["loss"], abs=2e-4)
+    assert single["counted"] == double["counted"] == triple["counted"] == 20
+    for multi in (double, triple):
+        assert (single["acc1"], single["acc5"]) == (multi["acc1"], multi["acc5"])
+        assert multi["loss"] == pytest.approx(single["loss"], abs=2e-4)
 
 
 def test_torchrun_trains_from_zip_with_part_cache(demo_data, tmp_path):
