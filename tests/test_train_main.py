@@ -130,3 +130,15 @@ def test_pretrained_starts_a_new_run_from_the_weights(trained, demo_data, tmp_pa
     assert "Train: [0/1]" in log and "auto-resuming" not in log
     main(demo_args(demo_data, tmp_path / "eval", "--eval", "--pretrained", checkpoint))
     assert eval_summary(read_log(tmp_path / "eval"))["acc1"] == eval_summary(read_log(trained))["acc1"]
+
+
+def test_tensorboard_events_hold_loss_lr_and_accuracy(demo_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    check(run_main(demo_args(demo_data, tmp_path, "--tensorboard")))
+    events = EventAccumulator(str(run_dir(tmp_path)))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/acc1", "val/acc5", "val/loss"} <= tags, tags
+    acc1 = events.Scalars("val/acc1")
+    assert [e.step for e in acc1] == [0]
+    assert acc1[0].value == pytest.approx(float(eval_summary(read_log(tmp_path))["acc1"]), abs=1e-3)
