@@ -78,20 +78,44 @@ def windows_to_heads(windows: torch.Tensor, num_heads: int) -> Tuple[torch.Tenso
     return kv.unbind(0)  # unbind, not indexing: its backward stacks the two gradients instead of zero-filling
 
 
+class _BiasedAttention(torch.autograd.Function):
+    """Softmax attention with a learned additive bias, memory-lean in training.
+
+    PyTorch's fused kernels give no gradient for the bias on CPU, and the plain formulation keeps the attention
+    probabilities for backward: with focal attention's wide key sets those are the largest activations of the
+    model. Here the fused kernel runs forward and backward recomputes the probabilities from q, k and the bias.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        ctx.save_for_backward(q, k, v, bias, out)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v, bias, out = ctx.saved_tensors
+        probs = torch.matmul(q, k.transpose(-2, -1)).mul_(ctx.scale).add_(bias).softmax(dim=-1)
+        grad_v = torch.matmul(probs.transpose(-2, -1), grad_out)
+        # d(logits) = P * (dP - rowsum(dO * O)), computed in place in the dP buffer
+        grad_logits = torch.matmul(grad_out, v.transpose(-2, -1))
+        grad_logits.sub_((grad_out * out).sum(dim=-1, keepdim=True)).mul_(probs)
+        del probs
+        grad_q = torch.matmul(grad_logits, k).mul_(ctx.scale)
+        grad_k = torch.matmul(grad_logits.transpose(-2, -1), q).mul_(ctx.scale)
+        grad_bias = grad_logits.sum_to_size(bias.shape) if ctx.needs_input_grad[3] else None
+        return grad_q, grad_k, grad_v, grad_bias, None
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
            dropout: float) -> torch.Tensor:
-    """Softmax attention with an additive bias.
-
-    When the bias itself needs a gradient (training), the fused kernels do not apply and PyTorch's generic
-    fallback spends much of its time guarding against fully masked rows, which cannot occur here (masks are
-    finite); the plain formulation is then faster and computes the same thing.
-    """
+    """Softmax attention with an additive bias: the fused kernel, with a lean backward when training."""
     bias = bias.to(q.dtype)
-    if not (torch.is_grad_enabled() and bias.requires_grad):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
-    attn = torch.matmul(q * scale, k.transpose(-2, -1)) + bias
-    attn = F.dropout(attn.softmax(dim=-1), dropout, training=dropout > 0)
-    return torch.matmul(attn, v)
+    if torch.is_grad_enabled() and bias.requires_grad and dropout == 0.0:
+        return _BiasedAttention.apply(q, k, v, bias, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
 
 
 def attend_gathered(q: torch.Tensor, source: torch.Tensor, index: torch.Tensor, bias: torch.Tensor, scale: float,
