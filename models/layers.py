@@ -6,7 +6,7 @@ carried by the tensor itself and any input size works.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn

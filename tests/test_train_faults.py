@@ -18,7 +18,7 @@ from main import main
 from models import ConfigError
 from utils import latest_checkpoint, read_checkpoint
 
-from .conftest import DEMO_CFG, REPO, TINY_OPTS, check, eval_summary, run_main, start_main, wait_for_line
+from .conftest import REPO, check, eval_summary, run_main, start_main, wait_for_line
 from .test_train_main import demo_args, read_log, run_dir
 
 LOG = logging.getLogger("focal.test")
