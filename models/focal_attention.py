@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .layers import relative_position_index, window_partition
-from .window_attention import (attend, attend_gathered, kv_source, layout_cache, merge_windows, project_kv,
-                               queries_by_window, windows_to_heads)
+from .window_attention import (attend, kv_source, layout_cache, merge_windows, project_kv, queries_by_window,
+                               windows_to_heads)
 
 GATHER_METHODS = ("index", "unfold", "roll")
 MASK_VALUE = -100.0  # the reference's logit penalty (not -inf: fully masked rows stay finite)
@@ -227,9 +227,8 @@ class FocalWindowAttention(nn.Module):
             out.append(patches.permute(0, 3, 2, 1))
         return out
 
-    def gather_kv(self, kv: torch.Tensor, pooled_kv: List[torch.Tensor],
-                  layout: FocalLayout) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``(B, nH*nW, L, hd)`` of every window, in the documented order (roll / unfold)."""
+    def gather_kv(self, kv: torch.Tensor, pooled_kv: List[torch.Tensor], layout: FocalLayout) -> torch.Tensor:
+        """Keys and values of every window ``(2, B, nH, nW*L, hd)``, in the documented order (roll / unfold)."""
         local = self._local_by_roll(kv, layout) if self.kv_gather == "roll" else self._local_by_unfold(kv, layout)
         windows = torch.cat([local] + self._pooled_by_unfold(pooled_kv, layout), dim=2)
         return windows_to_heads(windows, self.num_heads)
@@ -253,10 +252,10 @@ class FocalWindowAttention(nn.Module):
         bias = self.attention_bias(layout, n_windows)
         dropout = self.attn_drop if self.training else 0.0
         if self.kv_gather == "index":
-            source = kv_source([kv] + pooled_kv, self.num_heads, zero_token=True)
-            out = attend_gathered(q, source, layout.index, bias, self.scale, dropout)
+            table = kv_source([kv] + pooled_kv, self.num_heads, zero_token=True)
+            out = attend(q, table, layout.index, bias, self.scale, dropout)
         else:
-            out = attend(q, *self.gather_kv(kv, pooled_kv, layout), bias, self.scale, dropout)
+            out = attend(q, self.gather_kv(kv, pooled_kv, layout), None, bias, self.scale, dropout)
         return self.proj_drop(self.proj(merge_windows(out, h, w, self.window_size, self.num_heads)))
 
     def flops(self, n: int) -> float:

@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .window_attention import (attend_gathered, kv_source, layout_cache, merge_windows, project_kv,
+from .window_attention import (attend, kv_source, layout_cache, merge_windows, project_kv,
                                queries_by_window)
 
 MAX_LEVELS = 2
@@ -130,7 +130,8 @@ class TopKFocalAttention(nn.Module):
         q = queries_by_window(qkv[..., :c], self.window_size, self.num_heads)
         pooled_kv = [project_kv(p, self.qkv) for p in pooled[: self.focal_level - 1]]
         source = kv_source([qkv[..., c:]] + pooled_kv, self.num_heads, zero_token=False)
-        out = attend_gathered(q, source, layout.index, self.position_bias(layout), self.scale, self.attn_drop if self.training else 0.0)
+        dropout = self.attn_drop if self.training else 0.0
+        out = attend(q, source, layout.index, self.position_bias(layout), self.scale, dropout)
         return self.proj_drop(self.proj(merge_windows(out, h, w, self.window_size, self.num_heads)))
 
     def flops(self, n: int, height: int, width: int) -> float:

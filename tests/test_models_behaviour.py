@@ -5,6 +5,7 @@ import torch
 from config import load_config
 from models import ConfigError, build_model, load_weights
 from models.focal_attention import GATHER_METHODS, FocalWindowAttention
+from models import window_attention
 from models.window_attention import attend
 
 SMALL = ["MODEL.NUM_CLASSES", 10, "MODEL.DROP_PATH_RATE", 0.0, "MODEL.FOCAL.EMBED_DIM", 16,
@@ -191,8 +192,36 @@ def test_training_attention_path_computes_the_inference_result(model_type):
     torch.testing.assert_close(plain, fused, atol=1e-5, rtol=1e-5)
 
 
-def test_biased_attention_gradients_are_exact():
+@pytest.mark.parametrize("gathered", [True, False])
+@pytest.mark.parametrize("block_bytes", [0, 1])
+def test_blocked_attention_gradients_are_exact(monkeypatch, gathered, block_bytes):
+    """The custom backward, with one block and with one block per (image, head), in float64."""
+    monkeypatch.setattr(window_attention, "CPU_BLOCK_BYTES", block_bytes)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, n, 4, generator=gen, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7))
-    bias = torch.randn(1, 3, 5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: attend(*t, scale=0.5, dropout=0.0), (q, k, v, bias))
+    batch, heads, windows, n_query, n_keys, tokens, hd = 2, 3, 2, 5, 7, 9, 4
+    q = torch.randn(batch, heads * windows, n_query, hd, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, heads * windows, n_query, n_keys, generator=gen, dtype=torch.float64, requires_grad=True)
+    if gathered:  # with repeated tokens, so the gradient scatter must accumulate
+        index = torch.randint(0, tokens, (windows, n_keys), generator=gen)
+        kv = torch.randn(batch, 2, heads, tokens, hd, generator=gen, dtype=torch.float64, requires_grad=True)
+    else:
+        index = None
+        kv = torch.randn(batch, 2, heads, windows * n_keys, hd, generator=gen, dtype=torch.float64,
+                         requires_grad=True)
+    blocks = window_attention.attention_blocks(q, heads, n_keys)
+    assert len(blocks) == (1 if block_bytes == 0 else batch * heads)
+    assert torch.autograd.gradcheck(lambda q, kv, bias: attend(q, kv, index, bias, scale=0.5, dropout=0.0),
+                                    (q, kv, bias))
+
+
+def test_blocked_attention_equals_one_block(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 4 * 6, 49, 8, generator=gen)
+    kv = torch.randn(3, 2, 4, 100, 8, generator=gen)
+    index = torch.randint(0, 100, (6, 60), generator=gen)
+    bias = torch.randn(1, 4 * 6, 49, 60, generator=gen)
+    whole = attend(q, kv, index, bias, scale=0.3, dropout=0.0)
+    for block_bytes in (1, 49 * 60 * 4 * 6 * 2):  # one head per block; two heads per block
+        monkeypatch.setattr(window_attention, "CPU_BLOCK_BYTES", block_bytes)
+        assert len(window_attention.attention_blocks(q, 4, 60)) == (12 if block_bytes == 1 else 6)
+        torch.testing.assert_close(attend(q, kv, index, bias, scale=0.3, dropout=0.0), whole, atol=1e-6, rtol=0)
