@@ -171,7 +171,7 @@ class _BlockedAttention(torch.autograd.Function):
             grad_q[images, rows] = torch.matmul(grad_logits, k).mul_(scale)
             grad_k = torch.matmul(grad_logits.transpose(-2, -1), q_block).mul_(scale)
             if grad_bias is not None:
-                grad_bias[:, rows] += grad_logits.sum(dim=0, keepdim=True)
+                grad_bias[:, rows] += grad_logits.sum_to_size(grad_bias[:, rows].shape)  # no copy for one image
             for part, grad in ((0, grad_k), (1, grad_v)):
                 target = grad_kv[images, part, heads]
                 grad = grad.view(target.shape[0], target.shape[1], -1, target.shape[-1])
