@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from typing import Callable, List, Optional, Tuple, TypeVar
+from typing import Callable, List, NamedTuple, Optional, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
@@ -75,32 +75,55 @@ def windows_to_heads(windows: torch.Tensor, num_heads: int) -> torch.Tensor:
 # mapped and page-faulted afresh. At 224 this made Focal-T's training attention about 1.3x faster. 0: one block.
 CPU_BLOCK_BYTES = 4 << 20
 
-Block = Tuple[slice, slice, slice]  # images, heads, and those heads' rows of the (heads x windows) axis
+class Block(NamedTuple):
+    """A part of the attention: images, heads and windows, and the matching rows of the (heads x windows) axis."""
+    images: slice
+    heads: slice
+    windows: slice
+    rows: slice
+
+
+WHOLE = Block(slice(None), slice(None), slice(None), slice(None))
 
 
 def attention_blocks(q: torch.Tensor, num_heads: int, n_keys: int) -> List[Block]:
-    """One image and as many of its heads as fit the budget per block. One block under ``torch.compile`` / export
-    (the compiler plans memory itself) and on accelerators, where many small kernels would only add launches."""
+    """One image per block, with as many heads, or if a head is too big as many windows of one head, as fit the
+    budget. One block under ``torch.compile`` / export (the compiler plans memory itself) and on accelerators,
+    where many small kernels would only add launches."""
     if q.device.type != "cpu" or CPU_BLOCK_BYTES <= 0 or torch.compiler.is_compiling():
-        return [(slice(None), slice(None), slice(None))]  # no size arithmetic: export keeps the batch symbolic
+        return [WHOLE]  # no size arithmetic: export keeps the batch symbolic
     batch, rows, n_query, _ = q.shape
     n_win = rows // num_heads
-    heads = max(1, min(num_heads, CPU_BLOCK_BYTES // (n_win * n_query * n_keys * q.element_size())))
-    return [(slice(b, b + 1), slice(h, h + heads), slice(h * n_win, (h + heads) * n_win))
+    per_window = n_query * n_keys * q.element_size()
+    windows = max(1, min(n_win, CPU_BLOCK_BYTES // per_window))
+    if windows < n_win:
+        return [Block(slice(b, b + 1), slice(h, h + 1), slice(w, w + windows),
+                      slice(h * n_win + w, h * n_win + min(w + windows, n_win)))
+                for b in range(batch) for h in range(num_heads) for w in range(0, n_win, windows)]
+    heads = max(1, min(num_heads, CPU_BLOCK_BYTES // (per_window * n_win)))
+    return [Block(slice(b, b + 1), slice(h, h + heads), slice(None), slice(h * n_win, (h + heads) * n_win))
             for b in range(batch) for h in range(0, num_heads, heads)]
 
 
-def block_keys_values(kv: torch.Tensor, index: Optional[torch.Tensor], n_keys: int, images: slice,
-                      heads: slice) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``(b, h*nW, L, hd)`` of one block, gathered from the table by ``index`` if given.
+def token_range(windows: slice, n_keys: int) -> slice:
+    """Where a range of windows lies in an already gathered ``nW*L`` token axis."""
+    return slice(None if windows.start is None else windows.start * n_keys,
+                 None if windows.stop is None else windows.stop * n_keys)
+
+
+def block_keys_values(kv: torch.Tensor, index: Optional[torch.Tensor], n_keys: int,
+                      block: Block) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``(b, h*w, L, hd)`` of one block, gathered from the table by ``index`` if given.
 
     With one image per block each key or value slice of the table is contiguous, the gather's fast path.
     """
     out = []
-    for part in (kv[images, 0, heads], kv[images, 1, heads]):
-        if index is not None:
-            part = part.index_select(2, index.reshape(-1))
-        out.append(part.reshape(part.shape[0], -1, n_keys, part.shape[-1]))
+    for part in (0, 1):
+        if index is None:
+            table = kv[block.images, part, block.heads, token_range(block.windows, n_keys)]
+        else:
+            table = kv[block.images, part, block.heads].index_select(2, index[block.windows].reshape(-1))
+        out.append(table.reshape(table.shape[0], -1, n_keys, table.shape[-1]))
     return out[0], out[1]
 
 
@@ -109,13 +132,14 @@ def blocked_attention(q: torch.Tensor, kv: torch.Tensor, index: Optional[torch.T
     """The fused kernel block by block."""
     n_keys = bias.shape[-1]
     if len(blocks) == 1:
-        k, v = block_keys_values(kv, index, n_keys, *blocks[0][:2])
+        k, v = block_keys_values(kv, index, n_keys, blocks[0])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     out = torch.empty_like(q)
-    for images, heads, rows in blocks:
-        k, v = block_keys_values(kv, index, n_keys, images, heads)
-        out[images, rows] = F.scaled_dot_product_attention(q[images, rows], k, v, attn_mask=bias[:, rows],
-                                                           scale=scale)
+    for block in blocks:
+        k, v = block_keys_values(kv, index, n_keys, block)
+        rows = block.rows
+        out[block.images, rows] = F.scaled_dot_product_attention(q[block.images, rows], k, v,
+                                                                 attn_mask=bias[:, rows], scale=scale)
     return out
 
 
@@ -159,9 +183,10 @@ class _BlockedAttention(torch.autograd.Function):
         grad_q = torch.empty_like(q)
         grad_kv = torch.zeros_like(kv)
         grad_bias = torch.zeros_like(bias) if ctx.needs_input_grad[3] else None
-        for images, heads, rows in ctx.blocks:
+        for block in ctx.blocks:
+            images, rows = block.images, block.rows
             q_block, grad_block = q[images, rows], grad_out[images, rows]
-            k, v = block_keys_values(kv, index, n_keys, images, heads)
+            k, v = block_keys_values(kv, index, n_keys, block)
             probs = torch.matmul(q_block, k.transpose(-2, -1)).mul_(scale).add_(bias[:, rows]).softmax(dim=-1)
             grad_v = torch.matmul(probs.transpose(-2, -1), grad_block)
             # d(logits) = P * (dP - rowsum(dO * O)), computed in place in the dP buffer
@@ -173,12 +198,12 @@ class _BlockedAttention(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias[:, rows] += grad_logits.sum_to_size(grad_bias[:, rows].shape)  # no copy for one image
             for part, grad in ((0, grad_k), (1, grad_v)):
-                target = grad_kv[images, part, heads]
-                grad = grad.view(target.shape[0], target.shape[1], -1, target.shape[-1])
+                table = grad_kv[images, part, block.heads]
+                grad = grad.view(table.shape[0], table.shape[1], -1, table.shape[-1])
                 if index is None:
-                    target.copy_(grad)
+                    table[:, :, token_range(block.windows, n_keys)] = grad
                 else:
-                    scatter_add_tokens(target, index, grad)
+                    scatter_add_tokens(table, index[block.windows], grad)
         return grad_q, grad_kv, None, grad_bias, None
 
 
@@ -191,7 +216,7 @@ def attend(q: torch.Tensor, kv: torch.Tensor, index: Optional[torch.Tensor], bia
     """
     bias = bias.to(q.dtype)
     if dropout > 0.0:  # rare (all released models use 0): PyTorch's generic path, one block
-        k, v = block_keys_values(kv, index, bias.shape[-1], slice(None), slice(None))
+        k, v = block_keys_values(kv, index, bias.shape[-1], WHOLE)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
     if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad or bias.requires_grad):
         return _BlockedAttention.apply(q, kv, index, bias, scale)

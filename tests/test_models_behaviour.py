@@ -192,11 +192,15 @@ def test_training_attention_path_computes_the_inference_result(model_type):
     torch.testing.assert_close(plain, fused, atol=1e-5, rtol=1e-5)
 
 
+# bytes per attention block -> blocks per image: 0 turns blocking off; 1 gives one window of one head per block
+BLOCKINGS = {"one block": 0, "one window": 1, "two heads": 5 * 7 * 8 * 2 * 2}
+
+
 @pytest.mark.parametrize("gathered", [True, False])
-@pytest.mark.parametrize("block_bytes", [0, 1])
-def test_blocked_attention_gradients_are_exact(monkeypatch, gathered, block_bytes):
-    """The custom backward, with one block and with one block per (image, head), in float64."""
-    monkeypatch.setattr(window_attention, "CPU_BLOCK_BYTES", block_bytes)
+@pytest.mark.parametrize("blocking", BLOCKINGS)
+def test_blocked_attention_gradients_are_exact(monkeypatch, gathered, blocking):
+    """The custom backward in float64, whole and in blocks of windows or heads."""
+    monkeypatch.setattr(window_attention, "CPU_BLOCK_BYTES", BLOCKINGS[blocking])
     gen = torch.Generator().manual_seed(0)
     batch, heads, windows, n_query, n_keys, tokens, hd = 2, 3, 2, 5, 7, 9, 4
     q = torch.randn(batch, heads * windows, n_query, hd, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -208,8 +212,9 @@ def test_blocked_attention_gradients_are_exact(monkeypatch, gathered, block_byte
         index = None
         kv = torch.randn(batch, 2, heads, windows * n_keys, hd, generator=gen, dtype=torch.float64,
                          requires_grad=True)
+    per_image = {"one block": None, "one window": heads * windows, "two heads": 2}[blocking]
     blocks = window_attention.attention_blocks(q, heads, n_keys)
-    assert len(blocks) == (1 if block_bytes == 0 else batch * heads)
+    assert len(blocks) == (1 if per_image is None else batch * per_image)
     assert torch.autograd.gradcheck(lambda q, kv, bias: attend(q, kv, index, bias, scale=0.5, dropout=0.0),
                                     (q, kv, bias))
 
@@ -221,7 +226,8 @@ def test_blocked_attention_equals_one_block(monkeypatch):
     index = torch.randint(0, 100, (6, 60), generator=gen)
     bias = torch.randn(1, 4 * 6, 49, 60, generator=gen)
     whole = attend(q, kv, index, bias, scale=0.3, dropout=0.0)
-    for block_bytes in (1, 49 * 60 * 4 * 6 * 2):  # one head per block; two heads per block
+    per_window = 49 * 60 * 4
+    for block_bytes, per_image in ((per_window * 4, 4 * 2), (per_window * 6 * 2, 2)):  # 4 windows; 2 heads
         monkeypatch.setattr(window_attention, "CPU_BLOCK_BYTES", block_bytes)
-        assert len(window_attention.attention_blocks(q, 4, 60)) == (12 if block_bytes == 1 else 6)
+        assert len(window_attention.attention_blocks(q, 4, 60)) == 3 * per_image
         torch.testing.assert_close(attend(q, kv, index, bias, scale=0.3, dropout=0.0), whole, atol=1e-6, rtol=0)
