@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -98,7 +99,9 @@ def inference_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 def training_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
+    with torch.no_grad():
+        num_classes = model(x[:1]).shape[-1]
+    target = torch.randint(0, num_classes, (x.shape[0],), device=x.device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -107,20 +110,28 @@ def training_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def time_alternating(steps: Dict[str, Callable[[], None]], reps: int, warmup: int,
-                     device: torch.device) -> Dict[str, float]:
-    """Median seconds per call of each step, interleaving the steps within every repetition."""
-    for step in steps.values():
+def time_alternating(steps: Dict[str, Callable[[], None]], reps: int, warmup: int, device: torch.device,
+                     min_seconds: float = 0.5) -> Dict[str, float]:
+    """Median seconds per call of each step, interleaving the steps within every repetition. A repetition times
+    enough back-to-back calls of a fast step to last ``min_seconds``, so small inputs are not timer noise."""
+    calls: Dict[str, int] = {}
+    for name, step in steps.items():
         for _ in range(warmup):
             step()
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        calls[name] = max(1, math.ceil(min_seconds / (time.perf_counter() - start)))
     times: Dict[str, List[float]] = {name: [] for name in steps}
     for _ in range(reps):
         for name, step in steps.items():
             synchronize(device)
             start = time.perf_counter()
-            step()
+            for _ in range(calls[name]):
+                step()
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - start) / calls[name])
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -184,7 +195,7 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
             make = inference_step if mode == "infer" else training_step
             steps = {n: make(m, x) for n, m in models.items()}
             print(f"timing {mode} at {img_size}x{img_size}, batch {args.batch_size}, {args.reps} reps ...", flush=True)
-            medians = time_alternating(steps, args.reps, args.warmup, device)
+            medians = time_alternating(steps, args.reps, args.warmup, device, args.min_seconds)
             for n, sec in medians.items():
                 results.setdefault(n, {})[f"{mode}_{img_size}"] = args.batch_size / sec
             del models, steps
@@ -228,7 +239,8 @@ def run_gather(args: argparse.Namespace, device: torch.device) -> None:
             with torch.inference_mode():
                 model(x)
         return step
-    medians = time_alternating({m: with_method(m) for m in GATHER_METHODS}, args.reps, args.warmup, device)
+    medians = time_alternating({m: with_method(m) for m in GATHER_METHODS}, args.reps, args.warmup, device,
+                               args.min_seconds)
     rows = [[m, f"{1000 * s:.1f}", f"{args.batch_size / s:.2f}", f"{medians['roll'] / s:.2f}x"]
             for m, s in medians.items()]
     print_table(f"{args.models[0]} gather methods, batch {args.batch_size}, {args.img_size[0]}px, {machine()}",
@@ -237,7 +249,6 @@ def run_gather(args: argparse.Namespace, device: torch.device) -> None:
 
 def plot(results: Dict[str, Dict], sizes: Sequence[int], path: str) -> None:
     """A small line chart (log scale) of inference images/s against image size, drawn with Pillow."""
-    import math
     from PIL import Image, ImageDraw
     width, height, margin = 720, 480, 70
     img = Image.new("RGB", (width, height), "white")
@@ -279,6 +290,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, nargs="+", default=[224])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--min-seconds", type=float, default=0.5,
+                   help="each repetition repeats a fast step until it lasts this long")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the training-memory probes")
     p.add_argument("--gather", action="store_true", help="compare the v1 gather methods instead")

@@ -1,0 +1,38 @@
+"""The benchmark CLI runs end to end on small models: speed table with ratios, memory probes, JSON, gather mode."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = ["--models", "configs/demo/focalv2_demo.yaml", "--peer", "configs/demo/focal_demo.yaml",
+        "--img-size", "64", "--batch-size", "2", "--reps", "2", "--min-seconds", "0.01"]
+
+
+def run(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "tools.benchmark", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_speed_and_memory_tables_with_ratios_to_the_peer(tmp_path):
+    out = run(*DEMO, "--mode", "both", "--json", str(tmp_path / "bench.json"))
+    assert "| configs/demo/focal_demo.yaml" in out and "(1.00x)" in out  # the peer against itself
+    assert "training-step memory" in out
+    figures = json.loads((tmp_path / "bench.json").read_text())
+    demo = figures["configs/demo/focalv2_demo.yaml"]
+    assert demo["infer_64"] > 0 and demo["train_64"] > 0 and demo["train_peak_mb_64"] > 100
+
+
+def test_gather_methods_are_compared_against_roll():
+    out = run(*DEMO, "--gather", "--models", "configs/demo/focal_demo.yaml")
+    for method in ("index", "unfold", "roll"):
+        assert f"| {method}" in out
+    assert "1.00x" in out  # roll against itself
+
+
+def test_gather_mode_refuses_a_focalv2_model():
+    done = subprocess.run([sys.executable, "-m", "tools.benchmark", *DEMO, "--gather"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "--gather needs a v1" in done.stderr
