@@ -13,6 +13,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple, TypeVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 
 
 LayoutT = TypeVar("LayoutT")
@@ -28,11 +29,14 @@ def layout_cache(build: Callable[..., LayoutT], max_entries: int = 64) -> Callab
     @functools.wraps(build)
     def cached(*args):
         if args not in store:
-            with torch.inference_mode(False):  # a layout first needed under inference_mode serves training too
+            # a layout first needed under inference_mode serves training too; under a tracing dispatch mode
+            # (non-strict torch.export) it is built from real integers and enters the graph as a constant
+            with torch.inference_mode(False), _disable_current_modes():
                 store[args] = build(*args)
             if len(store) > max_entries:
                 store.popitem(last=False)
         return store[args]
+    cached.cache_clear = store.clear
     return cached
 
 
