@@ -10,10 +10,10 @@ import logging
 import os
 import pickle
 import re
-import tempfile
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -93,25 +93,32 @@ def latest_checkpoint(output_dir: str, logger: logging.Logger, unsafe: bool = Fa
     return None
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``path``: a crash
-    at any point leaves either the old file or the complete new one, never a truncated one under its name."""
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(temporary_path)`` in the same folder, flushed to disk, then renamed over ``path``: a crash at any
+    point leaves either the old file or the complete new one, never a truncated one under its name. The temporary
+    file is created like any other (it honours the umask), so the result has the usual permissions."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        open(tmp, "xb").close()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(config: Any, epoch: int, step: int, model: nn.Module, max_accuracy: float,

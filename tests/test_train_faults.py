@@ -237,8 +237,9 @@ def test_auto_resume_skips_truncated_and_empty_newest_checkpoints(copy_of, data)
 def test_a_crash_while_saving_leaves_no_partial_checkpoint(copy_of, data, monkeypatch):
     output, before = copy_of
 
-    def disk_full(obj, f, *args, **kwargs):
-        f.write(b"PK\x03\x04 half a checkpoint")
+    def disk_full(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a checkpoint")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)

@@ -1,0 +1,90 @@
+"""tools/export.py: a checkpoint becomes a .pt2 or .onnx file that computes what the eager model computes."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from config import load_config
+from models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = "configs/demo/focal_demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def model_and_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(load_config(str(REPO / CFG))).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # training-like weights: zero-initialised tables would hide layout mistakes
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("ckpt") / "demo.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return model, path
+
+
+def run_export(*args):
+    return subprocess.run([sys.executable, "-m", "tools.export", "--cfg", CFG, *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_pt2_with_dynamic_batch_equals_eager(model_and_checkpoint, tmp_path):
+    model, ckpt = model_and_checkpoint
+    out = tmp_path / "demo.pt2"
+    done = run_export("--checkpoint", ckpt, "--output", out, "--dynamic-batch")
+    assert done.returncode == 0, done.stderr
+    assert "max |difference| from the eager model" in done.stdout
+    program = torch.export.load(str(out))
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_at_another_size_equals_eager(model_and_checkpoint, tmp_path):
+    import onnxruntime
+    model, ckpt = model_and_checkpoint
+    out = tmp_path / "demo.onnx"
+    done = run_export("--checkpoint", ckpt, "--output", out, "--img-size", 48, 80, "--batch-size", 2)
+    assert done.returncode == 0, done.stderr
+    x = torch.randn(2, 3, 48, 80, generator=torch.Generator().manual_seed(0))
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--output", "{tmp}/m.tflite"], "--output"),
+    (["--output", "{tmp}/m.pt2", "--img-size", "1", "2", "3"], "--img-size"),
+])
+def test_bad_flags_are_refused_by_name(model_and_checkpoint, tmp_path, args, message):
+    _, ckpt = model_and_checkpoint
+    done = run_export("--checkpoint", ckpt, *[a.format(tmp=tmp_path) for a in args])
+    assert done.returncode == 2 and message in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_unreadable_checkpoint_is_named_and_nothing_is_written(tmp_path):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint")
+    done = run_export("--checkpoint", bad, "--output", tmp_path / "m.pt2")
+    assert done.returncode == 1 and f"--checkpoint {bad}" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pth"]
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_a_failed_check_writes_nothing(model_and_checkpoint, tmp_path, monkeypatch, suffix):
+    from errors import UsageError
+    from tools import export as export_tool
+    _, ckpt = model_and_checkpoint
+    out = tmp_path / f"demo{suffix}"
+    args = export_tool.parse_args(["--cfg", str(REPO / CFG), "--checkpoint", str(ckpt), "--output", str(out)])
+    if suffix == ".onnx":  # the exported program passes; onnxruntime's run of the written file fails the check
+        monkeypatch.setattr(export_tool, "max_difference", lambda *a: 0.0)
+    monkeypatch.setattr(export_tool, "TOLERANCE", -1.0)
+    with pytest.raises(UsageError, match="nothing written"):
+        export_tool.export(args)
+    assert not any(tmp_path.iterdir())
