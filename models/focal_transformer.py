@@ -236,6 +236,19 @@ class FocalTransformer(nn.Module):
             return intermediates
         return (self.norm(x) if i == last else x), intermediates
 
+    def prune_intermediate_layers(self, indices: Optional[Union[int, List[int]]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """timm's backbone API: drop the stages, final norm and head that ``forward_intermediates(indices)`` does
+        not need (``features_only`` models call it), so a backbone carries no unused parameters."""
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        if prune_norm or max_index < len(self.layers) - 1:
+            self.norm = nn.Identity()  # sized for, and applied to, the last stage only
+        self.layers = self.layers[:max_index + 1]
+        self.layers[-1].downsample = None
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised last-stage map, ``(B, H/32, W/32, C)``."""
         x = self._embed(x)

@@ -106,6 +106,23 @@ def test_features_only_gives_stride_4_to_32_maps(name, size):
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["focal_tiny_patch4_window7_224", "focalv2_tiny_useconv_patch4_window7_224"])
+def test_backbones_carry_only_the_stages_they_use(name):
+    torch.manual_seed(0)
+    full = timm.create_model(name, **SMALL_V1).eval()
+    backbone = timm.create_model(name, features_only=True, out_indices=(0, 1), **SMALL_V1).eval()
+    backbone.model.load_state_dict(full.state_dict(), strict=False)
+    names = [n for n, _ in backbone.model.named_parameters()]
+    assert not [n for n in names if n.startswith(("norm.", "head.", "layers.2", "layers.3", "layers.1.downsample"))]
+    assert names == [n for n in names if n in dict(full.named_parameters())]
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        want = full.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        got = backbone(x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
 def test_pretrained_backbone_loads_released_layout():
     backbone = timm.create_model("focal_tiny_patch4_window7_224", features_only=True, pretrained=True,
                                  pretrained_cfg_overlay=dict(file=str(FIXTURE), num_classes=10),
