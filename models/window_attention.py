@@ -57,25 +57,25 @@ def merge_windows(out: torch.Tensor, height: int, width: int, window_size: int, 
 
 
 def kv_source(maps: List[torch.Tensor], num_heads: int, zero_token: bool) -> torch.Tensor:
-    """Key/value tokens of several ``(B, h, w, 2C)`` maps as one ``(B, 2, nH, N, hd)`` table (plus a zero token)."""
+    """Key/value tokens of several ``(B, h, w, 2C)`` maps as one ``(2, B, nH, N, hd)`` table (plus a zero token)."""
     b, c2 = maps[0].shape[0], maps[0].shape[-1]
     hd = c2 // 2 // num_heads
-    parts = [m.reshape(b, -1, 2, num_heads, hd).permute(0, 2, 3, 1, 4) for m in maps]
+    parts = [m.reshape(b, -1, 2, num_heads, hd).permute(2, 0, 3, 1, 4) for m in maps]
     if zero_token:
-        parts.append(maps[0].new_zeros(b, 2, num_heads, 1, hd))
+        parts.append(maps[0].new_zeros(2, b, num_heads, 1, hd))
     return torch.cat(parts, dim=3) if len(parts) > 1 else parts[0].contiguous()
 
 
 def windows_to_heads(windows: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """``(B, nW, L, 2C)`` key/value windows -> an already gathered table ``(B, 2, nH, nW*L, hd)`` for
+    """``(B, nW, L, 2C)`` key/value windows -> an already gathered table ``(2, B, nH, nW*L, hd)`` for
     :func:`attend`."""
     b, n_win, n_keys, c2 = windows.shape
-    kv = windows.view(b, n_win, n_keys, 2, num_heads, c2 // 2 // num_heads).permute(0, 3, 4, 1, 2, 5)
-    return kv.reshape(b, 2, num_heads, n_win * n_keys, -1)
+    kv = windows.view(b, n_win, n_keys, 2, num_heads, c2 // 2 // num_heads).permute(3, 0, 4, 1, 2, 5)
+    return kv.reshape(2, b, num_heads, n_win * n_keys, -1)
 
 
-# On CPU the attention runs in blocks of (images, heads) whose attention probabilities take about this many
-# bytes: a block's working set stays in cache and its buffers are reused by the allocator instead of being
+# On CPU the attention runs in blocks of images, heads or windows whose attention probabilities take at most
+# about this many bytes: a block's working set stays in cache and its buffers are reused by the allocator instead of being
 # mapped and page-faulted afresh. At 224 this made Focal-T's training attention about 1.3x faster. 0: one block.
 CPU_BLOCK_BYTES = 4 << 20
 
@@ -91,22 +91,26 @@ WHOLE = Block(slice(None), slice(None), slice(None), slice(None))
 
 
 def attention_blocks(q: torch.Tensor, num_heads: int, n_keys: int) -> List[Block]:
-    """One image per block, with as many heads, or if a head is too big as many windows of one head, as fit the
-    budget. One block under ``torch.compile`` / export (the compiler plans memory itself) and on accelerators,
-    where many small kernels would only add launches."""
+    """As many whole images as fit the budget per block; else one image and as many of its heads; else one head
+    and as many of its windows. One block under ``torch.compile`` / export (the compiler plans memory itself) and
+    on accelerators, where many small kernels would only add launches."""
     if q.device.type != "cpu" or CPU_BLOCK_BYTES <= 0 or torch.compiler.is_compiling():
         return [WHOLE]  # no size arithmetic: export keeps the batch symbolic
     batch, rows, n_query, _ = q.shape
     n_win = rows // num_heads
     per_window = n_query * n_keys * q.element_size()
-    windows = max(1, min(n_win, CPU_BLOCK_BYTES // per_window))
-    if windows < n_win:
-        return [Block(slice(b, b + 1), slice(h, h + 1), slice(w, w + windows),
-                      slice(h * n_win + w, h * n_win + min(w + windows, n_win)))
-                for b in range(batch) for h in range(num_heads) for w in range(0, n_win, windows)]
-    heads = max(1, min(num_heads, CPU_BLOCK_BYTES // (per_window * n_win)))
-    return [Block(slice(b, b + 1), slice(h, h + heads), slice(None), slice(h * n_win, (h + heads) * n_win))
-            for b in range(batch) for h in range(0, num_heads, heads)]
+    per_head = per_window * n_win
+    if per_head * num_heads <= CPU_BLOCK_BYTES:
+        images = min(batch, CPU_BLOCK_BYTES // (per_head * num_heads))
+        return [Block(slice(b, b + images), slice(None), slice(None), slice(None)) for b in range(0, batch, images)]
+    if per_head <= CPU_BLOCK_BYTES:
+        heads = CPU_BLOCK_BYTES // per_head
+        return [Block(slice(b, b + 1), slice(h, h + heads), slice(None), slice(h * n_win, (h + heads) * n_win))
+                for b in range(batch) for h in range(0, num_heads, heads)]
+    windows = max(1, CPU_BLOCK_BYTES // per_window)
+    return [Block(slice(b, b + 1), slice(h, h + 1), slice(w, w + windows),
+                  slice(h * n_win + w, h * n_win + min(w + windows, n_win)))
+            for b in range(batch) for h in range(num_heads) for w in range(0, n_win, windows)]
 
 
 def token_range(windows: slice, n_keys: int) -> slice:
@@ -119,14 +123,15 @@ def block_keys_values(kv: torch.Tensor, index: Optional[torch.Tensor], n_keys: i
                       block: Block) -> Tuple[torch.Tensor, torch.Tensor]:
     """Keys and values ``(b, h*w, L, hd)`` of one block, gathered from the table by ``index`` if given.
 
-    With one image per block each key or value slice of the table is contiguous, the gather's fast path.
+    Blocks are whole images, or heads or windows of one image, so each key or value slice of the table is
+    contiguous: the gather's fast path.
     """
     out = []
     for part in (0, 1):
         if index is None:
-            table = kv[block.images, part, block.heads, token_range(block.windows, n_keys)]
+            table = kv[part, block.images, block.heads, token_range(block.windows, n_keys)]
         else:
-            table = kv[block.images, part, block.heads].index_select(2, index[block.windows].reshape(-1))
+            table = kv[part, block.images, block.heads].index_select(2, index[block.windows].reshape(-1))
         out.append(table.reshape(table.shape[0], -1, n_keys, table.shape[-1]))
     return out[0], out[1]
 
@@ -202,7 +207,7 @@ class _BlockedAttention(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias[:, rows] += grad_logits.sum_to_size(grad_bias[:, rows].shape)  # no copy for one image
             for part, grad in ((0, grad_k), (1, grad_v)):
-                table = grad_kv[images, part, block.heads]
+                table = grad_kv[part, images, block.heads]
                 grad = grad.view(table.shape[0], table.shape[1], -1, table.shape[-1])
                 if index is None:
                     table[:, :, token_range(block.windows, n_keys)] = grad
@@ -215,7 +220,7 @@ def attend(q: torch.Tensor, kv: torch.Tensor, index: Optional[torch.Tensor], bia
            dropout: float) -> torch.Tensor:
     """Softmax attention of windowed queries ``(B, nH*nW, n, hd)`` with an additive bias ``(1, nH*nW, n, L)``.
 
-    ``kv`` is a ``(B, 2, nH, N, hd)`` key/value table and ``index`` ``(nW, L)`` picks every window's keys from
+    ``kv`` is a ``(2, B, nH, N, hd)`` key/value table and ``index`` ``(nW, L)`` picks every window's keys from
     its token axis; without ``index`` the table is already gathered, ``N = nW*L``.
     """
     bias = bias.to(q.dtype)

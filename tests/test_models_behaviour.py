@@ -193,7 +193,7 @@ def test_training_attention_path_computes_the_inference_result(model_type):
 
 
 # bytes per attention block -> blocks per image: 0 turns blocking off; 1 gives one window of one head per block
-BLOCKINGS = {"one block": 0, "one window": 1, "two heads": 5 * 7 * 8 * 2 * 2}
+BLOCKINGS = {"one block": 0, "one window": 1, "two heads": 5 * 7 * 8 * 2 * 2, "one image": 5 * 7 * 8 * 2 * 3}
 
 
 @pytest.mark.parametrize("gathered", [True, False])
@@ -207,14 +207,13 @@ def test_blocked_attention_gradients_are_exact(monkeypatch, gathered, blocking):
     bias = torch.randn(1, heads * windows, n_query, n_keys, generator=gen, dtype=torch.float64, requires_grad=True)
     if gathered:  # with repeated tokens, so the gradient scatter must accumulate
         index = torch.randint(0, tokens, (windows, n_keys), generator=gen)
-        kv = torch.randn(batch, 2, heads, tokens, hd, generator=gen, dtype=torch.float64, requires_grad=True)
+        kv = torch.randn(2, batch, heads, tokens, hd, generator=gen, dtype=torch.float64, requires_grad=True)
     else:
         index = None
-        kv = torch.randn(batch, 2, heads, windows * n_keys, hd, generator=gen, dtype=torch.float64,
+        kv = torch.randn(2, batch, heads, windows * n_keys, hd, generator=gen, dtype=torch.float64,
                          requires_grad=True)
-    per_image = {"one block": None, "one window": heads * windows, "two heads": 2}[blocking]
-    blocks = window_attention.attention_blocks(q, heads, n_keys)
-    assert len(blocks) == (1 if per_image is None else batch * per_image)
+    n_blocks = {"one block": 1, "one window": batch * heads * windows, "two heads": batch * 2, "one image": batch}
+    assert len(window_attention.attention_blocks(q, heads, n_keys)) == n_blocks[blocking]
     assert torch.autograd.gradcheck(lambda q, kv, bias: attend(q, kv, index, bias, scale=0.5, dropout=0.0),
                                     (q, kv, bias))
 
@@ -222,14 +221,15 @@ def test_blocked_attention_gradients_are_exact(monkeypatch, gathered, blocking):
 def test_blocked_attention_equals_one_block(monkeypatch):
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(3, 4 * 6, 49, 8, generator=gen)
-    kv = torch.randn(3, 2, 4, 100, 8, generator=gen)
+    kv = torch.randn(2, 3, 4, 100, 8, generator=gen)
     index = torch.randint(0, 100, (6, 60), generator=gen)
     bias = torch.randn(1, 4 * 6, 49, 60, generator=gen)
     whole = attend(q, kv, index, bias, scale=0.3, dropout=0.0)
     per_window = 49 * 60 * 4
-    for block_bytes, per_image in ((per_window * 4, 4 * 2), (per_window * 6 * 2, 2)):  # 4 windows; 2 heads
+    # 4 windows of one head, 2 heads of one image, 2 images per block
+    for block_bytes, n_blocks in ((per_window * 4, 3 * 4 * 2), (per_window * 6 * 2, 3 * 2), (per_window * 24 * 2, 2)):
         monkeypatch.setattr(window_attention, "CPU_BLOCK_BYTES", block_bytes)
-        assert len(window_attention.attention_blocks(q, 4, 60)) == 3 * per_image
+        assert len(window_attention.attention_blocks(q, 4, 60)) == n_blocks
         torch.testing.assert_close(attend(q, kv, index, bias, scale=0.3, dropout=0.0), whole, atol=1e-6, rtol=0)
 
 
