@@ -75,9 +75,11 @@ def windows_to_heads(windows: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 # On CPU the attention runs in blocks of images, heads or windows whose attention probabilities take at most
-# about this many bytes: a block's working set stays in cache and its buffers are reused by the allocator instead of being
-# mapped and page-faulted afresh. At 224 this made Focal-T's training attention about 1.3x faster. 0: one block.
+# about this many bytes: a block's working set stays in cache, and the allocator reuses its buffers instead of
+# mapping and page-faulting fresh ones. At 224 this made Focal-T's training attention about 1.3x faster.
+# 0 turns blocking off.
 CPU_BLOCK_BYTES = 4 << 20
+
 
 class Block(NamedTuple):
     """A part of the attention: images, heads and windows, and the matching rows of the (heads x windows) axis."""
