@@ -3,7 +3,7 @@ with an error that names the offending config key."""
 import re
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from config import load_config
@@ -56,3 +56,39 @@ def test_small_configs_run_or_are_refused_by_key(case):
     assert torch.isfinite(out).all()
     out.float().square().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def outputs_and_gradients(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum().backward()  # O(1) gradients
+    return [out.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs(), st.sampled_from([1, 700, 3000, 20000]))
+def test_any_blocking_of_the_attention_computes_the_same(case, block_bytes):
+    """Blocks of windows, heads or images (ragged last blocks included) change nothing, forward or backward."""
+    from models import window_attention
+    opts, size = case
+    try:
+        model = build_model(load_config(opts=opts + ["MODEL.DROP_PATH_RATE", 0.0]))
+    except ConfigError:
+        event("refused")
+        return
+    event("built")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # training-like weights: zero-initialised tables would hide a wrong bias gradient
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    x = torch.randn(3, 3, *size, generator=gen)
+    saved = window_attention.CPU_BLOCK_BYTES
+    try:
+        window_attention.CPU_BLOCK_BYTES = 0
+        want = outputs_and_gradients(model.train(), x)
+        window_attention.CPU_BLOCK_BYTES = block_bytes
+        got = outputs_and_gradients(model, x)
+    finally:
+        window_attention.CPU_BLOCK_BYTES = saved
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
