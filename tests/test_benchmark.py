@@ -36,3 +36,8 @@ def test_gather_mode_refuses_a_focalv2_model():
     done = subprocess.run([sys.executable, "-m", "tools.benchmark", *DEMO, "--gather"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "--gather needs a v1" in done.stderr
+
+
+def test_compile_mode_times_compiled_models():
+    out = run(*DEMO, "--mode", "infer", "--compile", "--no-memory")
+    assert "timing infer under torch.compile" in out and "(1.00x)" in out

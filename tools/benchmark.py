@@ -87,25 +87,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def inference_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def inference_step(model: nn.Module, x: torch.Tensor, compile: bool = False) -> Callable[[], None]:
     model.eval()
+    forward = torch.compile(model) if compile else model  # compiled by the first (warm-up) call
 
     def step():
         with torch.inference_mode():
-            model(x)
+            forward(x)
     return step
 
 
-def training_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def training_step(model: nn.Module, x: torch.Tensor, compile: bool = False) -> Callable[[], None]:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     with torch.no_grad():
         num_classes = model(x[:1]).shape[-1]
     target = torch.randint(0, num_classes, (x.shape[0],), device=x.device)
+    forward = torch.compile(model) if compile else model
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), target).backward()
+        nn.functional.cross_entropy(forward(x), target).backward()
         optimizer.step()
     return step
 
@@ -193,8 +195,10 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
             x = torch.randn(args.batch_size, 3, img_size, img_size, device=device)
             models = {n: create(n, img_size).to(device) for n in names}
             make = inference_step if mode == "infer" else training_step
-            steps = {n: make(m, x) for n, m in models.items()}
-            print(f"timing {mode} at {img_size}x{img_size}, batch {args.batch_size}, {args.reps} reps ...", flush=True)
+            steps = {n: make(m, x, args.compile) for n, m in models.items()}
+            compiled = " under torch.compile" if args.compile else ""
+            print(f"timing {mode}{compiled} at {img_size}x{img_size}, batch {args.batch_size}, {args.reps} reps ...",
+                  flush=True)
             medians = time_alternating(steps, args.reps, args.warmup, device, args.min_seconds)
             for n, sec in medians.items():
                 results.setdefault(n, {})[f"{mode}_{img_size}"] = args.batch_size / sec
@@ -294,6 +298,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="each repetition repeats a fast step until it lasts this long")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the training-memory probes")
+    p.add_argument("--compile", action="store_true",
+                   help="time every model under torch.compile (the first, untimed call compiles; memory probes stay eager)")
     p.add_argument("--gather", action="store_true", help="compare the v1 gather methods instead")
     p.add_argument("--plot", help="write a PNG of inference images/s against image size")
     p.add_argument("--json", help="write the raw figures to this file")
