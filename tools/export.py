@@ -101,7 +101,8 @@ def export(args: argparse.Namespace) -> None:
     if diff > TOLERANCE:
         raise UsageError(f"the exported program differs from the model by {diff:.3g} (> {TOLERANCE}); nothing written")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    if args.output.lower().endswith(".pt2"):
+    suffix = os.path.splitext(args.output)[1].lower()
+    if suffix == ".pt2":
         atomic_write(args.output, lambda path: torch.export.save(program, path))
     else:
         onnx_diffs = []
@@ -111,7 +112,7 @@ def export(args: argparse.Namespace) -> None:
             onnx_diffs.append(onnx_difference(path, model, example))
         atomic_write(args.output, save_checked)
         diff = max(diff, *onnx_diffs)
-    print(f"wrote {args.output} ({FORMATS[os.path.splitext(args.output)[1].lower()]}); "
+    print(f"wrote {args.output} ({FORMATS[suffix]}); "
           f"max |difference| from the eager model: {diff:.2g}")
 
 
