@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .layers import relative_position_index, window_partition
+from .onednn_linear import OneDnnLinear
 from .window_attention import (attend, kv_source, layout_cache, merge_windows, project_kv, queries_by_window,
                                windows_to_heads)
 
@@ -180,9 +181,9 @@ class FocalWindowAttention(nn.Module):
                 self.relative_position_bias_table_to_windows.append(table)
                 self.register_buffer(f"pooled_bias_index_{level}", relative_position_index(ws, span), persistent=False)
 
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = OneDnnLinear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = OneDnnLinear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def layout(self, height: int, width: int, device: torch.device) -> FocalLayout:

@@ -12,6 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .onednn_linear import OneDnnLinear
 from .window_attention import (attend, kv_source, layout_cache, merge_windows, project_kv,
                                queries_by_window)
 
@@ -105,12 +106,12 @@ class TopKFocalAttention(nn.Module):
         self.top_k = top_k
         head_dim = dim // num_heads
         self.scale = qk_scale or head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = OneDnnLinear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = OneDnnLinear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.coord2rpb_all = nn.ModuleList(
-            nn.Sequential(nn.Linear(2, head_dim), nn.ReLU(inplace=True), nn.Linear(head_dim, num_heads))
+            nn.Sequential(OneDnnLinear(2, head_dim), nn.ReLU(inplace=True), OneDnnLinear(head_dim, num_heads))
             for _ in range(focal_level))
 
     def layout(self, height: int, width: int, device: torch.device) -> TopKLayout:

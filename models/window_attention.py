@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes
 
+from .onednn_linear import linear
 
 LayoutT = TypeVar("LayoutT")
 
@@ -235,4 +236,4 @@ def attend(q: torch.Tensor, kv: torch.Tensor, index: Optional[torch.Tensor], bia
 def project_kv(x: torch.Tensor, qkv: nn.Linear) -> torch.Tensor:
     """Keys and values only, for pooled tokens whose queries are never used."""
     c = qkv.in_features
-    return F.linear(x, qkv.weight[c:], None if qkv.bias is None else qkv.bias[c:])
+    return linear(x, qkv.weight[c:], None if qkv.bias is None else qkv.bias[c:])

@@ -41,3 +41,20 @@ def test_gather_mode_refuses_a_focalv2_model():
 def test_compile_mode_times_compiled_models():
     out = run(*DEMO, "--mode", "infer", "--compile", "--no-memory")
     assert "timing infer under torch.compile" in out and "(1.00x)" in out
+
+
+def test_linear_suffixes_and_the_like_for_like_ratio():
+    out = run(*DEMO, "--mode", "infer", "--no-memory", "--models", "configs/demo/focalv2_demo.yaml+stock",
+              "configs/demo/focal_demo.yaml+onednn")
+    assert "vs peer, vs peer+onednn" in out
+    twin_row = next(line for line in out.splitlines() if line.startswith("| configs/demo/focal_demo.yaml+onednn"))
+    assert "1.00x)" in twin_row  # the oneDNN twin against itself
+
+
+def test_linear_suffix_switches_the_layer_class():
+    from models.onednn_linear import OneDnnLinear
+    from tools.benchmark import create
+    stock = create("configs/demo/focal_demo.yaml+stock", 64)
+    assert not any(isinstance(m, OneDnnLinear) for m in stock.modules())
+    swin = create("timm:swin_tiny_patch4_window7_224+onednn", 224)
+    assert any(isinstance(m, OneDnnLinear) for m in swin.modules())

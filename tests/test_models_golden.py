@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from config import load_config
-from models import build_model, load_weights
+from models import build_model, load_weights, onednn_linear
 from models.focal_attention import GATHER_METHODS, FocalWindowAttention
 from tests.golden import CASE_FILES, FIXTURES, build_filled, case_input, case_opts, load_case
 
@@ -27,8 +27,13 @@ def set_gather(model: torch.nn.Module, method: str) -> int:
     return len(attns)
 
 
+@pytest.mark.parametrize("linear_kernel", ["onednn", "stock"])
 @pytest.mark.parametrize("path", CASE_FILES, ids=lambda p: p.stem)
-def test_parameters_logits_and_flops_match_reference(path):
+def test_parameters_logits_and_flops_match_reference(path, linear_kernel, monkeypatch):
+    """Both linear-layer kernels (models/onednn_linear.py) must reproduce the fixtures, whichever this CPU uses."""
+    if linear_kernel == "onednn" and not onednn_linear._has_onednn_linear():
+        pytest.skip("this PyTorch has no oneDNN")
+    monkeypatch.setattr(onednn_linear, "ENABLED", linear_kernel == "onednn")
     case = load_case(path)
     model = build_filled(case)
     assert [[n, list(p.shape)] for n, p in model.named_parameters()] == case["parameters"]

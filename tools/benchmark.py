@@ -3,11 +3,16 @@
 Models are timed alternately (each repetition runs every model once) and medians are reported, so slow drifts of
 the machine hit all models alike; ratios are against the peer (``--peer``, timm's Swin-T by default).
 
+A model name may end in ``+onednn`` or ``+stock`` to run its linear layers through oneDNN or through PyTorch's
+``nn.Linear`` (see ``models/onednn_linear.py``). Where our models use oneDNN, the default list adds the peer with
+``+onednn`` too, and the table gets a second ratio against it: the like-for-like comparison of the two designs.
+
 Examples::
 
     python -m tools.benchmark                                  # inference + training step at 224, batch 8
     python -m tools.benchmark --mode infer --img-size 224 448 896 --batch-size 1 --plot throughput.png
     python -m tools.benchmark --gather                          # roll / unfold / index on Focal-T
+    python -m tools.benchmark --models focalv2_tiny_useconv_patch4_window7_224+stock   # without oneDNN linears
     python -m tools.benchmark --reference ../Focal-Transformer/classification \
         --models focal_tiny_patch4_window7_224 ref:focal_tiny_patch4_window7_224   # against the original code
 """
@@ -35,10 +40,12 @@ if ROOT not in sys.path:
 
 from config import load_config  # noqa: E402
 from models import build_model  # noqa: E402
+from models import onednn_linear  # noqa: E402
 from models.focal_attention import GATHER_METHODS, FocalWindowAttention  # noqa: E402
 
 DEFAULT_MODELS = ("focal_tiny_patch4_window7_224", "focalv2_tiny_useconv_patch4_window7_224")
 DEFAULT_PEER = "timm:swin_tiny_patch4_window7_224"
+LINEAR_SUFFIXES = {"+onednn": True, "+stock": False}
 
 
 REFERENCE_PATH: Optional[str] = None  # set by --reference
@@ -73,7 +80,10 @@ def create_reference(name: str, img_size: int) -> nn.Module:
 
 def create(name: str, img_size: int) -> nn.Module:
     """A config name under configs/ (ours), ``ref:NAME`` (the original code, see ``--reference``) or
-    ``timm:NAME`` (a timm model), built for ``img_size``."""
+    ``timm:NAME`` (a timm model), built for ``img_size``, with its linear layers switched by a suffix."""
+    for suffix, onednn in LINEAR_SUFFIXES.items():
+        if name.endswith(suffix):
+            return onednn_linear.convert_linears(create(name[:-len(suffix)], img_size), onednn)
     if name.startswith("timm:"):
         import timm
         return timm.create_model(name[5:], img_size=img_size)
@@ -188,6 +198,8 @@ def print_table(title: str, rows: List[List[str]], header: Sequence[str]) -> Non
 
 def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]:
     names = list(args.models) + [args.peer]
+    twin = args.peer + "+onednn"
+    peers = [args.peer] + ([twin] if twin in names else [])
     results: Dict[str, Dict] = {}
     modes = ["infer", "train"] if args.mode == "both" else [args.mode]
     for img_size in args.img_size:
@@ -210,10 +222,11 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
         for img_size in args.img_size:
             for mode in modes:
                 ips = results[n][f"{mode}_{img_size}"]
-                ratio = ips / results[args.peer][f"{mode}_{img_size}"]
-                row.append(f"{ips:.2f} ({ratio:.2f}x)")
+                ratios = ", ".join(f"{ips / results[p][f'{mode}_{img_size}']:.2f}x" for p in peers)
+                row.append(f"{ips:.2f} ({ratios})")
         rows.append(row)
-    header = ["model"] + [f"{m} {s} img/s (vs peer)" for s in args.img_size for m in modes]
+    against = "vs peer" + (", vs peer+onednn" if len(peers) > 1 else "")
+    header = ["model"] + [f"{m} {s} img/s ({against})" for s in args.img_size for m in modes]
     print_table(f"images/s, medians of {args.reps} alternating repetitions on {machine()}", rows, header)
     if args.memory and "train" in modes:
         mem_rows = []
@@ -285,7 +298,9 @@ def plot(results: Dict[str, Dict], sizes: Sequence[int], path: str) -> None:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="config names or timm:NAME")
+    default_models = list(DEFAULT_MODELS) + ([DEFAULT_PEER + "+onednn"] if onednn_linear.ENABLED else [])
+    p.add_argument("--models", nargs="+", default=default_models,
+                   help="config names, ref:NAME or timm:NAME, each optionally ending in +onednn or +stock")
     p.add_argument("--peer", default=DEFAULT_PEER, help="the model ratios are taken against")
     p.add_argument("--reference", help="classification/ folder of an original Focal-Transformer checkout, for "
                                        "ref:NAME models (never bundled with this project)")
