@@ -25,8 +25,8 @@ from timm.layers import trunc_normal_
 
 from .layers import relative_position_index, window_partition
 from .onednn_linear import OneDnnLinear
-from .window_attention import (attend, kv_source, layout_cache, merge_windows, project_kv, queries_by_window,
-                               windows_to_heads)
+from .window_attention import (attend, cached_bias, kv_source, layout_cache, merge_windows, project_kv,
+                               queries_by_window, windows_to_heads)
 
 GATHER_METHODS = ("index", "unfold", "roll")
 MASK_VALUE = -100.0  # the reference's logit penalty (not -inf: fully masked rows stay finite)
@@ -190,6 +190,9 @@ class FocalWindowAttention(nn.Module):
         return focal_layout(height, width, self.window_size, self.expand_size, self.shift_size, self.focal_window,
                             self.num_pooled, device)
 
+    def bias_parameters(self) -> List[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if name.startswith("relative_position_bias_table")]
+
     def relative_bias(self) -> torch.Tensor:
         """(nH, ws*ws, L): the three position-bias tables laid out along the key order."""
         n = self.window_size ** 2
@@ -250,7 +253,7 @@ class FocalWindowAttention(nn.Module):
         qkv = self.qkv(x)
         q = queries_by_window(qkv[..., :c], self.window_size, self.num_heads)
         kv, pooled_kv = qkv[..., c:], [project_kv(p, self.qkv) for p in pooled]
-        bias = self.attention_bias(layout, n_windows)
+        bias = cached_bias(self, layout, self.bias_parameters(), lambda: self.attention_bias(layout, n_windows))
         dropout = self.attn_drop if self.training else 0.0
         if self.kv_gather == "index":
             table = kv_source([kv] + pooled_kv, self.num_heads, zero_token=True)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .onednn_linear import OneDnnLinear
-from .window_attention import (attend, kv_source, layout_cache, merge_windows, project_kv,
+from .window_attention import (attend, cached_bias, kv_source, layout_cache, merge_windows, project_kv,
                                queries_by_window)
 
 MAX_LEVELS = 2
@@ -133,7 +133,8 @@ class TopKFocalAttention(nn.Module):
         pooled_kv = [project_kv(p, self.qkv) for p in pooled[: self.focal_level - 1]]
         source = kv_source([qkv[..., c:]] + pooled_kv, self.num_heads, zero_token=False)
         dropout = self.attn_drop if self.training else 0.0
-        out = attend(q, source, layout.index, self.position_bias(layout), self.scale, dropout)
+        bias = cached_bias(self, layout, list(self.coord2rpb_all.parameters()), lambda: self.position_bias(layout))
+        out = attend(q, source, layout.index, bias, self.scale, dropout)
         return self.proj_drop(self.proj(merge_windows(out, h, w, self.window_size, self.num_heads)))
 
     def flops(self, n: int, height: int, width: int) -> float:

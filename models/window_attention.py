@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from typing import Callable, List, NamedTuple, Optional, Tuple, TypeVar
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,35 @@ def layout_cache(build: Callable[..., LayoutT], max_entries: int = 64) -> Callab
         return store[args]
     cached.cache_clear = store.clear
     return cached
+
+
+# Without autograd, an attention module keeps the last full attention bias it built, if it is at most this many
+# bytes (at 224 the largest is 8.7 MB). Rebuilding it costs one large write per block: Focal-fast-T at batch 1
+# ran ~25% faster on CPU with the cache. 0 turns the cache off.
+BIAS_CACHE_BYTES = 16 << 20
+
+
+def cached_bias(module: nn.Module, layout: object, params: Sequence[torch.Tensor],
+                build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``build()``, or the bias ``module`` built last time for the same ``layout`` from the same ``params``.
+
+    A parameter counts as the same while its object, storage and version counter are: optimizer steps,
+    ``load_state_dict`` (copying or assigning) and ``.to()`` all invalidate the entry. The cache is skipped
+    whenever autograd is recording (the bias must then be part of the graph) and under ``torch.compile`` / export.
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or BIAS_CACHE_BYTES <= 0:
+        return build()
+    params = tuple(params)
+    versions = tuple((p.data_ptr(), p._version) for p in params)
+    entry = getattr(module, "_bias_cache", None)
+    if (entry is not None and entry[0] is layout and len(entry[1]) == len(params)
+            and all(a is b for a, b in zip(entry[1], params)) and entry[2] == versions):
+        return entry[3]
+    bias = build()
+    fits = bias.numel() * bias.element_size() <= BIAS_CACHE_BYTES
+    # the entry holds the layout and parameters themselves, so identity checks cannot match a recycled object
+    module._bias_cache = (layout, params, versions, bias) if fits else None
+    return bias
 
 
 def queries_by_window(q: torch.Tensor, window_size: int, num_heads: int) -> torch.Tensor:
