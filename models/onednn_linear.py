@@ -31,7 +31,7 @@ def _amd_cpu() -> bool:
         return "AMD" in platform.processor()
 
 
-def _has_onednn_linear() -> bool:
+def onednn_available() -> bool:
     try:
         torch.ops.mkldnn._linear_pointwise.default
     except (AttributeError, RuntimeError):
@@ -43,7 +43,7 @@ def _enabled_from_env() -> bool:
     choice = os.environ.get("FOCAL_ONEDNN_LINEAR", "auto").strip().lower()
     if choice not in ("auto", "0", "1"):
         raise ValueError(f"FOCAL_ONEDNN_LINEAR must be auto, 0 or 1, got {choice!r}")
-    if choice == "0" or not _has_onednn_linear():
+    if choice == "0" or not onednn_available():
         return False
     return choice == "1" or (torch.backends.mkl.is_available() and platform.machine() in ("x86_64", "AMD64")
                              and _amd_cpu())
@@ -52,7 +52,7 @@ def _enabled_from_env() -> bool:
 ENABLED = _enabled_from_env()
 
 
-def _onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``x @ weight.T + bias`` over the last dimension of ``x``."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
@@ -64,7 +64,7 @@ class _OneDnnLinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _onednn_matmul(x, weight, bias)
+        return onednn_matmul(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -72,16 +72,16 @@ class _OneDnnLinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _onednn_matmul(grad, weight.t(), None)
+            grad_x = onednn_matmul(grad, weight.t(), None)
         rows = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[1]:
             inputs = x.reshape(-1, x.shape[-1])
             out_features, in_features = weight.shape
             # the long token axis is the reduction; oneDNN is fastest (up to 4x) with the larger side as rows
             if out_features < in_features:
-                grad_weight = _onednn_matmul(rows.t(), inputs.t(), None)
+                grad_weight = onednn_matmul(rows.t(), inputs.t(), None)
             else:
-                grad_weight = _onednn_matmul(inputs.t(), rows.t(), None).t().contiguous()
+                grad_weight = onednn_matmul(inputs.t(), rows.t(), None).t().contiguous()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = rows.sum(0)
         return grad_x, grad_weight, grad_bias
@@ -101,7 +101,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return _OneDnnLinearFunction.apply(x, weight, bias)
-    return _onednn_matmul(x, weight, bias)
+    return onednn_matmul(x, weight, bias)
 
 
 class OneDnnLinear(nn.Linear):

@@ -58,3 +58,9 @@ def test_linear_suffix_switches_the_layer_class():
     assert not any(isinstance(m, OneDnnLinear) for m in stock.modules())
     swin = create("timm:swin_tiny_patch4_window7_224+onednn", 224)
     assert any(isinstance(m, OneDnnLinear) for m in swin.modules())
+
+
+def test_kernels_mode_compares_linear_kernels_per_layer():
+    out = run("--kernels", "--img-size", "32", "--batch-size", "1", "--reps", "1", "--min-seconds", "0.001")
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in out.splitlines() if "| stage" in line}
+    assert len(rows) == 16 and rows["stage 1 qkv"] == "64x96 -> 288" and rows["stage 4 fc2"] == "1x3072 -> 768"

@@ -31,7 +31,7 @@ def set_gather(model: torch.nn.Module, method: str) -> int:
 @pytest.mark.parametrize("path", CASE_FILES, ids=lambda p: p.stem)
 def test_parameters_logits_and_flops_match_reference(path, linear_kernel, monkeypatch):
     """Both linear-layer kernels (models/onednn_linear.py) must reproduce the fixtures, whichever this CPU uses."""
-    if linear_kernel == "onednn" and not onednn_linear._has_onednn_linear():
+    if linear_kernel == "onednn" and not onednn_linear.onednn_available():
         pytest.skip("this PyTorch has no oneDNN")
     monkeypatch.setattr(onednn_linear, "ENABLED", linear_kernel == "onednn")
     case = load_case(path)

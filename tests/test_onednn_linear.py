@@ -10,20 +10,20 @@ from config import load_config
 from models import build_model, onednn_linear
 from models.onednn_linear import OneDnnLinear, convert_linears, linear
 
-pytestmark = pytest.mark.skipif(not onednn_linear._has_onednn_linear(), reason="this PyTorch has no oneDNN")
+pytestmark = pytest.mark.skipif(not onednn_linear.onednn_available(), reason="this PyTorch has no oneDNN")
 
 
 @pytest.fixture
 def onednn_calls(monkeypatch):
     """Turns the oneDNN path on (whatever this CPU) and counts the matmuls it runs."""
     calls = []
-    matmul = onednn_linear._onednn_matmul
+    matmul = onednn_linear.onednn_matmul
 
     def counted(*args):
         calls.append(args[0].shape)
         return matmul(*args)
     monkeypatch.setattr(onednn_linear, "ENABLED", True)
-    monkeypatch.setattr(onednn_linear, "_onednn_matmul", counted)
+    monkeypatch.setattr(onednn_linear, "onednn_matmul", counted)
     return calls
 
 

@@ -12,6 +12,7 @@ Examples::
     python -m tools.benchmark                                  # inference + training step at 224, batch 8
     python -m tools.benchmark --mode infer --img-size 224 448 896 --batch-size 1 --plot throughput.png
     python -m tools.benchmark --gather                          # roll / unfold / index on Focal-T
+    python -m tools.benchmark --kernels                         # F.linear against oneDNN, per layer shape
     python -m tools.benchmark --models focalv2_tiny_useconv_patch4_window7_224+stock   # without oneDNN linears
     python -m tools.benchmark --reference ../Focal-Transformer/classification \
         --models focal_tiny_patch4_window7_224 ref:focal_tiny_patch4_window7_224   # against the original code
@@ -264,6 +265,27 @@ def run_gather(args: argparse.Namespace, device: torch.device) -> None:
                 rows, ["method", "ms/batch", "images/s", "speed-up vs roll"])
 
 
+def run_kernels(args: argparse.Namespace, device: torch.device) -> None:
+    """GFLOP/s of PyTorch's ``F.linear`` and of the oneDNN path on every linear-layer shape of the Tiny models
+    (Swin-T's and ours are the same): the measurement behind ``models/onednn_linear.py``."""
+    if device.type != "cpu" or not onednn_linear.onednn_available():
+        raise SystemExit("--kernels compares CPU kernels and needs a PyTorch build with oneDNN")
+    size, rows = args.img_size[0], []
+    for stage, dim in enumerate((96, 192, 384, 768)):
+        tokens = args.batch_size * math.ceil(size / 4 / 2 ** stage) ** 2
+        for layer, (fan_in, fan_out) in {"qkv": (dim, 3 * dim), "proj": (dim, dim), "fc1": (dim, 4 * dim),
+                                         "fc2": (4 * dim, dim)}.items():
+            x, w, b = torch.randn(tokens, fan_in), torch.randn(fan_out, fan_in), torch.randn(fan_out)
+            medians = time_alternating({"stock": lambda: nn.functional.linear(x, w, b),
+                                        "onednn": lambda: onednn_linear.onednn_matmul(x, w, b)},
+                                       args.reps, args.warmup, device, args.min_seconds)
+            gflops = {k: 2 * tokens * fan_in * fan_out / s / 1e9 for k, s in medians.items()}
+            rows.append([f"stage {stage + 1} {layer}", f"{tokens}x{fan_in} -> {fan_out}", f"{gflops['stock']:.0f}",
+                         f"{gflops['onednn']:.0f}", f"{gflops['onednn'] / gflops['stock']:.2f}x"])
+    print_table(f"linear layers at {size}px, batch {args.batch_size}, {machine()} (GFLOP/s)", rows,
+                ["layer", "shape", "F.linear", "oneDNN", "speed-up"])
+
+
 def plot(results: Dict[str, Dict], sizes: Sequence[int], path: str) -> None:
     """A small line chart (log scale) of inference images/s against image size, drawn with Pillow."""
     from PIL import Image, ImageDraw
@@ -316,6 +338,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="time every model under torch.compile (the first, untimed call compiles; memory probes stay eager)")
     p.add_argument("--gather", action="store_true", help="compare the v1 gather methods instead")
+    p.add_argument("--kernels", action="store_true",
+                   help="compare F.linear with the oneDNN linear on the Tiny models' layer shapes instead")
     p.add_argument("--plot", help="write a PNG of inference images/s against image size")
     p.add_argument("--json", help="write the raw figures to this file")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
@@ -337,6 +361,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"torch {torch.__version__} on {machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
     if args.gather:
         run_gather(args, device)
+        return
+    if args.kernels:
+        run_kernels(args, device)
         return
     results = run_speed(args, device)
     if args.plot:
