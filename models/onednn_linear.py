@@ -58,7 +58,8 @@ def onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 
 class _OneDnnLinearFunction(torch.autograd.Function):
-    """The three matmuls of a linear layer's forward and backward, all through oneDNN."""
+    """The three matmuls of a linear layer's forward and backward, all through oneDNN (first derivatives only:
+    nothing in training takes a gradient of a gradient)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
