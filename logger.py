@@ -12,9 +12,10 @@ from termcolor import colored
 from errors import UsageError
 
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+LOGGER_NAME = "focal"
 
 
-def create_logger(output_dir: str, rank: int = 0, name: str = "focal") -> logging.Logger:
+def create_logger(output_dir: str, rank: int = 0, name: str = LOGGER_NAME) -> logging.Logger:
     """A logger writing to ``<output_dir>/log_rank<rank>.txt``, and to stdout on rank 0.
 
     Calling it again for the same name replaces the handlers, so repeated runs in one process do not duplicate lines.

@@ -30,7 +30,7 @@ from data.datasets import CheckedImages
 from distributed import DEVICES, DistEnv, all_reduce_sum, init_distributed, shutdown
 from engine import AMP_MODES, EvalResult, Precision, build_precision, evaluate, throughput, train_one_epoch
 from errors import TrainingError, UsageError, user_message
-from logger import create_logger, create_tensorboard_writer
+from logger import LOGGER_NAME, create_logger, create_tensorboard_writer
 from lr_scheduler import build_scheduler
 from models import ConfigError, build_model, validate_model_config
 from optimizer import build_optimizer
@@ -260,6 +260,8 @@ def run(config: Any, env: DistEnv, unsafe_load: bool = False) -> None:
     logger.info(f"rank {env.rank} of {env.world_size} on {env.device}{backend}, pid {os.getpid()}")
     try:
         run_mode(config, env, logger, unsafe_load)
+    except Terminated:
+        raise  # logged by the signal handler
     except (UsageError, ConfigError, TrainingError, SystemExit) as err:
         logger.error(f"stopped: {user_message(err)}")
         raise
@@ -287,9 +289,20 @@ def run_mode(config: Any, env: DistEnv, logger: logging.Logger, unsafe_load: boo
         run_training(config, env, model, precision, logger, unsafe_load)
 
 
+class Terminated(SystemExit):
+    """A SIGTERM, turned into an exception by :func:`exit_on_sigterm`, which has logged it already."""
+
+
 def exit_on_sigterm(signum: int, frame: Any) -> None:
-    """torchrun stops every rank with SIGTERM when one fails; exiting through Python logs it and runs clean-up."""
-    raise SystemExit(f"terminated by {signal.Signals(signum).name} (under torchrun: another rank failed)")
+    """torchrun stops every rank with SIGTERM when one fails; exiting through Python runs clean-up.
+
+    The reason is logged here rather than where the exception is caught: the signal often lands just as a
+    collective fails on the lost rank, and Python runs the handler at its next call, which may be the logging
+    call for that failure; the exception raised there would skip both log lines.
+    """
+    reason = f"terminated by {signal.Signals(signum).name} (under torchrun: another rank failed)"
+    logging.getLogger(LOGGER_NAME).error(f"stopped: {reason}")
+    raise Terminated(reason)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

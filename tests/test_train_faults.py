@@ -248,6 +248,44 @@ def test_a_crash_while_saving_leaves_no_partial_checkpoint(copy_of, data, monkey
     assert_intact(output, before, may_change=("config.yaml",))  # no ckpt_epoch_1.pth, no temporary file
 
 
+def test_sigterm_is_logged_once_and_keeps_the_checkpoints(demo_data, tmp_path):
+    """What torchrun sends the surviving ranks: the process exits through Python, says why exactly once (the
+    signal handler logs it, wherever the exception then surfaces) and leaves only complete checkpoints."""
+    args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "20", *RANDOM_OPTS[:2]))
+    proc = start_main(args)
+    wait_for_line(proc, "Train: [1/20][1/")  # epoch 0 is saved
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    proc.stdout.close(), proc.stderr.close()
+    log = read_log(tmp_path)
+    assert log.count("stopped: terminated by SIGTERM (under torchrun: another rank failed)") == 1
+    assert "ERROR failed" not in log
+    files = sorted(p.name for p in run_dir(tmp_path).iterdir())
+    assert "ckpt_epoch_0.pth" in files and not any(name.endswith(".tmp") for name in files)
+    for name in files:
+        if name.endswith(".pth"):
+            assert load(run_dir(tmp_path) / name)["epoch"] == int(name[len("ckpt_epoch_"):-4])
+
+
+def test_a_sigterm_landing_while_a_failure_is_logged_is_still_logged(demo_data, tmp_path, monkeypatch):
+    """The race behind a dead rank: its collective fails on rank 0 as torchrun's SIGTERM arrives, and Python may
+    run the handler at the first call of the failure's own logging, whose exception then replaces it."""
+    import main as entry
+
+    def lost_rank(*args):
+        raise RuntimeError("Connection closed by peer")
+    log_failure = logging.Logger.exception
+
+    def handler_runs_first(self, *args, **kwargs):
+        entry.exit_on_sigterm(signal.SIGTERM, None)
+        log_failure(self, *args, **kwargs)
+    monkeypatch.setattr(entry, "run_mode", lost_rank)
+    monkeypatch.setattr(logging.Logger, "exception", handler_runs_first)
+    with pytest.raises(SystemExit):
+        main(demo_args(demo_data, tmp_path))
+    assert read_log(tmp_path).count("stopped: terminated by SIGTERM") == 1
+
+
 def test_a_dead_rank_stops_the_others_and_the_same_command_resumes(demo_data, tmp_path):
     args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "3", *RANDOM_OPTS[:4]))
     proc = start_main(args, nproc=2)
