@@ -191,6 +191,7 @@ class FocalWindowAttention(nn.Module):
                             self.num_pooled, device)
 
     def bias_parameters(self) -> List[nn.Parameter]:
+        """What :meth:`attention_bias` is computed from (the key of its inference cache)."""
         return [p for name, p in self.named_parameters() if name.startswith("relative_position_bias_table")]
 
     def relative_bias(self) -> torch.Tensor:
@@ -253,7 +254,7 @@ class FocalWindowAttention(nn.Module):
         qkv = self.qkv(x)
         q = queries_by_window(qkv[..., :c], self.window_size, self.num_heads)
         kv, pooled_kv = qkv[..., c:], [project_kv(p, self.qkv) for p in pooled]
-        bias = cached_bias(self, layout, self.bias_parameters(), lambda: self.attention_bias(layout, n_windows))
+        bias = cached_bias(self, layout, lambda: self.attention_bias(layout, n_windows))
         dropout = self.attn_drop if self.training else 0.0
         if self.kv_gather == "index":
             table = kv_source([kv] + pooled_kv, self.num_heads, zero_token=True)

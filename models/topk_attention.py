@@ -117,6 +117,10 @@ class TopKFocalAttention(nn.Module):
     def layout(self, height: int, width: int, device: torch.device) -> TopKLayout:
         return topk_layout(height, width, self.window_size, self.focal_level, self.top_k, device)
 
+    def bias_parameters(self) -> List[nn.Parameter]:
+        """What :meth:`position_bias` is computed from (the key of its inference cache)."""
+        return list(self.coord2rpb_all.parameters())
+
     def position_bias(self, layout: TopKLayout) -> torch.Tensor:
         """(1, nH*nW, ws*ws, K); each MLP runs once per distinct coordinate and the heads-first table is then
         indexed straight into the attention layout."""
@@ -133,7 +137,7 @@ class TopKFocalAttention(nn.Module):
         pooled_kv = [project_kv(p, self.qkv) for p in pooled[: self.focal_level - 1]]
         source = kv_source([qkv[..., c:]] + pooled_kv, self.num_heads, zero_token=False)
         dropout = self.attn_drop if self.training else 0.0
-        bias = cached_bias(self, layout, list(self.coord2rpb_all.parameters()), lambda: self.position_bias(layout))
+        bias = cached_bias(self, layout, lambda: self.position_bias(layout))
         out = attend(q, source, layout.index, bias, self.scale, dropout)
         return self.proj_drop(self.proj(merge_windows(out, h, w, self.window_size, self.num_heads)))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, List, NamedTuple, Optional, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
@@ -48,9 +48,9 @@ def layout_cache(build: Callable[..., LayoutT], max_entries: int = 64) -> Callab
 BIAS_CACHE_BYTES = 16 << 20
 
 
-def cached_bias(module: nn.Module, layout: object, params: Sequence[torch.Tensor],
-                build: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``build()``, or the bias ``module`` built last time for the same ``layout`` from the same ``params``.
+def cached_bias(module: nn.Module, layout: object, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``build()``, or the bias ``module`` built last time for the same ``layout`` from the same parameters,
+    those of ``module.bias_parameters()``.
 
     A parameter counts as the same while its object, storage and version counter are: optimizer steps,
     ``load_state_dict`` (copying or assigning) and ``.to()`` all invalidate the entry. The cache is skipped
@@ -58,11 +58,11 @@ def cached_bias(module: nn.Module, layout: object, params: Sequence[torch.Tensor
     """
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or BIAS_CACHE_BYTES <= 0:
         return build()
-    params = tuple(params)
+    params = tuple(module.bias_parameters())
     versions = tuple((p.data_ptr(), p._version) for p in params)
     entry = getattr(module, "_bias_cache", None)
-    if (entry is not None and entry[0] is layout and len(entry[1]) == len(params)
-            and all(a is b for a, b in zip(entry[1], params)) and entry[2] == versions):
+    if (entry is not None and entry[0] is layout and entry[2] == versions
+            and all(a is b for a, b in zip(entry[1], params))):
         return entry[3]
     bias = build()
     fits = bias.numel() * bias.element_size() <= BIAS_CACHE_BYTES
