@@ -1,20 +1,48 @@
 """Image transforms: timm's ImageNet training recipe, and resize + centre crop for evaluation."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from timm.data import create_transform
+from PIL import Image
+from timm.data import auto_augment, create_transform
 
 # Resizing to 256 before a 224 crop, and the same ratio at other sizes.
 CENTER_CROP_PCT = 224 / 256
 
 
+def posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize, except that keeping 0 bits (or fewer) gives a black image.
+
+    timm's ``PosterizeIncreasing`` asks for 0 bits at magnitude 10 (which ``rand-m9-mstd0.5`` reaches) and
+    ``Posterize`` below magnitude 2.5. Pillow up to 12 answered with a black image (a mask of no bits), the
+    augmentation the released models were trained with, as TensorFlow's RandAugment does; Pillow 13 raises
+    ``ValueError`` instead. Module-level, so DataLoader workers can unpickle it.
+    """
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def augment_ops(transform: Callable) -> Iterator[auto_augment.AugmentOp]:
+    """The ``AugmentOp``s of the RandAugment, AutoAugment or AugMix steps in a (composed) timm transform."""
+    for step in getattr(transform, "transforms", [transform]):
+        if isinstance(step, (auto_augment.RandAugment, auto_augment.AugMixAugment)):
+            yield from step.ops
+        elif isinstance(step, auto_augment.AutoAugment):
+            for sub_policy in step.policy:
+                yield from sub_policy
+
+
 def build_transform(is_train: bool, config: Any) -> Callable:
-    """``TEST.CROP`` true: resize the short side to ``IMG_SIZE / 0.875`` and centre-crop; false: squash to size."""
+    """``TEST.CROP`` true: resize the short side to ``IMG_SIZE / 0.875`` and centre-crop; false: squash to size.
+
+    Training is timm's recipe with its posterize ops replaced by :func:`posterize`, in this transform only
+    (timm itself is left unchanged).
+    """
     size, interp = config.DATA.IMG_SIZE, config.DATA.INTERPOLATION
     if is_train:
         aug = config.AUG
-        return create_transform(
+        transform = create_transform(
             input_size=size,
             is_training=True,
             color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
@@ -24,6 +52,10 @@ def build_transform(is_train: bool, config: Any) -> Callable:
             re_count=aug.RECOUNT,
             interpolation=interp,
         )
+        for op in augment_ops(transform):
+            if op.aug_fn is auto_augment.posterize:
+                op.aug_fn = posterize
+        return transform
     if config.TEST.CROP:
         return create_transform(size, is_training=False, interpolation=interp, crop_pct=CENTER_CROP_PCT)
     return create_transform(size, is_training=False, interpolation=interp, crop_pct=1.0, crop_mode="squash")
