@@ -6,10 +6,15 @@ An unknown key or a value of the wrong type raises an error that names the full 
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import yaml
 from yacs.config import CfgNode as CN
+
+from data.datasets import CACHE_MODES
+from engine import AMP_MODES, APEX_LEVELS
+from lr_scheduler import SCHEDULERS
+from optimizer import OPTIMIZERS
 
 _C = CN()
 _C.BASE = [""]
@@ -174,21 +179,121 @@ def merge_opts(config: CN, opts: Iterable[Any]) -> None:
         raise KeyError(str(err)) from None
 
 
+
+# --- Value rules -------------------------------------------------------------------------------------------------
+# Every option with a limited range or a fixed set of values, checked once before a run writes anything. yacs
+# already enforces each key's type; these catch the values that would otherwise fail deep inside a run, or worse,
+# train silently wrong (a negative clip norm flips the gradient).
+
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+AMP_LEVELS = ("", *AMP_MODES, *APEX_LEVELS)  # "": the device's default
+# The command-line flag that sets a key, named in its error message.
+KEY_FLAGS = {
+    "DATA.BATCH_SIZE": "--batch-size", "DATA.DATA_PATH": "--data-path", "DATA.CACHE_MODE": "--cache-mode",
+    "MODEL.PRETRAINED": "--pretrained", "MODEL.RESUME": "--resume",
+    "TRAIN.ACCUMULATION_STEPS": "--accumulation-steps", "OUTPUT": "--output", "TAG": "--tag", "SEED": "--seed",
+    "AMP_OPT_LEVEL": "--amp",
+}
+
+
+class Rule(NamedTuple):
+    key: str
+    valid: Callable[[Any, CN], bool]  # (value, whole config)
+    requirement: str  # completes "<KEY> ...", e.g. "must be at least 1"
+
+
+def _at_least(low: float) -> Callable[[Any, CN], bool]:
+    return lambda value, _: value >= low
+
+
+def _between(low: float, high: float, high_open: bool = False) -> Callable[[Any, CN], bool]:
+    return lambda value, _: low <= value < high if high_open else low <= value <= high
+
+
+def _one_of(choices: Sequence[str]) -> Callable[[Any, CN], bool]:
+    return lambda value, _: value in choices
+
+
+def _trains(config: CN) -> bool:
+    return not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+
+
+RULES = (
+    Rule("DATA.BATCH_SIZE", _at_least(1), "must be at least 1"),
+    Rule("DATA.IMG_SIZE", _at_least(1), "must be at least 1"),
+    Rule("DATA.NUM_WORKERS", _at_least(0), "must be 0 (load in the main process) or more"),
+    Rule("DATA.INTERPOLATION", _one_of(INTERPOLATIONS), f"must be one of {INTERPOLATIONS}"),
+    Rule("DATA.CACHE_MODE", _one_of(CACHE_MODES), f"must be one of {CACHE_MODES}"),
+    Rule("MODEL.LABEL_SMOOTHING", _between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
+    Rule("MODEL.FOCAL.IN_CHANS", _at_least(1), "must be at least 1"),
+    Rule("MODEL.FOCAL.IN_CHANS", lambda value, c: value == 3 or c.THROUGHPUT_MODE,
+         "must be 3 to train or evaluate: images are read as RGB"),
+    Rule("TRAIN.EPOCHS", _at_least(1), "must be at least 1"),
+    Rule("TRAIN.START_EPOCH", _at_least(0), "must be 0 or more"),
+    Rule("TRAIN.START_EPOCH", lambda value, c: value < c.TRAIN.EPOCHS or not _trains(c),
+         "must be below TRAIN.EPOCHS (there would be nothing to train)"),
+    Rule("TRAIN.WARMUP_EPOCHS", _at_least(0), "must be 0 or more"),
+    Rule("TRAIN.BASE_LR", lambda value, _: value > 0, "must be above 0"),
+    Rule("TRAIN.WARMUP_LR", _at_least(0), "must be 0 or more"),
+    Rule("TRAIN.MIN_LR", _at_least(0), "must be 0 or more"),
+    Rule("TRAIN.WEIGHT_DECAY", _at_least(0), "must be 0 or more"),
+    Rule("TRAIN.CLIP_GRAD", lambda value, _: value is None or value >= 0,
+         "must be 0 or more (the largest gradient norm; 0 or None turns clipping off)"),
+    Rule("TRAIN.ACCUMULATION_STEPS", _at_least(1), "must be at least 1"),
+    Rule("TRAIN.LR_SCHEDULER.NAME", _one_of(SCHEDULERS), f"must be one of {SCHEDULERS}"),
+    Rule("TRAIN.LR_SCHEDULER.DECAY_EPOCHS", lambda value, _: value > 0, "must be above 0"),
+    Rule("TRAIN.LR_SCHEDULER.DECAY_RATE", lambda value, _: value > 0, "must be above 0"),
+    Rule("TRAIN.OPTIMIZER.NAME", lambda value, _: value.lower() in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
+    Rule("TRAIN.OPTIMIZER.EPS", lambda value, _: value > 0, "must be above 0"),
+    Rule("TRAIN.OPTIMIZER.BETAS", lambda value, _: len(value) == 2 and all(0 <= b < 1 for b in value),
+         "must be two values in [0, 1)"),
+    Rule("TRAIN.OPTIMIZER.MOMENTUM", _between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
+    Rule("AUG.COLOR_JITTER", _at_least(0), "must be 0 (off) or more"),
+    Rule("AUG.REPROB", _between(0.0, 1.0), "must be a probability in [0, 1]"),
+    Rule("AUG.REMODE", _one_of(("pixel", "rand", "const")), "must be one of ('pixel', 'rand', 'const')"),
+    Rule("AUG.RECOUNT", _at_least(1), "must be at least 1"),
+    Rule("AUG.MIXUP", _at_least(0), "must be 0 (off) or more"),
+    Rule("AUG.CUTMIX", _at_least(0), "must be 0 (off) or more"),
+    Rule("AUG.CUTMIX_MINMAX", lambda value, _: value is None or (len(value) == 2 and 0 < value[0] < value[1] <= 1),
+         "must be None or two fractions (min, max) with 0 < min < max <= 1"),
+    Rule("AUG.MIXUP_PROB", _between(0.0, 1.0), "must be a probability in [0, 1]"),
+    Rule("AUG.MIXUP_SWITCH_PROB", _between(0.0, 1.0), "must be a probability in [0, 1]"),
+    Rule("AUG.MIXUP_MODE", _one_of(("batch", "pair", "elem")), "must be one of ('batch', 'pair', 'elem')"),
+    Rule("AMP_OPT_LEVEL", _one_of(AMP_LEVELS), f"must be one of {AMP_LEVELS[1:]} (or empty: the device's default)"),
+    Rule("SAVE_FREQ", _at_least(1), "must be at least 1"),
+    Rule("PRINT_FREQ", _at_least(1), "must be at least 1"),
+    Rule("KEEP_CHECKPOINTS", _at_least(0), "must be 0 (keep all) or more"),
+    Rule("SEED", _at_least(0), "must be 0 or more"),
+)
+
+
+def _lookup(config: CN, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def check_values(config: CN) -> None:
+    """Raise ``ValueError`` for the first value outside its rule, naming the key (and its flag, if it has one)."""
+    for rule in RULES:
+        value = _lookup(config, rule.key)
+        try:
+            ok = rule.valid(value, config)
+        except TypeError:  # e.g. None where a number belongs
+            ok = False
+        if not ok:
+            flag = KEY_FLAGS.get(rule.key)
+            name = f"{flag} ({rule.key})" if flag else rule.key
+            raise ValueError(f"{name} {rule.requirement}, got {value!r}")
+
+
 def get_config(args: Any) -> CN:
-    """The configuration for ``main.py``: ``--cfg`` and ``--opts``, then the dedicated command-line flags."""
+    """The configuration for ``main.py``: ``--cfg`` and ``--opts``, then the dedicated command-line flags; every
+    value checked against :data:`RULES`."""
     config = load_config(getattr(args, "cfg", None), getattr(args, "opts", None))
     config.defrost()
-    flag_to_key = {
-        "batch_size": "DATA.BATCH_SIZE",
-        "data_path": "DATA.DATA_PATH",
-        "cache_mode": "DATA.CACHE_MODE",
-        "pretrained": "MODEL.PRETRAINED",
-        "resume": "MODEL.RESUME",
-        "accumulation_steps": "TRAIN.ACCUMULATION_STEPS",
-        "output": "OUTPUT",
-        "tag": "TAG",
-        "seed": "SEED",
-    }
+    flag_to_key = {flag.lstrip("-").replace("-", "_"): key for key, flag in KEY_FLAGS.items() if key != "AMP_OPT_LEVEL"}
     for flag, key in flag_to_key.items():
         value = getattr(args, flag, None)
         if value is not None:
@@ -203,4 +308,5 @@ def get_config(args: Any) -> CN:
     config.LOCAL_RANK = int(os.environ.get("LOCAL_RANK", getattr(args, "local_rank", 0) or 0))
     config.OUTPUT = os.path.join(config.OUTPUT or "output", config.MODEL.NAME, config.TAG)
     config.freeze()
+    check_values(config)
     return config

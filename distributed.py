@@ -6,6 +6,7 @@ same code path serves one process and many.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -60,13 +61,45 @@ def init_distributed(device: str = "auto") -> DistEnv:
     """Read RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun) and join the process group when there are several."""
     rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UsageError(f"environment: RANK {rank} and WORLD_SIZE {world_size} need 0 <= RANK < WORLD_SIZE")
     env = DistEnv(rank, world_size, local_rank, resolve_device(device, local_rank))
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     if env.distributed and not dist.is_initialized():
-        backend = "nccl" if env.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise UsageError(f"WORLD_SIZE={world_size} asks for a distributed run, but {' and '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not set: start it with torchrun (which sets "
+                             f"them), or set MASTER_ADDR and MASTER_PORT on every process")
+        join_process_group("nccl" if env.device.type == "cuda" else "gloo", rank, world_size)
     return env
+
+
+def join_process_group(backend: str, rank: int, world_size: int) -> None:
+    """``init_process_group`` in a helper thread while the main thread waits.
+
+    The rendezvous blocks in C++ until every rank has arrived (by default for 30 minutes), and Python runs signal
+    handlers only in the main thread between bytecodes: called directly, a job missing a rank could not be stopped
+    with SIGTERM or Ctrl-C. Waiting in short joins keeps the main thread able to run them.
+    """
+    if rank == 0:
+        print(f"waiting for {world_size} processes at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+              f"({backend})", flush=True)
+    failure: list = []
+
+    def join() -> None:
+        try:
+            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
+        except BaseException as err:  # handed to the main thread
+            failure.append(err)
+
+    thread = threading.Thread(target=join, name="rendezvous", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.2)
+    if failure:
+        raise failure[0]
 
 
 def shutdown() -> None:

@@ -15,6 +15,14 @@ DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 LOGGER_NAME = "focal"
 
 
+class PrintableFormatter(logging.Formatter):
+    """File names that are not valid UTF-8 reach Python as lone surrogates, which no stream can encode: logging
+    would print "--- Logging error ---" and drop the message. Such characters are written as escapes instead."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def create_logger(output_dir: str, rank: int = 0, name: str = LOGGER_NAME) -> logging.Logger:
     """A logger writing to ``<output_dir>/log_rank<rank>.txt``, and to stdout on rank 0.
 
@@ -32,12 +40,12 @@ def create_logger(output_dir: str, rank: int = 0, name: str = LOGGER_NAME) -> lo
         console_fmt = (colored("[%(asctime)s %(name)s]", "green") + colored("(%(filename)s %(lineno)d)", "yellow")
                        + ": %(levelname)s %(message)s")
         console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(logging.Formatter(console_fmt, datefmt=DATE_FORMAT))
+        console.setFormatter(PrintableFormatter(console_fmt, datefmt=DATE_FORMAT))
         logger.addHandler(console)
 
     os.makedirs(output_dir, exist_ok=True)
-    file_handler = logging.FileHandler(os.path.join(output_dir, f"log_rank{rank}.txt"), mode="a")
-    file_handler.setFormatter(logging.Formatter(plain, datefmt=DATE_FORMAT))
+    file_handler = logging.FileHandler(os.path.join(output_dir, f"log_rank{rank}.txt"), mode="a", encoding="utf-8")
+    file_handler.setFormatter(PrintableFormatter(plain, datefmt=DATE_FORMAT))
     logger.addHandler(file_handler)
     return logger
 

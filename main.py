@@ -34,7 +34,9 @@ from logger import LOGGER_NAME, create_logger, create_tensorboard_writer
 from lr_scheduler import build_scheduler
 from models import ConfigError, build_model, validate_model_config
 from optimizer import build_optimizer
-from utils import Checkpoint, latest_checkpoint, load_pretrained, read_checkpoint, restore_checkpoint, save_checkpoint
+from run_lock import OutputLock
+from utils import (Checkpoint, atomic_write, ensure_writable_folder, latest_checkpoint, load_pretrained,
+                   read_checkpoint, restore_checkpoint, save_checkpoint)
 
 # The learning rates in the configs are for a total batch of this many images; they scale linearly from it.
 LR_REFERENCE_BATCH = 512
@@ -77,17 +79,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def load_run_config(args: argparse.Namespace) -> Any:
-    """The merged config, with bad files, keys or values reported as usage errors."""
+    """The merged config, with bad files, keys or values (see ``config.RULES``) reported as usage errors."""
     try:
         config = get_config(args)
     except (KeyError, ValueError, AssertionError, FileNotFoundError) as err:
         raise UsageError(f"config (--cfg {args.cfg} / --opts): {err}") from None
-    for key, flag, value in (("DATA.BATCH_SIZE", "--batch-size", config.DATA.BATCH_SIZE),
-                             ("TRAIN.ACCUMULATION_STEPS", "--accumulation-steps", config.TRAIN.ACCUMULATION_STEPS),
-                             ("SAVE_FREQ", "--opts SAVE_FREQ", config.SAVE_FREQ),
-                             ("PRINT_FREQ", "--opts PRINT_FREQ", config.PRINT_FREQ)):
-        if value < 1:
-            raise UsageError(f"{flag} ({key}) must be at least 1, got {value}")
     if not config.DATA.DATA_PATH and not config.THROUGHPUT_MODE:
         raise UsageError("--data-path (DATA.DATA_PATH) is required for training and evaluation; "
                          "only --throughput runs without data")
@@ -153,8 +149,9 @@ def run_throughput(config: Any, env: DistEnv, model: nn.Module, precision: Preci
     throughput(model, images.to(env.device), precision)
 
 
-def log_accuracy(logger: logging.Logger, num_images: int, result: EvalResult) -> None:
-    logger.info(f"Accuracy of the network on the {num_images} test images: {result.acc1:.1f}%")
+def log_accuracy(logger: logging.Logger, result: EvalResult) -> None:
+    """Over the images actually evaluated (with ``DATA.SKIP_BAD_IMAGES``, unreadable ones are not among them)."""
+    logger.info(f"Accuracy of the network on the {result.num_images} test images: {result.acc1:.1f}%")
 
 
 def log_skipped_images(dataset: CheckedImages, split: str, logger: logging.Logger) -> None:
@@ -168,7 +165,7 @@ def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Preci
                    unsafe_load: bool) -> None:
     """Weights from ``--resume``, else ``--pretrained``, else the newest checkpoint of this run's output folder."""
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        load_pretrained(config.MODEL.PRETRAINED, model, logger, unsafe_load)
+        load_pretrained(config.MODEL.PRETRAINED, model, logger, unsafe_load, evaluating=True)
     else:
         checkpoint = resume_checkpoint(config, logger, unsafe_load)
         if not checkpoint:
@@ -176,7 +173,7 @@ def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Preci
                              f"(no checkpoint to auto-resume in {config.OUTPUT})")
         restore_checkpoint(checkpoint, model, logger)
     dataset, loader = build_val_loader(config, env)
-    log_accuracy(logger, len(dataset), evaluate(config, model, loader, precision, env.device))
+    log_accuracy(logger, evaluate(config, model, loader, precision, env.device))
     log_skipped_images(dataset, "validation", logger)
 
 
@@ -184,8 +181,9 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
                  unsafe_load: bool) -> None:
     """Train from ``TRAIN.START_EPOCH`` (or where a resumed checkpoint left off), evaluating after every epoch.
 
-    Data, weights and TensorBoard are all checked before the run writes anything besides its log, so a run
-    refused for bad input leaves an earlier run's files in the output folder as they were.
+    Data, weights and TensorBoard are all checked before the run writes anything besides its log, and the config
+    file is rewritten only once the first epoch has been evaluated, so a run refused for bad input (a corrupt
+    validation image included) leaves an earlier run's files in the output folder as they were.
     """
     train_dataset, train_loader = build_train_loader(config, env)
     val_dataset, val_loader = build_val_loader(config, env)
@@ -200,21 +198,21 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
     start_epoch, max_accuracy = config.TRAIN.START_EPOCH, 0.0
     checkpoint = resume_checkpoint(config, logger, unsafe_load)
     if checkpoint:
-        start_epoch, step, max_accuracy = restore_checkpoint(checkpoint, model, logger, optimizer, scheduler,
-                                                             precision.scaler)
+        start_epoch, step, max_accuracy = restore_checkpoint(checkpoint, model, logger, optimizer, precision.scaler,
+                                                             config)
         if step and step != start_epoch * updates_per_epoch:
             logger.warning(f"{checkpoint.path} was saved after {step} updates, but {start_epoch} epochs of this run "
                            f"make {start_epoch * updates_per_epoch}: batch size, accumulation or data changed, "
                            f"and the schedule continues from the latter")
+        if start_epoch >= config.TRAIN.EPOCHS:
+            raise UsageError(f"{checkpoint.path} has already trained {start_epoch} of TRAIN.EPOCHS "
+                             f"{config.TRAIN.EPOCHS} epochs: nothing to train; raise TRAIN.EPOCHS to go on, or "
+                             f"evaluate it with --eval")
     elif config.MODEL.PRETRAINED:
         load_pretrained(config.MODEL.PRETRAINED, model, logger, unsafe_load)
+    scheduler.step_update(start_epoch * updates_per_epoch)  # the rate this run's schedule gives the next update
     last_good = checkpoint.path if checkpoint else None
     tensorboard = create_tensorboard_writer(config.OUTPUT) if config.TENSORBOARD and env.is_main else None
-    if env.is_main:
-        path = os.path.join(config.OUTPUT, "config.yaml")
-        with open(path, "w") as f:
-            f.write(config.dump())
-        logger.info(f"full config saved to {path}")
     model_without_ddp = model
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
@@ -235,8 +233,10 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
                                 f"resume from it with a lower TRAIN.BASE_LR or TRAIN.CLIP_GRAD") from None
         log_skipped_images(train_dataset, "training", logger)
         result = evaluate(config, model_without_ddp, val_loader, precision, env.device)
-        log_accuracy(logger, len(val_dataset), result)
+        log_accuracy(logger, result)
         log_skipped_images(val_dataset, "validation", logger)
+        if env.is_main and epoch == start_epoch:
+            save_config(config, logger)  # only now: a run that fails on its data leaves the previous one's
         max_accuracy = max(max_accuracy, result.acc1)
         logger.info(f"Max accuracy: {max_accuracy:.2f}%")
         if tensorboard is not None:
@@ -252,22 +252,29 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
     logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
 
 
+def save_config(config: Any, logger: logging.Logger) -> None:
+    path = os.path.join(config.OUTPUT, "config.yaml")
+    atomic_write(path, lambda tmp: open(tmp, "w").write(config.dump()))
+    logger.info(f"full config saved to {path}")
+
+
 def run(config: Any, env: DistEnv, unsafe_load: bool = False) -> None:
     scale_learning_rates(config, env.world_size)
-    os.makedirs(config.OUTPUT, exist_ok=True)
-    logger = create_logger(config.OUTPUT, env.rank)
-    backend = f", backend {torch.distributed.get_backend()}" if env.distributed else ""
-    logger.info(f"rank {env.rank} of {env.world_size} on {env.device}{backend}, pid {os.getpid()}")
-    try:
-        run_mode(config, env, logger, unsafe_load)
-    except Terminated:
-        raise  # logged by the signal handler
-    except (UsageError, ConfigError, TrainingError, SystemExit) as err:
-        logger.error(f"stopped: {user_message(err)}")
-        raise
-    except BaseException:
-        logger.exception("failed")
-        raise
+    ensure_writable_folder(config.OUTPUT, "--output")
+    with OutputLock(config.OUTPUT, env.rank):
+        logger = create_logger(config.OUTPUT, env.rank)
+        backend = f", backend {torch.distributed.get_backend()}" if env.distributed else ""
+        logger.info(f"rank {env.rank} of {env.world_size} on {env.device}{backend}, pid {os.getpid()}")
+        try:
+            run_mode(config, env, logger, unsafe_load)
+        except Terminated:
+            raise  # logged by the signal handler
+        except (UsageError, ConfigError, TrainingError, SystemExit) as err:
+            logger.error(f"stopped: {user_message(err)}")
+            raise
+        except BaseException:
+            logger.exception("failed")
+            raise
 
 
 def run_mode(config: Any, env: DistEnv, logger: logging.Logger, unsafe_load: bool) -> None:
@@ -290,19 +297,30 @@ def run_mode(config: Any, env: DistEnv, logger: logging.Logger, unsafe_load: boo
 
 
 class Terminated(SystemExit):
-    """A SIGTERM, turned into an exception by :func:`exit_on_sigterm`, which has logged it already."""
+    """SIGTERM or SIGINT, turned into an exception by :func:`exit_on_signal`, which has logged it already; the
+    exit status is 128 + the signal number, as a shell reports a process killed by it."""
 
 
-def exit_on_sigterm(signum: int, frame: Any) -> None:
-    """torchrun stops every rank with SIGTERM when one fails; exiting through Python runs clean-up.
+# The process that installed the handlers; DataLoader workers fork from it and inherit them.
+MAIN_PID = os.getpid()
+
+
+def exit_on_signal(signum: int, frame: Any) -> None:
+    """torchrun stops every rank with SIGTERM when one fails, and Ctrl-C sends SIGINT: either way the process
+    exits through Python (clean-up runs) after logging one line. Waiting for the other ranks is interruptible
+    too (see ``distributed.init_distributed``).
 
     The reason is logged here rather than where the exception is caught: the signal often lands just as a
     collective fails on the lost rank, and Python runs the handler at its next call, which may be the logging
     call for that failure; the exception raised there would skip both log lines.
     """
-    reason = f"terminated by {signal.Signals(signum).name} (under torchrun: another rank failed)"
+    if os.getpid() != MAIN_PID:  # a DataLoader worker: its loop ends quietly on KeyboardInterrupt
+        raise KeyboardInterrupt
+    name = signal.Signals(signum).name
+    reason = ("interrupted (Ctrl-C)" if signum == signal.SIGINT
+              else f"terminated by {name} (under torchrun: another rank failed)")
     logging.getLogger(LOGGER_NAME).error(f"stopped: {reason}")
-    raise Terminated(reason)
+    raise Terminated(128 + signum)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -316,7 +334,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, exit_on_signal)
     try:
         main()
     except (UsageError, ConfigError, TrainingError) as err:

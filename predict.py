@@ -22,6 +22,7 @@ from config import load_config
 from data.transforms import build_transform
 from errors import UsageError
 from models import build_model, load_weights
+from utils import read_checkpoint
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -70,10 +71,13 @@ def load_model(cfg: str, opts: Sequence[str], checkpoint: str, device: torch.dev
         raise UsageError(f"config (--cfg {cfg} / --opts): MODEL.NUM_CLASSES is 0, so there are no classes to predict")
     if not Path(checkpoint).is_file():
         raise UsageError(f"--checkpoint {checkpoint}: file not found")
+    try:  # the reader main.py uses: tensors only, checksummed, our and the released formats
+        state = read_checkpoint(checkpoint).state
+    except UsageError as err:
+        raise UsageError(f"--checkpoint {checkpoint}: {err}") from None
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         load_weights(model, state)
-    except Exception as err:  # unpickling, format and shape errors alike are the file's fault
+    except ValueError as err:
         raise UsageError(f"--checkpoint {checkpoint}: cannot load into {config.MODEL.NAME}: {err}") from None
     return model.to(device).eval(), config
 

@@ -6,6 +6,7 @@ containers only, so they load with ``weights_only=True`` and loading them runs n
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
@@ -13,16 +14,21 @@ import re
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import yaml
 from timm.scheduler.scheduler import Scheduler
 
-from errors import UsageError
+from errors import TrainingError, UsageError
 from models import load_weights
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_epoch_(\d+)\.pth$")
+# What :func:`atomic_write` names its temporary files: ``.<name>.<pid>.<8 hex digits>.tmp``.
+TEMPORARY_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
+# The key under which a checkpoint carries the digest of the rest of its content.
+CHECKSUM_KEY = "content_blake2b"
 # The reference release pickled its yacs config into every checkpoint. Reading it as a plain ordered mapping
 # keeps loading safe (no yacs code runs); we never use that config.
 SAFE_GLOBALS = [(OrderedDict, "yacs.config.CfgNode")]
@@ -49,24 +55,69 @@ def _unsafe_detail(path: str) -> str:
     return f"it needs {', '.join(names[:5])}" if names else "it uses pickle operations beyond tensors and containers"
 
 
-def read_checkpoint(path: str, logger: logging.Logger, unsafe: bool = False) -> Checkpoint:
+def content_digest(state: Any) -> str:
+    """A digest of every tensor byte, key and value of a checkpoint object, in order: torch's zip container does
+    not check its CRCs on reading, so without this a flipped bit in a tensor loads silently as a changed weight."""
+    digest = hashlib.blake2b(digest_size=20)
+
+    def feed(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            tensor = obj.detach().cpu().contiguous()
+            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(obj, Mapping):
+            digest.update(f"D{len(obj)}".encode())
+            for key, value in obj.items():
+                feed(key)
+                feed(value)
+        elif isinstance(obj, (list, tuple)):
+            digest.update(f"L{len(obj)}".encode())
+            for value in obj:
+                feed(value)
+        else:
+            digest.update(f"V{obj!r}".encode())
+    feed(state)
+    return digest.hexdigest()
+
+
+def verify_checksum(path: str, state: Any) -> None:
+    """Checkpoints we wrote carry :func:`content_digest` of their content; others (released files) have none."""
+    if not isinstance(state, dict) or CHECKSUM_KEY not in state:
+        return
+    expected = state.pop(CHECKSUM_KEY)
+    if content_digest(state) != expected:
+        raise UnreadableCheckpoint(f"checkpoint {path} is damaged: its content does not match the checksum saved "
+                                   f"with it")
+
+
+def read_checkpoint(path: str, logger: Optional[logging.Logger] = None, unsafe: bool = False) -> Checkpoint:
     """Load on the CPU with ``weights_only=True``; a file that needs arbitrary unpickling is refused unless
-    ``unsafe`` (``--unsafe-load``). Truncated or corrupt files raise ``UnreadableCheckpoint``."""
+    ``unsafe`` (``--unsafe-load``). Truncated, corrupt or damaged files raise ``UnreadableCheckpoint``."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; older torch and bare pickles start with the pickle protocol marker
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise UnreadableCheckpoint(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint "
+                                   f"(neither torch.save's zip format nor a pickle)")
     try:
         if unsafe:
-            logger.warning(f"--unsafe-load: fully unpickling {path}; any code in it runs now")
-            return Checkpoint(path, torch.load(path, map_location="cpu", weights_only=False))
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return Checkpoint(path, torch.load(path, map_location="cpu", weights_only=True))
+            if logger is not None:
+                logger.warning(f"--unsafe-load: fully unpickling {path}; any code in it runs now")
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         if unsafe:
             raise UnreadableCheckpoint(f"cannot read checkpoint {path}: it is corrupt") from None
         raise UsageError(f"refusing to load checkpoint {path}: {_unsafe_detail(path)}; {UNSAFE_HINT}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # whatever a damaged file makes the unpickler or the zip reader raise
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UnreadableCheckpoint(f"cannot read checkpoint {path} (truncated or corrupt): {reason}") from None
+    verify_checksum(path, state)
+    return Checkpoint(path, state)
 
 
 def checkpoint_path(output_dir: str, epoch: int) -> str:
@@ -91,6 +142,18 @@ def latest_checkpoint(output_dir: str, logger: logging.Logger, unsafe: bool = Fa
         except UnreadableCheckpoint as err:
             logger.warning(f"auto-resume skips {path}: {err}")
     return None
+
+
+def ensure_writable_folder(folder: str, flag: str) -> None:
+    """Create ``folder`` if needed and check that files can be made in it, before any long work: otherwise say
+    in one line, naming ``flag``, why it cannot be used (read-only, a file in the way, no permission)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        open(probe, "x").close()
+        os.remove(probe)
+    except OSError as err:
+        raise UsageError(f"{flag}: cannot write to {folder}: {err.strerror or err}") from None
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
@@ -121,10 +184,20 @@ def atomic_save(obj: Any, path: str) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def remove_stale_temporaries(folder: str, logger: logging.Logger) -> None:
+    """Delete what saves killed mid-write left behind. One run owns an output folder at a time (see
+    ``run_lock``), so no temporary file there belongs to a live writer."""
+    for name in os.listdir(folder):
+        if TEMPORARY_NAME.match(name):
+            os.remove(os.path.join(folder, name))
+            logger.info(f"removed {os.path.join(folder, name)}, left by an interrupted save")
+
+
 def save_checkpoint(config: Any, epoch: int, step: int, model: nn.Module, max_accuracy: float,
                     optimizer: torch.optim.Optimizer, scheduler: Scheduler, scaler: torch.amp.GradScaler,
                     logger: logging.Logger) -> str:
-    """Write ``<OUTPUT>/ckpt_epoch_<epoch>.pth`` atomically, then keep only the newest ``KEEP_CHECKPOINTS``."""
+    """Write ``<OUTPUT>/ckpt_epoch_<epoch>.pth`` atomically with a checksum of its content, then keep only the
+    newest ``KEEP_CHECKPOINTS``. A failed write (a full disk) is a ``TrainingError`` naming the file."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -135,8 +208,15 @@ def save_checkpoint(config: Any, epoch: int, step: int, model: nn.Module, max_ac
         "step": step,
         "config": config.dump(),
     }
+    state[CHECKSUM_KEY] = content_digest(state)
     path = checkpoint_path(config.OUTPUT, epoch)
-    atomic_save(state, path)
+    remove_stale_temporaries(config.OUTPUT, logger)
+    try:
+        atomic_save(state, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError from its zip writer
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TrainingError(f"cannot save checkpoint {path}: {reason}; nothing was written (check free space and "
+                            f"permissions of {config.OUTPUT})") from None
     logger.info(f"saved {path}")
     if config.KEEP_CHECKPOINTS > 0:
         for old in list_checkpoints(config.OUTPUT)[config.KEEP_CHECKPOINTS:]:
@@ -145,11 +225,52 @@ def save_checkpoint(config: Any, epoch: int, step: int, model: nn.Module, max_ac
     return path
 
 
+def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    """``{"A.B": value}`` for a nested mapping (a yacs node, or a YAML-loaded dict)."""
+    if not isinstance(tree, Mapping):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+# Keys that say how a run was started, not what it trains: their changes on resume are not worth a line.
+RUN_KEYS = {"MODEL.RESUME", "MODEL.PRETRAINED", "TRAIN.AUTO_RESUME", "TRAIN.START_EPOCH", "LOCAL_RANK", "EVAL_MODE",
+            "THROUGHPUT_MODE", "OUTPUT"}
+
+
+def config_changes(saved: Any, config: Any) -> List[str]:
+    """``KEY old -> new`` for every setting that differs between a checkpoint's config and this run's."""
+    if isinstance(saved, str):
+        saved = yaml.safe_load(saved)
+    if not isinstance(saved, Mapping):
+        return []
+    old, new = _flatten(saved), _flatten(config)
+    return [f"{key} {old[key]!r} -> {new[key]!r}" for key in new
+            if key in old and key not in RUN_KEYS and _plain(old[key]) != _plain(new[key])]
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def optimizer_kind(group: Mapping[str, Any]) -> str:
+    """Which of our optimizers a parameter group belongs to, from the hyper-parameters it holds."""
+    return "adamw" if "betas" in group else "sgd" if "momentum" in group else "unknown"
+
+
 def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging.Logger,
-                       optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Optional[Scheduler] = None,
-                       scaler: Optional[torch.amp.GradScaler] = None) -> Tuple[int, int, float]:
-    """Restore weights and, when given and present, the training state; returns (next epoch, updates done, best
-    accuracy). Weights must fit the model exactly. A weights-only file (a released checkpoint) starts at 0."""
+                       optimizer: Optional[torch.optim.Optimizer] = None, scaler: Optional[torch.amp.GradScaler] = None,
+                       config: Any = None) -> Tuple[int, int, float]:
+    """Restore weights and, when given and present, the optimizer and scaler state; returns (next epoch, updates
+    done, best accuracy). Weights must fit the model exactly. A weights-only file (a released checkpoint) starts
+    at 0.
+
+    The config is the truth: the optimizer keeps its moments but takes its hyper-parameters (rates, decay, betas)
+    from this run's, and the caller rebuilds the learning-rate schedule from this run's config rather than loading
+    the saved one. Changed settings are logged; a change of optimizer type is refused.
+    """
     state, path = checkpoint.state, checkpoint.path
     try:
         report = load_weights(model, state, strict=True)
@@ -157,25 +278,52 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging
         raise UsageError(f"--resume {path}: {err}; to fine-tune from other weights use --pretrained") from None
     logger.info(f"resumed weights from {path}: {report.summary()}")
     max_accuracy = float(state.get("max_accuracy", 0.0))
-    if optimizer is None or not all(k in state for k in ("optimizer", "lr_scheduler", "epoch")):
+    if optimizer is None or not all(k in state for k in ("optimizer", "epoch")):
         return 0, 0, max_accuracy
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["lr_scheduler"])
+    saved_groups = state["optimizer"].get("param_groups", [])
+    saved_kind, kind = (optimizer_kind(g[0]) if g else "unknown" for g in (saved_groups, optimizer.param_groups))
+    if saved_kind != kind:
+        raise UsageError(f"--resume {path}: it was trained with TRAIN.OPTIMIZER.NAME {saved_kind}, this run asks for "
+                         f"{kind}, and optimizer state cannot carry over; resume with {saved_kind}, or start from its "
+                         f"weights with --pretrained {path}")
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise UsageError(f"--resume {path}: its optimizer state does not fit this model's parameters: {err}") from None
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update(settings)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    changes = config_changes(state.get("config"), config) if config is not None else []
+    if changes:
+        logger.info(f"resuming with a changed config: {'; '.join(changes)}; the optimizer keeps its state and "
+                    f"the learning-rate schedule follows this run's config")
     logger.info(f"resumed training state from {path} (epoch {state['epoch']})")
     return state["epoch"] + 1, int(state.get("step", 0)), max_accuracy
 
 
-def load_pretrained(path: str, model: nn.Module, logger: logging.Logger, unsafe: bool = False) -> None:
+def load_pretrained(path: str, model: nn.Module, logger: logging.Logger, unsafe: bool = False,
+                    evaluating: bool = False) -> None:
     """Weights only, for fine-tuning: a head of another class count is dropped (left freshly initialised) and
-    relative-position tables are resized to this model's window size. Anything else that does not fit (e.g. the
-    window-sized pooling weights of another window size) keeps its initial values, with a warning."""
+    relative-position tables are resized to this model's window size. Anything else that does not fit keeps its
+    initial values, with a warning.
+
+    Refused: weights of which nothing fits (another architecture), and, for ``--eval``, weights that leave any
+    part of the model (e.g. the classifier) at its random initial values.
+    """
     try:
         report = load_weights(model, read_checkpoint(path, logger, unsafe).state, strict=False,
                               drop_mismatched_head=True)
     except ValueError as err:
         raise UsageError(f"--pretrained {path}: {err}") from None
+    loaded = len(model.state_dict()) - len(report.missing) - len(report.mismatched)
+    if loaded == 0:
+        raise UsageError(f"--pretrained {path}: none of its tensors fits this model ({report.summary()}); "
+                         f"is it a checkpoint of the --cfg model?")
+    if evaluating and (report.missing or report.mismatched):
+        raise UsageError(f"--eval --pretrained {path}: it leaves part of the model at random initial values "
+                         f"({report.summary()}); evaluate with the config it was trained with (class count, sizes)")
     if report.mismatched or report.unexpected:
         logger.warning(f"--pretrained {path} only partly fits the model; the rest keeps its initial values: "
                        f"{report.summary()}")

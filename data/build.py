@@ -18,9 +18,13 @@ from .transforms import build_transform
 def _dataset(split: str, config: Any, env: DistEnv) -> CheckedImages:
     dataset, num_classes = build_dataset(split, config, build_transform(split == "train", config),
                                          env.rank, env.world_size)
-    if num_classes != config.MODEL.NUM_CLASSES:
-        raise UsageError(f"MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES} but the '{split}' split of "
-                         f"{config.DATA.DATA_PATH} has {num_classes} classes; "
+    expected = config.MODEL.NUM_CLASSES
+    # A zip map file shows only the labels it uses: a validation set may lack the last classes, never exceed them.
+    labels_only = config.DATA.ZIP_MODE and split == "val"
+    if num_classes != expected and not (labels_only and num_classes < expected):
+        found = f"labels up to {num_classes - 1}" if labels_only else f"{num_classes} classes"
+        raise UsageError(f"MODEL.NUM_CLASSES is {expected} but the '{split}' split of "
+                         f"{config.DATA.DATA_PATH} has {found}; "
                          f"pass --opts MODEL.NUM_CLASSES {num_classes} (or use matching data)")
     return CheckedImages(dataset, image_sources(dataset), config.DATA.SKIP_BAD_IMAGES)
 

@@ -13,15 +13,66 @@ import os
 import zipfile
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 
 from errors import UsageError
 
 CACHE_MODES = ("no", "part", "full")
 logger = logging.getLogger("focal.data")
+
+
+# 16-bit grey images (PNG, TIFF): Pillow's conversion to RGB clips every value above 255 to white.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, scaling 16-bit grey values to 8 bits instead of clipping them."""
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+        values = np.asarray(image)
+        if image.mode != "I" or values.max() > 255:  # 32-bit "I" images from 16-bit files hold 0..65535
+            values = values.astype(np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def load_rgb(source: Any) -> Image.Image:
+    """Open an image file (a path or a file object) as RGB."""
+    with Image.open(source) as image:
+        return to_rgb(image)
+
+
+class ImageTree(ImageFolder):
+    """``ImageFolder`` that enters every directory once: followed links stay allowed (datasets are often linked
+    together), but a link back up the tree would otherwise repeat a class's images until the path got too long.
+    Images load through :func:`load_rgb`."""
+
+    def __init__(self, root: str, transform: Optional[Callable] = None):
+        super().__init__(root, transform=transform, loader=load_rgb)
+
+    @staticmethod
+    def make_dataset(directory: str, class_to_idx: dict, extensions: Optional[Tuple[str, ...]] = None,
+                     is_valid_file: Optional[Callable[[str], bool]] = None,
+                     allow_empty: bool = False) -> List[Tuple[str, int]]:
+        extensions = extensions or IMG_EXTENSIONS
+        samples = []
+        for name in sorted(class_to_idx):
+            found, visited = [], set()
+            for root, dirs, files in os.walk(os.path.join(directory, name), followlinks=True):
+                real = os.path.realpath(root)
+                if real in visited:
+                    dirs[:] = []
+                    continue
+                visited.add(real)
+                found.append((root, sorted(f for f in files if has_file_allowed_extension(f, extensions))))
+            class_samples = [(os.path.join(root, f), class_to_idx[name]) for root, files in sorted(found) for f in files]
+            if not class_samples and not allow_empty:
+                raise FileNotFoundError(f"Found no valid file for the class {name}")
+            samples += class_samples
+        return samples
 
 
 def read_map_file(path: str) -> List[Tuple[str, int]]:
@@ -54,8 +105,11 @@ class ZipImageDataset(Dataset):
         self.transform = transform
         self.samples = read_map_file(map_path)
         self.targets = [label for _, label in self.samples]
-        with zipfile.ZipFile(zip_path) as archive:
-            names = set(archive.namelist())
+        try:
+            with zipfile.ZipFile(zip_path) as archive:
+                names = set(archive.namelist())
+        except (zipfile.BadZipFile, OSError) as err:
+            raise UsageError(f"zip layout (--zip): cannot read {zip_path}: {err}") from None
         missing = [name for name, _ in self.samples if name not in names]
         if missing:
             raise UsageError(f"{len(missing)} images listed in {map_path} are not in {zip_path}, e.g. {missing[0]}")
@@ -90,7 +144,7 @@ class ZipImageDataset(Dataset):
         data = self.cache.get(index)
         if data is None:
             data = self._read(index)
-        image = Image.open(io.BytesIO(data)).convert("RGB")
+        image = load_rgb(io.BytesIO(data))
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]
@@ -115,7 +169,7 @@ def build_dataset(split: str, config: Any, transform: Optional[Callable], rank: 
         raise UsageError(f"--data-path {root} has no '{split}' folder: expected the ImageNet layout "
                          f"{split}/<class>/<image>{hint}")
     try:
-        dataset = ImageFolder(folder, transform=transform)
+        dataset = ImageTree(folder, transform=transform)
     except (FileNotFoundError, RuntimeError) as err:
         raise UsageError(f"cannot read images from {folder}: {_empty_class_folders(folder) or err}") from None
     if split == "val":
@@ -177,7 +231,8 @@ class CheckedImages(Dataset):
     def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
         try:
             return self.dataset[index]
-        except (OSError, SyntaxError) as err:  # PIL's errors for unreadable, truncated and unidentified files
+        # PIL's errors for unreadable, truncated and unidentified files, and for images over its pixel limit
+        except (OSError, SyntaxError, Image.DecompressionBombError) as err:
             if not self.skip:
                 raise UsageError(f"cannot read image {self.sources[index]}: {err}; replace the file, or set "
                                  f"DATA.SKIP_BAD_IMAGES True to leave unreadable images out") from None

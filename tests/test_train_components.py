@@ -149,10 +149,13 @@ def test_checkpoint_round_trip_latest_by_epoch_and_keep_last(tmp_path):
     fresh = build_model(config)
     fresh_optimizer = build_optimizer(config, fresh)
     fresh_scheduler = build_scheduler(config, fresh_optimizer, 2)
-    epoch, step, best = restore_checkpoint(latest, fresh, LOG, fresh_optimizer, fresh_scheduler, precision.scaler)
+    epoch, step, best = restore_checkpoint(latest, fresh, LOG, fresh_optimizer, precision.scaler, config)
     assert (epoch, step, best) == (11, 22, 42.5)
+    # The schedule is rebuilt from the config, not loaded: at the same update it gives the same rate.
+    fresh_scheduler.step_update(7)
     assert fresh_scheduler.state_dict() == scheduler.state_dict()
     assert fresh_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    torch.testing.assert_close(fresh_optimizer.state_dict(), optimizer.state_dict(), rtol=0, atol=0)
     for a, b in zip(fresh.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
 

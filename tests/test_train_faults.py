@@ -243,7 +243,8 @@ def test_a_crash_while_saving_leaves_no_partial_checkpoint(copy_of, data, monkey
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(TrainingError, match=r"cannot save checkpoint .*ckpt_epoch_1.pth: \[Errno 28\] No space left "
+                                            r"on device; nothing was written"):
         main(demo_args(data, output, opts=("TRAIN.EPOCHS", "2")))
     assert_intact(output, before, may_change=("config.yaml",))  # no ckpt_epoch_1.pth, no temporary file
 
@@ -277,7 +278,7 @@ def test_a_sigterm_landing_while_a_failure_is_logged_is_still_logged(demo_data, 
     log_failure = logging.Logger.exception
 
     def handler_runs_first(self, *args, **kwargs):
-        entry.exit_on_sigterm(signal.SIGTERM, None)
+        entry.exit_on_signal(signal.SIGTERM, None)
         log_failure(self, *args, **kwargs)
     monkeypatch.setattr(entry, "run_mode", lost_rank)
     monkeypatch.setattr(logging.Logger, "exception", handler_runs_first)

@@ -25,7 +25,7 @@ if ROOT not in sys.path:
 
 from errors import UsageError  # noqa: E402
 from predict import load_model  # noqa: E402
-from utils import atomic_write  # noqa: E402
+from utils import atomic_write, ensure_writable_folder  # noqa: E402
 
 FORMATS = {".pt2": "torch.export", ".onnx": "ONNX"}
 TOLERANCE = 1e-4  # the largest |difference| from the eager logits that is accepted
@@ -90,6 +90,7 @@ def onnx_difference(path: str, model: nn.Module, example: torch.Tensor) -> float
 
 
 def export(args: argparse.Namespace) -> None:
+    ensure_writable_folder(os.path.dirname(os.path.abspath(args.output)), "--output")
     model, config = load_model(args.cfg, args.opts, args.checkpoint, torch.device("cpu"))
     height, width = (args.img_size * 2)[:2] if args.img_size else (config.DATA.IMG_SIZE,) * 2
     batch = max(2, args.batch_size) if args.dynamic_batch else args.batch_size
@@ -100,7 +101,6 @@ def export(args: argparse.Namespace) -> None:
     diff = max_difference(program, model, example)
     if diff > TOLERANCE:
         raise UsageError(f"the exported program differs from the model by {diff:.3g} (> {TOLERANCE}); nothing written")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     suffix = os.path.splitext(args.output)[1].lower()
     if suffix == ".pt2":
         atomic_write(args.output, lambda path: torch.export.save(program, path))
