@@ -169,14 +169,30 @@ def load_config(cfg_file: Optional[str] = None, opts: Optional[Sequence[Any]] = 
 
 
 def merge_opts(config: CN, opts: Iterable[Any]) -> None:
-    """Merge a ``KEY VALUE ...`` list; string values are parsed as Python literals, as yacs does."""
+    """Merge a ``KEY VALUE ...`` list; string values are parsed as Python literals, as yacs does, and a whole
+    number given for a float key counts as that float (``TRAIN.CLIP_GRAD 1``), which yacs would refuse."""
     opts = list(opts)
     if len(opts) % 2:
         raise ValueError(f"--opts needs KEY VALUE pairs, got an odd number of items: {opts}")
+    pairs = []
+    for key, value in zip(opts[0::2], opts[1::2]):
+        value = CN._decode_cfg_value(value)
+        if _is_float_key(config, key) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        pairs += [key, value]
     try:
-        config.merge_from_list(opts)
+        config.merge_from_list(pairs)
     except AssertionError as err:  # yacs reports unknown keys with a bare assert
         raise KeyError(str(err)) from None
+
+
+def _is_float_key(config: CN, key: Any) -> bool:
+    node = config
+    for part in str(key).split("."):
+        if not isinstance(node, CN) or part not in node:
+            return False
+        node = node[part]
+    return isinstance(node, float)
 
 
 

@@ -1,0 +1,295 @@
+"""No silent wrong training, no silent overwrite, one clear line for every bad input (issue #13).
+
+In-process runs of ``main`` where the error type is enough; real subprocesses where the promise is about the
+process itself (exit status, one stderr line, signals, a second concurrent run)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from config import load_config
+from data.datasets import to_rgb
+from errors import UsageError
+from lr_scheduler import build_scheduler
+from main import main, scale_learning_rates
+from models import build_model
+from optimizer import build_optimizer
+from utils import UnreadableCheckpoint, latest_checkpoint, read_checkpoint
+
+from .conftest import DEMO_CFG, MAIN_ENV, REPO, TINY_OPTS, check, eval_summary, run_main, start_main, wait_for_line
+from .test_train_faults import LOG, assert_intact, first_image, load, snapshot, this_run
+from .test_train_main import demo_args, read_log, run_dir
+
+
+def logged_rates(log: str, epoch: int) -> list:
+    """The learning rate printed with each step of ``epoch``."""
+    return [float(r) for r in re.findall(rf"Train: \[{epoch}/\d+\]\[\d+/\d+\]\s+eta \S+ lr ([\d.e-]+)", log)]
+
+
+def schedule_rate(opts: tuple, update: int, updates_per_epoch: int) -> float:
+    """What the schedule of the demo config with ``opts`` gives at ``update``, built independently of main."""
+    config = load_config(DEMO_CFG, [*TINY_OPTS, *opts])
+    scale_learning_rates(config, 1)
+    optimizer = build_optimizer(config, build_model(config))
+    scheduler = build_scheduler(config, optimizer, updates_per_epoch)
+    scheduler.step_update(update)
+    return optimizer.param_groups[0]["lr"]
+
+
+def test_resume_follows_the_schedule_of_the_new_config(demo_data, tmp_path):
+    """A lower BASE_LR and more epochs on resume are obeyed (both were silently ignored), and said in the log."""
+    first = ("TRAIN.EPOCHS", "2", "SAVE_FREQ", "1")
+    main(demo_args(demo_data, tmp_path, opts=first))
+    changed = ("TRAIN.EPOCHS", "4", "TRAIN.BASE_LR", "1.6e-3", "SAVE_FREQ", "1")
+    main(demo_args(demo_data, tmp_path, opts=changed))
+    log = this_run(read_log(tmp_path))
+    assert "resuming with a changed config: " in log
+    assert re.search(r"TRAIN.BASE_LR 0.00025\d* -> 2.5e-05\d*;", log) and "TRAIN.EPOCHS 2 -> 4" in log  # x 8/512
+    assert "Train: [1/" not in log and "Train: [3/4]" in log
+    for epoch in (2, 3):
+        rates = logged_rates(log, epoch)
+        expected = [schedule_rate(changed, epoch * 5 + step + 1, 5) for step in range(len(rates))]  # after it
+        assert rates == pytest.approx(expected, rel=1e-3, abs=1e-6), epoch
+    assert load(run_dir(tmp_path) / "ckpt_epoch_3.pth")["optimizer"]["param_groups"][0]["initial_lr"] == \
+        pytest.approx(2.5e-05)
+
+
+def test_resume_with_another_optimizer_or_after_the_last_epoch_is_refused(demo_data, tmp_path):
+    main(demo_args(demo_data, tmp_path))
+    before = snapshot(tmp_path)
+    with pytest.raises(UsageError, match=r"--resume .*ckpt_epoch_0.pth: it was trained with TRAIN.OPTIMIZER.NAME "
+                                         r"adamw, this run asks for sgd"):
+        main(demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "2", "TRAIN.OPTIMIZER.NAME", "sgd")))
+    with pytest.raises(UsageError, match=r"ckpt_epoch_0.pth has already trained 1 of TRAIN.EPOCHS 1 epochs: "
+                                         r"nothing to train"):
+        main(demo_args(demo_data, tmp_path))
+    assert_intact(tmp_path, before)
+
+
+BAD_VALUES = {
+    "TRAIN.CLIP_GRAD -1": r"TRAIN.CLIP_GRAD must be 0 or more .*got -1.0",
+    "TRAIN.EPOCHS 0": r"TRAIN.EPOCHS must be at least 1, got 0",
+    "TRAIN.EPOCHS -3": r"TRAIN.EPOCHS must be at least 1, got -3",
+    "TRAIN.START_EPOCH 1": r"TRAIN.START_EPOCH must be below TRAIN.EPOCHS .*got 1",
+    "TRAIN.BASE_LR -1.0": r"TRAIN.BASE_LR must be above 0, got -1.0",
+    "DATA.NUM_WORKERS -1": r"DATA.NUM_WORKERS must be 0 .*got -1",
+    "DATA.INTERPOLATION foo": r"DATA.INTERPOLATION must be one of \('bicubic'.*got 'foo'",
+    "SEED -1": r"--seed \(SEED\) must be 0 or more, got -1",
+    "MODEL.FOCAL.IN_CHANS 1": r"MODEL.FOCAL.IN_CHANS must be 3 to train or evaluate: images are read as RGB, got 1",
+    "AUG.REPROB 1.5": r"AUG.REPROB must be a probability in \[0, 1\], got 1.5",
+    "TRAIN.OPTIMIZER.NAME adam": r"TRAIN.OPTIMIZER.NAME must be one of \('adamw', 'sgd'\), got 'adam'",
+}
+
+
+@pytest.mark.parametrize("opts", BAD_VALUES)
+def test_out_of_range_values_are_refused_up_front(opts, demo_data, tmp_path):
+    main(demo_args(demo_data, tmp_path))
+    before = snapshot(tmp_path)
+    with pytest.raises(UsageError, match=r"^config \(--cfg .*\): " + BAD_VALUES[opts]):
+        main(demo_args(demo_data, tmp_path, opts=opts.split()))
+    assert_intact(tmp_path, before)
+
+
+def test_a_second_run_on_the_same_output_is_refused_and_a_killed_one_leaves_no_lock(demo_data, tmp_path):
+    args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "50"))
+    proc = start_main(args)
+    try:
+        wait_for_line(proc, "Train: [0/50]")
+        with pytest.raises(UsageError, match=rf"--output: .*default is in use by another run \(pid {proc.pid}\)"):
+            main(args)
+        assert read_log(tmp_path).count("rank 0 of 1") == 1  # the refused run wrote nothing, not even its log
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        proc.stdout.close(), proc.stderr.close()
+    main(demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "1")))  # the dead run's lock is gone with it
+    assert not any(p.name.startswith(".lock") for p in run_dir(tmp_path).iterdir())
+
+
+def other_architecture(path: Path) -> None:
+    torch.save({"model": nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(8, 10)).state_dict()}, path)
+
+
+def test_pretrained_weights_that_fit_nothing_or_leave_the_head_random_in_eval_are_refused(demo_data, tmp_path):
+    foreign = tmp_path / "resnet.pth"
+    other_architecture(foreign)
+    for flags in (("--pretrained", str(foreign)), ("--eval", "--pretrained", str(foreign))):
+        with pytest.raises(UsageError, match=r"--pretrained .*resnet.pth: none of its tensors fits this model"):
+            main(demo_args(demo_data, tmp_path / "out", *flags))
+    main(demo_args(demo_data, tmp_path / "trained"))
+    weights = load(run_dir(tmp_path / "trained") / "ckpt_epoch_0.pth")["model"]
+    weights["head.weight"], weights["head.bias"] = weights["head.weight"][:7], weights["head.bias"][:7]
+    torch.save({"model": weights}, tmp_path / "seven_classes.pth")
+    with pytest.raises(UsageError, match=r"--eval --pretrained .*seven_classes.pth: it leaves part of the model at "
+                                         r"random initial values \(missing 2 keys: head.weight, head.bias\)"):
+        main(demo_args(demo_data, tmp_path / "out", "--eval", "--pretrained", str(tmp_path / "seven_classes.pth")))
+
+
+def flip_bytes_inside_largest_tensor(path: Path) -> None:
+    """Damage the stored bytes of the largest tensor, leaving the zip structure and the pickle intact."""
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    middle = info.header_offset + 30 + name_length + extra_length + info.file_size // 2
+    data[middle:middle + 4] = bytes(b ^ 0xFF for b in data[middle:middle + 4])
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_checkpoints_are_refused_and_auto_resume_goes_back_to_a_good_one(demo_data, tmp_path):
+    main(demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "2", "SAVE_FREQ", "1")))
+    folder = run_dir(tmp_path)
+    newest = folder / "ckpt_epoch_1.pth"
+    flip_bytes_inside_largest_tensor(newest)
+    torch.load(newest, weights_only=True)  # torch itself reads the damaged file without complaint
+    with pytest.raises(UnreadableCheckpoint, match=r"ckpt_epoch_1.pth is damaged: its content does not match"):
+        read_checkpoint(str(newest), LOG)
+    stale = folder / ".ckpt_epoch_1.pth.4242.0123abcd.tmp"  # what a save killed mid-write leaves
+    stale.write_bytes(b"x" * 1000)
+    main(demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "2", "SAVE_FREQ", "1")))
+    log = this_run(read_log(tmp_path))
+    assert "auto-resume skips" in log and "is damaged" in log and "auto-resuming from" in log
+    assert "Train: [1/2]" in log and not stale.exists() and f"removed {stale}" in log
+    assert latest_checkpoint(str(folder), LOG).path == str(newest)  # rewritten whole, checksum valid
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_a_process_waiting_for_missing_ranks_at_once(demo_data, tmp_path, stop):
+    env = {**MAIN_ENV, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.Popen([sys.executable, "main.py", *demo_args(demo_data, tmp_path)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_line(proc, "waiting for 2 processes at 127.0.0.1")
+    time.sleep(0.5)
+    start = time.time()
+    proc.send_signal(stop)
+    _, stderr = proc.communicate(timeout=30)
+    assert time.time() - start < 10 and proc.returncode == 128 + stop
+    reason = "interrupted (Ctrl-C)" if stop == signal.SIGINT else "terminated by SIGTERM"
+    assert stderr.strip().startswith(f"stopped: {reason}") and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_ctrl_c_during_training_is_one_log_line_and_no_traceback(demo_data, tmp_path):
+    proc = start_main(demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "50", "DATA.NUM_WORKERS", "2")))
+    wait_for_line(proc, "Train: [1/50]")
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "Traceback" not in stdout + stderr and stderr.strip() == "", stderr
+    assert read_log(tmp_path).count("stopped: interrupted (Ctrl-C)") == 1
+
+
+def test_distributed_environment_without_a_master_address_is_named(demo_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(UsageError, match=r"WORLD_SIZE=2 asks for a distributed run, but MASTER_ADDR and MASTER_PORT "
+                                         r"are not set: start it with torchrun"):
+        main(demo_args(demo_data, tmp_path))
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def data(demo_data, tmp_path) -> Path:
+    import shutil
+    return Path(shutil.copytree(demo_data, tmp_path / "data"))
+
+
+def test_files_that_are_not_what_they_claim_give_one_line(data, tmp_path):
+    text = tmp_path / "notes.pth"
+    text.write_text("these are my notes\n" * 20)
+    one_line_error(run_main(demo_args(data, tmp_path / "a", "--resume", str(text))),
+                   f"cannot read checkpoint {text}: it is not a PyTorch checkpoint")
+    (data / "val.zip").write_bytes(b"this is no zip archive")
+    one_line_error(run_main(demo_args(data, tmp_path / "b", "--zip")), f"cannot read {data / 'val.zip'}")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")
+    one_line_error(run_main(demo_args(data, blocker)), "--output: cannot write to", "Not a directory")
+    export = subprocess.run([sys.executable, "-m", "tools.export", "--cfg", DEMO_CFG, "--checkpoint", str(text),
+                             "--output", str(blocker / "model.pt2")], cwd=REPO, env=MAIN_ENV, capture_output=True,
+                            text=True, timeout=300)
+    assert export.returncode == 1 and len(export.stderr.strip().splitlines()) == 1, export.stderr
+    assert "--output: cannot write to" in export.stderr
+
+
+def test_a_text_file_posing_as_the_newest_checkpoint_is_skipped_by_auto_resume(demo_data, tmp_path):
+    main(demo_args(demo_data, tmp_path))
+    (run_dir(tmp_path) / "ckpt_epoch_5.pth").write_text("not a checkpoint")
+    main(demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "2")))
+    log = this_run(read_log(tmp_path))
+    assert "auto-resume skips" in log and "ckpt_epoch_5.pth: it is not a PyTorch checkpoint" in log
+    assert "Train: [1/2]" in log
+
+
+def test_a_corrupt_image_with_a_non_utf8_name_is_named_in_the_log(data, tmp_path):
+    bad = os.path.join(os.fsencode(data / "val" / "circle"), b"broken-\xff.png")
+    with open(bad, "wb") as f:
+        f.write(b"not a png")
+    before_output = tmp_path / "out"
+    proc = run_main(demo_args(data, before_output, opts=("DATA.NUM_WORKERS", "1")))
+    line = one_line_error(proc, "cannot read image", "broken-")
+    assert "Logging error" not in proc.stdout + proc.stderr
+    assert "stopped: cannot read image" in read_log(before_output) and "broken-\\udcff.png" in line + read_log(
+        before_output)
+    assert not (run_dir(before_output) / "config.yaml").exists()  # found before the run wrote its config
+
+
+def test_images_over_the_pixel_limit_are_skipped_when_asked(data, tmp_path, monkeypatch):
+    big = first_image(data, "val")
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(big, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # 32x32 images pass, 64x64 is over twice the limit
+    main(demo_args(data, tmp_path, opts=("DATA.SKIP_BAD_IMAGES", "True")))
+    log = read_log(tmp_path)
+    assert f"skipping unreadable image {big}" in log and "1 unreadable validation images were skipped" in log
+    assert eval_summary(log)["counted"] == eval_summary(log)["images"] == 19  # the count says 19, not 20
+
+
+def test_a_zip_validation_set_without_the_last_class_is_accepted(data, tmp_path):
+    lines = (data / "val_map.txt").read_text().splitlines()
+    top = max(int(line.split("\t")[1]) for line in lines)
+    (data / "val_map.txt").write_text("".join(f"{l}\n" for l in lines if int(l.split("\t")[1]) != top))
+    main(demo_args(data, tmp_path, "--zip"))
+    assert eval_summary(read_log(tmp_path))["images"] == 18
+
+
+def test_a_symlink_loop_in_a_class_folder_adds_no_images(data, tmp_path):
+    os.symlink(".", data / "train" / "circle" / "again")
+    main(demo_args(data, tmp_path))
+    assert "Train: [0/1][4/5]" in read_log(tmp_path)  # 40 images in batches of 8, as without the link
+
+
+def test_16_bit_images_keep_their_tones():
+    ramp = (np.arange(256 * 4, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    rgb = np.asarray(to_rgb(Image.fromarray(ramp)))
+    assert rgb.shape == (32, 32, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    np.testing.assert_allclose(rgb[..., 0], ramp / 257.0, atol=0.5)
+    assert np.asarray(Image.fromarray(ramp).convert("RGB")).mean() > 250  # what plain conversion makes of it
