@@ -20,10 +20,11 @@ from data.demo import generate
 from data.transforms import augment_ops, build_transform, posterize
 from models import build_model
 
-from .conftest import REPO, check, eval_summary, run_main
+from .conftest import DEMO_CFG, REPO, check, eval_summary, run_main
 from .test_train_components import build_precision, fake_batches, run_epoch, tiny_config
 
 RELEASED = sorted((REPO / "configs").glob("*.yaml"))
+DEMO = Path(DEMO_CFG)
 # RandAugment magnitudes from 0 to the clipped edge: 10 is the upper bound, so 10.5 and 13 also run at 10.
 MAGNITUDES = list(range(0, 11)) + [9.5, 10.5, 13.0]
 
@@ -79,12 +80,11 @@ def test_released_training_transform_runs_over_the_whole_magnitude_range(config_
 def test_every_timm_policy_op_runs_over_its_magnitude_range(policy, demo_data):
     """Other policies a user may set in ``AUG.AUTO_AUGMENT``: each op alone, from magnitude 0 past its upper
     bound (10, or mmax), on decoded RGB images; and the whole transform."""
-    config_file = REPO / "configs" / "demo" / "focal_demo.yaml"
-    config = load_config(str(config_file), ["DATA.IMG_SIZE", 32, "AUG.AUTO_AUGMENT", policy])
+    config = load_config(DEMO_CFG, ["DATA.IMG_SIZE", 32, "AUG.AUTO_AUGMENT", policy])
     transform = build_transform(True, config)
     ops = list(augment_ops(transform))
     assert ops and not any(op.aug_fn is auto_augment.posterize for op in ops)
-    images = decoded_images(demo_data, config_file, 2)
+    images = decoded_images(demo_data, DEMO, 2)
     for op in ops:
         op.prob, op.magnitude_std = 1.0, 0
         for magnitude in [m / 4 for m in range(int((op.magnitude_max or 10) * 4) + 9)]:
@@ -98,13 +98,27 @@ def test_every_timm_policy_op_runs_over_its_magnitude_range(policy, demo_data):
 
 @pytest.mark.parametrize("mode", ["pixel", "rand", "const"])
 def test_random_erasing_modes(mode, demo_data):
-    config = load_config(str(REPO / "configs" / "demo" / "focal_demo.yaml"),
+    config = load_config(DEMO_CFG,
                          ["DATA.IMG_SIZE", 32, "AUG.REPROB", 1.0, "AUG.REMODE", mode, "AUG.RECOUNT", 2])
     transform = build_transform(True, config)
     erasing = transform.transforms[-1]
     assert isinstance(erasing, RandomErasing) and erasing.mode == mode and erasing.max_count == 2
-    out = transform(decoded_images(demo_data, REPO / "configs" / "demo" / "focal_demo.yaml", 1)[0])
+    out = transform(decoded_images(demo_data, DEMO, 1)[0])
     assert out.shape == (3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_color_jitter_applies_only_without_rand_augment(demo_data):
+    """``AUG.COLOR_JITTER`` 0.4 is in every released config, but timm leaves it out next to RandAugment (as in the
+    released runs); with ``AUG.AUTO_AUGMENT none`` it is applied."""
+    names = {}
+    for policy in ("rand-m9-mstd0.5-inc1", "none"):
+        config = load_config(DEMO_CFG,
+                             ["DATA.IMG_SIZE", 32, "AUG.AUTO_AUGMENT", policy, "AUG.COLOR_JITTER", 0.4])
+        transform = build_transform(True, config)
+        names[policy] = [type(step).__name__ for step in transform.transforms]
+        image = decoded_images(demo_data, DEMO, 1)[0]
+        assert transform(image).shape == (3, 32, 32)
+    assert "ColorJitter" not in names["rand-m9-mstd0.5-inc1"] and "ColorJitter" in names["none"]
 
 
 def test_gradient_clipping_scales_the_whole_update():
