@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # These two versions are the ones the project's machines hold locally; requirements.txt states the real ranges.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test venv clean
+.PHONY: demo test gpu-check venv clean
 
 venv: $(VENV)/.installed
 
@@ -18,6 +18,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# On a machine with a CUDA GPU: golden fixtures, fp16/bf16 training steps, 1- vs 2-GPU evaluation, benchmark
+# (tools/gpu_check.py). Fails with one line and exit status 2 where there is no GPU.
+gpu-check: venv
+	$(PY) -m tools.gpu_check
 
 # Generate the demo dataset, train the demo model from scratch on it, evaluate the last checkpoint, time it.
 DEMO := --cfg configs/demo/focal_demo.yaml --output output/demo

@@ -5,7 +5,9 @@ Key/value order per window, which the bias tables of released checkpoints are la
   1. the window's own ``ws*ws`` tokens, row-major;
   2. the surroundings: the window shifted diagonally by ``expand_size`` in the four directions
      (+e,+e), (+e,-e), (-e,+e), (-e,-e) (cyclically over the padded map), each row-major, keeping only the
-     tokens that fall outside the window (duplicates included);
+     tokens that fall outside the window. Where two shifted windows overlap, the released layout lists a token
+     twice, with two biases; here it is one key whose bias is the log-sum-exp of both, which gives the same
+     softmax with fewer keys (Focal-T: 120 instead of 132);
   3. per coarse level ``k``: the pooled tokens under a ``focal_window + 2**k - 1`` square anchored at the window,
      row-major; positions beyond the pooled map are zero keys/values with a -100 logit penalty.
 
@@ -16,7 +18,7 @@ keys/values are gathered by one of three equivalent methods (``KV_GATHER``): one
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,9 +26,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .layers import relative_position_index, window_partition
-from .onednn_linear import OneDnnLinear
-from .window_attention import (attend, cached_bias, kv_source, layout_cache, merge_windows, project_kv,
-                               queries_by_window, windows_to_heads)
+from .window_attention import (WindowedAttention, key_value_table, layout_cache, merge_windows, queries_by_window,
+                               windows_to_heads)
 
 GATHER_METHODS = ("index", "unfold", "roll")
 MASK_VALUE = -100.0  # the reference's logit penalty (not -inf: fully masked rows stay finite)
@@ -39,7 +40,8 @@ def diagonal_offsets(expand_size: int) -> List[Tuple[int, int]]:
 
 
 def surrounding_offsets(window_size: int, expand_size: int) -> List[Tuple[int, int, int, int]]:
-    """``(a, b, dy, dx)`` for every surrounding key: query-window cell (a, b) read at offset (dy, dx)."""
+    """``(a, b, dy, dx)`` for every surrounding key of the released layout (the columns of its bias table):
+    query-window cell (a, b) read at offset (dy, dx)."""
     ws = window_size
     out = []
     for dy, dx in diagonal_offsets(expand_size):
@@ -48,6 +50,23 @@ def surrounding_offsets(window_size: int, expand_size: int) -> List[Tuple[int, i
                 if not (0 <= a + dy < ws and 0 <= b + dx < ws):
                     out.append((a, b, dy, dx))
     return out
+
+
+def distinct_surroundings(window_size: int, expand_size: int) -> Tuple[List[Tuple[int, int, int, int]], torch.Tensor]:
+    """The surrounding keys that are distinct tokens (first occurrences, in released order) and, for each, the
+    released bias-table columns that refer to its token, as a ``(U, m)`` index padded with one past the last."""
+    released = surrounding_offsets(window_size, expand_size)
+    position: Dict[Tuple[int, int], int] = {}
+    kept, columns = [], []
+    for column, (a, b, dy, dx) in enumerate(released):
+        cell = (a + dy, b + dx)  # the same cell relative to the window is the same token in every window
+        if cell not in position:
+            position[cell] = len(kept)
+            kept.append((a, b, dy, dx))
+            columns.append([])
+        columns[position[cell]].append(column)
+    width = max((len(c) for c in columns), default=1)
+    return kept, torch.tensor([c + [len(released)] * (width - len(c)) for c in columns], dtype=torch.long)
 
 
 def pooled_kernel(focal_window: int, level: int) -> Tuple[int, int, List[Tuple[int, int]]]:
@@ -100,7 +119,7 @@ def build_focal_layout(height: int, width: int, window_size: int, expand_size: i
 
     # the window itself, then its surroundings (cyclic over the padded map, as the reference's rolls)
     parts = [(wy * ws + a) * width + (wx * ws + b)]
-    sur = surrounding_offsets(ws, e) if e > 0 else []
+    sur = distinct_surroundings(ws, e)[0] if e > 0 else []
     local_a, local_b = a + e, b + e
     roll_select = None
     if sur:
@@ -144,7 +163,7 @@ def focal_layout(height: int, width: int, window_size: int, expand_size: int, sh
     return build_focal_layout(height, width, window_size, expand_size, shift_size, focal_window, num_pooled).to(device)
 
 
-class FocalWindowAttention(nn.Module):
+class FocalWindowAttention(WindowedAttention):
     """Multi-head focal attention for one block; input and output are padded, shifted ``(B, Hp, Wp, C)`` maps."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, expand_size: int, shift_size: int,
@@ -167,11 +186,14 @@ class FocalWindowAttention(nn.Module):
 
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, num_heads))
         self.register_buffer("window_bias_index", relative_position_index(ws, ws), persistent=False)
-        self.num_surrounding = len(surrounding_offsets(ws, self.expand_size)) if self.expand_size > 0 else 0
-        if self.num_surrounding:
+        released = len(surrounding_offsets(ws, self.expand_size)) if self.expand_size > 0 else 0
+        self.register_buffer("surrounding_columns", None, persistent=False)
+        if released:
             self.relative_position_bias_table_to_neighbors = nn.Parameter(
-                torch.zeros(1, num_heads, ws * ws, self.num_surrounding))
+                torch.zeros(1, num_heads, ws * ws, released))
             trunc_normal_(self.relative_position_bias_table_to_neighbors, std=0.02)
+            self.register_buffer("surrounding_columns", distinct_surroundings(ws, self.expand_size)[1],
+                                 persistent=False)
         if self.num_pooled:
             self.relative_position_bias_table_to_windows = nn.ParameterList()
             for level in range(self.num_pooled):
@@ -181,25 +203,23 @@ class FocalWindowAttention(nn.Module):
                 self.relative_position_bias_table_to_windows.append(table)
                 self.register_buffer(f"pooled_bias_index_{level}", relative_position_index(ws, span), persistent=False)
 
-        self.qkv = OneDnnLinear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = OneDnnLinear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def layout(self, height: int, width: int, device: torch.device) -> FocalLayout:
         return focal_layout(height, width, self.window_size, self.expand_size, self.shift_size, self.focal_window,
                             self.num_pooled, device)
 
-    def bias_parameters(self) -> List[nn.Parameter]:
-        """What :meth:`attention_bias` is computed from (the key of its inference cache)."""
-        return [p for name, p in self.named_parameters() if name.startswith("relative_position_bias_table")]
-
     def relative_bias(self) -> torch.Tensor:
         """(nH, ws*ws, L): the three position-bias tables laid out along the key order."""
         n = self.window_size ** 2
         parts = [self.relative_position_bias_table[self.window_bias_index.view(-1)].view(n, n, -1).permute(2, 0, 1)]
-        if self.num_surrounding:
-            parts.append(self.relative_position_bias_table_to_neighbors[0])
+        if self.surrounding_columns is not None:
+            # one bias per distinct surrounding token: the log-sum-exp of the columns that list it (padding: -inf)
+            table = F.pad(self.relative_position_bias_table_to_neighbors[0], (0, 1), value=float("-inf"))
+            parts.append(torch.logsumexp(table[..., self.surrounding_columns], dim=-1))
         for level in range(self.num_pooled):
             index = getattr(self, f"pooled_bias_index_{level}")
             parts.append(self.relative_position_bias_table_to_windows[level][:, index.view(-1)].view(self.num_heads, n, -1))
@@ -207,7 +227,7 @@ class FocalWindowAttention(nn.Module):
 
     def _local_by_roll(self, kv: torch.Tensor, layout: FocalLayout) -> torch.Tensor:
         windows = window_partition(kv, self.window_size)
-        if not self.num_surrounding:
+        if layout.roll_select is None:
             return windows
         shifted = [window_partition(torch.roll(kv, shifts=(-dy, -dx), dims=(1, 2)), self.window_size)
                    for dy, dx in diagonal_offsets(self.expand_size)]
@@ -238,29 +258,26 @@ class FocalWindowAttention(nn.Module):
         windows = torch.cat([local] + self._pooled_by_unfold(pooled_kv, layout), dim=2)
         return windows_to_heads(windows, self.num_heads)
 
-    def attention_bias(self, layout: FocalLayout, n_windows: int) -> torch.Tensor:
+    def attention_bias(self, layout: FocalLayout) -> torch.Tensor:
         """(1, nH*nW, ws*ws, L): position biases plus the constant shift / out-of-map masks."""
         bias = self.relative_bias().unsqueeze(1)  # nH, 1, ws*ws, L
         if layout.mask is not None:
             bias = bias + layout.mask
         else:
-            bias = bias.expand(-1, n_windows, -1, -1)
+            bias = bias.expand(-1, layout.grid[0] * layout.grid[1], -1, -1)
         return bias.reshape(1, -1, *bias.shape[2:])
 
     def forward(self, x: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:
         b, h, w, c = x.shape
         layout = self.layout(h, w, x.device)
-        n_windows = layout.grid[0] * layout.grid[1]
         qkv = self.qkv(x)
         q = queries_by_window(qkv[..., :c], self.window_size, self.num_heads)
-        kv, pooled_kv = qkv[..., c:], [project_kv(p, self.qkv) for p in pooled]
-        bias = cached_bias(self, layout, lambda: self.attention_bias(layout, n_windows))
-        dropout = self.attn_drop if self.training else 0.0
-        if self.kv_gather == "index":
-            table = kv_source([kv] + pooled_kv, self.num_heads, zero_token=True)
-            out = attend(q, table, layout.index, bias, self.scale, dropout)
-        else:
-            out = attend(q, self.gather_kv(kv, pooled_kv, layout), None, bias, self.scale, dropout)
+        kv, pooled_kv = qkv[..., c:], [self.project_kv(p) for p in pooled]
+        if self.kv_gather == "index":  # a compact table and each window's key positions in it
+            table, index = key_value_table([kv] + pooled_kv, self.num_heads, zero_token=True), layout.index
+        else:  # every window's keys already gathered, in the same order
+            table, index = self.gather_kv(kv, pooled_kv, layout), None
+        out = self.attend(q, table, index, self.attention_bias(layout))
         return self.proj_drop(self.proj(merge_windows(out, h, w, self.window_size, self.num_heads)))
 
     def flops(self, n: int) -> float:

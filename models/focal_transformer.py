@@ -16,7 +16,6 @@ from timm.models._features import feature_take_indices
 
 from .focal_attention import FocalWindowAttention
 from .layers import PatchEmbed, WindowPool, interpolate_pos_embed, pad_to_multiple
-from .onednn_linear import OneDnnLinear, convert_linears
 from .topk_attention import TopKFocalAttention
 
 
@@ -52,7 +51,7 @@ class FocalBlock(nn.Module):
                                            attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = convert_linears(Mlp(dim, int(dim * mlp_ratio), drop=drop))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         if use_layerscale:
             self.gamma_1 = nn.Parameter(layerscale_value * torch.ones(dim))
             self.gamma_2 = nn.Parameter(layerscale_value * torch.ones(dim))
@@ -180,7 +179,7 @@ class FocalTransformer(nn.Module):
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}"))
 
         self.norm = nn.LayerNorm(self.num_features)
-        self.head = OneDnnLinear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
         for module in self.modules():
             if isinstance(module, WindowPool):
@@ -205,7 +204,7 @@ class FocalTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
-        self.head = OneDnnLinear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)

@@ -12,9 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .onednn_linear import OneDnnLinear
-from .window_attention import (attend, cached_bias, kv_source, layout_cache, merge_windows, project_kv,
-                               queries_by_window)
+from .window_attention import WindowedAttention, key_value_table, layout_cache, merge_windows, queries_by_window
 
 MAX_LEVELS = 2
 
@@ -92,7 +90,7 @@ def topk_layout(height: int, width: int, window_size: int, focal_level: int, top
     return TopKLayout(cpu.index.to(device), cpu.coords.to(device), cpu.coord_index.to(device))
 
 
-class TopKFocalAttention(nn.Module):
+class TopKFocalAttention(WindowedAttention):
     """Multi-head top-K focal attention; input and output are padded, shifted ``(B, Hp, Wp, C)`` maps."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, focal_level: int, top_k: int,
@@ -106,22 +104,18 @@ class TopKFocalAttention(nn.Module):
         self.top_k = top_k
         head_dim = dim // num_heads
         self.scale = qk_scale or head_dim ** -0.5
-        self.qkv = OneDnnLinear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = OneDnnLinear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.coord2rpb_all = nn.ModuleList(
-            nn.Sequential(OneDnnLinear(2, head_dim), nn.ReLU(inplace=True), OneDnnLinear(head_dim, num_heads))
+            nn.Sequential(nn.Linear(2, head_dim), nn.ReLU(inplace=True), nn.Linear(head_dim, num_heads))
             for _ in range(focal_level))
 
     def layout(self, height: int, width: int, device: torch.device) -> TopKLayout:
         return topk_layout(height, width, self.window_size, self.focal_level, self.top_k, device)
 
-    def bias_parameters(self) -> List[nn.Parameter]:
-        """What :meth:`position_bias` is computed from (the key of its inference cache)."""
-        return list(self.coord2rpb_all.parameters())
-
-    def position_bias(self, layout: TopKLayout) -> torch.Tensor:
+    def attention_bias(self, layout: TopKLayout) -> torch.Tensor:
         """(1, nH*nW, ws*ws, K); each MLP runs once per distinct coordinate and the heads-first table is then
         indexed straight into the attention layout."""
         table = torch.cat([mlp(layout.coords) for mlp in self.coord2rpb_all]).t()  # nH, levels * U
@@ -134,11 +128,9 @@ class TopKFocalAttention(nn.Module):
         layout = self.layout(h, w, x.device)
         qkv = self.qkv(x)
         q = queries_by_window(qkv[..., :c], self.window_size, self.num_heads)
-        pooled_kv = [project_kv(p, self.qkv) for p in pooled[: self.focal_level - 1]]
-        source = kv_source([qkv[..., c:]] + pooled_kv, self.num_heads, zero_token=False)
-        dropout = self.attn_drop if self.training else 0.0
-        bias = cached_bias(self, layout, lambda: self.position_bias(layout))
-        out = attend(q, source, layout.index, bias, self.scale, dropout)
+        pooled_kv = [self.project_kv(p) for p in pooled[: self.focal_level - 1]]
+        table = key_value_table([qkv[..., c:]] + pooled_kv, self.num_heads, zero_token=False)
+        out = self.attend(q, table, layout.index, self.attention_bias(layout))
         return self.proj_drop(self.proj(merge_windows(out, h, w, self.window_size, self.num_heads)))
 
     def flops(self, n: int, height: int, width: int) -> float:

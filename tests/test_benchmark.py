@@ -43,19 +43,28 @@ def test_compile_mode_times_compiled_models():
     assert "timing infer under torch.compile" in out and "(1.00x)" in out
 
 
-def test_linear_suffixes_and_the_like_for_like_ratio():
-    out = run(*DEMO, "--mode", "infer", "--no-memory", "--models", "configs/demo/focalv2_demo.yaml+stock",
-              "configs/demo/focal_demo.yaml+onednn")
-    assert "vs peer, vs peer+onednn" in out
-    twin_row = next(line for line in out.splitlines() if line.startswith("| configs/demo/focal_demo.yaml+onednn"))
-    assert "1.00x)" in twin_row  # the oneDNN twin against itself
+def test_kernels_suffix_gives_the_gain_over_the_plain_model():
+    out = run(*DEMO, "--mode", "infer", "--no-memory", "--models", "configs/demo/focalv2_demo.yaml",
+              "configs/demo/focalv2_demo.yaml+kernels")
+    row = next(line for line in out.splitlines() if line.startswith("| configs/demo/focalv2_demo.yaml+kernels"))
+    assert "x of configs/demo/focalv2_demo.yaml)" in row
+    assert "kernels on cpu: attention, bias_cache" in out
 
 
-def test_linear_suffix_switches_the_layer_class():
-    from models.onednn_linear import OneDnnLinear
+def test_before_and_after_against_another_checkout():
+    out = run(*DEMO, "--mode", "infer", "--no-memory", "--baseline", str(REPO), "--models",
+              "base:configs/demo/focalv2_demo.yaml")
+    assert "| base:configs/demo/focalv2_demo.yaml" in out
+
+
+def test_suffixes_apply_the_device_kernels():
+    from models.kernels.cpu_attention import CpuKernels
+    from models.kernels.onednn_linear import OneDnnLinear
     from tools.benchmark import create
-    stock = create("configs/demo/focal_demo.yaml+stock", 64)
-    assert not any(isinstance(m, OneDnnLinear) for m in stock.modules())
+    plain = create("configs/demo/focal_demo.yaml", 64)
+    assert not any(isinstance(m, (CpuKernels, OneDnnLinear)) for m in plain.modules())
+    fast = create("configs/demo/focal_demo.yaml+kernels", 64)
+    assert any(isinstance(m, CpuKernels) for m in fast.modules())
     swin = create("timm:swin_tiny_patch4_window7_224+onednn", 224)
     assert any(isinstance(m, OneDnnLinear) for m in swin.modules())
 

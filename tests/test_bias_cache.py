@@ -1,27 +1,30 @@
-"""The inference cache of attention biases: reused only while the layout and bias parameters are unchanged."""
+"""The inference cache of attention biases (models/kernels): reused only while the layout and the attention
+module's parameters and buffers are unchanged."""
 import pytest
 import torch
 
-from models import window_attention
 from models.focal_attention import FocalWindowAttention
+from models.kernels import cpu_attention, optimize_for
 from models.topk_attention import TopKFocalAttention
 from tests.test_models_behaviour import randomise, small_model
 
-BUILDERS = {"focal": (FocalWindowAttention, "attention_bias"), "focalv2": (TopKFocalAttention, "position_bias")}
+BUILDERS = {"focal": FocalWindowAttention, "focalv2": TopKFocalAttention}
 
 
 @pytest.fixture(params=sorted(BUILDERS))
 def counted(request, monkeypatch):
     """A small randomised model of each variant and a list that grows by one per bias actually built."""
-    cls, method = BUILDERS[request.param]
+    cls = BUILDERS[request.param]
     builds = []
-    original = getattr(cls, method)
+    original = cls.attention_bias
 
     def counting(self, *args):
         builds.append(self)
         return original(self, *args)
-    monkeypatch.setattr(cls, method, counting)
-    return randomise(small_model(model_type=request.param)).eval(), builds
+    monkeypatch.setattr(cls, "attention_bias", counting)
+    model = randomise(small_model(model_type=request.param)).eval()
+    optimize_for(model, "cpu", ["bias_cache"])
+    return model, builds
 
 
 def bias_tables(model):
@@ -30,13 +33,13 @@ def bias_tables(model):
 
 def fresh(model, x):
     """The output with the cache off."""
-    saved = window_attention.BIAS_CACHE_BYTES
-    window_attention.BIAS_CACHE_BYTES = 0
+    saved = cpu_attention.BIAS_CACHE_BYTES
+    cpu_attention.BIAS_CACHE_BYTES = 0
     try:
         with torch.no_grad():
             return model(x)
     finally:
-        window_attention.BIAS_CACHE_BYTES = saved
+        cpu_attention.BIAS_CACHE_BYTES = saved
 
 
 def test_second_call_reuses_every_bias(counted):
@@ -93,7 +96,7 @@ def test_not_used_while_autograd_records_or_over_the_size_limit(counted, monkeyp
     n_blocks = len(builds) // 2
     assert n_blocks > 0 and all(p.grad is not None for p in bias_tables(model))
 
-    monkeypatch.setattr(window_attention, "BIAS_CACHE_BYTES", 16)
+    monkeypatch.setattr(cpu_attention, "BIAS_CACHE_BYTES", 16)
     with torch.no_grad():
         model(x)
         model(x)

@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from config import load_config
-from models import build_model, load_weights, onednn_linear
+from models import build_model, load_weights
 from models.focal_attention import GATHER_METHODS, FocalWindowAttention
+from models.kernels import KERNELS, optimize_for
+from models.kernels.onednn_linear import onednn_available
 from tests.golden import CASE_FILES, FIXTURES, build_filled, case_input, case_opts, load_case
 
 RELEASED_PARAMS_M = {  # the released model zoo table, in millions
@@ -27,15 +29,15 @@ def set_gather(model: torch.nn.Module, method: str) -> int:
     return len(attns)
 
 
-@pytest.mark.parametrize("linear_kernel", ["onednn", "stock"])
+@pytest.mark.parametrize("kernels", ["plain", "all-cpu-kernels"])
 @pytest.mark.parametrize("path", CASE_FILES, ids=lambda p: p.stem)
-def test_parameters_logits_and_flops_match_reference(path, linear_kernel, monkeypatch):
-    """Both linear-layer kernels (models/onednn_linear.py) must reproduce the fixtures, whichever this CPU uses."""
-    if linear_kernel == "onednn" and not onednn_linear.onednn_available():
-        pytest.skip("this PyTorch has no oneDNN")
-    monkeypatch.setattr(onednn_linear, "ENABLED", linear_kernel == "onednn")
+def test_parameters_logits_and_flops_match_reference(path, kernels):
+    """The plain model (what accelerators run) and the model with every CPU kernel of models/kernels, whichever
+    of them this CPU would choose, must both reproduce the fixtures."""
     case = load_case(path)
     model = build_filled(case)
+    if kernels != "plain":
+        optimize_for(model, "cpu", [k for k in KERNELS if k != "onednn_linear" or onednn_available()])
     assert [[n, list(p.shape)] for n, p in model.named_parameters()] == case["parameters"]
     assert sum(p.numel() for p in model.parameters()) == case["n_parameters"]
     assert int(model.flops()) == case["flops"]

@@ -66,10 +66,12 @@ def outputs_and_gradients(model, x):
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(configs(), st.sampled_from([1, 700, 3000, 20000]))
-def test_any_blocking_of_the_attention_computes_the_same(case, block_bytes):
-    """Blocks of windows, heads or images (ragged last blocks included) change nothing, forward or backward."""
-    from models import window_attention
+@given(configs(), st.sampled_from([0, 1, 700, 3000, 20000]))
+def test_cpu_attention_in_any_blocking_computes_the_generic_path(case, block_bytes):
+    """The CPU attention kernel (models/kernels) in blocks of windows, heads or images (ragged last blocks
+    included) computes what the plain model computes, forward and backward."""
+    import copy
+    from models.kernels import cpu_attention, optimize_for
     opts, size = case
     try:
         model = build_model(load_config(opts=opts + ["MODEL.DROP_PATH_RATE", 0.0]))
@@ -82,13 +84,14 @@ def test_any_blocking_of_the_attention_computes_the_same(case, block_bytes):
         for p in model.parameters():
             p.add_(0.2 * torch.randn(p.shape, generator=gen))
     x = torch.randn(3, 3, *size, generator=gen)
-    saved = window_attention.CPU_BLOCK_BYTES
+    fast = copy.deepcopy(model)
+    optimize_for(fast, "cpu", ["attention"])
+    want = outputs_and_gradients(model.train(), x)
+    saved = cpu_attention.CPU_BLOCK_BYTES
     try:
-        window_attention.CPU_BLOCK_BYTES = 0
-        want = outputs_and_gradients(model.train(), x)
-        window_attention.CPU_BLOCK_BYTES = block_bytes
-        got = outputs_and_gradients(model, x)
+        cpu_attention.CPU_BLOCK_BYTES = block_bytes
+        got = outputs_and_gradients(fast.train(), x)
     finally:
-        window_attention.CPU_BLOCK_BYTES = saved
+        cpu_attention.CPU_BLOCK_BYTES = saved
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)

@@ -1,4 +1,5 @@
-"""The oneDNN linear layer: same values and gradients as ``F.linear``, used where it should be and nowhere else."""
+"""The oneDNN linear layer (models/kernels): same values and gradients as ``F.linear``, used where it should be
+and nowhere else."""
 import pytest
 import timm
 import torch
@@ -6,23 +7,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from config import load_config
-from models import build_model, onednn_linear
-from models.onednn_linear import OneDnnLinear, convert_linears, linear
+from models.kernels import onednn_linear
+from models.kernels.onednn_linear import OneDnnLinear, convert_linears, linear
 
 pytestmark = pytest.mark.skipif(not onednn_linear.onednn_available(), reason="this PyTorch has no oneDNN")
 
 
 @pytest.fixture
 def onednn_calls(monkeypatch):
-    """Turns the oneDNN path on (whatever this CPU) and counts the matmuls it runs."""
+    """Counts the matmuls the oneDNN path runs."""
     calls = []
     matmul = onednn_linear.onednn_matmul
 
     def counted(*args):
         calls.append(args[0].shape)
         return matmul(*args)
-    monkeypatch.setattr(onednn_linear, "ENABLED", True)
     monkeypatch.setattr(onednn_linear, "onednn_matmul", counted)
     return calls
 
@@ -71,14 +70,11 @@ def test_inference_runs_without_autograd(onednn_calls):
     assert len(onednn_calls) == 1 and not out.requires_grad
 
 
-@pytest.mark.parametrize("case", ["disabled", "float64", "autocast", "flop_counter"])
-def test_falls_back_to_f_linear(onednn_calls, monkeypatch, case):
+@pytest.mark.parametrize("case", ["float64", "autocast", "flop_counter"])
+def test_falls_back_to_f_linear(onednn_calls, case):
     layer = OneDnnLinear(8, 4)
     x = torch.randn(3, 8)
-    if case == "disabled":
-        monkeypatch.setattr(onednn_linear, "ENABLED", False)
-        close(layer(x), F.linear(x, layer.weight, layer.bias))
-    elif case == "float64":
+    if case == "float64":
         layer.double()
         assert layer(x.double()).dtype == torch.float64
     elif case == "autocast":
@@ -96,27 +92,6 @@ def test_compiled_layer_uses_the_compilers_kernels(onednn_calls):
     x = torch.randn(3, 8)
     close(torch.compile(layer, fullgraph=True, backend="eager")(x), F.linear(x, layer.weight, layer.bias))
     assert onednn_calls == []
-
-
-@pytest.mark.parametrize("value, expected", [("0", False), ("1", True), (" 1 ", True)])
-def test_environment_switch(monkeypatch, value, expected):
-    monkeypatch.setenv("FOCAL_ONEDNN_LINEAR", value)
-    assert onednn_linear._enabled_from_env() is expected
-
-
-def test_environment_switch_rejects_other_values(monkeypatch):
-    monkeypatch.setenv("FOCAL_ONEDNN_LINEAR", "yes")
-    with pytest.raises(ValueError, match="FOCAL_ONEDNN_LINEAR"):
-        onednn_linear._enabled_from_env()
-
-
-def test_our_models_have_no_plain_linear_layers():
-    for name in ("focal_tiny_patch4_window7_224", "focalv2_tiny_useconv_patch4_window7_224"):
-        model = build_model(load_config(f"configs/{name}.yaml"))
-        kinds = {type(m) for m in model.modules() if isinstance(m, nn.Linear)}
-        assert kinds == {OneDnnLinear}, name
-        model.reset_classifier(5)
-        assert type(model.head) is OneDnnLinear
 
 
 def test_convert_linears_switches_class_only_both_ways(onednn_calls):

@@ -3,9 +3,12 @@
 Models are timed alternately (each repetition runs every model once) and medians are reported, so slow drifts of
 the machine hit all models alike; ratios are against the peer (``--peer``, timm's Swin-T by default).
 
-A model name may end in ``+onednn`` or ``+stock`` to run its linear layers through oneDNN or through PyTorch's
-``nn.Linear`` (see ``models/onednn_linear.py``). Where our models use oneDNN, the default list adds the peer with
-``+onednn`` too, and the table gets a second ratio against it: the like-for-like comparison of the two designs.
+Models run as built, with PyTorch's stock kernels: that is the like-for-like comparison of the designs. A name
+ending in ``+kernels`` is first passed through ``models.kernels.optimize_for`` (the device speed-ups this
+machine gets; ``FOCAL_KERNELS`` picks them by hand), and its row also gives the gain over the same model without
+the suffix. ``+onednn`` applies only the oneDNN linear layers, to any model (timm's Swin-T too). The default list
+holds both Tiny models plain and with ``+kernels``, and the peer with ``+kernels`` where the kernels include
+oneDNN linears (the only one of them that applies to Swin-T).
 
 Examples::
 
@@ -13,7 +16,8 @@ Examples::
     python -m tools.benchmark --mode infer --img-size 224 448 896 --batch-size 1 --plot throughput.png
     python -m tools.benchmark --gather                          # roll / unfold / index on Focal-T
     python -m tools.benchmark --kernels                         # F.linear against oneDNN, per layer shape
-    python -m tools.benchmark --models focalv2_tiny_useconv_patch4_window7_224+stock   # without oneDNN linears
+    python -m tools.benchmark --baseline ../old-checkout \
+        --models focal_tiny_patch4_window7_224 base:focal_tiny_patch4_window7_224  # against another checkout
     python -m tools.benchmark --reference ../Focal-Transformer/classification \
         --models focal_tiny_patch4_window7_224 ref:focal_tiny_patch4_window7_224   # against the original code
 """
@@ -41,15 +45,17 @@ if ROOT not in sys.path:
 
 from config import load_config  # noqa: E402
 from models import build_model  # noqa: E402
-from models import onednn_linear  # noqa: E402
 from models.focal_attention import GATHER_METHODS, FocalWindowAttention  # noqa: E402
+from models.kernels import optimize_for, select_kernels  # noqa: E402
+from models.kernels import onednn_linear  # noqa: E402
 
 DEFAULT_MODELS = ("focal_tiny_patch4_window7_224", "focalv2_tiny_useconv_patch4_window7_224")
 DEFAULT_PEER = "timm:swin_tiny_patch4_window7_224"
-LINEAR_SUFFIXES = {"+onednn": True, "+stock": False}
+SUFFIXES = {"+kernels": None, "+onednn": ["onednn_linear"]}  # -> the kernels argument of optimize_for
 
 
 REFERENCE_PATH: Optional[str] = None  # set by --reference
+BASELINE_PATH: Optional[str] = None  # set by --baseline
 
 
 def config_for(name: str, img_size: int):
@@ -79,18 +85,48 @@ def create_reference(name: str, img_size: int) -> nn.Module:
         use_conv_embed=f.USE_CONV_EMBED, **extra)
 
 
-def create(name: str, img_size: int) -> nn.Module:
-    """A config name under configs/ (ours), ``ref:NAME`` (the original code, see ``--reference``) or
-    ``timm:NAME`` (a timm model), built for ``img_size``, with its linear layers switched by a suffix."""
-    for suffix, onednn in LINEAR_SUFFIXES.items():
+def create_baseline(name: str, img_size: int) -> nn.Module:
+    """Our model as another checkout of this project builds it (``--baseline``), for before/after figures."""
+    if BASELINE_PATH is None:
+        raise SystemExit(f"{name}: pass --baseline PATH_TO_ANOTHER_CHECKOUT")
+    import importlib.util
+    module = sys.modules.get("baseline_models")
+    if module is None:
+        init = os.path.join(BASELINE_PATH, "models", "__init__.py")
+        spec = importlib.util.spec_from_file_location("baseline_models", init)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["baseline_models"] = module
+        spec.loader.exec_module(module)
+    return module.build_model(config_for(name, img_size))
+
+
+def split_suffix(name: str) -> tuple:
+    """``NAME+SUFFIX`` -> (``NAME``, ``SUFFIX``); ``SUFFIX`` is empty for a plain name."""
+    for suffix in SUFFIXES:
         if name.endswith(suffix):
-            return onednn_linear.convert_linears(create(name[:-len(suffix)], img_size), onednn)
+            return name[:-len(suffix)], suffix
+    return name, ""
+
+
+def create(name: str, img_size: int, device: torch.device = torch.device("cpu")) -> nn.Module:
+    """A config name under configs/ (ours), ``ref:NAME`` (the original code, see ``--reference``),
+    ``base:NAME`` (another checkout, see ``--baseline``) or ``timm:NAME`` (a timm model), built for
+    ``img_size`` on ``device``, with the device kernels of its suffix."""
+    base, suffix = split_suffix(name)
+    if suffix:
+        model = create(base, img_size, device)
+        optimize_for(model, device, SUFFIXES[suffix])
+        return model
     if name.startswith("timm:"):
         import timm
-        return timm.create_model(name[5:], img_size=img_size)
-    if name.startswith("ref:"):
-        return create_reference(name[4:], img_size)
-    return build_model(config_for(name, img_size))
+        model = timm.create_model(name[5:], img_size=img_size)
+    elif name.startswith("ref:"):
+        model = create_reference(name[4:], img_size)
+    elif name.startswith("base:"):
+        model = create_baseline(name[5:], img_size)
+    else:
+        model = build_model(config_for(name, img_size))
+    return model.to(device)
 
 
 def synchronize(device: torch.device) -> None:
@@ -151,13 +187,14 @@ def time_alternating(steps: Dict[str, Callable[[], None]], reps: int, warmup: in
 def peak_memory_mb(name: str, batch: int, img_size: int, device: str) -> float:
     """Peak memory of training steps: CUDA allocator peak, or on CPU the peak RSS of a fresh process."""
     cmd = [sys.executable, "-m", "tools.benchmark", "--memory-probe", name, "--batch-size", str(batch),
-           "--img-size", str(img_size), "--device", device] + (["--reference", REFERENCE_PATH] if REFERENCE_PATH else [])
+           "--img-size", str(img_size), "--device", device]
+    cmd += (["--reference", REFERENCE_PATH] if REFERENCE_PATH else []) + (["--baseline", BASELINE_PATH] if BASELINE_PATH else [])
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
 
 def memory_probe(name: str, batch: int, img_size: int, device: torch.device) -> float:
-    model = create(name, img_size).to(device)
+    model = create(name, img_size, device)
     step = training_step(model, torch.randn(batch, 3, img_size, img_size, device=device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -198,15 +235,13 @@ def print_table(title: str, rows: List[List[str]], header: Sequence[str]) -> Non
 
 
 def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]:
-    names = list(args.models) + [args.peer]
-    twin = args.peer + "+onednn"
-    peers = [args.peer] + ([twin] if twin in names else [])
+    names = list(dict.fromkeys(list(args.models) + [args.peer]))
     results: Dict[str, Dict] = {}
     modes = ["infer", "train"] if args.mode == "both" else [args.mode]
     for img_size in args.img_size:
         for mode in modes:
             x = torch.randn(args.batch_size, 3, img_size, img_size, device=device)
-            models = {n: create(n, img_size).to(device) for n in names}
+            models = {n: create(n, img_size, device) for n in names}
             make = inference_step if mode == "infer" else training_step
             steps = {n: make(m, x, args.compile) for n, m in models.items()}
             compiled = " under torch.compile" if args.compile else ""
@@ -220,15 +255,18 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
     rows = []
     for n in names:
         row = [n]
+        base = split_suffix(n)[0]
         for img_size in args.img_size:
             for mode in modes:
-                ips = results[n][f"{mode}_{img_size}"]
-                ratios = ", ".join(f"{ips / results[p][f'{mode}_{img_size}']:.2f}x" for p in peers)
-                row.append(f"{ips:.2f} ({ratios})")
+                key = f"{mode}_{img_size}"
+                ips = results[n][key]
+                gain = f", {ips / results[base][key]:.2f}x of {base.split(':')[-1]}" if base != n and base in results else ""
+                row.append(f"{ips:.2f} ({ips / results[args.peer][key]:.2f}x{gain})")
         rows.append(row)
-    against = "vs peer" + (", vs peer+onednn" if len(peers) > 1 else "")
-    header = ["model"] + [f"{m} {s} img/s ({against})" for s in args.img_size for m in modes]
+    header = ["model"] + [f"{m} {s} img/s (vs peer)" for s in args.img_size for m in modes]
     print_table(f"images/s, medians of {args.reps} alternating repetitions on {machine()}", rows, header)
+    if any(split_suffix(n)[1] for n in names):
+        print(f"kernels on {device.type}: {', '.join(select_kernels(device)) or 'none'}")
     if args.memory and "train" in modes:
         mem_rows = []
         peer_mb = None
@@ -244,7 +282,7 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
 
 
 def run_gather(args: argparse.Namespace, device: torch.device) -> None:
-    model = create(args.models[0], args.img_size[0]).to(device).eval()
+    model = create(args.models[0], args.img_size[0], device).eval()
     attns = [m for m in model.modules() if isinstance(m, FocalWindowAttention)]
     if not attns:
         raise SystemExit(f"--gather needs a v1 (MODEL.TYPE focal) model, got {args.models[0]}")
@@ -267,7 +305,7 @@ def run_gather(args: argparse.Namespace, device: torch.device) -> None:
 
 def run_kernels(args: argparse.Namespace, device: torch.device) -> None:
     """GFLOP/s of PyTorch's ``F.linear`` and of the oneDNN path on every linear-layer shape of the Tiny models
-    (Swin-T's and ours are the same): the measurement behind ``models/onednn_linear.py``."""
+    (Swin-T's and ours are the same): the measurement behind ``models/kernels/onednn_linear.py``."""
     if device.type != "cpu" or not onednn_linear.onednn_available():
         raise SystemExit("--kernels compares CPU kernels and needs a PyTorch build with oneDNN")
     size, rows = args.img_size[0], []
@@ -318,14 +356,20 @@ def plot(results: Dict[str, Dict], sizes: Sequence[int], path: str) -> None:
     print(f"plot written to {path}")
 
 
+def default_models(peer: str, device: torch.device) -> List[str]:
+    models = list(DEFAULT_MODELS) + [m + "+kernels" for m in DEFAULT_MODELS]
+    return models + ([peer + "+kernels"] if "onednn_linear" in select_kernels(device) else [])
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default_models = list(DEFAULT_MODELS) + ([DEFAULT_PEER + "+onednn"] if onednn_linear.ENABLED else [])
-    p.add_argument("--models", nargs="+", default=default_models,
-                   help="config names, ref:NAME or timm:NAME, each optionally ending in +onednn or +stock")
+    p.add_argument("--models", nargs="+", help="config names, ref:NAME, base:NAME or timm:NAME, each optionally "
+                                               "ending in +kernels or +onednn (default: the Tiny models, plain and "
+                                               "+kernels, and the peer +kernels where that adds oneDNN linears)")
     p.add_argument("--peer", default=DEFAULT_PEER, help="the model ratios are taken against")
     p.add_argument("--reference", help="classification/ folder of an original Focal-Transformer checkout, for "
                                        "ref:NAME models (never bundled with this project)")
+    p.add_argument("--baseline", help="another checkout of this project, for base:NAME models (before/after)")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="both")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--img-size", type=int, nargs="+", default=[224])
@@ -351,9 +395,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    global REFERENCE_PATH
-    REFERENCE_PATH = args.reference
+    global REFERENCE_PATH, BASELINE_PATH
+    REFERENCE_PATH, BASELINE_PATH = args.reference, args.baseline
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    if args.models is None:
+        args.models = default_models(args.peer, device)
     torch.manual_seed(0)
     if args.memory_probe:
         print(memory_probe(args.memory_probe, args.batch_size, args.img_size[0], device))

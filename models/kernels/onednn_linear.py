@@ -1,18 +1,17 @@
-"""Float32 fully connected layers through oneDNN on AMD CPUs.
+"""Float32 fully connected layers through oneDNN.
 
-PyTorch computes a float32 ``F.linear`` on the CPU with MKL's sgemm. On AMD processors MKL runs its AVX2 code
-even where AVX-512 is present: on the project's AMD EPYC machine it reaches ~220 GFLOP/s on every layer shape of
-Focal-T and Swin-T, while the oneDNN matmul that ships inside PyTorch reaches ~450 (BENCHMARKS.md). Linear layers
-are most of these models' arithmetic, so routing them through oneDNN makes inference and training ~1.5x faster
-there. Both libraries compute in float32; the results differ only in summation order.
+PyTorch computes a float32 ``F.linear`` on the CPU with its BLAS (MKL's sgemm in the official builds). On some
+CPUs the oneDNN matmul that ships inside PyTorch is much faster: on an AMD EPYC with AVX-512, MKL runs its AVX2
+code and reached ~220 GFLOP/s on the Tiny models' layer shapes against oneDNN's ~450; on an AMD EPYC without
+AVX-512 the two were within 0.9x-1.6x per layer (BENCHMARKS.md). Whether it is used is therefore decided by the
+CPU's features (:func:`onednn_helps`). Both libraries compute in float32; results differ only in summation order.
 
-``FOCAL_ONEDNN_LINEAR`` chooses: ``auto`` (the default: on where MKL is PyTorch's BLAS and the CPU is AMD's),
-``1`` (wherever PyTorch has oneDNN) or ``0`` (never). Everything else falls back to ``F.linear``: other devices and
-dtypes, autocast, and ``torch.compile`` / export / tracing, whose compilers pick their own kernels.
+:class:`OneDnnLinear` falls back to ``F.linear`` for other devices and dtypes, under autocast, and under
+``torch.compile`` / export / tracing, whose compilers pick their own kernels.
 """
 from __future__ import annotations
 
-import os
+import functools
 import platform
 from typing import Optional
 
@@ -23,33 +22,12 @@ from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
-def _amd_cpu() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "AuthenticAMD" in f.read(1 << 16)
-    except OSError:
-        return "AMD" in platform.processor()
-
-
 def onednn_available() -> bool:
     try:
         torch.ops.mkldnn._linear_pointwise.default
     except (AttributeError, RuntimeError):
         return False
     return torch.backends.mkldnn.is_available()
-
-
-def _enabled_from_env() -> bool:
-    choice = os.environ.get("FOCAL_ONEDNN_LINEAR", "auto").strip().lower()
-    if choice not in ("auto", "0", "1"):
-        raise ValueError(f"FOCAL_ONEDNN_LINEAR must be auto, 0 or 1, got {choice!r}")
-    if choice == "0" or not onednn_available():
-        return False
-    return choice == "1" or (torch.backends.mkl.is_available() and platform.machine() in ("x86_64", "AMD64")
-                             and _amd_cpu())
-
-
-ENABLED = _enabled_from_env()
 
 
 def onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -89,14 +67,14 @@ class _OneDnnLinearFunction(torch.autograd.Function):
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and type(x) is torch.Tensor and x.layout == torch.strided and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear``, through oneDNN where that is enabled and applies (see the module docstring)."""
+    """``F.linear``, through oneDNN where that applies (see the module docstring)."""
     if not _use_onednn(x, weight):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
@@ -110,6 +88,28 @@ class OneDnnLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_helps() -> bool:
+    """Whether this machine is one where oneDNN's float32 matmul was measured clearly faster than ``F.linear``:
+    the CPU has AVX-512 (PyTorch's own capability check) while PyTorch's BLAS is MKL on a non-Intel CPU, where
+    MKL keeps to its AVX2 code (2x there). With AVX2 only, both libraries run AVX2 code and measured within
+    noise end to end; on Intel CPUs MKL uses AVX-512 itself. A timing probe was tried instead and was not
+    stable on a shared 2-core machine."""
+    return (onednn_available() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+            and torch.backends.mkl.is_available() and "Intel" not in _cpu_vendor())
 
 
 def convert_linears(module: nn.Module, onednn: bool = True) -> nn.Module:

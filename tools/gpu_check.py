@@ -1,0 +1,132 @@
+"""Check this project on a CUDA GPU, the path most users run: ``make gpu-check`` (or ``python -m tools.gpu_check``).
+
+1. The golden fixtures (tests/fixtures) reproduced on the GPU in float32 (TF32 off).
+2. 20 training steps of the demo model on generated demo data (``main.py``), under fp16 autocast with a gradient
+   scaler and under bf16 autocast: the runs must finish with a finite loss.
+3. With two or more GPUs: evaluation of the trained checkpoint by one process equals ``torchrun`` on two GPUs.
+4. The benchmark against timm's Swin-T (``tools.benchmark``), whose table can go into BENCHMARKS.md.
+
+Without a GPU it prints one line and exits with status 2. Each step prints PASS or FAIL; the exit status is 1
+if any failed.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEMO_CFG = ROOT / "configs" / "demo" / "focal_demo.yaml"
+STEPS = 20
+BATCH = 32  # 20 steps of 32 images: 64 training images per class of the 10-class demo set
+LOSS = re.compile(r"\tloss \S+ \((\S+)\)")  # engine.train_one_epoch: "loss <last> (<average>)"
+EVAL = re.compile(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+)")
+
+
+def report(name: str, ok: bool, detail: str) -> bool:
+    print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
+    return ok
+
+
+def check_golden() -> bool:
+    from tests.golden import CASE_FILES, build_filled, case_input, load_case
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    worst, failed = 0.0, []
+    for path in CASE_FILES:
+        case = load_case(path)
+        model = build_filled(case).cuda()
+        with torch.no_grad():
+            got = model(case_input(case).cuda()).cpu()
+        diff = (got - torch.tensor(case["output"])).abs().max().item()
+        worst = max(worst, diff)
+        if not diff <= 1e-4 + 1e-4 * torch.tensor(case["output"]).abs().max().item():
+            failed.append(path.stem)
+    detail = f"{len(CASE_FILES) - len(failed)}/{len(CASE_FILES)} fixtures, largest |difference| {worst:.2e}"
+    return report("golden fixtures on the GPU", not failed, detail + (f"; failed: {', '.join(failed)}" if failed else ""))
+
+
+def run_main(args: Sequence[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                                   if nproc > 1 else [])
+    return subprocess.run(launcher + ["main.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def check_training(data: Path, output: Path, amp: str) -> Optional[Path]:
+    """20 steps under ``amp``; the checkpoint it saved, or None if the run failed or its loss is not finite."""
+    out = output / amp
+    proc = run_main(["--cfg", str(DEMO_CFG), "--data-path", str(data), "--output", str(out), "--amp", amp,
+                     "--opts", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "DATA.BATCH_SIZE", str(BATCH),
+                     "PRINT_FREQ", "1", "DATA.NUM_WORKERS", "2"])
+    losses = [float(v) for v in LOSS.findall(proc.stdout)]
+    ok = proc.returncode == 0 and bool(losses) and all(math.isfinite(v) for v in losses)
+    detail = (f"final average loss {losses[-1]:.4f}" if ok else
+              f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    report(f"{STEPS} training steps, {amp} autocast", ok, detail)
+    checkpoints = sorted(out.rglob("ckpt_epoch_0.pth"))
+    return checkpoints[0] if ok and checkpoints else None
+
+
+def evaluation(data: Path, output: Path, checkpoint: Path, nproc: int) -> Optional[tuple]:
+    proc = run_main(["--cfg", str(DEMO_CFG), "--data-path", str(data), "--output", str(output / f"eval{nproc}"),
+                     "--eval", "--resume", str(checkpoint), "--amp", "none"], nproc)
+    found = EVAL.findall(proc.stdout)
+    return found[-1] if proc.returncode == 0 and found else None
+
+
+def check_distributed_eval(data: Path, output: Path, checkpoint: Path) -> bool:
+    single, double = evaluation(data, output, checkpoint, 1), evaluation(data, output, checkpoint, 2)
+    ok = single is not None and single == double
+    return report("evaluation, 1 GPU vs torchrun on 2 GPUs", ok, f"Acc@1, Acc@5, loss {single} vs {double}")
+
+
+def check_benchmark(extra: List[str]) -> bool:
+    proc = subprocess.run([sys.executable, "-m", "tools.benchmark", "--device", "cuda", *extra], cwd=ROOT,
+                          capture_output=True, text=True)
+    print(proc.stdout, flush=True)
+    return report("benchmark against Swin-T", proc.returncode == 0,
+                  "table above" if proc.returncode == 0 else proc.stderr.strip()[-500:])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--skip-benchmark", action="store_true", help="only the correctness checks")
+    parser.add_argument("--benchmark-args", nargs=argparse.REMAINDER, default=[],
+                        help="passed on to tools.benchmark (e.g. --batch-size 64 --img-size 224 384)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is False); "
+              "run it on a machine with an NVIDIA GPU and a CUDA build of PyTorch", file=sys.stderr)
+        return 2
+    count = torch.cuda.device_count()
+    print(f"gpu-check on {count} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
+    results = [check_golden()]
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        from data.demo import generate
+        data = Path(generate(os.path.join(tmp, "data"), size=64, train_per_class=STEPS * BATCH // 10,
+                             val_per_class=10, log=None))
+        checkpoints = [check_training(data, Path(tmp), amp) for amp in ("fp16", "bf16")]
+        results += [c is not None for c in checkpoints]
+        if count >= 2 and checkpoints[0] is not None:
+            results.append(check_distributed_eval(data, Path(tmp), checkpoints[0]))
+        elif count < 2:
+            print("skip  evaluation, 1 GPU vs torchrun on 2 GPUs: needs 2 GPUs", flush=True)
+    if not args.skip_benchmark:
+        results.append(check_benchmark(args.benchmark_args))
+    print(f"gpu-check: {sum(results)}/{len(results)} checks passed", flush=True)
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
