@@ -33,6 +33,7 @@ from errors import TrainingError, UsageError, user_message
 from logger import LOGGER_NAME, create_logger, create_tensorboard_writer
 from lr_scheduler import build_scheduler
 from models import ConfigError, build_model, validate_model_config
+from models.kernels import optimize_for
 from optimizer import build_optimizer
 from run_lock import OutputLock
 from utils import (Checkpoint, atomic_write, ensure_writable_folder, latest_checkpoint, load_pretrained,
@@ -286,6 +287,7 @@ def run_mode(config: Any, env: DistEnv, logger: logging.Logger, unsafe_load: boo
 
     logger.info(f"creating model {config.MODEL.TYPE}/{config.MODEL.NAME}")
     model = build_model(config).to(env.device)
+    logger.info(f"device kernels: {', '.join(optimize_for(model, env.device)) or 'none (plain PyTorch)'}")
     logger.info(f"number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
     logger.info(f"number of GFLOPs: {model.flops() / 1e9:.3f}")
     if config.THROUGHPUT_MODE:

@@ -22,6 +22,7 @@ from config import load_config
 from data.transforms import build_transform
 from errors import UsageError
 from models import build_model, load_weights
+from models.kernels import optimize_for
 from utils import read_checkpoint
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -112,6 +113,7 @@ def predict(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     paths = find_images(args.images)
     model, config = load_model(args.cfg, args.opts, args.checkpoint, device)
+    optimize_for(model, device)
     transform = build_transform(False, config)
     info = ImageNetInfo()
     topk = min(args.topk, config.MODEL.NUM_CLASSES)
