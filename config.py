@@ -87,6 +87,9 @@ _C.TRAIN.CLIP_GRAD = 5.0
 _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
 _C.TRAIN.USE_CHECKPOINT = False
+# Layer-wise learning-rate decay for fine-tuning: the rate of a block is scaled by LAYER_DECAY ** (its depth from
+# the top), the head keeping the full rate (timm's param_groups_layer_decay). 1.0 turns it off.
+_C.TRAIN.LAYER_DECAY = 1.0
 
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = "cosine"  # cosine | linear | step
@@ -117,8 +120,15 @@ _C.AUG.MIXUP_MODE = "batch"
 _C.TEST = CN()
 _C.TEST.CROP = True
 
+# Exponential moving average of the weights (timm's ModelEmaV3), evaluated next to the model every epoch and
+# saved in checkpoints; with it on, the best checkpoint (ckpt_best.pth) is chosen by the EMA's accuracy.
+_C.MODEL_EMA = False
+_C.MODEL_EMA_DECAY = 0.9998
+
 # Misc
 _C.AMP_OPT_LEVEL = ""
+# torch.compile backend for training and evaluation ("" runs eagerly); --compile sets "inductor".
+_C.COMPILE = ""
 _C.OUTPUT = ""
 _C.TAG = "default"
 _C.SAVE_FREQ = 1
@@ -208,7 +218,7 @@ KEY_FLAGS = {
     "DATA.BATCH_SIZE": "--batch-size", "DATA.DATA_PATH": "--data-path", "DATA.CACHE_MODE": "--cache-mode",
     "MODEL.PRETRAINED": "--pretrained", "MODEL.RESUME": "--resume",
     "TRAIN.ACCUMULATION_STEPS": "--accumulation-steps", "OUTPUT": "--output", "TAG": "--tag", "SEED": "--seed",
-    "AMP_OPT_LEVEL": "--amp",
+    "AMP_OPT_LEVEL": "--amp", "COMPILE": "--compile",
 }
 
 
@@ -256,6 +266,8 @@ RULES = (
     Rule("TRAIN.CLIP_GRAD", lambda value, _: value is None or value >= 0,
          "must be 0 or more (the largest gradient norm; 0 or None turns clipping off)"),
     Rule("TRAIN.ACCUMULATION_STEPS", _at_least(1), "must be at least 1"),
+    Rule("TRAIN.LAYER_DECAY", lambda value, _: 0 < value <= 1, "must be in (0, 1] (1 turns layer decay off)"),
+    Rule("MODEL_EMA_DECAY", _between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
     Rule("TRAIN.LR_SCHEDULER.NAME", _one_of(SCHEDULERS), f"must be one of {SCHEDULERS}"),
     Rule("TRAIN.LR_SCHEDULER.DECAY_EPOCHS", lambda value, _: value > 0, "must be above 0"),
     Rule("TRAIN.LR_SCHEDULER.DECAY_RATE", lambda value, _: value > 0, "must be above 0"),
@@ -315,7 +327,8 @@ def get_config(args: Any) -> CN:
         if value is not None:
             config.merge_from_list([key, value])
     for flag, key in {"zip": "DATA.ZIP_MODE", "use_checkpoint": "TRAIN.USE_CHECKPOINT",
-                      "eval": "EVAL_MODE", "throughput": "THROUGHPUT_MODE", "tensorboard": "TENSORBOARD"}.items():
+                      "eval": "EVAL_MODE", "throughput": "THROUGHPUT_MODE", "tensorboard": "TENSORBOARD",
+                      "model_ema": "MODEL_EMA"}.items():
         if getattr(args, flag, False):
             config.merge_from_list([key, True])
     amp = "none" if getattr(args, "disable_amp", False) else getattr(args, "amp", None)

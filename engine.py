@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 from timm.scheduler.scheduler import Scheduler
-from timm.utils import AverageMeter
+from timm.utils import AverageMeter, ModelEmaV3
 
 from distributed import all_reduce_sum
 from errors import TrainingError, UsageError
@@ -68,13 +68,15 @@ class TrainStats:
 
 def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader: Iterable, updates_per_epoch: int,
                     optimizer: torch.optim.Optimizer, scheduler: Scheduler, precision: Precision, epoch: int,
-                    mixup_fn: Optional[Callable], device: torch.device) -> TrainStats:
+                    mixup_fn: Optional[Callable], device: torch.device, ema: Optional[ModelEmaV3] = None,
+                    ema_source: Optional[nn.Module] = None) -> TrainStats:
     """``updates_per_epoch`` optimizer steps of ``TRAIN.ACCUMULATION_STEPS`` micro-batches each; leftover
     micro-batches that cannot fill an update are skipped. Under DDP, gradients are synchronised only on the last
     micro-batch of each update.
 
     A non-finite loss raises ``TrainingError`` before its backward pass, so no update from it reaches the weights.
     fp16 overflows are different: the scaler skips those updates and lowers its scale, and they are only counted.
+    ``ema`` (if given) averages ``ema_source`` (the model without DDP or compile wrappers) after every update.
     """
     model.train()
     accum = config.TRAIN.ACCUMULATION_STEPS
@@ -106,7 +108,10 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader: Iter
             precision.scaler.update()
             overflow_skips += precision.scaler.get_scale() < scale  # the scaler backs off after skipping a step
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step_update(epoch * updates_per_epoch + (idx + 1) // accum)
+            update_count = epoch * updates_per_epoch + (idx + 1) // accum
+            scheduler.step_update(update_count)
+            if ema is not None:
+                ema.update(ema_source, step=update_count)
             norm_meter.update(grad_norm.item())
         loss_meter.update(loss_value, targets.size(0))
         synchronize(device)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 from config import get_config
@@ -36,8 +37,8 @@ from models import ConfigError, build_model, validate_model_config
 from models.kernels import optimize_for
 from optimizer import build_optimizer
 from run_lock import OutputLock
-from utils import (Checkpoint, atomic_write, ensure_writable_folder, latest_checkpoint, load_pretrained,
-                   read_checkpoint, restore_checkpoint, save_checkpoint)
+from utils import (BEST_CHECKPOINT, Checkpoint, atomic_write, ensure_writable_folder, latest_checkpoint,
+                   load_pretrained, read_checkpoint, restore_checkpoint, save_checkpoint, training_state)
 
 # The learning rates in the configs are for a total batch of this many images; they scale linearly from it.
 LR_REFERENCE_BATCH = 512
@@ -60,6 +61,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "unpickling runs any code the file carries, so use it only for files you trust")
     parser.add_argument("--accumulation-steps", type=int, help="micro-batches per optimizer update")
     parser.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing to save memory")
+    parser.add_argument("--model-ema", action="store_true",
+                        help="keep an exponential moving average of the weights (MODEL_EMA, decay MODEL_EMA_DECAY)")
+    parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                        help="torch.compile the model for training and evaluation (COMPILE; default backend "
+                             "inductor)")
     amp = parser.add_mutually_exclusive_group()
     amp.add_argument("--amp", choices=AMP_MODES,
                      help="autocast precision (default: fp16 with a gradient scaler on CUDA, none on CPU)")
@@ -150,9 +156,14 @@ def run_throughput(config: Any, env: DistEnv, model: nn.Module, precision: Preci
     throughput(model, images.to(env.device), precision)
 
 
-def log_accuracy(logger: logging.Logger, result: EvalResult) -> None:
+def log_accuracy(logger: logging.Logger, result: EvalResult, which: str = "network") -> None:
     """Over the images actually evaluated (with ``DATA.SKIP_BAD_IMAGES``, unreadable ones are not among them)."""
-    logger.info(f"Accuracy of the network on the {result.num_images} test images: {result.acc1:.1f}%")
+    logger.info(f"Accuracy of the {which} on the {result.num_images} test images: {result.acc1:.1f}%")
+
+
+def compiled(model: nn.Module, config: Any) -> nn.Module:
+    """``torch.compile(model)`` with the ``COMPILE`` backend, or the model itself when it is empty."""
+    return torch.compile(model, backend=config.COMPILE) if config.COMPILE else model
 
 
 def log_skipped_images(dataset: CheckedImages, split: str, logger: logging.Logger) -> None:
@@ -164,7 +175,9 @@ def log_skipped_images(dataset: CheckedImages, split: str, logger: logging.Logge
 
 def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Precision, logger: logging.Logger,
                    unsafe_load: bool) -> None:
-    """Weights from ``--resume``, else ``--pretrained``, else the newest checkpoint of this run's output folder."""
+    """Weights from ``--resume``, else ``--pretrained``, else the newest checkpoint of this run's output folder;
+    a checkpoint holding EMA weights has them evaluated too."""
+    ema_weights = None
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
         load_pretrained(config.MODEL.PRETRAINED, model, logger, unsafe_load, evaluating=True)
     else:
@@ -173,9 +186,13 @@ def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Preci
             raise UsageError(f"--eval needs weights: pass --resume <checkpoint> or --pretrained <checkpoint> "
                              f"(no checkpoint to auto-resume in {config.OUTPUT})")
         restore_checkpoint(checkpoint, model, logger)
+        ema_weights = checkpoint.state.get("model_ema")
     dataset, loader = build_val_loader(config, env)
-    log_accuracy(logger, evaluate(config, model, loader, precision, env.device))
+    log_accuracy(logger, evaluate(config, compiled(model, config), loader, precision, env.device))
     log_skipped_images(dataset, "validation", logger)
+    if ema_weights is not None:
+        model.load_state_dict(ema_weights)
+        log_accuracy(logger, evaluate(config, compiled(model, config), loader, precision, env.device), "EMA model")
 
 
 def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precision, logger: logging.Logger,
@@ -195,12 +212,13 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
         raise UsageError(f"--accumulation-steps {accum} exceeds the {len(train_loader)} batches per epoch")
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, updates_per_epoch)
+    ema = ModelEmaV3(model, decay=config.MODEL_EMA_DECAY) if config.MODEL_EMA else None
 
     start_epoch, max_accuracy = config.TRAIN.START_EPOCH, 0.0
     checkpoint = resume_checkpoint(config, logger, unsafe_load)
     if checkpoint:
         start_epoch, step, max_accuracy = restore_checkpoint(checkpoint, model, logger, optimizer, precision.scaler,
-                                                             config)
+                                                             config, ema.module if ema else None)
         if step and step != start_epoch * updates_per_epoch:
             logger.warning(f"{checkpoint.path} was saved after {step} updates, but {start_epoch} epochs of this run "
                            f"make {start_epoch * updates_per_epoch}: batch size, accumulation or data changed, "
@@ -211,6 +229,8 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
                              f"evaluate it with --eval")
     elif config.MODEL.PRETRAINED:
         load_pretrained(config.MODEL.PRETRAINED, model, logger, unsafe_load)
+        if ema is not None:
+            ema.set(model)  # average from the pretrained weights, not the random ones it was copied from
     scheduler.step_update(start_epoch * updates_per_epoch)  # the rate this run's schedule gives the next update
     last_good = checkpoint.path if checkpoint else None
     tensorboard = create_tensorboard_writer(config.OUTPUT) if config.TENSORBOARD and env.is_main else None
@@ -218,7 +238,10 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    train_model = compiled(model, config)
+    eval_model = compiled(model_without_ddp, config) if env.distributed else train_model
     criterion = build_criterion(config, mixup_fn is not None)
+    class_names = getattr(train_dataset.dataset, "classes", None)  # the folder layout's class folders
 
     logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {updates_per_epoch} updates "
                 f"per epoch, total batch {config.DATA.BATCH_SIZE * env.world_size * accum}")
@@ -227,27 +250,38 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
         seed_everything(config.SEED, env.rank, epoch + 1)
         train_loader.sampler.set_epoch(epoch)
         try:
-            stats = train_one_epoch(config, model, criterion, train_loader, updates_per_epoch, optimizer, scheduler,
-                                    precision, epoch, mixup_fn, env.device)
+            stats = train_one_epoch(config, train_model, criterion, train_loader, updates_per_epoch, optimizer,
+                                    scheduler, precision, epoch, mixup_fn, env.device, ema, model_without_ddp)
         except TrainingError as err:
             raise TrainingError(f"{err}: stopping. The last good checkpoint is {last_good or 'none (none saved yet)'}; "
                                 f"resume from it with a lower TRAIN.BASE_LR or TRAIN.CLIP_GRAD") from None
         log_skipped_images(train_dataset, "training", logger)
-        result = evaluate(config, model_without_ddp, val_loader, precision, env.device)
+        result = evaluate(config, eval_model, val_loader, precision, env.device)
         log_accuracy(logger, result)
         log_skipped_images(val_dataset, "validation", logger)
+        score = result.acc1
+        if ema is not None:
+            ema_result = evaluate(config, ema.module, val_loader, precision, env.device)
+            log_accuracy(logger, ema_result, "EMA model")
+            score = ema_result.acc1
         if env.is_main and epoch == start_epoch:
             save_config(config, logger)  # only now: a run that fails on its data leaves the previous one's
-        max_accuracy = max(max_accuracy, result.acc1)
-        logger.info(f"Max accuracy: {max_accuracy:.2f}%")
+        improved = score > max_accuracy or (epoch == start_epoch and not checkpoint)
+        max_accuracy = max(max_accuracy, score)
+        logger.info(f"Max accuracy{' (EMA)' if ema else ''}: {max_accuracy:.2f}%")
         if tensorboard is not None:
             for tag, value in (("train/loss", stats.loss), ("train/lr", stats.lr), ("val/acc1", result.acc1),
                                ("val/acc5", result.acc5), ("val/loss", result.loss)):
                 tensorboard.add_scalar(tag, value, epoch)
             tensorboard.flush()
-        if env.is_main and ((epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1):
-            last_good = save_checkpoint(config, epoch, (epoch + 1) * updates_per_epoch, model_without_ddp,
-                                        max_accuracy, optimizer, scheduler, precision.scaler, logger)
+        periodic = (epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1
+        if env.is_main and (periodic or improved):
+            state = training_state(config, epoch, (epoch + 1) * updates_per_epoch, model_without_ddp, max_accuracy,
+                                   optimizer, scheduler, precision.scaler, ema.module if ema else None, class_names)
+            if periodic:
+                last_good = save_checkpoint(config, state, logger)
+            if improved:
+                save_checkpoint(config, state, logger, name=BEST_CHECKPOINT)
     if tensorboard is not None:
         tensorboard.close()
     logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")

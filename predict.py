@@ -4,14 +4,15 @@
         photos/ cat.jpg
 
 Images are resized and centre-cropped as in evaluation (``DATA.IMG_SIZE``, ``TEST.CROP``) and classified in
-batches. A 1000-class model prints ImageNet-1K class names; any other class count prints class indices.
+batches. Classes are named by the class folders a checkpoint was trained on (stored in it by main.py), else by
+ImageNet-1K's names for a 1000-class model, else by index.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -38,6 +39,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CUDA when available, else CPU")
     parser.add_argument("--topk", type=int, default=5)
+    parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (trained with --model-ema)")
     args = parser.parse_args(argv)
     for flag in ("batch_size", "topk"):
         if getattr(args, flag) < 1:
@@ -61,8 +63,10 @@ def find_images(paths: Sequence[str]) -> List[Path]:
     return found
 
 
-def load_model(cfg: str, opts: Sequence[str], checkpoint: str, device: torch.device) -> tuple[nn.Module, Any]:
-    """The config's model in eval mode with the checkpoint's weights; every failure names its flag."""
+def load_model(cfg: str, opts: Sequence[str], checkpoint: str, device: torch.device,
+               ema: bool = False) -> Tuple[nn.Module, Any, Optional[List[str]]]:
+    """The config's model in eval mode with the checkpoint's weights (its EMA weights with ``ema``), and the class
+    names the checkpoint stores (those of the training folders), if any; every failure names its flag."""
     try:
         config = load_config(cfg, opts)
         model = build_model(config)
@@ -76,11 +80,18 @@ def load_model(cfg: str, opts: Sequence[str], checkpoint: str, device: torch.dev
         state = read_checkpoint(checkpoint).state
     except UsageError as err:
         raise UsageError(f"--checkpoint {checkpoint}: {err}") from None
+    if ema:
+        if not isinstance(state, dict) or "model_ema" not in state:
+            raise UsageError(f"--ema: {checkpoint} holds no EMA weights (train with --model-ema to have them)")
+        state = {"model": state["model_ema"], "class_names": state.get("class_names")}
     try:
         load_weights(model, state)
     except ValueError as err:
         raise UsageError(f"--checkpoint {checkpoint}: cannot load into {config.MODEL.NAME}: {err}") from None
-    return model.to(device).eval(), config
+    names = state.get("class_names") if isinstance(state, dict) else None
+    if names is not None and len(names) != config.MODEL.NUM_CLASSES:
+        names = None
+    return model.to(device).eval(), config, names
 
 
 def batches(paths: List[Path], size: int) -> Iterator[List[Path]]:
@@ -96,7 +107,10 @@ def read_image(path: Path) -> Image.Image:
         raise UsageError(f"cannot read image {path}: {err}") from None
 
 
-def class_label(index: int, num_classes: int, info: ImageNetInfo) -> str:
+def class_label(index: int, names: Optional[List[str]], num_classes: int, info: ImageNetInfo) -> str:
+    """The index with the training folder's name, else ImageNet's for a 1000-class model, else nothing more."""
+    if names:
+        return f"{index:4d} {names[index]}"
     return f"{index:4d} {info.index_to_description(index)}" if num_classes == info.num_classes() else f"{index:4d}"
 
 
@@ -112,7 +126,7 @@ def pick_device(choice: str) -> torch.device:
 def predict(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     paths = find_images(args.images)
-    model, config = load_model(args.cfg, args.opts, args.checkpoint, device)
+    model, config, names = load_model(args.cfg, args.opts, args.checkpoint, device, args.ema)
     optimize_for(model, device)
     transform = build_transform(False, config)
     info = ImageNetInfo()
@@ -123,7 +137,7 @@ def predict(args: argparse.Namespace) -> None:
         for path, p_row, i_row in zip(group, probs.tolist(), indices.tolist()):
             print(path)
             for p, i in zip(p_row, i_row):
-                print(f"  {p:.4f}  {class_label(i, config.MODEL.NUM_CLASSES, info)}")
+                print(f"  {p:.4f}  {class_label(i, names, config.MODEL.NUM_CLASSES, info)}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from errors import TrainingError, UsageError
 from models import load_weights
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_epoch_(\d+)\.pth$")
+# The checkpoint of the epoch with the best validation top-1 (of the EMA model when MODEL_EMA is on).
+BEST_CHECKPOINT = "ckpt_best.pth"
 # What :func:`atomic_write` names its temporary files: ``.<name>.<pid>.<8 hex digits>.tmp``.
 TEMPORARY_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
 # The key under which a checkpoint carries the digest of the rest of its content.
@@ -193,11 +195,32 @@ def remove_stale_temporaries(folder: str, logger: logging.Logger) -> None:
             logger.info(f"removed {os.path.join(folder, name)}, left by an interrupted save")
 
 
-def save_checkpoint(config: Any, epoch: int, step: int, model: nn.Module, max_accuracy: float,
-                    optimizer: torch.optim.Optimizer, scheduler: Scheduler, scaler: torch.amp.GradScaler,
-                    logger: logging.Logger) -> str:
-    """Write ``<OUTPUT>/ckpt_epoch_<epoch>.pth`` atomically with a checksum of its content, then keep only the
-    newest ``KEEP_CHECKPOINTS``. A failed write (a full disk) is a ``TrainingError`` naming the file."""
+def save_checkpoint(config: Any, state: Dict[str, Any], logger: logging.Logger, name: Optional[str] = None) -> str:
+    """Write ``state`` (see :func:`training_state`) to ``<OUTPUT>/<name>`` (default ``ckpt_epoch_<epoch>.pth``)
+    atomically with a checksum of its content, then keep only the newest ``KEEP_CHECKPOINTS`` epoch files. A
+    failed write (a full disk) is a ``TrainingError`` naming the file."""
+    state = {**state, CHECKSUM_KEY: content_digest(state)}
+    path = os.path.join(config.OUTPUT, name) if name else checkpoint_path(config.OUTPUT, state["epoch"])
+    remove_stale_temporaries(config.OUTPUT, logger)
+    try:
+        atomic_save(state, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError from its zip writer
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TrainingError(f"cannot save checkpoint {path}: {reason}; nothing was written (check free space and "
+                            f"permissions of {config.OUTPUT})") from None
+    logger.info(f"saved {path}")
+    if config.KEEP_CHECKPOINTS > 0 and not name:
+        for old in list_checkpoints(config.OUTPUT)[config.KEEP_CHECKPOINTS:]:
+            os.remove(old)
+            logger.info(f"removed {old} (KEEP_CHECKPOINTS {config.KEEP_CHECKPOINTS})")
+    return path
+
+
+def training_state(config: Any, epoch: int, step: int, model: nn.Module, max_accuracy: float,
+                   optimizer: torch.optim.Optimizer, scheduler: Scheduler, scaler: torch.amp.GradScaler,
+                   ema: Optional[nn.Module] = None, class_names: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Everything a checkpoint holds: the released layout (``model``, ``epoch``, ``max_accuracy``) plus what
+    resuming and prediction need (optimizer, scaler, update count, config, EMA weights, class names)."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -208,21 +231,11 @@ def save_checkpoint(config: Any, epoch: int, step: int, model: nn.Module, max_ac
         "step": step,
         "config": config.dump(),
     }
-    state[CHECKSUM_KEY] = content_digest(state)
-    path = checkpoint_path(config.OUTPUT, epoch)
-    remove_stale_temporaries(config.OUTPUT, logger)
-    try:
-        atomic_save(state, path)
-    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError from its zip writer
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise TrainingError(f"cannot save checkpoint {path}: {reason}; nothing was written (check free space and "
-                            f"permissions of {config.OUTPUT})") from None
-    logger.info(f"saved {path}")
-    if config.KEEP_CHECKPOINTS > 0:
-        for old in list_checkpoints(config.OUTPUT)[config.KEEP_CHECKPOINTS:]:
-            os.remove(old)
-            logger.info(f"removed {old} (KEEP_CHECKPOINTS {config.KEEP_CHECKPOINTS})")
-    return path
+    if ema is not None:
+        state["model_ema"] = ema.state_dict()
+    if class_names:
+        state["class_names"] = list(class_names)
+    return state
 
 
 def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
@@ -262,8 +275,8 @@ def optimizer_kind(group: Mapping[str, Any]) -> str:
 
 def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging.Logger,
                        optimizer: Optional[torch.optim.Optimizer] = None, scaler: Optional[torch.amp.GradScaler] = None,
-                       config: Any = None) -> Tuple[int, int, float]:
-    """Restore weights and, when given and present, the optimizer and scaler state; returns (next epoch, updates
+                       config: Any = None, ema: Optional[nn.Module] = None) -> Tuple[int, int, float]:
+    """Restore weights and, when given and present, the optimizer, scaler and EMA state; returns (next epoch, updates
     done, best accuracy). Weights must fit the model exactly. A weights-only file (a released checkpoint) starts
     at 0.
 
@@ -295,6 +308,9 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging
         group.update(settings)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        # a checkpoint from before EMA was turned on starts the average at the resumed weights
+        ema.load_state_dict(state["model_ema"] if "model_ema" in state else model.state_dict())
     changes = config_changes(state.get("config"), config) if config is not None else []
     if changes:
         logger.info(f"resuming with a changed config: {'; '.join(changes)}; the optimizer keeps its state and "

@@ -14,7 +14,8 @@ from lr_scheduler import build_scheduler
 from main import load_run_config, main, parse_args, scale_learning_rates
 from models import build_model
 from optimizer import build_optimizer
-from utils import latest_checkpoint, load_pretrained, read_checkpoint, restore_checkpoint, save_checkpoint
+from utils import (latest_checkpoint, load_pretrained, read_checkpoint, restore_checkpoint, save_checkpoint,
+                   training_state)
 
 from .conftest import DEMO_CFG, REPO
 
@@ -140,7 +141,8 @@ def test_checkpoint_round_trip_latest_by_epoch_and_keep_last(tmp_path):
     scheduler.step_update(7)
     precision = build_precision("none", CPU)
     for epoch in (2, 10, 9):
-        save_checkpoint(config, epoch, 2 * epoch + 2, model, 42.5, optimizer, scheduler, precision.scaler, LOG)
+        save_checkpoint(config, training_state(config, epoch, 2 * epoch + 2, model, 42.5, optimizer, scheduler,
+                                               precision.scaler), LOG)
     # Only the two newest by epoch are kept, and no temporary file is left behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_epoch_10.pth", "ckpt_epoch_9.pth"]
     latest = latest_checkpoint(str(tmp_path), LOG)

@@ -173,7 +173,7 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(demo
     with pytest.raises(TrainingError, match=r"the loss is nan at epoch 1, step \d+ of 5: stopping. The last good "
                                             r"checkpoint is .*ckpt_epoch_0.pth"):
         main(demo_args(demo_data, tmp_path, opts=opts))
-    assert sorted(p.name for p in run_dir(tmp_path).glob("*.pth")) == ["ckpt_epoch_0.pth"]
+    assert sorted(p.name for p in run_dir(tmp_path).glob("*.pth")) == ["ckpt_best.pth", "ckpt_epoch_0.pth"]
     assert all(torch.isfinite(w).all() for w in load(run_dir(tmp_path) / "ckpt_epoch_0.pth")["model"].values())
 
 
@@ -264,7 +264,7 @@ def test_sigterm_is_logged_once_and_keeps_the_checkpoints(demo_data, tmp_path):
     files = sorted(p.name for p in run_dir(tmp_path).iterdir())
     assert "ckpt_epoch_0.pth" in files and not any(name.endswith(".tmp") for name in files)
     for name in files:
-        if name.endswith(".pth"):
+        if name.startswith("ckpt_epoch_"):
             assert load(run_dir(tmp_path) / name)["epoch"] == int(name[len("ckpt_epoch_"):-4])
 
 

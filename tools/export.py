@@ -37,6 +37,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ...")
     parser.add_argument("--checkpoint", required=True, help="weights: ours, a released file, or a bare state dict")
     parser.add_argument("--output", required=True, help="the file to write, .pt2 or .onnx")
+    parser.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights (--model-ema)")
     parser.add_argument("--img-size", type=int, nargs="+", metavar="SIZE",
                         help="H W (or one size for both) to trace at; default DATA.IMG_SIZE")
     parser.add_argument("--dynamic-batch", action="store_true", help="any batch size, not only --batch-size")
@@ -91,7 +92,7 @@ def onnx_difference(path: str, model: nn.Module, example: torch.Tensor) -> float
 
 def export(args: argparse.Namespace) -> None:
     ensure_writable_folder(os.path.dirname(os.path.abspath(args.output)), "--output")
-    model, config = load_model(args.cfg, args.opts, args.checkpoint, torch.device("cpu"))
+    model, config, _ = load_model(args.cfg, args.opts, args.checkpoint, torch.device("cpu"), args.ema)
     height, width = (args.img_size * 2)[:2] if args.img_size else (config.DATA.IMG_SIZE,) * 2
     batch = max(2, args.batch_size) if args.dynamic_batch else args.batch_size
     example = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(0))
