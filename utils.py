@@ -321,9 +321,10 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging
 
 def load_pretrained(path: str, model: nn.Module, logger: logging.Logger, unsafe: bool = False,
                     evaluating: bool = False) -> None:
-    """Weights only, for fine-tuning: a head of another class count is dropped (left freshly initialised) and
-    relative-position tables are resized to this model's window size. Anything else that does not fit keeps its
-    initial values, with a warning.
+    """Weights only, for fine-tuning: a head of another class count is dropped (left freshly initialised), and
+    position tables and pooling kernels are carried over to this model's windows (another image, window or
+    focal-window size). Ends with one line tools may parse:
+    ``pretrained <file>: <N> tensors loaded (<R> resized), <K> left at initial values: <names or none>``.
 
     Refused: weights of which nothing fits (another architecture), and, for ``--eval``, weights that leave any
     part of the model (e.g. the classifier) at its random initial values.
@@ -340,8 +341,10 @@ def load_pretrained(path: str, model: nn.Module, logger: logging.Logger, unsafe:
     if evaluating and (report.missing or report.mismatched):
         raise UsageError(f"--eval --pretrained {path}: it leaves part of the model at random initial values "
                          f"({report.summary()}); evaluate with the config it was trained with (class count, sizes)")
-    if report.mismatched or report.unexpected:
-        logger.warning(f"--pretrained {path} only partly fits the model; the rest keeps its initial values: "
-                       f"{report.summary()}")
-    else:
-        logger.info(f"loaded pretrained weights from {path}: {report.summary()}")
+    if report.unexpected:
+        logger.info(f"--pretrained {path}: ignored {len(report.unexpected)} tensors this model has no place for: "
+                    f"{', '.join(report.unexpected)}")
+    initial = report.missing + [name for name, _, _ in report.mismatched]
+    (logger.warning if initial else logger.info)(
+        f"pretrained {path}: {loaded} tensors loaded ({len(report.resized)} resized), {len(initial)} left at "
+        f"initial values: {', '.join(initial) or 'none'}")

@@ -5,14 +5,14 @@ themselves, so such keys are recognised and dropped rather than reported as unex
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from .resize import adapt_geometry, geometry_names
 
 REFERENCE_BUFFER = re.compile(
     r"(^|\.)(attn_mask|relative_position_index(_\d+)?|valid_ind_rolled|valid_ind_unfold_\d+|window_coords"
@@ -46,7 +46,7 @@ class LoadReport:
             shown = [f"{k} (checkpoint {tuple(a)} vs model {tuple(b)})" for k, a, b in self.mismatched]
             lines.append(f"mismatched shapes for {len(self.mismatched)} keys: {head(shown)}")
         if self.resized:
-            lines.append(f"resized {len(self.resized)} position tables to this window size")
+            lines.append(f"resized {len(self.resized)} tensors to this model's windows")
         return "; ".join(lines) if lines else "all keys matched"
 
 
@@ -68,20 +68,12 @@ def extract_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _resize_table(table: torch.Tensor, side: int, heads_first: bool) -> torch.Tensor:
-    """Bicubic resize of a bias table with one axis of heads and one flattened square grid of offsets."""
-    grid = table if heads_first else table.t()
-    heads, old = grid.shape[0], math.isqrt(grid.shape[1])
-    img = F.interpolate(grid.reshape(1, heads, old, old).float(), size=(side, side), mode="bicubic",
-                        align_corners=False)
-    resized = img.reshape(heads, side * side).to(table.dtype)
-    return resized if heads_first else resized.t()
-
-
 def adapt_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
                      drop_mismatched_head: bool = False) -> Tuple[Dict[str, torch.Tensor], LoadReport]:
-    """Match a checkpoint to ``model``: drop reference buffers, resize relative-position tables for another
-    window size, and (when fine-tuning) drop a classifier of another class count."""
+    """Match a checkpoint to ``model``: drop reference buffers and carry window-dependent tensors (position
+    tables, pooling kernels) over to this model's geometry. When fine-tuning (``drop_mismatched_head``), a
+    classifier of another class count is dropped, and neighbour tables the checkpoint lacks are derived from its
+    window tables (see :mod:`models.resize`)."""
     own = model.state_dict()
     report = LoadReport()
     adapted = {}
@@ -91,14 +83,19 @@ def adapt_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
             continue
         target = own.get(name)
         if target is not None and target.shape != value.shape:
-            heads_first = ".relative_position_bias_table_to_windows." in name
-            if heads_first or name.endswith("relative_position_bias_table"):
-                side = math.isqrt(target.shape[-1] if heads_first else target.shape[0])
-                value = _resize_table(value, side, heads_first)
+            reshaped = adapt_geometry(name, value, target, state_dict)
+            if reshaped is not None:
+                value = reshaped
                 report.resized.append(name)
             elif drop_mismatched_head and name.startswith("head."):
                 continue
         adapted[name] = value
+    if drop_mismatched_head:
+        for name in geometry_names([n for n in own if n not in adapted and n not in state_dict]):
+            derived = adapt_geometry(name, None, own[name], state_dict)
+            if derived is not None:
+                adapted[name] = derived
+                report.resized.append(name)
     for name, value in adapted.items():
         if name not in own:
             report.unexpected.append(name)

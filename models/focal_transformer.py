@@ -199,6 +199,17 @@ class FocalTransformer(nn.Module):
     def no_weight_decay_keywords(self) -> set:
         return {"relative_position_bias_table"} if self.variant == "focal" else set()
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups by depth, as timm numbers them (layer-wise learning-rate decay): the stem, each block
+        in order (each stage's patch merging after its blocks), then the final norm; the head ranks last."""
+        return dict(
+            stem=r"^(?:patch_embed|absolute_pos_embed)",
+            blocks=r"^layers\.(\d+)" if coarse else [
+                (r"^layers\.(\d+)\.blocks\.(\d+)", None),
+                (r"^layers\.(\d+)\.downsample", (99998,)),
+                (r"^norm", (99999,)),
+            ])
+
     def get_classifier(self) -> nn.Module:
         return self.head
 

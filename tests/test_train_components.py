@@ -187,13 +187,13 @@ def test_pretrained_drops_another_head(caplog):
     model = build_model(load_config(None, FIXTURE_OPTS + ["MODEL.NUM_CLASSES", 5]))
     with caplog.at_level(logging.INFO, logger="focal.test"):
         load_pretrained(fixture, model, LOG)
-    assert "missing 2 keys: head.weight, head.bias" in caplog.text
+    assert "152 tensors loaded (0 resized), 2 left at initial values: head.weight, head.bias" in caplog.text
     state = model.state_dict()
     assert state["head.weight"].shape == (5, 128)
     assert all(torch.equal(state[k], weights[k]) for k in state if not k.startswith("head."))
 
 
-def test_pretrained_at_another_window_size_resizes_position_tables(caplog):
+def test_pretrained_at_another_window_size_resizes_every_window_tensor(caplog):
     fixture = str(REPO / "tests" / "fixtures" / "small_fc_224.pth")
     weights = torch.load(fixture, weights_only=True)["model"]
     model = build_model(load_config(None, FIXTURE_OPTS + ["MODEL.FOCAL.WINDOW_SIZE", 5,
@@ -203,9 +203,9 @@ def test_pretrained_at_another_window_size_resizes_position_tables(caplog):
     state = model.state_dict()
     table = "layers.0.blocks.0.attn.relative_position_bias_table"
     assert weights[table].shape == (169, 2) and state[table].shape == (81, 2)
-    assert "resized 16 position tables" in caplog.text
-    # The fc pooling weights are sized by the window, not a position table: they stay initialised, with a warning.
-    assert "only partly fits" in caplog.text and "pool_layers.0.weight" in caplog.text
+    # window, neighbour and pooled position tables and the fc pooling kernels all follow the window: 32 tensors
+    assert "156 tensors loaded (32 resized), 0 left at initial values: none" in caplog.text
+    assert state["layers.0.blocks.0.pool_layers.0.weight"].shape == (1, 25)
     assert torch.equal(state["head.weight"], weights["head.weight"])
 
 

@@ -37,8 +37,9 @@ def this_run(log: str) -> str:
 
 
 def test_run_killed_in_epoch_three_resumes_to_the_same_weights(demo_data, tmp_path):
-    """3 epochs straight == 2 epochs, SIGKILL during the third, and the same command again, bit for bit."""
-    opts = ("TRAIN.EPOCHS", "3", *RANDOM_OPTS)
+    """3 epochs straight == 2 epochs, SIGKILL during the third, and the same command again, bit for bit (the
+    EMA of the weights included)."""
+    opts = ("TRAIN.EPOCHS", "3", "MODEL_EMA", "True", "MODEL_EMA_DECAY", "0.9", *RANDOM_OPTS)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     check(run_main(demo_args(demo_data, straight, opts=opts)))
 
@@ -54,7 +55,7 @@ def test_run_killed_in_epoch_three_resumes_to_the_same_weights(demo_data, tmp_pa
     log = this_run(read_log(killed))
     assert "auto-resuming from" in log and "ckpt_epoch_1.pth" in log and "Train: [1/3]" not in log
     expected, resumed = (load(run_dir(d) / "ckpt_epoch_2.pth") for d in (straight, killed))
-    for key in ("model", "optimizer"):
+    for key in ("model", "model_ema", "optimizer"):
         torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
     for key in ("lr_scheduler", "max_accuracy", "epoch", "step"):
         assert resumed[key] == expected[key], key

@@ -1,0 +1,155 @@
+"""Fine-tuning (issue #14): every pretrained tensor reaches a model of another image, window or focal-window size;
+layer-wise learning-rate decay; EMA; the best checkpoint; --compile; class names in predict.py."""
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from config import load_config
+from lr_scheduler import build_scheduler
+from main import main
+from models import build_model
+from models.focal_attention import surrounding_offsets
+from models.resize import neighbour_table_from_window_table, resize_neighbour_table, resize_pool_weight
+from optimizer import build_optimizer
+from utils import load_pretrained
+
+from .conftest import DEMO_CFG, MAIN_ENV, REPO, eval_summary
+from .test_train_main import demo_args, read_log, run_dir
+
+LOG = logging.getLogger("focal.test")
+LOAD_LINE = re.compile(r"pretrained (\S+): (\d+) tensors loaded \((\d+) resized\), (\d+) left at initial values: (.*)")
+
+
+def demo_model(*opts):
+    return build_model(load_config(DEMO_CFG, list(opts)))
+
+
+GEOMETRIES = {
+    "image 64 -> 96": ("DATA.IMG_SIZE", 96),
+    "image 64 -> 96, window 4 -> 6": ("DATA.IMG_SIZE", 96, "MODEL.FOCAL.WINDOW_SIZE", 6,
+                                      "MODEL.FOCAL.EXPAND_SIZES", [3, 3, 3, 3]),
+    "image 64 -> 128, window 4 -> 8, focal windows": ("DATA.IMG_SIZE", 128, "MODEL.FOCAL.WINDOW_SIZE", 8,
+                                                      "MODEL.FOCAL.FOCAL_WINDOWS", [5, 5, 3, 1]),
+    "conv pooling, image 64 -> 96, window 4 -> 6": ("MODEL.FOCAL.FOCAL_POOL", "conv", "DATA.IMG_SIZE", 96,
+                                                    "MODEL.FOCAL.WINDOW_SIZE", 6),
+}
+
+
+@pytest.mark.parametrize("change", GEOMETRIES)
+def test_every_pretrained_tensor_reaches_a_model_of_another_geometry(change, tmp_path, caplog):
+    opts = GEOMETRIES[change]
+    pool = list(opts[:2]) if opts[0] == "MODEL.FOCAL.FOCAL_POOL" else []
+    source = demo_model("DATA.IMG_SIZE", 64, *pool)
+    with torch.no_grad():  # as if trained: no tensor left at a value a fresh model could also have
+        for param in source.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    torch.save({"model": source.state_dict()}, tmp_path / "source.pth")
+    target = demo_model(*opts)
+    initial = {k: v.clone() for k, v in target.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger="focal.test"):
+        load_pretrained(str(tmp_path / "source.pth"), target, LOG)
+    lines = [m for m in map(LOAD_LINE.search, caplog.text.splitlines()) if m]
+    assert len(lines) == 1, caplog.text
+    loaded, resized, left, names = int(lines[0][2]), int(lines[0][3]), int(lines[0][4]), lines[0][5]
+    assert (left, names) == (0, "none") and resized > 0 and loaded == len(initial)
+    own, trained = target.state_dict(), source.state_dict()
+    for name, value in own.items():
+        if name in trained and trained[name].shape == value.shape:
+            assert torch.equal(value, trained[name]), name
+        elif value.is_floating_point():
+            assert not torch.equal(value, initial[name]), f"{name} kept its initial value"
+    target(torch.randn(1, 3, opts[opts.index("DATA.IMG_SIZE") + 1], opts[opts.index("DATA.IMG_SIZE") + 1]))
+
+
+def test_a_head_of_another_class_count_is_the_only_thing_left_at_initial_values(tmp_path, caplog):
+    torch.save({"model": demo_model().state_dict()}, tmp_path / "source.pth")
+    with caplog.at_level(logging.INFO, logger="focal.test"):
+        load_pretrained(str(tmp_path / "source.pth"), demo_model("MODEL.NUM_CLASSES", 5), LOG)
+    assert LOAD_LINE.search(caplog.text).group(4, 5) == ("2", "head.weight, head.bias")
+
+
+def test_neighbour_table_derived_from_a_window_table_takes_the_bias_of_each_offset():
+    window, expand, heads = 4, 2, 2
+    offsets = torch.tensor([(dy, dx) for dy in range(-window + 1, window) for dx in range(-window + 1, window)])
+    table = (100.0 * offsets[:, :1] + offsets[:, 1:]).repeat(1, heads)  # bias = 100*dy + dx, every head
+    n = len(surrounding_offsets(window, expand))
+    derived = neighbour_table_from_window_table(table, torch.Size((1, heads, window * window, n)))
+    for column, (a, b, dy, dx) in enumerate(surrounding_offsets(window, expand)):
+        for qy in range(window):
+            for qx in range(window):
+                ky, kx = a + dy - qy, b + dx - qx  # the key's offset from the query
+                clamp = lambda v: max(-window + 1, min(window - 1, v))  # noqa: E731
+                assert derived[0, 1, qy * window + qx, column] == 100 * clamp(ky) + clamp(kx)
+
+
+def test_neighbour_table_resize_is_the_identity_at_the_same_size_and_keeps_values_when_growing():
+    table = torch.randn(1, 3, 16, len(surrounding_offsets(4, 2)))
+    assert torch.equal(resize_neighbour_table(table, table.shape), table)
+    grown = resize_neighbour_table(table, torch.Size((1, 3, 64, len(surrounding_offsets(8, 4)))))
+    assert set(grown.unique().tolist()) <= set(table.unique().tolist())  # nearest values, nothing invented
+
+
+def test_pooling_kernels_keep_their_sum_when_resized():
+    mean = torch.full((1, 4), 0.25)
+    grown = resize_pool_weight(mean, torch.Size((1, 9)))
+    torch.testing.assert_close(grown, torch.full((1, 9), 1 / 9))
+    conv = torch.randn(8, 1, 2, 2)
+    assert torch.allclose(resize_pool_weight(conv, torch.Size((8, 1, 3, 3))).sum((1, 2, 3)), conv.sum((1, 2, 3)),
+                          atol=1e-5)
+
+
+def test_layer_decay_scales_each_depth_and_keeps_the_no_decay_rules():
+    config = load_config(DEMO_CFG, ["TRAIN.LAYER_DECAY", 0.5])
+    model = build_model(config)
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer, 10)
+    scheduler.step_update(40)  # past warm-up
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    scale = lambda name: group_of[id(params[name])]["lr_scale"]  # noqa: E731
+    depth_order = ["patch_embed.proj.weight", "layers.0.blocks.0.attn.qkv.weight", "layers.0.downsample.proj.weight",
+                   "layers.1.blocks.0.mlp.fc1.weight", "layers.2.blocks.0.mlp.fc1.weight",
+                   "layers.2.blocks.1.mlp.fc1.weight", "layers.3.blocks.0.mlp.fc1.weight", "head.weight"]
+    scales = [scale(n) for n in depth_order]
+    assert scales == sorted(scales) and len(set(scales)) == len(scales) and scales[-1] == 1.0
+    assert all(b / a == pytest.approx(2.0) or b / a == pytest.approx(4.0) for a, b in zip(scales, scales[1:]))
+    top = max(g["lr"] for g in optimizer.param_groups)
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(top * group["lr_scale"])
+    for name in ("layers.0.blocks.0.attn.relative_position_bias_table", "norm.weight", "head.bias"):
+        assert group_of[id(params[name])]["weight_decay"] == 0.0
+    assert group_of[id(params["head.weight"])]["weight_decay"] == config.TRAIN.WEIGHT_DECAY
+
+
+def test_ema_best_checkpoint_compile_and_class_names_end_to_end(demo_data, tmp_path):
+    """Two epochs with EMA, layer decay and a compiled model (aot_eager: the compile path without a C++
+    toolchain's minutes); then --eval and predict.py on the best checkpoint."""
+    main(demo_args(demo_data, tmp_path, "--model-ema", "--compile", "aot_eager",
+                   opts=("TRAIN.EPOCHS", "2", "TRAIN.LAYER_DECAY", "0.8", "MODEL_EMA_DECAY", "0.5")))
+    log = read_log(tmp_path)
+    assert log.count("Accuracy of the EMA model on the 20 test images") == 2
+    best = run_dir(tmp_path) / "ckpt_best.pth"
+    state = torch.load(best, weights_only=True)
+    ema_scores = [float(s) for s in re.findall(r"Accuracy of the EMA model on the 20 test images: ([\d.]+)%", log)]
+    assert state["max_accuracy"] == pytest.approx(max(ema_scores), abs=0.05)
+    assert state["class_names"] == sorted(p.name for p in (demo_data / "train").iterdir())
+    assert not torch.equal(state["model_ema"]["head.weight"], state["model"]["head.weight"])
+
+    main(demo_args(demo_data, tmp_path / "eval", "--eval", "--resume", str(best)))
+    eval_log = read_log(tmp_path / "eval")
+    assert "Accuracy of the network" in eval_log and "Accuracy of the EMA model" in eval_log
+
+    image = sorted((demo_data / "val" / "circle").iterdir())[0]
+    done = subprocess.run([sys.executable, "predict.py", "--cfg", DEMO_CFG, "--opts", "DATA.IMG_SIZE", "32",
+                           "--checkpoint", str(best), "--ema", "--topk", "10", str(image)], cwd=REPO, env=MAIN_ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    printed = re.findall(r"^\s+[\d.]+\s+\d+ (\S+)$", done.stdout, re.M)
+    assert sorted(printed) == state["class_names"]
+    assert eval_summary(eval_log)["images"] == 20
