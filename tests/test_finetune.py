@@ -153,3 +153,17 @@ def test_ema_best_checkpoint_compile_and_class_names_end_to_end(demo_data, tmp_p
     printed = re.findall(r"^\s+[\d.]+\s+\d+ (\S+)$", done.stdout, re.M)
     assert sorted(printed) == state["class_names"]
     assert eval_summary(eval_log)["images"] == 20
+
+
+@pytest.mark.parametrize("name", ["focal_tiny_patch4_window12_384_finetune",
+                                  "focal_tiny_useconv_patch4_window12_384_finetune",
+                                  "focalv2_tiny_useconv_patch4_window12_384_finetune"])
+def test_finetune_configs_take_every_tensor_of_their_released_224_model(name, tmp_path, caplog):
+    config = load_config(str(REPO / "configs" / "finetune" / f"{name}.yaml"))
+    parent = name.replace("window12_384_finetune", "window7_224")
+    torch.save({"model": build_model(load_config(str(REPO / "configs" / f"{parent}.yaml"))).state_dict()},
+               tmp_path / "released.pth")
+    assert (config.DATA.IMG_SIZE, config.MODEL.FOCAL.WINDOW_SIZE, config.TRAIN.LAYER_DECAY) == (384, 12, 0.9)
+    with caplog.at_level(logging.INFO, logger="focal.test"):
+        load_pretrained(str(tmp_path / "released.pth"), build_model(config), LOG)
+    assert LOAD_LINE.search(caplog.text).group(4, 5) == ("0", "none")
