@@ -252,8 +252,9 @@ class FocalWindowAttention(WindowedAttention):
             out.append(patches.permute(0, 3, 2, 1))
         return out
 
-    def gather_kv(self, kv: torch.Tensor, pooled_kv: List[torch.Tensor], layout: FocalLayout) -> torch.Tensor:
-        """Keys and values of every window ``(2, B, nH, nW*L, hd)``, in the documented order (roll / unfold)."""
+    def gather_kv(self, kv: torch.Tensor, pooled_kv: List[torch.Tensor],
+                  layout: FocalLayout) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every window, ``(B, nH, nW*L, hd)`` each, in the documented order (roll / unfold)."""
         local = self._local_by_roll(kv, layout) if self.kv_gather == "roll" else self._local_by_unfold(kv, layout)
         windows = torch.cat([local] + self._pooled_by_unfold(pooled_kv, layout), dim=2)
         return windows_to_heads(windows, self.num_heads)
@@ -273,11 +274,11 @@ class FocalWindowAttention(WindowedAttention):
         qkv = self.qkv(x)
         q = queries_by_window(qkv[..., :c], self.window_size, self.num_heads)
         kv, pooled_kv = qkv[..., c:], [self.project_kv(p) for p in pooled]
-        if self.kv_gather == "index":  # a compact table and each window's key positions in it
-            table, index = key_value_table([kv] + pooled_kv, self.num_heads, zero_token=True), layout.index
+        if self.kv_gather == "index":  # compact tables and each window's key positions in them
+            (k, v), index = key_value_table([kv] + pooled_kv, self.num_heads, zero_token=True), layout.index
         else:  # every window's keys already gathered, in the same order
-            table, index = self.gather_kv(kv, pooled_kv, layout), None
-        out = self.attend(q, table, index, self.attention_bias(layout))
+            (k, v), index = self.gather_kv(kv, pooled_kv, layout), None
+        out = self.attend(q, k, v, index, self.attention_bias(layout))
         return self.proj_drop(self.proj(merge_windows(out, h, w, self.window_size, self.num_heads)))
 
     def flops(self, n: int) -> float:

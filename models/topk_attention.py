@@ -129,8 +129,8 @@ class TopKFocalAttention(WindowedAttention):
         qkv = self.qkv(x)
         q = queries_by_window(qkv[..., :c], self.window_size, self.num_heads)
         pooled_kv = [self.project_kv(p) for p in pooled[: self.focal_level - 1]]
-        table = key_value_table([qkv[..., c:]] + pooled_kv, self.num_heads, zero_token=False)
-        out = self.attend(q, table, layout.index, self.attention_bias(layout))
+        k, v = key_value_table([qkv[..., c:]] + pooled_kv, self.num_heads, zero_token=False)
+        out = self.attend(q, k, v, layout.index, self.attention_bias(layout))
         return self.proj_drop(self.proj(merge_windows(out, h, w, self.window_size, self.num_heads)))
 
     def flops(self, n: int, height: int, width: int) -> float:

@@ -1,8 +1,9 @@
 """Head-major window attention shared by both variants.
 
-Queries are laid out as ``(B, nH*nW, ws*ws, hd)``. Keys and values live in a compact per-head token table and
-are gathered straight into ``(B, nH*nW, L, hd)`` blocks, so one additive bias of shape ``(1, nH*nW, ws*ws, L)``
-broadcasts over the batch and nothing is copied between the gather and the attention kernel.
+Queries are laid out as ``(B, nH*nW, ws*ws, hd)``. Keys and values live in compact per-head token tables
+``(B, nH, N, hd)`` and are gathered straight into ``(B, nH*nW, L, hd)`` blocks, so one additive bias of shape
+``(1, nH*nW, ws*ws, L)`` broadcasts over the batch and nothing is copied between the gather and the attention
+kernel. Keys and values are kept apart (not one stacked tensor), so their gradients need no stacking copy.
 """
 from __future__ import annotations
 
@@ -56,30 +57,34 @@ def merge_windows(out: torch.Tensor, height: int, width: int, window_size: int, 
     return out.permute(0, 2, 4, 3, 5, 1, 6).reshape(b, height, width, num_heads * hd)
 
 
-def key_value_table(maps: List[torch.Tensor], num_heads: int, zero_token: bool) -> torch.Tensor:
-    """Key/value tokens of several ``(B, h, w, 2C)`` maps as one ``(2, B, nH, N, hd)`` table (plus a zero token)."""
+def key_value_table(maps: List[torch.Tensor], num_heads: int, zero_token: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Key and value tokens of several ``(B, h, w, 2C)`` maps as two ``(B, nH, N, hd)`` tables (plus a zero
+    token)."""
     b, c2 = maps[0].shape[0], maps[0].shape[-1]
     hd = c2 // 2 // num_heads
-    parts = [m.reshape(b, -1, 2, num_heads, hd).permute(2, 0, 3, 1, 4) for m in maps]
-    if zero_token:
-        parts.append(maps[0].new_zeros(2, b, num_heads, 1, hd))
-    return torch.cat(parts, dim=3) if len(parts) > 1 else parts[0].contiguous()
+    parts = [m.reshape(b, -1, 2, num_heads, hd) for m in maps]
+    tables = []
+    for i in (0, 1):
+        part = [p[:, :, i].transpose(1, 2) for p in parts]
+        if zero_token:
+            part.append(maps[0].new_zeros(b, num_heads, 1, hd))
+        tables.append(torch.cat(part, dim=2) if len(part) > 1 else part[0].contiguous())
+    return tables[0], tables[1]
 
 
-def windows_to_heads(windows: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """``(B, nW, L, 2C)`` key/value windows -> an already gathered table ``(2, B, nH, nW*L, hd)``."""
+def windows_to_heads(windows: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(B, nW, L, 2C)`` key/value windows -> already gathered tables ``(B, nH, nW*L, hd)``."""
     b, n_win, n_keys, c2 = windows.shape
-    kv = windows.view(b, n_win, n_keys, 2, num_heads, c2 // 2 // num_heads).permute(3, 0, 4, 1, 2, 5)
-    return kv.reshape(2, b, num_heads, n_win * n_keys, -1)
+    kv = windows.view(b, n_win * n_keys, 2, num_heads, c2 // 2 // num_heads)
+    return kv[:, :, 0].transpose(1, 2).contiguous(), kv[:, :, 1].transpose(1, 2).contiguous()
 
 
-def gather_windows(kv: torch.Tensor, index: Optional[torch.Tensor], n_keys: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``(B, nH*nW, L, hd)`` of every window: picked from the ``(2, B, nH, N, hd)`` table by the
-    ``(nW, L)`` index, or (without an index) a view of a table that is already gathered (``N = nW*L``)."""
+def gather_windows(table: torch.Tensor, index: Optional[torch.Tensor], n_keys: int) -> torch.Tensor:
+    """The keys (or values) ``(B, nH*nW, L, hd)`` of every window: picked from the ``(B, nH, N, hd)`` table by
+    the ``(nW, L)`` index, or (without an index) a view of a table that is already gathered (``N = nW*L``)."""
     if index is not None:
-        kv = kv.index_select(3, index.reshape(-1))
-    k, v = kv.reshape(2, kv.shape[1], -1, n_keys, kv.shape[-1]).unbind(0)
-    return k, v
+        table = table.index_select(2, index.reshape(-1))
+    return table.reshape(table.shape[0], -1, n_keys, table.shape[-1])
 
 
 class WindowedAttention(nn.Module):
@@ -97,11 +102,11 @@ class WindowedAttention(nn.Module):
         bias = None if self.qkv.bias is None else self.qkv.bias[c:]
         return F.linear(x, self.qkv.weight[c:], bias)
 
-    def attend(self, q: torch.Tensor, kv: torch.Tensor, index: Optional[torch.Tensor],
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: Optional[torch.Tensor],
                bias: torch.Tensor) -> torch.Tensor:
         """Softmax attention of windowed queries ``(B, nH*nW, n, hd)`` with an additive bias ``(1, nH*nW, n, L)``
-        over each window's keys, gathered from the ``(2, B, nH, N, hd)`` table ``kv`` by ``index`` ``(nW, L)``."""
-        k, v = gather_windows(kv, index, bias.shape[-1])
+        over each window's keys and values, gathered from the ``(B, nH, N, hd)`` tables by ``index`` ``(nW, L)``."""
+        k, v = gather_windows(k, index, bias.shape[-1]), gather_windows(v, index, bias.shape[-1])
         dropout = self.attn_drop if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout,
                                               scale=self.scale)

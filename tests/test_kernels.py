@@ -94,32 +94,30 @@ def test_blocked_attention_gradients_are_exact(monkeypatch, gathered, blocking):
     batch, heads, windows, n_query, n_keys, tokens, hd = 2, 3, 2, 5, 7, 9, 4
     q = torch.randn(batch, heads * windows, n_query, hd, generator=gen, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(1, heads * windows, n_query, n_keys, generator=gen, dtype=torch.float64, requires_grad=True)
-    if gathered:  # with repeated tokens, so the gradient scatter must accumulate
-        index = torch.randint(0, tokens, (windows, n_keys), generator=gen)
-        kv = torch.randn(2, batch, heads, tokens, hd, generator=gen, dtype=torch.float64, requires_grad=True)
-    else:
-        index = None
-        kv = torch.randn(2, batch, heads, windows * n_keys, hd, generator=gen, dtype=torch.float64,
-                         requires_grad=True)
+    index = torch.randint(0, tokens, (windows, n_keys), generator=gen) if gathered else None
+    n_table = tokens if gathered else windows * n_keys  # gathered: with repeats, so the gradient must accumulate
+    k, v = (torch.randn(batch, heads, n_table, hd, generator=gen, dtype=torch.float64, requires_grad=True)
+            for _ in range(2))
     n_blocks = {"one block": 1, "one window": batch * heads * windows, "two heads": batch * 2, "one image": batch}
     assert len(attention_blocks(q, heads, n_keys)) == n_blocks[blocking]
-    assert torch.autograd.gradcheck(lambda q, kv, bias: blocked_attend(q, kv, index, bias, scale=0.5), (q, kv, bias))
+    assert torch.autograd.gradcheck(lambda *t: blocked_attend(t[0], t[1], t[2], index, t[3], scale=0.5),
+                                    (q, k, v, bias))
 
 
 def test_blocked_attention_equals_one_block(monkeypatch):
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(3, 4 * 6, 49, 8, generator=gen)
-    kv = torch.randn(2, 3, 4, 100, 8, generator=gen)
+    k, v = torch.randn(2, 3, 4, 100, 8, generator=gen).unbind(0)
     index = torch.randint(0, 100, (6, 60), generator=gen)
     bias = torch.randn(1, 4 * 6, 49, 60, generator=gen)
     monkeypatch.setattr(cpu_attention, "CPU_BLOCK_BYTES", 0)
-    whole = blocked_attend(q, kv, index, bias, scale=0.3)
+    whole = blocked_attend(q, k, v, index, bias, scale=0.3)
     per_window = 49 * 60 * 4
     # 4 windows of one head, 2 heads of one image, 2 images per block
     for block_bytes, n_blocks in ((per_window * 4, 3 * 4 * 2), (per_window * 6 * 2, 3 * 2), (per_window * 24 * 2, 2)):
         monkeypatch.setattr(cpu_attention, "CPU_BLOCK_BYTES", block_bytes)
         assert len(attention_blocks(q, 4, 60)) == n_blocks
-        torch.testing.assert_close(blocked_attend(q, kv, index, bias, scale=0.3), whole, atol=1e-6, rtol=0)
+        torch.testing.assert_close(blocked_attend(q, k, v, index, bias, scale=0.3), whole, atol=1e-6, rtol=0)
 
 
 def attention_modules(model):

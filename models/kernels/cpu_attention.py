@@ -89,33 +89,34 @@ def token_range(windows: slice, n_keys: int) -> slice:
                  None if windows.stop is None else windows.stop * n_keys)
 
 
-def block_keys_values(kv: torch.Tensor, index: Optional[torch.Tensor], n_keys: int,
+def block_keys_values(k: torch.Tensor, v: torch.Tensor, index: Optional[torch.Tensor], n_keys: int,
                       block: Block) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``(b, h*w, L, hd)`` of one block, gathered from the table by ``index`` if given.
+    """Keys and values ``(b, h*w, L, hd)`` of one block, gathered from the ``(B, nH, N, hd)`` tables by
+    ``index`` if given.
 
-    Blocks are whole images, or heads or windows of one image, so each key or value slice of the table is
+    Blocks are whole images, or heads or windows of one image, so each key or value slice of a table is
     contiguous: the gather's fast path.
     """
     out = []
-    for part in (0, 1):
+    for table in (k, v):
         if index is None:
-            table = kv[part, block.images, block.heads, token_range(block.windows, n_keys)]
+            table = table[block.images, block.heads, token_range(block.windows, n_keys)]
         else:
-            table = kv[part, block.images, block.heads].index_select(2, index[block.windows].reshape(-1))
+            table = table[block.images, block.heads].index_select(2, index[block.windows].reshape(-1))
         out.append(table.reshape(table.shape[0], -1, n_keys, table.shape[-1]))
     return out[0], out[1]
 
 
-def blocked_attention(q: torch.Tensor, kv: torch.Tensor, index: Optional[torch.Tensor], bias: torch.Tensor,
-                      scale: float, blocks: List[Block]) -> torch.Tensor:
+def blocked_attention(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, index: Optional[torch.Tensor],
+                      bias: torch.Tensor, scale: float, blocks: List[Block]) -> torch.Tensor:
     """The fused kernel block by block."""
     n_keys = bias.shape[-1]
     if len(blocks) == 1:
-        k, v = block_keys_values(kv, index, n_keys, blocks[0])
+        k, v = block_keys_values(k_table, v_table, index, n_keys, blocks[0])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     out = torch.empty_like(q)
     for block in blocks:
-        k, v = block_keys_values(kv, index, n_keys, block)
+        k, v = block_keys_values(k_table, v_table, index, n_keys, block)
         rows = block.rows
         out[block.images, rows] = F.scaled_dot_product_attention(q[block.images, rows], k, v,
                                                                  attn_mask=bias[:, rows], scale=scale)
@@ -143,27 +144,27 @@ class _BlockedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, kv: torch.Tensor, index: Optional[torch.Tensor], bias: torch.Tensor,
-                scale: float) -> torch.Tensor:
-        blocks = attention_blocks(q, kv.shape[2], bias.shape[-1])
+    def forward(ctx, q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, index: Optional[torch.Tensor],
+                bias: torch.Tensor, scale: float) -> torch.Tensor:
+        blocks = attention_blocks(q, k_table.shape[1], bias.shape[-1])
         # detached: the kernel choice looks at requires_grad, not at grad mode, and would take the 4x slower
         # math path for inputs that need a gradient
-        out = blocked_attention(q.detach(), kv.detach(), index, bias.detach(), scale, blocks)
-        ctx.save_for_backward(q, kv, index, bias, out)
+        out = blocked_attention(q.detach(), k_table.detach(), v_table.detach(), index, bias.detach(), scale, blocks)
+        ctx.save_for_backward(q, k_table, v_table, index, bias, out)
         ctx.scale, ctx.blocks = scale, blocks
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        q, kv, index, bias, out = ctx.saved_tensors
+        q, k_table, v_table, index, bias, out = ctx.saved_tensors
         scale, n_keys = ctx.scale, bias.shape[-1]
         grad_q = torch.empty_like(q)
-        grad_kv = torch.zeros_like(kv)
-        grad_bias = torch.zeros_like(bias) if ctx.needs_input_grad[3] else None
+        grad_tables = torch.zeros_like(k_table), torch.zeros_like(v_table)
+        grad_bias = torch.zeros_like(bias) if ctx.needs_input_grad[4] else None
         for block in ctx.blocks:
             images, rows = block.images, block.rows
             q_block, grad_block = q[images, rows], grad_out[images, rows]
-            k, v = block_keys_values(kv, index, n_keys, block)
+            k, v = block_keys_values(k_table, v_table, index, n_keys, block)
             probs = torch.matmul(q_block, k.transpose(-2, -1)).mul_(scale).add_(bias[:, rows]).softmax(dim=-1)
             grad_v = torch.matmul(probs.transpose(-2, -1), grad_block)
             # d(logits) = P * (dP - rowsum(dO * O)), computed in place in the dP buffer
@@ -175,22 +176,22 @@ class _BlockedAttention(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias[:, rows] += grad_logits.sum_to_size(grad_bias[:, rows].shape)  # no copy for one image
             for part, grad in ((0, grad_k), (1, grad_v)):
-                table = grad_kv[part, images, block.heads]
+                table = grad_tables[part][images, block.heads]
                 grad = grad.view(table.shape[0], table.shape[1], -1, table.shape[-1])
                 if index is None:
                     table[:, :, token_range(block.windows, n_keys)] = grad
                 else:
                     scatter_add_tokens(table, index[block.windows], grad)
-        return grad_q, grad_kv, None, grad_bias, None
+        return grad_q, grad_tables[0], grad_tables[1], None, grad_bias, None
 
 
-def blocked_attend(q: torch.Tensor, kv: torch.Tensor, index: Optional[torch.Tensor], bias: torch.Tensor,
-                   scale: float) -> torch.Tensor:
+def blocked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: Optional[torch.Tensor],
+                   bias: torch.Tensor, scale: float) -> torch.Tensor:
     """What ``WindowedAttention.attend`` computes (without dropout), in cache-sized blocks."""
     bias = bias.to(q.dtype)
-    if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad or bias.requires_grad):
-        return _BlockedAttention.apply(q, kv, index, bias, scale)
-    return blocked_attention(q, kv, index, bias, scale, attention_blocks(q, kv.shape[2], bias.shape[-1]))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
+        return _BlockedAttention.apply(q, k, v, index, bias, scale)
+    return blocked_attention(q, k, v, index, bias, scale, attention_blocks(q, k.shape[1], bias.shape[-1]))
 
 
 class CpuKernels:
@@ -199,11 +200,11 @@ class CpuKernels:
 
     cpu_kernels: frozenset = frozenset()
 
-    def attend(self, q: torch.Tensor, kv: torch.Tensor, index: Optional[torch.Tensor],
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: Optional[torch.Tensor],
                bias: torch.Tensor) -> torch.Tensor:
         if "attention" in self.cpu_kernels and q.device.type == "cpu" and not (self.training and self.attn_drop):
-            return blocked_attend(q, kv, index, bias, self.scale)
-        return super().attend(q, kv, index, bias)
+            return blocked_attend(q, k, v, index, bias, self.scale)
+        return super().attend(q, k, v, index, bias)
 
     def attention_bias(self, layout: object) -> torch.Tensor:
         build = super().attention_bias
