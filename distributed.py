@@ -112,8 +112,3 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

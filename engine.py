@@ -63,7 +63,6 @@ def synchronize(device: torch.device) -> None:
 class TrainStats:
     loss: float  # mean over the epoch's samples
     lr: float  # at the end of the epoch
-    overflow_skips: int  # fp16 updates the gradient scaler skipped for inf/NaN gradients
 
 
 def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader: Iterable, updates_per_epoch: int,
@@ -130,7 +129,7 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader: Iter
         logger.info(f"fp16: the gradient scaler skipped {overflow_skips} of {updates_per_epoch} updates "
                     f"(inf/NaN gradients), scale now {precision.scaler.get_scale():g}")
     logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
-    return TrainStats(loss_meter.avg, optimizer.param_groups[0]["lr"], overflow_skips)
+    return TrainStats(loss_meter.avg, optimizer.param_groups[0]["lr"])
 
 
 @dataclass

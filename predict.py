@@ -21,6 +21,7 @@ from timm.data import ImageNetInfo
 
 from config import load_config
 from data.transforms import build_transform
+from distributed import DEVICES, resolve_device
 from errors import UsageError
 from models import build_model, load_weights
 from models.kernels import optimize_for
@@ -36,7 +37,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ...")
     parser.add_argument("--checkpoint", required=True, help="weights: ours, a released file, or a bare state dict")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA when available, else CPU")
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (trained with --model-ema)")
@@ -114,17 +115,9 @@ def class_label(index: int, names: Optional[List[str]], num_classes: int, info: 
     return f"{index:4d} {info.index_to_description(index)}" if num_classes == info.num_classes() else f"{index:4d}"
 
 
-def pick_device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    return torch.device(choice)
-
-
 @torch.no_grad()
 def predict(args: argparse.Namespace) -> None:
-    device = pick_device(args.device)
+    device = resolve_device(args.device, local_rank=0)
     paths = find_images(args.images)
     model, config, names = load_model(args.cfg, args.opts, args.checkpoint, device, args.ema)
     optimize_for(model, device)
