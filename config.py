@@ -167,9 +167,11 @@ def _merge_file(config: CN, cfg_file: str, seen: tuple[str, ...] = ()) -> None:
         raise type(err)(f"{err} (in {cfg_file})") from err
 
 
-def load_config(cfg_file: Optional[str] = None, opts: Optional[Sequence[Any]] = None) -> CN:
-    """Defaults, then ``cfg_file`` (with its BASE chain), then ``opts`` as a yacs ``KEY VALUE ...`` list; frozen."""
-    config = _C.clone()
+def load_config(cfg_file: Optional[str] = None, opts: Optional[Sequence[Any]] = None,
+                defaults: Optional[CN] = None) -> CN:
+    """``defaults`` (this module's classification tree unless another task passes its own), then ``cfg_file``
+    (with its BASE chain), then ``opts`` as a yacs ``KEY VALUE ...`` list; frozen."""
+    config = (_C if defaults is None else defaults).clone()
     if cfg_file:
         _merge_file(config, cfg_file)
     if opts:
@@ -302,16 +304,18 @@ def _lookup(config: CN, key: str) -> Any:
     return node
 
 
-def check_values(config: CN) -> None:
-    """Raise ``ValueError`` for the first value outside its rule, naming the key (and its flag, if it has one)."""
-    for rule in RULES:
+def check_values(config: CN, rules: Sequence[Rule] = RULES, flags: Optional[dict] = None) -> None:
+    """Raise ``ValueError`` for the first value outside its rule, naming the key (and its flag, if it has one);
+    ``rules`` and ``flags`` default to the classification tree's."""
+    flags = KEY_FLAGS if flags is None else flags
+    for rule in rules:
         value = _lookup(config, rule.key)
         try:
             ok = rule.valid(value, config)
         except TypeError:  # e.g. None where a number belongs
             ok = False
         if not ok:
-            flag = KEY_FLAGS.get(rule.key)
+            flag = flags.get(rule.key)
             name = f"{flag} ({rule.key})" if flag else rule.key
             raise ValueError(f"{name} {rule.requirement}, got {value!r}")
 

@@ -1,0 +1,118 @@
+"""Config trees for the dense-prediction tasks, on ``config.py``'s machinery (YAML with ``BASE:``, ``--opts``, value
+rules): each task starts from :func:`dense_defaults` and adds its own keys, so classification is untouched."""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from yacs.config import CfgNode as CN
+
+from config import AMP_LEVELS, Rule, _at_least, _between, _one_of, check_values, load_config
+from errors import UsageError
+
+# The configured learning rates hold for a total batch of 16 images (8 GPUs x 2, as in the seed's detection and
+# segmentation runs) and scale linearly from it, as mmdetection's auto_scale_lr does.
+REFERENCE_BATCH = 16
+SCHEDULES = ("multistep", "poly")
+# The command-line flags that set a key, named in its error message.
+FLAGS = {
+    "DATA.DATA_PATH": "--data-path", "DATA.BATCH_SIZE": "--batch-size", "MODEL.PRETRAINED": "--pretrained",
+    "MODEL.RESUME": "--resume", "OUTPUT": "--output", "TAG": "--tag", "SEED": "--seed", "AMP_OPT_LEVEL": "--amp",
+}
+
+
+def dense_defaults() -> CN:
+    """The keys both tasks have. Schedules count optimizer updates for warm-up and epochs for the rest."""
+    c = CN()
+    c.BASE = [""]
+    c.DATA = CN()
+    c.DATA.DATA_PATH = ""
+    c.DATA.BATCH_SIZE = 2  # training images per process
+    c.DATA.TEST_BATCH_SIZE = 1  # evaluation images per process
+    c.DATA.NUM_WORKERS = 2
+    c.DATA.PIN_MEMORY = True
+    c.MODEL = CN()
+    c.MODEL.NAME = "run"  # names the output folder: <OUTPUT>/<NAME>/<TAG>
+    # A timm model name registered by models/registry.py, and keyword arguments for it (e.g. embed_dim, depths,
+    # num_heads, window_size for a smaller backbone).
+    c.MODEL.BACKBONE = "focal_tiny_patch4_window7_224"
+    c.MODEL.BACKBONE_ARGS = CN(new_allowed=True)
+    c.MODEL.DROP_PATH_RATE = 0.2
+    c.MODEL.PRETRAINED = ""  # a classification checkpoint for the backbone
+    c.MODEL.RESUME = ""
+    c.TRAIN = CN()
+    c.TRAIN.EPOCHS = 12
+    c.TRAIN.BASE_LR = 1e-4
+    c.TRAIN.WEIGHT_DECAY = 0.05
+    c.TRAIN.BETAS = (0.9, 0.999)
+    c.TRAIN.WARMUP_ITERS = 500
+    c.TRAIN.WARMUP_RATIO = 1e-3  # the warm-up starts at BASE_LR * WARMUP_RATIO
+    c.TRAIN.SCHEDULE = "multistep"  # multistep: x DECAY_RATE at each of DECAY_EPOCHS; poly: to MIN_LR by POWER
+    c.TRAIN.DECAY_EPOCHS = [8, 11]
+    c.TRAIN.DECAY_RATE = 0.1
+    c.TRAIN.POWER = 1.0
+    c.TRAIN.MIN_LR = 0.0
+    c.TRAIN.CLIP_GRAD = 0.0  # largest gradient norm; 0 turns clipping off
+    c.TRAIN.AUTO_RESUME = True
+    c.AMP_OPT_LEVEL = ""
+    c.OUTPUT = ""
+    c.TAG = "default"
+    c.SAVE_FREQ = 1  # epochs between checkpoints (the last epoch is always saved)
+    c.EVAL_FREQ = 1  # epochs between evaluations (the last epoch is always evaluated)
+    c.KEEP_CHECKPOINTS = 0
+    c.PRINT_FREQ = 50
+    c.SEED = 0
+    c.EVAL_MODE = False
+    return c
+
+
+DENSE_RULES = (
+    Rule("DATA.BATCH_SIZE", _at_least(1), "must be at least 1"),
+    Rule("DATA.TEST_BATCH_SIZE", _at_least(1), "must be at least 1"),
+    Rule("DATA.NUM_WORKERS", _at_least(0), "must be 0 (load in the main process) or more"),
+    Rule("MODEL.DROP_PATH_RATE", _between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
+    Rule("TRAIN.EPOCHS", _at_least(1), "must be at least 1"),
+    Rule("TRAIN.BASE_LR", lambda value, _: value > 0, "must be above 0"),
+    Rule("TRAIN.WEIGHT_DECAY", _at_least(0), "must be 0 or more"),
+    Rule("TRAIN.BETAS", lambda value, _: len(value) == 2 and all(0 <= b < 1 for b in value),
+         "must be two values in [0, 1)"),
+    Rule("TRAIN.WARMUP_ITERS", _at_least(0), "must be 0 or more"),
+    Rule("TRAIN.WARMUP_RATIO", _between(0.0, 1.0), "must be in [0, 1]"),
+    Rule("TRAIN.SCHEDULE", _one_of(SCHEDULES), f"must be one of {SCHEDULES}"),
+    Rule("TRAIN.DECAY_EPOCHS", lambda value, _: all(e >= 0 for e in value) and list(value) == sorted(value),
+         "must be epochs in increasing order"),
+    Rule("TRAIN.DECAY_RATE", lambda value, _: value > 0, "must be above 0"),
+    Rule("TRAIN.POWER", lambda value, _: value > 0, "must be above 0"),
+    Rule("TRAIN.MIN_LR", _at_least(0), "must be 0 or more"),
+    Rule("TRAIN.CLIP_GRAD", _at_least(0), "must be 0 (off) or more"),
+    Rule("AMP_OPT_LEVEL", _one_of(AMP_LEVELS), f"must be one of {AMP_LEVELS[1:]} (or empty: the device's default)"),
+    Rule("SAVE_FREQ", _at_least(1), "must be at least 1"),
+    Rule("EVAL_FREQ", _at_least(1), "must be at least 1"),
+    Rule("KEEP_CHECKPOINTS", _at_least(0), "must be 0 (keep all) or more"),
+    Rule("PRINT_FREQ", _at_least(1), "must be at least 1"),
+    Rule("SEED", _at_least(0), "must be 0 or more"),
+)
+
+
+def get_task_config(args: Any, defaults: CN, rules: Sequence[Rule]) -> CN:
+    """``--cfg`` and ``--opts`` over ``defaults``, then the command-line flags; checked against ``rules``. Bad
+    files, keys or values are usage errors naming them."""
+    try:
+        config = load_config(args.cfg, args.opts, defaults)
+        config.defrost()
+        for key, flag in FLAGS.items():
+            value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+            if value is not None and key != "AMP_OPT_LEVEL":
+                config.merge_from_list([key, value])
+        amp = "none" if args.disable_amp else args.amp
+        if amp is not None:
+            config.AMP_OPT_LEVEL = amp
+        config.EVAL_MODE = bool(args.eval)
+        config.OUTPUT = os.path.join(config.OUTPUT or "output", config.MODEL.NAME, config.TAG)
+        config.freeze()
+        check_values(config, rules, FLAGS)
+    except (KeyError, ValueError, AssertionError, FileNotFoundError) as err:
+        raise UsageError(f"config (--cfg {args.cfg} / --opts): {err}") from None
+    if not config.DATA.DATA_PATH:
+        raise UsageError("--data-path (DATA.DATA_PATH) is required")
+    return config

@@ -1,0 +1,234 @@
+"""The command line and the run of a dense-prediction task, wired as ``main.py`` wires classification: the same
+config machinery, output lock, logger, signals, AMP, checkpoints (atomic, checksummed, auto-resumed) and process
+group; the task supplies its data, model, loss and evaluation as a :class:`Task`."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from data.samplers import ShardSampler
+from distributed import DEVICES, DistEnv, init_distributed, shutdown
+from engine import AMP_MODES, Precision, build_precision
+from errors import TrainingError, UsageError, user_message
+from logger import create_logger
+from main import Terminated, exit_on_signal, save_config, seed_everything
+from models import ConfigError
+from models.checkpoint import load_weights
+from optimizer import no_decay_names
+from run_lock import OutputLock
+from utils import (BEST_CHECKPOINT, latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint,
+                   training_state, ensure_writable_folder)
+
+from .config import REFERENCE_BATCH, get_task_config
+from .engine import build_schedule, train_one_epoch
+
+# A backbone checkpoint of a classifier carries these, which a backbone does not have.
+CLASSIFIER_KEYS = ("head.", "norm.")
+
+
+def parse_args(description: str, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cfg", required=True, metavar="FILE", help="config file (YAML)")
+    parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
+                        help="override config keys, e.g. --opts TRAIN.EPOCHS 24 DATA.NUM_WORKERS 4")
+    parser.add_argument("--data-path", help="dataset root (see the get_started guide of the task)")
+    parser.add_argument("--batch-size", type=int, help="training images per process (DATA.BATCH_SIZE)")
+    parser.add_argument("--pretrained", metavar="FILE",
+                        help="classification checkpoint (ours or a released one) to start the backbone from")
+    parser.add_argument("--resume", metavar="FILE", help="checkpoint to continue training from, or to evaluate")
+    parser.add_argument("--unsafe-load", action="store_true",
+                        help="DANGEROUS: also load checkpoints that need full unpickling; only for trusted files")
+    amp = parser.add_mutually_exclusive_group()
+    amp.add_argument("--amp", choices=AMP_MODES, help="autocast precision (default: fp16 on CUDA, none on CPU)")
+    amp.add_argument("--disable-amp", action="store_true", help="same as --amp none")
+    parser.add_argument("--output", metavar="PATH", help="output root; the run writes to <output>/<name>/<tag>")
+    parser.add_argument("--tag", help="experiment tag (default: 'default')")
+    parser.add_argument("--eval", action="store_true", help="evaluate --resume (or the newest checkpoint) only")
+    parser.add_argument("--seed", type=int, help="random seed (each process adds its rank)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else CPU")
+    parser.add_argument("--local-rank", "--local_rank", type=int, dest="local_rank", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Task:
+    """What a task supplies. ``build_data(config, env, logger)`` returns (train set, val set, number of classes),
+    checked before anything is written; ``losses(model, batch, device)`` the named losses of a training batch;
+    ``evaluate(config, model, val_set, env, precision, logger)`` the score (higher is better) after logging its
+    summary; ``backbone(model)`` the timm feature extractor that ``--pretrained`` loads into."""
+    name: str
+    defaults: Any
+    rules: Sequence[Any]
+    build_data: Callable[..., tuple]
+    build_model: Callable[[Any, int], nn.Module]
+    collate: Callable
+    losses: Callable[[nn.Module, Any, torch.device], Dict[str, torch.Tensor]]
+    evaluate: Callable[..., float]
+    backbone: Callable[[nn.Module], nn.Module]
+
+
+def load_backbone(path: str, backbone: nn.Module, logger: logging.Logger, unsafe: bool = False) -> None:
+    """A classification checkpoint into a timm ``features_only`` backbone (``backbone.model`` is the network):
+    every backbone tensor must come from the file (position tables are resized to the window size); the
+    classifier's head and final norm are left out. Anything else is refused: a partly random backbone is a
+    silent mistake."""
+    network = getattr(backbone, "model", backbone)
+    try:
+        report = load_weights(network, read_checkpoint(path, logger, unsafe).state, strict=False)
+    except ValueError as err:
+        raise UsageError(f"--pretrained {path}: {err}") from None
+    report.unexpected = [k for k in report.unexpected if not k.startswith(CLASSIFIER_KEYS)]
+    if not report.clean:
+        raise UsageError(f"--pretrained {path} does not fit the backbone ({report.summary()}); is it a checkpoint "
+                         f"of MODEL.BACKBONE with these MODEL.BACKBONE_ARGS?")
+    logger.info(f"loaded backbone weights from {path}: {report.summary()}")
+
+
+def param_groups(model: nn.Module, backbone: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """Decay for weights; none for norms, biases and the backbone's position tables (the names the backbone
+    network lists, which the detector or segmenter around it does not know), as the seed's runs did."""
+    network = getattr(backbone, "model", backbone)
+    prefix = next(name for name, module in model.named_modules() if module is network)
+    skip = set(no_decay_names(model)) | {f"{prefix}.{name}" for name in no_decay_names(network)}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name in skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def loader(dataset: Dataset, config: Any, env: DistEnv, collate: Callable, train: bool) -> DataLoader:
+    """Strided shards (see ``data.samplers``): shuffled and of equal length for training, every image exactly
+    once across processes for evaluation."""
+    sampler = ShardSampler(len(dataset), env.rank, env.world_size, shuffle=train, seed=config.SEED,
+                           equal_lengths=train)
+    batch = config.DATA.BATCH_SIZE if train else config.DATA.TEST_BATCH_SIZE
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=config.DATA.NUM_WORKERS,
+                      pin_memory=config.DATA.PIN_MEMORY and env.device.type == "cuda", drop_last=train,
+                      collate_fn=collate, persistent_workers=False)
+
+
+def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: bool) -> None:
+    """Train (or with ``--eval`` only evaluate) the task's model."""
+    seed_everything(config.SEED, env.rank, 0)
+    precision = build_precision(config.AMP_OPT_LEVEL, env.device)
+    train_set, val_set, num_classes = task.build_data(config, env, logger)
+    model = task.build_model(config, num_classes).to(env.device)
+    logger.info(f"model {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters())} parameters, "
+                f"{num_classes} classes, backbone {config.MODEL.BACKBONE}")
+    checkpoint = None
+    if config.MODEL.RESUME:
+        checkpoint = read_checkpoint(config.MODEL.RESUME, logger, unsafe)
+    elif config.TRAIN.AUTO_RESUME:
+        checkpoint = latest_checkpoint(config.OUTPUT, logger, unsafe)
+        if checkpoint:
+            logger.info(f"auto-resuming from {checkpoint.path}")
+    if config.EVAL_MODE:
+        if not checkpoint:
+            raise UsageError(f"--eval needs weights: pass --resume <checkpoint> (no checkpoint to auto-resume in "
+                             f"{config.OUTPUT})")
+        restore_checkpoint(checkpoint, model, logger)
+        task.evaluate(config, model, val_set, env, precision, logger)
+        return
+
+    train_loader = loader(train_set, config, env, task.collate, train=True)
+    updates_per_epoch = len(train_loader)
+    if updates_per_epoch == 0:
+        raise UsageError(f"--batch-size {config.DATA.BATCH_SIZE} x {env.world_size} processes exceeds the "
+                         f"{len(train_set)} training images")
+    optimizer = torch.optim.AdamW(param_groups(model, task.backbone(model), config.TRAIN.WEIGHT_DECAY),
+                                  lr=config.TRAIN.BASE_LR, betas=tuple(config.TRAIN.BETAS))
+    scheduler = build_schedule(config, optimizer, updates_per_epoch)
+    start_epoch, best = 0, float("-inf")
+    if checkpoint:
+        start_epoch, _, best = restore_checkpoint(checkpoint, model, logger, optimizer, precision.scaler, config)
+        if start_epoch >= config.TRAIN.EPOCHS:
+            raise UsageError(f"{checkpoint.path} has already trained {start_epoch} of TRAIN.EPOCHS "
+                             f"{config.TRAIN.EPOCHS} epochs: nothing to train; evaluate it with --eval")
+    elif config.MODEL.PRETRAINED:
+        load_backbone(config.MODEL.PRETRAINED, task.backbone(model), logger, unsafe)
+    scheduler.step_update(start_epoch * updates_per_epoch)
+    train_model = model
+    if env.distributed:
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    last_good = checkpoint.path if checkpoint else None
+    logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {updates_per_epoch} updates per "
+                f"epoch, total batch {config.DATA.BATCH_SIZE * env.world_size}")
+    start = time.time()
+    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+        seed_everything(config.SEED, env.rank, epoch + 1)
+        train_loader.sampler.set_epoch(epoch)
+        try:
+            train_one_epoch(config, train_model, task.losses, train_loader, optimizer, scheduler, precision, epoch,
+                            env.device, logger)
+        except TrainingError as err:
+            raise TrainingError(f"{err}: stopping. The last good checkpoint is {last_good or 'none (none saved yet)'}; "
+                                f"resume from it with a lower TRAIN.BASE_LR or TRAIN.CLIP_GRAD") from None
+        last = epoch == config.TRAIN.EPOCHS - 1
+        improved = False
+        if (epoch + 1) % config.EVAL_FREQ == 0 or last:
+            score = task.evaluate(config, model, val_set, env, precision, logger)
+            improved, best = score > best, max(best, score)
+        if env.is_main and epoch == start_epoch:
+            save_config(config, logger)
+        if env.is_main and ((epoch + 1) % config.SAVE_FREQ == 0 or last or improved):
+            state = training_state(config, epoch, (epoch + 1) * updates_per_epoch, model, best, optimizer, scheduler,
+                                   precision.scaler)
+            if (epoch + 1) % config.SAVE_FREQ == 0 or last:
+                last_good = save_checkpoint(config, state, logger)
+            if improved:
+                save_checkpoint(config, state, logger, name=BEST_CHECKPOINT)
+    logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
+
+
+def run(task: Task, argv: Optional[Sequence[str]] = None) -> None:
+    """Parse, check, join the process group, lock the output folder, log, and :func:`fit`."""
+    args = parse_args(f"Focal Transformer {task.name}: training and evaluation.", argv)
+    config = get_task_config(args, task.defaults, task.rules)
+    env = init_distributed(args.device)
+    try:
+        config.defrost()
+        factor = config.DATA.BATCH_SIZE * env.world_size / REFERENCE_BATCH
+        config.TRAIN.BASE_LR *= factor
+        config.TRAIN.MIN_LR *= factor
+        config.freeze()
+        ensure_writable_folder(config.OUTPUT, "--output")
+        with OutputLock(config.OUTPUT, env.rank):
+            logger = create_logger(config.OUTPUT, env.rank)
+            logger.info(f"rank {env.rank} of {env.world_size} on {env.device}, pid {os.getpid()}; learning rate "
+                        f"{config.TRAIN.BASE_LR:.3g} for a total batch of {config.DATA.BATCH_SIZE * env.world_size}")
+            try:
+                fit(task, config, env, logger, args.unsafe_load)
+            except Terminated:
+                raise  # logged by the signal handler
+            except (UsageError, ConfigError, TrainingError, SystemExit) as err:
+                logger.error(f"stopped: {user_message(err)}")
+                raise
+            except BaseException:
+                logger.exception("failed")
+                raise
+    finally:
+        shutdown()
+
+
+def main(task: Task, prog: str) -> None:
+    """The ``python -m <task>.train`` entry point: signals as in ``main.py``, one-line errors."""
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, exit_on_signal)
+    try:
+        run(task)
+    except (UsageError, ConfigError, TrainingError) as err:
+        sys.exit(f"{prog}: error: {user_message(err)}")

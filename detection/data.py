@@ -1,0 +1,150 @@
+"""COCO-layout data: ``<root>/<split>/`` images and ``<root>/annotations/instances_<split>.json``, read with
+pycocotools. Every annotation is checked when the set is opened, and a bad one is a one-line error naming the
+file, the annotation and the problem. Category ids map to contiguous labels 1..K in id order (0 is background)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import random
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as F
+from PIL import Image
+from pycocotools.coco import COCO
+
+from errors import UsageError
+
+# Boxes may pass the image border by this many pixels (rounding in real annotations) and are clipped to it.
+BORDER_TOLERANCE = 1.0
+
+
+def load_coco(path: str) -> COCO:
+    """pycocotools' COCO index of a file, its progress prints kept out of our log; bad JSON is a usage error."""
+    if not os.path.isfile(path):
+        raise UsageError(f"annotation file not found: {path}")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(path)
+    except (ValueError, KeyError, TypeError, AssertionError) as err:
+        raise UsageError(f"cannot read annotation file {path}: {type(err).__name__}: {err}") from None
+
+
+def check_annotations(coco: COCO, path: str, masks: bool) -> None:
+    """Refuse annotations that would train silently wrong: unknown image or category, a malformed or
+    degenerate box, a box outside its image, a missing or malformed mask."""
+    for ann in coco.dataset.get("annotations", []):
+        where = f"{path}: annotation {ann.get('id')}"
+        image = coco.imgs.get(ann.get("image_id"))
+        if image is None:
+            raise UsageError(f"{where} refers to image id {ann.get('image_id')}, which is not in 'images'")
+        where += f" (image {image.get('file_name')})"
+        if ann.get("category_id") not in coco.cats:
+            raise UsageError(f"{where} has category id {ann.get('category_id')}, which is not in 'categories' "
+                             f"(ids {sorted(coco.cats)})")
+        box = ann.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                and all(math.isfinite(v) for v in box)):
+            raise UsageError(f"{where} has bbox {box!r}: expected [x, y, width, height]")
+        x, y, w, h = box
+        if w < 0 or h < 0:
+            raise UsageError(f"{where} has bbox {box}: negative width or height")
+        width, height = image["width"], image["height"]
+        if x < -BORDER_TOLERANCE or y < -BORDER_TOLERANCE or x + w > width + BORDER_TOLERANCE \
+                or y + h > height + BORDER_TOLERANCE:
+            raise UsageError(f"{where} has bbox {box} outside its {width}x{height} image")
+        if masks and not ann.get("iscrowd", 0):
+            segm = ann.get("segmentation")
+            if isinstance(segm, list):
+                if not segm or any(not isinstance(p, list) or len(p) < 6 or len(p) % 2 for p in segm):
+                    raise UsageError(f"{where} has a malformed polygon: expected lists of at least 3 x, y pairs")
+            elif isinstance(segm, dict):
+                if list(segm.get("size", [])) != [height, width]:
+                    raise UsageError(f"{where} has a mask of size {segm.get('size')}, its image is "
+                                     f"{height}x{width} (height, width)")
+            else:
+                raise UsageError(f"{where} has no segmentation (polygons or RLE), which Mask R-CNN trains on")
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """(image in [0, 1], target) pairs for torchvision's detectors: boxes (x1, y1, x2, y2), labels 1..K, masks,
+    image_id. Crowd regions and boxes under a pixel wide are left out of the targets, and, for training, images
+    left without any object, as torchvision's detection references do."""
+
+    def __init__(self, root: str, split: str, masks: bool, train: bool, flip_prob: float = 0.5):
+        self.folder = os.path.join(root, split)
+        self.ann_file = os.path.join(root, "annotations", f"instances_{split}.json")
+        if not os.path.isdir(self.folder):
+            raise UsageError(f"--data-path {root}: no image folder {self.folder} (expected the COCO layout "
+                             f"train2017/, val2017/, annotations/instances_{{train,val}}2017.json)")
+        self.coco = load_coco(self.ann_file)
+        check_annotations(self.coco, self.ann_file, masks)
+        if not self.coco.cats:
+            raise UsageError(f"{self.ann_file} has no categories")
+        self.category_ids = sorted(self.coco.cats)
+        self.label_of = {cat: i + 1 for i, cat in enumerate(self.category_ids)}
+        self.ids = sorted(self.coco.imgs)
+        if train:
+            self.ids = [i for i in self.ids if self._objects(i)]
+        if not self.ids:
+            raise UsageError(f"{self.ann_file} has no {'annotated ' if train else ''}images")
+        self.masks, self.train, self.flip_prob = masks, train, flip_prob
+
+    def _objects(self, image_id: int) -> List[Dict[str, Any]]:
+        return [a for a in self.coco.imgToAnns[image_id]
+                if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        path = os.path.join(self.folder, info["file_name"])
+        try:
+            with Image.open(path) as img:
+                image = F.to_dtype(F.pil_to_tensor(img.convert("RGB")), torch.float32, scale=True)
+        except OSError as err:
+            raise UsageError(f"cannot read image {path}: {err}") from None
+        height, width = image.shape[-2:]
+        if (height, width) != (info["height"], info["width"]):
+            raise UsageError(f"image {path} is {width}x{height} but {self.ann_file} says "
+                             f"{info['width']}x{info['height']}")
+        objects = self._objects(image_id)
+        boxes = torch.tensor([a["bbox"] for a in objects], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2].clamp_(0, width)
+        boxes[:, 1::2].clamp_(0, height)
+        target = {"boxes": boxes, "image_id": torch.tensor(image_id),
+                  "labels": torch.tensor([self.label_of[a["category_id"]] for a in objects], dtype=torch.int64)}
+        if self.masks:
+            masks = np.stack([self.coco.annToMask(a) for a in objects]) if objects else np.zeros((0, height, width))
+            target["masks"] = torch.from_numpy(masks.astype(np.uint8))
+        if self.train and random.random() < self.flip_prob:
+            image = image.flip(-1)
+            target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+            if self.masks:
+                target["masks"] = target["masks"].flip(-1)
+        return image, target
+
+
+def collate(batch: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]) -> Tuple[list, list]:
+    """torchvision's detectors take lists: images of any size, one target dict each."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def build_data(config: Any, env: Any, logger: Any) -> Tuple[CocoDetection, CocoDetection, int]:
+    """The class count is the number of COCO categories (the training file's; validation must agree)."""
+    root, masks = config.DATA.DATA_PATH, config.MODEL.DETECTOR == "mask_rcnn"
+    train = CocoDetection(root, config.DATA.TRAIN_SPLIT, masks, train=True, flip_prob=config.DATA.FLIP_PROB)
+    val = CocoDetection(root, config.DATA.VAL_SPLIT, masks, train=False)
+    if val.category_ids != train.category_ids:
+        raise UsageError(f"{val.ann_file} has category ids {val.category_ids}, {train.ann_file} has "
+                         f"{train.category_ids}: they must agree")
+    logger.info(f"{root}: {len(train)} training and {len(val)} validation images, {len(train.category_ids)} "
+                f"categories")
+    return train, val, len(train.category_ids)

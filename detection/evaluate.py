@@ -1,0 +1,94 @@
+"""COCO evaluation with pycocotools: every process detects on its shard of the validation images, rank 0 gathers
+the detections, runs COCOeval for boxes (and masks) and logs the standard summary, then ``box AP X mask AP Y``."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from dense.run import loader
+from distributed import DistEnv, all_reduce_sum
+from engine import Precision
+
+from .data import collate
+
+MASK_THRESHOLD = 0.5  # Mask R-CNN's mask probabilities become binary masks here, as torchvision's references do
+
+
+def to_coco(output: Dict[str, torch.Tensor], image_id: int, category_ids: Sequence[int]) -> List[Dict[str, Any]]:
+    """One image's detections as COCO result entries (boxes x, y, w, h; masks as RLE)."""
+    boxes = output["boxes"].float().cpu()
+    boxes[:, 2:] -= boxes[:, :2]
+    results = []
+    masks = output.get("masks")
+    if masks is not None:
+        masks = (masks[:, 0] > MASK_THRESHOLD).cpu().numpy().astype(np.uint8)
+    for k, (box, label, score) in enumerate(zip(boxes.tolist(), output["labels"].tolist(), output["scores"].tolist())):
+        entry = {"image_id": image_id, "category_id": category_ids[label - 1], "bbox": box, "score": score}
+        if masks is not None:
+            rle = mask_utils.encode(np.asfortranarray(masks[k]))
+            rle["counts"] = rle["counts"].decode("ascii")
+            entry["segmentation"] = rle
+        results.append(entry)
+    return results
+
+
+def coco_ap(coco: COCO, results: List[Dict[str, Any]], iou_types: Sequence[str],
+            logger: logging.Logger) -> Dict[str, float]:
+    """AP@[.5:.95] in percent per IoU type ("bbox", "segm"), logging pycocotools' summary of each; 0 when there
+    are no detections at all."""
+    scores = {}
+    for iou_type in iou_types:
+        if not results:
+            logger.info(f"no detections: {iou_type} AP 0")
+            scores[iou_type] = 0.0
+            continue
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            evaluator = COCOeval(coco, coco.loadRes(results), iou_type)
+            evaluator.params.imgIds = sorted(coco.getImgIds())
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        logger.info(f"COCO {iou_type} evaluation:\n" + "\n".join(
+            line for line in text.getvalue().splitlines() if line.lstrip().startswith("Average")))
+        scores[iou_type] = max(float(evaluator.stats[0]), 0.0) * 100
+    return scores
+
+
+@torch.no_grad()
+def evaluate(config: Any, model: nn.Module, dataset: Any, env: DistEnv, precision: Precision,
+             logger: logging.Logger) -> float:
+    """Log the COCO summaries and ``box AP X mask AP Y``; return the box AP (the same on every process)."""
+    model.eval()
+    batches = loader(dataset, config, env, collate, train=False)
+    results: List[Dict[str, Any]] = []
+    for idx, (images, targets) in enumerate(batches):
+        with precision.autocast():
+            outputs = model([image.to(env.device) for image in images])
+        for output, target in zip(outputs, targets):
+            results += to_coco(output, int(target["image_id"]), dataset.category_ids)
+        if idx % config.PRINT_FREQ == 0 or idx + 1 == len(batches):
+            logger.info(f"Test: [{idx}/{len(batches)}]")
+    if env.distributed:
+        gathered: List[Any] = [None] * env.world_size
+        dist.all_gather_object(gathered, results)
+        results = [entry for part in gathered for entry in part]
+    masks = config.MODEL.DETECTOR == "mask_rcnn"
+    score = torch.zeros(2, dtype=torch.float64)
+    if env.is_main:
+        results.sort(key=lambda r: (r["image_id"], -r["score"]))
+        ap = coco_ap(dataset.coco, results, ("bbox", "segm") if masks else ("bbox",), logger)
+        score[0], score[1] = ap["bbox"], ap.get("segm", 0.0)
+        logger.info(f"box AP {ap['bbox']:.1f}" + (f" mask AP {ap['segm']:.1f}" if masks else "")
+                    + f" ({len(dataset)} images, {len(results)} detections)")
+    return float(all_reduce_sum(score.to(env.device if env.device.type == "cuda" else "cpu"))[0])

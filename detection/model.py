@@ -1,0 +1,53 @@
+"""torchvision's Mask R-CNN or RetinaNet on a Focal Transformer: the timm ``features_only`` backbone's stage maps
+through torchvision's FPN, the heads and losses torchvision's own."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Dict
+
+import timm
+import torch
+import torch.nn as nn
+from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
+
+import models  # noqa: F401  registers the Focal Transformers with timm
+
+
+class FocalFPN(nn.Module):
+    """Stage maps -> FPN levels named "0", "1", ... plus the extra levels: a max-pooled P6 for Mask R-CNN
+    (P2-P6), P6/P7 from the last stage for RetinaNet (P3-P7), as the seed's mmdetection necks did."""
+
+    def __init__(self, body: nn.Module, out_channels: int, retinanet: bool):
+        super().__init__()
+        self.body = body
+        extra = LastLevelP6P7(body.feature_info.channels()[-1], out_channels) if retinanet else LastLevelMaxPool()
+        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels, extra_blocks=extra)
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
+def build_detector(config: Any, num_classes: int) -> nn.Module:
+    """``num_classes`` object classes plus background; no weights downloaded (``--pretrained`` is local)."""
+    retinanet = config.MODEL.DETECTOR == "retinanet"
+    body = timm.create_model(config.MODEL.BACKBONE, features_only=True, out_indices=(1, 2, 3) if retinanet else
+                             (0, 1, 2, 3), drop_path_rate=config.MODEL.DROP_PATH_RATE, **config.MODEL.BACKBONE_ARGS)
+    backbone = FocalFPN(body, config.MODEL.FPN_CHANNELS, retinanet)
+    args = dict(config.MODEL.DETECTOR_ARGS)
+    args["min_size"] = tuple(args["min_size"])
+    if retinanet:
+        return RetinaNet(backbone, num_classes=num_classes + 1, **args)
+    # torchvision's heads at the configured widths (its defaults: 1024 and 256)
+    box_dim, mask_dim, fpn_dim = config.MODEL.BOX_HEAD_DIM, config.MODEL.MASK_HEAD_CHANNELS, backbone.out_channels
+    return MaskRCNN(backbone, box_head=TwoMLPHead(fpn_dim * 7 * 7, box_dim),
+                    box_predictor=FastRCNNPredictor(box_dim, num_classes + 1),
+                    mask_head=MaskRCNNHeads(fpn_dim, [mask_dim] * 4, dilation=1),
+                    mask_predictor=MaskRCNNPredictor(mask_dim, mask_dim, num_classes + 1), **args)
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    return model.backbone.body

@@ -1,0 +1,34 @@
+"""Train or evaluate a detector (Mask R-CNN or RetinaNet) with a Focal Transformer backbone.
+
+    python -m detection.train --cfg CONFIG --data-path ROOT [--pretrained CKPT] [--eval --resume CKPT]
+    torchrun --nproc_per_node N -m detection.train --cfg CONFIG --data-path ROOT ...
+
+See get_started_for_object_detection.md.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+from dense.run import Task, main
+
+from . import data, evaluate, model
+from .config import DETECTION_RULES, detection_defaults
+
+
+def losses(net: nn.Module, batch: Tuple[List[torch.Tensor], List[Dict[str, torch.Tensor]]],
+           device: torch.device) -> Dict[str, torch.Tensor]:
+    """torchvision's detectors compute their own losses from the targets in training mode."""
+    images, targets = batch
+    return net([i.to(device, non_blocking=True) for i in images],
+               [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets])
+
+
+TASK = Task(name="object detection", defaults=detection_defaults(), rules=DETECTION_RULES,
+            build_data=data.build_data, build_model=model.build_detector, collate=data.collate, losses=losses,
+            evaluate=evaluate.evaluate, backbone=model.backbone)
+
+if __name__ == "__main__":
+    main(TASK, "detection.train")

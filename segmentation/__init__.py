@@ -1,0 +1,1 @@
+"""Semantic segmentation with Focal Transformer encoders: smp's UPerNet and FPN, ADE20K-layout data, mIoU."""

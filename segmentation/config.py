@@ -1,0 +1,41 @@
+"""The segmentation config tree: :func:`dense.config.dense_defaults` plus the data and model keys of this task,
+defaulting to the seed's UPerNet 160k recipe on ADE20K (see configs/segmentation/)."""
+from __future__ import annotations
+
+from yacs.config import CfgNode as CN
+
+from config import Rule, _at_least, _one_of
+from dense.config import DENSE_RULES, dense_defaults
+
+ARCHS = ("upernet", "fpn")
+
+
+def segmentation_defaults() -> CN:
+    c = dense_defaults()
+    # 0: the largest label value in the training annotations (label 0 is "ignore"); otherwise it must agree.
+    c.DATA.NUM_CLASSES = 0
+    # Training images are resized to fit (long side, short side) x a random ratio from RATIO_RANGE, then cropped
+    # (padded with "ignore" when smaller) to CROP_SIZE; evaluation resizes to fit SCALE itself.
+    c.DATA.SCALE = (2048, 512)
+    c.DATA.RATIO_RANGE = (0.5, 2.0)
+    c.DATA.CROP_SIZE = 512
+    c.MODEL.ARCH = "upernet"
+    c.MODEL.DECODER_CHANNELS = 512
+    c.TRAIN.BASE_LR = 6e-5
+    c.TRAIN.WEIGHT_DECAY = 0.01
+    c.TRAIN.WARMUP_ITERS = 1500
+    c.TRAIN.WARMUP_RATIO = 1e-6
+    c.TRAIN.SCHEDULE = "poly"
+    c.TRAIN.EPOCHS = 127  # 160k updates of 16 images over ADE20K's 20,210
+    return c
+
+
+SEGMENTATION_RULES = DENSE_RULES + (
+    Rule("DATA.NUM_CLASSES", lambda value, _: 0 <= value <= 254, "must be 0 (from the data) up to 254"),
+    Rule("DATA.SCALE", lambda value, _: len(value) == 2 and min(value) >= 1, "must be two sizes (long, short)"),
+    Rule("DATA.RATIO_RANGE", lambda value, _: len(value) == 2 and 0 < value[0] <= value[1],
+         "must be (low, high) with 0 < low <= high"),
+    Rule("DATA.CROP_SIZE", lambda value, _: value >= 32 and value % 32 == 0, "must be a multiple of 32"),
+    Rule("MODEL.ARCH", _one_of(ARCHS), f"must be one of {ARCHS}"),
+    Rule("MODEL.DECODER_CHANNELS", _at_least(1), "must be at least 1"),
+)

@@ -1,0 +1,35 @@
+"""Train or evaluate a semantic segmentation model with a Focal Transformer encoder.
+
+    python -m segmentation.train --cfg CONFIG --data-path ROOT [--pretrained CKPT] [--eval --resume CKPT]
+    torchrun --nproc_per_node N -m segmentation.train --cfg CONFIG --data-path ROOT ...
+
+See get_started_for_semantic_segmentation.md.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dense.run import Task, main
+
+from . import data, evaluate, model
+from .config import SEGMENTATION_RULES, segmentation_defaults
+
+
+def losses(net: nn.Module, batch: Tuple[torch.Tensor, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    """Pixel-wise cross-entropy over labelled pixels."""
+    images, targets = batch
+    logits = net(images.to(device, non_blocking=True))
+    return {"loss_ce": F.cross_entropy(logits.float(), targets.to(device, non_blocking=True), ignore_index=data.IGNORE)}
+
+
+TASK = Task(name="semantic segmentation", defaults=segmentation_defaults(), rules=SEGMENTATION_RULES,
+            build_data=data.build_data, build_model=model.build_segmenter, collate=data.collate, losses=losses,
+            evaluate=evaluate.evaluate, backbone=model.backbone)
+
+
+if __name__ == "__main__":
+    main(TASK, "segmentation.train")
