@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from yacs.config import CfgNode as CN
 
-from config import AMP_LEVELS, Rule, _at_least, _between, _one_of, check_values, load_config
+from config import AMP_LEVELS, Rule, _at_least, _between, _one_of, check_values, load_config, merge_opts
 from errors import UsageError
 
 # The configured learning rates hold for a total batch of 16 images (8 GPUs x 2, as in the seed's detection and
@@ -94,12 +94,27 @@ DENSE_RULES = (
 )
 
 
+def merge_task_opts(config: CN, opts: Sequence[Any]) -> None:
+    """``config.merge_opts``, where keys may also be new under the nodes that allow them (``BACKBONE_ARGS``,
+    ``DETECTOR_ARGS``: keyword arguments passed on to timm or torchvision)."""
+    opts = list(opts)
+    for key, value in zip(opts[0::2], opts[1::2]):
+        *path, leaf = str(key).split(".")
+        node = config
+        for part in path:
+            node = node.get(part) if isinstance(node, CN) else None
+        if isinstance(node, CN) and node.is_new_allowed() and leaf not in node:
+            node[leaf] = CN._decode_cfg_value(value)
+    merge_opts(config, opts)
+
+
 def get_task_config(args: Any, defaults: CN, rules: Sequence[Rule]) -> CN:
     """``--cfg`` and ``--opts`` over ``defaults``, then the command-line flags; checked against ``rules``. Bad
     files, keys or values are usage errors naming them."""
     try:
-        config = load_config(args.cfg, args.opts, defaults)
+        config = load_config(args.cfg, None, defaults)
         config.defrost()
+        merge_task_opts(config, args.opts or [])
         for key, flag in FLAGS.items():
             value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
             if value is not None and key != "AMP_OPT_LEVEL":

@@ -1,0 +1,152 @@
+"""detection/: COCO AP of hand-made prediction sets, the official-layout checkpoint in the backbone, bad
+annotations as one-line errors, and a real Mask R-CNN run (training steps, checkpoint) whose evaluation is the
+same under torchrun with two processes."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from dense.config import merge_task_opts
+from dense.demo import generate_detection
+from dense.run import load_backbone
+from detection.config import detection_defaults
+from detection.data import CocoDetection, load_coco
+from detection.evaluate import coco_ap, evaluate
+from detection.model import backbone, build_detector
+from distributed import DistEnv
+from engine import build_precision
+from errors import UsageError
+from models import extract_state_dict
+from tests.conftest import REPO, check
+from tests.dense_support import BACKBONE_OPTS, CHECKPOINT, run_task
+
+CFG = str(REPO / "configs" / "detection" / "demo.yaml")
+TINY = ["DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0", "MODEL.FPN_CHANNELS", "16", "MODEL.BOX_HEAD_DIM", "32",
+        "MODEL.MASK_HEAD_CHANNELS", "8", "MODEL.DETECTOR_ARGS.min_size", "[64]", "MODEL.DETECTOR_ARGS.max_size", "64",
+        "MODEL.DETECTOR_ARGS.box_score_thresh", "0.0", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_ITERS", "0",
+        "PRINT_FREQ", "1", "EVAL_FREQ", "1", *BACKBONE_OPTS]
+LOGGER = logging.getLogger("test_detection")
+# Two rectangles in one 64x64 image, of categories 1 and 4 (ids with a gap, as COCO's).
+OBJECTS = [(1, [10, 10, 20, 25]), (4, [36, 30, 20, 20])]
+
+
+def write_coco(root, split="val2017", objects=OBJECTS, size=64):
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    Image.new("RGB", (size, size), (90, 90, 90)).save(root / split / "a.jpg")
+    annotations = [{"id": i + 1, "image_id": 1, "category_id": cat, "bbox": box, "area": box[2] * box[3],
+                    "iscrowd": 0, "segmentation": [[box[0], box[1], box[0] + box[2], box[1], box[0] + box[2],
+                                                    box[1] + box[3], box[0], box[1] + box[3]]]}
+                   for i, (cat, box) in enumerate(objects)]
+    content = {"images": [{"id": 1, "file_name": "a.jpg", "width": size, "height": size}],
+               "annotations": annotations, "categories": [{"id": 1, "name": "one"}, {"id": 4, "name": "four"}]}
+    path = root / "annotations" / f"instances_{split}.json"
+    path.write_text(json.dumps(content))
+    return path
+
+
+def rle(mask: np.ndarray) -> dict:
+    encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    encoded["counts"] = encoded["counts"].decode("ascii")
+    return encoded
+
+
+def test_ap_of_known_prediction_sets(tmp_path):
+    coco = load_coco(str(write_coco(tmp_path)))
+    gt_masks = [coco.annToMask(coco.anns[i]) for i in (1, 2)]
+    rows = np.flatnonzero(gt_masks[0].any(1))
+    assert len(rows) == 25  # the first object's mask is 25 pixels high, as its box
+
+    def result(cat, box, mask, score):
+        return {"image_id": 1, "category_id": cat, "bbox": box, "score": score, "segmentation": rle(mask)}
+
+    perfect = [result(cat, box, m, 0.9) for (cat, box), m in zip(OBJECTS, gt_masks)]
+    assert coco_ap(coco, perfect, ("bbox", "segm"), LOGGER) == pytest.approx({"bbox": 100.0, "segm": 100.0})
+    # The first object cut to its top 18 of 25 rows: IoU 18/25 = 0.72 for box and mask, a match at the five IoU
+    # thresholds 0.50-0.70 and a miss at 0.75-0.95: AP 50 for category 1, 100 for category 4, 75 in the mean.
+    cut = gt_masks[0].copy()
+    cut[rows[18]:] = 0
+    partial = [result(1, [10, 10, 20, 18], cut, 0.9), perfect[1]]
+    ap = coco_ap(coco, partial, ("bbox", "segm"), LOGGER)
+    assert ap["bbox"] == pytest.approx(75.0) and ap["segm"] == pytest.approx(75.0)
+    # The second object found with the wrong category, scored below the true first one: category 1 keeps AP 100
+    # (its false positive ranks after its only true one), category 4 finds nothing: 50 in the mean.
+    wrong = [perfect[0], result(1, *OBJECTS[1][1:], gt_masks[1], 0.8)]
+    ap = coco_ap(coco, wrong, ("bbox", "segm"), LOGGER)
+    assert ap["bbox"] == pytest.approx(50.0) and ap["segm"] == pytest.approx(50.0)
+    assert coco_ap(coco, [], ("bbox",), LOGGER) == {"bbox": 0.0}
+
+
+class Oracle(nn.Module):
+    """Returns the two ground-truth objects (labels 1 and 2 for category ids 1 and 4) as Mask R-CNN would."""
+
+    def forward(self, images):
+        masks = torch.zeros(2, 1, 64, 64)
+        masks[0, 0, 10:35, 10:30] = 1
+        masks[1, 0, 30:50, 36:56] = 1
+        return [{"boxes": torch.tensor([[10.0, 10, 30, 35], [36, 30, 56, 50]]), "labels": torch.tensor([1, 2]),
+                 "scores": torch.tensor([0.9, 0.8]), "masks": masks} for _ in images]
+
+
+def test_evaluate_logs_box_and_mask_ap(tmp_path, caplog):
+    write_coco(tmp_path)
+    config = detection_defaults()
+    merge_task_opts(config, ["DATA.NUM_WORKERS", 0])
+    dataset = CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    with caplog.at_level(logging.INFO, logger=LOGGER.name):
+        assert evaluate(config, Oracle(), dataset, env, build_precision("none", env.device), LOGGER) == pytest.approx(100.0)
+    assert "box AP 100.0 mask AP 100.0 (1 images, 2 detections)" in caplog.text
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(category_id=3), "has category id 3, which is not in 'categories'"),
+    (dict(bbox=[50, 50, 20, 20]), r"has bbox \[50, 50, 20, 20\] outside its 64x64 image"),
+    (dict(image_id=7), "refers to image id 7"),
+    (dict(segmentation={"size": [32, 32], "counts": "abc"}), "has a mask of size"),
+    (dict(segmentation=[[1, 2, 3]]), "malformed polygon"),
+])
+def test_bad_annotations_are_one_line_errors(tmp_path, change, message):
+    path = write_coco(tmp_path)
+    content = json.loads(path.read_text())
+    content["annotations"][0].update(change)
+    path.write_text(json.dumps(content))
+    with pytest.raises(UsageError, match=f"instances_val2017.json: annotation 1 .*{message}"):
+        CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
+
+
+@pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet"])
+def test_official_checkpoint_loads_into_the_backbone(detector):
+    config = detection_defaults()
+    merge_task_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR", detector, "MODEL.FPN_CHANNELS", 16])
+    model = build_detector(config, num_classes=3)
+    load_backbone(CHECKPOINT, backbone(model), LOGGER)
+    weights = extract_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
+    for name, value in backbone(model).model.state_dict().items():
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+
+
+def summary(log: str) -> list:
+    return re.findall(r"Average (?:Precision|Recall).*|box AP [\d.]+ mask AP [\d.]+ \(\d+ images, \d+ detections\)",
+                      log)
+
+
+def test_training_and_one_vs_two_process_evaluation(tmp_path):
+    data = generate_detection(str(tmp_path / "data"), size=64, train=4, val=3)
+    common = ["--cfg", CFG, "--data-path", data, "--output", str(tmp_path / "out")]
+    trained = check(run_task("detection.train", [*common, "--pretrained", CHECKPOINT, "--opts", *TINY]))
+    assert "loaded backbone weights from" in trained.stdout
+    assert "Train: [0/1][1/2]" in trained.stdout and "loss_mask" in trained.stdout
+    checkpoint = tmp_path / "out" / "mask_rcnn_focal_demo" / "default" / "ckpt_epoch_0.pth"
+    two = check(run_task("detection.train", [*common, "--eval", "--resume", str(checkpoint), "--tag", "two",
+                                             "--opts", *TINY], nproc=2))
+    assert summary(two.stdout) == summary(trained.stdout) and len(summary(two.stdout)) == 25
+    assert not re.search(r"\(3 images, 0 detections\)", two.stdout)

@@ -1,0 +1,129 @@
+"""segmentation/: mIoU on a hand-made prediction set, the official-layout checkpoint in the encoder, bad data as
+one-line errors, and a real run (training steps, checkpoint, auto-resume refusal) whose evaluation is the same
+under torchrun with two processes."""
+from __future__ import annotations
+
+import logging
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from dense.config import merge_task_opts
+from dense.demo import generate_segmentation
+from dense.run import load_backbone, run
+from distributed import DistEnv
+from engine import build_precision
+from errors import UsageError
+from models import extract_state_dict
+from segmentation.config import segmentation_defaults
+from segmentation.data import SegmentationFolder
+from segmentation.evaluate import evaluate
+from segmentation.model import backbone, build_segmenter
+from segmentation.train import TASK
+from tests.conftest import REPO, check
+from tests.dense_support import BACKBONE_OPTS, CHECKPOINT, run_task
+
+CFG = str(REPO / "configs" / "segmentation" / "demo.yaml")
+TINY = ["DATA.SCALE", "[64, 64]", "DATA.CROP_SIZE", "64", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0",
+        "MODEL.DECODER_CHANNELS", "16", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_ITERS", "0", "PRINT_FREQ", "1",
+        "EVAL_FREQ", "1", *BACKBONE_OPTS]
+LOGGER = logging.getLogger("test_segmentation")
+
+
+def config_with(opts):
+    config = segmentation_defaults()
+    merge_task_opts(config, opts)
+    return config
+
+
+def write_pair(root, split, name, labels: np.ndarray, image_size=None):
+    for folder in ("images", "annotations"):
+        (root / folder / split).mkdir(parents=True, exist_ok=True)
+    h, w = image_size or labels.shape
+    Image.new("RGB", (w, h), (128, 64, 32)).save(root / "images" / split / f"{name}.jpg")
+    Image.fromarray(labels.astype(np.uint8)).save(root / "annotations" / split / f"{name}.png")
+
+
+class LeftRight(nn.Module):
+    """Predicts class 0 in the left three quarters of the image and class 1 in the rest."""
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 3, *x.shape[-2:])
+        cut = x.shape[-1] * 3 // 4
+        logits[:, 0, :, :cut] = 1
+        logits[:, 1, :, cut:] = 1
+        return logits
+
+
+def test_miou_of_a_known_prediction(tmp_path):
+    # 32x32 labels: row 0 unlabelled (0), columns 0-15 label 1 (class 0), 16-31 label 2 (class 1). The model says
+    # class 0 for columns 0-23. Class 0: TP 31*16, FP 31*8, FN 0 -> IoU 2/3. Class 1: TP 31*8, FN 31*8 -> 1/2.
+    # Class 2 (NUM_CLASSES 3) is in neither labels nor predictions: left out of the mean. mIoU = 58.33%.
+    labels = np.ones((32, 32))
+    labels[:, 16:] = 2
+    labels[0] = 0
+    for split in ("training", "validation"):
+        write_pair(tmp_path, split, "a", labels)
+    config = config_with(["DATA.DATA_PATH", str(tmp_path), "DATA.SCALE", "[32, 32]", "DATA.NUM_CLASSES", 3,
+                          "DATA.NUM_WORKERS", 0])
+    dataset = SegmentationFolder(str(tmp_path), "val", config, train=False, num_classes=3)
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    miou = evaluate(config, LeftRight(), dataset, env, build_precision("none", env.device), LOGGER)
+    assert miou == pytest.approx((200 / 3 + 50) / 2)
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("size", "annotation .*a.png is 16x16 but its image is 16x20"),
+    ("missing", "has no annotation"),
+    ("label", "has label 5, above the 3 classes"),
+])
+def test_bad_annotations_are_one_line_errors(tmp_path, problem, message):
+    labels = np.ones((16, 16))
+    if problem == "label":
+        labels[3, 3] = 5
+    write_pair(tmp_path, "training", "a", labels, image_size=(20, 16) if problem == "size" else None)
+    if problem == "missing":
+        (tmp_path / "annotations" / "training" / "a.png").unlink()
+    config = config_with(["DATA.SCALE", "[16, 16]", "DATA.CROP_SIZE", "32"])
+    with pytest.raises(UsageError, match=message):
+        SegmentationFolder(str(tmp_path), "train", config, train=True, num_classes=3)[0]
+
+
+def test_official_checkpoint_loads_into_the_encoder():
+    config = config_with(BACKBONE_OPTS + ["MODEL.DECODER_CHANNELS", 16])
+    model = build_segmenter(config, num_classes=4)
+    load_backbone(CHECKPOINT, backbone(model), LOGGER)
+    weights = extract_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
+    loaded = backbone(model).model.state_dict()
+    assert set(loaded) < set(weights)
+    for name, value in loaded.items():
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+    smaller = build_segmenter(config_with(BACKBONE_OPTS[:-4] + ["MODEL.BACKBONE_ARGS.window_size", 7,
+                                                                "MODEL.BACKBONE_ARGS.embed_dim", 8]), 4)
+    with pytest.raises(UsageError, match="does not fit the backbone"):
+        load_backbone(CHECKPOINT, backbone(smaller), LOGGER)
+
+
+def scores(log: str) -> list:
+    return re.findall(r"IoU label \d+: [\d.na]+|mIoU [\d.]+% over \d+ classes \(\d+ images\)", log)
+
+
+def test_training_and_one_vs_two_process_evaluation(tmp_path):
+    data = generate_segmentation(str(tmp_path / "data"), size=64, train=8, val=4)
+    common = ["--cfg", CFG, "--data-path", data, "--output", str(tmp_path / "out")]
+    trained = check(run_task("segmentation.train", [*common, "--pretrained", CHECKPOINT, "--opts", *TINY]))
+    assert "loaded backbone weights from" in trained.stdout
+    assert "Train: [0/1][1/2]" in trained.stdout  # two updates of 4 images
+    assert re.search(r"mIoU [\d.]+% over 4 classes \(4 images\)", trained.stdout)
+    checkpoint = tmp_path / "out" / "upernet_focal_demo" / "default" / "ckpt_epoch_0.pth"
+    assert checkpoint.is_file()
+    with pytest.raises(UsageError, match="has already trained 1 of TRAIN.EPOCHS 1 epochs"):  # auto-resumed
+        run(TASK, [*common, "--device", "cpu", "--opts", *TINY])
+    two = check(run_task("segmentation.train", [*common, "--eval", "--resume", str(checkpoint), "--tag", "two",
+                                                 "--opts", *TINY], nproc=2))
+    assert scores(two.stdout) == scores(trained.stdout) and len(scores(two.stdout)) == 5
