@@ -3,10 +3,12 @@ Focal-T shape with embed_dim 16, so its weights load into either task's backbone
 as real subprocesses, alone or under torchrun (gloo on CPU)."""
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from typing import List, Sequence
 
+from dense.run import parse_args
 from tests.conftest import MAIN_ENV, REPO
 
 CHECKPOINT = str(REPO / "tests" / "fixtures" / "small_fc_224.pth")
@@ -24,3 +26,9 @@ def run_task(module: str, args: Sequence[str], nproc: int = 1, timeout: float = 
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     command = launcher + ["-m", module, *args, "--device", "cpu"]
     return subprocess.run(command, cwd=REPO, env=MAIN_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def task_args(cfg: str, **flags) -> argparse.Namespace:
+    """What ``dense.run.parse_args`` gives for ``--cfg CFG`` with ``flags``."""
+    return parse_args("test", ["--cfg", cfg, "--data-path", "data",
+                               *[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]])

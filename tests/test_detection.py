@@ -17,7 +17,8 @@ from PIL import Image
 from dense.config import merge_task_opts
 from dense.demo import generate_detection
 from dense.run import load_backbone
-from detection.config import detection_defaults
+from dense.config import get_task_config
+from detection.config import DETECTION_RULES, detection_defaults
 from detection.data import CocoDetection, load_coco
 from detection.evaluate import coco_ap, evaluate
 from detection.model import backbone, build_detector
@@ -26,7 +27,7 @@ from engine import build_precision
 from errors import UsageError
 from models import extract_state_dict
 from tests.conftest import REPO, check
-from tests.dense_support import BACKBONE_OPTS, CHECKPOINT, run_task
+from tests.dense_support import BACKBONE_OPTS, CHECKPOINT, run_task, task_args
 
 CFG = str(REPO / "configs" / "detection" / "demo.yaml")
 TINY = ["DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0", "MODEL.FPN_CHANNELS", "16", "MODEL.BOX_HEAD_DIM", "32",
@@ -150,3 +151,14 @@ def test_training_and_one_vs_two_process_evaluation(tmp_path):
                                              "--opts", *TINY], nproc=2))
     assert summary(two.stdout) == summary(trained.stdout) and len(summary(two.stdout)) == 25
     assert not re.search(r"\(3 images, 0 detections\)", two.stdout)
+
+
+@pytest.mark.parametrize("cfg", sorted(str(p) for p in (REPO / "configs" / "detection").glob("*.yaml")))
+def test_every_config_loads_and_passes_the_value_rules(cfg):
+    config = get_task_config(task_args(cfg), detection_defaults(), DETECTION_RULES)
+    assert config.MODEL.BACKBONE.startswith("focal_")
+
+
+def test_bad_values_are_refused_naming_the_key():
+    with pytest.raises(UsageError, match=r"--batch-size \(DATA.BATCH_SIZE\) must be at least 1, got 0"):
+        get_task_config(task_args(CFG, batch_size=0), detection_defaults(), DETECTION_RULES)

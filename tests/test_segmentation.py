@@ -20,13 +20,14 @@ from distributed import DistEnv
 from engine import build_precision
 from errors import UsageError
 from models import extract_state_dict
-from segmentation.config import segmentation_defaults
+from dense.config import get_task_config
+from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
 from segmentation.data import SegmentationFolder
 from segmentation.evaluate import evaluate
 from segmentation.model import backbone, build_segmenter
 from segmentation.train import TASK
 from tests.conftest import REPO, check
-from tests.dense_support import BACKBONE_OPTS, CHECKPOINT, run_task
+from tests.dense_support import BACKBONE_OPTS, CHECKPOINT, run_task, task_args
 
 CFG = str(REPO / "configs" / "segmentation" / "demo.yaml")
 TINY = ["DATA.SCALE", "[64, 64]", "DATA.CROP_SIZE", "64", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0",
@@ -127,3 +128,14 @@ def test_training_and_one_vs_two_process_evaluation(tmp_path):
     two = check(run_task("segmentation.train", [*common, "--eval", "--resume", str(checkpoint), "--tag", "two",
                                                  "--opts", *TINY], nproc=2))
     assert scores(two.stdout) == scores(trained.stdout) and len(scores(two.stdout)) == 5
+
+
+@pytest.mark.parametrize("cfg", sorted(str(p) for p in (REPO / "configs" / "segmentation").glob("*.yaml")))
+def test_every_config_loads_and_passes_the_value_rules(cfg):
+    config = get_task_config(task_args(cfg), segmentation_defaults(), SEGMENTATION_RULES)
+    assert config.MODEL.BACKBONE.startswith("focal_")
+
+
+def test_bad_values_are_refused_naming_the_key():
+    with pytest.raises(UsageError, match=r"--batch-size \(DATA.BATCH_SIZE\) must be at least 1, got 0"):
+        get_task_config(task_args(CFG, batch_size=0), segmentation_defaults(), SEGMENTATION_RULES)
