@@ -54,7 +54,9 @@ def check_golden() -> bool:
         if not diff <= 1e-4 + 1e-4 * torch.tensor(case["output"]).abs().max().item():
             failed.append(path.stem)
     detail = f"{len(CASE_FILES) - len(failed)}/{len(CASE_FILES)} fixtures, largest |difference| {worst:.2e}"
-    return report("golden fixtures on the GPU", not failed, detail + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if failed:
+        detail += f"; failed: {', '.join(failed)}"
+    return report("golden fixtures on the GPU", not failed, detail)
 
 
 def run_main(args: Sequence[str], nproc: int = 1) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .cpu_attention import CPU_CLASSES
-from .onednn_linear import OneDnnLinear, convert_linears, onednn_available, onednn_helps
+from .onednn_linear import convert_linears, onednn_available, onednn_helps
 
 KERNELS = ("attention", "bias_cache", "onednn_linear")
 ENV = "FOCAL_KERNELS"
