@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.samplers import ShardSampler
 from distributed import DEVICES, DistEnv, init_distributed, shutdown
-from engine import AMP_MODES, Precision, build_precision
+from engine import AMP_MODES, build_precision
 from errors import TrainingError, UsageError, user_message
 from logger import create_logger
 from main import Terminated, exit_on_signal, save_config, seed_everything
@@ -117,7 +117,7 @@ def loader(dataset: Dataset, config: Any, env: DistEnv, collate: Callable, train
     batch = config.DATA.BATCH_SIZE if train else config.DATA.TEST_BATCH_SIZE
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=config.DATA.NUM_WORKERS,
                       pin_memory=config.DATA.PIN_MEMORY and env.device.type == "cuda", drop_last=train,
-                      collate_fn=collate, persistent_workers=False)
+                      collate_fn=collate)
 
 
 def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: bool) -> None:
@@ -185,8 +185,8 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
         if env.is_main and epoch == start_epoch:
             save_config(config, logger)
         if env.is_main and ((epoch + 1) % config.SAVE_FREQ == 0 or last or improved):
-            state = training_state(config, epoch, (epoch + 1) * updates_per_epoch, model, best, optimizer, scheduler,
-                                   precision.scaler)
+            state = training_state(config, epoch, (epoch + 1) * updates_per_epoch, model, max(best, 0.0), optimizer,
+                                   scheduler, precision.scaler)
             if (epoch + 1) % config.SAVE_FREQ == 0 or last:
                 last_good = save_checkpoint(config, state, logger)
             if improved:

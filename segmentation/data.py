@@ -128,12 +128,10 @@ def fit_size(size: Sequence[int], scale: Sequence[float]) -> List[int]:
     return [max(int(h * factor + 0.5), 1), max(int(w * factor + 0.5), 1)]
 
 
-def collate(batch: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[Any, Any]:
-    """Training crops stack into tensors; evaluation images keep their own sizes."""
+def collate(batch: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Training crops, all of ``DATA.CROP_SIZE``, as two tensors."""
     images, targets = zip(*batch)
-    if all(i.shape == images[0].shape for i in images) and all(t.shape == targets[0].shape for t in targets):
-        return torch.stack(images), torch.stack(targets)
-    return list(images), list(targets)
+    return torch.stack(images), torch.stack(targets)
 
 
 def build_data(config: Any, env: Any, logger: Any) -> Tuple[SegmentationFolder, SegmentationFolder, int]:

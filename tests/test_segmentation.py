@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
