@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data.samplers import ShardSampler
 from distributed import DEVICES, DistEnv, init_distributed, shutdown
@@ -110,10 +110,13 @@ def param_groups(model: nn.Module, backbone: nn.Module, weight_decay: float) -> 
 
 
 def loader(dataset: Dataset, config: Any, env: DistEnv, collate: Callable, train: bool) -> DataLoader:
-    """Strided shards (see ``data.samplers``): shuffled and of equal length for training, every image exactly
-    once across processes for evaluation."""
-    sampler = ShardSampler(len(dataset), env.rank, env.world_size, shuffle=train, seed=config.SEED,
-                           equal_lengths=train)
+    """Training: the whole set reshuffled every epoch (``sampler.set_epoch``) and split evenly between processes;
+    evaluation: strided shards (see ``data.samplers``), every image exactly once across processes."""
+    if train:
+        sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=True, seed=config.SEED,
+                                     drop_last=True)
+    else:
+        sampler = ShardSampler(len(dataset), env.rank, env.world_size)
     batch = config.DATA.BATCH_SIZE if train else config.DATA.TEST_BATCH_SIZE
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=config.DATA.NUM_WORKERS,
                       pin_memory=config.DATA.PIN_MEMORY and env.device.type == "cuda", drop_last=train,

@@ -29,6 +29,6 @@ def run_task(module: str, args: Sequence[str], nproc: int = 1, timeout: float = 
 
 
 def task_args(cfg: str, **flags) -> argparse.Namespace:
-    """What ``dense.run.parse_args`` gives for ``--cfg CFG`` with ``flags``."""
-    return parse_args("test", ["--cfg", cfg, "--data-path", "data",
-                               *[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]])
+    """What ``dense.run.parse_args`` gives for ``--cfg CFG`` with ``flags`` (True: a switch such as ``--eval``)."""
+    args = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in flags.items()]
+    return parse_args("test", ["--cfg", cfg, "--data-path", "data", *args])

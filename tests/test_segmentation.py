@@ -138,3 +138,6 @@ def test_every_config_loads_and_passes_the_value_rules(cfg):
 def test_bad_values_are_refused_naming_the_key():
     with pytest.raises(UsageError, match=r"--batch-size \(DATA.BATCH_SIZE\) must be at least 1, got 0"):
         get_task_config(task_args(CFG, batch_size=0), segmentation_defaults(), SEGMENTATION_RULES)
+    with pytest.raises(UsageError, match=r"--batch-size \(DATA.BATCH_SIZE\) must be at least 2 to train UPerNet"):
+        get_task_config(task_args(CFG, batch_size=1), segmentation_defaults(), SEGMENTATION_RULES)
+    get_task_config(task_args(CFG, batch_size=1, eval=True), segmentation_defaults(), SEGMENTATION_RULES)
