@@ -147,8 +147,8 @@ class FocalTransformer(nn.Module):
         self.patches_resolution = (img_size // patch_size, img_size // patch_size)
         self.feature_info = []
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, use_conv_embed, patch_norm,
-                                      use_pre_norm, is_stem=True)
+        # pre-norm belongs to the downsampling layers only: the reference stem has none
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, use_conv_embed, patch_norm, is_stem=True)
         if ape:
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.patches_resolution), embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=0.02)

@@ -1,4 +1,6 @@
 """The reference implementation's outputs are the contract: names, shapes, counts, FLOPs and logits."""
+import re
+
 import pytest
 import torch
 
@@ -18,8 +20,17 @@ RELEASED_PARAMS_M = {  # the released model zoo table, in millions
 }
 
 
-def test_all_thirteen_fixtures_present():
-    assert len(CASE_FILES) == 13
+def cases_section() -> str:
+    text = (FIXTURES / "README.md").read_text()
+    assert "\n## Cases\n" in text
+    return text.split("\n## Cases\n", 1)[1]
+
+
+def test_every_fixture_is_documented_with_its_recipe():
+    """tests/fixtures/README.md says how each case was made (tools/make_fixtures.py), and names no missing file."""
+    documented = set(re.findall(r"^\| `([\w.]+)` \|", cases_section(), flags=re.M))
+    assert documented == {p.stem for p in CASE_FILES}
+    assert {load_case(p)["name"] for p in CASE_FILES} == documented
 
 
 def set_gather(model: torch.nn.Module, method: str) -> int:
