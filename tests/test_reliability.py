@@ -190,9 +190,12 @@ def test_a_signal_ends_a_process_waiting_for_missing_ranks_at_once(demo_data, tm
 
 
 def test_ctrl_c_during_training_is_one_log_line_and_no_traceback(demo_data, tmp_path):
-    proc = start_main(demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "50", "DATA.NUM_WORKERS", "2")))
+    """A terminal's Ctrl-C signals the whole foreground process group: main.py and its DataLoader workers."""
+    args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "50", "DATA.NUM_WORKERS", "2"))
+    proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, env=MAIN_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for_line(proc, "Train: [1/50]")
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT
     assert "Traceback" not in stdout + stderr and stderr.strip() == "", stderr
