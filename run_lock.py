@@ -10,10 +10,11 @@ from errors import UsageError
 
 
 class OutputLock:
-    """An exclusive ``flock`` on ``<folder>/.lock_rank<rank>``, held while the run lives.
+    """An exclusive POSIX record lock (``lockf``) on ``<folder>/.lock_rank<rank>``, held while the run lives.
 
-    The kernel drops the lock when the process ends, however it ends, so a crashed or killed run never leaves the
-    folder locked: a lock file left behind by a killed run is simply locked anew. A run that ends normally removes
+    The lock belongs to the process, not to the file descriptor, so DataLoader workers forked from the run do not
+    inherit it (an orphaned worker of a killed run would otherwise hold an ``flock`` for a while). The kernel
+    drops it when the process ends, however it ends, so a crashed or killed run never leaves the folder locked: a lock file left behind by a killed run is simply locked anew. A run that ends normally removes
     the file (while still holding the lock), so finished output folders hold no trace of it. The file holds the
     owner's pid, for the message.
     """
@@ -27,8 +28,8 @@ class OutputLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
                 owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 raise UsageError(f"--output: {self.folder} is in use by another run (pid {owner}); wait for it to "
