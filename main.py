@@ -31,13 +31,13 @@ from data.datasets import CheckedImages
 from distributed import DEVICES, DistEnv, all_reduce_sum, init_distributed, shutdown
 from engine import AMP_MODES, EvalResult, Precision, build_precision, evaluate, throughput, train_one_epoch
 from errors import TrainingError, UsageError, user_message
-from logger import LOGGER_NAME, create_logger, create_tensorboard_writer
+from logger import LOGGER_NAME, create_tensorboard_writer
 from lr_scheduler import build_scheduler
 from models import ConfigError, build_model, validate_model_config
 from models.kernels import optimize_for
 from optimizer import build_optimizer
-from run_lock import OutputLock
-from utils import (BEST_CHECKPOINT, Checkpoint, atomic_write, ensure_writable_folder, latest_checkpoint,
+from run_lock import locked_run
+from utils import (BEST_CHECKPOINT, Checkpoint, atomic_write, latest_checkpoint,
                    load_pretrained, read_checkpoint, restore_checkpoint, save_checkpoint, training_state)
 
 # The learning rates in the configs are for a total batch of this many images; they scale linearly from it.
@@ -295,21 +295,10 @@ def save_config(config: Any, logger: logging.Logger) -> None:
 
 def run(config: Any, env: DistEnv, unsafe_load: bool = False) -> None:
     scale_learning_rates(config, env.world_size)
-    ensure_writable_folder(config.OUTPUT, "--output")
-    with OutputLock(config.OUTPUT, env.rank):
-        logger = create_logger(config.OUTPUT, env.rank)
+    with locked_run(config.OUTPUT, env.rank, Terminated) as logger:
         backend = f", backend {torch.distributed.get_backend()}" if env.distributed else ""
         logger.info(f"rank {env.rank} of {env.world_size} on {env.device}{backend}, pid {os.getpid()}")
-        try:
-            run_mode(config, env, logger, unsafe_load)
-        except Terminated:
-            raise  # logged by the signal handler
-        except (UsageError, ConfigError, TrainingError, SystemExit) as err:
-            logger.error(f"stopped: {user_message(err)}")
-            raise
-        except BaseException:
-            logger.exception("failed")
-            raise
+        run_mode(config, env, logger, unsafe_load)
 
 
 def run_mode(config: Any, env: DistEnv, logger: logging.Logger, unsafe_load: bool) -> None:

@@ -2,11 +2,16 @@
 first one's checkpoints and config and interleave its log, so it is refused instead."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
-from errors import UsageError
+from errors import TrainingError, UsageError, user_message
+from logger import create_logger
+from models import ConfigError
+from utils import ensure_writable_folder
 
 
 class OutputLock:
@@ -51,3 +56,23 @@ class OutputLock:
             os.remove(self.path)
             os.close(self._fd)  # releases the lock
             self._fd = None
+
+
+@contextlib.contextmanager
+def locked_run(folder: str, rank: int, terminated: type) -> Iterator[logging.Logger]:
+    """The output folder of one process of a run: checked writable, locked, and logged to; a failure inside ends
+    in the log as one ``stopped:`` line (errors the user can act on) or a traceback (anything else). ``terminated``
+    (the signal handler's exception) is passed through: the handler has logged it already."""
+    ensure_writable_folder(folder, "--output")
+    with OutputLock(folder, rank):
+        logger = create_logger(folder, rank)
+        try:
+            yield logger
+        except terminated:
+            raise
+        except (UsageError, ConfigError, TrainingError, SystemExit) as err:
+            logger.error(f"stopped: {user_message(err)}")
+            raise
+        except BaseException:
+            logger.exception("failed")
+            raise

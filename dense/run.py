@@ -22,14 +22,13 @@ from data.samplers import ShardSampler
 from distributed import DEVICES, DistEnv, init_distributed, shutdown
 from engine import AMP_MODES, build_precision
 from errors import TrainingError, UsageError, user_message
-from logger import create_logger
 from main import Terminated, exit_on_signal, save_config, seed_everything
 from models import ConfigError
 from models.checkpoint import load_weights
 from optimizer import no_decay_names
-from run_lock import OutputLock
+from run_lock import locked_run
 from utils import (BEST_CHECKPOINT, latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint,
-                   training_state, ensure_writable_folder)
+                   training_state)
 
 from .config import REFERENCE_BATCH, get_task_config
 from .engine import build_schedule, train_one_epoch
@@ -208,21 +207,10 @@ def run(task: Task, argv: Optional[Sequence[str]] = None) -> None:
         config.TRAIN.BASE_LR *= factor
         config.TRAIN.MIN_LR *= factor
         config.freeze()
-        ensure_writable_folder(config.OUTPUT, "--output")
-        with OutputLock(config.OUTPUT, env.rank):
-            logger = create_logger(config.OUTPUT, env.rank)
+        with locked_run(config.OUTPUT, env.rank, Terminated) as logger:
             logger.info(f"rank {env.rank} of {env.world_size} on {env.device}, pid {os.getpid()}; learning rate "
                         f"{config.TRAIN.BASE_LR:.3g} for a total batch of {config.DATA.BATCH_SIZE * env.world_size}")
-            try:
-                fit(task, config, env, logger, args.unsafe_load)
-            except Terminated:
-                raise  # logged by the signal handler
-            except (UsageError, ConfigError, TrainingError, SystemExit) as err:
-                logger.error(f"stopped: {user_message(err)}")
-                raise
-            except BaseException:
-                logger.exception("failed")
-                raise
+            fit(task, config, env, logger, args.unsafe_load)
     finally:
         shutdown()
 
