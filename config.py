@@ -23,7 +23,6 @@ _C.BASE = [""]
 _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128  # per process
 _C.DATA.DATA_PATH = ""
-_C.DATA.DATASET = "imagenet"
 _C.DATA.IMG_SIZE = 224
 _C.DATA.INTERPOLATION = "bicubic"
 _C.DATA.ZIP_MODE = False
@@ -44,7 +43,6 @@ _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.ATTN_DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
-_C.MODEL.SPEC = CN(new_allowed=True)
 
 _C.MODEL.FOCAL = CN()
 _C.MODEL.FOCAL.PATCH_SIZE = 4
@@ -140,8 +138,6 @@ _C.PRINT_FREQ = 100
 _C.SEED = 0
 _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
-_C.DEBUG_MODE = False
-_C.LOCAL_RANK = 0
 
 
 def _merge_file(config: CN, cfg_file: str, seen: tuple[str, ...] = ()) -> None:
@@ -338,7 +334,6 @@ def get_config(args: Any) -> CN:
     amp = "none" if getattr(args, "disable_amp", False) else getattr(args, "amp", None)
     if amp is not None:
         config.AMP_OPT_LEVEL = amp
-    config.LOCAL_RANK = int(os.environ.get("LOCAL_RANK", getattr(args, "local_rank", 0) or 0))
     config.OUTPUT = os.path.join(config.OUTPUT or "output", config.MODEL.NAME, config.TAG)
     config.freeze()
     check_values(config)

@@ -33,7 +33,7 @@ from engine import AMP_MODES, EvalResult, Precision, build_precision, evaluate, 
 from errors import TrainingError, UsageError, user_message
 from logger import LOGGER_NAME, create_tensorboard_writer
 from lr_scheduler import build_scheduler
-from models import ConfigError, build_model, validate_model_config
+from models import ConfigError, build_model
 from models.kernels import optimize_for
 from optimizer import build_optimizer
 from run_lock import locked_run
@@ -80,7 +80,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     mode.add_argument("--throughput", action="store_true", help="measure inference throughput only")
     parser.add_argument("--seed", type=int, help="random seed (each process adds its rank)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else CPU")
-    # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK instead.
+    # torch.distributed.launch passes --local-rank as well as setting LOCAL_RANK, which distributed.py reads: the
+    # flag is accepted so that such launches parse, and otherwise ignored.
     parser.add_argument("--local-rank", "--local_rank", type=int, dest="local_rank", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -94,7 +95,6 @@ def load_run_config(args: argparse.Namespace) -> Any:
     if not config.DATA.DATA_PATH and not config.THROUGHPUT_MODE:
         raise UsageError("--data-path (DATA.DATA_PATH) is required for training and evaluation; "
                          "only --throughput runs without data")
-    validate_model_config(config)
     return config
 
 

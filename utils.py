@@ -249,7 +249,7 @@ def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 # Keys that say how a run was started, not what it trains: their changes on resume are not worth a line.
-RUN_KEYS = {"MODEL.RESUME", "MODEL.PRETRAINED", "TRAIN.AUTO_RESUME", "TRAIN.START_EPOCH", "LOCAL_RANK", "EVAL_MODE",
+RUN_KEYS = {"MODEL.RESUME", "MODEL.PRETRAINED", "TRAIN.AUTO_RESUME", "TRAIN.START_EPOCH", "EVAL_MODE",
             "THROUGHPUT_MODE", "OUTPUT"}
 
 

@@ -154,11 +154,8 @@ def build_dataset(split: str, config: Any, transform: Optional[Callable], rank: 
                   world_size: int = 1) -> Tuple[Dataset, int]:
     """The ``train`` or ``val`` split under ``DATA.DATA_PATH`` in the configured layout, and its class count."""
     root = config.DATA.DATA_PATH
-    if not root:
-        raise UsageError("--data-path (DATA.DATA_PATH) is required for training and evaluation; "
-                         "only --throughput runs without data")
     if not os.path.isdir(root):
-        raise UsageError(f"--data-path {root} is not a directory")
+        raise UsageError(f"--data-path {root!r} is not a directory")
     if config.DATA.ZIP_MODE:
         dataset = ZipImageDataset(os.path.join(root, f"{split}.zip"), os.path.join(root, f"{split}_map.txt"),
                                   transform, config.DATA.CACHE_MODE, rank, world_size)

@@ -31,13 +31,6 @@ def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, -1, window_size * window_size, c)
 
 
-def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: ``(B, nW, window_size**2, C)`` -> ``(B, H, W, C)``."""
-    b, _, _, c = windows.shape
-    x = windows.view(b, height // window_size, width // window_size, window_size, window_size, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, height, width, c)
-
-
 def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
     """Index into a ``(query_size + key_size - 1)**2`` bias table for every (query, key) pair of two square grids.
 

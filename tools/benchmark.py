@@ -44,6 +44,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from config import load_config  # noqa: E402
+from engine import synchronize  # noqa: E402
 from models import build_model  # noqa: E402
 from models.focal_attention import GATHER_METHODS, FocalWindowAttention  # noqa: E402
 from models.kernels import optimize_for, select_kernels  # noqa: E402
@@ -127,11 +128,6 @@ def create(name: str, img_size: int, device: torch.device = torch.device("cpu"))
     else:
         model = build_model(config_for(name, img_size))
     return model.to(device)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def inference_step(model: nn.Module, x: torch.Tensor, compile: bool = False) -> Callable[[], None]:
