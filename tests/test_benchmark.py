@@ -2,9 +2,8 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 DEMO = ["--models", "configs/demo/focalv2_demo.yaml", "--peer", "configs/demo/focal_demo.yaml",
         "--img-size", "64", "--batch-size", "2", "--reps", "2", "--min-seconds", "0.01"]
 

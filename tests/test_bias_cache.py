@@ -6,7 +6,7 @@ import torch
 from models.focal_attention import FocalWindowAttention
 from models.kernels import cpu_attention, optimize_for
 from models.topk_attention import TopKFocalAttention
-from tests.test_models_behaviour import randomise, small_model
+from tests.helpers import randomise, small_model
 
 BUILDERS = {"focal": FocalWindowAttention, "focalv2": TopKFocalAttention}
 

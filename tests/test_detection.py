@@ -26,15 +26,13 @@ from distributed import DistEnv
 from engine import build_precision
 from errors import UsageError
 from models import extract_state_dict
-from tests.conftest import REPO, check
-from tests.dense_support import BACKBONE_OPTS, CHECKPOINT, run_task, task_args
+from tests.helpers import BACKBONE_OPTS, CHECKPOINT, LOG, REPO, check, run_task, task_args
 
 CFG = str(REPO / "configs" / "detection" / "demo.yaml")
 TINY = ["DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0", "MODEL.FPN_CHANNELS", "16", "MODEL.BOX_HEAD_DIM", "32",
         "MODEL.MASK_HEAD_CHANNELS", "8", "MODEL.DETECTOR_ARGS.min_size", "[64]", "MODEL.DETECTOR_ARGS.max_size", "64",
         "MODEL.DETECTOR_ARGS.box_score_thresh", "0.0", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_ITERS", "0",
         "PRINT_FREQ", "1", "EVAL_FREQ", "1", *BACKBONE_OPTS]
-LOGGER = logging.getLogger("test_detection")
 # Two rectangles in one 64x64 image, of categories 1 and 4 (ids with a gap, as COCO's).
 OBJECTS = [(1, [10, 10, 20, 25]), (4, [36, 30, 20, 20])]
 
@@ -70,20 +68,20 @@ def test_ap_of_known_prediction_sets(tmp_path):
         return {"image_id": 1, "category_id": cat, "bbox": box, "score": score, "segmentation": rle(mask)}
 
     perfect = [result(cat, box, m, 0.9) for (cat, box), m in zip(OBJECTS, gt_masks)]
-    assert coco_ap(coco, perfect, ("bbox", "segm"), LOGGER) == pytest.approx({"bbox": 100.0, "segm": 100.0})
+    assert coco_ap(coco, perfect, ("bbox", "segm"), LOG) == pytest.approx({"bbox": 100.0, "segm": 100.0})
     # The first object cut to its top 18 of 25 rows: IoU 18/25 = 0.72 for box and mask, a match at the five IoU
     # thresholds 0.50-0.70 and a miss at 0.75-0.95: AP 50 for category 1, 100 for category 4, 75 in the mean.
     cut = gt_masks[0].copy()
     cut[rows[18]:] = 0
     partial = [result(1, [10, 10, 20, 18], cut, 0.9), perfect[1]]
-    ap = coco_ap(coco, partial, ("bbox", "segm"), LOGGER)
+    ap = coco_ap(coco, partial, ("bbox", "segm"), LOG)
     assert ap["bbox"] == pytest.approx(75.0) and ap["segm"] == pytest.approx(75.0)
     # The second object found with the wrong category, scored below the true first one: category 1 keeps AP 100
     # (its false positive ranks after its only true one), category 4 finds nothing: 50 in the mean.
     wrong = [perfect[0], result(1, *OBJECTS[1][1:], gt_masks[1], 0.8)]
-    ap = coco_ap(coco, wrong, ("bbox", "segm"), LOGGER)
+    ap = coco_ap(coco, wrong, ("bbox", "segm"), LOG)
     assert ap["bbox"] == pytest.approx(50.0) and ap["segm"] == pytest.approx(50.0)
-    assert coco_ap(coco, [], ("bbox",), LOGGER) == {"bbox": 0.0}
+    assert coco_ap(coco, [], ("bbox",), LOG) == {"bbox": 0.0}
 
 
 class Oracle(nn.Module):
@@ -103,8 +101,8 @@ def test_evaluate_logs_box_and_mask_ap(tmp_path, caplog):
     merge_task_opts(config, ["DATA.NUM_WORKERS", 0])
     dataset = CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
     env = DistEnv(0, 1, 0, torch.device("cpu"))
-    with caplog.at_level(logging.INFO, logger=LOGGER.name):
-        assert evaluate(config, Oracle(), dataset, env, build_precision("none", env.device), LOGGER) == pytest.approx(100.0)
+    with caplog.at_level(logging.INFO, logger=LOG.name):
+        assert evaluate(config, Oracle(), dataset, env, build_precision("none", env.device), LOG) == pytest.approx(100.0)
     assert "box AP 100.0 mask AP 100.0 (1 images, 2 detections)" in caplog.text
 
 
@@ -129,7 +127,7 @@ def test_official_checkpoint_loads_into_the_backbone(detector):
     config = detection_defaults()
     merge_task_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR", detector, "MODEL.FPN_CHANNELS", 16])
     model = build_detector(config, num_classes=3)
-    load_backbone(CHECKPOINT, backbone(model), LOGGER)
+    load_backbone(CHECKPOINT, backbone(model), LOG)
     weights = extract_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
     for name, value in backbone(model).model.state_dict().items():
         torch.testing.assert_close(value, weights[name], rtol=0, atol=0)

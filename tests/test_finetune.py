@@ -19,10 +19,8 @@ from models.resize import neighbour_table_from_window_table, resize_neighbour_ta
 from optimizer import build_optimizer
 from utils import load_pretrained
 
-from .conftest import DEMO_CFG, MAIN_ENV, REPO, eval_summary
-from .test_train_main import demo_args, read_log, run_dir
+from tests.helpers import DEMO_CFG, LOG, MAIN_ENV, REPO, demo_args, eval_summary, randomise, read_log, run_dir
 
-LOG = logging.getLogger("focal.test")
 LOAD_LINE = re.compile(r"pretrained (\S+): (\d+) tensors loaded \((\d+) resized\), (\d+) left at initial values: (.*)")
 
 
@@ -45,10 +43,8 @@ GEOMETRIES = {
 def test_every_pretrained_tensor_reaches_a_model_of_another_geometry(change, tmp_path, caplog):
     opts = GEOMETRIES[change]
     pool = list(opts[:2]) if opts[0] == "MODEL.FOCAL.FOCAL_POOL" else []
-    source = demo_model("DATA.IMG_SIZE", 64, *pool)
-    with torch.no_grad():  # as if trained: no tensor left at a value a fresh model could also have
-        for param in source.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
+    source = randomise(demo_model("DATA.IMG_SIZE", 64, *pool), std=0.1)  # as if trained: no tensor left at a
+    # value a fresh model could also have
     torch.save({"model": source.state_dict()}, tmp_path / "source.pth")
     target = demo_model(*opts)
     initial = {k: v.clone() for k, v in target.state_dict().items()}

@@ -13,20 +13,14 @@ from models.kernels import KERNELS, cpu_attention, optimize_for, requested, sele
 from models.kernels.cpu_attention import CpuKernels, attention_blocks, blocked_attend
 from models.kernels.onednn_linear import OneDnnLinear, onednn_available
 from models.topk_attention import TopKFocalAttention
-from tests.test_models_behaviour import randomise, small_model
+from tests.helpers import outputs_and_gradients, randomise, small_model
 
 ALL = [k for k in KERNELS if k != "onednn_linear" or onednn_available()]
 
 
-def outputs_and_gradients(model, x):
-    model.zero_grad(set_to_none=True)
-    out = model(x)
-    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum().backward()  # O(1) gradients
-    return [out.detach()] + [p.grad.clone() for p in model.parameters()]
-
-
 def assert_all_close(got, want):
-    assert len(got) == len(want)
+    """Every output and gradient (every parameter has one) equal up to summation order."""
+    assert len(got) == len(want) and all(w is not None for w in want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-3)  # other kernels: other summation orders
 

@@ -5,24 +5,7 @@ import torch
 from config import load_config
 from models import ConfigError, build_model, load_weights
 from models.focal_attention import GATHER_METHODS, FocalWindowAttention
-
-SMALL = ["MODEL.NUM_CLASSES", 10, "MODEL.DROP_PATH_RATE", 0.0, "MODEL.FOCAL.EMBED_DIM", 16,
-         "MODEL.FOCAL.DEPTHS", [2, 2, 2, 2], "MODEL.FOCAL.NUM_HEADS", [2, 2, 4, 8],
-         "MODEL.FOCAL.FOCAL_POOL", "fc", "MODEL.FOCAL.FOCAL_LEVELS", [2, 2, 2, 2]]
-
-
-def small_model(*opts, model_type="focal"):
-    torch.manual_seed(0)
-    return build_model(load_config(opts=SMALL + ["MODEL.TYPE", model_type] + list(opts)))
-
-
-def randomise(model):
-    """Training-like weights: the zero-initialised bias tables would hide position-dependent mistakes."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    return model
+from tests.helpers import SMALL, randomise, small_model
 
 
 @pytest.mark.parametrize("opts", [

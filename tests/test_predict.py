@@ -12,8 +12,7 @@ from errors import UsageError
 from models import build_model
 from predict import parse_args, predict
 from tests.golden import FIXTURES, case_opts, load_case
-
-REPO = FIXTURES.parents[1]
+from tests.helpers import REPO
 CFG = str(REPO / "configs" / "focal_tiny_patch4_window7_224.yaml")
 FIXTURE = str(FIXTURES / "small_fc_224.pth")
 SMALL_OPTS = [str(v) for v in case_opts(load_case(FIXTURES / "small_fc_224.json"))]  # 10 classes, as the fixture

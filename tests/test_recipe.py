@@ -18,10 +18,10 @@ from config import load_config
 from data.datasets import build_dataset
 from data.demo import generate
 from data.transforms import augment_ops, build_transform, posterize
+from engine import build_precision
 from models import build_model
 
-from .conftest import DEMO_CFG, REPO, check, eval_summary, run_main
-from .test_train_components import build_precision, fake_batches, run_epoch, tiny_config
+from tests.helpers import DEMO_CFG, REPO, check, eval_summary, fake_batches, run_epoch, run_main, tiny_config
 
 RELEASED = sorted((REPO / "configs").glob("*.yaml"))
 DEMO = Path(DEMO_CFG)

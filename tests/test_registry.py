@@ -9,8 +9,7 @@ from config import load_config
 from models import build_model
 from models.registry import RELEASE_URL
 from tests.golden import FIXTURES, case_input, load_case
-
-REPO = FIXTURES.parents[1]
+from tests.helpers import REPO
 RELEASED = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
 FIXTURE = FIXTURES / "small_fc_224.pth"
 

@@ -29,9 +29,9 @@ from models import build_model
 from optimizer import build_optimizer
 from utils import UnreadableCheckpoint, latest_checkpoint, read_checkpoint
 
-from .conftest import DEMO_CFG, MAIN_ENV, REPO, TINY_OPTS, check, eval_summary, run_main, start_main, wait_for_line
-from .test_train_faults import LOG, assert_intact, first_image, load, snapshot, this_run
-from .test_train_main import demo_args, read_log, run_dir
+from tests.helpers import (DEMO_CFG, LOG, MAIN_ENV, REPO, TINY_OPTS, assert_intact, demo_args, eval_summary,
+                           first_image, load, read_log, run_dir, run_main, snapshot, start_main, this_run,
+                           wait_for_line)
 
 
 def logged_rates(log: str, epoch: int) -> list:
@@ -219,12 +219,6 @@ def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
-
-
-@pytest.fixture
-def data(demo_data, tmp_path) -> Path:
-    import shutil
-    return Path(shutil.copytree(demo_data, tmp_path / "data"))
 
 
 def test_files_that_are_not_what_they_claim_give_one_line(data, tmp_path):

@@ -3,7 +3,6 @@ one-line errors, and a real run (training steps, checkpoint, auto-resume refusal
 under torchrun with two processes."""
 from __future__ import annotations
 
-import logging
 import re
 
 import numpy as np
@@ -25,14 +24,12 @@ from segmentation.data import SegmentationFolder
 from segmentation.evaluate import evaluate
 from segmentation.model import backbone, build_segmenter
 from segmentation.train import TASK
-from tests.conftest import REPO, check
-from tests.dense_support import BACKBONE_OPTS, CHECKPOINT, run_task, task_args
+from tests.helpers import BACKBONE_OPTS, CHECKPOINT, LOG, REPO, check, run_task, task_args
 
 CFG = str(REPO / "configs" / "segmentation" / "demo.yaml")
 TINY = ["DATA.SCALE", "[64, 64]", "DATA.CROP_SIZE", "64", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0",
         "MODEL.DECODER_CHANNELS", "16", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_ITERS", "0", "PRINT_FREQ", "1",
         "EVAL_FREQ", "1", *BACKBONE_OPTS]
-LOGGER = logging.getLogger("test_segmentation")
 
 
 def config_with(opts):
@@ -73,7 +70,7 @@ def test_miou_of_a_known_prediction(tmp_path):
                           "DATA.NUM_WORKERS", 0])
     dataset = SegmentationFolder(str(tmp_path), "val", config, train=False, num_classes=3)
     env = DistEnv(0, 1, 0, torch.device("cpu"))
-    miou = evaluate(config, LeftRight(), dataset, env, build_precision("none", env.device), LOGGER)
+    miou = evaluate(config, LeftRight(), dataset, env, build_precision("none", env.device), LOG)
     assert miou == pytest.approx((200 / 3 + 50) / 2)
 
 
@@ -97,7 +94,7 @@ def test_bad_annotations_are_one_line_errors(tmp_path, problem, message):
 def test_official_checkpoint_loads_into_the_encoder():
     config = config_with(BACKBONE_OPTS + ["MODEL.DECODER_CHANNELS", 16])
     model = build_segmenter(config, num_classes=4)
-    load_backbone(CHECKPOINT, backbone(model), LOGGER)
+    load_backbone(CHECKPOINT, backbone(model), LOG)
     weights = extract_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
     loaded = backbone(model).model.state_dict()
     assert set(loaded) < set(weights)
@@ -106,7 +103,7 @@ def test_official_checkpoint_loads_into_the_encoder():
     smaller = build_segmenter(config_with(BACKBONE_OPTS[:-4] + ["MODEL.BACKBONE_ARGS.window_size", 7,
                                                                 "MODEL.BACKBONE_ARGS.embed_dim", 8]), 4)
     with pytest.raises(UsageError, match="does not fit the backbone"):
-        load_backbone(CHECKPOINT, backbone(smaller), LOGGER)
+        load_backbone(CHECKPOINT, backbone(smaller), LOG)
 
 
 def scores(log: str) -> list:

@@ -1,25 +1,19 @@
 """tools/export.py: a checkpoint becomes a .pt2 or .onnx file that computes what the eager model computes."""
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from config import load_config
 from models import build_model
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, randomise
 CFG = "configs/demo/focal_demo.yaml"
 
 
 @pytest.fixture(scope="module")
 def model_and_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    model = build_model(load_config(str(REPO / CFG))).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # training-like weights: zero-initialised tables would hide layout mistakes
-            p.add_(0.05 * torch.randn_like(p))
+    model = randomise(build_model(load_config(str(REPO / CFG))), std=0.05).eval()
     path = tmp_path_factory.mktemp("ckpt") / "demo.pth"
     torch.save({"model": model.state_dict()}, path)
     return model, path

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from config import load_config
-from engine import build_precision, evaluate, train_one_epoch
+from engine import build_precision, evaluate
 from errors import UsageError
 from lr_scheduler import build_scheduler
 from main import load_run_config, main, parse_args, scale_learning_rates
@@ -17,23 +17,9 @@ from optimizer import build_optimizer
 from utils import (latest_checkpoint, load_pretrained, read_checkpoint, restore_checkpoint, save_checkpoint,
                    training_state)
 
-from .conftest import DEMO_CFG, REPO
+from tests.helpers import CPU, DEMO_CFG, LOG, REPO, SMALL, fake_batches, run_epoch, tiny_config
 
-CPU = torch.device("cpu")
-LOG = logging.getLogger("focal.test")
-FIXTURE_OPTS = ["MODEL.NUM_CLASSES", 10, "MODEL.FOCAL.EMBED_DIM", 16, "MODEL.FOCAL.DEPTHS", "[2,2,2,2]",
-                "MODEL.FOCAL.NUM_HEADS", "[2,2,4,8]", "MODEL.FOCAL.FOCAL_POOL", "fc",
-                "MODEL.FOCAL.FOCAL_LEVELS", "[2,2,2,2]"]
-
-
-def tiny_config(*opts):
-    return load_config(DEMO_CFG, ["DATA.IMG_SIZE", 32, "PRINT_FREQ", 1, *opts])
-
-
-def fake_batches(n: int, batch: int = 4, size: int = 32):
-    generator = torch.Generator().manual_seed(0)
-    return [(torch.randn(batch, 3, size, size, generator=generator), torch.randint(0, 10, (batch,), generator=generator))
-            for _ in range(n)]
+FIXTURE_OPTS = SMALL  # the architecture of tests/fixtures/small_fc_224.pth
 
 
 def test_no_weight_decay_on_norms_biases_and_position_tables():
@@ -83,20 +69,6 @@ def test_learning_rate_scales_with_total_batch():
     scale_learning_rates(config, world_size=8)  # 64 * 8 * 2 = 1024 images per update
     assert (config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR) == pytest.approx((1e-3, 1e-6, 1e-5))
     assert config.is_frozen()
-
-
-def run_epoch(config, batches, precision):
-    """A freshly seeded model after one epoch over ``batches``, and how many optimizer steps were taken."""
-    torch.manual_seed(0)
-    model = build_model(config)
-    optimizer = build_optimizer(config, model)
-    steps = []
-    optimizer.register_step_post_hook(lambda *_: steps.append(1))
-    updates = len(batches) // config.TRAIN.ACCUMULATION_STEPS
-    scheduler = build_scheduler(config, optimizer, updates)
-    train_one_epoch(config, model, nn.CrossEntropyLoss(), batches, updates, optimizer, scheduler, precision, 0,
-                    None, CPU)
-    return model, optimizer, len(steps)
 
 
 def test_accumulation_updates_once_per_group_and_matches_a_big_batch():

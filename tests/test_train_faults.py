@@ -18,22 +18,12 @@ from main import main
 from models import ConfigError
 from utils import latest_checkpoint, read_checkpoint
 
-from .conftest import REPO, check, eval_summary, run_main, start_main, wait_for_line
-from .test_train_main import demo_args, read_log, run_dir
+from tests.helpers import (LOG, REPO, assert_intact, check, demo_args, eval_summary, first_image, load, read_log,
+                           run_dir, run_main, snapshot, start_main, this_run, wait_for_line)
 
-LOG = logging.getLogger("focal.test")
 # Every random stream in play: augmentation in a DataLoader worker, random erasing, Mixup, drop-path.
 RANDOM_OPTS = ("SAVE_FREQ", "1", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "1", "AUG.MIXUP", "0.8",
                "AUG.REPROB", "0.25", "MODEL.DROP_PATH_RATE", "0.1")
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def this_run(log: str) -> str:
-    """The part of an appended log written by the latest run."""
-    return log.split("rank 0 of ")[-1]
 
 
 def test_run_killed_in_epoch_three_resumes_to_the_same_weights(demo_data, tmp_path):
@@ -69,37 +59,12 @@ def previous_run(demo_data, tmp_path_factory) -> Path:
     return output
 
 
-def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def assert_intact(folder: Path, before: dict, may_change: tuple = ()) -> None:
-    """Nothing removed, added or rewritten; logs only appended to."""
-    after = snapshot(folder)
-    assert set(after) == set(before)
-    for name, data in before.items():
-        if "log_rank" in name:
-            assert after[name].startswith(data), name
-        elif not name.endswith(may_change):
-            assert after[name] == data, name
-
-
 @pytest.fixture
 def copy_of(previous_run, tmp_path):
     """A copy of the previous run's output root and its snapshot."""
     output = tmp_path / "output"
     shutil.copytree(previous_run, output)
     return output, snapshot(output)
-
-
-@pytest.fixture
-def data(demo_data, tmp_path) -> Path:
-    """A private copy of the demo dataset to damage."""
-    return Path(shutil.copytree(demo_data, tmp_path / "data"))
-
-
-def first_image(root: Path, split: str = "train") -> Path:
-    return sorted((root / split / "circle").iterdir())[0]
 
 
 def truncate(path: Path) -> None:

@@ -9,22 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import DEMO_CFG, REPO, TINY_OPTS, check, eval_summary, run_main
-
-MODEL_NAME = "focal_demo_patch4_window4_64"
-
-
-def run_dir(output: Path, name: str = MODEL_NAME) -> Path:
-    return output / name / "default"
-
-
-def read_log(output: Path, rank: int = 0, name: str = MODEL_NAME) -> str:
-    return (run_dir(output, name) / f"log_rank{rank}.txt").read_text()
-
-
-def demo_args(data: Path, output: Path, *flags: str, opts=()) -> list:
-    return ["--cfg", DEMO_CFG, "--data-path", str(data), "--output", str(output), *flags,
-            "--opts", *TINY_OPTS, *opts]
+from tests.helpers import DEMO_CFG, REPO, check, demo_args, eval_summary, read_log, run_dir, run_main
 
 
 @pytest.fixture(scope="module")

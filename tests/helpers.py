@@ -1,0 +1,214 @@
+"""What the tests share, in one place: repository paths, small models with training-like weights, in-process
+training on fake batches, the demo run's arguments and output files, and the entry points (``main.py``, the
+dense tasks) run as real subprocesses, alone or under torchrun (gloo on CPU).
+
+Fixtures (the generated datasets) live in ``conftest.py``; the golden-fixture recipe in ``golden.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from config import load_config
+from models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+LOG = logging.getLogger("focal.test")
+
+# ---------------------------------------------------------------- models
+
+# A Focal-T shape at width 16 with two fc-pooled levels (the architecture of tests/fixtures/small_fc_224): the
+# code paths of the released models, small.
+SMALL = ["MODEL.NUM_CLASSES", 10, "MODEL.DROP_PATH_RATE", 0.0, "MODEL.FOCAL.EMBED_DIM", 16,
+         "MODEL.FOCAL.DEPTHS", [2, 2, 2, 2], "MODEL.FOCAL.NUM_HEADS", [2, 2, 4, 8],
+         "MODEL.FOCAL.FOCAL_POOL", "fc", "MODEL.FOCAL.FOCAL_LEVELS", [2, 2, 2, 2]]
+
+
+def small_model(*opts, model_type: str = "focal") -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(load_config(opts=SMALL + ["MODEL.TYPE", model_type] + list(opts)))
+
+
+def randomise(model: nn.Module, std: float = 0.2, seed: int = 1) -> nn.Module:
+    """Training-like weights: every parameter moved by seeded noise of ``std``, so that zero-initialised bias
+    tables and top-k biases cannot hide a position-dependent mistake. Keeps the model's mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+def outputs_and_gradients(model: nn.Module, x: torch.Tensor) -> List[Optional[torch.Tensor]]:
+    """The output and every parameter's gradient (None where it got none) after a backward pass of a random
+    projection of the output, which keeps the gradients of order 1."""
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    return [out.detach()] + [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+# ---------------------------------------------------------------- in-process training
+
+DEMO_CFG = str(REPO / "configs" / "demo" / "focal_demo.yaml")
+
+
+def tiny_config(*opts):
+    """The demo model at 32x32."""
+    return load_config(DEMO_CFG, ["DATA.IMG_SIZE", 32, "PRINT_FREQ", 1, *opts])
+
+
+def fake_batches(n: int, batch: int = 4, size: int = 32):
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch, 3, size, size, generator=generator), torch.randint(0, 10, (batch,), generator=generator))
+            for _ in range(n)]
+
+
+def run_epoch(config, batches, precision):
+    """A freshly seeded model after one epoch over ``batches``, and how many optimizer steps were taken."""
+    from engine import train_one_epoch
+    from lr_scheduler import build_scheduler
+    from optimizer import build_optimizer
+    torch.manual_seed(0)
+    model = build_model(config)
+    optimizer = build_optimizer(config, model)
+    steps = []
+    optimizer.register_step_post_hook(lambda *_: steps.append(1))
+    updates = len(batches) // config.TRAIN.ACCUMULATION_STEPS
+    scheduler = build_scheduler(config, optimizer, updates)
+    train_one_epoch(config, model, nn.CrossEntropyLoss(), batches, updates, optimizer, scheduler, precision, 0,
+                    None, CPU)
+    return model, optimizer, len(steps)
+
+
+# ---------------------------------------------------------------- the demo run and its outputs
+
+# The demo model at 32x32 on 40 training / 20 validation images: one epoch takes a second or two.
+TINY_OPTS = ["DATA.IMG_SIZE", "32", "DATA.BATCH_SIZE", "8", "DATA.NUM_WORKERS", "0", "TRAIN.EPOCHS", "1",
+             "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "1"]
+MODEL_NAME = "focal_demo_patch4_window4_64"
+
+
+def demo_args(data: Path, output: Path, *flags: str, opts=()) -> list:
+    return ["--cfg", DEMO_CFG, "--data-path", str(data), "--output", str(output), *flags,
+            "--opts", *TINY_OPTS, *opts]
+
+
+def run_dir(output: Path, name: str = MODEL_NAME) -> Path:
+    return output / name / "default"
+
+
+def read_log(output: Path, rank: int = 0, name: str = MODEL_NAME) -> str:
+    return (run_dir(output, name) / f"log_rank{rank}.txt").read_text()
+
+
+def this_run(log: str) -> str:
+    """The part of an appended log written by the latest run."""
+    return log.split("rank 0 of ")[-1]
+
+
+def eval_summary(log: str) -> dict:
+    """The last evaluation in a log: the exact printed Acc@1/Acc@5, the loss and the image counts."""
+    acc = re.findall(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) \((\d+) images\)", log)
+    total = re.findall(r"Accuracy of the network on the (\d+) test images: ([\d.]+)%", log)
+    assert acc and total, f"no evaluation result in the log:\n{log[-3000:]}"
+    acc1, acc5, loss, counted = acc[-1]
+    return dict(acc1=acc1, acc5=acc5, loss=float(loss), counted=int(counted), images=int(total[-1][0]))
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def first_image(root: Path, split: str = "train") -> Path:
+    return sorted((root / split / "circle").iterdir())[0]
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_intact(folder: Path, before: dict, may_change: tuple = ()) -> None:
+    """Nothing removed, added or rewritten; logs only appended to."""
+    after = snapshot(folder)
+    assert set(after) == set(before)
+    for name, data in before.items():
+        if "log_rank" in name:
+            assert after[name].startswith(data), name
+        elif not name.endswith(may_change):
+            assert after[name] == data, name
+
+
+# ---------------------------------------------------------------- real subprocesses
+
+# One CPU thread per process and no GPU: results are deterministic and the same on every machine.
+MAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+
+
+def launcher(nproc: int = 1) -> List[str]:
+    """``python``, or ``python -m torch.distributed.run --standalone --nproc_per_node NPROC`` (torchrun)."""
+    command: List[str] = [sys.executable]
+    if nproc > 1:
+        command += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return command
+
+
+def run_main(args: Sequence[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(launcher(nproc) + ["main.py", *args], cwd=REPO, env=MAIN_ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start_main(args: Sequence[str], nproc: int = 1) -> subprocess.Popen:
+    """``main.py`` started in the background, its stdout (rank 0's log, unbuffered) readable line by line."""
+    return subprocess.Popen(launcher(nproc) + ["main.py", *args], cwd=REPO, env=MAIN_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str) -> str:
+    """Read ``proc``'s stdout up to the first line containing ``needle``; fails if the process ends first."""
+    for line in proc.stdout:
+        if needle in line:
+            return line
+    proc.wait()
+    raise AssertionError(f"the process ended (exit {proc.returncode}) before logging {needle!r}:\n"
+                         f"{proc.stderr.read()[-3000:]}")
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+# ---------------------------------------------------------------- dense tasks (detection/, segmentation/)
+
+# The official-layout checkpoint fixture: a Focal-T shape with embed_dim 16, so its weights load into either task's
+# backbone.
+CHECKPOINT = str(REPO / "tests" / "fixtures" / "small_fc_224.pth")
+# tests/fixtures/small_fc_224.json's MODEL.FOCAL keys as timm arguments of focal_tiny_patch4_window7_224 (whose
+# registration already sets the fc pooling and two focal levels); window 7 as in the file, so nothing is resized.
+BACKBONE_OPTS = ["MODEL.BACKBONE_ARGS.embed_dim", "16", "MODEL.BACKBONE_ARGS.depths", "[2, 2, 2, 2]",
+                 "MODEL.BACKBONE_ARGS.num_heads", "[2, 2, 4, 8]", "MODEL.BACKBONE_ARGS.window_size", "7",
+                 "MODEL.DROP_PATH_RATE", "0.0"]
+
+
+def run_task(module: str, args: Sequence[str], nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS --device cpu``, alone or under torchrun."""
+    command = launcher(nproc) + ["-m", module, *args, "--device", "cpu"]
+    return subprocess.run(command, cwd=REPO, env=MAIN_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def task_args(cfg: str, **flags) -> argparse.Namespace:
+    """What ``dense.run.parse_args`` gives for ``--cfg CFG`` with ``flags`` (True: a switch such as ``--eval``)."""
+    from dense.run import parse_args
+    args = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in flags.items()]
+    return parse_args("test", ["--cfg", cfg, "--data-path", "data", *args])
