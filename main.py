@@ -12,13 +12,10 @@ import argparse
 import datetime
 import logging
 import os
-import random
-import signal
 import sys
 import time
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -31,14 +28,14 @@ from data.datasets import CheckedImages
 from distributed import DEVICES, DistEnv, all_reduce_sum, init_distributed, shutdown
 from engine import AMP_MODES, EvalResult, Precision, build_precision, evaluate, throughput, train_one_epoch
 from errors import TrainingError, UsageError, user_message
-from logger import LOGGER_NAME, create_tensorboard_writer
+from logger import create_tensorboard_writer
 from lr_scheduler import build_scheduler
 from models import ConfigError, build_model
 from models.kernels import optimize_for
 from optimizer import build_optimizer
-from run_lock import locked_run
-from utils import (BEST_CHECKPOINT, Checkpoint, atomic_write, latest_checkpoint,
-                   load_pretrained, read_checkpoint, restore_checkpoint, save_checkpoint, training_state)
+from run_lock import locked_run, stop_on_signals
+from utils import (BEST_CHECKPOINT, Checkpoint, latest_checkpoint, load_pretrained, read_checkpoint,
+                   restore_checkpoint, save_checkpoint, save_config, seed_everything, training_state)
 
 # The learning rates in the configs are for a total batch of this many images; they scale linearly from it.
 LR_REFERENCE_BATCH = 512
@@ -106,20 +103,6 @@ def scale_learning_rates(config: Any, world_size: int) -> None:
     config.TRAIN.WARMUP_LR *= factor
     config.TRAIN.MIN_LR *= factor
     config.freeze()
-
-
-def seed_everything(seed: int, rank: int, stage: int) -> None:
-    """Seed python, numpy (Mixup), torch CPU and CUDA from (``SEED``, rank, stage): stage 0 for the model's
-    initialisation, ``epoch + 1`` as each epoch starts.
-
-    Reseeding per epoch makes an epoch's random stream (augmentations, the DataLoader workers' seeds, which they
-    draw from torch as the epoch's workers start, Mixup, drop-path) a function of the epoch alone: a run resumed
-    at epoch e replays it exactly as the uninterrupted run did, with no RNG state to save for every rank.
-    """
-    value = int(np.random.SeedSequence([seed, rank, stage]).generate_state(1)[0])
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)  # all CUDA devices too
 
 
 def build_criterion(config: Any, mixup: bool) -> nn.Module:
@@ -287,15 +270,9 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
     logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
 
 
-def save_config(config: Any, logger: logging.Logger) -> None:
-    path = os.path.join(config.OUTPUT, "config.yaml")
-    atomic_write(path, lambda tmp: open(tmp, "w").write(config.dump()))
-    logger.info(f"full config saved to {path}")
-
-
 def run(config: Any, env: DistEnv, unsafe_load: bool = False) -> None:
     scale_learning_rates(config, env.world_size)
-    with locked_run(config.OUTPUT, env.rank, Terminated) as logger:
+    with locked_run(config.OUTPUT, env.rank) as logger:
         backend = f", backend {torch.distributed.get_backend()}" if env.distributed else ""
         logger.info(f"rank {env.rank} of {env.world_size} on {env.device}{backend}, pid {os.getpid()}")
         run_mode(config, env, logger, unsafe_load)
@@ -321,33 +298,6 @@ def run_mode(config: Any, env: DistEnv, logger: logging.Logger, unsafe_load: boo
         run_training(config, env, model, precision, logger, unsafe_load)
 
 
-class Terminated(SystemExit):
-    """SIGTERM or SIGINT, turned into an exception by :func:`exit_on_signal`, which has logged it already; the
-    exit status is 128 + the signal number, as a shell reports a process killed by it."""
-
-
-# The process that installed the handlers; DataLoader workers fork from it and inherit them.
-MAIN_PID = os.getpid()
-
-
-def exit_on_signal(signum: int, frame: Any) -> None:
-    """torchrun stops every rank with SIGTERM when one fails, and Ctrl-C sends SIGINT: either way the process
-    exits through Python (clean-up runs) after logging one line. Waiting for the other ranks is interruptible
-    too (see ``distributed.init_distributed``).
-
-    The reason is logged here rather than where the exception is caught: the signal often lands just as a
-    collective fails on the lost rank, and Python runs the handler at its next call, which may be the logging
-    call for that failure; the exception raised there would skip both log lines.
-    """
-    if os.getpid() != MAIN_PID:  # a DataLoader worker: its loop ends quietly on KeyboardInterrupt
-        raise KeyboardInterrupt
-    name = signal.Signals(signum).name
-    reason = ("interrupted (Ctrl-C)" if signum == signal.SIGINT
-              else f"terminated by {name} (under torchrun: another rank failed)")
-    logging.getLogger(LOGGER_NAME).error(f"stopped: {reason}")
-    raise Terminated(128 + signum)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     config = load_run_config(args)
@@ -359,8 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    for stop in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop, exit_on_signal)
+    stop_on_signals()
     try:
         main()
     except (UsageError, ConfigError, TrainingError) as err:

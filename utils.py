@@ -10,12 +10,14 @@ import hashlib
 import logging
 import os
 import pickle
+import random
 import re
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import yaml
@@ -348,3 +350,23 @@ def load_pretrained(path: str, model: nn.Module, logger: logging.Logger, unsafe:
     (logger.warning if initial else logger.info)(
         f"pretrained {path}: {loaded} tensors loaded ({len(report.resized)} resized), {len(initial)} left at "
         f"initial values: {', '.join(initial) or 'none'}")
+
+
+def seed_everything(seed: int, rank: int, stage: int) -> None:
+    """Seed python, numpy (Mixup), torch CPU and CUDA from (``SEED``, rank, stage): stage 0 for the model's
+    initialisation, ``epoch + 1`` as each epoch starts.
+
+    Reseeding per epoch makes an epoch's random stream (augmentations, the DataLoader workers' seeds, which they
+    draw from torch as the epoch's workers start, Mixup, drop-path) a function of the epoch alone: a run resumed
+    at epoch e replays it exactly as the uninterrupted run did, with no RNG state to save for every rank.
+    """
+    value = int(np.random.SeedSequence([seed, rank, stage]).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)  # all CUDA devices too
+
+
+def save_config(config: Any, logger: logging.Logger) -> None:
+    path = os.path.join(config.OUTPUT, "config.yaml")
+    atomic_write(path, lambda tmp: open(tmp, "w").write(config.dump()))
+    logger.info(f"full config saved to {path}")

@@ -7,7 +7,6 @@ import argparse
 import datetime
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -22,13 +21,12 @@ from data.samplers import ShardSampler
 from distributed import DEVICES, DistEnv, init_distributed, shutdown
 from engine import AMP_MODES, build_precision
 from errors import TrainingError, UsageError, user_message
-from main import Terminated, exit_on_signal, save_config, seed_everything
 from models import ConfigError
 from models.checkpoint import load_weights
 from optimizer import no_decay_names
-from run_lock import locked_run
+from run_lock import locked_run, stop_on_signals
 from utils import (BEST_CHECKPOINT, latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint,
-                   training_state)
+                   save_config, seed_everything, training_state)
 
 from .config import REFERENCE_BATCH, get_task_config
 from .engine import build_schedule, train_one_epoch
@@ -207,7 +205,7 @@ def run(task: Task, argv: Optional[Sequence[str]] = None) -> None:
         config.TRAIN.BASE_LR *= factor
         config.TRAIN.MIN_LR *= factor
         config.freeze()
-        with locked_run(config.OUTPUT, env.rank, Terminated) as logger:
+        with locked_run(config.OUTPUT, env.rank) as logger:
             logger.info(f"rank {env.rank} of {env.world_size} on {env.device}, pid {os.getpid()}; learning rate "
                         f"{config.TRAIN.BASE_LR:.3g} for a total batch of {config.DATA.BATCH_SIZE * env.world_size}")
             fit(task, config, env, logger, args.unsafe_load)
@@ -217,8 +215,7 @@ def run(task: Task, argv: Optional[Sequence[str]] = None) -> None:
 
 def main(task: Task, prog: str) -> None:
     """The ``python -m <task>.train`` entry point: signals as in ``main.py``, one-line errors."""
-    for stop in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop, exit_on_signal)
+    stop_on_signals()
     try:
         run(task)
     except (UsageError, ConfigError, TrainingError) as err:
