@@ -76,43 +76,101 @@ def test_compiled_training_step_with_cpu_kernels(model_type):
                      outputs_and_gradients(plain, x))
 
 
-# bytes per attention block -> blocks per image: 0 turns blocking off; 1 gives one window of one head per block
-BLOCKINGS = {"one block": 0, "one window": 1, "two heads": 5 * 7 * 8 * 2 * 2, "one image": 5 * 7 * 8 * 2 * 3}
+# Attention inputs of 3 images, 3 heads, 3 windows of 5 queries over 7 keys, head size 4, in float64: one window
+# of one head takes 5 * 7 * 8 bytes of probabilities.
+BATCH, HEADS, WINDOWS, N_QUERY, N_KEYS, TOKENS, HD = 3, 3, 3, 5, 7, 9, 4
+PER_WINDOW = N_QUERY * N_KEYS * 8
+# bytes per attention block -> blocks: 0 turns blocking off; the others split images, heads or windows, the last
+# block of each ragged (3 = 2 + 1)
+BLOCKINGS = {"one block": (0, 1), "one window": (1, BATCH * HEADS * WINDOWS),
+             "two windows": (PER_WINDOW * 2, BATCH * HEADS * 2), "two heads": (PER_WINDOW * WINDOWS * 2, BATCH * 2),
+             "two images": (PER_WINDOW * WINDOWS * HEADS * 2, 2)}
 
 
-@pytest.mark.parametrize("gathered", [True, False])
-@pytest.mark.parametrize("blocking", BLOCKINGS)
-def test_blocked_attention_gradients_are_exact(monkeypatch, gathered, blocking):
-    """The custom backward in float64, whole and in blocks of windows or heads."""
-    monkeypatch.setattr(cpu_attention, "CPU_BLOCK_BYTES", BLOCKINGS[blocking])
+def attention_inputs(gathered: bool):
+    """q, k, v, index, bias as the attention modules pass them. Gathered: each window's keys picked from a table
+    of 9 tokens by an index with repeats (so gradients must accumulate); else the tables are already gathered,
+    window after window. The bias holds the -100 penalty of masked keys in a few places."""
     gen = torch.Generator().manual_seed(0)
-    batch, heads, windows, n_query, n_keys, tokens, hd = 2, 3, 2, 5, 7, 9, 4
-    q = torch.randn(batch, heads * windows, n_query, hd, generator=gen, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(1, heads * windows, n_query, n_keys, generator=gen, dtype=torch.float64, requires_grad=True)
-    index = torch.randint(0, tokens, (windows, n_keys), generator=gen) if gathered else None
-    n_table = tokens if gathered else windows * n_keys  # gathered: with repeats, so the gradient must accumulate
-    k, v = (torch.randn(batch, heads, n_table, hd, generator=gen, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(BATCH, HEADS * WINDOWS, N_QUERY, HD, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, HEADS * WINDOWS, N_QUERY, N_KEYS, generator=gen, dtype=torch.float64)
+    bias = bias.masked_fill(torch.rand(bias.shape, generator=gen) < 0.2, -100.0).requires_grad_()
+    index = torch.randint(0, TOKENS, (WINDOWS, N_KEYS), generator=gen) if gathered else None
+    n_table = TOKENS if gathered else WINDOWS * N_KEYS
+    k, v = (torch.randn(BATCH, HEADS, n_table, HD, generator=gen, dtype=torch.float64, requires_grad=True)
             for _ in range(2))
-    n_blocks = {"one block": 1, "one window": batch * heads * windows, "two heads": batch * 2, "one image": batch}
-    assert len(attention_blocks(q, heads, n_keys)) == n_blocks[blocking]
+    return q, k, v, index, bias
+
+
+def naive_attention(q, k, v, index, bias, scale):
+    """The definition, one image, head and window at a time: softmax(q k^T * scale + bias) v over the window's
+    keys and values, picked from the per-head tables by its row of ``index`` (or its own slice of a table already
+    gathered); rows of q and bias are head-major (head * windows + window)."""
+    heads = k.shape[1]
+    windows, n_keys = q.shape[1] // heads, bias.shape[-1]
+    rows = []
+    for b in range(q.shape[0]):
+        for h in range(heads):
+            for w in range(windows):
+                cols = index[w] if index is not None else torch.arange(w * n_keys, (w + 1) * n_keys)
+                row = h * windows + w
+                probs = torch.softmax(q[b, row] @ k[b, h, cols].T * scale + bias[0, row], dim=-1)
+                rows.append(probs @ v[b, h, cols])
+    return torch.stack(rows).view(q.shape)
+
+
+@pytest.mark.parametrize("gathered", [True, False], ids=["gathered", "pre-gathered"])
+@pytest.mark.parametrize("blocking", BLOCKINGS)
+def test_blocked_attention_computes_the_definition(monkeypatch, gathered, blocking):
+    """Outputs (with and without autograd, which take different paths) and the gradients of q, k, v and the bias
+    equal the naive computation's, whole and in ragged blocks of images, heads or windows."""
+    block_bytes, n_blocks = BLOCKINGS[blocking]
+    monkeypatch.setattr(cpu_attention, "CPU_BLOCK_BYTES", block_bytes)
+    q, k, v, index, bias = attention_inputs(gathered)
+    assert len(attention_blocks(q, HEADS, N_KEYS)) == n_blocks
+    leaves = (q, k, v, bias)
+    want = naive_attention(q, k, v, index, bias, scale=0.5)
+    got = blocked_attend(q, k, v, index, bias, scale=0.5)
+    grad_out = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for g, w in zip(torch.autograd.grad(got, leaves, grad_out), torch.autograd.grad(want, leaves, grad_out)):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(blocked_attend(q, k, v, index, bias, scale=0.5), want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("gathered", [True, False], ids=["gathered", "pre-gathered"])
+@pytest.mark.parametrize("blocking", ["one block", "one window", "two heads"])
+def test_blocked_attention_gradients_are_exact(monkeypatch, gathered, blocking):
+    """The custom backward against finite differences of the forward, in float64."""
+    monkeypatch.setattr(cpu_attention, "CPU_BLOCK_BYTES", BLOCKINGS[blocking][0])
+    q, k, v, index, bias = attention_inputs(gathered)
     assert torch.autograd.gradcheck(lambda *t: blocked_attend(t[0], t[1], t[2], index, t[3], scale=0.5),
-                                    (q, k, v, bias))
+                                    (q, k, v, bias), fast_mode=True)
 
 
-def test_blocked_attention_equals_one_block(monkeypatch):
-    gen = torch.Generator().manual_seed(1)
-    q = torch.randn(3, 4 * 6, 49, 8, generator=gen)
-    k, v = torch.randn(2, 3, 4, 100, 8, generator=gen).unbind(0)
-    index = torch.randint(0, 100, (6, 60), generator=gen)
-    bias = torch.randn(1, 4 * 6, 49, 60, generator=gen)
-    monkeypatch.setattr(cpu_attention, "CPU_BLOCK_BYTES", 0)
-    whole = blocked_attend(q, k, v, index, bias, scale=0.3)
-    per_window = 49 * 60 * 4
-    # 4 windows of one head, 2 heads of one image, 2 images per block
-    for block_bytes, n_blocks in ((per_window * 4, 3 * 4 * 2), (per_window * 6 * 2, 3 * 2), (per_window * 24 * 2, 2)):
-        monkeypatch.setattr(cpu_attention, "CPU_BLOCK_BYTES", block_bytes)
-        assert len(attention_blocks(q, 4, 60)) == n_blocks
-        torch.testing.assert_close(blocked_attend(q, k, v, index, bias, scale=0.3), whole, atol=1e-6, rtol=0)
+@pytest.mark.parametrize("model_type", ["focal", "focalv2"])
+def test_attention_of_a_real_layout_computes_the_definition(monkeypatch, model_type):
+    """The inputs a shifted, padded small model hands to ``attend`` (its precomputed key index with the zero token
+    and masks): the plain attention and the CPU kernel both compute the naive definition on them."""
+    model = randomise(small_model("MODEL.FOCAL.USE_SHIFT", True, model_type=model_type)).eval()
+    seen = []
+    cls = type(attention_modules(model)[0])
+    original = cls.attend
+
+    def recording(self, q, k, v, index, bias):
+        out = original(self, q, k, v, index, bias)
+        seen.append((self, (q, k, v, index, bias), out))
+        return out
+    monkeypatch.setattr(cls, "attend", recording)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 60, 44, generator=torch.Generator().manual_seed(2)))
+    assert len(seen) == len(attention_modules(model)) and any(i is not None for _, (_, _, _, i, _), _ in seen)
+    for module, (q, k, v, index, bias), plain in seen:
+        want = naive_attention(q.double(), k.double(), v.double(), index, bias.double(), module.scale).float()
+        torch.testing.assert_close(plain, want, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(blocked_attend(q, k, v, index, bias, module.scale), want, atol=1e-5, rtol=1e-5)
 
 
 def attention_modules(model):
