@@ -1,4 +1,5 @@
-"""predict.py end to end: generated images through a real subprocess, and the errors that name the bad input."""
+"""predict.py end to end: generated images through a real subprocess, whose printed classes and probabilities are
+the model's own softmax for each image, and the errors that name the bad input."""
 import subprocess
 import sys
 
@@ -8,11 +9,13 @@ import torch
 from PIL import Image
 
 from config import load_config
+from data.transforms import build_transform
 from errors import UsageError
-from models import build_model
+from models import build_model, load_weights
 from predict import parse_args, predict
 from tests.golden import FIXTURES, case_opts, load_case
-from tests.helpers import REPO
+from tests.helpers import REPO, randomise
+
 CFG = str(REPO / "configs" / "focal_tiny_patch4_window7_224.yaml")
 FIXTURE = str(FIXTURES / "small_fc_224.pth")
 SMALL_OPTS = [str(v) for v in case_opts(load_case(FIXTURES / "small_fc_224.json"))]  # 10 classes, as the fixture
@@ -48,25 +51,42 @@ def parse_output(stdout):
     return out
 
 
-def check_ranked(rows, k):
-    probs = [p for p, _ in rows]
-    assert len(rows) == k
-    assert probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)
-    assert sum(probs) <= 1 + 1e-3  # printed with 4 decimals
+def model_probabilities(model, config, path):
+    """The softmax of the model's logits for the image at ``path``, computed here: RGB, the evaluation transform
+    of ``config`` (resize, centre crop, normalisation), one forward pass of the plain model."""
+    with Image.open(path) as image:
+        x = build_transform(False, config)(image.convert("RGB"))
+    with torch.no_grad():
+        return model.eval()(x[None])[0].double().softmax(-1)
+
+
+def check_ranked(rows, k, probs):
+    """The printed rows are the top ``k`` classes of ``probs``, best first, each with its probability to the 4
+    printed decimals (1e-5 more for another kernel's summation order; ties may come in either order)."""
+    printed = [p for p, _ in rows]
+    indices = [int(label.split()[0]) for _, label in rows]
+    assert len(rows) == k and len(set(indices)) == k
+    assert printed == sorted(printed, reverse=True)
+    for p, i in zip(printed, indices):
+        assert abs(p - probs[i].item()) <= 5e-5 + 1e-5, (i, p, probs[i].item())
+    others = [probs[i].item() for i in range(len(probs)) if i not in indices]
+    assert not others or min(probs[indices]).item() >= max(others) - 1e-5
 
 
 def test_imagenet_model_prints_top5_names_in_batches(images, tmp_path):
     torch.manual_seed(0)
     opts = list(SMALL_OPTS)
     opts[opts.index("MODEL.NUM_CLASSES") + 1] = "1000"
-    torch.save({"model": build_model(load_config(CFG, opts)).state_dict()}, tmp_path / "imagenet.pth")
+    config = load_config(CFG, opts)
+    model = randomise(build_model(config))  # distinct probabilities, not ~1/1000 each
+    torch.save({"model": model.state_dict()}, tmp_path / "imagenet.pth")
     result = run_predict("--cfg", CFG, "--opts", *opts, "--checkpoint", str(tmp_path / "imagenet.pth"),
                          "--batch-size", "2", "--device", "cpu", str(images))
     assert result.returncode == 0, result.stderr
     printed = parse_output(result.stdout)
     assert sorted(printed) == sorted(str(images / n) for n in ("a.jpg", "b.png", "sub/c.JPEG"))
-    for rows in printed.values():
-        check_ranked(rows, 5)
+    for path, rows in printed.items():
+        check_ranked(rows, 5, model_probabilities(model, config, path))
         for _, label in rows:
             index, name = label.split(maxsplit=1)
             assert 0 <= int(index) < 1000 and name  # an ImageNet class description, e.g. "tench, Tinca tinca"
@@ -78,9 +98,12 @@ def test_released_layout_checkpoint_with_other_class_count_prints_indices(images
     assert result.returncode == 0, result.stderr
     printed = parse_output(result.stdout)
     assert list(printed) == [str(images / "a.jpg"), str(images / "b.png")]
-    for rows in printed.values():
-        check_ranked(rows, 5)
-        assert all(label.isdigit() and int(label) < 10 for _, label in rows)
+    config = load_config(CFG, SMALL_OPTS)
+    model = build_model(config)
+    assert load_weights(model, torch.load(FIXTURE, map_location="cpu", weights_only=True)).clean
+    for path, rows in printed.items():
+        assert all(label.isdigit() for _, label in rows)
+        check_ranked(rows, 5, model_probabilities(model, config, path))
 
 
 def test_missing_checkpoint_is_a_short_error(images, tmp_path):
