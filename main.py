@@ -9,11 +9,9 @@ on random input when there is no ``--data-path``. See get_started.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import os
 import sys
-import time
 from typing import Any, Optional, Sequence
 
 import torch
@@ -34,8 +32,9 @@ from models import ConfigError, build_model
 from models.kernels import optimize_for
 from optimizer import build_optimizer
 from run_lock import locked_run, stop_on_signals
-from utils import (BEST_CHECKPOINT, Checkpoint, latest_checkpoint, load_pretrained, read_checkpoint,
-                   restore_checkpoint, save_checkpoint, save_config, seed_everything, training_state)
+from utils import (BEST_CHECKPOINT, Checkpoint, diverged, latest_checkpoint, load_pretrained, read_checkpoint,
+                   restore_checkpoint, save_checkpoint, save_config, seed_everything, training_epochs,
+                   training_state)
 
 # The learning rates in the configs are for a total batch of this many images; they scale linearly from it.
 LR_REFERENCE_BATCH = 512
@@ -228,16 +227,12 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
 
     logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {updates_per_epoch} updates "
                 f"per epoch, total batch {config.DATA.BATCH_SIZE * env.world_size * accum}")
-    start = time.time()
-    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-        seed_everything(config.SEED, env.rank, epoch + 1)
-        train_loader.sampler.set_epoch(epoch)
+    for epoch in training_epochs(config, env.rank, train_loader.sampler, start_epoch, logger):
         try:
             stats = train_one_epoch(config, train_model, criterion, train_loader, updates_per_epoch, optimizer,
                                     scheduler, precision, epoch, mixup_fn, env.device, ema, model_without_ddp)
         except TrainingError as err:
-            raise TrainingError(f"{err}: stopping. The last good checkpoint is {last_good or 'none (none saved yet)'}; "
-                                f"resume from it with a lower TRAIN.BASE_LR or TRAIN.CLIP_GRAD") from None
+            raise diverged(err, last_good) from None
         log_skipped_images(train_dataset, "training", logger)
         result = evaluate(config, eval_model, val_loader, precision, env.device)
         log_accuracy(logger, result)
@@ -267,7 +262,6 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
                 save_checkpoint(config, state, logger, name=BEST_CHECKPOINT)
     if tensorboard is not None:
         tensorboard.close()
-    logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
 
 
 def run(config: Any, env: DistEnv, unsafe_load: bool = False) -> None:

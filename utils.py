@@ -6,16 +6,18 @@ containers only, so they load with ``weights_only=True`` and loading them runs n
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import os
 import pickle
 import random
 import re
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -370,3 +372,20 @@ def save_config(config: Any, logger: logging.Logger) -> None:
     path = os.path.join(config.OUTPUT, "config.yaml")
     atomic_write(path, lambda tmp: open(tmp, "w").write(config.dump()))
     logger.info(f"full config saved to {path}")
+
+
+def training_epochs(config: Any, rank: int, sampler: Any, start_epoch: int, logger: logging.Logger) -> Iterator[int]:
+    """The epochs left to train, each entered with its seeds (:func:`seed_everything`) and the sampler's shuffle
+    set; the total time is logged once all have run."""
+    start = time.time()
+    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+        seed_everything(config.SEED, rank, epoch + 1)
+        sampler.set_epoch(epoch)
+        yield epoch
+    logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
+
+
+def diverged(err: TrainingError, last_good: Optional[str]) -> TrainingError:
+    """The error that stops a run whose training went non-finite, naming the checkpoint to resume from."""
+    return TrainingError(f"{err}: stopping. The last good checkpoint is {last_good or 'none (none saved yet)'}; "
+                         f"resume from it with a lower TRAIN.BASE_LR or TRAIN.CLIP_GRAD")

@@ -4,11 +4,9 @@ group; the task supplies its data, model, loss and evaluation as a :class:`Task`
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -25,8 +23,8 @@ from models import ConfigError
 from models.checkpoint import load_weights
 from optimizer import no_decay_names
 from run_lock import locked_run, stop_on_signals
-from utils import (BEST_CHECKPOINT, latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint,
-                   save_config, seed_everything, training_state)
+from utils import (BEST_CHECKPOINT, diverged, latest_checkpoint, read_checkpoint, restore_checkpoint,
+                   save_checkpoint, save_config, seed_everything, training_epochs, training_state)
 
 from .config import REFERENCE_BATCH, get_task_config
 from .engine import build_schedule, train_one_epoch
@@ -167,16 +165,12 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
     last_good = checkpoint.path if checkpoint else None
     logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {updates_per_epoch} updates per "
                 f"epoch, total batch {config.DATA.BATCH_SIZE * env.world_size}")
-    start = time.time()
-    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-        seed_everything(config.SEED, env.rank, epoch + 1)
-        train_loader.sampler.set_epoch(epoch)
+    for epoch in training_epochs(config, env.rank, train_loader.sampler, start_epoch, logger):
         try:
             train_one_epoch(config, train_model, task.losses, train_loader, optimizer, scheduler, precision, epoch,
                             env.device, logger)
         except TrainingError as err:
-            raise TrainingError(f"{err}: stopping. The last good checkpoint is {last_good or 'none (none saved yet)'}; "
-                                f"resume from it with a lower TRAIN.BASE_LR or TRAIN.CLIP_GRAD") from None
+            raise diverged(err, last_good) from None
         last = epoch == config.TRAIN.EPOCHS - 1
         improved = False
         if (epoch + 1) % config.EVAL_FREQ == 0 or last:
@@ -191,7 +185,6 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
                 last_good = save_checkpoint(config, state, logger)
             if improved:
                 save_checkpoint(config, state, logger, name=BEST_CHECKPOINT)
-    logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
 
 
 def run(task: Task, argv: Optional[Sequence[str]] = None) -> None:
