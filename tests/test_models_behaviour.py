@@ -76,11 +76,57 @@ def test_gradient_checkpointing_gives_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_absolute_position_embedding_follows_input_size():
-    model = small_model("MODEL.FOCAL.APE", True, "MODEL.FOCAL.USE_LAYERSCALE", True, "MODEL.FOCAL.USE_PRE_NORM", True)
-    names = {n for n, _ in model.named_parameters()}
-    assert {"absolute_pos_embed", "layers.0.blocks.0.gamma_1", "layers.0.downsample.pre_norm.weight"} <= names
-    assert model(torch.randn(1, 3, 96, 160)).shape == (1, 10)
+def added_position_embedding(model, x):
+    """What the model adds to the patch embeddings of ``x`` before the first stage, as a ``(1, H, W, C)`` map."""
+    seen = []
+    hook = model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model.eval()(x)
+        patches = model.patch_embed(x)
+    hook.remove()
+    return seen[0] - patches
+
+
+def ape_model():
+    """A 64x64 model (a 16x16 grid of patches) whose position embedding is random, token by token."""
+    model = small_model("MODEL.FOCAL.APE", True, "DATA.IMG_SIZE", 64)
+    with torch.no_grad():
+        model.absolute_pos_embed.copy_(torch.randn(model.absolute_pos_embed.shape,
+                                                   generator=torch.Generator().manual_seed(3)))
+    return model
+
+
+def test_absolute_position_embedding_is_added_token_by_token_at_the_configured_size():
+    """Row-major: token ``i * 16 + j`` of the table goes to patch ``(i, j)``, for every image of the batch."""
+    model = ape_model()
+    added = added_position_embedding(model, torch.randn(2, 3, 64, 64))
+    table = model.absolute_pos_embed.detach().view(1, 16, 16, -1)
+    torch.testing.assert_close(added, table.expand(2, -1, -1, -1), atol=1e-5, rtol=0)
+    assert (added.abs() > 0.1).float().mean() > 0.5  # not a table of zeros
+
+
+@pytest.mark.parametrize("size", [(96, 160), (32, 48)], ids=["larger", "smaller"])
+def test_absolute_position_embedding_is_resampled_bicubic_for_other_sizes(size):
+    """At another input size the table is resampled (bicubic, corners not aligned) to the grid of patches, as
+    timm resamples a ViT's; a constant table stays constant and a table varying by row only stays so."""
+    from timm.layers import resample_abs_pos_embed
+    model = ape_model()
+    grid = (size[0] // 4, size[1] // 4)
+    added = added_position_embedding(model, torch.randn(1, 3, *size))
+    want = resample_abs_pos_embed(model.absolute_pos_embed.detach(), list(grid), [16, 16], num_prefix_tokens=0,
+                                  interpolation="bicubic", antialias=False)
+    torch.testing.assert_close(added, want.view(1, *grid, -1), atol=1e-5, rtol=0)
+
+    with torch.no_grad():
+        rows = torch.arange(16.0).repeat_interleave(16)[None, :, None]  # token i * 16 + j -> i
+        model.absolute_pos_embed.copy_(rows)
+    by_row = added_position_embedding(model, torch.randn(1, 3, *size))
+    torch.testing.assert_close(by_row, by_row[:, :, :1].expand_as(by_row), atol=1e-5, rtol=0)  # same along a row
+    assert (by_row[0, 1:, 0, 0] > by_row[0, :-1, 0, 0]).all()  # and rising from row to row
+    with torch.no_grad():
+        model.absolute_pos_embed.fill_(0.75)
+    torch.testing.assert_close(added_position_embedding(model, torch.randn(1, 3, *size)),
+                               torch.full((1, *grid, model.embed_dim), 0.75), atol=1e-5, rtol=0)
 
 
 def test_no_weight_decay_names_cover_position_tables():
