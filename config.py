@@ -140,6 +140,13 @@ _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
 
 
+# Keys of earlier versions of this tree (and of Swin's, which it follows) that nothing reads any more: merged
+# files and --opts may still name them (saved config.yaml files do); yacs ignores them with a warning.
+RETIRED_KEYS = ("DATA.DATASET", "MODEL.SPEC", "DEBUG_MODE", "LOCAL_RANK")
+for _key in RETIRED_KEYS:
+    _C.register_deprecated_key(_key)
+
+
 def _merge_file(config: CN, cfg_file: str, seen: tuple[str, ...] = ()) -> None:
     """Merge ``cfg_file`` after the files named in its ``BASE`` list, which are relative to it."""
     cfg_file = os.path.abspath(cfg_file)

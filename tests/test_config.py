@@ -49,3 +49,15 @@ def test_missing_file_and_self_inheritance(tmp_path):
     loop.write_text("BASE: ['loop.yaml']\n")
     with pytest.raises(ValueError, match="inherits from itself"):
         load_config(str(loop))
+
+
+def test_retired_keys_of_saved_configs_still_load(tmp_path, caplog):
+    """A config.yaml saved by an earlier version (or a Swin-style file) names keys this tree no longer has."""
+    saved = tmp_path / "config.yaml"
+    saved.write_text("DEBUG_MODE: false\nLOCAL_RANK: 0\nDATA:\n  DATASET: imagenet\n  IMG_SIZE: 192\n"
+                     "MODEL:\n  SPEC: {NUM_STAGES: 4}\n")
+    with caplog.at_level("WARNING"):
+        cfg = load_config(str(saved), opts=["LOCAL_RANK", 1])
+    assert cfg.DATA.IMG_SIZE == 192
+    assert not {"DEBUG_MODE", "LOCAL_RANK"} & set(cfg) and "DATASET" not in cfg.DATA and "SPEC" not in cfg.MODEL
+    assert "DEBUG_MODE" in caplog.text and "DATA.DATASET" in caplog.text
