@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # These two versions are the ones the project's machines hold locally; requirements.txt states the real ranges.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo demo-detection demo-segmentation test gpu-check venv clean
+.PHONY: demo demo-detection demo-segmentation test test-fast gpu-check venv clean
 
 venv: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 # about 6 minutes instead of about 10.
 test: venv
 	$(PY) -m pytest -q -n 2 tests
+
+# The inner loop: every test not marked slow (pytest.ini), in about a minute on 2 cores. `make test` runs them all.
+test-fast: venv
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
 # On a machine with a CUDA GPU: golden fixtures, fp16/bf16 training steps, 1- vs 2-GPU evaluation, benchmark
 # (tools/gpu_check.py). Fails with one line and exit status 2 where there is no GPU.
