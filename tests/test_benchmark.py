@@ -1,74 +1,142 @@
-"""The benchmark CLI runs end to end on small models: speed table with ratios, memory probes, JSON, gather mode."""
+"""The benchmark CLI on small models: speed tables whose ratios are those of the timed figures (to the peer, and
+of a +kernels model to its plain self), memory probes, JSON, gather mode, per-layer kernel mode."""
 import json
+import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO
-DEMO = ["--models", "configs/demo/focalv2_demo.yaml", "--peer", "configs/demo/focal_demo.yaml",
-        "--img-size", "64", "--batch-size", "2", "--reps", "2", "--min-seconds", "0.01"]
+from tools import benchmark
+
+PEER = "configs/demo/focal_demo.yaml"
+MODEL = "configs/demo/focalv2_demo.yaml"
+DEMO = ["--models", MODEL, "--peer", PEER, "--img-size", "64", "--batch-size", "2", "--reps", "2",
+        "--min-seconds", "0.01"]
+CELL = re.compile(r"^([\d.]+) \(([\d.]+)x(?:, ([\d.]+)x of (\S+))?\)$")
 
 
 def run(*args: str) -> str:
+    """The benchmark as a subprocess (needed for its memory probes and --baseline imports)."""
     done = subprocess.run([sys.executable, "-m", "tools.benchmark", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
+def run_here(capsys, *args: str) -> str:
+    benchmark.main(list(args))
+    return capsys.readouterr().out
+
+
+def table(out: str, title: str) -> dict:
+    """``{first cell: [other cells]}`` of the markdown table printed under the line starting with ``title``."""
+    lines = out.split("\n" + title, 1)[1].split("\n\n")[0].strip().splitlines()
+    assert lines[2].startswith("|--"), lines
+    body = lines[3:]
+    body = body[:next((i for i, line in enumerate(body) if not line.startswith("|")), len(body))]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in body]
+    return {row[0]: row[1:] for row in cells}
+
+
+def check_speed_table(out: str, figures: dict, keys: list) -> None:
+    """One row per timed model, the peer included; each cell prints the model's images/s from the JSON and its
+    ratio to the peer's (and, for NAME+kernels, to NAME's) at the same setting."""
+    rows = table(out, "images/s, medians")
+    assert set(rows) == set(figures) and PEER in rows
+    for name, cells in rows.items():
+        assert len(cells) == len(keys)
+        for key, cell in zip(keys, cells):
+            ips, ratio, gain, base = CELL.match(cell).groups()
+            value = figures[name][key]
+            assert value > 0 and ips == f"{value:.2f}"
+            assert ratio == f"{value / figures[PEER][key]:.2f}", (name, key, cell)
+            plain = name[:-len("+kernels")] if name.endswith("+kernels") else None
+            assert base == (plain and plain.split(":")[-1])
+            if plain:
+                assert gain == f"{value / figures[plain][key]:.2f}", (name, key, cell)
+
+
+def ratio_bounds(num: str, den: str) -> tuple:
+    """The range of ``num / den`` for values printed with their decimals (half a unit of the last digit each)."""
+    half = lambda s: 0.5 * 10 ** -len(s.split(".")[1]) if "." in s else 0.5  # noqa: E731
+    return (float(num) - half(num)) / (float(den) + half(den)), (float(num) + half(num)) / (float(den) - half(den))
+
+
+def assert_printed_ratio(ratio: str, num: str, den: str) -> None:
+    low, high = ratio_bounds(num, den)
+    assert low - 0.005 <= float(ratio.rstrip("x")) <= high + 0.005, (ratio, num, den)
+
+
+@pytest.mark.slow
 def test_speed_and_memory_tables_with_ratios_to_the_peer(tmp_path):
     out = run(*DEMO, "--mode", "both", "--json", str(tmp_path / "bench.json"))
-    assert "| configs/demo/focal_demo.yaml" in out and "(1.00x)" in out  # the peer against itself
-    assert "training-step memory" in out
     figures = json.loads((tmp_path / "bench.json").read_text())
-    demo = figures["configs/demo/focalv2_demo.yaml"]
-    assert demo["infer_64"] > 0 and demo["train_64"] > 0 and demo["train_peak_mb_64"] > 100
+    assert set(figures) == {MODEL, PEER}
+    check_speed_table(out, figures, ["infer_64", "train_64"])
+    memory = table(out, "training-step memory")
+    assert list(memory) == [PEER, MODEL]  # the peer first
+    for name, (mb, ratio) in memory.items():
+        peak = figures[name]["train_peak_mb_64"]
+        assert peak > 100 and mb == f"{peak:.0f}"
+        assert ratio == f"{peak / figures[PEER]['train_peak_mb_64']:.2f}x"
 
 
-def test_gather_methods_are_compared_against_roll():
-    out = run(*DEMO, "--gather", "--models", "configs/demo/focal_demo.yaml")
-    for method in ("index", "unfold", "roll"):
-        assert f"| {method}" in out
-    assert "1.00x" in out  # roll against itself
+def test_gather_methods_are_compared_against_roll(capsys):
+    out = run_here(capsys, *DEMO, "--gather", "--models", PEER)
+    rows = table(out, f"{PEER} gather methods")
+    assert set(rows) == {"index", "unfold", "roll"}
+    for method, (ms, ips, speed_up) in rows.items():
+        assert_printed_ratio(ips, "2", str(float(ms) / 1000))  # images/s = batch / seconds per batch
+        assert_printed_ratio(speed_up, ips, rows["roll"][1])  # roll's time over this method's
 
 
-def test_gather_mode_refuses_a_focalv2_model():
-    done = subprocess.run([sys.executable, "-m", "tools.benchmark", *DEMO, "--gather"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "--gather needs a v1" in done.stderr
+def test_gather_mode_refuses_a_focalv2_model(capsys):
+    with pytest.raises(SystemExit, match="--gather needs a v1"):
+        benchmark.main([*DEMO, "--gather"])
 
 
-def test_compile_mode_times_compiled_models():
-    out = run(*DEMO, "--mode", "infer", "--compile", "--no-memory")
-    assert "timing infer under torch.compile" in out and "(1.00x)" in out
+@pytest.mark.slow
+def test_compile_mode_times_compiled_models(tmp_path):
+    out = run(*DEMO, "--mode", "infer", "--compile", "--no-memory", "--json", str(tmp_path / "bench.json"))
+    assert "timing infer under torch.compile" in out
+    check_speed_table(out, json.loads((tmp_path / "bench.json").read_text()), ["infer_64"])
 
 
-def test_kernels_suffix_gives_the_gain_over_the_plain_model():
-    out = run(*DEMO, "--mode", "infer", "--no-memory", "--models", "configs/demo/focalv2_demo.yaml",
-              "configs/demo/focalv2_demo.yaml+kernels")
-    row = next(line for line in out.splitlines() if line.startswith("| configs/demo/focalv2_demo.yaml+kernels"))
-    assert "x of configs/demo/focalv2_demo.yaml)" in row
+def test_kernels_suffix_gives_the_gain_over_the_plain_model(capsys, tmp_path):
+    out = run_here(capsys, *DEMO, "--mode", "infer", "--no-memory", "--models", MODEL, MODEL + "+kernels",
+                   "--json", str(tmp_path / "bench.json"))
+    figures = json.loads((tmp_path / "bench.json").read_text())
+    assert set(figures) == {MODEL, MODEL + "+kernels", PEER}
+    check_speed_table(out, figures, ["infer_64"])
     assert "kernels on cpu: attention, bias_cache" in out
 
 
-def test_before_and_after_against_another_checkout():
-    out = run(*DEMO, "--mode", "infer", "--no-memory", "--baseline", str(REPO), "--models",
-              "base:configs/demo/focalv2_demo.yaml")
-    assert "| base:configs/demo/focalv2_demo.yaml" in out
+@pytest.mark.slow
+def test_before_and_after_against_another_checkout(tmp_path):
+    out = run(*DEMO, "--mode", "infer", "--no-memory", "--baseline", str(REPO), "--models", "base:" + MODEL, MODEL,
+              "--json", str(tmp_path / "bench.json"))
+    figures = json.loads((tmp_path / "bench.json").read_text())
+    assert set(figures) == {"base:" + MODEL, MODEL, PEER}
+    check_speed_table(out, figures, ["infer_64"])
 
 
 def test_suffixes_apply_the_device_kernels():
     from models.kernels.cpu_attention import CpuKernels
     from models.kernels.onednn_linear import OneDnnLinear
-    from tools.benchmark import create
-    plain = create("configs/demo/focal_demo.yaml", 64)
+    plain = benchmark.create(PEER, 64)
     assert not any(isinstance(m, (CpuKernels, OneDnnLinear)) for m in plain.modules())
-    fast = create("configs/demo/focal_demo.yaml+kernels", 64)
+    fast = benchmark.create(PEER + "+kernels", 64)
     assert any(isinstance(m, CpuKernels) for m in fast.modules())
-    swin = create("timm:swin_tiny_patch4_window7_224+onednn", 224)
+    swin = benchmark.create("timm:swin_tiny_patch4_window7_224+onednn", 224)
     assert any(isinstance(m, OneDnnLinear) for m in swin.modules())
 
 
-def test_kernels_mode_compares_linear_kernels_per_layer():
-    out = run("--kernels", "--img-size", "32", "--batch-size", "1", "--reps", "1", "--min-seconds", "0.001")
-    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in out.splitlines() if "| stage" in line}
-    assert len(rows) == 16 and rows["stage 1 qkv"] == "64x96 -> 288" and rows["stage 4 fc2"] == "1x3072 -> 768"
+def test_kernels_mode_compares_linear_kernels_per_layer(capsys):
+    out = run_here(capsys, "--kernels", "--img-size", "32", "--batch-size", "1", "--reps", "1",
+                   "--min-seconds", "0.001")
+    rows = table(out, "linear layers at 32px")
+    assert len(rows) == 16 and rows["stage 1 qkv"][0] == "64x96 -> 288" and rows["stage 4 fc2"][0] == "1x3072 -> 768"
+    for shape, stock, onednn, speed_up in rows.values():
+        assert_printed_ratio(speed_up, onednn, stock)
