@@ -1,5 +1,6 @@
-"""Fixtures shared by the training, data and entry-point tests: tiny generated datasets, made once per session,
-and private copies to damage. Plain helper functions and constants are in tests/helpers.py."""
+"""Fixtures shared by the training, data and entry-point tests: tiny generated datasets and a finished demo run,
+made once per session (per xdist worker), and private copies of them to damage. Plain helper functions and
+constants are in tests/helpers.py."""
 from __future__ import annotations
 
 import shutil
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from data.demo import generate
+from tests.helpers import demo_args, snapshot
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +30,20 @@ def demo_data_224(tmp_path_factory) -> Path:
 def data(demo_data, tmp_path) -> Path:
     """A private copy of the demo dataset to damage."""
     return Path(shutil.copytree(demo_data, tmp_path / "data"))
+
+
+@pytest.fixture(scope="session")
+def previous_run(demo_data, tmp_path_factory) -> Path:
+    """The output root of a finished one-epoch demo run (in process): config, log and ckpt_epoch_0.pth."""
+    from main import main
+    output = tmp_path_factory.mktemp("previous")
+    main(demo_args(demo_data, output))
+    return output
+
+
+@pytest.fixture
+def copy_of(previous_run, tmp_path):
+    """A private copy of the previous run's output root, and its snapshot."""
+    output = tmp_path / "output"
+    shutil.copytree(previous_run, output)
+    return output, snapshot(output)

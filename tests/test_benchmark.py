@@ -84,7 +84,7 @@ def test_speed_and_memory_tables_with_ratios_to_the_peer(tmp_path):
 
 
 def test_gather_methods_are_compared_against_roll(capsys):
-    out = run_here(capsys, *DEMO, "--gather", "--models", PEER)
+    out = run_here(capsys, *DEMO, "--gather", "--models", PEER, "--reps", "1")
     rows = table(out, f"{PEER} gather methods")
     assert set(rows) == {"index", "unfold", "roll"}
     for method, (ms, ips, speed_up) in rows.items():

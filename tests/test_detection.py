@@ -138,6 +138,7 @@ def summary(log: str) -> list:
                       log)
 
 
+@pytest.mark.slow
 def test_training_and_one_vs_two_process_evaluation(tmp_path):
     data = generate_detection(str(tmp_path / "data"), size=64, train=4, val=3)
     common = ["--cfg", CFG, "--data-path", data, "--output", str(tmp_path / "out")]

@@ -16,6 +16,8 @@ from models.topk_attention import topk_layout
 from tests.golden import FIXTURES, case_opts, load_case
 from tests.helpers import REPO, randomise
 
+pytestmark = pytest.mark.slow  # tracing, exporting and checking a model takes 10 s to 90 s
+
 # Training-like weights (position tables and top-k biases not all zero), small enough for the released sizes.
 STD = 0.05
 

@@ -123,6 +123,7 @@ def test_layer_decay_scales_each_depth_and_keeps_the_no_decay_rules():
     assert group_of[id(params["head.weight"])]["weight_decay"] == config.TRAIN.WEIGHT_DECAY
 
 
+@pytest.mark.slow
 def test_ema_best_checkpoint_compile_and_class_names_end_to_end(demo_data, tmp_path):
     """Two epochs with EMA, layer decay and a compiled model (aot_eager: the compile path without a C++
     toolchain's minutes); then --eval and predict.py on the best checkpoint."""
@@ -154,6 +155,7 @@ def test_ema_best_checkpoint_compile_and_class_names_end_to_end(demo_data, tmp_p
 @pytest.mark.parametrize("name", ["focal_tiny_patch4_window12_384_finetune",
                                   "focal_tiny_useconv_patch4_window12_384_finetune",
                                   "focalv2_tiny_useconv_patch4_window12_384_finetune"])
+@pytest.mark.slow
 def test_finetune_configs_take_every_tensor_of_their_released_224_model(name, tmp_path, caplog):
     config = load_config(str(REPO / "configs" / "finetune" / f"{name}.yaml"))
     parent = name.replace("window12_384_finetune", "window7_224")

@@ -3,9 +3,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO
 
 
+@pytest.mark.slow
 def test_fails_clearly_without_a_gpu():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-m", "tools.gpu_check"], cwd=REPO, env=env, capture_output=True,

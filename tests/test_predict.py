@@ -73,6 +73,7 @@ def check_ranked(rows, k, probs):
     assert not others or min(probs[indices]).item() >= max(others) - 1e-5
 
 
+@pytest.mark.slow
 def test_imagenet_model_prints_top5_names_in_batches(images, tmp_path):
     torch.manual_seed(0)
     opts = list(SMALL_OPTS)
@@ -92,6 +93,7 @@ def test_imagenet_model_prints_top5_names_in_batches(images, tmp_path):
             assert 0 <= int(index) < 1000 and name  # an ImageNet class description, e.g. "tench, Tinca tinca"
 
 
+@pytest.mark.slow
 def test_released_layout_checkpoint_with_other_class_count_prints_indices(images):
     result = run_predict("--cfg", CFG, "--opts", *SMALL_OPTS, "--checkpoint", FIXTURE, str(images / "a.jpg"),
                          str(images / "b.png"))
@@ -106,6 +108,7 @@ def test_released_layout_checkpoint_with_other_class_count_prints_indices(images
         check_ranked(rows, 5, model_probabilities(model, config, path))
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_a_short_error(images, tmp_path):
     result = run_predict("--cfg", CFG, "--checkpoint", str(tmp_path / "none.pth"), str(images))
     assert result.returncode != 0

@@ -167,6 +167,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 @pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.slow
 def test_released_config_trains_and_evaluates_end_to_end(name, recipe_data, tmp_path):
     config_file = REPO / "configs" / f"{name}.yaml"
     opts = [str(item) for key, value in SHRINK.items() for item in (key, value)]

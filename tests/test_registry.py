@@ -10,6 +10,7 @@ from models import build_model
 from models.registry import RELEASE_URL
 from tests.golden import FIXTURES, case_input, load_case
 from tests.helpers import REPO
+
 RELEASED = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
 FIXTURE = FIXTURES / "small_fc_224.pth"
 
@@ -82,7 +83,7 @@ SMALL_V1 = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 8))
 
 
 @pytest.mark.parametrize("name", ["focal_tiny_patch4_window7_224", "focalv2_tiny_useconv_patch4_window7_224"])
-@pytest.mark.parametrize("size", [(224, 224), (800, 1216)])
+@pytest.mark.parametrize("size", [(224, 224), pytest.param((800, 1216), marks=pytest.mark.slow)])
 def test_features_only_gives_stride_4_to_32_maps(name, size):
     torch.manual_seed(0)
     backbone = timm.create_model(name, features_only=True, **SMALL_V1).eval()

@@ -49,6 +49,7 @@ def schedule_rate(opts: tuple, update: int, updates_per_epoch: int) -> float:
     return optimizer.param_groups[0]["lr"]
 
 
+@pytest.mark.slow
 def test_resume_follows_the_schedule_of_the_new_config(demo_data, tmp_path):
     """A lower BASE_LR and more epochs on resume are obeyed (both were silently ignored), and said in the log."""
     first = ("TRAIN.EPOCHS", "2", "SAVE_FREQ", "1")
@@ -95,14 +96,15 @@ BAD_VALUES = {
 
 
 @pytest.mark.parametrize("opts", BAD_VALUES)
-def test_out_of_range_values_are_refused_up_front(opts, demo_data, tmp_path):
-    main(demo_args(demo_data, tmp_path))
-    before = snapshot(tmp_path)
+def test_out_of_range_values_are_refused_up_front(opts, demo_data, copy_of):
+    """Refused before the run touches the output of an earlier one."""
+    output, before = copy_of
     with pytest.raises(UsageError, match=r"^config \(--cfg .*\): " + BAD_VALUES[opts]):
-        main(demo_args(demo_data, tmp_path, opts=opts.split()))
-    assert_intact(tmp_path, before)
+        main(demo_args(demo_data, output, opts=opts.split()))
+    assert_intact(output, before)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_output_is_refused_and_a_killed_one_leaves_no_lock(demo_data, tmp_path):
     args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "50"))
     proc = start_main(args)
@@ -150,6 +152,7 @@ def flip_bytes_inside_largest_tensor(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_refused_and_auto_resume_goes_back_to_a_good_one(demo_data, tmp_path):
     main(demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "2", "SAVE_FREQ", "1")))
     folder = run_dir(tmp_path)
@@ -174,6 +177,7 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_a_signal_ends_a_process_waiting_for_missing_ranks_at_once(demo_data, tmp_path, stop):
     env = {**MAIN_ENV, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
@@ -189,6 +193,7 @@ def test_a_signal_ends_a_process_waiting_for_missing_ranks_at_once(demo_data, tm
     assert stderr.strip().startswith(f"stopped: {reason}") and len(stderr.strip().splitlines()) == 1, stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_training_is_one_log_line_and_no_traceback(demo_data, tmp_path):
     """A terminal's Ctrl-C signals the whole foreground process group: main.py and its DataLoader workers."""
     args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "50", "DATA.NUM_WORKERS", "2"))
@@ -221,6 +226,7 @@ def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_files_that_are_not_what_they_claim_give_one_line(data, tmp_path):
     text = tmp_path / "notes.pth"
     text.write_text("these are my notes\n" * 20)
@@ -247,6 +253,7 @@ def test_a_text_file_posing_as_the_newest_checkpoint_is_skipped_by_auto_resume(d
     assert "Train: [1/2]" in log
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_with_a_non_utf8_name_is_named_in_the_log(data, tmp_path):
     bad = os.path.join(os.fsencode(data / "val" / "circle"), b"broken-\xff.png")
     with open(bad, "wb") as f:

@@ -110,6 +110,7 @@ def scores(log: str) -> list:
     return re.findall(r"IoU label \d+: [\d.na]+|mIoU [\d.]+% over \d+ classes \(\d+ images\)", log)
 
 
+@pytest.mark.slow
 def test_training_and_one_vs_two_process_evaluation(tmp_path):
     data = generate_segmentation(str(tmp_path / "data"), size=64, train=8, val=4)
     common = ["--cfg", CFG, "--data-path", data, "--output", str(tmp_path / "out")]

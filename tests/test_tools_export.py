@@ -7,6 +7,7 @@ import torch
 from config import load_config
 from models import build_model
 from tests.helpers import REPO, randomise
+
 CFG = "configs/demo/focal_demo.yaml"
 
 
@@ -24,6 +25,7 @@ def run_export(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_pt2_with_dynamic_batch_equals_eager(model_and_checkpoint, tmp_path):
     model, ckpt = model_and_checkpoint
     out = tmp_path / "demo.pt2"
@@ -37,6 +39,7 @@ def test_pt2_with_dynamic_batch_equals_eager(model_and_checkpoint, tmp_path):
             torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_onnx_at_another_size_equals_eager(model_and_checkpoint, tmp_path):
     import onnxruntime
     model, ckpt = model_and_checkpoint
@@ -54,6 +57,7 @@ def test_onnx_at_another_size_equals_eager(model_and_checkpoint, tmp_path):
     (["--output", "{tmp}/m.tflite"], "--output"),
     (["--output", "{tmp}/m.pt2", "--img-size", "1", "2", "3"], "--img-size"),
 ])
+@pytest.mark.slow
 def test_bad_flags_are_refused_by_name(model_and_checkpoint, tmp_path, args, message):
     _, ckpt = model_and_checkpoint
     done = run_export("--checkpoint", ckpt, *[a.format(tmp=tmp_path) for a in args])
@@ -61,6 +65,7 @@ def test_bad_flags_are_refused_by_name(model_and_checkpoint, tmp_path, args, mes
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_unreadable_checkpoint_is_named_and_nothing_is_written(tmp_path):
     bad = tmp_path / "broken.pth"
     bad.write_bytes(b"not a checkpoint")
@@ -69,6 +74,7 @@ def test_unreadable_checkpoint_is_named_and_nothing_is_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pth"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
 def test_a_failed_check_writes_nothing(model_and_checkpoint, tmp_path, monkeypatch, suffix):
     from errors import UsageError

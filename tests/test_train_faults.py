@@ -19,13 +19,14 @@ from models import ConfigError
 from utils import latest_checkpoint, read_checkpoint
 
 from tests.helpers import (LOG, REPO, assert_intact, check, demo_args, eval_summary, first_image, load, read_log,
-                           run_dir, run_main, snapshot, start_main, this_run, wait_for_line)
+                           run_dir, run_main, start_main, this_run, wait_for_line)
 
 # Every random stream in play: augmentation in a DataLoader worker, random erasing, Mixup, drop-path.
 RANDOM_OPTS = ("SAVE_FREQ", "1", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "1", "AUG.MIXUP", "0.8",
                "AUG.REPROB", "0.25", "MODEL.DROP_PATH_RATE", "0.1")
 
 
+@pytest.mark.slow
 def test_run_killed_in_epoch_three_resumes_to_the_same_weights(demo_data, tmp_path):
     """3 epochs straight == 2 epochs, SIGKILL during the third, and the same command again, bit for bit (the
     EMA of the weights included)."""
@@ -49,22 +50,6 @@ def test_run_killed_in_epoch_three_resumes_to_the_same_weights(demo_data, tmp_pa
         torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
     for key in ("lr_scheduler", "max_accuracy", "epoch", "step"):
         assert resumed[key] == expected[key], key
-
-
-@pytest.fixture(scope="module")
-def previous_run(demo_data, tmp_path_factory) -> Path:
-    """The output root of a finished one-epoch run: config, log and ckpt_epoch_0.pth."""
-    output = tmp_path_factory.mktemp("previous")
-    main(demo_args(demo_data, output))
-    return output
-
-
-@pytest.fixture
-def copy_of(previous_run, tmp_path):
-    """A copy of the previous run's output root and its snapshot."""
-    output = tmp_path / "output"
-    shutil.copytree(previous_run, output)
-    return output, snapshot(output)
 
 
 def truncate(path: Path) -> None:
@@ -109,6 +94,7 @@ def test_bad_input_is_refused_by_name_and_damages_nothing(case, copy_of, data):
     assert_intact(output, before)
 
 
+@pytest.mark.slow
 def test_unreadable_image_in_a_worker_is_one_line_naming_the_file(copy_of, data):
     output, before = copy_of
     bad = first_image(data)
@@ -215,6 +201,7 @@ def test_a_crash_while_saving_leaves_no_partial_checkpoint(copy_of, data, monkey
     assert_intact(output, before, may_change=("config.yaml",))  # no ckpt_epoch_1.pth, no temporary file
 
 
+@pytest.mark.slow
 def test_sigterm_is_logged_once_and_keeps_the_checkpoints(demo_data, tmp_path):
     """What torchrun sends the surviving ranks: the process exits through Python, says why exactly once (the
     signal handler logs it, wherever the exception then surfaces) and leaves only complete checkpoints."""
@@ -254,6 +241,7 @@ def test_a_sigterm_landing_while_a_failure_is_logged_is_still_logged(demo_data, 
     assert read_log(tmp_path).count("stopped: terminated by SIGTERM") == 1
 
 
+@pytest.mark.slow
 def test_a_dead_rank_stops_the_others_and_the_same_command_resumes(demo_data, tmp_path):
     args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "3", *RANDOM_OPTS[:4]))
     proc = start_main(args, nproc=2)

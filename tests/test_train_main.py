@@ -11,6 +11,8 @@ import torch
 
 from tests.helpers import DEMO_CFG, REPO, check, demo_args, eval_summary, read_log, run_dir, run_main
 
+pytestmark = pytest.mark.slow  # every test runs main.py as a subprocess, or uses a run made so
+
 
 @pytest.fixture(scope="module")
 def trained(demo_data, tmp_path_factory) -> Path:
