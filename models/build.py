@@ -30,6 +30,9 @@ def validate_model_config(config: Any) -> None:
         _require(len(f[key]) == n, f"MODEL.FOCAL.{key}",
                  f"needs one value per stage ({n}, as MODEL.FOCAL.DEPTHS), got {list(f[key])}")
     _require(f.PATCH_SIZE >= 1, "MODEL.FOCAL.PATCH_SIZE", f"must be >= 1, got {f.PATCH_SIZE}")
+    _require(f.PATCH_SIZE == 4 or not f.USE_CONV_EMBED, "MODEL.FOCAL.PATCH_SIZE",
+             f"must be 4 with MODEL.FOCAL.USE_CONV_EMBED (its stem is a 7x7 convolution of stride 4), "
+             f"got {f.PATCH_SIZE}")
     _require(f.EMBED_DIM >= 1, "MODEL.FOCAL.EMBED_DIM", f"must be >= 1, got {f.EMBED_DIM}")
     _require(f.WINDOW_SIZE >= 1, "MODEL.FOCAL.WINDOW_SIZE", f"must be >= 1, got {f.WINDOW_SIZE}")
     _require(m.NUM_CLASSES >= 0, "MODEL.NUM_CLASSES", f"must be >= 0, got {m.NUM_CLASSES}")

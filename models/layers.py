@@ -115,8 +115,10 @@ class WindowPool(nn.Module):
 class PatchEmbed(nn.Module):
     """Strided (or overlapping, with ``use_conv_embed``) convolution from an NCHW image or a token map.
 
-    The stem takes ``(B, C, H, W)`` images; the stage-to-stage downsampling takes ``(B, H, W, C)`` maps.
-    Inputs whose sides are not multiples of the stride are zero-padded at the bottom/right.
+    The stem takes ``(B, C, H, W)`` images, zero-padded at the bottom/right to whole patches. The stage-to-stage
+    downsampling takes ``(B, H, W, C)`` maps and is the reference's convolution as it is: on a side of odd length
+    the 2x2 merging drops the last row/column, the overlapping 3x3 one keeps it (its own zero padding). Only a
+    map one token wide is zero-padded to two, so that no input is too small.
     """
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, use_conv_embed: bool = False,
@@ -136,8 +138,13 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels-last in, channels-last out: the convolution kernels are faster and the result is already NHWC
-        x = x.permute(0, 3, 1, 2) if not self.is_stem else x.contiguous(memory_format=torch.channels_last)
-        pad_h, pad_w = -x.shape[2] % self.stride, -x.shape[3] % self.stride
+        if self.is_stem:
+            x = x.contiguous(memory_format=torch.channels_last)
+            pad_h, pad_w = -x.shape[2] % self.stride, -x.shape[3] % self.stride
+        else:
+            x = x.permute(0, 3, 1, 2)
+            reach = self.kernel_size - 2 * self.proj.padding[0]  # the narrowest map the convolution accepts
+            pad_h, pad_w = max(0, reach - x.shape[2]), max(0, reach - x.shape[3])
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
         if self.pre_norm is not None:
