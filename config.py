@@ -61,6 +61,7 @@ _C.MODEL.FOCAL.FOCAL_POOL = "none"  # none | fc | conv | mean | max
 _C.MODEL.FOCAL.FOCAL_STAGES = [0, 1, 2, 3]
 _C.MODEL.FOCAL.FOCAL_LEVELS = [1, 1, 1, 1]
 _C.MODEL.FOCAL.FOCAL_WINDOWS = [7, 5, 3, 1]
+# Stages that get EXPAND_SIZES surroundings; the others get none (the reference ignores this key and expands all).
 _C.MODEL.FOCAL.EXPAND_STAGES = [0, 1, 2, 3]
 _C.MODEL.FOCAL.EXPAND_SIZES = [3, 3, 3, 3]
 _C.MODEL.FOCAL.EXPAND_LAYER = "all"  # all | even | odd

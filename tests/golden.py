@@ -50,5 +50,6 @@ def build_filled(case: Dict[str, Any], extra_opts: List[Any] = ()) -> torch.nn.M
 
 
 def case_input(case: Dict[str, Any]) -> torch.Tensor:
-    size = case["img_size"]
-    return torch.randn(case["batch"], 3, size, size, generator=torch.Generator().manual_seed(0))
+    """Seeded images with the case's ``IN_CHANS`` channels (3 unless the case sets it)."""
+    size, channels = case["img_size"], case["focal"].get("IN_CHANS", 3)
+    return torch.randn(case["batch"], channels, size, size, generator=torch.Generator().manual_seed(0))

@@ -7,6 +7,11 @@ The reference (microsoft/Focal-Transformer, a checkout given by path, never bund
 shim is the ``timm.data.transforms._pil_interp`` name it imports and current timm no longer has. Its parameters are
 filled by the recipe of tests/fixtures/README.md, it runs on the seeded input in float32 on the CPU, and the file
 records what the models of this project must reproduce: parameter and buffer names and shapes, FLOPs and logits.
+
+One key is translated: the reference takes ``EXPAND_STAGES`` but ignores it (every stage gets its ``EXPAND_SIZES``
+entry), while our models honour it. A non-default ``EXPAND_STAGES`` therefore reaches the reference as
+``EXPAND_SIZES`` with the entries of the stages it leaves out set to 0 (no expanded keys there, in both); the
+fixture records the keys as given, so our models build from ``EXPAND_STAGES`` itself.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from types import ModuleType
 from typing import Any, Dict, Optional, Sequence
 
 import torch
+from yacs.config import CfgNode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -62,12 +68,24 @@ def focal_keys(config) -> Dict[str, Any]:
     return changed
 
 
+def reference_config(config: CfgNode) -> CfgNode:
+    """``config`` as the reference must see it: ``EXPAND_STAGES``, which it ignores, folded into ``EXPAND_SIZES``."""
+    f = config.MODEL.FOCAL
+    if list(f.EXPAND_STAGES) == list(_C.MODEL.FOCAL.EXPAND_STAGES):
+        return config
+    config = config.clone()
+    config.defrost()
+    config.MODEL.FOCAL.EXPAND_SIZES = [size if i in f.EXPAND_STAGES else 0 for i, size in enumerate(f.EXPAND_SIZES)]
+    config.freeze()
+    return config
+
+
 def make_case(reference: ModuleType, name: str, cfg: Optional[str], opts: Sequence[Any], batch: int) -> Dict[str, Any]:
     config = load_config(cfg, list(opts) + ["MODEL.DROP_RATE", 0.0, "MODEL.DROP_PATH_RATE", 0.0])
     case = {"name": name, "model_type": config.MODEL.TYPE, "img_size": config.DATA.IMG_SIZE,
             "num_classes": config.MODEL.NUM_CLASSES, "batch": batch, "focal": focal_keys(config)}
     with contextlib.redirect_stdout(sys.stderr):  # the reference prints "Creating model"
-        model = reference.build_model(config).eval()
+        model = reference.build_model(reference_config(config)).eval()
     parameters = [[n, list(p.shape)] for n, p in model.named_parameters()]
     with torch.no_grad():
         for (n, shape), p in zip(parameters, model.parameters()):
