@@ -207,6 +207,12 @@ def run_task(module: str, args: Sequence[str], nproc: int = 1, timeout: float = 
     return subprocess.run(command, cwd=REPO, env=MAIN_ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def start_task(module: str, args: Sequence[str]) -> subprocess.Popen:
+    """``python -m MODULE ARGS --device cpu`` started in the background, its stdout readable line by line."""
+    return subprocess.Popen(launcher(1) + ["-m", module, *args, "--device", "cpu"], cwd=REPO, env=MAIN_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def task_args(cfg: str, **flags) -> argparse.Namespace:
     """What ``dense.run.parse_args`` gives for ``--cfg CFG`` with ``flags`` (True: a switch such as ``--eval``)."""
     from dense.run import parse_args

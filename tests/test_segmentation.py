@@ -3,7 +3,9 @@ one-line errors, and a real run (training steps, checkpoint, auto-resume refusal
 under torchrun with two processes."""
 from __future__ import annotations
 
+import os
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -24,7 +26,8 @@ from segmentation.data import SegmentationFolder
 from segmentation.evaluate import evaluate
 from segmentation.model import backbone, build_segmenter
 from segmentation.train import TASK
-from tests.helpers import BACKBONE_OPTS, CHECKPOINT, LOG, REPO, check, run_task, task_args
+from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, check, load, run_task,
+                           start_task, task_args, wait_for_line)
 
 CFG = str(REPO / "configs" / "segmentation" / "demo.yaml")
 TINY = ["DATA.SCALE", "[64, 64]", "DATA.CROP_SIZE", "64", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0",
@@ -125,6 +128,33 @@ def test_training_and_one_vs_two_process_evaluation(tmp_path):
     two = check(run_task("segmentation.train", [*common, "--eval", "--resume", str(checkpoint), "--tag", "two",
                                                  "--opts", *TINY], nproc=2))
     assert scores(two.stdout) == scores(trained.stdout) and len(scores(two.stdout)) == 5
+
+
+@pytest.mark.slow
+def test_run_killed_in_epoch_three_resumes_to_the_same_weights(tmp_path):
+    """The dense tasks share dense/run.py's resume path: 3 epochs straight == 2 epochs, SIGKILL during the third,
+    and the same command again, bit for bit."""
+    data = generate_segmentation(str(tmp_path / "data"), size=64, train=12, val=2)
+    opts = [*TINY, "TRAIN.EPOCHS", "3", "DATA.BATCH_SIZE", "2"]
+    straight, killed = (["--cfg", CFG, "--data-path", data, "--output", str(tmp_path / d), "--opts", *opts]
+                        for d in ("straight", "killed"))
+    check(run_task("segmentation.train", straight))
+    proc = start_task("segmentation.train", killed)
+    wait_for_line(proc, "Train: [2/3][1/6]")  # a step of the third epoch is done
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    proc.stdout.close(), proc.stderr.close()
+    run_dir = tmp_path / "killed" / "upernet_focal_demo" / "default"
+    assert (run_dir / "ckpt_epoch_1.pth").is_file() and not (run_dir / "ckpt_epoch_2.pth").exists()
+
+    resumed_run = check(run_task("segmentation.train", killed))
+    assert "ckpt_epoch_1.pth" in resumed_run.stdout and "Train: [1/3]" not in resumed_run.stdout
+    expected, resumed = (load(tmp_path / d / "upernet_focal_demo" / "default" / "ckpt_epoch_2.pth")
+                         for d in ("straight", "killed"))
+    for key in ("model", "optimizer"):
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
+    for key in ("lr_scheduler", "max_accuracy", "epoch", "step"):
+        assert resumed[key] == expected[key], key
 
 
 @pytest.mark.parametrize("cfg", sorted(str(p) for p in (REPO / "configs" / "segmentation").glob("*.yaml")))
