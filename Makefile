@@ -19,11 +19,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 # Two pytest workers: most tests wait on subprocess start-up or one-thread runs, so two cores finish the suite in
 # about 6 minutes instead of about 10.
 test: venv
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 # The inner loop: every test not marked slow (pytest.ini), in about a minute on 2 cores. `make test` runs them all.
 test-fast: venv
-	$(PY) -m pytest -q -n 2 -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 
 # On a machine with a CUDA GPU: golden fixtures, fp16/bf16 training steps, 1- vs 2-GPU evaluation, benchmark
 # (tools/gpu_check.py). Fails with one line and exit status 2 where there is no GPU.

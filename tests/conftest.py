@@ -3,13 +3,23 @@ made once per session (per xdist worker), and private copies of them to damage. 
 constants are in tests/helpers.py."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from data.demo import generate
 from tests.helpers import demo_args, snapshot
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker takes its share of the cores for torch's intra-op threads: two workers of
+    two threads each on two cores spend much of their time waiting for each other's threads."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="session")

@@ -130,9 +130,9 @@ def create(name: str, img_size: int, device: torch.device = torch.device("cpu"))
     return model.to(device)
 
 
-def inference_step(model: nn.Module, x: torch.Tensor, compile: bool = False) -> Callable[[], None]:
+def inference_step(model: nn.Module, x: torch.Tensor, backend: Optional[str] = None) -> Callable[[], None]:
     model.eval()
-    forward = torch.compile(model) if compile else model  # compiled by the first (warm-up) call
+    forward = torch.compile(model, backend=backend) if backend else model  # compiled by the first (warm-up) call
 
     def step():
         with torch.inference_mode():
@@ -140,13 +140,13 @@ def inference_step(model: nn.Module, x: torch.Tensor, compile: bool = False) -> 
     return step
 
 
-def training_step(model: nn.Module, x: torch.Tensor, compile: bool = False) -> Callable[[], None]:
+def training_step(model: nn.Module, x: torch.Tensor, backend: Optional[str] = None) -> Callable[[], None]:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     with torch.no_grad():
         num_classes = model(x[:1]).shape[-1]
     target = torch.randint(0, num_classes, (x.shape[0],), device=x.device)
-    forward = torch.compile(model) if compile else model
+    forward = torch.compile(model, backend=backend) if backend else model
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -240,7 +240,7 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
             models = {n: create(n, img_size, device) for n in names}
             make = inference_step if mode == "infer" else training_step
             steps = {n: make(m, x, args.compile) for n, m in models.items()}
-            compiled = " under torch.compile" if args.compile else ""
+            compiled = f" under torch.compile ({args.compile})" if args.compile else ""
             print(f"timing {mode}{compiled} at {img_size}x{img_size}, batch {args.batch_size}, {args.reps} reps ...",
                   flush=True)
             medians = time_alternating(steps, args.reps, args.warmup, device, args.min_seconds)
@@ -375,8 +375,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="each repetition repeats a fast step until it lasts this long")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the training-memory probes")
-    p.add_argument("--compile", action="store_true",
-                   help="time every model under torch.compile (the first, untimed call compiles; memory probes stay eager)")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="time every model under torch.compile (default backend inductor; the first, untimed call "
+                        "compiles; memory probes stay eager)")
     p.add_argument("--gather", action="store_true", help="compare the v1 gather methods instead")
     p.add_argument("--kernels", action="store_true",
                    help="compare F.linear with the oneDNN linear on the Tiny models' layer shapes instead")
