@@ -24,9 +24,10 @@ class OutputLock:
 
     The lock belongs to the process, not to the file descriptor, so DataLoader workers forked from the run do not
     inherit it (an orphaned worker of a killed run would otherwise hold an ``flock`` for a while). The kernel
-    drops it when the process ends, however it ends, so a crashed or killed run never leaves the folder locked: a lock file left behind by a killed run is simply locked anew. A run that ends normally removes
-    the file (while still holding the lock), so finished output folders hold no trace of it. The file holds the
-    owner's pid, for the message.
+    drops it when the process ends, however it ends, so a crashed or killed run never leaves the folder locked: a
+    lock file left behind by a killed run is simply locked anew. A run that ends normally removes the file (while
+    still holding the lock), so finished output folders hold no trace of it. The file holds the owner's pid, for
+    the message.
     """
 
     def __init__(self, folder: str, rank: int):

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -370,7 +371,8 @@ def seed_everything(seed: int, rank: int, stage: int) -> None:
 
 def save_config(config: Any, logger: logging.Logger) -> None:
     path = os.path.join(config.OUTPUT, "config.yaml")
-    atomic_write(path, lambda tmp: open(tmp, "w").write(config.dump()))
+    text = config.dump()
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     logger.info(f"full config saved to {path}")
 
 

@@ -163,15 +163,31 @@ def launcher(nproc: int = 1) -> List[str]:
     return command
 
 
+def main_command(args: Sequence[str], nproc: int = 1) -> List[str]:
+    return launcher(nproc) + ["main.py", *args]
+
+
+def task_command(module: str, args: Sequence[str], nproc: int = 1) -> List[str]:
+    """``python -m MODULE ARGS --device cpu``, alone or under torchrun."""
+    return launcher(nproc) + ["-m", module, *args, "--device", "cpu"]
+
+
+def run_command(command: Sequence[str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, env=MAIN_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def start_command(command: Sequence[str]) -> subprocess.Popen:
+    """Started in the background, its stdout (rank 0's log, unbuffered) readable line by line."""
+    return subprocess.Popen(command, cwd=REPO, env=MAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
 def run_main(args: Sequence[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(launcher(nproc) + ["main.py", *args], cwd=REPO, env=MAIN_ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_command(main_command(args, nproc), timeout)
 
 
 def start_main(args: Sequence[str], nproc: int = 1) -> subprocess.Popen:
-    """``main.py`` started in the background, its stdout (rank 0's log, unbuffered) readable line by line."""
-    return subprocess.Popen(launcher(nproc) + ["main.py", *args], cwd=REPO, env=MAIN_ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return start_command(main_command(args, nproc))
 
 
 def wait_for_line(proc: subprocess.Popen, needle: str) -> str:
@@ -202,15 +218,11 @@ BACKBONE_OPTS = ["MODEL.BACKBONE_ARGS.embed_dim", "16", "MODEL.BACKBONE_ARGS.dep
 
 
 def run_task(module: str, args: Sequence[str], nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
-    """``python -m MODULE ARGS --device cpu``, alone or under torchrun."""
-    command = launcher(nproc) + ["-m", module, *args, "--device", "cpu"]
-    return subprocess.run(command, cwd=REPO, env=MAIN_ENV, capture_output=True, text=True, timeout=timeout)
+    return run_command(task_command(module, args, nproc), timeout)
 
 
 def start_task(module: str, args: Sequence[str]) -> subprocess.Popen:
-    """``python -m MODULE ARGS --device cpu`` started in the background, its stdout readable line by line."""
-    return subprocess.Popen(launcher(1) + ["-m", module, *args, "--device", "cpu"], cwd=REPO, env=MAIN_ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_command(task_command(module, args))
 
 
 def task_args(cfg: str, **flags) -> argparse.Namespace:
