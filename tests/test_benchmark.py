@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers import REPO
 from tools import benchmark
@@ -142,3 +143,43 @@ def test_kernels_mode_compares_linear_kernels_per_layer(capsys):
     assert len(rows) == 16 and rows["stage 1 qkv"][0] == "64x96 -> 288" and rows["stage 4 fc2"][0] == "1x3072 -> 768"
     for shape, stock, onednn, speed_up in rows.values():
         assert_printed_ratio(speed_up, onednn, stock)
+
+
+def test_ceiling_times_each_model_with_its_gather_free_and_with_window_keys_only(capsys):
+    out = run_here(capsys, *DEMO, "--ceiling", "--mode", "both", "--models", PEER, MODEL, "--reps", "1")
+    rows = table(out, "attention ceiling")
+    variants = list(benchmark.CEILING_VARIANTS)
+    assert list(rows) == [f"{m}, {v}" for m in (PEER, MODEL) for v in variants] + [PEER]
+    for cells in rows.values():
+        for cell, peer_cell in zip(cells, rows[PEER]):
+            ips, ratio = CELL.match(cell).groups()[:2]
+            assert_printed_ratio(ratio, ips, CELL.match(peer_cell).group(1))
+
+
+def test_ceiling_refuses_kernel_suffixes():
+    with pytest.raises(SystemExit, match="--ceiling times plain models"):
+        benchmark.main([*DEMO, "--ceiling", "--models", MODEL + "+kernels"])
+
+
+@pytest.mark.parametrize("name", [PEER, MODEL])
+def test_free_gather_ablation_is_the_models_own_attention_then_skips_the_gather(name):
+    """What --ceiling times as 'gather free': the first call computes the model's attention exactly; later calls
+    reuse those keys and values (no index_select) and so no longer follow their input."""
+    model = benchmark.create(name, 64).eval()
+    ablated = benchmark.create(name, 64).eval()
+    ablated.load_state_dict(model.state_dict())
+    for attn in ablated.modules():
+        if isinstance(attn, benchmark.WindowedAttention):
+            benchmark.ablate_gather(attn, "all")
+    first, second = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    n_attention = sum(isinstance(m, benchmark.WindowedAttention) for m in model.modules())
+
+    def index_selects(net):
+        with torch.profiler.profile() as prof:
+            out = net(second)
+        return out, sum(e.count for e in prof.key_averages() if e.key == "aten::index_select")
+    with torch.no_grad():
+        torch.testing.assert_close(ablated(first), model(first), rtol=0, atol=1e-6)
+        (stale, ablated_calls), (fresh, plain_calls) = index_selects(ablated), index_selects(model)
+    assert plain_calls - ablated_calls == 2 * n_attention  # keys and values of every attention layer
+    assert not torch.allclose(stale, fresh, atol=1e-3)

@@ -16,6 +16,7 @@ Examples::
     python -m tools.benchmark --mode infer --img-size 224 448 896 --batch-size 1 --plot throughput.png
     python -m tools.benchmark --gather                          # roll / unfold / index on Focal-T
     python -m tools.benchmark --kernels                         # F.linear against oneDNN, per layer shape
+    python -m tools.benchmark --ceiling                         # what the attention design costs, by ablation
     python -m tools.benchmark --baseline ../old-checkout \
         --models focal_tiny_patch4_window7_224 base:focal_tiny_patch4_window7_224  # against another checkout
     python -m tools.benchmark --reference ../Focal-Transformer/classification \
@@ -47,6 +48,7 @@ from config import load_config  # noqa: E402
 from engine import synchronize  # noqa: E402
 from models import build_model  # noqa: E402
 from models.focal_attention import GATHER_METHODS, FocalWindowAttention  # noqa: E402
+from models.window_attention import WindowedAttention, gather_windows  # noqa: E402
 from models.kernels import optimize_for, select_kernels  # noqa: E402
 from models.kernels import onednn_linear  # noqa: E402
 
@@ -299,6 +301,60 @@ def run_gather(args: argparse.Namespace, device: torch.device) -> None:
                 rows, ["method", "ms/batch", "images/s", "speed-up vs roll"])
 
 
+CEILING_VARIANTS = {"as built": None, "gather free": "all", "window keys only": "window"}
+
+
+def ablate_gather(attn: WindowedAttention, keys: str) -> None:
+    """For ``--ceiling`` only: ``attn`` gathers its keys and values on its first call for each shape and reuses
+    them afterwards, so a step costs everything but the gather. With ``keys="window"`` each window then attends
+    to only its first ``ws*ws`` keys (its own tokens in v1), Swin's amount of attention. Later calls return
+    attention over stale keys and values: the timing is right, the outputs are not."""
+    stored: Dict[tuple, tuple] = {}
+    plain = attn.attend
+
+    def attend(q, k, v, index, bias):
+        n_keys = q.shape[-2] if keys == "window" else bias.shape[-1]
+        shape = (q.shape, bias.shape)
+        if shape not in stored:
+            with torch.no_grad():
+                stored[shape] = tuple(gather_windows(t, index, bias.shape[-1])[..., :n_keys, :].contiguous()
+                                      for t in (k, v))
+        k, v = (t.detach().requires_grad_(q.requires_grad) for t in stored[shape])
+        return plain(q, k, v, None, bias[..., :n_keys])
+    attn.attend = attend
+
+
+def run_ceiling(args: argparse.Namespace, device: torch.device) -> None:
+    """Each model as built, with its key/value gather made free, and attending to ``ws*ws`` keys per window (the
+    peer's amount), timed alternately with the peer: how far better gathers or fewer keys could take it."""
+    modes = ["infer", "train"] if args.mode == "both" else [args.mode]
+    size = args.img_size[0]
+    x = torch.randn(args.batch_size, 3, size, size, device=device)
+    figures: Dict[str, Dict[str, float]] = {}
+    for mode in modes:
+        make = inference_step if mode == "infer" else training_step
+        steps = {}
+        for name in args.models:
+            if split_suffix(name)[1]:
+                raise SystemExit(f"--ceiling times plain models (stock kernels), got {name}")
+            for variant, keys in CEILING_VARIANTS.items():
+                model = create(name, size, device)
+                attns = [m for m in model.modules() if isinstance(m, WindowedAttention)]
+                if not attns:
+                    raise SystemExit(f"--ceiling needs Focal models, got {name}")
+                for attn in attns if keys else []:
+                    ablate_gather(attn, keys)
+                steps[f"{name}, {variant}"] = make(model, x)
+        steps[args.peer] = make(create(args.peer, size, device), x)
+        print(f"timing {mode} at {size}x{size}, batch {args.batch_size}, {args.reps} reps ...", flush=True)
+        for name, sec in time_alternating(steps, args.reps, args.warmup, device, args.min_seconds).items():
+            figures.setdefault(name, {})[mode] = args.batch_size / sec
+    rows = [[name] + [f"{f[m]:.2f} ({f[m] / figures[args.peer][m]:.2f}x)" for m in modes]
+            for name, f in figures.items()]
+    print_table(f"attention ceiling, images/s, medians of {args.reps} alternating repetitions on {machine()}", rows,
+                ["model, variant"] + [f"{m} {size} img/s (vs peer)" for m in modes])
+
+
 def run_kernels(args: argparse.Namespace, device: torch.device) -> None:
     """GFLOP/s of PyTorch's ``F.linear`` and of the oneDNN path on every linear-layer shape of the Tiny models
     (Swin-T's and ours are the same): the measurement behind ``models/kernels/onednn_linear.py``."""
@@ -381,6 +437,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--gather", action="store_true", help="compare the v1 gather methods instead")
     p.add_argument("--kernels", action="store_true",
                    help="compare F.linear with the oneDNN linear on the Tiny models' layer shapes instead")
+    p.add_argument("--ceiling", action="store_true",
+                   help="time each model also with its key/value gather made free and with ws*ws keys per window "
+                        "(ablations: wrong outputs, right costs) instead")
     p.add_argument("--plot", help="write a PNG of inference images/s against image size")
     p.add_argument("--json", help="write the raw figures to this file")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
@@ -396,7 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     REFERENCE_PATH, BASELINE_PATH = args.reference, args.baseline
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
     if args.models is None:
-        args.models = default_models(args.peer, device)
+        args.models = list(DEFAULT_MODELS) if args.ceiling else default_models(args.peer, device)
     torch.manual_seed(0)
     if args.memory_probe:
         print(memory_probe(args.memory_probe, args.batch_size, args.img_size[0], device))
@@ -407,6 +466,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     if args.kernels:
         run_kernels(args, device)
+        return
+    if args.ceiling:
+        run_ceiling(args, device)
         return
     results = run_speed(args, device)
     if args.plot:
