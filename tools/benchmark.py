@@ -186,7 +186,8 @@ def peak_memory_mb(name: str, batch: int, img_size: int, device: str) -> float:
     """Peak memory of training steps: CUDA allocator peak, or on CPU the peak RSS of a fresh process."""
     cmd = [sys.executable, "-m", "tools.benchmark", "--memory-probe", name, "--batch-size", str(batch),
            "--img-size", str(img_size), "--device", device]
-    cmd += (["--reference", REFERENCE_PATH] if REFERENCE_PATH else []) + (["--baseline", BASELINE_PATH] if BASELINE_PATH else [])
+    for flag, path in (("--reference", REFERENCE_PATH), ("--baseline", BASELINE_PATH)):
+        cmd += [flag, path] if path else []
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -220,7 +221,8 @@ def peak_rss_mb() -> float:
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
 
 
 def print_table(title: str, rows: List[List[str]], header: Sequence[str]) -> None:
@@ -258,7 +260,9 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
             for mode in modes:
                 key = f"{mode}_{img_size}"
                 ips = results[n][key]
-                gain = f", {ips / results[base][key]:.2f}x of {base.split(':')[-1]}" if base != n and base in results else ""
+                gain = ""
+                if base != n and base in results:
+                    gain = f", {ips / results[base][key]:.2f}x of {base.split(':')[-1]}"
                 row.append(f"{ips:.2f} ({ips / results[args.peer][key]:.2f}x{gain})")
         rows.append(row)
     header = ["model"] + [f"{m} {s} img/s (vs peer)" for s in args.img_size for m in modes]
@@ -342,8 +346,9 @@ def run_ceiling(args: argparse.Namespace, device: torch.device) -> None:
                 attns = [m for m in model.modules() if isinstance(m, WindowedAttention)]
                 if not attns:
                     raise SystemExit(f"--ceiling needs Focal models, got {name}")
-                for attn in attns if keys else []:
-                    ablate_gather(attn, keys)
+                if keys:
+                    for attn in attns:
+                        ablate_gather(attn, keys)
                 steps[f"{name}, {variant}"] = make(model, x)
         steps[args.peer] = make(create(args.peer, size, device), x)
         print(f"timing {mode} at {size}x{size}, batch {args.batch_size}, {args.reps} reps ...", flush=True)
@@ -453,7 +458,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     global REFERENCE_PATH, BASELINE_PATH
     REFERENCE_PATH, BASELINE_PATH = args.reference, args.baseline
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
     if args.models is None:
         args.models = list(DEFAULT_MODELS) if args.ceiling else default_models(args.peer, device)
     torch.manual_seed(0)
