@@ -183,3 +183,20 @@ def test_free_gather_ablation_is_the_models_own_attention_then_skips_the_gather(
         (stale, ablated_calls), (fresh, plain_calls) = index_selects(ablated), index_selects(model)
     assert plain_calls - ablated_calls == 2 * n_attention  # keys and values of every attention layer
     assert not torch.allclose(stale, fresh, atol=1e-3)
+
+
+def test_autocast_precision_is_applied_and_named(capsys, tmp_path):
+    out = run_here(capsys, *DEMO, "--amp", "bf16", "--mode", "both", "--no-memory",
+                   "--json", str(tmp_path / "bench.json"))
+    assert "timing train at 64x64, batch 2, bf16 autocast" in out
+    assert "alternating repetitions on" in out and ", bf16 autocast\n" in out
+    check_speed_table(out, json.loads((tmp_path / "bench.json").read_text()), ["infer_64", "train_64"])
+
+
+def test_training_step_runs_under_the_requested_autocast():
+    model = benchmark.create(PEER, 64)
+    dtypes = []
+    model.head.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    for amp, dtype in (("bf16", torch.bfloat16), ("none", torch.float32)):
+        benchmark.training_step(model, torch.randn(2, 3, 64, 64), amp=amp)()
+        assert dtypes[-1] == dtype

@@ -17,6 +17,7 @@ Examples::
     python -m tools.benchmark --gather                          # roll / unfold / index on Focal-T
     python -m tools.benchmark --kernels                         # F.linear against oneDNN, per layer shape
     python -m tools.benchmark --ceiling                         # what the attention design costs, by ablation
+    python -m tools.benchmark --amp bf16 --batch-size 64        # under autocast (float32 by default)
     python -m tools.benchmark --baseline ../old-checkout \
         --models focal_tiny_patch4_window7_224 base:focal_tiny_patch4_window7_224  # against another checkout
     python -m tools.benchmark --reference ../Focal-Transformer/classification \
@@ -132,19 +133,31 @@ def create(name: str, img_size: int, device: torch.device = torch.device("cpu"))
     return model.to(device)
 
 
-def inference_step(model: nn.Module, x: torch.Tensor, backend: Optional[str] = None) -> Callable[[], None]:
+AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(x: torch.Tensor, amp: str):
+    """Autocast in ``amp`` (a key of ``AMP_DTYPES``) on ``x``'s device; ``"none"`` runs in the tensors' dtype."""
+    return torch.autocast(x.device.type, dtype=AMP_DTYPES[amp], enabled=amp != "none")
+
+
+def inference_step(model: nn.Module, x: torch.Tensor, backend: Optional[str] = None,
+                   amp: str = "none") -> Callable[[], None]:
     model.eval()
     forward = torch.compile(model, backend=backend) if backend else model  # compiled by the first (warm-up) call
 
     def step():
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(x, amp):
             forward(x)
     return step
 
 
-def training_step(model: nn.Module, x: torch.Tensor, backend: Optional[str] = None) -> Callable[[], None]:
+def training_step(model: nn.Module, x: torch.Tensor, backend: Optional[str] = None,
+                  amp: str = "none") -> Callable[[], None]:
+    """One optimizer step; fp16 goes through a gradient scaler, as ``main.py`` trains."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(x.device.type, enabled=amp == "fp16")
     with torch.no_grad():
         num_classes = model(x[:1]).shape[-1]
     target = torch.randint(0, num_classes, (x.shape[0],), device=x.device)
@@ -152,8 +165,11 @@ def training_step(model: nn.Module, x: torch.Tensor, backend: Optional[str] = No
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(forward(x), target).backward()
-        optimizer.step()
+        with autocast(x, amp):
+            loss = nn.functional.cross_entropy(forward(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return step
 
 
@@ -182,19 +198,19 @@ def time_alternating(steps: Dict[str, Callable[[], None]], reps: int, warmup: in
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def peak_memory_mb(name: str, batch: int, img_size: int, device: str) -> float:
+def peak_memory_mb(name: str, batch: int, img_size: int, device: str, amp: str) -> float:
     """Peak memory of training steps: CUDA allocator peak, or on CPU the peak RSS of a fresh process."""
     cmd = [sys.executable, "-m", "tools.benchmark", "--memory-probe", name, "--batch-size", str(batch),
-           "--img-size", str(img_size), "--device", device]
+           "--img-size", str(img_size), "--device", device, "--amp", amp]
     for flag, path in (("--reference", REFERENCE_PATH), ("--baseline", BASELINE_PATH)):
         cmd += [flag, path] if path else []
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
 
-def memory_probe(name: str, batch: int, img_size: int, device: torch.device) -> float:
+def memory_probe(name: str, batch: int, img_size: int, device: torch.device, amp: str) -> float:
     model = create(name, img_size, device)
-    step = training_step(model, torch.randn(batch, 3, img_size, img_size, device=device))
+    step = training_step(model, torch.randn(batch, 3, img_size, img_size, device=device), amp=amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         for _ in range(2):
@@ -216,6 +232,10 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def precision(args: argparse.Namespace) -> str:
+    return "float32" if args.amp == "none" else f"{args.amp} autocast"
 
 
 def machine() -> str:
@@ -243,10 +263,10 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
             x = torch.randn(args.batch_size, 3, img_size, img_size, device=device)
             models = {n: create(n, img_size, device) for n in names}
             make = inference_step if mode == "infer" else training_step
-            steps = {n: make(m, x, args.compile) for n, m in models.items()}
+            steps = {n: make(m, x, args.compile, args.amp) for n, m in models.items()}
             compiled = f" under torch.compile ({args.compile})" if args.compile else ""
-            print(f"timing {mode}{compiled} at {img_size}x{img_size}, batch {args.batch_size}, {args.reps} reps ...",
-                  flush=True)
+            print(f"timing {mode}{compiled} at {img_size}x{img_size}, batch {args.batch_size}, {precision(args)}, "
+                  f"{args.reps} reps ...", flush=True)
             medians = time_alternating(steps, args.reps, args.warmup, device, args.min_seconds)
             for n, sec in medians.items():
                 results.setdefault(n, {})[f"{mode}_{img_size}"] = args.batch_size / sec
@@ -266,14 +286,15 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
                 row.append(f"{ips:.2f} ({ips / results[args.peer][key]:.2f}x{gain})")
         rows.append(row)
     header = ["model"] + [f"{m} {s} img/s (vs peer)" for s in args.img_size for m in modes]
-    print_table(f"images/s, medians of {args.reps} alternating repetitions on {machine()}", rows, header)
+    print_table(f"images/s, medians of {args.reps} alternating repetitions on {machine()}, {precision(args)}", rows,
+                header)
     if any(split_suffix(n)[1] for n in names):
         print(f"kernels on {device.type}: {', '.join(select_kernels(device)) or 'none'}")
     if args.memory and "train" in modes:
         mem_rows = []
         peer_mb = None
         for n in [args.peer] + list(args.models):
-            mb = peak_memory_mb(n, args.batch_size, args.img_size[0], str(device))
+            mb = peak_memory_mb(n, args.batch_size, args.img_size[0], str(device), args.amp)
             peer_mb = peer_mb or mb
             results[n][f"train_peak_mb_{args.img_size[0]}"] = mb
             mem_rows.append([n, f"{mb:.0f}", f"{mb / peer_mb:.2f}x"])
@@ -349,14 +370,16 @@ def run_ceiling(args: argparse.Namespace, device: torch.device) -> None:
                 if keys:
                     for attn in attns:
                         ablate_gather(attn, keys)
-                steps[f"{name}, {variant}"] = make(model, x)
-        steps[args.peer] = make(create(args.peer, size, device), x)
-        print(f"timing {mode} at {size}x{size}, batch {args.batch_size}, {args.reps} reps ...", flush=True)
+                steps[f"{name}, {variant}"] = make(model, x, amp=args.amp)
+        steps[args.peer] = make(create(args.peer, size, device), x, amp=args.amp)
+        print(f"timing {mode} at {size}x{size}, batch {args.batch_size}, {precision(args)}, {args.reps} reps ...",
+              flush=True)
         for name, sec in time_alternating(steps, args.reps, args.warmup, device, args.min_seconds).items():
             figures.setdefault(name, {})[mode] = args.batch_size / sec
     rows = [[name] + [f"{f[m]:.2f} ({f[m] / figures[args.peer][m]:.2f}x)" for m in modes]
             for name, f in figures.items()]
-    print_table(f"attention ceiling, images/s, medians of {args.reps} alternating repetitions on {machine()}", rows,
+    print_table(f"attention ceiling, images/s, medians of {args.reps} alternating repetitions on {machine()}, "
+                f"{precision(args)}", rows,
                 ["model, variant"] + [f"{m} {size} img/s (vs peer)" for m in modes])
 
 
@@ -435,6 +458,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--min-seconds", type=float, default=0.5,
                    help="each repetition repeats a fast step until it lasts this long")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--amp", choices=list(AMP_DTYPES), default="none",
+                   help="autocast precision of every model (default none: float32); fp16 trains with a gradient "
+                        "scaler, as main.py does")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the training-memory probes")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="time every model under torch.compile (default backend inductor; the first, untimed call "
@@ -466,7 +492,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.models = list(DEFAULT_MODELS) if args.ceiling else default_models(args.peer, device)
     torch.manual_seed(0)
     if args.memory_probe:
-        print(memory_probe(args.memory_probe, args.batch_size, args.img_size[0], device))
+        print(memory_probe(args.memory_probe, args.batch_size, args.img_size[0], device, args.amp))
         return
     print(f"torch {torch.__version__} on {machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
     if args.gather:
