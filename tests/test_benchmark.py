@@ -1,5 +1,6 @@
 """The benchmark CLI on small models: speed tables whose ratios are those of the timed figures (to the peer, and
-of a +kernels model to its plain self), memory probes, JSON, gather mode, per-layer kernel mode."""
+of a +kernels model to its plain self), memory probes, JSON, gather mode, per-layer kernel mode, the ceiling's
+ablations and autocast."""
 import json
 import re
 import subprocess
