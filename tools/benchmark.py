@@ -46,7 +46,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from config import load_config  # noqa: E402
-from engine import synchronize  # noqa: E402
+from engine import AMP_MODES, build_precision, synchronize  # noqa: E402
+from errors import UsageError  # noqa: E402
 from models import build_model  # noqa: E402
 from models.focal_attention import GATHER_METHODS, FocalWindowAttention  # noqa: E402
 from models.window_attention import WindowedAttention, gather_windows  # noqa: E402
@@ -133,31 +134,24 @@ def create(name: str, img_size: int, device: torch.device = torch.device("cpu"))
     return model.to(device)
 
 
-AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def autocast(x: torch.Tensor, amp: str):
-    """Autocast in ``amp`` (a key of ``AMP_DTYPES``) on ``x``'s device; ``"none"`` runs in the tensors' dtype."""
-    return torch.autocast(x.device.type, dtype=AMP_DTYPES[amp], enabled=amp != "none")
-
-
 def inference_step(model: nn.Module, x: torch.Tensor, backend: Optional[str] = None,
                    amp: str = "none") -> Callable[[], None]:
     model.eval()
     forward = torch.compile(model, backend=backend) if backend else model  # compiled by the first (warm-up) call
+    precision = build_precision(amp, x.device)
 
     def step():
-        with torch.inference_mode(), autocast(x, amp):
+        with torch.inference_mode(), precision.autocast():
             forward(x)
     return step
 
 
 def training_step(model: nn.Module, x: torch.Tensor, backend: Optional[str] = None,
                   amp: str = "none") -> Callable[[], None]:
-    """One optimizer step; fp16 goes through a gradient scaler, as ``main.py`` trains."""
+    """One optimizer step, under ``main.py``'s precision for ``amp`` (fp16 with its gradient scaler)."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(x.device.type, enabled=amp == "fp16")
+    precision = build_precision(amp, x.device)
     with torch.no_grad():
         num_classes = model(x[:1]).shape[-1]
     target = torch.randint(0, num_classes, (x.shape[0],), device=x.device)
@@ -165,11 +159,11 @@ def training_step(model: nn.Module, x: torch.Tensor, backend: Optional[str] = No
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with autocast(x, amp):
+        with precision.autocast():
             loss = nn.functional.cross_entropy(forward(x), target)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        precision.scaler.scale(loss).backward()
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
     return step
 
 
@@ -254,10 +248,14 @@ def print_table(title: str, rows: List[List[str]], header: Sequence[str]) -> Non
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
 
 
+def timed_modes(args: argparse.Namespace) -> List[str]:
+    return ["infer", "train"] if args.mode == "both" else [args.mode]
+
+
 def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]:
     names = list(dict.fromkeys(list(args.models) + [args.peer]))
     results: Dict[str, Dict] = {}
-    modes = ["infer", "train"] if args.mode == "both" else [args.mode]
+    modes = timed_modes(args)
     for img_size in args.img_size:
         for mode in modes:
             x = torch.randn(args.batch_size, 3, img_size, img_size, device=device)
@@ -352,8 +350,7 @@ def ablate_gather(attn: WindowedAttention, keys: str) -> None:
 def run_ceiling(args: argparse.Namespace, device: torch.device) -> None:
     """Each model as built, with its key/value gather made free, and attending to ``ws*ws`` keys per window (the
     peer's amount), timed alternately with the peer: how far better gathers or fewer keys could take it."""
-    modes = ["infer", "train"] if args.mode == "both" else [args.mode]
-    size = args.img_size[0]
+    modes, size = timed_modes(args), args.img_size[0]
     x = torch.randn(args.batch_size, 3, size, size, device=device)
     figures: Dict[str, Dict[str, float]] = {}
     for mode in modes:
@@ -458,7 +455,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--min-seconds", type=float, default=0.5,
                    help="each repetition repeats a fast step until it lasts this long")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--amp", choices=list(AMP_DTYPES), default="none",
+    p.add_argument("--amp", choices=AMP_MODES, default="none",
                    help="autocast precision of every model (default none: float32); fp16 trains with a gradient "
                         "scaler, as main.py does")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the training-memory probes")
@@ -488,6 +485,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
+    try:
+        build_precision(args.amp, device)
+    except UsageError as error:
+        raise SystemExit(f"benchmark: {error}")
     if args.models is None:
         args.models = list(DEFAULT_MODELS) if args.ceiling else default_models(args.peer, device)
     torch.manual_seed(0)
