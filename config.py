@@ -13,6 +13,7 @@ from yacs.config import CfgNode as CN
 
 from data.datasets import CACHE_MODES
 from engine import AMP_MODES, APEX_LEVELS
+from errors import error_text
 from lr_scheduler import SCHEDULERS
 from optimizer import OPTIMIZERS
 
@@ -37,6 +38,9 @@ _C.MODEL = CN()
 _C.MODEL.TYPE = "focal"  # focal | focalv2
 _C.MODEL.NAME = "focal_tiny_patch4_window7_224"
 _C.MODEL.PRETRAINED = ""
+# The smallest share of the model's tensors --pretrained must fill; below it the file is taken for a checkpoint of
+# another architecture and refused (0 accepts any partial transfer; the parseable summary line says what loaded).
+_C.MODEL.PRETRAINED_MIN_LOADED = 0.5
 _C.MODEL.RESUME = ""
 _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.DROP_RATE = 0.0
@@ -157,9 +161,11 @@ def _merge_file(config: CN, cfg_file: str, seen: tuple[str, ...] = ()) -> None:
         raise ValueError(f"config file {cfg_file} inherits from itself through BASE")
     with open(cfg_file, "r") as f:
         try:
-            content = yaml.safe_load(f) or {}
+            content = yaml.safe_load(f)
         except yaml.YAMLError as err:
             raise ValueError(f"config file {cfg_file} is not valid YAML: {err}") from err
+    if content is None:  # an empty file (or comments only) would silently mean every default: Focal-T, 1000 classes
+        raise ValueError(f"config file {cfg_file} is empty: it sets no key")
     if not isinstance(content, dict):
         raise ValueError(f"config file {cfg_file} must hold a mapping of keys, not {type(content).__name__}")
     for base in content.get("BASE", [""]) or []:
@@ -168,7 +174,7 @@ def _merge_file(config: CN, cfg_file: str, seen: tuple[str, ...] = ()) -> None:
     try:
         config.merge_from_other_cfg(CN(content))
     except (KeyError, ValueError) as err:
-        raise type(err)(f"{err} (in {cfg_file})") from err
+        raise type(err)(f"{error_text(err)} (in {cfg_file})") from err
 
 
 def load_config(cfg_file: Optional[str] = None, opts: Optional[Sequence[Any]] = None,
@@ -246,6 +252,23 @@ def _one_of(choices: Sequence[str]) -> Callable[[Any, CN], bool]:
     return lambda value, _: value in choices
 
 
+def one_path_component(value: Any, _: Any = None) -> bool:
+    """A name that becomes exactly one folder under ``--output``: no separator, not ``.`` or ``..``, so that
+    ``<OUTPUT>/<MODEL.NAME>/<TAG>`` can never point outside ``--output``."""
+    return (isinstance(value, str) and value not in ("", ".", "..")
+            and not any(char in value for char in ("/", "\\", "\0")))
+
+
+PATH_COMPONENT = "must be one folder name (no '/' or '\\', not '.' or '..'): the run writes to <output>/<model>/<tag>"
+
+
+def _compile_backend(value: str, _: Any) -> bool:
+    if not value:
+        return True
+    import torch._dynamo  # only when asked for: importing it takes a while
+    return value in torch._dynamo.list_backends(exclude_tags=())
+
+
 def _trains(config: CN) -> bool:
     return not (config.EVAL_MODE or config.THROUGHPUT_MODE)
 
@@ -256,6 +279,10 @@ RULES = (
     Rule("DATA.NUM_WORKERS", _at_least(0), "must be 0 (load in the main process) or more"),
     Rule("DATA.INTERPOLATION", _one_of(INTERPOLATIONS), f"must be one of {INTERPOLATIONS}"),
     Rule("DATA.CACHE_MODE", _one_of(CACHE_MODES), f"must be one of {CACHE_MODES}"),
+    Rule("MODEL.PRETRAINED_MIN_LOADED", _between(0.0, 1.0), "must be a share of the model's tensors in [0, 1]"),
+    Rule("MODEL.RESUME", lambda value, c: not (value and c.MODEL.PRETRAINED),
+         "cannot be combined with --pretrained (MODEL.PRETRAINED): --resume continues a run with its weights, "
+         "optimizer and schedule; --pretrained starts a new run from weights only. Pass one of them"),
     Rule("MODEL.LABEL_SMOOTHING", _between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
     Rule("MODEL.FOCAL.IN_CHANS", _at_least(1), "must be at least 1"),
     Rule("MODEL.FOCAL.IN_CHANS", lambda value, c: value == 3 or c.THROUGHPUT_MODE,
@@ -265,6 +292,10 @@ RULES = (
     Rule("TRAIN.START_EPOCH", lambda value, c: value < c.TRAIN.EPOCHS or not _trains(c),
          "must be below TRAIN.EPOCHS (there would be nothing to train)"),
     Rule("TRAIN.WARMUP_EPOCHS", _at_least(0), "must be 0 or more"),
+    Rule("TRAIN.WARMUP_EPOCHS", lambda value, c: value < c.TRAIN.EPOCHS or not _trains(c),
+         "must be below TRAIN.EPOCHS: a warm-up as long as the run never reaches TRAIN.BASE_LR"),
+    Rule("MODEL.NAME", one_path_component, PATH_COMPONENT),
+    Rule("TAG", one_path_component, PATH_COMPONENT),
     Rule("TRAIN.BASE_LR", lambda value, _: value > 0, "must be above 0"),
     Rule("TRAIN.WARMUP_LR", _at_least(0), "must be 0 or more"),
     Rule("TRAIN.MIN_LR", _at_least(0), "must be 0 or more"),
@@ -294,6 +325,8 @@ RULES = (
     Rule("AUG.MIXUP_SWITCH_PROB", _between(0.0, 1.0), "must be a probability in [0, 1]"),
     Rule("AUG.MIXUP_MODE", _one_of(("batch", "pair", "elem")), "must be one of ('batch', 'pair', 'elem')"),
     Rule("AMP_OPT_LEVEL", _one_of(AMP_LEVELS), f"must be one of {AMP_LEVELS[1:]} (or empty: the device's default)"),
+    Rule("COMPILE", _compile_backend, "must name a torch.compile backend (torch._dynamo.list_backends(), e.g. "
+         "inductor, aot_eager or eager)"),
     Rule("SAVE_FREQ", _at_least(1), "must be at least 1"),
     Rule("PRINT_FREQ", _at_least(1), "must be at least 1"),
     Rule("KEEP_CHECKPOINTS", _at_least(0), "must be 0 (keep all) or more"),

@@ -16,3 +16,10 @@ def user_message(err: BaseException) -> str:
     if text.startswith("Caught ") and "Original Traceback" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]
     return text
+
+
+def error_text(err: BaseException) -> str:
+    """``str(err)`` without the quotes ``KeyError`` adds around its message."""
+    if isinstance(err, KeyError) and len(err.args) == 1:
+        return str(err.args[0])
+    return str(err)

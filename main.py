@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,10 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from config import get_config
 from data import build_mixup, build_train_loader, build_val_loader
-from data.datasets import CheckedImages
+from data.datasets import CheckedImages, check_val_labels
 from distributed import DEVICES, DistEnv, all_reduce_sum, init_distributed, shutdown
 from engine import AMP_MODES, EvalResult, Precision, build_precision, evaluate, throughput, train_one_epoch
-from errors import TrainingError, UsageError, user_message
+from errors import TrainingError, UsageError, error_text, user_message
 from logger import create_tensorboard_writer
 from lr_scheduler import build_scheduler
 from models import ConfigError, build_model
@@ -87,7 +88,7 @@ def load_run_config(args: argparse.Namespace) -> Any:
     try:
         config = get_config(args)
     except (KeyError, ValueError, AssertionError, FileNotFoundError) as err:
-        raise UsageError(f"config (--cfg {args.cfg} / --opts): {err}") from None
+        raise UsageError(f"config (--cfg {args.cfg} / --opts): {error_text(err)}") from None
     if not config.DATA.DATA_PATH and not config.THROUGHPUT_MODE:
         raise UsageError("--data-path (DATA.DATA_PATH) is required for training and evaluation; "
                          "only --throughput runs without data")
@@ -123,6 +124,9 @@ def resume_checkpoint(config: Any, logger: logging.Logger, unsafe: bool) -> Opti
     checkpoint = latest_checkpoint(config.OUTPUT, logger, unsafe)
     if checkpoint:
         logger.info(f"auto-resuming from {checkpoint.path}")
+        if config.MODEL.PRETRAINED and not config.EVAL_MODE:
+            logger.info(f"--pretrained {config.MODEL.PRETRAINED} is not loaded: the run continues from its own "
+                        f"checkpoint (start a new run under another --tag to fine-tune afresh)")
     return checkpoint
 
 
@@ -161,7 +165,8 @@ def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Preci
     a checkpoint holding EMA weights has them evaluated too."""
     ema_weights = None
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        load_pretrained(config.MODEL.PRETRAINED, model, logger, unsafe_load, evaluating=True)
+        load_pretrained(config.MODEL.PRETRAINED, model, logger, unsafe_load, evaluating=True,
+                        min_loaded=config.MODEL.PRETRAINED_MIN_LOADED)
     else:
         checkpoint = resume_checkpoint(config, logger, unsafe_load)
         if not checkpoint:
@@ -177,16 +182,36 @@ def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Preci
         log_accuracy(logger, evaluate(config, compiled(model, config), loader, precision, env.device), "EMA model")
 
 
+def validate(config: Any, env: DistEnv, model: nn.Module, ema: Optional[ModelEmaV3], loader: Iterable,
+             dataset: CheckedImages, precision: Precision, logger: logging.Logger,
+             epoch: int) -> Tuple[EvalResult, float]:
+    """Evaluate the model (and its EMA); returns the model's result and the score that picks the best checkpoint
+    (the EMA's when there is one). A non-finite validation loss is a ``TrainingError``: the weights went bad
+    without a non-finite training loss (a huge last update of the epoch), and must not be saved as the best."""
+    results = [("network", evaluate(config, model, loader, precision, env.device))]
+    log_accuracy(logger, results[0][1])
+    log_skipped_images(dataset, "validation", logger)
+    if ema is not None:
+        results.append(("EMA model", evaluate(config, ema.module, loader, precision, env.device)))
+        log_accuracy(logger, results[1][1], "EMA model")
+    for which, result in results:
+        if not math.isfinite(result.loss):
+            raise TrainingError(f"the validation loss of the {which} is {result.loss} after epoch {epoch}")
+    return results[0][1], results[-1][1].acc1
+
+
 def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precision, logger: logging.Logger,
                  unsafe_load: bool) -> None:
     """Train from ``TRAIN.START_EPOCH`` (or where a resumed checkpoint left off), evaluating after every epoch.
 
     Data, weights and TensorBoard are all checked before the run writes anything besides its log, and the config
-    file is rewritten only once the first epoch has been evaluated, so a run refused for bad input (a corrupt
-    validation image included) leaves an earlier run's files in the output folder as they were.
+    file is rewritten only once the first epoch has been evaluated, so a run refused for bad input leaves an
+    earlier run's files in the output folder as they were. An unreadable validation image shows up only after an
+    epoch of training; that epoch is saved before the run stops, so fixing the image loses no training.
     """
     train_dataset, train_loader = build_train_loader(config, env)
     val_dataset, val_loader = build_val_loader(config, env)
+    check_val_labels(train_dataset.dataset, val_dataset.dataset)
     mixup_fn = build_mixup(config)
     accum = config.TRAIN.ACCUMULATION_STEPS
     updates_per_epoch = len(train_loader) // accum
@@ -210,7 +235,8 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
                              f"{config.TRAIN.EPOCHS} epochs: nothing to train; raise TRAIN.EPOCHS to go on, or "
                              f"evaluate it with --eval")
     elif config.MODEL.PRETRAINED:
-        load_pretrained(config.MODEL.PRETRAINED, model, logger, unsafe_load)
+        load_pretrained(config.MODEL.PRETRAINED, model, logger, unsafe_load,
+                        min_loaded=config.MODEL.PRETRAINED_MIN_LOADED)
         if ema is not None:
             ema.set(model)  # average from the pretrained weights, not the random ones it was copied from
     scheduler.step_update(start_epoch * updates_per_epoch)  # the rate this run's schedule gives the next update
@@ -225,6 +251,10 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
     criterion = build_criterion(config, mixup_fn is not None)
     class_names = getattr(train_dataset.dataset, "classes", None)  # the folder layout's class folders
 
+    def state_after(epoch: int, best: float) -> dict:
+        return training_state(config, epoch, (epoch + 1) * updates_per_epoch, model_without_ddp, best, optimizer,
+                              scheduler, precision.scaler, ema.module if ema else None, class_names)
+
     logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {updates_per_epoch} updates "
                 f"per epoch, total batch {config.DATA.BATCH_SIZE * env.world_size * accum}")
     for epoch in training_epochs(config, env.rank, train_loader.sampler, start_epoch, logger):
@@ -234,14 +264,16 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
         except TrainingError as err:
             raise diverged(err, last_good) from None
         log_skipped_images(train_dataset, "training", logger)
-        result = evaluate(config, eval_model, val_loader, precision, env.device)
-        log_accuracy(logger, result)
-        log_skipped_images(val_dataset, "validation", logger)
-        score = result.acc1
-        if ema is not None:
-            ema_result = evaluate(config, ema.module, val_loader, precision, env.device)
-            log_accuracy(logger, ema_result, "EMA model")
-            score = ema_result.acc1
+        try:
+            result, score = validate(config, env, eval_model, ema, val_loader, val_dataset, precision, logger, epoch)
+        except TrainingError as err:
+            raise diverged(err, last_good) from None
+        except UsageError as err:  # an unreadable validation image, found after a whole epoch of training
+            if not env.is_main:
+                raise
+            saved = save_checkpoint(config, state_after(epoch, max_accuracy), logger)
+            raise UsageError(f"{err}. Epoch {epoch}'s training is saved in {saved}: once the image is fixed, the same "
+                             f"command resumes after it (that epoch stays unevaluated)") from None
         if env.is_main and epoch == start_epoch:
             save_config(config, logger)  # only now: a run that fails on its data leaves the previous one's
         improved = score > max_accuracy or (epoch == start_epoch and not checkpoint)
@@ -254,8 +286,7 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
             tensorboard.flush()
         periodic = (epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1
         if env.is_main and (periodic or improved):
-            state = training_state(config, epoch, (epoch + 1) * updates_per_epoch, model_without_ddp, max_accuracy,
-                                   optimizer, scheduler, precision.scaler, ema.module if ema else None, class_names)
+            state = state_after(epoch, max_accuracy)
             if periodic:
                 last_good = save_checkpoint(config, state, logger)
             if improved:

@@ -22,7 +22,7 @@ from timm.data import ImageNetInfo
 from config import load_config
 from data.transforms import build_transform
 from distributed import DEVICES, resolve_device
-from errors import UsageError
+from errors import UsageError, error_text
 from models import build_model, load_weights
 from models.kernels import optimize_for
 from utils import read_checkpoint
@@ -72,7 +72,7 @@ def load_model(cfg: str, opts: Sequence[str], checkpoint: str, device: torch.dev
         config = load_config(cfg, opts)
         model = build_model(config)
     except (KeyError, ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
-        raise UsageError(f"config (--cfg {cfg} / --opts): {err}") from None
+        raise UsageError(f"config (--cfg {cfg} / --opts): {error_text(err)}") from None
     if config.MODEL.NUM_CLASSES < 1:
         raise UsageError(f"config (--cfg {cfg} / --opts): MODEL.NUM_CLASSES is 0, so there are no classes to predict")
     if not Path(checkpoint).is_file():

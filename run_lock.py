@@ -11,7 +11,7 @@ import fcntl
 import logging
 import os
 import signal
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, List, Optional
 
 from errors import TrainingError, UsageError, user_message
 from logger import LOGGER_NAME, create_logger
@@ -85,8 +85,12 @@ def exit_on_signal(signum: int, frame: Any) -> None:
     if os.getpid() != MAIN_PID:  # a DataLoader worker: its loop ends quietly on KeyboardInterrupt
         raise KeyboardInterrupt
     name = signal.Signals(signum).name
-    reason = ("interrupted (Ctrl-C)" if signum == signal.SIGINT
-              else f"terminated by {name} (under torchrun: another rank failed)")
+    if signum == signal.SIGINT:
+        reason = "interrupted (Ctrl-C)"
+    elif os.environ.get("TORCHELASTIC_RUN_ID"):  # set by torchrun, which stops every rank when one fails
+        reason = f"terminated by {name} (torchrun stops all ranks when one fails or is stopped)"
+    else:
+        reason = f"terminated by {name}"
     logging.getLogger(LOGGER_NAME).error(f"stopped: {reason}")
     raise Terminated(128 + signum)
 
@@ -97,21 +101,63 @@ def stop_on_signals() -> None:
         signal.signal(stop, exit_on_signal)
 
 
+def missing_folders(folder: str) -> List[str]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing
+
+
+def remove_failed_start(folder: str, log_file: str, created: List[str], logger: logging.Logger) -> None:
+    """Undo what a run refused for bad input created: its new log, and the folders it made for it, when nothing
+    else was written there (other ranks' logs aside). An earlier run's folder keeps its log, with the
+    ``stopped:`` line appended."""
+    if any(not name.startswith(("log_rank", ".lock_rank")) for name in os.listdir(folder)):
+        return
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.FileHandler):
+            logger.removeHandler(handler)
+            handler.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(log_file)
+    for path in created:  # deepest first; one still holding another rank's log stays
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
 @contextlib.contextmanager
 def locked_run(folder: str, rank: int) -> Iterator[logging.Logger]:
     """The output folder of one process of a run: checked writable, locked, and logged to; a failure inside ends
     in the log as one ``stopped:`` line (errors the user can act on) or a traceback (anything else); a
-    :class:`Terminated` passes through, its handler has logged it already."""
+    :class:`Terminated` passes through, its handler has logged it already.
+
+    A run refused for bad input (a usage or config error) before it wrote anything but its log leaves no trace:
+    the log and folders it created are removed again, the error having gone to the console."""
+    created = missing_folders(folder)
     ensure_writable_folder(folder, "--output")
-    with OutputLock(folder, rank):
-        logger = create_logger(folder, rank)
-        try:
-            yield logger
-        except Terminated:
-            raise
-        except (UsageError, ConfigError, TrainingError, SystemExit) as err:
-            logger.error(f"stopped: {user_message(err)}")
-            raise
-        except BaseException:
-            logger.exception("failed")
-            raise
+    log_file = os.path.join(folder, f"log_rank{rank}.txt")
+    new_log = not os.path.exists(log_file)
+    refused = False
+    try:
+        with OutputLock(folder, rank):
+            logger = create_logger(folder, rank)
+            try:
+                yield logger
+            except Terminated:
+                raise
+            except (UsageError, ConfigError, TrainingError, SystemExit) as err:
+                logger.error(f"stopped: {user_message(err)}")
+                refused = isinstance(err, (UsageError, ConfigError))
+                raise
+            except BaseException:
+                logger.exception("failed")
+                raise
+    finally:
+        if refused and new_log:  # the lock is released (its file gone) by now
+            remove_failed_start(folder, log_file, created, logger)

@@ -7,16 +7,18 @@ containers only, so they load with ``weights_only=True`` and loading them runs n
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import logging
 import os
 import pickle
 import random
 import re
+import shutil
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -44,13 +46,25 @@ UNSAFE_HINT = ("--unsafe-load unpickles it anyway, which runs whatever code the 
 
 
 class UnreadableCheckpoint(UsageError):
-    """The file is truncated or corrupt (not merely unsafe): auto-resume passes over it."""
+    """The file is truncated, corrupt or holds non-finite weights (not merely unsafe): auto-resume passes over it."""
 
 
 @dataclass
 class Checkpoint:
     path: str
     state: Dict[str, Any]
+    auto: bool = False  # found by auto-resume in the run's output folder, not named with --resume
+
+    @property
+    def source(self) -> str:
+        """How messages name it: as the user gave it, or as auto-resume found it."""
+        return f"auto-resume from {self.path} (TRAIN.AUTO_RESUME)" if self.auto else f"--resume {self.path}"
+
+    def restart_hint(self, suggestion: str) -> str:
+        """What to do instead of resuming it; an auto-resumed run can also start afresh elsewhere."""
+        if self.auto:
+            return f"{suggestion}, or start a new run under another --tag or --output"
+        return suggestion
 
 
 def _unsafe_detail(path: str) -> str:
@@ -85,6 +99,27 @@ def content_digest(state: Any) -> str:
             digest.update(f"V{obj!r}".encode())
     feed(state)
     return digest.hexdigest()
+
+
+def first_non_finite(tree: Any, prefix: str = "") -> Optional[str]:
+    """The name (dotted path) of the first floating tensor holding NaN or infinity, in order; None if all are finite.
+
+    A checksum only proves the file is what was written: weights that went NaN before a save (or were written that
+    way by another tool) pass it, and would evaluate to chance accuracy or train into a NaN loss."""
+    if isinstance(tree, torch.Tensor):
+        if (tree.is_floating_point() or tree.is_complex()) and not torch.isfinite(tree).all():
+            return prefix or "<tensor>"
+    elif isinstance(tree, Mapping):
+        for key, value in tree.items():
+            found = first_non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+            if found:
+                return found
+    elif isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            found = first_non_finite(value, f"{prefix}.{index}" if prefix else str(index))
+            if found:
+                return found
+    return None
 
 
 def verify_checksum(path: str, state: Any) -> None:
@@ -124,6 +159,10 @@ def read_checkpoint(path: str, logger: Optional[logging.Logger] = None, unsafe: 
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UnreadableCheckpoint(f"cannot read checkpoint {path} (truncated or corrupt): {reason}") from None
     verify_checksum(path, state)
+    bad = first_non_finite(state)
+    if bad:
+        raise UnreadableCheckpoint(f"checkpoint {path} holds non-finite values (NaN or infinity) in {bad}: its weights "
+                                   f"are unusable; take an earlier checkpoint")
     return Checkpoint(path, state)
 
 
@@ -145,7 +184,7 @@ def latest_checkpoint(output_dir: str, logger: logging.Logger, unsafe: bool = Fa
     warning naming them (a crash, a full disk). Files refused as unsafe stop the search: they are not damage."""
     for path in list_checkpoints(output_dir):
         try:
-            return read_checkpoint(path, logger, unsafe)
+            return replace(read_checkpoint(path, logger, unsafe), auto=True)
         except UnreadableCheckpoint as err:
             logger.warning(f"auto-resume skips {path}: {err}")
     return None
@@ -200,6 +239,30 @@ def remove_stale_temporaries(folder: str, logger: logging.Logger) -> None:
             logger.info(f"removed {os.path.join(folder, name)}, left by an interrupted save")
 
 
+def tensor_bytes(tree: Any) -> int:
+    """The bytes of every tensor in a checkpoint object: about what saving it writes."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, Mapping):
+        return sum(tensor_bytes(value) for value in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_bytes(value) for value in tree)
+    return 0
+
+
+def save_failure(err: BaseException, folder: str, state: Any) -> str:
+    """Why a save failed, in words: torch's zip writer reports a full disk as an internal position mismatch."""
+    needed = tensor_bytes(state)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if getattr(err, "errno", None) == errno.ENOSPC or (free is not None and free < needed):
+        room = f"{free / 2 ** 20:.0f} MB free, " if free is not None else ""
+        return f"no space left on the device ({room}the checkpoint needs about {needed / 2 ** 20:.0f} MB)"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
 def save_checkpoint(config: Any, state: Dict[str, Any], logger: logging.Logger, name: Optional[str] = None) -> str:
     """Write ``state`` (see :func:`training_state`) to ``<OUTPUT>/<name>`` (default ``ckpt_epoch_<epoch>.pth``)
     atomically with a checksum of its content, then keep only the newest ``KEEP_CHECKPOINTS`` epoch files. A
@@ -210,9 +273,8 @@ def save_checkpoint(config: Any, state: Dict[str, Any], logger: logging.Logger, 
     try:
         atomic_save(state, path)
     except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError from its zip writer
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise TrainingError(f"cannot save checkpoint {path}: {reason}; nothing was written (check free space and "
-                            f"permissions of {config.OUTPUT})") from None
+        raise TrainingError(f"cannot save checkpoint {path}: {save_failure(err, config.OUTPUT, state)}; nothing was "
+                            f"written (check free space and permissions of {config.OUTPUT})") from None
     logger.info(f"saved {path}")
     if config.KEEP_CHECKPOINTS > 0 and not name:
         for old in list_checkpoints(config.OUTPUT)[config.KEEP_CHECKPOINTS:]:
@@ -293,7 +355,8 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging
     try:
         report = load_weights(model, state, strict=True)
     except ValueError as err:
-        raise UsageError(f"--resume {path}: {err}; to fine-tune from other weights use --pretrained") from None
+        hint = checkpoint.restart_hint("to fine-tune from other weights use --pretrained")
+        raise UsageError(f"{checkpoint.source}: {err}; {hint}") from None
     logger.info(f"resumed weights from {path}: {report.summary()}")
     max_accuracy = float(state.get("max_accuracy", 0.0))
     if optimizer is None or not all(k in state for k in ("optimizer", "epoch")):
@@ -301,14 +364,15 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging
     saved_groups = state["optimizer"].get("param_groups", [])
     saved_kind, kind = (optimizer_kind(g[0]) if g else "unknown" for g in (saved_groups, optimizer.param_groups))
     if saved_kind != kind:
-        raise UsageError(f"--resume {path}: it was trained with TRAIN.OPTIMIZER.NAME {saved_kind}, this run asks for "
-                         f"{kind}, and optimizer state cannot carry over; resume with {saved_kind}, or start from its "
-                         f"weights with --pretrained {path}")
+        hint = checkpoint.restart_hint(f"resume with {saved_kind}, or start from its weights with --pretrained {path}")
+        raise UsageError(f"{checkpoint.source}: it was trained with TRAIN.OPTIMIZER.NAME {saved_kind}, this run asks "
+                         f"for {kind}, and optimizer state cannot carry over; {hint}")
     configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError) as err:
-        raise UsageError(f"--resume {path}: its optimizer state does not fit this model's parameters: {err}") from None
+        raise UsageError(f"{checkpoint.source}: its optimizer state does not fit this model's parameters: "
+                         f"{err}") from None
     for group, settings in zip(optimizer.param_groups, configured):
         group.update(settings)
     if scaler is not None and state.get("scaler"):
@@ -325,24 +389,27 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging
 
 
 def load_pretrained(path: str, model: nn.Module, logger: logging.Logger, unsafe: bool = False,
-                    evaluating: bool = False) -> None:
+                    evaluating: bool = False, min_loaded: float = 0.5) -> None:
     """Weights only, for fine-tuning: a head of another class count is dropped (left freshly initialised), and
     position tables and pooling kernels are carried over to this model's windows (another image, window or
     focal-window size). Ends with one line tools may parse:
     ``pretrained <file>: <N> tensors loaded (<R> resized), <K> left at initial values: <names or none>``.
 
-    Refused: weights of which nothing fits (another architecture), and, for ``--eval``, weights that leave any
-    part of the model (e.g. the classifier) at its random initial values.
+    Refused: weights that fill less than ``min_loaded`` of the model's tensors (``MODEL.PRETRAINED_MIN_LOADED``:
+    most likely a checkpoint of another architecture, which would train a mostly random model), and, for
+    ``--eval``, weights that leave any part of the model (e.g. the classifier) at its random initial values.
     """
     try:
         report = load_weights(model, read_checkpoint(path, logger, unsafe).state, strict=False,
                               drop_mismatched_head=True)
     except ValueError as err:
         raise UsageError(f"--pretrained {path}: {err}") from None
-    loaded = len(model.state_dict()) - len(report.missing) - len(report.mismatched)
-    if loaded == 0:
-        raise UsageError(f"--pretrained {path}: none of its tensors fits this model ({report.summary()}); "
-                         f"is it a checkpoint of the --cfg model?")
+    total = len(model.state_dict())
+    loaded = total - len(report.missing) - len(report.mismatched)
+    if loaded == 0 or loaded < min_loaded * total:
+        raise UsageError(f"--pretrained {path}: only {loaded} of this model's {total} tensors find a match in it "
+                         f"({report.summary()}); is it a checkpoint of the --cfg model? To start from so partial a "
+                         f"transfer anyway, lower MODEL.PRETRAINED_MIN_LOADED (now {min_loaded:g})")
     if evaluating and (report.missing or report.mismatched):
         raise UsageError(f"--eval --pretrained {path}: it leaves part of the model at random initial values "
                          f"({report.summary()}); evaluate with the config it was trained with (class count, sizes)")
@@ -389,5 +456,8 @@ def training_epochs(config: Any, rank: int, sampler: Any, start_epoch: int, logg
 
 def diverged(err: TrainingError, last_good: Optional[str]) -> TrainingError:
     """The error that stops a run whose training went non-finite, naming the checkpoint to resume from."""
-    return TrainingError(f"{err}: stopping. The last good checkpoint is {last_good or 'none (none saved yet)'}; "
-                         f"resume from it with a lower TRAIN.BASE_LR or TRAIN.CLIP_GRAD")
+    if last_good:
+        return TrainingError(f"{err}: stopping. The last good checkpoint is {last_good}; resume from it with a lower "
+                             f"TRAIN.BASE_LR or TRAIN.CLIP_GRAD")
+    return TrainingError(f"{err}: stopping. No checkpoint was saved yet; start again with a lower TRAIN.BASE_LR or "
+                         f"TRAIN.CLIP_GRAD")

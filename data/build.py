@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 from distributed import DistEnv
 from errors import UsageError
 
-from .datasets import CheckedImages, build_dataset, image_sources
+from .datasets import CheckedImages, build_dataset, image_sources, label_outlier
 from .samplers import ShardSampler
 from .transforms import build_transform
 
@@ -22,6 +22,10 @@ def _dataset(split: str, config: Any, env: DistEnv) -> CheckedImages:
     # A zip map file shows only the labels it uses: a validation set may lack the last classes, never exceed them.
     labels_only = config.DATA.ZIP_MODE and split == "val"
     if num_classes != expected and not (labels_only and num_classes < expected):
+        outlier = label_outlier(dataset) if config.DATA.ZIP_MODE else None
+        if outlier:
+            raise UsageError(f"{outlier} Fix that line; if the labels are right, set MODEL.NUM_CLASSES {num_classes} "
+                             f"(now {expected})")
         found = f"labels up to {num_classes - 1}" if labels_only else f"{num_classes} classes"
         raise UsageError(f"MODEL.NUM_CLASSES is {expected} but the '{split}' split of "
                          f"{config.DATA.DATA_PATH} has {found}; "

@@ -11,7 +11,7 @@ import logging
 import multiprocessing
 import os
 import zipfile
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -75,9 +75,15 @@ class ImageTree(ImageFolder):
         return samples
 
 
-def read_map_file(path: str) -> List[Tuple[str, int]]:
-    """``(path inside the zip, label)`` pairs; a malformed line is an error naming the file and line."""
-    samples = []
+class MapEntry(NamedTuple):
+    path: str  # inside the zip
+    label: int
+    line: int  # in the map file, for messages
+
+
+def read_map_file(path: str) -> List[MapEntry]:
+    """One entry per image; a malformed line is an error naming the file and line."""
+    entries = []
     with open(path, "r") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -85,10 +91,10 @@ def read_map_file(path: str) -> List[Tuple[str, int]]:
             parts = line.rstrip("\n").rsplit("\t", 1) if "\t" in line else line.split()
             if len(parts) != 2 or not parts[1].strip().isdigit():
                 raise UsageError(f"{path}:{number}: expected '<path>\\t<label>', got {line.strip()!r}")
-            samples.append((parts[0].strip().lstrip("/"), int(parts[1])))
-    if not samples:
+            entries.append(MapEntry(parts[0].strip().lstrip("/"), int(parts[1]), number))
+    if not entries:
         raise UsageError(f"{path} lists no images")
-    return samples
+    return entries
 
 
 class ZipImageDataset(Dataset):
@@ -102,9 +108,12 @@ class ZipImageDataset(Dataset):
         if cache_mode not in CACHE_MODES:
             raise UsageError(f"DATA.CACHE_MODE (--cache-mode) must be one of {CACHE_MODES}, got {cache_mode!r}")
         self.zip_path = zip_path
+        self.map_path = map_path
         self.transform = transform
-        self.samples = read_map_file(map_path)
-        self.targets = [label for _, label in self.samples]
+        entries = read_map_file(map_path)
+        self.samples = [(entry.path, entry.label) for entry in entries]
+        self.targets = [entry.label for entry in entries]
+        self.lines = [entry.line for entry in entries]
         try:
             with zipfile.ZipFile(zip_path) as archive:
                 names = set(archive.namelist())
@@ -202,6 +211,31 @@ def check_same_classes(root: str) -> None:
                 (("train", train - val), ("val", val - train)) if names]
         raise UsageError(f"--data-path {root}: 'train' and 'val' have different class folders ({'; '.join(only)}); "
                          f"labels are assigned by sorted folder name, so both splits need the same classes")
+
+
+def label_outlier(dataset: ZipImageDataset) -> Optional[str]:
+    """Where a map file's labels stop being one run from 0 and the highest label lies beyond the gap, that label's
+    line (a typo such as 57 among 0-9 would otherwise ask for a 58-class model); None when there is no gap."""
+    used = set(dataset.targets)
+    first_unused = next(label for label in range(len(used) + 1) if label not in used)
+    highest = max(used)
+    if highest < first_unused:
+        return None
+    line = dataset.lines[dataset.targets.index(highest)]
+    return (f"{dataset.map_path}:{line}: label {highest} lies far above the others (labels 0-{first_unused - 1} "
+            f"are used, then none up to {highest}); a typo?")
+
+
+def check_val_labels(train: Dataset, val: Dataset) -> None:
+    """The zip layout's counterpart of :func:`check_same_classes`: every validation label must be one the
+    training map uses, or the model is scored on a class it never saw (or on a typo)."""
+    if not (isinstance(train, ZipImageDataset) and isinstance(val, ZipImageDataset)):
+        return
+    known = set(train.targets)
+    for label, line in zip(val.targets, val.lines):
+        if label not in known:
+            raise UsageError(f"{val.map_path}:{line}: label {label} is used by no image of {train.map_path}; "
+                             f"both map files must number the classes the same way")
 
 
 def image_sources(dataset: Dataset) -> List[str]:

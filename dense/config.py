@@ -7,8 +7,9 @@ from typing import Any, Sequence
 
 from yacs.config import CfgNode as CN
 
-from config import AMP_LEVELS, Rule, _at_least, _between, _one_of, check_values, load_config, merge_opts
-from errors import UsageError
+from config import (AMP_LEVELS, PATH_COMPONENT, Rule, _at_least, _between, _one_of, check_values, load_config,
+                    merge_opts, one_path_component)
+from errors import UsageError, error_text
 
 # The configured learning rates hold for a total batch of 16 images (8 GPUs x 2, as in the seed's detection and
 # segmentation runs) and scale linearly from it, as mmdetection's auto_scale_lr does.
@@ -91,6 +92,8 @@ DENSE_RULES = (
     Rule("KEEP_CHECKPOINTS", _at_least(0), "must be 0 (keep all) or more"),
     Rule("PRINT_FREQ", _at_least(1), "must be at least 1"),
     Rule("SEED", _at_least(0), "must be 0 or more"),
+    Rule("MODEL.NAME", one_path_component, PATH_COMPONENT),
+    Rule("TAG", one_path_component, PATH_COMPONENT),
 )
 
 
@@ -127,7 +130,7 @@ def get_task_config(args: Any, defaults: CN, rules: Sequence[Rule]) -> CN:
         config.freeze()
         check_values(config, rules, FLAGS)
     except (KeyError, ValueError, AssertionError, FileNotFoundError) as err:
-        raise UsageError(f"config (--cfg {args.cfg} / --opts): {err}") from None
+        raise UsageError(f"config (--cfg {args.cfg} / --opts): {error_text(err)}") from None
     if not config.DATA.DATA_PATH:
         raise UsageError("--data-path (DATA.DATA_PATH) is required")
     return config

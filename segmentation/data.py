@@ -22,6 +22,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+# What PIL raises for unreadable, truncated, corrupt (e.g. "broken PNG file") and oversized files.
+PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def read_labels(path: str) -> np.ndarray:
     """A single-channel PNG as an array of label values; anything else is a one-line error naming the file."""
     try:
@@ -29,7 +33,7 @@ def read_labels(path: str) -> np.ndarray:
             if img.mode not in ("L", "P", "I;16", "I"):
                 raise UsageError(f"annotation {path} has mode {img.mode}: label PNGs must have one channel")
             return np.asarray(img).astype(np.int64)
-    except OSError as err:
+    except PIL_ERRORS as err:
         raise UsageError(f"cannot read annotation {path}: {err}") from None
 
 
@@ -37,8 +41,17 @@ def read_image(path: str) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             return F.pil_to_tensor(img.convert("RGB"))
-    except OSError as err:
+    except PIL_ERRORS as err:
         raise UsageError(f"cannot read image {path}: {err}") from None
+
+
+def image_size(path: str, what: str) -> Tuple[int, int]:
+    """(width, height) from the file's header, or a one-line error naming the ``what`` (image or annotation)."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except PIL_ERRORS as err:
+        raise UsageError(f"cannot read {what} {path}: {err}") from None
 
 
 def class_names(root: str, num_classes: int) -> List[str]:
@@ -71,10 +84,10 @@ class SegmentationFolder(torch.utils.data.Dataset):
             image, label = os.path.join(image_dir, images[stem]), os.path.join(label_dir, stem + ".png")
             if not os.path.isfile(label):
                 raise UsageError(f"image {image} has no annotation {label}")
-            with Image.open(image) as a, Image.open(label) as b:
-                if a.size != b.size:
-                    raise UsageError(f"annotation {label} is {b.size[0]}x{b.size[1]} but its image is "
-                                     f"{a.size[0]}x{a.size[1]}")
+            image_wh, label_wh = image_size(image, "image"), image_size(label, "annotation")
+            if image_wh != label_wh:
+                raise UsageError(f"annotation {label} is {label_wh[0]}x{label_wh[1]} but its image is "
+                                 f"{image_wh[0]}x{image_wh[1]}")
             self.samples.append((image, label))
         self.num_classes = num_classes or max(int(read_labels(label).max()) for _, label in self.samples)
         if self.num_classes < 1:

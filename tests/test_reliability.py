@@ -71,9 +71,15 @@ def test_resume_follows_the_schedule_of_the_new_config(demo_data, tmp_path):
 def test_resume_with_another_optimizer_or_after_the_last_epoch_is_refused(demo_data, tmp_path):
     main(demo_args(demo_data, tmp_path))
     before = snapshot(tmp_path)
-    with pytest.raises(UsageError, match=r"--resume .*ckpt_epoch_0.pth: it was trained with TRAIN.OPTIMIZER.NAME "
-                                         r"adamw, this run asks for sgd"):
-        main(demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "2", "TRAIN.OPTIMIZER.NAME", "sgd")))
+    sgd = ("TRAIN.EPOCHS", "2", "TRAIN.OPTIMIZER.NAME", "sgd")
+    with pytest.raises(UsageError, match=r"^auto-resume from .*ckpt_epoch_0.pth \(TRAIN.AUTO_RESUME\): it was trained "
+                                         r"with TRAIN.OPTIMIZER.NAME adamw, this run asks for sgd, .*--pretrained "
+                                         r".*ckpt_epoch_0.pth, or start a new run under another --tag or --output$"):
+        main(demo_args(demo_data, tmp_path, opts=sgd))
+    named = str(run_dir(tmp_path) / "ckpt_epoch_0.pth")
+    with pytest.raises(UsageError, match=r"^--resume .*ckpt_epoch_0.pth: it was trained with TRAIN.OPTIMIZER.NAME "
+                                         r"adamw, this run asks for sgd, .*--pretrained .*ckpt_epoch_0.pth$"):
+        main(demo_args(demo_data, tmp_path, "--resume", named, opts=sgd))
     with pytest.raises(UsageError, match=r"ckpt_epoch_0.pth has already trained 1 of TRAIN.EPOCHS 1 epochs: "
                                          r"nothing to train"):
         main(demo_args(demo_data, tmp_path))
@@ -125,14 +131,28 @@ def other_architecture(path: Path) -> None:
     torch.save({"model": nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(8, 10)).state_dict()}, path)
 
 
-def test_pretrained_weights_that_fit_nothing_or_leave_the_head_random_in_eval_are_refused(demo_data, tmp_path):
+def test_pretrained_weights_that_fit_little_or_leave_the_head_random_in_eval_are_refused(demo_data, tmp_path):
     foreign = tmp_path / "resnet.pth"
     other_architecture(foreign)
     for flags in (("--pretrained", str(foreign)), ("--eval", "--pretrained", str(foreign))):
-        with pytest.raises(UsageError, match=r"--pretrained .*resnet.pth: none of its tensors fits this model"):
+        with pytest.raises(UsageError, match=r"--pretrained .*resnet.pth: only 0 of this model's 101 tensors find a "
+                                             r"match in it"):
             main(demo_args(demo_data, tmp_path / "out", *flags))
     main(demo_args(demo_data, tmp_path / "trained"))
     weights = load(run_dir(tmp_path / "trained") / "ckpt_epoch_0.pth")["model"]
+
+    # Another architecture that shares only its stem and first stage: most tensors would stay at random values.
+    stem = {name: value for name, value in weights.items() if name.startswith(("patch_embed.", "layers.0."))}
+    torch.save({"model": stem}, tmp_path / "stem.pth")
+    with pytest.raises(UsageError, match=rf"--pretrained .*stem.pth: only {len(stem)} of this model's 101 tensors find "
+                                         r"a match in it .* lower MODEL.PRETRAINED_MIN_LOADED \(now 0.5\)$"):
+        main(demo_args(demo_data, tmp_path / "out", "--pretrained", str(tmp_path / "stem.pth")))
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    main(demo_args(demo_data, tmp_path / "forced", "--pretrained", str(tmp_path / "stem.pth"),
+                   opts=("MODEL.PRETRAINED_MIN_LOADED", "0.2")))
+    assert re.search(rf"pretrained .*stem.pth: {len(stem)} tensors loaded \(0 resized\), {101 - len(stem)} left at "
+                     r"initial values: ", read_log(tmp_path / "forced"))
+
     weights["head.weight"], weights["head.bias"] = weights["head.weight"][:7], weights["head.bias"][:7]
     torch.save({"model": weights}, tmp_path / "seven_classes.pth")
     with pytest.raises(UsageError, match=r"--eval --pretrained .*seven_classes.pth: it leaves part of the model at "

@@ -85,7 +85,7 @@ def onnx_difference(path: str, model: nn.Module, example: torch.Tensor) -> float
     (logits,) = session.run(None, {session.get_inputs()[0].name: example.numpy()})
     with torch.no_grad():
         diff = (torch.from_numpy(logits) - model(example)).abs().max().item()
-    if diff > TOLERANCE:
+    if not diff <= TOLERANCE:  # a NaN difference fails too
         raise UsageError(f"onnxruntime's output differs from the model by {diff:.3g} (> {TOLERANCE}); nothing written")
     return diff
 
@@ -100,7 +100,7 @@ def export(args: argparse.Namespace) -> None:
           flush=True)
     program = export_program(model, example, args.dynamic_batch)
     diff = max_difference(program, model, example)
-    if diff > TOLERANCE:
+    if not diff <= TOLERANCE:  # a NaN difference fails too
         raise UsageError(f"the exported program differs from the model by {diff:.3g} (> {TOLERANCE}); nothing written")
     suffix = os.path.splitext(args.output)[1].lower()
     if suffix == ".pt2":
