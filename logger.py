@@ -13,6 +13,9 @@ from errors import UsageError
 
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 LOGGER_NAME = "focal"
+# Libraries whose warnings belong in the run's log (e.g. timm's schedulers): without handlers of their own they
+# would reach stderr as bare lines, outside the log and in no format of ours.
+LIBRARY_LOGGERS = ("timm",)
 
 
 class PrintableFormatter(logging.Formatter):
@@ -47,7 +50,26 @@ def create_logger(output_dir: str, rank: int = 0, name: str = LOGGER_NAME) -> lo
     file_handler = logging.FileHandler(os.path.join(output_dir, f"log_rank{rank}.txt"), mode="a", encoding="utf-8")
     file_handler.setFormatter(PrintableFormatter(plain, datefmt=DATE_FORMAT))
     logger.addHandler(file_handler)
+    if name == LOGGER_NAME:
+        for library in LIBRARY_LOGGERS:
+            route_to(logging.getLogger(library), logger)
     return logger
+
+
+def close_log_files(logger: logging.Logger) -> None:
+    """Close and detach ``logger``'s log files, and the libraries' routed to it, so that the files can be removed."""
+    for owner in (logger, *map(logging.getLogger, LIBRARY_LOGGERS)):
+        for handler in list(owner.handlers):
+            if isinstance(handler, logging.FileHandler):
+                owner.removeHandler(handler)
+                handler.close()
+
+
+def route_to(library: logging.Logger, logger: logging.Logger) -> None:
+    """Send ``library``'s warnings and errors to ``logger``'s handlers (console and log file), and only there."""
+    library.handlers = list(logger.handlers)
+    library.setLevel(logging.WARNING)
+    library.propagate = False
 
 
 def create_tensorboard_writer(output_dir: str) -> Any:

@@ -11,10 +11,11 @@ import fcntl
 import logging
 import os
 import signal
+import sys
 from typing import Any, Iterator, List, Optional
 
 from errors import TrainingError, UsageError, user_message
-from logger import LOGGER_NAME, create_logger
+from logger import LOGGER_NAME, close_log_files, create_logger
 from models import ConfigError
 from utils import ensure_writable_folder
 
@@ -82,8 +83,13 @@ def exit_on_signal(signum: int, frame: Any) -> None:
     collective fails on the lost rank, and Python runs the handler at its next call, which may be the logging
     call for that failure; the exception raised there would skip both log lines.
     """
-    if os.getpid() != MAIN_PID:  # a DataLoader worker: its loop ends quietly on KeyboardInterrupt
-        raise KeyboardInterrupt
+    if os.getpid() != MAIN_PID:
+        # A DataLoader worker. Ctrl-C reaches the whole process group: the main process stops the run and then its
+        # workers, so a worker ignores it (raising here, in a worker still starting up, printed a traceback).
+        # SIGTERM (multiprocessing stopping its children as the main process exits) ends the worker at once.
+        if signum != signal.SIGINT:
+            os._exit(128 + signum)
+        return
     name = signal.Signals(signum).name
     if signum == signal.SIGINT:
         reason = "interrupted (Ctrl-C)"
@@ -93,6 +99,18 @@ def exit_on_signal(signum: int, frame: Any) -> None:
         reason = f"terminated by {name}"
     logging.getLogger(LOGGER_NAME).error(f"stopped: {reason}")
     raise Terminated(128 + signum)
+
+
+def quiet_worker_teardown(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``. A main process that stops (Ctrl-C, SIGTERM) while a worker hands it a batch
+    closes the connection mid-handshake, and the worker's sharing thread would print the broken pipe as a
+    traceback after the run's one-line stop message; such errors are that stop, not news."""
+    report = sys.excepthook
+
+    def excepthook(kind, value, traceback) -> None:
+        if not issubclass(kind, (BrokenPipeError, ConnectionResetError, EOFError)):
+            report(kind, value, traceback)
+    sys.excepthook = excepthook
 
 
 def stop_on_signals() -> None:
@@ -120,10 +138,7 @@ def remove_failed_start(folder: str, log_file: str, created: List[str], logger: 
     ``stopped:`` line appended."""
     if any(not name.startswith(("log_rank", ".lock_rank")) for name in os.listdir(folder)):
         return
-    for handler in list(logger.handlers):
-        if isinstance(handler, logging.FileHandler):
-            logger.removeHandler(handler)
-            handler.close()
+    close_log_files(logger)
     with contextlib.suppress(FileNotFoundError):
         os.remove(log_file)
     for path in created:  # deepest first; one still holding another rank's log stays

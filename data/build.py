@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 
 from distributed import DistEnv
 from errors import UsageError
+from run_lock import quiet_worker_teardown
 
 from .datasets import CheckedImages, build_dataset, image_sources, label_outlier
 from .samplers import ShardSampler
@@ -52,7 +53,7 @@ def _loader(dataset: Dataset, sampler: Sampler, config: Any, env: DistEnv, train
     workers = config.DATA.NUM_WORKERS
     return DataLoader(dataset, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=workers,
                       pin_memory=config.DATA.PIN_MEMORY and env.device.type == "cuda", drop_last=train,
-                      persistent_workers=workers > 0 and not train,
+                      persistent_workers=workers > 0 and not train, worker_init_fn=quiet_worker_teardown,
                       collate_fn=functools.partial(collate_readable, even=train and mixup_active(config)))
 
 

@@ -22,7 +22,7 @@ from errors import TrainingError, UsageError, user_message
 from models import ConfigError
 from models.checkpoint import load_weights
 from optimizer import no_decay_names
-from run_lock import locked_run, stop_on_signals
+from run_lock import locked_run, quiet_worker_teardown, stop_on_signals
 from utils import (BEST_CHECKPOINT, diverged, latest_checkpoint, read_checkpoint, restore_checkpoint,
                    save_checkpoint, save_config, seed_everything, training_epochs, training_state)
 
@@ -115,7 +115,7 @@ def loader(dataset: Dataset, config: Any, env: DistEnv, collate: Callable, train
     batch = config.DATA.BATCH_SIZE if train else config.DATA.TEST_BATCH_SIZE
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=config.DATA.NUM_WORKERS,
                       pin_memory=config.DATA.PIN_MEMORY and env.device.type == "cuda", drop_last=train,
-                      collate_fn=collate)
+                      collate_fn=collate, worker_init_fn=quiet_worker_teardown)
 
 
 def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: bool) -> None:
