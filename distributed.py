@@ -6,8 +6,11 @@ same code path serves one process and many.
 from __future__ import annotations
 
 import os
+import socket
 import threading
+import time
 from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -73,6 +76,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
                              f"{'is' if len(missing) == 1 else 'are'} not set: start it with torchrun (which sets "
                              f"them), or set MASTER_ADDR and MASTER_PORT on every process")
         join_process_group("nccl" if env.device.type == "cuda" else "gloo", rank, world_size)
+        gather_peers()
     return env
 
 
@@ -100,6 +104,51 @@ def join_process_group(backend: str, rank: int, world_size: int) -> None:
         thread.join(timeout=0.2)
     if failure:
         raise failure[0]
+
+
+# (host, pid) of every rank, gathered once the group is joined: after a collective fails, which peers on this host
+# have ended tells the user which rank died (gloo only reports a reset connection to an address).
+PEERS: List[Tuple[str, int]] = []
+
+
+def gather_peers() -> None:
+    PEERS[:] = [("", 0)] * dist.get_world_size()
+    dist.all_gather_object(PEERS, (socket.gethostname(), os.getpid()))
+
+
+def _ended(pid: int) -> bool:
+    """The process is gone, or a zombie not yet reaped by torchrun."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return True
+    except OSError:
+        return False
+
+
+# How gloo and NCCL word a collective whose peer went away.
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited",
+             "Socket Timeout")
+
+
+def lost_peer_message(err: BaseException) -> Optional[str]:
+    """For a collective that failed because another rank died: one line saying which (when it ran on this host)
+    and how to go on; None for any other error."""
+    if not (dist.is_initialized() and PEERS) or not isinstance(err, RuntimeError):
+        return None
+    if not any(text in str(err) for text in PEER_LOST):
+        return None
+    rank, host = dist.get_rank(), socket.gethostname()
+    neighbours = {r: pid for r, (peer_host, pid) in enumerate(PEERS) if r != rank and peer_host == host}
+    dead: List[str] = []
+    deadline = time.monotonic() + 1.0  # a killed peer's socket can close before its process has finished ending
+    while neighbours and not dead and time.monotonic() < deadline:
+        dead = [f"rank {r} (pid {pid})" for r, pid in neighbours.items() if _ended(pid)]
+        time.sleep(0.05)
+    who = f"{', '.join(dead)} ended" if dead else "another rank ended or became unreachable"
+    return (f"rank {rank} lost its connection to the other ranks: {who}. torchrun stops the job; the same command "
+            f"resumes from the newest checkpoint in the output folder")
 
 
 def shutdown() -> None:

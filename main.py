@@ -32,7 +32,7 @@ from lr_scheduler import build_scheduler
 from models import ConfigError, build_model
 from models.kernels import optimize_for
 from optimizer import build_optimizer
-from run_lock import locked_run, stop_on_signals
+from run_lock import leaving, locked_run, stop_on_signals
 from utils import (BEST_CHECKPOINT, Checkpoint, diverged, latest_checkpoint, load_pretrained, read_checkpoint,
                    restore_checkpoint, save_checkpoint, save_config, seed_everything, training_epochs,
                    training_state)
@@ -339,3 +339,5 @@ if __name__ == "__main__":
         main()
     except (UsageError, ConfigError, TrainingError) as err:
         sys.exit(f"main.py: error: {user_message(err)}")
+    finally:
+        leaving()

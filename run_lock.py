@@ -14,6 +14,7 @@ import signal
 import sys
 from typing import Any, Iterator, List, Optional
 
+from distributed import lost_peer_message
 from errors import TrainingError, UsageError, user_message
 from logger import LOGGER_NAME, close_log_files, create_logger
 from models import ConfigError
@@ -97,6 +98,7 @@ def exit_on_signal(signum: int, frame: Any) -> None:
         reason = f"terminated by {name} (torchrun stops all ranks when one fails or is stopped)"
     else:
         reason = f"terminated by {name}"
+    leaving()
     logging.getLogger(LOGGER_NAME).error(f"stopped: {reason}")
     raise Terminated(128 + signum)
 
@@ -117,6 +119,17 @@ def stop_on_signals() -> None:
     """Route SIGTERM and SIGINT to :func:`exit_on_signal`; called once by an entry point, before anything runs."""
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, exit_on_signal)
+
+
+def leaving() -> None:
+    """Once a process run by an entry point is on its way out (a stop logged, or exiting): a SIGTERM landing now
+    (torchrun stopping the ranks after this one failed) is what is happening anyway, so it is ignored instead of
+    raising inside clean-up or exit handlers and printing their traceback; Ctrl-C still ends the process at once.
+    A no-op where :func:`stop_on_signals` did not install the handlers (a test calling ``main`` in process)."""
+    if signal.getsignal(signal.SIGTERM) is not exit_on_signal:
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
 
 
 def missing_folders(folder: str) -> List[str]:
@@ -167,10 +180,20 @@ def locked_run(folder: str, rank: int) -> Iterator[logging.Logger]:
             except Terminated:
                 raise
             except (UsageError, ConfigError, TrainingError, SystemExit) as err:
+                leaving()
                 logger.error(f"stopped: {user_message(err)}")
                 refused = isinstance(err, (UsageError, ConfigError))
                 raise
+            except RuntimeError as err:
+                leaving()
+                lost = lost_peer_message(err)
+                if lost is None:
+                    logger.exception("failed")
+                    raise
+                logger.error(f"stopped: {lost}")
+                raise TrainingError(lost) from None
             except BaseException:
+                leaving()
                 logger.exception("failed")
                 raise
     finally:

@@ -22,7 +22,7 @@ from errors import TrainingError, UsageError, user_message
 from models import ConfigError
 from models.checkpoint import load_weights
 from optimizer import no_decay_names
-from run_lock import locked_run, quiet_worker_teardown, stop_on_signals
+from run_lock import leaving, locked_run, quiet_worker_teardown, stop_on_signals
 from utils import (BEST_CHECKPOINT, diverged, latest_checkpoint, read_checkpoint, restore_checkpoint,
                    save_checkpoint, save_config, seed_everything, training_epochs, training_state)
 
@@ -213,3 +213,5 @@ def main(task: Task, prog: str) -> None:
         run(task)
     except (UsageError, ConfigError, TrainingError) as err:
         sys.exit(f"{prog}: error: {user_message(err)}")
+    finally:
+        leaving()

@@ -66,7 +66,8 @@ BASELINE_PATH: Optional[str] = None  # set by --baseline
 def config_for(name: str, img_size: int):
     path = name if name.endswith(".yaml") else os.path.join(ROOT, "configs", name + ".yaml")
     if not os.path.isfile(path):
-        raise SystemExit(f"--models: no config {path} (give a name from configs/, ref:NAME or timm:NAME)")
+        raise SystemExit(f"benchmark: --models {name}: no config {path} (give a name from configs/, ref:NAME, base:NAME "
+                         f"or timm:NAME)")
     return load_config(path, ["MODEL.DROP_PATH_RATE", 0.0, "DATA.IMG_SIZE", img_size])
 
 
@@ -477,14 +478,46 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def pick_device(name: str) -> torch.device:
+    """``--device``, refused in one line when it is malformed or names a GPU this machine lacks."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"benchmark: --device {name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"benchmark: --device {name}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def check_names_and_paths(args: argparse.Namespace) -> None:
+    """What would otherwise fail only after minutes of timing: unknown models, and output files that cannot be
+    written (checked without creating them)."""
+    for name in (args.models or []) + [args.peer]:
+        base = split_suffix(name)[0]
+        if base.startswith("timm:"):
+            import timm
+            if not timm.is_model(base[5:]):
+                raise SystemExit(f"benchmark: --models/--peer {name}: timm has no model {base[5:]!r}")
+        elif not base.startswith(("ref:", "base:")):
+            config_for(base, args.img_size[0])
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        writable = os.access(path, os.W_OK) if os.path.exists(path) else os.access(folder, os.W_OK)
+        if not os.path.isdir(folder) or os.path.isdir(path) or not writable:
+            raise SystemExit(f"benchmark: {flag} {path}: cannot write there (missing folder, a folder in the way, "
+                             f"or no permission)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     global REFERENCE_PATH, BASELINE_PATH
     REFERENCE_PATH, BASELINE_PATH = args.reference, args.baseline
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = pick_device(args.device)
+    check_names_and_paths(args)
     try:
         build_precision(args.amp, device)
     except UsageError as error:
