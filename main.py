@@ -272,8 +272,8 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
             if not env.is_main:
                 raise
             saved = save_checkpoint(config, state_after(epoch, max_accuracy), logger)
-            raise UsageError(f"{err}. Epoch {epoch}'s training is saved in {saved}: once the image is fixed, the same "
-                             f"command resumes after it (that epoch stays unevaluated)") from None
+            raise UsageError(f"{user_message(err)}. Epoch {epoch}'s training is saved in {saved}: once the image is "
+                             f"fixed, the same command resumes after it (that epoch stays unevaluated)") from None
         if env.is_main and epoch == start_epoch:
             save_config(config, logger)  # only now: a run that fails on its data leaves the previous one's
         improved = score > max_accuracy or (epoch == start_epoch and not checkpoint)
