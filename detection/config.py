@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from yacs.config import CfgNode as CN
 
-from config import Rule, _at_least, _between, _one_of
+from config import Rule, _at_least, _one_of
 from dense.config import DENSE_RULES, dense_defaults
 
 DETECTORS = ("mask_rcnn", "retinanet")
@@ -14,7 +14,6 @@ def detection_defaults() -> CN:
     c = dense_defaults()
     c.DATA.TRAIN_SPLIT = "train2017"  # <root>/<split>/ and <root>/annotations/instances_<split>.json
     c.DATA.VAL_SPLIT = "val2017"
-    c.DATA.FLIP_PROB = 0.5
     c.MODEL.DETECTOR = "mask_rcnn"
     c.MODEL.FPN_CHANNELS = 256
     c.MODEL.BOX_HEAD_DIM = 1024  # Mask R-CNN's two-layer box head
@@ -28,7 +27,6 @@ def detection_defaults() -> CN:
 
 
 DETECTION_RULES = DENSE_RULES + (
-    Rule("DATA.FLIP_PROB", _between(0.0, 1.0), "must be a probability in [0, 1]"),
     Rule("MODEL.DETECTOR", _one_of(DETECTORS), f"must be one of {DETECTORS}"),
     Rule("MODEL.FPN_CHANNELS", _at_least(1), "must be at least 1"),
     Rule("MODEL.BOX_HEAD_DIM", _at_least(1), "must be at least 1"),

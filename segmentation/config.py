@@ -12,7 +12,11 @@ ARCHS = ("upernet", "fpn")
 
 def segmentation_defaults() -> CN:
     c = dense_defaults()
-    # 0: the largest label value in the training annotations (label 0 is "ignore"); otherwise it must agree.
+    # True: ADE20K's layout (as mmsegmentation's reduce_zero_label): label value 0 is "other" and ignored, value v
+    # is class v - 1. False: value v is class v, 0 included. Value 255 is ignored either way.
+    c.DATA.REDUCE_ZERO_LABEL = True
+    # 0: counted from the training annotations (refused when the largest value looks like a stray); otherwise
+    # every label value must fit it.
     c.DATA.NUM_CLASSES = 0
     # Training images are resized to fit (long side, short side) x a random ratio from RATIO_RANGE, then cropped
     # (padded with "ignore" when smaller) to CROP_SIZE; evaluation resizes to fit SCALE itself.
@@ -31,7 +35,7 @@ def segmentation_defaults() -> CN:
 
 
 SEGMENTATION_RULES = DENSE_RULES + (
-    Rule("DATA.NUM_CLASSES", lambda value, _: 0 <= value <= 254, "must be 0 (from the data) up to 254"),
+    Rule("DATA.NUM_CLASSES", lambda value, _: 0 <= value <= 255, "must be 0 (from the data) up to 255"),
     Rule("DATA.SCALE", lambda value, _: len(value) == 2 and min(value) >= 1, "must be two sizes (long, short)"),
     Rule("DATA.RATIO_RANGE", lambda value, _: len(value) == 2 and 0 < value[0] <= value[1],
          "must be (low, high) with 0 < low <= high"),

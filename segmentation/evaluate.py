@@ -59,7 +59,7 @@ def evaluate(config: Any, model: nn.Module, dataset: Any, env: DistEnv, precisio
         if idx % config.PRINT_FREQ == 0 or idx + 1 == len(batches):
             logger.info(f"Test: [{idx}/{len(batches)}]")
     miou, ious = mean_iou(metric.compute().cpu())  # torchmetrics sums the matrices of all processes
-    names = class_names(config.DATA.DATA_PATH, dataset.num_classes)
+    names = class_names(config.DATA.DATA_PATH, dataset.num_classes, dataset.reduce_zero_label)
     for name, iou in zip(names, ious.tolist()):
         logger.info(f"  IoU {name}: {iou:.2f}")
     logger.info(f"mIoU {miou:.2f}% over {dataset.num_classes} classes ({len(dataset)} images)")

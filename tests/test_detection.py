@@ -161,3 +161,16 @@ def test_every_config_loads_and_passes_the_value_rules(cfg):
 def test_bad_values_are_refused_naming_the_key():
     with pytest.raises(UsageError, match=r"--batch-size \(DATA.BATCH_SIZE\) must be at least 1, got 0"):
         get_task_config(task_args(CFG, batch_size=0), detection_defaults(), DETECTION_RULES)
+
+
+def test_unknown_detector_args_are_refused_naming_the_accepted_ones():
+    config = detection_defaults()
+    merge_task_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR_ARGS.min_sise", "[800]"])
+    with pytest.raises(UsageError, match=r"MODEL.DETECTOR_ARGS.min_sise is not an argument of mask_rcnn "
+                                         r"\(MODEL.DETECTOR\); it accepts: .*box_batch_size_per_image.*min_size"):
+        build_detector(config, num_classes=3)
+    retina = detection_defaults()
+    merge_task_opts(retina, BACKBONE_OPTS + ["MODEL.DETECTOR", "retinanet",
+                                            "MODEL.DETECTOR_ARGS.box_batch_size_per_image", 64])
+    with pytest.raises(UsageError, match=r"box_batch_size_per_image is not an argument of retinanet"):
+        build_detector(retina, num_classes=3)

@@ -169,3 +169,51 @@ def test_bad_values_are_refused_naming_the_key():
     with pytest.raises(UsageError, match=r"--batch-size \(DATA.BATCH_SIZE\) must be at least 2 to train UPerNet"):
         get_task_config(task_args(CFG, batch_size=1), segmentation_defaults(), SEGMENTATION_RULES)
     get_task_config(task_args(CFG, batch_size=1, eval=True), segmentation_defaults(), SEGMENTATION_RULES)
+
+
+def test_reduce_zero_label_chooses_whether_0_is_a_class(tmp_path):
+    # A 0/1/2 annotation: under ADE20K's convention 0 is ignored and 1, 2 are classes 0, 1; without it, 0 is the
+    # background class and the set has three classes.
+    labels = np.zeros((16, 16))
+    labels[:, 8:] = 1
+    labels[8:, 8:] = 2
+    write_pair(tmp_path, "training", "a", labels)
+    write_pair(tmp_path, "training", "b", labels)
+    for reduce, count, expected in ((True, 2, labels - 1), (False, 3, labels)):
+        config = config_with(["DATA.SCALE", "[16, 16]", "DATA.REDUCE_ZERO_LABEL", reduce])
+        dataset = SegmentationFolder(str(tmp_path), "train", config, train=False)
+        assert dataset.num_classes == count
+        target = dataset[0][1].numpy()
+        np.testing.assert_array_equal(target, np.where(expected < 0, 255, expected))
+
+
+@pytest.mark.parametrize("stray, where", [
+    ({"b": 200}, "b.png has label 200, found in 1 of 3 files"),  # far above the others, one file
+    ({"a": 3, "b": 3, "c": 3}, None),  # in every file, next to the others: a class
+    ({"a": 40, "b": 40}, "a.png has label 40, found in 2 of 3 files"),  # far above the others
+])
+def test_class_count_from_the_data_refuses_a_stray_value(tmp_path, stray, where):
+    for name in "abc":
+        labels = np.ones((16, 16))
+        labels[:, 8:] = 2
+        labels[0, 0] = stray.get(name, 1)
+        write_pair(tmp_path, "training", name, labels)
+    config = config_with(["DATA.SCALE", "[16, 16]"])
+    if where is None:
+        assert SegmentationFolder(str(tmp_path), "train", config, train=True).num_classes == 3
+        return
+    with pytest.raises(UsageError, match=where + r".*set DATA.NUM_CLASSES"):
+        SegmentationFolder(str(tmp_path), "train", config, train=True)
+    value = max(stray.values())
+    assert SegmentationFolder(str(tmp_path), "train", config, train=False, num_classes=value)[1][1].max() == value - 1
+
+
+@pytest.mark.parametrize("flip_prob, flipped", [(0.0, 0), (1.0, 20)])
+def test_flip_prob_decides_the_flips(tmp_path, flip_prob, flipped):
+    labels = np.ones((16, 16))
+    labels[:, :4] = 2  # class 1 on the left quarter only
+    write_pair(tmp_path, "training", "a", labels)
+    config = config_with(["DATA.SCALE", "[16, 16]", "DATA.RATIO_RANGE", "[1.0, 1.0]", "DATA.CROP_SIZE", "32",
+                          "DATA.FLIP_PROB", flip_prob, "DATA.NUM_CLASSES", 2])
+    dataset = SegmentationFolder(str(tmp_path), "train", config, train=True)
+    assert sum(int(dataset[0][1][5, 31] == 1) for _ in range(20)) == flipped  # padded to 32, then flipped
