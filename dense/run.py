@@ -22,7 +22,7 @@ from engine import AMP_MODES, build_precision
 from errors import TrainingError, UsageError, user_message
 from logger import create_tensorboard_writer
 from models import ConfigError
-from models.checkpoint import load_weights
+from models.checkpoint import extract_state_dict, load_weights
 from optimizer import param_groups
 from run_lock import locked_run, stop_on_signals
 from run_parts import (BestScore, create_ema, save_epoch, scale_rates, sync_batchnorm_buffers,
@@ -30,6 +30,7 @@ from run_parts import (BestScore, create_ema, save_epoch, scale_rates, sync_batc
 from utils import (diverged, latest_checkpoint, read_checkpoint, restore_checkpoint, save_config, seed_everything,
                    training_epochs, training_state)
 
+from .backbone import DenseBackbone
 from .config import REFERENCE_BATCH, get_task_config
 from .engine import build_schedule, train_one_epoch
 
@@ -72,7 +73,7 @@ class Task:
     """What a task supplies. ``build_data(config, env, logger)`` returns (train set, val set, number of classes),
     checked before anything is written; ``losses(model, batch, device)`` the named losses of a training batch;
     ``evaluate(config, model, val_set, env, precision, logger)`` the score (higher is better) after logging its
-    summary; ``backbone(model)`` the timm feature extractor that ``--pretrained`` loads into."""
+    summary; ``backbone(model)`` the :class:`DenseBackbone` that ``--pretrained`` loads into."""
     name: str
     defaults: Any
     rules: Sequence[Any]
@@ -81,24 +82,36 @@ class Task:
     collate: Callable
     losses: Callable[[nn.Module, Any, torch.device], Dict[str, torch.Tensor]]
     evaluate: Callable[..., float]
-    backbone: Callable[[nn.Module], nn.Module]
+    backbone: Callable[[nn.Module], DenseBackbone]
 
 
-def load_backbone(path: str, backbone: nn.Module, logger: logging.Logger, unsafe: bool = False) -> None:
-    """A classification checkpoint into a timm ``features_only`` backbone (``backbone.model`` is the network):
-    every backbone tensor must come from the file (position tables are resized to the window size); the
-    classifier's head and final norm are left out. Anything else is refused: a partly random backbone is a
-    silent mistake."""
-    network = getattr(backbone, "model", backbone)
+def load_backbone(path: str, backbone: DenseBackbone, logger: logging.Logger, unsafe: bool = False) -> None:
+    """Backbone weights from ``path``: a dense checkpoint of this backbone (the network and its output norms,
+    found under whatever prefix the task's model gives them) or a classification checkpoint (ours or a released
+    one) for the network alone, position tables resized to the window size and the classifier's head and final
+    norm left out; the output norms then start fresh, as the log line says. Anything else is refused: a partly
+    random backbone is a silent mistake."""
     try:
-        report = load_weights(network, read_checkpoint(path, logger, unsafe).state, strict=False)
+        weights = extract_state_dict(read_checkpoint(path, logger, unsafe).state)
     except ValueError as err:
         raise UsageError(f"--pretrained {path}: {err}") from None
+    own = list(backbone.state_dict())
+    prefix = next((key[:-len(own[0])] for key in weights if key.endswith(own[0])), None)
+    if prefix is not None and f"{prefix}{own[-1]}" in weights:
+        try:
+            report = load_weights(backbone, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+        except ValueError as err:
+            raise UsageError(f"--pretrained {path}: its backbone ({prefix}*) does not fit: {err}") from None
+        logger.info(f"loaded backbone weights and output norms from the dense checkpoint {path}: {report.summary()}")
+        return
+    report = load_weights(backbone.network, weights, strict=False)
     report.unexpected = [k for k in report.unexpected if not k.startswith(CLASSIFIER_KEYS)]
     if not report.clean:
         raise UsageError(f"--pretrained {path} does not fit the backbone ({report.summary()}); is it a checkpoint "
                          f"of MODEL.BACKBONE with these MODEL.BACKBONE_ARGS?")
-    logger.info(f"loaded backbone weights from {path}: {report.summary()}")
+    fresh = [name for name, module in backbone.named_children() if name != "body"]
+    logger.info(f"loaded backbone weights from {path}: {report.summary()}; created fresh (a classification "
+                f"checkpoint has no such layers): {', '.join(fresh)}")
 
 
 def loader(dataset: Dataset, config: Any, env: DistEnv, collate: Callable, train: bool) -> DataLoader:

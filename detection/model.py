@@ -6,7 +6,6 @@ import inspect
 from collections import OrderedDict
 from typing import Any, Dict, FrozenSet
 
-import timm
 import torch
 import torch.nn as nn
 from torchvision.models.detection import FCOS, MaskRCNN, RetinaNet
@@ -15,7 +14,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
-import models  # noqa: F401  registers the Focal Transformers with timm
+from dense.backbone import DenseBackbone, build_backbone
 from errors import UsageError
 
 DETECTOR_CLASSES = {"mask_rcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS}
@@ -69,8 +68,7 @@ class FocalFPN(nn.Module):
 def build_detector(config: Any, num_classes: int) -> nn.Module:
     """``num_classes`` object classes plus background; no weights downloaded (``--pretrained`` is local)."""
     retinanet = config.MODEL.DETECTOR == "retinanet"
-    body = timm.create_model(config.MODEL.BACKBONE, features_only=True, out_indices=(1, 2, 3) if retinanet else
-                             (0, 1, 2, 3), drop_path_rate=config.MODEL.DROP_PATH_RATE, **config.MODEL.BACKBONE_ARGS)
+    body = build_backbone(config, (1, 2, 3) if retinanet else (0, 1, 2, 3))
     backbone = FocalFPN(body, config.MODEL.FPN_CHANNELS, retinanet)
     args = detector_args(config)
     if retinanet:
@@ -83,5 +81,5 @@ def build_detector(config: Any, num_classes: int) -> nn.Module:
                     mask_predictor=MaskRCNNPredictor(mask_dim, mask_dim, num_classes + 1), **args)
 
 
-def backbone(model: nn.Module) -> nn.Module:
+def backbone(model: nn.Module) -> DenseBackbone:
     return model.backbone.body

@@ -41,6 +41,8 @@ SEGMENTATION_RULES = DENSE_RULES + (
          "must be (low, high) with 0 < low <= high"),
     Rule("DATA.CROP_SIZE", lambda value, _: value >= 32 and value % 32 == 0, "must be a multiple of 32"),
     Rule("MODEL.ARCH", _one_of(ARCHS), f"must be one of {ARCHS}"),
+    Rule("MODEL.OUT_INDICES", lambda value, _: list(value) in ([], [0, 1, 2, 3]),
+         "must be [] or [0, 1, 2, 3]: smp's decoders take all four stages"),
     Rule("DATA.BATCH_SIZE", lambda value, c: value >= 2 or c.MODEL.ARCH != "upernet" or c.EVAL_MODE,
          "must be at least 2 to train UPerNet (the batch norm after its global pooling needs two values)"),
     Rule("MODEL.DECODER_CHANNELS", _at_least(1), "must be at least 1"),

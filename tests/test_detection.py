@@ -129,7 +129,7 @@ def test_official_checkpoint_loads_into_the_backbone(detector):
     model = build_detector(config, num_classes=3)
     load_backbone(CHECKPOINT, backbone(model), LOG)
     weights = extract_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
-    for name, value in backbone(model).model.state_dict().items():
+    for name, value in backbone(model).network.state_dict().items():
         torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
 
 

@@ -99,7 +99,7 @@ def test_official_checkpoint_loads_into_the_encoder():
     model = build_segmenter(config, num_classes=4)
     load_backbone(CHECKPOINT, backbone(model), LOG)
     weights = extract_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
-    loaded = backbone(model).model.state_dict()
+    loaded = backbone(model).network.state_dict()
     assert set(loaded) < set(weights)
     for name, value in loaded.items():
         torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
