@@ -8,6 +8,7 @@ from config import Rule, _at_least, _one_of
 from dense.config import DENSE_RULES, dense_defaults
 
 ARCHS = ("upernet", "fpn")
+TEST_MODES = ("whole", "slide")
 
 
 def segmentation_defaults() -> CN:
@@ -23,6 +24,16 @@ def segmentation_defaults() -> CN:
     c.DATA.SCALE = (2048, 512)
     c.DATA.RATIO_RANGE = (0.5, 2.0)
     c.DATA.CROP_SIZE = 512
+    # Evaluation: each image resized to fit DATA.SCALE x each of TEST.SCALES (and, with FLIP, mirrored too); the
+    # class probabilities of every view are averaged at the label's resolution (mmsegmentation's aug_test, the
+    # seed's "MS" numbers). MODE whole predicts each view at once; slide in TEST.CROP windows every TEST.STRIDE
+    # pixels, averaging where they overlap (mmsegmentation's slide mode, for views larger than the crop).
+    c.TEST = CN()
+    c.TEST.SCALES = [1.0]
+    c.TEST.FLIP = False
+    c.TEST.MODE = "whole"
+    c.TEST.CROP = 512
+    c.TEST.STRIDE = 341
     c.MODEL.ARCH = "upernet"
     c.MODEL.DECODER_CHANNELS = 512
     c.TRAIN.BASE_LR = 6e-5
@@ -40,6 +51,11 @@ SEGMENTATION_RULES = DENSE_RULES + (
     Rule("DATA.RATIO_RANGE", lambda value, _: len(value) == 2 and 0 < value[0] <= value[1],
          "must be (low, high) with 0 < low <= high"),
     Rule("DATA.CROP_SIZE", lambda value, _: value >= 32 and value % 32 == 0, "must be a multiple of 32"),
+    Rule("TEST.SCALES", lambda value, _: len(value) >= 1 and all(r > 0 for r in value),
+         "must be one or more ratios of DATA.SCALE above 0"),
+    Rule("TEST.MODE", _one_of(TEST_MODES), f"must be one of {TEST_MODES}"),
+    Rule("TEST.CROP", _at_least(32), "must be at least 32"),
+    Rule("TEST.STRIDE", lambda value, c: 1 <= value <= c.TEST.CROP, "must be from 1 up to TEST.CROP"),
     Rule("MODEL.ARCH", _one_of(ARCHS), f"must be one of {ARCHS}"),
     Rule("MODEL.OUT_INDICES", lambda value, _: list(value) in ([], [0, 1, 2, 3]),
          "must be [] or [0, 1, 2, 3]: smp's decoders take all four stages"),

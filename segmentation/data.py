@@ -96,7 +96,8 @@ def class_names(root: str, num_classes: int, reduce_zero_label: bool = True) -> 
 
 class SegmentationFolder(torch.utils.data.Dataset):
     """(image, labels) pairs of one split; ``train`` applies the seed's augmentation (random rescale, crop,
-    flip), otherwise images are resized to fit ``DATA.SCALE`` and labels stay at full size for scoring."""
+    flip) and normalises; otherwise the image stays as read (uint8, full size: evaluation resizes it to each of
+    its scales) and so do the labels, for scoring."""
 
     def __init__(self, root: str, split: str, config: Any, train: bool, num_classes: int = 0):
         folder = SPLITS[split]
@@ -137,12 +138,10 @@ class SegmentationFolder(torch.utils.data.Dataset):
                              f"{self.reduce_zero_label})")
         target = torch.from_numpy(classes)
         image = read_image(image_path)
-        if self.train:
-            image, target = self.augment(image, target[None])
-            target = target[0]
-        else:
-            image = F.resize(image, fit_size(image.shape[-2:], self.config.DATA.SCALE), antialias=True)
-        return F.normalize(F.to_dtype(image, torch.float32, scale=True), MEAN, STD), target
+        if not self.train:
+            return image, target
+        image, target = self.augment(image, target[None])
+        return normalize(image), target[0]
 
     def augment(self, image: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """mmsegmentation's ADE20K pipeline without photometric distortion: random rescale, random crop padded
@@ -163,6 +162,11 @@ class SegmentationFolder(torch.utils.data.Dataset):
         if random.random() < data.FLIP_PROB:
             image, target = F.horizontal_flip(image), F.horizontal_flip(target)
         return image, target
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB to the network's input: [0, 1], then ImageNet's mean and deviation."""
+    return F.normalize(F.to_dtype(image, torch.float32, scale=True), MEAN, STD)
 
 
 def fit_size(size: Sequence[int], scale: Sequence[float]) -> List[int]:

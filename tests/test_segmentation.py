@@ -3,6 +3,8 @@ one-line errors, and a real run (training steps, checkpoint, auto-resume refusal
 under torchrun with two processes."""
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 import signal
@@ -23,7 +25,7 @@ from models import extract_state_dict
 from dense.config import get_task_config
 from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
 from segmentation.data import SegmentationFolder
-from segmentation.evaluate import evaluate
+from segmentation.evaluate import evaluate, predict, slide
 from segmentation.model import backbone, build_segmenter
 from segmentation.train import TASK
 from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, check, load, run_task,
@@ -110,7 +112,7 @@ def test_official_checkpoint_loads_into_the_encoder():
 
 
 def scores(log: str) -> list:
-    return re.findall(r"IoU label \d+: [\d.na]+|mIoU [\d.]+% over \d+ classes \(\d+ images\)", log)
+    return re.findall(r"IoU label \d+: [\d.na]+|mIoU [\d.]+% \([^)]*\) over \d+ classes \(\d+ images\)", log)
 
 
 @pytest.mark.slow
@@ -120,7 +122,7 @@ def test_training_and_one_vs_two_process_evaluation(tmp_path):
     trained = check(run_task("segmentation.train", [*common, "--pretrained", CHECKPOINT, "--opts", *TINY]))
     assert "loaded backbone weights from" in trained.stdout
     assert "Train: [0/1][1/2]" in trained.stdout  # two updates of 4 images
-    assert re.search(r"mIoU [\d.]+% over 4 classes \(4 images\)", trained.stdout)
+    assert re.search(r"mIoU [\d.]+% \([^)]*\) over 4 classes \(4 images\)", trained.stdout)
     checkpoint = tmp_path / "out" / "upernet_focal_demo" / "default" / "ckpt_epoch_0.pth"
     assert checkpoint.is_file()
     with pytest.raises(UsageError, match="has already trained 1 of TRAIN.EPOCHS 1 epochs"):  # auto-resumed
@@ -217,3 +219,76 @@ def test_flip_prob_decides_the_flips(tmp_path, flip_prob, flipped):
                           "DATA.FLIP_PROB", flip_prob, "DATA.NUM_CLASSES", 2])
     dataset = SegmentationFolder(str(tmp_path), "train", config, train=True)
     assert sum(int(dataset[0][1][5, 31] == 1) for _ in range(20)) == flipped  # padded to 32, then flipped
+
+
+class WidthVote(nn.Module):
+    """Class 0 (logit 2 against 0) for inputs narrower than 48 pixels, class 1 (logit 1 against 0) otherwise."""
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 2, *x.shape[-2:])
+        if x.shape[-1] < 48:
+            logits[:, 0] = 2
+        else:
+            logits[:, 1] = 1
+        return logits
+
+
+class ColumnRamp(nn.Module):
+    """Class 0's logit is the column index within the input, class 1's is 0: the output depends on where the input
+    window starts and on flips."""
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 2, *x.shape[-2:])
+        logits[:, 0] = torch.arange(x.shape[-1], dtype=torch.float32)
+        return logits
+
+
+def test_scales_average_class_probabilities():
+    # A 32x64 image at DATA.SCALE (64, 32) is seen 64 wide at ratio 1 (class 1: softmax [e^0, e^1] / (1 + e)) and 32
+    # wide at ratio 0.5 (class 0: [e^2, 1] / (e^2 + 1)); the two views averaged: class 0 at 0.575, class 1 0.425.
+    image = torch.full((3, 32, 64), 128, dtype=torch.uint8)
+    config = config_with(["DATA.SCALE", "[64, 32]"])
+    one = predict(WidthVote(), image, (32, 64), config)
+    torch.testing.assert_close(one[:, 0, 0], torch.tensor([1, math.e]) / (1 + math.e))
+    config = config_with(["DATA.SCALE", "[64, 32]", "TEST.SCALES", "[0.5, 1.0]"])
+    both = predict(WidthVote(), image, (32, 64), config)
+    expected = (torch.tensor([math.e ** 2, 1]) / (math.e ** 2 + 1) + torch.tensor([1, math.e]) / (1 + math.e)) / 2
+    torch.testing.assert_close(both, expected[:, None, None].expand(2, 32, 64))
+    assert both.argmax(0).eq(0).all() and one.argmax(0).eq(1).all()
+
+
+def test_flip_averages_the_mirrored_view_flipped_back():
+    # Unflipped, class 0's logit at column j is j; the flipped view flipped back gives 31 - j. Their softmax
+    # probabilities for class 0, sigmoid(j) and sigmoid(31 - j), averaged.
+    image = torch.zeros((3, 8, 32), dtype=torch.uint8)
+    config = config_with(["DATA.SCALE", "[32, 8]", "TEST.FLIP", True])
+    probs = predict(ColumnRamp(), image, (8, 32), config)
+    j = torch.arange(32, dtype=torch.float32)
+    torch.testing.assert_close(probs[0, 0], (torch.sigmoid(j) + torch.sigmoid(31 - j)) / 2)
+    torch.testing.assert_close(probs.sum(0), torch.ones(8, 32))
+
+
+def test_slide_averages_overlapping_windows():
+    # 20 columns, windows of 8 every 6: [0, 8), [6, 14), [12, 20). Each window's class-0 logit is the column within
+    # it: columns 0-5 see one window (j), 6-7 two ((j + j - 6) / 2 = j - 3), 8-11 one (j - 6), 12-13 two
+    # (j - 9), 14-19 one (j - 12).
+    logits = slide(ColumnRamp(), torch.zeros(1, 3, 8, 20), crop=8, stride=6)
+    expected = torch.tensor([0, 1, 2, 3, 4, 5, 3, 4, 2, 3, 4, 5, 3, 4, 2, 3, 4, 5, 6, 7], dtype=torch.float32)
+    torch.testing.assert_close(logits[0, 0], expected.expand(8, 20))
+    # A window as large as the image: one pass, the same as whole-image inference.
+    torch.testing.assert_close(slide(ColumnRamp(), torch.zeros(1, 3, 8, 20), crop=32, stride=16),
+                               ColumnRamp()(torch.zeros(1, 3, 8, 20)))
+
+
+def test_final_line_names_the_views(tmp_path, caplog):
+    labels = np.ones((32, 32))
+    for split in ("training", "validation"):
+        write_pair(tmp_path, split, "a", labels)
+    config = config_with(["DATA.DATA_PATH", str(tmp_path), "DATA.SCALE", "[32, 32]", "DATA.NUM_WORKERS", 0,
+                          "TEST.SCALES", "[0.5, 1.0, 1.75]", "TEST.FLIP", True, "TEST.MODE", "slide",
+                          "TEST.CROP", 32, "TEST.STRIDE", 21])
+    dataset = SegmentationFolder(str(tmp_path), "val", config, train=False, num_classes=3)
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    with caplog.at_level(logging.INFO, logger=LOG.name):
+        evaluate(config, LeftRight(), dataset, env, build_precision("none", env.device), LOG)
+    assert re.search(r"mIoU [\d.]+% \(scales 0.5-1.75, flip, slide 32/21\) over 3 classes \(1 images\)", caplog.text)
