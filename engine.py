@@ -17,12 +17,10 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils import AverageMeter, ModelEmaV3
 
 from distributed import all_reduce_sum
+from choices import AMP_MODES, APEX_LEVELS
 from errors import TrainingError, UsageError
 
 logger = logging.getLogger("focal.engine")
-AMP_MODES = ("bf16", "fp16", "none")
-# Values of the reference's apex-era AMP_OPT_LEVEL, so its configs keep working.
-APEX_LEVELS = {"O0": "none", "O1": "fp16", "O2": "fp16"}
 
 
 @dataclass

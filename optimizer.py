@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 from timm.optim import param_groups_layer_decay
 
+from choices import OPTIMIZERS
 from errors import UsageError
 
-OPTIMIZERS = ("adamw", "sgd")
 
 
 def no_decay_names(model: nn.Module) -> List[str]:

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from yacs.config import CfgNode as CN
 
-from config import AMP_LEVELS, Rule, _at_least, _between, _one_of, check_values, load_config, merge_opts
+from config import AMP_LEVELS, Rule, at_least, between, one_of, check_values, load_config, merge_opts
 from errors import UsageError
 
 # The configured learning rates hold for a total batch of 16 images (8 GPUs x 2, as in the seed's detection and
@@ -84,35 +84,35 @@ def dense_defaults() -> CN:
 
 
 DENSE_RULES = (
-    Rule("DATA.BATCH_SIZE", _at_least(1), "must be at least 1"),
-    Rule("DATA.TEST_BATCH_SIZE", _at_least(1), "must be at least 1"),
-    Rule("DATA.NUM_WORKERS", _at_least(0), "must be 0 (load in the main process) or more"),
-    Rule("DATA.FLIP_PROB", _between(0.0, 1.0), "must be a probability in [0, 1]"),
-    Rule("MODEL.DROP_PATH_RATE", _between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
+    Rule("DATA.BATCH_SIZE", at_least(1), "must be at least 1"),
+    Rule("DATA.TEST_BATCH_SIZE", at_least(1), "must be at least 1"),
+    Rule("DATA.NUM_WORKERS", at_least(0), "must be 0 (load in the main process) or more"),
+    Rule("DATA.FLIP_PROB", between(0.0, 1.0), "must be a probability in [0, 1]"),
+    Rule("MODEL.DROP_PATH_RATE", between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
     Rule("MODEL.OUT_INDICES", lambda value, _: len(set(value)) == len(value) and all(0 <= i <= 3 for i in value)
          and list(value) == sorted(value), "must be distinct stages among 0-3 in increasing order ([]: the head's)"),
-    Rule("MODEL.FROZEN_STAGES", _between(-1, 4), "must be -1 (none) up to 4 (patch embedding and all four stages)"),
-    Rule("MODEL_EMA_DECAY", _between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
-    Rule("TRAIN.EPOCHS", _at_least(1), "must be at least 1"),
+    Rule("MODEL.FROZEN_STAGES", between(-1, 4), "must be -1 (none) up to 4 (patch embedding and all four stages)"),
+    Rule("MODEL_EMA_DECAY", between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
+    Rule("TRAIN.EPOCHS", at_least(1), "must be at least 1"),
     Rule("TRAIN.BASE_LR", lambda value, _: value > 0, "must be above 0"),
-    Rule("TRAIN.WEIGHT_DECAY", _at_least(0), "must be 0 or more"),
+    Rule("TRAIN.WEIGHT_DECAY", at_least(0), "must be 0 or more"),
     Rule("TRAIN.BETAS", lambda value, _: len(value) == 2 and all(0 <= b < 1 for b in value),
          "must be two values in [0, 1)"),
-    Rule("TRAIN.WARMUP_ITERS", _at_least(0), "must be 0 or more"),
-    Rule("TRAIN.WARMUP_RATIO", _between(0.0, 1.0), "must be in [0, 1]"),
-    Rule("TRAIN.SCHEDULE", _one_of(SCHEDULES), f"must be one of {SCHEDULES}"),
+    Rule("TRAIN.WARMUP_ITERS", at_least(0), "must be 0 or more"),
+    Rule("TRAIN.WARMUP_RATIO", between(0.0, 1.0), "must be in [0, 1]"),
+    Rule("TRAIN.SCHEDULE", one_of(SCHEDULES), f"must be one of {SCHEDULES}"),
     Rule("TRAIN.DECAY_EPOCHS", lambda value, _: all(e >= 0 for e in value) and list(value) == sorted(value),
          "must be epochs in increasing order"),
     Rule("TRAIN.DECAY_RATE", lambda value, _: value > 0, "must be above 0"),
     Rule("TRAIN.POWER", lambda value, _: value > 0, "must be above 0"),
-    Rule("TRAIN.MIN_LR", _at_least(0), "must be 0 or more"),
-    Rule("TRAIN.CLIP_GRAD", _at_least(0), "must be 0 (off) or more"),
-    Rule("AMP_OPT_LEVEL", _one_of(AMP_LEVELS), f"must be one of {AMP_LEVELS[1:]} (or empty: the device's default)"),
-    Rule("SAVE_FREQ", _at_least(1), "must be at least 1"),
-    Rule("EVAL_FREQ", _at_least(1), "must be at least 1"),
-    Rule("KEEP_CHECKPOINTS", _at_least(0), "must be 0 (keep all) or more"),
-    Rule("PRINT_FREQ", _at_least(1), "must be at least 1"),
-    Rule("SEED", _at_least(0), "must be 0 or more"),
+    Rule("TRAIN.MIN_LR", at_least(0), "must be 0 or more"),
+    Rule("TRAIN.CLIP_GRAD", at_least(0), "must be 0 (off) or more"),
+    Rule("AMP_OPT_LEVEL", one_of(AMP_LEVELS), f"must be one of {AMP_LEVELS[1:]} (or empty: the device's default)"),
+    Rule("SAVE_FREQ", at_least(1), "must be at least 1"),
+    Rule("EVAL_FREQ", at_least(1), "must be at least 1"),
+    Rule("KEEP_CHECKPOINTS", at_least(0), "must be 0 (keep all) or more"),
+    Rule("PRINT_FREQ", at_least(1), "must be at least 1"),
+    Rule("SEED", at_least(0), "must be 0 or more"),
 )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from yacs.config import CfgNode as CN
 
-from config import Rule, _at_least, _one_of
+from config import Rule, at_least, one_of
 from dense.config import DENSE_RULES, dense_defaults
 
 DETECTORS = ("mask_rcnn", "retinanet")
@@ -27,11 +27,11 @@ def detection_defaults() -> CN:
 
 
 DETECTION_RULES = DENSE_RULES + (
-    Rule("MODEL.DETECTOR", _one_of(DETECTORS), f"must be one of {DETECTORS}"),
-    Rule("MODEL.FPN_CHANNELS", _at_least(1), "must be at least 1"),
-    Rule("MODEL.BOX_HEAD_DIM", _at_least(1), "must be at least 1"),
-    Rule("MODEL.MASK_HEAD_CHANNELS", _at_least(1), "must be at least 1"),
+    Rule("MODEL.DETECTOR", one_of(DETECTORS), f"must be one of {DETECTORS}"),
+    Rule("MODEL.FPN_CHANNELS", at_least(1), "must be at least 1"),
+    Rule("MODEL.BOX_HEAD_DIM", at_least(1), "must be at least 1"),
+    Rule("MODEL.MASK_HEAD_CHANNELS", at_least(1), "must be at least 1"),
     Rule("MODEL.DETECTOR_ARGS.min_size", lambda value, _: len(value) >= 1 and min(value) >= 32,
          "must be a list of sizes of at least 32"),
-    Rule("MODEL.DETECTOR_ARGS.max_size", _at_least(32), "must be at least 32"),
+    Rule("MODEL.DETECTOR_ARGS.max_size", at_least(32), "must be at least 32"),
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from yacs.config import CfgNode as CN
 
-from config import Rule, _at_least, _one_of
+from config import Rule, at_least, one_of
 from dense.config import DENSE_RULES, dense_defaults
 
 ARCHS = ("upernet", "fpn")
@@ -53,13 +53,13 @@ SEGMENTATION_RULES = DENSE_RULES + (
     Rule("DATA.CROP_SIZE", lambda value, _: value >= 32 and value % 32 == 0, "must be a multiple of 32"),
     Rule("TEST.SCALES", lambda value, _: len(value) >= 1 and all(r > 0 for r in value),
          "must be one or more ratios of DATA.SCALE above 0"),
-    Rule("TEST.MODE", _one_of(TEST_MODES), f"must be one of {TEST_MODES}"),
-    Rule("TEST.CROP", _at_least(32), "must be at least 32"),
+    Rule("TEST.MODE", one_of(TEST_MODES), f"must be one of {TEST_MODES}"),
+    Rule("TEST.CROP", at_least(32), "must be at least 32"),
     Rule("TEST.STRIDE", lambda value, c: 1 <= value <= c.TEST.CROP, "must be from 1 up to TEST.CROP"),
-    Rule("MODEL.ARCH", _one_of(ARCHS), f"must be one of {ARCHS}"),
+    Rule("MODEL.ARCH", one_of(ARCHS), f"must be one of {ARCHS}"),
     Rule("MODEL.OUT_INDICES", lambda value, _: list(value) in ([], [0, 1, 2, 3]),
          "must be [] or [0, 1, 2, 3]: smp's decoders take all four stages"),
     Rule("DATA.BATCH_SIZE", lambda value, c: value >= 2 or c.MODEL.ARCH != "upernet" or c.EVAL_MODE,
          "must be at least 2 to train UPerNet (the batch norm after its global pooling needs two values)"),
-    Rule("MODEL.DECODER_CHANNELS", _at_least(1), "must be at least 1"),
+    Rule("MODEL.DECODER_CHANNELS", at_least(1), "must be at least 1"),
 )
