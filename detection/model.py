@@ -51,14 +51,19 @@ def detector_args(config: Any) -> Dict[str, Any]:
 
 
 class FocalFPN(nn.Module):
-    """Stage maps -> FPN levels named "0", "1", ... plus the extra levels: a max-pooled P6 for Mask R-CNN
-    (P2-P6), P6/P7 from the last stage for RetinaNet (P3-P7), as the seed's mmdetection necks did."""
+    """Stage maps -> FPN levels named "0", "1", ... plus the extra levels, as the seed's mmdetection necks (and
+    mmdetection's FCOS) had them: a max-pooled P6 for Mask R-CNN (P2-P6); P6/P7 from the last stage for RetinaNet
+    and from the P5 output for FCOS (P3-P7)."""
 
-    def __init__(self, body: nn.Module, out_channels: int, retinanet: bool):
+    def __init__(self, body: nn.Module, out_channels: int, detector: str):
         super().__init__()
         self.body = body
-        extra = LastLevelP6P7(body.feature_info.channels()[-1], out_channels) if retinanet else LastLevelMaxPool()
-        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels, extra_blocks=extra)
+        channels = body.feature_info.channels()
+        if detector == "mask_rcnn":
+            extra = LastLevelMaxPool()
+        else:  # torchvision's P6P7 reads P5 when its input width equals its output width
+            extra = LastLevelP6P7(channels[-1] if detector == "retinanet" else out_channels, out_channels)
+        self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=extra)
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -67,12 +72,12 @@ class FocalFPN(nn.Module):
 
 def build_detector(config: Any, num_classes: int) -> nn.Module:
     """``num_classes`` object classes plus background; no weights downloaded (``--pretrained`` is local)."""
-    retinanet = config.MODEL.DETECTOR == "retinanet"
-    body = build_backbone(config, (1, 2, 3) if retinanet else (0, 1, 2, 3))
-    backbone = FocalFPN(body, config.MODEL.FPN_CHANNELS, retinanet)
+    detector = config.MODEL.DETECTOR
+    body = build_backbone(config, (0, 1, 2, 3) if detector == "mask_rcnn" else (1, 2, 3))
+    backbone = FocalFPN(body, config.MODEL.FPN_CHANNELS, detector)
     args = detector_args(config)
-    if retinanet:
-        return RetinaNet(backbone, num_classes=num_classes + 1, **args)
+    if detector != "mask_rcnn":
+        return DETECTOR_CLASSES[detector](backbone, num_classes=num_classes + 1, **args)
     # torchvision's heads at the configured widths (its defaults: 1024 and 256)
     box_dim, mask_dim, fpn_dim = config.MODEL.BOX_HEAD_DIM, config.MODEL.MASK_HEAD_CHANNELS, backbone.out_channels
     return MaskRCNN(backbone, box_head=TwoMLPHead(fpn_dim * 7 * 7, box_dim),
