@@ -31,7 +31,7 @@ from models import ConfigError, build_model
 from models.kernels import optimize_for
 from optimizer import build_optimizer
 from run_lock import locked_run, stop_on_signals
-from run_parts import create_ema, save_epoch, scale_rates
+from run_parts import BestScore, create_ema, save_epoch, scale_rates
 from utils import (Checkpoint, diverged, latest_checkpoint, load_pretrained, read_checkpoint, restore_checkpoint,
                    save_config, seed_everything, training_epochs, training_state)
 
@@ -189,11 +189,12 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, updates_per_epoch)
 
-    start_epoch, max_accuracy = config.TRAIN.START_EPOCH, 0.0
+    start_epoch, best = config.TRAIN.START_EPOCH, BestScore()
     checkpoint = resume_checkpoint(config, logger, unsafe_load)
     if checkpoint:
-        start_epoch, step, max_accuracy = restore_checkpoint(checkpoint, model, logger, optimizer, precision.scaler,
-                                                             config)
+        start_epoch, step, saved_best = restore_checkpoint(checkpoint, model, logger, optimizer, precision.scaler,
+                                                           config)
+        best.update(saved_best)
         if step and step != start_epoch * updates_per_epoch:
             logger.warning(f"{checkpoint.path} was saved after {step} updates, but {start_epoch} epochs of this run "
                            f"make {start_epoch * updates_per_epoch}: batch size, accumulation or data changed, "
@@ -237,16 +238,15 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
             score = ema_result.acc1
         if env.is_main and epoch == start_epoch:
             save_config(config, logger)  # only now: a run that fails on its data leaves the previous one's
-        improved = score > max_accuracy or (epoch == start_epoch and not checkpoint)
-        max_accuracy = max(max_accuracy, score)
-        logger.info(f"Max accuracy{' (EMA)' if ema else ''}: {max_accuracy:.2f}%")
+        improved = best.update(score)  # the first epoch of a fresh run always counts as the best so far
+        logger.info(f"Max accuracy{' (EMA)' if ema else ''}: {best.value:.2f}%")
         if tensorboard is not None:
             for tag, value in (("train/epoch_loss", stats.loss), ("val/acc1", result.acc1),
                                ("val/acc5", result.acc5), ("val/loss", result.loss)):
                 tensorboard.add_scalar(tag, value, epoch)
             tensorboard.flush()
         saved = save_epoch(config, env, epoch, improved, lambda: training_state(
-            config, epoch, (epoch + 1) * updates_per_epoch, model_without_ddp, max_accuracy, optimizer, scheduler,
+            config, epoch, (epoch + 1) * updates_per_epoch, model_without_ddp, best.value, optimizer, scheduler,
             precision.scaler, ema.module if ema else None, class_names), logger)
         last_good = saved or last_good
     if tensorboard is not None:
