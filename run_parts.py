@@ -31,8 +31,9 @@ def scale_rates(config: Any, total_batch: int, reference_batch: int) -> float:
 
 def create_ema(config: Any, model: nn.Module, checkpoint: Optional[Checkpoint]) -> Optional[ModelEmaV3]:
     """With ``MODEL_EMA``: timm's weight average of ``model``, from the checkpoint's average when it holds one (a
-    checkpoint from before EMA was turned on starts it at the resumed weights). Call it after the DDP wrap, whose construction broadcasts rank 0's weights, so every process averages from
-    the same start (a copy taken before would hold each rank's own random initialisation)."""
+    checkpoint from before EMA was turned on starts it at the resumed weights). Call it after the DDP wrap, whose
+    construction broadcasts rank 0's weights, so every process averages from the same start: a copy taken before
+    holds each rank's own random initialisation (timm's first update happens to overwrite it)."""
     if not config.MODEL_EMA:
         return None
     ema = ModelEmaV3(model, decay=config.MODEL_EMA_DECAY)

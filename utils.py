@@ -282,8 +282,8 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging
                        optimizer: Optional[torch.optim.Optimizer] = None, scaler: Optional[torch.amp.GradScaler] = None,
                        config: Any = None) -> Tuple[int, int, float]:
     """Restore weights and, when given and present, the optimizer and scaler state (the weight average is
-    ``run_parts.create_ema``'s); returns (next epoch, updates done, best accuracy). Weights must fit the model exactly. A weights-only file (a released checkpoint) starts
-    at 0.
+    ``run_parts.create_ema``'s); returns (next epoch, updates done, best accuracy). Weights must fit the model
+    exactly. A weights-only file (a released checkpoint) starts at 0.
 
     The config is the truth: the optimizer keeps its moments but takes its hyper-parameters (rates, decay, betas)
     from this run's, and the caller rebuilds the learning-rate schedule from this run's config rather than loading

@@ -88,7 +88,8 @@ def train_one_epoch(config: Any, model: nn.Module, losses: Callable[..., Dict[st
                     for name, value in zip(names, row):
                         tensorboard.add_scalar(f"train/{name}", value, step)
                     tensorboard.add_scalar("train/lr", lr, step)
-            values = "  ".join(f"{k} {v:.4f} ({sums[k] / (idx + 1):.4f})" for k, v in zip(names[:-1], rows[-1].tolist()))
+            values = "  ".join(f"{k} {v:.4f} ({sums[k] / (idx + 1):.4f})"
+                               for k, v in zip(names[:-1], rows[-1].tolist()))
             logger.info(f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]  lr {lrs[-1]:.3e}  "
                         f"time {batch_time.val:.3f} ({batch_time.avg:.3f})  {values}  grad_norm "
                         f"{rows[-1, -1].item():.4f}  mem {memory_mb(device):.0f}MB")
