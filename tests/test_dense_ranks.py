@@ -1,7 +1,6 @@
 """Two CPU processes (gloo) train the segmentation demo model for an epoch on different shards: afterwards both
 hold the same batch-norm statistics and the same weight average (EMA), as they must to evaluate and save one
-model. Each rank is seeded differently, so a weight average copied before the DDP wrap's broadcast, or running
-statistics left per rank, differ."""
+model (running statistics left per rank differ). And when batch norms become SyncBatchNorm."""
 from __future__ import annotations
 
 import logging
@@ -17,6 +16,7 @@ from dense.config import get_task_config
 from dense.demo import generate_segmentation
 from dense.run import fit, parse_args
 from distributed import DistEnv
+from run_parts import use_sync_batchnorm
 from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
 from segmentation.train import TASK
 from tests.helpers import BACKBONE_OPTS, REPO
@@ -59,3 +59,15 @@ def test_two_processes_end_an_epoch_with_the_same_statistics_and_average(tmp_pat
         assert first[part].keys() == second[part].keys()
         for key, value in first[part].items():
             torch.testing.assert_close(second[part][key], value, rtol=0, atol=0, msg=f"{part} {key}")
+
+
+@pytest.mark.parametrize("world, device, key, converted", [
+    (2, "cuda", True, True), (2, "cuda", False, False), (1, "cuda", True, False), (2, "cpu", True, False)])
+def test_batch_norms_become_sync_batch_norms_on_gpus_of_a_multi_process_run(world, device, key, converted):
+    """The conversion itself needs no GPU (only SyncBatchNorm's forward does)."""
+    config = segmentation_defaults()
+    config.MODEL.SYNC_BN = key
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    env = DistEnv(0, world, 0, torch.device(device))
+    kinds = {type(m) for m in use_sync_batchnorm(model, config, env, logging.getLogger("test")).modules()}
+    assert (torch.nn.SyncBatchNorm in kinds) == converted and (torch.nn.BatchNorm2d in kinds) != converted
