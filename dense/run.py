@@ -12,8 +12,8 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data.samplers import ShardSampler

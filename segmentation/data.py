@@ -31,9 +31,12 @@ def read_labels(path: str) -> np.ndarray:
         with Image.open(path) as img:
             if img.mode not in ("L", "P", "I;16", "I"):
                 raise UsageError(f"annotation {path} has mode {img.mode}: label PNGs must have one channel")
-            return np.asarray(img).astype(np.int64)
+            labels = np.asarray(img).astype(np.int64)
     except OSError as err:
         raise UsageError(f"cannot read annotation {path}: {err}") from None
+    if labels.size and labels.min() < 0:
+        raise UsageError(f"annotation {path} has label {labels.min()}: label values must be 0 or more")
+    return labels
 
 
 def to_classes(labels: np.ndarray, reduce_zero_label: bool) -> np.ndarray:
