@@ -14,7 +14,8 @@ import models  # noqa: F401  registers the Focal Transformers with timm
 
 
 class DenseBackbone(nn.Module):
-    """Stage maps (NCHW) of ``out_indices``, each through its own LayerNorm over channels.
+    """Stage maps (NCHW) of ``out_indices``, each through its own LayerNorm over channels (``norms``; without
+    them, the raw stage maps as timm's ``features_only`` gives them).
 
     ``frozen_stages``: -1 trains everything; 0 freezes the patch embedding (and absolute position embedding);
     k >= 1 also stages 0..k-1 (mmdetection's meaning for ResNets). Frozen parts get no gradients and stay in eval
@@ -22,13 +23,13 @@ class DenseBackbone(nn.Module):
     """
 
     def __init__(self, name: str, out_indices: Sequence[int], frozen_stages: int = -1,
-                 grad_checkpointing: bool = False, **kwargs: Any):
+                 grad_checkpointing: bool = False, norms: bool = True, **kwargs: Any):
         super().__init__()
         self.out_indices = tuple(out_indices)
         self.body = timm.create_model(name, features_only=True, out_indices=self.out_indices, **kwargs)
         self.feature_info = self.body.feature_info
         for index, channels in zip(self.out_indices, self.feature_info.channels()):
-            self.add_module(f"norm{index}", nn.LayerNorm(channels))
+            self.add_module(f"norm{index}", nn.LayerNorm(channels) if norms else nn.Identity())
         self.frozen_stages = frozen_stages
         self.network.set_grad_checkpointing(grad_checkpointing)
         for module in self.frozen_modules():
@@ -61,7 +62,7 @@ class DenseBackbone(nn.Module):
 
 def build_backbone(config: Any, default_indices: Sequence[int]) -> DenseBackbone:
     """``MODEL.BACKBONE`` with ``MODEL.BACKBONE_ARGS``, ``MODEL.OUT_INDICES`` (``default_indices`` when empty),
-    ``MODEL.FROZEN_STAGES``, ``TRAIN.USE_CHECKPOINT`` and ``MODEL.DROP_PATH_RATE``."""
+    ``MODEL.FROZEN_STAGES``, ``TRAIN.USE_CHECKPOINT``, ``MODEL.OUT_NORMS`` and ``MODEL.DROP_PATH_RATE``."""
     return DenseBackbone(config.MODEL.BACKBONE, list(config.MODEL.OUT_INDICES) or list(default_indices),
-                         config.MODEL.FROZEN_STAGES, config.TRAIN.USE_CHECKPOINT,
+                         config.MODEL.FROZEN_STAGES, config.TRAIN.USE_CHECKPOINT, config.MODEL.OUT_NORMS,
                          drop_path_rate=config.MODEL.DROP_PATH_RATE, **config.MODEL.BACKBONE_ARGS)

@@ -45,6 +45,7 @@ def dense_defaults() -> CN:
     # The backbone stages whose maps reach the neck ([]: what the head needs: all four, or 1-3 for RetinaNet and
     # FCOS); each gets a LayerNorm (norm0..norm3), as Swin's and Focal's detection backbones have.
     c.MODEL.OUT_INDICES = []
+    c.MODEL.OUT_NORMS = True  # False: the raw stage maps, without norm0..norm3
     # -1: train everything; 0: freeze the patch embedding; k >= 1: also stages 0..k-1 (eval mode, no gradients).
     c.MODEL.FROZEN_STAGES = -1
     c.MODEL.RESUME = ""

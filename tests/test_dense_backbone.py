@@ -100,3 +100,11 @@ def test_dense_checkpoint_loads_with_its_norms(tmp_path, caplog):
     smaller = DenseBackbone(NAME, (0, 1, 2, 3), **{**ARGS, "embed_dim": 8})
     with pytest.raises(UsageError, match="does not fit"):
         load_backbone(str(path), smaller, LOG)
+
+
+def test_without_norms_the_raw_stage_maps_come_out():
+    net = DenseBackbone(NAME, (0, 2), norms=False, **ARGS)
+    x = torch.randn(1, 3, 64, 64)
+    for got, raw in zip(net(x), net.body(x)):
+        torch.testing.assert_close(got, raw, rtol=0, atol=0)
+    assert not any("norm" in name for name, _ in net.named_parameters() if not name.startswith("body."))
