@@ -11,11 +11,8 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
-from data.datasets import CACHE_MODES
-from engine import AMP_MODES, APEX_LEVELS
+from choices import AMP_MODES, APEX_LEVELS, CACHE_MODES, OPTIMIZERS, SCHEDULERS
 from errors import error_text
-from lr_scheduler import SCHEDULERS
-from optimizer import OPTIMIZERS
 
 _C = CN()
 _C.BASE = [""]
@@ -240,15 +237,15 @@ class Rule(NamedTuple):
     requirement: str  # completes "<KEY> ...", e.g. "must be at least 1"
 
 
-def _at_least(low: float) -> Callable[[Any, CN], bool]:
+def at_least(low: float) -> Callable[[Any, CN], bool]:
     return lambda value, _: value >= low
 
 
-def _between(low: float, high: float, high_open: bool = False) -> Callable[[Any, CN], bool]:
+def between(low: float, high: float, high_open: bool = False) -> Callable[[Any, CN], bool]:
     return lambda value, _: low <= value < high if high_open else low <= value <= high
 
 
-def _one_of(choices: Sequence[str]) -> Callable[[Any, CN], bool]:
+def one_of(choices: Sequence[str]) -> Callable[[Any, CN], bool]:
     return lambda value, _: value in choices
 
 
@@ -274,63 +271,63 @@ def _trains(config: CN) -> bool:
 
 
 RULES = (
-    Rule("DATA.BATCH_SIZE", _at_least(1), "must be at least 1"),
-    Rule("DATA.IMG_SIZE", _at_least(1), "must be at least 1"),
-    Rule("DATA.NUM_WORKERS", _at_least(0), "must be 0 (load in the main process) or more"),
-    Rule("DATA.INTERPOLATION", _one_of(INTERPOLATIONS), f"must be one of {INTERPOLATIONS}"),
-    Rule("DATA.CACHE_MODE", _one_of(CACHE_MODES), f"must be one of {CACHE_MODES}"),
-    Rule("MODEL.PRETRAINED_MIN_LOADED", _between(0.0, 1.0), "must be a share of the model's tensors in [0, 1]"),
+    Rule("DATA.BATCH_SIZE", at_least(1), "must be at least 1"),
+    Rule("DATA.IMG_SIZE", at_least(1), "must be at least 1"),
+    Rule("DATA.NUM_WORKERS", at_least(0), "must be 0 (load in the main process) or more"),
+    Rule("DATA.INTERPOLATION", one_of(INTERPOLATIONS), f"must be one of {INTERPOLATIONS}"),
+    Rule("DATA.CACHE_MODE", one_of(CACHE_MODES), f"must be one of {CACHE_MODES}"),
+    Rule("MODEL.PRETRAINED_MIN_LOADED", between(0.0, 1.0), "must be a share of the model's tensors in [0, 1]"),
     Rule("MODEL.RESUME", lambda value, c: not (value and c.MODEL.PRETRAINED),
          "cannot be combined with --pretrained (MODEL.PRETRAINED): --resume continues a run with its weights, "
          "optimizer and schedule; --pretrained starts a new run from weights only. Pass one of them"),
-    Rule("MODEL.LABEL_SMOOTHING", _between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
-    Rule("MODEL.FOCAL.IN_CHANS", _at_least(1), "must be at least 1"),
+    Rule("MODEL.LABEL_SMOOTHING", between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
+    Rule("MODEL.FOCAL.IN_CHANS", at_least(1), "must be at least 1"),
     Rule("MODEL.FOCAL.IN_CHANS", lambda value, c: value == 3 or c.THROUGHPUT_MODE,
          "must be 3 to train or evaluate: images are read as RGB"),
-    Rule("TRAIN.EPOCHS", _at_least(1), "must be at least 1"),
-    Rule("TRAIN.START_EPOCH", _at_least(0), "must be 0 or more"),
+    Rule("TRAIN.EPOCHS", at_least(1), "must be at least 1"),
+    Rule("TRAIN.START_EPOCH", at_least(0), "must be 0 or more"),
     Rule("TRAIN.START_EPOCH", lambda value, c: value < c.TRAIN.EPOCHS or not _trains(c),
          "must be below TRAIN.EPOCHS (there would be nothing to train)"),
-    Rule("TRAIN.WARMUP_EPOCHS", _at_least(0), "must be 0 or more"),
+    Rule("TRAIN.WARMUP_EPOCHS", at_least(0), "must be 0 or more"),
     Rule("TRAIN.WARMUP_EPOCHS", lambda value, c: value < c.TRAIN.EPOCHS or not _trains(c),
          "must be below TRAIN.EPOCHS: a warm-up as long as the run never reaches TRAIN.BASE_LR"),
     Rule("MODEL.NAME", one_path_component, PATH_COMPONENT),
     Rule("TAG", one_path_component, PATH_COMPONENT),
     Rule("TRAIN.BASE_LR", lambda value, _: value > 0, "must be above 0"),
-    Rule("TRAIN.WARMUP_LR", _at_least(0), "must be 0 or more"),
-    Rule("TRAIN.MIN_LR", _at_least(0), "must be 0 or more"),
-    Rule("TRAIN.WEIGHT_DECAY", _at_least(0), "must be 0 or more"),
+    Rule("TRAIN.WARMUP_LR", at_least(0), "must be 0 or more"),
+    Rule("TRAIN.MIN_LR", at_least(0), "must be 0 or more"),
+    Rule("TRAIN.WEIGHT_DECAY", at_least(0), "must be 0 or more"),
     Rule("TRAIN.CLIP_GRAD", lambda value, _: value is None or value >= 0,
          "must be 0 or more (the largest gradient norm; 0 or None turns clipping off)"),
-    Rule("TRAIN.ACCUMULATION_STEPS", _at_least(1), "must be at least 1"),
+    Rule("TRAIN.ACCUMULATION_STEPS", at_least(1), "must be at least 1"),
     Rule("TRAIN.LAYER_DECAY", lambda value, _: 0 < value <= 1, "must be in (0, 1] (1 turns layer decay off)"),
-    Rule("MODEL_EMA_DECAY", _between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
-    Rule("TRAIN.LR_SCHEDULER.NAME", _one_of(SCHEDULERS), f"must be one of {SCHEDULERS}"),
+    Rule("MODEL_EMA_DECAY", between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
+    Rule("TRAIN.LR_SCHEDULER.NAME", one_of(SCHEDULERS), f"must be one of {SCHEDULERS}"),
     Rule("TRAIN.LR_SCHEDULER.DECAY_EPOCHS", lambda value, _: value > 0, "must be above 0"),
     Rule("TRAIN.LR_SCHEDULER.DECAY_RATE", lambda value, _: value > 0, "must be above 0"),
     Rule("TRAIN.OPTIMIZER.NAME", lambda value, _: value.lower() in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
     Rule("TRAIN.OPTIMIZER.EPS", lambda value, _: value > 0, "must be above 0"),
     Rule("TRAIN.OPTIMIZER.BETAS", lambda value, _: len(value) == 2 and all(0 <= b < 1 for b in value),
          "must be two values in [0, 1)"),
-    Rule("TRAIN.OPTIMIZER.MOMENTUM", _between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
-    Rule("AUG.COLOR_JITTER", _at_least(0), "must be 0 (off) or more"),
-    Rule("AUG.REPROB", _between(0.0, 1.0), "must be a probability in [0, 1]"),
-    Rule("AUG.REMODE", _one_of(("pixel", "rand", "const")), "must be one of ('pixel', 'rand', 'const')"),
-    Rule("AUG.RECOUNT", _at_least(1), "must be at least 1"),
-    Rule("AUG.MIXUP", _at_least(0), "must be 0 (off) or more"),
-    Rule("AUG.CUTMIX", _at_least(0), "must be 0 (off) or more"),
+    Rule("TRAIN.OPTIMIZER.MOMENTUM", between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
+    Rule("AUG.COLOR_JITTER", at_least(0), "must be 0 (off) or more"),
+    Rule("AUG.REPROB", between(0.0, 1.0), "must be a probability in [0, 1]"),
+    Rule("AUG.REMODE", one_of(("pixel", "rand", "const")), "must be one of ('pixel', 'rand', 'const')"),
+    Rule("AUG.RECOUNT", at_least(1), "must be at least 1"),
+    Rule("AUG.MIXUP", at_least(0), "must be 0 (off) or more"),
+    Rule("AUG.CUTMIX", at_least(0), "must be 0 (off) or more"),
     Rule("AUG.CUTMIX_MINMAX", lambda value, _: value is None or (len(value) == 2 and 0 < value[0] < value[1] <= 1),
          "must be None or two fractions (min, max) with 0 < min < max <= 1"),
-    Rule("AUG.MIXUP_PROB", _between(0.0, 1.0), "must be a probability in [0, 1]"),
-    Rule("AUG.MIXUP_SWITCH_PROB", _between(0.0, 1.0), "must be a probability in [0, 1]"),
-    Rule("AUG.MIXUP_MODE", _one_of(("batch", "pair", "elem")), "must be one of ('batch', 'pair', 'elem')"),
-    Rule("AMP_OPT_LEVEL", _one_of(AMP_LEVELS), f"must be one of {AMP_LEVELS[1:]} (or empty: the device's default)"),
+    Rule("AUG.MIXUP_PROB", between(0.0, 1.0), "must be a probability in [0, 1]"),
+    Rule("AUG.MIXUP_SWITCH_PROB", between(0.0, 1.0), "must be a probability in [0, 1]"),
+    Rule("AUG.MIXUP_MODE", one_of(("batch", "pair", "elem")), "must be one of ('batch', 'pair', 'elem')"),
+    Rule("AMP_OPT_LEVEL", one_of(AMP_LEVELS), f"must be one of {AMP_LEVELS[1:]} (or empty: the device's default)"),
     Rule("COMPILE", _compile_backend, "must name a torch.compile backend (torch._dynamo.list_backends(), e.g. "
          "inductor, aot_eager or eager)"),
-    Rule("SAVE_FREQ", _at_least(1), "must be at least 1"),
-    Rule("PRINT_FREQ", _at_least(1), "must be at least 1"),
-    Rule("KEEP_CHECKPOINTS", _at_least(0), "must be 0 (keep all) or more"),
-    Rule("SEED", _at_least(0), "must be 0 or more"),
+    Rule("SAVE_FREQ", at_least(1), "must be at least 1"),
+    Rule("PRINT_FREQ", at_least(1), "must be at least 1"),
+    Rule("KEEP_CHECKPOINTS", at_least(0), "must be 0 (keep all) or more"),
+    Rule("SEED", at_least(0), "must be 0 or more"),
 )
 
 

@@ -9,7 +9,7 @@ import math
 import resource
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -17,12 +17,10 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils import AverageMeter, ModelEmaV3
 
 from distributed import all_reduce_sum
+from choices import AMP_MODES, APEX_LEVELS
 from errors import TrainingError, UsageError
 
 logger = logging.getLogger("focal.engine")
-AMP_MODES = ("bf16", "fp16", "none")
-# Values of the reference's apex-era AMP_OPT_LEVEL, so its configs keep working.
-APEX_LEVELS = {"O0": "none", "O1": "fp16", "O2": "fp16"}
 
 
 @dataclass
@@ -68,7 +66,7 @@ class TrainStats:
 def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader: Iterable, updates_per_epoch: int,
                     optimizer: torch.optim.Optimizer, scheduler: Scheduler, precision: Precision, epoch: int,
                     mixup_fn: Optional[Callable], device: torch.device, ema: Optional[ModelEmaV3] = None,
-                    ema_source: Optional[nn.Module] = None) -> TrainStats:
+                    ema_source: Optional[nn.Module] = None, tensorboard: Any = None) -> TrainStats:
     """``updates_per_epoch`` optimizer steps of ``TRAIN.ACCUMULATION_STEPS`` micro-batches each; leftover
     micro-batches that cannot fill an update are skipped. Under DDP, gradients are synchronised only on the last
     micro-batch of each update.
@@ -76,6 +74,7 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader: Iter
     A non-finite loss raises ``TrainingError`` before its backward pass, so no update from it reaches the weights.
     fp16 overflows are different: the scaler skips those updates and lowers its scale, and they are only counted.
     ``ema`` (if given) averages ``ema_source`` (the model without DDP or compile wrappers) after every update.
+    ``tensorboard`` (if given) gets every update's loss, learning rate and gradient norm.
     """
     model.train()
     accum = config.TRAIN.ACCUMULATION_STEPS
@@ -112,6 +111,10 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader: Iter
             if ema is not None:
                 ema.update(ema_source, step=update_count)
             norm_meter.update(grad_norm.item())
+            if tensorboard is not None:
+                for tag, value in (("train/loss", loss_value), ("train/lr", optimizer.param_groups[0]["lr"]),
+                                   ("train/grad_norm", norm_meter.val)):
+                    tensorboard.add_scalar(tag, value, update_count)
         loss_meter.update(loss_value, targets.size(0))
         synchronize(device)
         batch_time.update(time.time() - end)

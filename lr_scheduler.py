@@ -7,9 +7,9 @@ import torch
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
+from choices import SCHEDULERS
 from errors import UsageError
 
-SCHEDULERS = ("cosine", "linear", "step")
 
 
 def build_scheduler(config: Any, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> Scheduler:

@@ -18,7 +18,6 @@ from typing import Any, Iterable, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 from config import get_config
@@ -33,9 +32,9 @@ from models import ConfigError, build_model
 from models.kernels import optimize_for
 from optimizer import build_optimizer
 from run_lock import leaving, locked_run, stop_on_signals
-from utils import (BEST_CHECKPOINT, Checkpoint, diverged, latest_checkpoint, load_pretrained, read_checkpoint,
-                   restore_checkpoint, save_checkpoint, save_config, seed_everything, training_epochs,
-                   training_state)
+from run_parts import BestScore, create_ema, save_epoch, scale_rates
+from utils import (Checkpoint, diverged, latest_checkpoint, load_pretrained, read_checkpoint, restore_checkpoint,
+                   save_checkpoint, save_config, seed_everything, training_epochs, training_state)
 
 # The learning rates in the configs are for a total batch of this many images; they scale linearly from it.
 LR_REFERENCE_BATCH = 512
@@ -97,12 +96,7 @@ def load_run_config(args: argparse.Namespace) -> Any:
 
 def scale_learning_rates(config: Any, world_size: int) -> None:
     """Swin's linear rule: the configured rates hold for a total batch of 512 images per optimizer update."""
-    factor = config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS / LR_REFERENCE_BATCH
-    config.defrost()
-    config.TRAIN.BASE_LR *= factor
-    config.TRAIN.WARMUP_LR *= factor
-    config.TRAIN.MIN_LR *= factor
-    config.freeze()
+    scale_rates(config, config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS, LR_REFERENCE_BATCH)
 
 
 def build_criterion(config: Any, mixup: bool) -> nn.Module:
@@ -219,13 +213,13 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
         raise UsageError(f"--accumulation-steps {accum} exceeds the {len(train_loader)} batches per epoch")
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, updates_per_epoch)
-    ema = ModelEmaV3(model, decay=config.MODEL_EMA_DECAY) if config.MODEL_EMA else None
 
-    start_epoch, max_accuracy = config.TRAIN.START_EPOCH, 0.0
+    start_epoch, best = config.TRAIN.START_EPOCH, BestScore()
     checkpoint = resume_checkpoint(config, logger, unsafe_load)
     if checkpoint:
-        start_epoch, step, max_accuracy = restore_checkpoint(checkpoint, model, logger, optimizer, precision.scaler,
-                                                             config, ema.module if ema else None)
+        start_epoch, step, saved_best = restore_checkpoint(checkpoint, model, logger, optimizer, precision.scaler,
+                                                           config)
+        best.update(saved_best)
         if step and step != start_epoch * updates_per_epoch:
             logger.warning(f"{checkpoint.path} was saved after {step} updates, but {start_epoch} epochs of this run "
                            f"make {start_epoch * updates_per_epoch}: batch size, accumulation or data changed, "
@@ -237,8 +231,6 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
     elif config.MODEL.PRETRAINED:
         load_pretrained(config.MODEL.PRETRAINED, model, logger, unsafe_load,
                         min_loaded=config.MODEL.PRETRAINED_MIN_LOADED)
-        if ema is not None:
-            ema.set(model)  # average from the pretrained weights, not the random ones it was copied from
     scheduler.step_update(start_epoch * updates_per_epoch)  # the rate this run's schedule gives the next update
     last_good = checkpoint.path if checkpoint else None
     tensorboard = create_tensorboard_writer(config.OUTPUT) if config.TENSORBOARD and env.is_main else None
@@ -246,13 +238,14 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    ema = create_ema(config, model_without_ddp, checkpoint)  # after the wrap: from rank 0's broadcast weights
     train_model = compiled(model, config)
     eval_model = compiled(model_without_ddp, config) if env.distributed else train_model
     criterion = build_criterion(config, mixup_fn is not None)
     class_names = getattr(train_dataset.dataset, "classes", None)  # the folder layout's class folders
 
-    def state_after(epoch: int, best: float) -> dict:
-        return training_state(config, epoch, (epoch + 1) * updates_per_epoch, model_without_ddp, best, optimizer,
+    def state_after(epoch: int) -> dict:
+        return training_state(config, epoch, (epoch + 1) * updates_per_epoch, model_without_ddp, best.value, optimizer,
                               scheduler, precision.scaler, ema.module if ema else None, class_names)
 
     logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {updates_per_epoch} updates "
@@ -260,7 +253,8 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
     for epoch in training_epochs(config, env.rank, train_loader.sampler, start_epoch, logger):
         try:
             stats = train_one_epoch(config, train_model, criterion, train_loader, updates_per_epoch, optimizer,
-                                    scheduler, precision, epoch, mixup_fn, env.device, ema, model_without_ddp)
+                                    scheduler, precision, epoch, mixup_fn, env.device, ema, model_without_ddp,
+                                    tensorboard)
         except TrainingError as err:
             raise diverged(err, last_good) from None
         log_skipped_images(train_dataset, "training", logger)
@@ -271,26 +265,19 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
         except UsageError as err:  # an unreadable validation image, found after a whole epoch of training
             if not env.is_main:
                 raise
-            saved = save_checkpoint(config, state_after(epoch, max_accuracy), logger)
+            saved = save_checkpoint(config, state_after(epoch), logger)
             raise UsageError(f"{user_message(err)}. Epoch {epoch}'s training is saved in {saved}: once the image is "
                              f"fixed, the same command resumes after it (that epoch stays unevaluated)") from None
         if env.is_main and epoch == start_epoch:
             save_config(config, logger)  # only now: a run that fails on its data leaves the previous one's
-        improved = score > max_accuracy or (epoch == start_epoch and not checkpoint)
-        max_accuracy = max(max_accuracy, score)
-        logger.info(f"Max accuracy{' (EMA)' if ema else ''}: {max_accuracy:.2f}%")
+        improved = best.update(score)  # the first epoch of a fresh run always counts as the best so far
+        logger.info(f"Max accuracy{' (EMA)' if ema else ''}: {best.value:.2f}%")
         if tensorboard is not None:
-            for tag, value in (("train/loss", stats.loss), ("train/lr", stats.lr), ("val/acc1", result.acc1),
+            for tag, value in (("train/epoch_loss", stats.loss), ("val/acc1", result.acc1),
                                ("val/acc5", result.acc5), ("val/loss", result.loss)):
                 tensorboard.add_scalar(tag, value, epoch)
             tensorboard.flush()
-        periodic = (epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1
-        if env.is_main and (periodic or improved):
-            state = state_after(epoch, max_accuracy)
-            if periodic:
-                last_good = save_checkpoint(config, state, logger)
-            if improved:
-                save_checkpoint(config, state, logger, name=BEST_CHECKPOINT)
+        last_good = save_epoch(config, env, epoch, improved, lambda: state_after(epoch), logger) or last_good
     if tensorboard is not None:
         tensorboard.close()
 

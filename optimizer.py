@@ -9,16 +9,22 @@ import torch
 import torch.nn as nn
 from timm.optim import param_groups_layer_decay
 
+from choices import OPTIMIZERS
 from errors import UsageError
 
-OPTIMIZERS = ("adamw", "sgd")
 
 
 def no_decay_names(model: nn.Module) -> List[str]:
-    """Parameters trained without weight decay: 1-D tensors (norms, biases) and the model's named exceptions
-    (position tables, absolute position embedding)."""
-    names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    keywords = set(model.no_weight_decay_keywords()) if hasattr(model, "no_weight_decay_keywords") else set()
+    """Parameters trained without weight decay: 1-D tensors (norms, biases) and the exceptions any module of the
+    model lists (position tables, absolute position embedding), so a backbone nested in a detector or segmenter
+    keeps its own."""
+    names, keywords = set(), set()
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if hasattr(module, "no_weight_decay"):
+            names |= {dot + name for name in module.no_weight_decay()}
+        if hasattr(module, "no_weight_decay_keywords"):
+            keywords |= set(module.no_weight_decay_keywords())
     return [name for name, param in model.named_parameters()
             if param.ndim <= 1 or name.endswith(".bias") or name in names or any(k in name for k in keywords)]
 

@@ -342,10 +342,10 @@ def optimizer_kind(group: Mapping[str, Any]) -> str:
 
 def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging.Logger,
                        optimizer: Optional[torch.optim.Optimizer] = None, scaler: Optional[torch.amp.GradScaler] = None,
-                       config: Any = None, ema: Optional[nn.Module] = None) -> Tuple[int, int, float]:
-    """Restore weights and, when given and present, the optimizer, scaler and EMA state; returns (next epoch, updates
-    done, best accuracy). Weights must fit the model exactly. A weights-only file (a released checkpoint) starts
-    at 0.
+                       config: Any = None) -> Tuple[int, int, float]:
+    """Restore weights and, when given and present, the optimizer and scaler state (the weight average is
+    ``run_parts.create_ema``'s); returns (next epoch, updates done, best accuracy). Weights must fit the model
+    exactly. A weights-only file (a released checkpoint) starts at 0.
 
     The config is the truth: the optimizer keeps its moments but takes its hyper-parameters (rates, decay, betas)
     from this run's, and the caller rebuilds the learning-rate schedule from this run's config rather than loading
@@ -377,9 +377,6 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging
         group.update(settings)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    if ema is not None:
-        # a checkpoint from before EMA was turned on starts the average at the resumed weights
-        ema.load_state_dict(state["model_ema"] if "model_ema" in state else model.state_dict())
     changes = config_changes(state.get("config"), config) if config is not None else []
     if changes:
         logger.info(f"resuming with a changed config: {'; '.join(changes)}; the optimizer keeps its state and "

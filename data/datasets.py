@@ -19,9 +19,9 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 
+from choices import CACHE_MODES
 from errors import UsageError
 
-CACHE_MODES = ("no", "part", "full")
 logger = logging.getLogger("focal.data")
 
 

@@ -7,8 +7,8 @@ from typing import Any, Sequence
 
 from yacs.config import CfgNode as CN
 
-from config import (AMP_LEVELS, PATH_COMPONENT, Rule, _at_least, _between, _one_of, check_values, load_config,
-                    merge_opts, one_path_component)
+from config import (AMP_LEVELS, PATH_COMPONENT, Rule, at_least, between, check_values, load_config, merge_opts,
+                    one_of, one_path_component)
 from errors import UsageError, error_text
 
 # The configured learning rates hold for a total batch of 16 images (8 GPUs x 2, as in the seed's detection and
@@ -20,6 +20,8 @@ FLAGS = {
     "DATA.DATA_PATH": "--data-path", "DATA.BATCH_SIZE": "--batch-size", "MODEL.PRETRAINED": "--pretrained",
     "MODEL.RESUME": "--resume", "OUTPUT": "--output", "TAG": "--tag", "SEED": "--seed", "AMP_OPT_LEVEL": "--amp",
 }
+# Switches: a flag that turns a key on.
+SWITCHES = {"TENSORBOARD": "--tensorboard", "MODEL_EMA": "--model-ema", "TRAIN.USE_CHECKPOINT": "--use-checkpoint"}
 
 
 def dense_defaults() -> CN:
@@ -32,6 +34,7 @@ def dense_defaults() -> CN:
     c.DATA.TEST_BATCH_SIZE = 1  # evaluation images per process
     c.DATA.NUM_WORKERS = 2
     c.DATA.PIN_MEMORY = True
+    c.DATA.FLIP_PROB = 0.5  # chance of a horizontal flip per training image; 0 turns flips off (mirrored text)
     c.MODEL = CN()
     c.MODEL.NAME = "run"  # names the output folder: <OUTPUT>/<NAME>/<TAG>
     # A timm model name registered by models/registry.py, and keyword arguments for it (e.g. embed_dim, depths,
@@ -39,8 +42,17 @@ def dense_defaults() -> CN:
     c.MODEL.BACKBONE = "focal_tiny_patch4_window7_224"
     c.MODEL.BACKBONE_ARGS = CN(new_allowed=True)
     c.MODEL.DROP_PATH_RATE = 0.2
-    c.MODEL.PRETRAINED = ""  # a classification checkpoint for the backbone
+    c.MODEL.PRETRAINED = ""  # a classification checkpoint for the backbone (or a dense one of the same task)
+    # The backbone stages whose maps reach the neck ([]: what the head needs: all four, or 1-3 for RetinaNet and
+    # FCOS); each gets a LayerNorm (norm0..norm3), as Swin's and Focal's detection backbones have.
+    c.MODEL.OUT_INDICES = []
+    c.MODEL.OUT_NORMS = True  # False: the raw stage maps, without norm0..norm3
+    # -1: train everything; 0: freeze the patch embedding; k >= 1: also stages 0..k-1 (eval mode, no gradients).
+    c.MODEL.FROZEN_STAGES = -1
     c.MODEL.RESUME = ""
+    # With more than one process, batch norms in the decoder and heads become SyncBatchNorm (statistics over the
+    # whole batch, on GPUs); their running statistics are also averaged over processes after every epoch.
+    c.MODEL.SYNC_BN = True
     c.TRAIN = CN()
     c.TRAIN.EPOCHS = 12
     c.TRAIN.BASE_LR = 1e-4
@@ -55,6 +67,12 @@ def dense_defaults() -> CN:
     c.TRAIN.MIN_LR = 0.0
     c.TRAIN.CLIP_GRAD = 0.0  # largest gradient norm; 0 turns clipping off
     c.TRAIN.AUTO_RESUME = True
+    c.TRAIN.USE_CHECKPOINT = False  # gradient checkpointing in the backbone: less memory, about 30% more time
+    # Exponential moving average of the weights (timm's ModelEmaV3), as in main.py: evaluated next to the model,
+    # saved in checkpoints, and the score that picks ckpt_best.pth.
+    c.MODEL_EMA = False
+    c.MODEL_EMA_DECAY = 0.9998
+    c.TENSORBOARD = False  # loss, learning rate and gradient norm per update, scores per evaluation
     c.AMP_OPT_LEVEL = ""
     c.OUTPUT = ""
     c.TAG = "default"
@@ -68,30 +86,35 @@ def dense_defaults() -> CN:
 
 
 DENSE_RULES = (
-    Rule("DATA.BATCH_SIZE", _at_least(1), "must be at least 1"),
-    Rule("DATA.TEST_BATCH_SIZE", _at_least(1), "must be at least 1"),
-    Rule("DATA.NUM_WORKERS", _at_least(0), "must be 0 (load in the main process) or more"),
-    Rule("MODEL.DROP_PATH_RATE", _between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
-    Rule("TRAIN.EPOCHS", _at_least(1), "must be at least 1"),
+    Rule("DATA.BATCH_SIZE", at_least(1), "must be at least 1"),
+    Rule("DATA.TEST_BATCH_SIZE", at_least(1), "must be at least 1"),
+    Rule("DATA.NUM_WORKERS", at_least(0), "must be 0 (load in the main process) or more"),
+    Rule("DATA.FLIP_PROB", between(0.0, 1.0), "must be a probability in [0, 1]"),
+    Rule("MODEL.DROP_PATH_RATE", between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
+    Rule("MODEL.OUT_INDICES", lambda value, _: len(set(value)) == len(value) and all(0 <= i <= 3 for i in value)
+         and list(value) == sorted(value), "must be distinct stages among 0-3 in increasing order ([]: the head's)"),
+    Rule("MODEL.FROZEN_STAGES", between(-1, 4), "must be -1 (none) up to 4 (patch embedding and all four stages)"),
+    Rule("MODEL_EMA_DECAY", between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
+    Rule("TRAIN.EPOCHS", at_least(1), "must be at least 1"),
     Rule("TRAIN.BASE_LR", lambda value, _: value > 0, "must be above 0"),
-    Rule("TRAIN.WEIGHT_DECAY", _at_least(0), "must be 0 or more"),
+    Rule("TRAIN.WEIGHT_DECAY", at_least(0), "must be 0 or more"),
     Rule("TRAIN.BETAS", lambda value, _: len(value) == 2 and all(0 <= b < 1 for b in value),
          "must be two values in [0, 1)"),
-    Rule("TRAIN.WARMUP_ITERS", _at_least(0), "must be 0 or more"),
-    Rule("TRAIN.WARMUP_RATIO", _between(0.0, 1.0), "must be in [0, 1]"),
-    Rule("TRAIN.SCHEDULE", _one_of(SCHEDULES), f"must be one of {SCHEDULES}"),
+    Rule("TRAIN.WARMUP_ITERS", at_least(0), "must be 0 or more"),
+    Rule("TRAIN.WARMUP_RATIO", between(0.0, 1.0), "must be in [0, 1]"),
+    Rule("TRAIN.SCHEDULE", one_of(SCHEDULES), f"must be one of {SCHEDULES}"),
     Rule("TRAIN.DECAY_EPOCHS", lambda value, _: all(e >= 0 for e in value) and list(value) == sorted(value),
          "must be epochs in increasing order"),
     Rule("TRAIN.DECAY_RATE", lambda value, _: value > 0, "must be above 0"),
     Rule("TRAIN.POWER", lambda value, _: value > 0, "must be above 0"),
-    Rule("TRAIN.MIN_LR", _at_least(0), "must be 0 or more"),
-    Rule("TRAIN.CLIP_GRAD", _at_least(0), "must be 0 (off) or more"),
-    Rule("AMP_OPT_LEVEL", _one_of(AMP_LEVELS), f"must be one of {AMP_LEVELS[1:]} (or empty: the device's default)"),
-    Rule("SAVE_FREQ", _at_least(1), "must be at least 1"),
-    Rule("EVAL_FREQ", _at_least(1), "must be at least 1"),
-    Rule("KEEP_CHECKPOINTS", _at_least(0), "must be 0 (keep all) or more"),
-    Rule("PRINT_FREQ", _at_least(1), "must be at least 1"),
-    Rule("SEED", _at_least(0), "must be 0 or more"),
+    Rule("TRAIN.MIN_LR", at_least(0), "must be 0 or more"),
+    Rule("TRAIN.CLIP_GRAD", at_least(0), "must be 0 (off) or more"),
+    Rule("AMP_OPT_LEVEL", one_of(AMP_LEVELS), f"must be one of {AMP_LEVELS[1:]} (or empty: the device's default)"),
+    Rule("SAVE_FREQ", at_least(1), "must be at least 1"),
+    Rule("EVAL_FREQ", at_least(1), "must be at least 1"),
+    Rule("KEEP_CHECKPOINTS", at_least(0), "must be 0 (keep all) or more"),
+    Rule("PRINT_FREQ", at_least(1), "must be at least 1"),
+    Rule("SEED", at_least(0), "must be 0 or more"),
     Rule("MODEL.NAME", one_path_component, PATH_COMPONENT),
     Rule("TAG", one_path_component, PATH_COMPONENT),
 )
@@ -122,6 +145,9 @@ def get_task_config(args: Any, defaults: CN, rules: Sequence[Rule]) -> CN:
             value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
             if value is not None and key != "AMP_OPT_LEVEL":
                 config.merge_from_list([key, value])
+        for key, flag in SWITCHES.items():
+            if getattr(args, flag.lstrip("-").replace("-", "_"), False):
+                config.merge_from_list([key, True])
         amp = "none" if args.disable_amp else args.amp
         if amp is not None:
             config.AMP_OPT_LEVEL = amp

@@ -3,15 +3,14 @@ any model that returns named losses."""
 from __future__ import annotations
 
 import logging
-import math
 import time
-from typing import Any, Callable, Dict, Iterable
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
 from timm.scheduler import MultiStepLRScheduler, PolyLRScheduler
 from timm.scheduler.scheduler import Scheduler
-from timm.utils import AverageMeter
+from timm.utils import AverageMeter, ModelEmaV3
 
 from engine import Precision, memory_mb
 from errors import TrainingError
@@ -34,36 +33,65 @@ def build_schedule(config: Any, optimizer: torch.optim.Optimizer, updates_per_ep
 
 def train_one_epoch(config: Any, model: nn.Module, losses: Callable[..., Dict[str, torch.Tensor]],
                     loader: Iterable, optimizer: torch.optim.Optimizer, scheduler: Scheduler, precision: Precision,
-                    epoch: int, device: torch.device, logger: logging.Logger) -> float:
+                    epoch: int, device: torch.device, logger: logging.Logger, ema: Optional[ModelEmaV3] = None,
+                    ema_source: Optional[nn.Module] = None, tensorboard: Any = None) -> float:
     """One pass over ``loader``; ``losses(model, batch, device)`` gives the named losses, summed for the update.
-    A non-finite loss raises ``TrainingError`` before its backward pass. Returns the mean total loss."""
+    Returns the mean total loss. ``ema`` (if given) averages ``ema_source`` (the model without DDP) after every
+    update.
+
+    The loss values stay on the device and are read once per ``PRINT_FREQ`` updates (one host synchronisation per
+    interval rather than one per loss per update); a non-finite one then raises ``TrainingError`` naming its
+    update, before the epoch can end and anything is saved. ``tensorboard`` gets every update's values.
+    """
     model.train()
     num_steps = len(loader)
-    meters: Dict[str, AverageMeter] = {}
+    clip = config.TRAIN.CLIP_GRAD or float("inf")  # an infinite bound measures the norm without clipping
+    pending: List[torch.Tensor] = []  # per update: the total loss, each named loss, the gradient norm
+    names: List[str] = []
+    lrs: List[float] = []
+    sums: Dict[str, float] = {}
     batch_time = AverageMeter()
     end = time.time()
     for idx, batch in enumerate(loader):
         with precision.autocast():
             named = losses(model, batch, device)
         loss = sum(named.values())
-        if not math.isfinite(loss.item()):
-            detail = ", ".join(f"{k} {v.item():.4g}" for k, v in named.items())
-            raise TrainingError(f"non-finite loss at epoch {epoch}, step {idx} ({detail})")
         optimizer.zero_grad(set_to_none=True)
         precision.scaler.scale(loss).backward()
-        if config.TRAIN.CLIP_GRAD > 0:
-            precision.scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), config.TRAIN.CLIP_GRAD)
+        precision.scaler.unscale_(optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
         precision.scaler.step(optimizer)
         precision.scaler.update()
-        scheduler.step_update(epoch * num_steps + idx + 1)
-        for name, value in (("loss", loss), *named.items()):
-            meters.setdefault(name, AverageMeter()).update(value.item())
+        update = epoch * num_steps + idx + 1
+        scheduler.step_update(update)
+        if ema is not None:
+            ema.update(ema_source, step=update)
+        names = ["loss", *named, "grad_norm"]
+        pending.append(torch.stack([loss.detach().float(), *(v.detach().float() for v in named.values()),
+                                    grad_norm.float()]))
+        lrs.append(optimizer.param_groups[0]["lr"])
         batch_time.update(time.time() - end)
         end = time.time()
         if idx % config.PRINT_FREQ == 0 or idx + 1 == num_steps:
-            lr = optimizer.param_groups[0]["lr"]
-            values = "  ".join(f"{k} {m.val:.4f} ({m.avg:.4f})" for k, m in meters.items())
-            logger.info(f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]  lr {lr:.3e}  "
-                        f"time {batch_time.val:.3f} ({batch_time.avg:.3f})  {values}  mem {memory_mb(device):.0f}MB")
-    return meters["loss"].avg
+            rows = torch.stack(pending).cpu()  # the interval's one synchronisation
+            first = idx + 1 - len(rows)
+            bad = (~torch.isfinite(rows[:, :-1])).any(1).nonzero()
+            if len(bad):
+                step = first + int(bad[0])
+                detail = ", ".join(f"{k} {v:.4g}" for k, v in zip(names[1:-1], rows[int(bad[0]), 1:-1].tolist()))
+                raise TrainingError(f"non-finite loss at epoch {epoch}, step {step} ({detail})")
+            for k, column in zip(names[:-1], rows[:, :-1].sum(0).tolist()):
+                sums[k] = sums.get(k, 0.0) + column
+            if tensorboard is not None:
+                for offset, (row, lr) in enumerate(zip(rows.tolist(), lrs)):
+                    step = epoch * num_steps + first + offset + 1
+                    for name, value in zip(names, row):
+                        tensorboard.add_scalar(f"train/{name}", value, step)
+                    tensorboard.add_scalar("train/lr", lr, step)
+            values = "  ".join(f"{k} {v:.4f} ({sums[k] / (idx + 1):.4f})"
+                               for k, v in zip(names[:-1], rows[-1].tolist()))
+            logger.info(f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]  lr {lrs[-1]:.3e}  "
+                        f"time {batch_time.val:.3f} ({batch_time.avg:.3f})  {values}  grad_norm "
+                        f"{rows[-1, -1].item():.4f}  mem {memory_mb(device):.0f}MB")
+            pending, lrs = [], []
+    return sums["loss"] / num_steps

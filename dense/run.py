@@ -8,10 +8,11 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -19,13 +20,17 @@ from data.samplers import ShardSampler
 from distributed import DEVICES, DistEnv, init_distributed, shutdown
 from engine import AMP_MODES, build_precision
 from errors import TrainingError, UsageError, user_message
+from logger import create_tensorboard_writer
 from models import ConfigError
-from models.checkpoint import load_weights
-from optimizer import no_decay_names
+from models.checkpoint import extract_state_dict, load_weights
+from optimizer import param_groups
 from run_lock import leaving, locked_run, quiet_worker_teardown, stop_on_signals
-from utils import (BEST_CHECKPOINT, diverged, latest_checkpoint, read_checkpoint, restore_checkpoint,
-                   save_checkpoint, save_config, seed_everything, training_epochs, training_state)
+from run_parts import (BestScore, create_ema, save_epoch, scale_rates, sync_batchnorm_buffers,
+                       use_sync_batchnorm)
+from utils import (diverged, latest_checkpoint, read_checkpoint, restore_checkpoint, save_config, seed_everything,
+                   training_epochs, training_state)
 
+from .backbone import DenseBackbone
 from .config import REFERENCE_BATCH, get_task_config
 from .engine import build_schedule, train_one_epoch
 
@@ -52,6 +57,12 @@ def parse_args(description: str, argv: Optional[Sequence[str]] = None) -> argpar
     parser.add_argument("--tag", help="experiment tag (default: 'default')")
     parser.add_argument("--eval", action="store_true", help="evaluate --resume (or the newest checkpoint) only")
     parser.add_argument("--seed", type=int, help="random seed (each process adds its rank)")
+    parser.add_argument("--model-ema", action="store_true", help="keep a moving average of the weights (MODEL_EMA)")
+    parser.add_argument("--use-checkpoint", action="store_true",
+                        help="gradient checkpointing in the backbone (TRAIN.USE_CHECKPOINT)")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="write per-update loss, learning rate and gradient norm as TensorBoard events "
+                             "(TENSORBOARD; needs `pip install tensorboard`)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else CPU")
     parser.add_argument("--local-rank", "--local_rank", type=int, dest="local_rank", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -62,7 +73,7 @@ class Task:
     """What a task supplies. ``build_data(config, env, logger)`` returns (train set, val set, number of classes),
     checked before anything is written; ``losses(model, batch, device)`` the named losses of a training batch;
     ``evaluate(config, model, val_set, env, precision, logger)`` the score (higher is better) after logging its
-    summary; ``backbone(model)`` the timm feature extractor that ``--pretrained`` loads into."""
+    summary; ``backbone(model)`` the :class:`DenseBackbone` that ``--pretrained`` loads into."""
     name: str
     defaults: Any
     rules: Sequence[Any]
@@ -71,37 +82,36 @@ class Task:
     collate: Callable
     losses: Callable[[nn.Module, Any, torch.device], Dict[str, torch.Tensor]]
     evaluate: Callable[..., float]
-    backbone: Callable[[nn.Module], nn.Module]
+    backbone: Callable[[nn.Module], DenseBackbone]
 
 
-def load_backbone(path: str, backbone: nn.Module, logger: logging.Logger, unsafe: bool = False) -> None:
-    """A classification checkpoint into a timm ``features_only`` backbone (``backbone.model`` is the network):
-    every backbone tensor must come from the file (position tables are resized to the window size); the
-    classifier's head and final norm are left out. Anything else is refused: a partly random backbone is a
-    silent mistake."""
-    network = getattr(backbone, "model", backbone)
+def load_backbone(path: str, backbone: DenseBackbone, logger: logging.Logger, unsafe: bool = False) -> None:
+    """Backbone weights from ``path``: a dense checkpoint of this backbone (the network and its output norms,
+    found under whatever prefix the task's model gives them) or a classification checkpoint (ours or a released
+    one) for the network alone, position tables resized to the window size and the classifier's head and final
+    norm left out; the output norms then start fresh, as the log line says. Anything else is refused: a partly
+    random backbone is a silent mistake."""
     try:
-        report = load_weights(network, read_checkpoint(path, logger, unsafe).state, strict=False)
+        weights = extract_state_dict(read_checkpoint(path, logger, unsafe).state)
     except ValueError as err:
         raise UsageError(f"--pretrained {path}: {err}") from None
+    own = list(backbone.state_dict())
+    prefix = next((key[:-len(own[0])] for key in weights if key.endswith(own[0])), None)
+    if prefix is not None and f"{prefix}{own[-1]}" in weights:
+        try:
+            report = load_weights(backbone, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+        except ValueError as err:
+            raise UsageError(f"--pretrained {path}: its backbone ({prefix}*) does not fit: {err}") from None
+        logger.info(f"loaded backbone weights and output norms from the dense checkpoint {path}: {report.summary()}")
+        return
+    report = load_weights(backbone.network, weights, strict=False)
     report.unexpected = [k for k in report.unexpected if not k.startswith(CLASSIFIER_KEYS)]
     if not report.clean:
         raise UsageError(f"--pretrained {path} does not fit the backbone ({report.summary()}); is it a checkpoint "
                          f"of MODEL.BACKBONE with these MODEL.BACKBONE_ARGS?")
-    logger.info(f"loaded backbone weights from {path}: {report.summary()}")
-
-
-def param_groups(model: nn.Module, backbone: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """Decay for weights; none for norms, biases and the backbone's position tables (the names the backbone
-    network lists, which the detector or segmenter around it does not know), as the seed's runs did."""
-    network = getattr(backbone, "model", backbone)
-    prefix = next(name for name, module in model.named_modules() if module is network)
-    skip = set(no_decay_names(model)) | {f"{prefix}.{name}" for name in no_decay_names(network)}
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if name in skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fresh = [name for name, module in backbone.named_children() if name != "body" and next(module.parameters(), None) is not None]
+    logger.info(f"loaded backbone weights from {path}: {report.summary()}; created fresh (a classification "
+                f"checkpoint has no such layers): {', '.join(fresh) or 'none'}")
 
 
 def loader(dataset: Dataset, config: Any, env: DistEnv, collate: Callable, train: bool) -> DataLoader:
@@ -118,7 +128,13 @@ def loader(dataset: Dataset, config: Any, env: DistEnv, collate: Callable, train
                       collate_fn=collate, worker_init_fn=quiet_worker_teardown)
 
 
-def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: bool) -> None:
+class Trained(NamedTuple):
+    """What :func:`fit` leaves: the model (without the DDP wrapper) and its weight average, if any."""
+    model: nn.Module
+    ema: Optional[ModelEmaV3]
+
+
+def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: bool) -> Trained:
     """Train (or with ``--eval`` only evaluate) the task's model."""
     seed_everything(config.SEED, env.rank, 0)
     precision = build_precision(config.AMP_OPT_LEVEL, env.device)
@@ -139,19 +155,22 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
                              f"{config.OUTPUT})")
         restore_checkpoint(checkpoint, model, logger)
         task.evaluate(config, model, val_set, env, precision, logger)
-        return
+        return Trained(model, None)
 
+    model = use_sync_batchnorm(model, config, env, logger)
     train_loader = loader(train_set, config, env, task.collate, train=True)
     updates_per_epoch = len(train_loader)
     if updates_per_epoch == 0:
         raise UsageError(f"--batch-size {config.DATA.BATCH_SIZE} x {env.world_size} processes exceeds the "
                          f"{len(train_set)} training images")
-    optimizer = torch.optim.AdamW(param_groups(model, task.backbone(model), config.TRAIN.WEIGHT_DECAY),
-                                  lr=config.TRAIN.BASE_LR, betas=tuple(config.TRAIN.BETAS))
+    optimizer = torch.optim.AdamW(param_groups(model, config.TRAIN.WEIGHT_DECAY), lr=config.TRAIN.BASE_LR,
+                                  betas=tuple(config.TRAIN.BETAS))
     scheduler = build_schedule(config, optimizer, updates_per_epoch)
-    start_epoch, best = 0, float("-inf")
+    start_epoch, best = 0, BestScore()
     if checkpoint:
-        start_epoch, _, best = restore_checkpoint(checkpoint, model, logger, optimizer, precision.scaler, config)
+        start_epoch, _, saved_best = restore_checkpoint(checkpoint, model, logger, optimizer, precision.scaler,
+                                                        config)
+        best.update(saved_best)
         if start_epoch >= config.TRAIN.EPOCHS:
             raise UsageError(f"{checkpoint.path} has already trained {start_epoch} of TRAIN.EPOCHS "
                              f"{config.TRAIN.EPOCHS} epochs: nothing to train; evaluate it with --eval")
@@ -161,30 +180,43 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
     train_model = model
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
+        # Building the wrapper broadcasts rank 0's weights and buffers; batch-norm statistics are then kept equal
+        # by SyncBatchNorm (GPUs) and averaged after every epoch (sync_batchnorm_buffers).
         train_model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    ema = create_ema(config, model, checkpoint)
+    tensorboard = create_tensorboard_writer(config.OUTPUT) if config.TENSORBOARD and env.is_main else None
     last_good = checkpoint.path if checkpoint else None
     logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {updates_per_epoch} updates per "
                 f"epoch, total batch {config.DATA.BATCH_SIZE * env.world_size}")
     for epoch in training_epochs(config, env.rank, train_loader.sampler, start_epoch, logger):
         try:
             train_one_epoch(config, train_model, task.losses, train_loader, optimizer, scheduler, precision, epoch,
-                            env.device, logger)
+                            env.device, logger, ema, model, tensorboard)
         except TrainingError as err:
             raise diverged(err, last_good) from None
+        sync_batchnorm_buffers(model, env)
+        if ema is not None:
+            sync_batchnorm_buffers(ema.module, env)
         last = epoch == config.TRAIN.EPOCHS - 1
         improved = False
         if (epoch + 1) % config.EVAL_FREQ == 0 or last:
             score = task.evaluate(config, model, val_set, env, precision, logger)
-            improved, best = score > best, max(best, score)
+            if ema is not None:
+                logger.info("EMA model:")
+                score = task.evaluate(config, ema.module, val_set, env, precision, logger)
+            if tensorboard is not None:
+                tensorboard.add_scalar("val/score", score, (epoch + 1) * updates_per_epoch)
+                tensorboard.flush()
+            improved = best.update(score)
         if env.is_main and epoch == start_epoch:
             save_config(config, logger)
-        if env.is_main and ((epoch + 1) % config.SAVE_FREQ == 0 or last or improved):
-            state = training_state(config, epoch, (epoch + 1) * updates_per_epoch, model, max(best, 0.0), optimizer,
-                                   scheduler, precision.scaler)
-            if (epoch + 1) % config.SAVE_FREQ == 0 or last:
-                last_good = save_checkpoint(config, state, logger)
-            if improved:
-                save_checkpoint(config, state, logger, name=BEST_CHECKPOINT)
+        saved = save_epoch(config, env, epoch, improved, lambda: training_state(
+            config, epoch, (epoch + 1) * updates_per_epoch, model, max(best.value, 0.0), optimizer, scheduler,
+            precision.scaler, ema.module if ema else None), logger)
+        last_good = saved or last_good
+    if tensorboard is not None:
+        tensorboard.close()
+    return Trained(model, ema)
 
 
 def run(task: Task, argv: Optional[Sequence[str]] = None) -> None:
@@ -193,11 +225,7 @@ def run(task: Task, argv: Optional[Sequence[str]] = None) -> None:
     config = get_task_config(args, task.defaults, task.rules)
     env = init_distributed(args.device)
     try:
-        config.defrost()
-        factor = config.DATA.BATCH_SIZE * env.world_size / REFERENCE_BATCH
-        config.TRAIN.BASE_LR *= factor
-        config.TRAIN.MIN_LR *= factor
-        config.freeze()
+        scale_rates(config, config.DATA.BATCH_SIZE * env.world_size, REFERENCE_BATCH)
         with locked_run(config.OUTPUT, env.rank) as logger:
             logger.info(f"rank {env.rank} of {env.world_size} on {env.device}, pid {os.getpid()}; learning rate "
                         f"{config.TRAIN.BASE_LR:.3g} for a total batch of {config.DATA.BATCH_SIZE * env.world_size}")

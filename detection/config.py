@@ -4,23 +4,24 @@ from __future__ import annotations
 
 from yacs.config import CfgNode as CN
 
-from config import Rule, _at_least, _between, _one_of
+from config import Rule, at_least, one_of
 from dense.config import DENSE_RULES, dense_defaults
 
-DETECTORS = ("mask_rcnn", "retinanet")
+DETECTORS = ("mask_rcnn", "retinanet", "fcos")
+FCOS_MIN_SIZE = 256
 
 
 def detection_defaults() -> CN:
     c = dense_defaults()
     c.DATA.TRAIN_SPLIT = "train2017"  # <root>/<split>/ and <root>/annotations/instances_<split>.json
     c.DATA.VAL_SPLIT = "val2017"
-    c.DATA.FLIP_PROB = 0.5
     c.MODEL.DETECTOR = "mask_rcnn"
     c.MODEL.FPN_CHANNELS = 256
     c.MODEL.BOX_HEAD_DIM = 1024  # Mask R-CNN's two-layer box head
     c.MODEL.MASK_HEAD_CHANNELS = 256  # Mask R-CNN's four mask-head convolutions
-    # Keyword arguments of torchvision's MaskRCNN / RetinaNet: min_size (a list: one drawn per training batch,
-    # the last one for evaluation), max_size, box_batch_size_per_image, box_detections_per_img, ...
+    # Keyword arguments of torchvision's MaskRCNN / RetinaNet / FCOS: min_size (a list: one drawn per training
+    # batch, the last one for evaluation), max_size, box_batch_size_per_image, box_detections_per_img, ... Others
+    # are refused, naming the accepted ones.
     c.MODEL.DETECTOR_ARGS = CN(new_allowed=True)
     c.MODEL.DETECTOR_ARGS.min_size = [800]
     c.MODEL.DETECTOR_ARGS.max_size = 1333
@@ -28,12 +29,15 @@ def detection_defaults() -> CN:
 
 
 DETECTION_RULES = DENSE_RULES + (
-    Rule("DATA.FLIP_PROB", _between(0.0, 1.0), "must be a probability in [0, 1]"),
-    Rule("MODEL.DETECTOR", _one_of(DETECTORS), f"must be one of {DETECTORS}"),
-    Rule("MODEL.FPN_CHANNELS", _at_least(1), "must be at least 1"),
-    Rule("MODEL.BOX_HEAD_DIM", _at_least(1), "must be at least 1"),
-    Rule("MODEL.MASK_HEAD_CHANNELS", _at_least(1), "must be at least 1"),
+    Rule("MODEL.DETECTOR", one_of(DETECTORS), f"must be one of {DETECTORS}"),
+    Rule("MODEL.FPN_CHANNELS", at_least(1), "must be at least 1"),
+    Rule("MODEL.FPN_CHANNELS", lambda value, c: c.MODEL.DETECTOR != "fcos" or value % 32 == 0,
+         "must be a multiple of 32 for FCOS (its head's group norms have 32 groups)"),
+    Rule("MODEL.BOX_HEAD_DIM", at_least(1), "must be at least 1"),
+    Rule("MODEL.MASK_HEAD_CHANNELS", at_least(1), "must be at least 1"),
     Rule("MODEL.DETECTOR_ARGS.min_size", lambda value, _: len(value) >= 1 and min(value) >= 32,
          "must be a list of sizes of at least 32"),
-    Rule("MODEL.DETECTOR_ARGS.max_size", _at_least(32), "must be at least 32"),
+    Rule("MODEL.DETECTOR_ARGS.max_size", at_least(32), "must be at least 32"),
+    Rule("MODEL.DETECTOR_ARGS.min_size", lambda value, c: c.MODEL.DETECTOR != "fcos" or min(value) >= FCOS_MIN_SIZE,
+         f"must be at least {FCOS_MIN_SIZE} for FCOS: its head's group norms need P7 (stride 128) above 1x1"),
 )

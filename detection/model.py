@@ -1,30 +1,69 @@
-"""torchvision's Mask R-CNN or RetinaNet on a Focal Transformer: the timm ``features_only`` backbone's stage maps
-through torchvision's FPN, the heads and losses torchvision's own."""
+"""torchvision's Mask R-CNN, RetinaNet or FCOS on a Focal Transformer: the timm ``features_only`` backbone's stage
+maps through torchvision's FPN, the heads and losses torchvision's own."""
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
-from typing import Any, Dict
+from typing import Any, Dict, FrozenSet
 
-import timm
 import torch
 import torch.nn as nn
-from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection import FCOS, MaskRCNN, RetinaNet
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
-import models  # noqa: F401  registers the Focal Transformers with timm
+from dense.backbone import DenseBackbone, build_backbone
+from errors import UsageError
+
+DETECTOR_CLASSES = {"mask_rcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS}
+# Arguments this module builds itself, or that take modules rather than values a config can hold.
+BUILT_HERE = frozenset({
+    "self", "backbone", "num_classes", "box_head", "box_predictor", "mask_head", "mask_predictor", "rpn", "roi_heads",
+    "transform", "rpn_anchor_generator", "rpn_head", "box_roi_pool", "mask_roi_pool", "anchor_generator", "head",
+    "proposal_matcher"})
+
+
+def accepted_args(detector: type) -> FrozenSet[str]:
+    """The keyword arguments ``MODEL.DETECTOR_ARGS`` may set: those of the detector's constructor and of the
+    constructors it passes ``**kwargs`` on to (torchvision's Faster R-CNN, and the image transform)."""
+    names = set()
+    for cls in (*detector.__mro__, GeneralizedRCNNTransform):
+        if "__init__" not in vars(cls) or cls in (nn.Module, object):
+            continue
+        names |= {name for name, p in inspect.signature(cls.__init__).parameters.items()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return frozenset(names - BUILT_HERE)
+
+
+def detector_args(config: Any) -> Dict[str, Any]:
+    """``MODEL.DETECTOR_ARGS`` as keyword arguments; a key the detector does not take is refused by name, since
+    torchvision would otherwise swallow it (e.g. a misspelt ``min_sise``) and train with its default."""
+    args = dict(config.MODEL.DETECTOR_ARGS)
+    accepted = accepted_args(DETECTOR_CLASSES[config.MODEL.DETECTOR])
+    unknown = sorted(set(args) - accepted)
+    if unknown:
+        raise UsageError(f"MODEL.DETECTOR_ARGS.{unknown[0]} is not an argument of {config.MODEL.DETECTOR} "
+                         f"(MODEL.DETECTOR); it accepts: {', '.join(sorted(accepted))}")
+    args["min_size"] = tuple(args["min_size"])
+    return args
 
 
 class FocalFPN(nn.Module):
-    """Stage maps -> FPN levels named "0", "1", ... plus the extra levels: a max-pooled P6 for Mask R-CNN
-    (P2-P6), P6/P7 from the last stage for RetinaNet (P3-P7), as the seed's mmdetection necks did."""
+    """Stage maps -> FPN levels named "0", "1", ... plus the extra levels, as the seed's mmdetection necks (and
+    mmdetection's FCOS) had them: a max-pooled P6 for Mask R-CNN (P2-P6); P6/P7 from the last stage for RetinaNet
+    and from the P5 output for FCOS (P3-P7)."""
 
-    def __init__(self, body: nn.Module, out_channels: int, retinanet: bool):
+    def __init__(self, body: nn.Module, out_channels: int, detector: str):
         super().__init__()
         self.body = body
-        extra = LastLevelP6P7(body.feature_info.channels()[-1], out_channels) if retinanet else LastLevelMaxPool()
-        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels, extra_blocks=extra)
+        channels = body.feature_info.channels()
+        if detector == "mask_rcnn":
+            extra = LastLevelMaxPool()
+        else:  # torchvision's P6P7 reads P5 when its input width equals its output width
+            extra = LastLevelP6P7(channels[-1] if detector == "retinanet" else out_channels, out_channels)
+        self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=extra)
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -33,14 +72,12 @@ class FocalFPN(nn.Module):
 
 def build_detector(config: Any, num_classes: int) -> nn.Module:
     """``num_classes`` object classes plus background; no weights downloaded (``--pretrained`` is local)."""
-    retinanet = config.MODEL.DETECTOR == "retinanet"
-    body = timm.create_model(config.MODEL.BACKBONE, features_only=True, out_indices=(1, 2, 3) if retinanet else
-                             (0, 1, 2, 3), drop_path_rate=config.MODEL.DROP_PATH_RATE, **config.MODEL.BACKBONE_ARGS)
-    backbone = FocalFPN(body, config.MODEL.FPN_CHANNELS, retinanet)
-    args = dict(config.MODEL.DETECTOR_ARGS)
-    args["min_size"] = tuple(args["min_size"])
-    if retinanet:
-        return RetinaNet(backbone, num_classes=num_classes + 1, **args)
+    detector = config.MODEL.DETECTOR
+    body = build_backbone(config, (0, 1, 2, 3) if detector == "mask_rcnn" else (1, 2, 3))
+    backbone = FocalFPN(body, config.MODEL.FPN_CHANNELS, detector)
+    args = detector_args(config)
+    if detector != "mask_rcnn":
+        return DETECTOR_CLASSES[detector](backbone, num_classes=num_classes + 1, **args)
     # torchvision's heads at the configured widths (its defaults: 1024 and 256)
     box_dim, mask_dim, fpn_dim = config.MODEL.BOX_HEAD_DIM, config.MODEL.MASK_HEAD_CHANNELS, backbone.out_channels
     return MaskRCNN(backbone, box_head=TwoMLPHead(fpn_dim * 7 * 7, box_dim),
@@ -49,5 +86,5 @@ def build_detector(config: Any, num_classes: int) -> nn.Module:
                     mask_predictor=MaskRCNNPredictor(mask_dim, mask_dim, num_classes + 1), **args)
 
 
-def backbone(model: nn.Module) -> nn.Module:
+def backbone(model: nn.Module) -> DenseBackbone:
     return model.backbone.body

@@ -1,4 +1,4 @@
-"""Train or evaluate a detector (Mask R-CNN or RetinaNet) with a Focal Transformer backbone.
+"""Train or evaluate a detector (Mask R-CNN, RetinaNet or FCOS) with a Focal Transformer backbone.
 
     python -m detection.train --cfg CONFIG --data-path ROOT [--pretrained CKPT] [--eval --resume CKPT]
     torchrun --nproc_per_node N -m detection.train --cfg CONFIG --data-path ROOT ...

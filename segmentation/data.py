@@ -1,12 +1,14 @@
-"""ADE20K-layout data: ``images/<split>/*.jpg`` with ``annotations/<split>/*.png`` of the same name, one label value
-per pixel, 0 meaning "ignore" (unlabelled) and value v meaning class v - 1. Pairs and sizes are checked when the
-set is opened; label values as each image is read."""
+"""Segmentation data in the ADE20K layout: ``images/<split>/*.jpg`` with ``annotations/<split>/*.png`` of the same
+name, one label value per pixel. ``DATA.REDUCE_ZERO_LABEL`` says what the values mean: ADE20K's convention (0 is
+"other", ignored; value v is class v - 1) or plain classes (value v is class v). Value 255 is always ignored. Pairs
+and sizes are checked when the set is opened; label values as each image is read.
+"""
 from __future__ import annotations
 
 import csv
 import os
 import random
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -16,9 +18,10 @@ from torchvision.transforms import InterpolationMode
 
 from errors import UsageError
 
-IGNORE = 255  # label 0 after the shift to classes 0..K-1
+IGNORE = 255  # ignored pixels: the value 255, and 0 under REDUCE_ZERO_LABEL
 SPLITS = {"train": "training", "val": "validation"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+FAR_GAP = 8  # a largest class this far above the next one (and over twice it) is taken for a stray value
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -32,9 +35,50 @@ def read_labels(path: str) -> np.ndarray:
         with Image.open(path) as img:
             if img.mode not in ("L", "P", "I;16", "I"):
                 raise UsageError(f"annotation {path} has mode {img.mode}: label PNGs must have one channel")
-            return np.asarray(img).astype(np.int64)
+            labels = np.asarray(img).astype(np.int64)
     except PIL_ERRORS as err:
         raise UsageError(f"cannot read annotation {path}: {err}") from None
+    if labels.size and labels.min() < 0:
+        raise UsageError(f"annotation {path} has label {labels.min()}: label values must be 0 or more")
+    return labels
+
+
+def to_classes(labels: np.ndarray, reduce_zero_label: bool) -> np.ndarray:
+    """Label values as class indices, ``IGNORE`` where a pixel is not scored."""
+    if not reduce_zero_label:
+        return labels
+    classes = labels - 1
+    classes[(labels == 0) | (labels == IGNORE)] = IGNORE
+    return classes
+
+
+def count_classes(paths: Sequence[str], reduce_zero_label: bool, where: str) -> int:
+    """The class count the training annotations imply: the largest class present, plus one. Refused, naming the
+    file, when that largest value looks like a stray rather than a class: found in one file only (of several),
+    or more than twice the next largest value and more than ``FAR_GAP`` above it. ``DATA.NUM_CLASSES`` overrides
+    the count."""
+    files_with: Dict[int, List[str]] = {}
+    for path in paths:
+        classes = to_classes(read_labels(path), reduce_zero_label)
+        for value in np.flatnonzero(np.bincount(classes.ravel()[classes.ravel() != IGNORE], minlength=1)):
+            files_with.setdefault(int(value), []).append(path)
+    if not files_with:
+        rule = "0 and 255 are ignored" if reduce_zero_label else "255 is ignored"
+        raise UsageError(f"the annotations in {where} hold no class (DATA.REDUCE_ZERO_LABEL "
+                         f"{reduce_zero_label}: {rule})")
+    present = sorted(files_with)
+    largest, files = present[-1], files_with[present[-1]]
+    value = largest + 1 if reduce_zero_label else largest
+    below = present[-2] if len(present) > 1 else None
+    far = below is not None and largest > 2 * below + 1 and largest - below > FAR_GAP
+    stray = (len(files) == 1 and len(paths) > 1) or far
+    if stray:
+        others = f"the other values stop at {below + 1 if reduce_zero_label else below}" if below is not None \
+            else "it is the only value"
+        raise UsageError(f"annotation {files[0]} has label {value}, found in {len(files)} of {len(paths)} files "
+                         f"({others}): a class count of {largest + 1} from the data looks wrong; if it is right, "
+                         f"set DATA.NUM_CLASSES {largest + 1}")
+    return largest + 1
 
 
 def read_image(path: str) -> torch.Tensor:
@@ -54,7 +98,7 @@ def image_size(path: str, what: str) -> Tuple[int, int]:
         raise UsageError(f"cannot read {what} {path}: {err}") from None
 
 
-def class_names(root: str, num_classes: int) -> List[str]:
+def class_names(root: str, num_classes: int, reduce_zero_label: bool = True) -> List[str]:
     """ADE20K's ``objectInfo150.csv`` names when present (first name of each row), else the label values."""
     path = os.path.join(root, "objectInfo150.csv")
     if os.path.isfile(path):
@@ -62,12 +106,14 @@ def class_names(root: str, num_classes: int) -> List[str]:
             names = [row["Name"].split(";")[0] for row in csv.DictReader(f)]
         if len(names) == num_classes:
             return names
-    return [f"label {value}" for value in range(1, num_classes + 1)]
+    first = 1 if reduce_zero_label else 0
+    return [f"label {value}" for value in range(first, num_classes + first)]
 
 
 class SegmentationFolder(torch.utils.data.Dataset):
     """(image, labels) pairs of one split; ``train`` applies the seed's augmentation (random rescale, crop,
-    flip), otherwise images are resized to fit ``DATA.SCALE`` and labels stay at full size for scoring."""
+    flip) and normalises; otherwise the image stays as read (uint8, full size: evaluation resizes it to each of
+    its scales) and so do the labels, for scoring."""
 
     def __init__(self, root: str, split: str, config: Any, train: bool, num_classes: int = 0):
         folder = SPLITS[split]
@@ -89,9 +135,9 @@ class SegmentationFolder(torch.utils.data.Dataset):
                 raise UsageError(f"annotation {label} is {label_wh[0]}x{label_wh[1]} but its image is "
                                  f"{image_wh[0]}x{image_wh[1]}")
             self.samples.append((image, label))
-        self.num_classes = num_classes or max(int(read_labels(label).max()) for _, label in self.samples)
-        if self.num_classes < 1:
-            raise UsageError(f"the annotations in {label_dir} hold no label above 0 (0 is 'ignore'): no classes")
+        self.reduce_zero_label = config.DATA.REDUCE_ZERO_LABEL
+        self.num_classes = num_classes or count_classes([label for _, label in self.samples],
+                                                        self.reduce_zero_label, label_dir)
         self.config, self.train = config, train
 
     def __len__(self) -> int:
@@ -99,23 +145,23 @@ class SegmentationFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         image_path, label_path = self.samples[index]
-        labels = read_labels(label_path)
-        if labels.max() > self.num_classes:
-            raise UsageError(f"annotation {label_path} has label {labels.max()}, above the {self.num_classes} "
-                             f"classes (DATA.NUM_CLASSES or the training annotations)")
-        target = torch.from_numpy(labels - 1)
-        target[target < 0] = IGNORE
+        classes = to_classes(read_labels(label_path), self.reduce_zero_label)
+        scored = classes[classes != IGNORE]
+        if scored.size and scored.max() >= self.num_classes:
+            value = scored.max() + (1 if self.reduce_zero_label else 0)
+            raise UsageError(f"annotation {label_path} has label {value}, above the {self.num_classes} classes "
+                             f"(DATA.NUM_CLASSES or the training annotations; DATA.REDUCE_ZERO_LABEL "
+                             f"{self.reduce_zero_label})")
+        target = torch.from_numpy(classes)
         image = read_image(image_path)
-        if self.train:
-            image, target = self.augment(image, target[None])
-            target = target[0]
-        else:
-            image = F.resize(image, fit_size(image.shape[-2:], self.config.DATA.SCALE), antialias=True)
-        return F.normalize(F.to_dtype(image, torch.float32, scale=True), MEAN, STD), target
+        if not self.train:
+            return image, target
+        image, target = self.augment(image, target[None])
+        return normalize(image), target[0]
 
     def augment(self, image: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """mmsegmentation's ADE20K pipeline without photometric distortion: random rescale, random crop padded
-        with "ignore" (the image with 0), horizontal flip."""
+        with "ignore" (the image with 0), horizontal flip with probability ``DATA.FLIP_PROB``."""
         data = self.config.DATA
         ratio = random.uniform(*data.RATIO_RANGE)
         size = fit_size(image.shape[-2:], [s * ratio for s in data.SCALE])
@@ -129,9 +175,14 @@ class SegmentationFolder(torch.utils.data.Dataset):
         top = random.randint(0, image.shape[-2] - crop)
         left = random.randint(0, image.shape[-1] - crop)
         image, target = F.crop(image, top, left, crop, crop), F.crop(target, top, left, crop, crop)
-        if random.random() < 0.5:
+        if random.random() < data.FLIP_PROB:
             image, target = F.horizontal_flip(image), F.horizontal_flip(target)
         return image, target
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB to the network's input: [0, 1], then ImageNet's mean and deviation."""
+    return F.normalize(F.to_dtype(image, torch.float32, scale=True), MEAN, STD)
 
 
 def fit_size(size: Sequence[int], scale: Sequence[float]) -> List[int]:
@@ -152,6 +203,9 @@ def build_data(config: Any, env: Any, logger: Any) -> Tuple[SegmentationFolder, 
     train = SegmentationFolder(root, "train", config, train=True, num_classes=config.DATA.NUM_CLASSES)
     val = SegmentationFolder(root, "val", config, train=False, num_classes=train.num_classes)
     source = "DATA.NUM_CLASSES" if config.DATA.NUM_CLASSES else "the training annotations"
+    convention = ("label 0 ignored, value v is class v-1 (DATA.REDUCE_ZERO_LABEL True, ADE20K's convention)"
+                  if config.DATA.REDUCE_ZERO_LABEL else "value v is class v, 0 included (DATA.REDUCE_ZERO_LABEL "
+                  "False)")
     logger.info(f"{root}: {len(train)} training and {len(val)} validation images, {train.num_classes} classes "
-                f"(from {source})")
+                f"(from {source}); {convention}; 255 ignored; flip probability {config.DATA.FLIP_PROB}")
     return train, val, train.num_classes

@@ -1,6 +1,7 @@
 """mIoU as mmsegmentation computes it: one confusion matrix over every labelled pixel of the validation set
 (torchmetrics, summed over processes), IoU per class = TP / (TP + FP + FN), the mean over classes that occur in
-the labels or the predictions."""
+the labels or the predictions. Predictions come from one view of each image or from several (``TEST.SCALES``,
+``TEST.FLIP``), each predicted whole or in sliding windows (``TEST.MODE``)."""
 from __future__ import annotations
 
 import logging
@@ -9,13 +10,14 @@ from typing import Any, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from dense.run import loader
 from distributed import DistEnv
 from engine import Precision
 
-from .data import IGNORE, class_names
+from .data import IGNORE, class_names, fit_size, normalize
 
 SIZE_DIVISOR = 32  # smp's encoders need sides divisible by their output stride
 
@@ -34,35 +36,88 @@ def mean_iou(confmat: torch.Tensor) -> Tuple[float, torch.Tensor]:
     return ious.nanmean().item(), ious
 
 
-@torch.no_grad()
-def predict(model: nn.Module, image: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
-    """Whole-image inference: pad to a multiple of 32, predict, crop, resize the logits to the label's size."""
+def whole(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """Logits of a (1, 3, h, w) image in one pass: padded to a multiple of 32, predicted, cropped back."""
     h, w = image.shape[-2:]
     pad_h, pad_w = -h % SIZE_DIVISOR, -w % SIZE_DIVISOR
-    logits = model(F.pad(image[None], (0, pad_w, 0, pad_h)))[..., :h, :w]
-    logits = F.interpolate(logits.float(), size=tuple(out_size), mode="bilinear", align_corners=False)
-    return logits.argmax(1)[0]
+    return model(F.pad(image, (0, pad_w, 0, pad_h)))[..., :h, :w].float()
+
+
+def slide(model: nn.Module, image: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
+    """Logits of a (1, 3, h, w) image from ``crop``-sized windows every ``stride`` pixels (the last one in each
+    direction moved back to end at the border), averaged where windows overlap: mmsegmentation's slide mode."""
+    h, w = image.shape[-2:]
+    rows, cols = (max(size - crop + stride - 1, 0) // stride + 1 for size in (h, w))
+    total, count = None, image.new_zeros(1, 1, h, w)
+    for row in range(rows):
+        for col in range(cols):
+            y2, x2 = min(row * stride + crop, h), min(col * stride + crop, w)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            logits = whole(model, image[..., y1:y2, x1:x2])
+            if total is None:
+                total = logits.new_zeros(1, logits.shape[1], h, w)
+            total[..., y1:y2, x1:x2] += logits
+            count[..., y1:y2, x1:x2] += 1
+    return total / count
+
+
+@torch.no_grad()
+def predict(model: nn.Module, image: torch.Tensor, out_size: Sequence[int], config: Any) -> torch.Tensor:
+    """Class probabilities (K, H, W) of a uint8 image at the label's size ``out_size``: the mean over the views
+    ``TEST.SCALES`` x (with ``TEST.FLIP``) unflipped and flipped, each resized to fit ``DATA.SCALE`` x its ratio,
+    predicted (``TEST.MODE``), flipped back, and brought to the label's size before the softmax, as
+    mmsegmentation's aug_test averages them."""
+    test = config.TEST
+    total, views = None, 0
+    for ratio in test.SCALES:
+        size = fit_size(image.shape[-2:], [s * ratio for s in config.DATA.SCALE])
+        view = normalize(TF.resize(image, size, antialias=True))[None]
+        for flip in ((False, True) if test.FLIP else (False,)):
+            x = view.flip(-1) if flip else view
+            logits = slide(model, x, test.CROP, test.STRIDE) if test.MODE == "slide" else whole(model, x)
+            if flip:
+                logits = logits.flip(-1)
+            probs = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False).softmax(1)[0]
+            total = probs if total is None else total + probs
+            views += 1
+    return total / views
+
+
+def describe(test: Any) -> str:
+    """The views of the evaluation in a few words, e.g. ``scales 0.5-1.75, flip``."""
+    scales = sorted(test.SCALES)
+    if len(scales) > 1:
+        parts = [f"scales {scales[0]:g}-{scales[-1]:g}"]
+    else:
+        parts = ["single scale" if scales[0] == 1 else f"scale {scales[0]:g}"]
+    if test.FLIP:
+        parts.append("flip")
+    if test.MODE == "slide":
+        parts.append(f"slide {test.CROP}/{test.STRIDE}")
+    return ", ".join(parts)
 
 
 @torch.no_grad()
 def evaluate(config: Any, model: nn.Module, dataset: Any, env: DistEnv, precision: Precision,
              logger: logging.Logger) -> float:
-    """Log ``mIoU X%`` and the IoU of every class; return the mIoU. Every process scores its shard of images."""
+    """Log the IoU of every class and ``mIoU X% (views) over K classes (N images)``; return the mIoU. Every
+    process scores its shard of images."""
     model.eval()
     metric = MulticlassConfusionMatrix(dataset.num_classes, ignore_index=IGNORE).to(env.device)
     batches = loader(dataset, config, env, collate_list, train=False)
     for idx, (images, targets) in enumerate(batches):
         for image, target in zip(images, targets):
             with precision.autocast():
-                pred = predict(model, image.to(env.device), target.shape)
+                pred = predict(model, image.to(env.device), target.shape, config).argmax(0)
             metric.update(pred.flatten(), target.to(env.device).flatten())
         if idx % config.PRINT_FREQ == 0 or idx + 1 == len(batches):
             logger.info(f"Test: [{idx}/{len(batches)}]")
     miou, ious = mean_iou(metric.compute().cpu())  # torchmetrics sums the matrices of all processes
-    names = class_names(config.DATA.DATA_PATH, dataset.num_classes)
+    names = class_names(config.DATA.DATA_PATH, dataset.num_classes, dataset.reduce_zero_label)
     for name, iou in zip(names, ious.tolist()):
         logger.info(f"  IoU {name}: {iou:.2f}")
-    logger.info(f"mIoU {miou:.2f}% over {dataset.num_classes} classes ({len(dataset)} images)")
+    logger.info(f"mIoU {miou:.2f}% ({describe(config.TEST)}) over {dataset.num_classes} classes "
+                f"({len(dataset)} images)")
     return miou
 
 

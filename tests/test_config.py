@@ -1,16 +1,32 @@
-"""The config tree: reference key names, BASE inheritance, and errors that name the key."""
+"""The config tree: defaults that build the reference model, no imports of what it configures, BASE inheritance,
+and errors that name the key."""
+import json
+import subprocess
+import sys
+
 import pytest
 
 from config import load_config
+from models import build_model
+from tests.helpers import REPO
 
 
-def test_defaults_match_reference_tree():
-    cfg = load_config()
-    f = cfg.MODEL.FOCAL
-    assert (f.PATCH_SIZE, f.EMBED_DIM, f.DEPTHS, f.NUM_HEADS, f.WINDOW_SIZE) == (4, 96, [2, 2, 6, 2], [3, 6, 12, 24], 7)
-    assert (f.FOCAL_POOL, f.FOCAL_LEVELS, f.FOCAL_WINDOWS, f.EXPAND_SIZES, f.FOCAL_TOPK) == \
-        ("none", [1, 1, 1, 1], [7, 5, 3, 1], [3, 3, 3, 3], 128)
+def test_released_config_over_the_defaults_builds_the_reference_model():
+    """The defaults fill every key the released YAML leaves out (MLP ratio, biases, norms, expansion, ...): together
+    they must build the reference's Focal-T, whose parameter count and FLOPs tests/fixtures recorded from it."""
+    reference = json.loads((REPO / "tests" / "fixtures" / "focal_tiny_patch4_window7_224.json").read_text())
+    cfg = load_config(str(REPO / "configs" / "focal_tiny_patch4_window7_224.yaml"))
     assert cfg.is_frozen()
+    model = build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == reference["n_parameters"]
+    assert model.flops() == reference["flops"]
+
+
+def test_config_imports_none_of_the_modules_it_configures():
+    code = ("import sys, config; print(sorted(m for m in ('data', 'data.datasets', 'engine', 'optimizer', "
+            "'lr_scheduler', 'models', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_released_yaml_and_opts_override(tmp_path):

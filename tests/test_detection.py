@@ -122,14 +122,14 @@ def test_bad_annotations_are_one_line_errors(tmp_path, change, message):
         CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
 
 
-@pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet"])
+@pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet", "fcos"])
 def test_official_checkpoint_loads_into_the_backbone(detector):
     config = detection_defaults()
-    merge_task_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR", detector, "MODEL.FPN_CHANNELS", 16])
+    merge_task_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR", detector, "MODEL.FPN_CHANNELS", 32])
     model = build_detector(config, num_classes=3)
     load_backbone(CHECKPOINT, backbone(model), LOG)
     weights = extract_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
-    for name, value in backbone(model).model.state_dict().items():
+    for name, value in backbone(model).network.state_dict().items():
         torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
 
 
@@ -161,3 +161,30 @@ def test_every_config_loads_and_passes_the_value_rules(cfg):
 def test_bad_values_are_refused_naming_the_key():
     with pytest.raises(UsageError, match=r"--batch-size \(DATA.BATCH_SIZE\) must be at least 1, got 0"):
         get_task_config(task_args(CFG, batch_size=0), detection_defaults(), DETECTION_RULES)
+
+
+def test_unknown_detector_args_are_refused_naming_the_accepted_ones():
+    config = detection_defaults()
+    merge_task_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR_ARGS.min_sise", "[800]"])
+    with pytest.raises(UsageError, match=r"MODEL.DETECTOR_ARGS.min_sise is not an argument of mask_rcnn "
+                                         r"\(MODEL.DETECTOR\); it accepts: .*box_batch_size_per_image.*min_size"):
+        build_detector(config, num_classes=3)
+    retina = detection_defaults()
+    merge_task_opts(retina, BACKBONE_OPTS + ["MODEL.DETECTOR", "retinanet",
+                                            "MODEL.DETECTOR_ARGS.box_batch_size_per_image", 64])
+    with pytest.raises(UsageError, match=r"box_batch_size_per_image is not an argument of retinanet"):
+        build_detector(retina, num_classes=3)
+
+
+@pytest.mark.slow
+def test_fcos_trains_and_evaluates(tmp_path):
+    data = generate_detection(str(tmp_path / "data"), size=64, train=4, val=2)
+    opts = ["DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0", "MODEL.FPN_CHANNELS", "32", "TRAIN.EPOCHS", "1",
+            "TRAIN.WARMUP_ITERS", "0", "PRINT_FREQ", "1", "EVAL_FREQ", "1", "MODEL.DETECTOR_ARGS.min_size", "[256]",
+            "MODEL.DETECTOR_ARGS.max_size", "256", "MODEL.DETECTOR_ARGS.score_thresh", "0.0", *BACKBONE_OPTS]
+    cfg = str(REPO / "configs" / "detection" / "fcos_demo.yaml")
+    trained = check(run_task("detection.train", ["--cfg", cfg, "--data-path", data, "--output", str(tmp_path / "out"),
+                                                 "--opts", *opts]))
+    assert "Train: [0/1][1/2]" in trained.stdout
+    assert all(name in trained.stdout for name in ("classification", "bbox_regression", "bbox_ctrness"))
+    assert re.search(r"box AP [\d.]+ \(2 images, [1-9]\d* detections\)", trained.stdout)

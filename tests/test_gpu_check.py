@@ -1,11 +1,16 @@
-"""``make gpu-check`` on a machine without a GPU: one clear line and a non-zero exit, nothing else."""
+"""``make gpu-check`` on a machine without a GPU: one clear line and a non-zero exit, nothing else; and its log
+parser on the lines a real CPU epoch prints."""
+import logging
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn as nn
 
-from tests.helpers import REPO
+from models import build_model
+from tests.helpers import CPU, REPO, fake_batches, tiny_config
 
 
 @pytest.mark.slow
@@ -19,9 +24,26 @@ def test_fails_clearly_without_a_gpu():
     assert len(lines) == 1 and lines[0].startswith("gpu-check: no CUDA GPU")
 
 
-def test_log_patterns_match_what_main_prints():
-    """The training and evaluation lines gpu_check parses, as engine.py formats them."""
+def test_log_patterns_parse_what_the_engine_prints(caplog):
+    """gpu_check reads the training loss and the accuracy from the lines engine.py logs: here those lines come from
+    a real CPU epoch and evaluation of the demo model, and what the patterns read must be what the engine
+    returned."""
+    from engine import build_precision, evaluate, train_one_epoch
+    from lr_scheduler import build_scheduler
+    from optimizer import build_optimizer
     from tools.gpu_check import EVAL, LOSS
-    assert LOSS.findall("Train: [0/1][3/20]\teta 0:00:01 lr 0.001000\ttime 0.1 (0.1)\tloss 2.3010 (2.2950)\t"
-                        "grad_norm 1.0 (1.0)") == ["2.2950"]
-    assert EVAL.findall(" * Acc@1 12.500 Acc@5 50.000 loss 2.2981 (20 images)") == [("12.500", "50.000", "2.2981")]
+
+    config = tiny_config("MODEL.LABEL_SMOOTHING", 0.0)
+    batches = fake_batches(3)
+    precision = build_precision("none", CPU)
+    torch.manual_seed(0)
+    model = build_model(config)
+    optimizer = build_optimizer(config, model)
+    with caplog.at_level(logging.INFO, logger="focal.engine"):
+        stats = train_one_epoch(config, model, nn.CrossEntropyLoss(), batches, 3, optimizer,
+                                build_scheduler(config, optimizer, 3), precision, 0, None, CPU)
+        result = evaluate(config, model, batches, precision, CPU)
+    losses = LOSS.findall(caplog.text)
+    assert len(losses) == 3 and float(losses[-1]) == pytest.approx(stats.loss, abs=5e-5)
+    assert [tuple(map(float, m)) for m in EVAL.findall(caplog.text)] == \
+        [pytest.approx((result.acc1, result.acc5, result.loss), abs=5e-4)]

@@ -3,6 +3,8 @@ one-line errors, and a real run (training steps, checkpoint, auto-resume refusal
 under torchrun with two processes."""
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 import signal
@@ -23,7 +25,7 @@ from models import extract_state_dict
 from dense.config import get_task_config
 from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
 from segmentation.data import SegmentationFolder
-from segmentation.evaluate import evaluate
+from segmentation.evaluate import evaluate, predict, slide
 from segmentation.model import backbone, build_segmenter
 from segmentation.train import TASK
 from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, check, load, run_task,
@@ -99,7 +101,7 @@ def test_official_checkpoint_loads_into_the_encoder():
     model = build_segmenter(config, num_classes=4)
     load_backbone(CHECKPOINT, backbone(model), LOG)
     weights = extract_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
-    loaded = backbone(model).model.state_dict()
+    loaded = backbone(model).network.state_dict()
     assert set(loaded) < set(weights)
     for name, value in loaded.items():
         torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
@@ -110,7 +112,7 @@ def test_official_checkpoint_loads_into_the_encoder():
 
 
 def scores(log: str) -> list:
-    return re.findall(r"IoU label \d+: [\d.na]+|mIoU [\d.]+% over \d+ classes \(\d+ images\)", log)
+    return re.findall(r"IoU label \d+: [\d.na]+|mIoU [\d.]+% \([^)]*\) over \d+ classes \(\d+ images\)", log)
 
 
 @pytest.mark.slow
@@ -120,7 +122,7 @@ def test_training_and_one_vs_two_process_evaluation(tmp_path):
     trained = check(run_task("segmentation.train", [*common, "--pretrained", CHECKPOINT, "--opts", *TINY]))
     assert "loaded backbone weights from" in trained.stdout
     assert "Train: [0/1][1/2]" in trained.stdout  # two updates of 4 images
-    assert re.search(r"mIoU [\d.]+% over 4 classes \(4 images\)", trained.stdout)
+    assert re.search(r"mIoU [\d.]+% \([^)]*\) over 4 classes \(4 images\)", trained.stdout)
     checkpoint = tmp_path / "out" / "upernet_focal_demo" / "default" / "ckpt_epoch_0.pth"
     assert checkpoint.is_file()
     with pytest.raises(UsageError, match="has already trained 1 of TRAIN.EPOCHS 1 epochs"):  # auto-resumed
@@ -169,3 +171,124 @@ def test_bad_values_are_refused_naming_the_key():
     with pytest.raises(UsageError, match=r"--batch-size \(DATA.BATCH_SIZE\) must be at least 2 to train UPerNet"):
         get_task_config(task_args(CFG, batch_size=1), segmentation_defaults(), SEGMENTATION_RULES)
     get_task_config(task_args(CFG, batch_size=1, eval=True), segmentation_defaults(), SEGMENTATION_RULES)
+
+
+def test_reduce_zero_label_chooses_whether_0_is_a_class(tmp_path):
+    # A 0/1/2 annotation: under ADE20K's convention 0 is ignored and 1, 2 are classes 0, 1; without it, 0 is the
+    # background class and the set has three classes.
+    labels = np.zeros((16, 16))
+    labels[:, 8:] = 1
+    labels[8:, 8:] = 2
+    write_pair(tmp_path, "training", "a", labels)
+    write_pair(tmp_path, "training", "b", labels)
+    for reduce, count, expected in ((True, 2, labels - 1), (False, 3, labels)):
+        config = config_with(["DATA.SCALE", "[16, 16]", "DATA.REDUCE_ZERO_LABEL", reduce])
+        dataset = SegmentationFolder(str(tmp_path), "train", config, train=False)
+        assert dataset.num_classes == count
+        target = dataset[0][1].numpy()
+        np.testing.assert_array_equal(target, np.where(expected < 0, 255, expected))
+
+
+@pytest.mark.parametrize("stray, where", [
+    ({"b": 200}, "b.png has label 200, found in 1 of 3 files"),  # far above the others, one file
+    ({"a": 3, "b": 3, "c": 3}, None),  # in every file, next to the others: a class
+    ({"a": 40, "b": 40}, "a.png has label 40, found in 2 of 3 files"),  # far above the others
+])
+def test_class_count_from_the_data_refuses_a_stray_value(tmp_path, stray, where):
+    for name in "abc":
+        labels = np.ones((16, 16))
+        labels[:, 8:] = 2
+        labels[0, 0] = stray.get(name, 1)
+        write_pair(tmp_path, "training", name, labels)
+    config = config_with(["DATA.SCALE", "[16, 16]"])
+    if where is None:
+        assert SegmentationFolder(str(tmp_path), "train", config, train=True).num_classes == 3
+        return
+    with pytest.raises(UsageError, match=where + r".*set DATA.NUM_CLASSES"):
+        SegmentationFolder(str(tmp_path), "train", config, train=True)
+    value = max(stray.values())
+    assert SegmentationFolder(str(tmp_path), "train", config, train=False, num_classes=value)[1][1].max() == value - 1
+
+
+@pytest.mark.parametrize("flip_prob, flipped", [(0.0, 0), (1.0, 20)])
+def test_flip_prob_decides_the_flips(tmp_path, flip_prob, flipped):
+    labels = np.ones((16, 16))
+    labels[:, :4] = 2  # class 1 on the left quarter only
+    write_pair(tmp_path, "training", "a", labels)
+    config = config_with(["DATA.SCALE", "[16, 16]", "DATA.RATIO_RANGE", "[1.0, 1.0]", "DATA.CROP_SIZE", "32",
+                          "DATA.FLIP_PROB", flip_prob, "DATA.NUM_CLASSES", 2])
+    dataset = SegmentationFolder(str(tmp_path), "train", config, train=True)
+    assert sum(int(dataset[0][1][5, 31] == 1) for _ in range(20)) == flipped  # padded to 32, then flipped
+
+
+class WidthVote(nn.Module):
+    """Class 0 (logit 2 against 0) for inputs narrower than 48 pixels, class 1 (logit 1 against 0) otherwise."""
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 2, *x.shape[-2:])
+        if x.shape[-1] < 48:
+            logits[:, 0] = 2
+        else:
+            logits[:, 1] = 1
+        return logits
+
+
+class ColumnRamp(nn.Module):
+    """Class 0's logit is the column index within the input, class 1's is 0: the output depends on where the input
+    window starts and on flips."""
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 2, *x.shape[-2:])
+        logits[:, 0] = torch.arange(x.shape[-1], dtype=torch.float32)
+        return logits
+
+
+def test_scales_average_class_probabilities():
+    # A 32x64 image at DATA.SCALE (64, 32) is seen 64 wide at ratio 1 (class 1: softmax [e^0, e^1] / (1 + e)) and 32
+    # wide at ratio 0.5 (class 0: [e^2, 1] / (e^2 + 1)); the two views averaged: class 0 at 0.575, class 1 0.425.
+    image = torch.full((3, 32, 64), 128, dtype=torch.uint8)
+    config = config_with(["DATA.SCALE", "[64, 32]"])
+    one = predict(WidthVote(), image, (32, 64), config)
+    torch.testing.assert_close(one[:, 0, 0], torch.tensor([1, math.e]) / (1 + math.e))
+    config = config_with(["DATA.SCALE", "[64, 32]", "TEST.SCALES", "[0.5, 1.0]"])
+    both = predict(WidthVote(), image, (32, 64), config)
+    expected = (torch.tensor([math.e ** 2, 1]) / (math.e ** 2 + 1) + torch.tensor([1, math.e]) / (1 + math.e)) / 2
+    torch.testing.assert_close(both, expected[:, None, None].expand(2, 32, 64))
+    assert both.argmax(0).eq(0).all() and one.argmax(0).eq(1).all()
+
+
+def test_flip_averages_the_mirrored_view_flipped_back():
+    # Unflipped, class 0's logit at column j is j; the flipped view flipped back gives 31 - j. Their softmax
+    # probabilities for class 0, sigmoid(j) and sigmoid(31 - j), averaged.
+    image = torch.zeros((3, 8, 32), dtype=torch.uint8)
+    config = config_with(["DATA.SCALE", "[32, 8]", "TEST.FLIP", True])
+    probs = predict(ColumnRamp(), image, (8, 32), config)
+    j = torch.arange(32, dtype=torch.float32)
+    torch.testing.assert_close(probs[0, 0], (torch.sigmoid(j) + torch.sigmoid(31 - j)) / 2)
+    torch.testing.assert_close(probs.sum(0), torch.ones(8, 32))
+
+
+def test_slide_averages_overlapping_windows():
+    # 20 columns, windows of 8 every 6: [0, 8), [6, 14), [12, 20). Each window's class-0 logit is the column within
+    # it: columns 0-5 see one window (j), 6-7 two ((j + j - 6) / 2 = j - 3), 8-11 one (j - 6), 12-13 two
+    # (j - 9), 14-19 one (j - 12).
+    logits = slide(ColumnRamp(), torch.zeros(1, 3, 8, 20), crop=8, stride=6)
+    expected = torch.tensor([0, 1, 2, 3, 4, 5, 3, 4, 2, 3, 4, 5, 3, 4, 2, 3, 4, 5, 6, 7], dtype=torch.float32)
+    torch.testing.assert_close(logits[0, 0], expected.expand(8, 20))
+    # A window as large as the image: one pass, the same as whole-image inference.
+    torch.testing.assert_close(slide(ColumnRamp(), torch.zeros(1, 3, 8, 20), crop=32, stride=16),
+                               ColumnRamp()(torch.zeros(1, 3, 8, 20)))
+
+
+def test_final_line_names_the_views(tmp_path, caplog):
+    labels = np.ones((32, 32))
+    for split in ("training", "validation"):
+        write_pair(tmp_path, split, "a", labels)
+    config = config_with(["DATA.DATA_PATH", str(tmp_path), "DATA.SCALE", "[32, 32]", "DATA.NUM_WORKERS", 0,
+                          "TEST.SCALES", "[0.5, 1.0, 1.75]", "TEST.FLIP", True, "TEST.MODE", "slide",
+                          "TEST.CROP", 32, "TEST.STRIDE", 21])
+    dataset = SegmentationFolder(str(tmp_path), "val", config, train=False, num_classes=3)
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    with caplog.at_level(logging.INFO, logger=LOG.name):
+        evaluate(config, LeftRight(), dataset, env, build_precision("none", env.device), LOG)
+    assert re.search(r"mIoU [\d.]+% \(scales 0.5-1.75, flip, slide 32/21\) over 3 classes \(1 images\)", caplog.text)

@@ -1,0 +1,68 @@
+"""The backbone of the dense tasks, with the options Swin's and Focal's detection backbones have: the stages whose
+maps leave it (``out_indices``), a LayerNorm on each of them (``norm0``..``norm3``), frozen early stages, and
+gradient checkpointing. The network itself is the timm ``features_only`` model of ``MODEL.BACKBONE``, so a
+classification checkpoint loads into it unchanged; the norms belong to the dense side."""
+from __future__ import annotations
+
+from typing import Any, List, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+
+import models  # noqa: F401  registers the Focal Transformers with timm
+
+
+class DenseBackbone(nn.Module):
+    """Stage maps (NCHW) of ``out_indices``, each through its own LayerNorm over channels (``norms``; without
+    them, the raw stage maps as timm's ``features_only`` gives them).
+
+    ``frozen_stages``: -1 trains everything; 0 freezes the patch embedding (and absolute position embedding);
+    k >= 1 also stages 0..k-1 (mmdetection's meaning for ResNets). Frozen parts get no gradients and stay in eval
+    mode whatever ``train()`` is called with.
+    """
+
+    def __init__(self, name: str, out_indices: Sequence[int], frozen_stages: int = -1,
+                 grad_checkpointing: bool = False, norms: bool = True, **kwargs: Any):
+        super().__init__()
+        self.out_indices = tuple(out_indices)
+        self.body = timm.create_model(name, features_only=True, out_indices=self.out_indices, **kwargs)
+        self.feature_info = self.body.feature_info
+        for index, channels in zip(self.out_indices, self.feature_info.channels()):
+            self.add_module(f"norm{index}", nn.LayerNorm(channels) if norms else nn.Identity())
+        self.frozen_stages = frozen_stages
+        self.network.set_grad_checkpointing(grad_checkpointing)
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+        if frozen_stages >= 0 and self.network.absolute_pos_embed is not None:
+            self.network.absolute_pos_embed.requires_grad_(False)
+        self.train()
+
+    @property
+    def network(self) -> nn.Module:
+        """The classification network inside timm's feature wrapper (what a classification checkpoint fits)."""
+        return self.body.model
+
+    def frozen_modules(self) -> List[nn.Module]:
+        net = self.network
+        if self.frozen_stages < 0:
+            return []
+        return [net.patch_embed, *net.layers[:self.frozen_stages]]
+
+    def train(self, mode: bool = True) -> "DenseBackbone":
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return [getattr(self, f"norm{i}")(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+                for i, f in zip(self.out_indices, self.body(x))]
+
+
+def build_backbone(config: Any, default_indices: Sequence[int]) -> DenseBackbone:
+    """``MODEL.BACKBONE`` with ``MODEL.BACKBONE_ARGS``, ``MODEL.OUT_INDICES`` (``default_indices`` when empty),
+    ``MODEL.FROZEN_STAGES``, ``TRAIN.USE_CHECKPOINT``, ``MODEL.OUT_NORMS`` and ``MODEL.DROP_PATH_RATE``."""
+    return DenseBackbone(config.MODEL.BACKBONE, list(config.MODEL.OUT_INDICES) or list(default_indices),
+                         config.MODEL.FROZEN_STAGES, config.TRAIN.USE_CHECKPOINT, config.MODEL.OUT_NORMS,
+                         drop_path_rate=config.MODEL.DROP_PATH_RATE, **config.MODEL.BACKBONE_ARGS)

@@ -1,0 +1,73 @@
+"""Two CPU processes (gloo) train the segmentation demo model for an epoch on different shards: afterwards both
+hold the same batch-norm statistics and the same weight average (EMA), as they must to evaluate and save one
+model (running statistics left per rank differ). And when batch norms become SyncBatchNorm."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dense.config import get_task_config
+from dense.demo import generate_segmentation
+from dense.run import fit, parse_args
+from distributed import DistEnv
+from run_parts import use_sync_batchnorm
+from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
+from segmentation.train import TASK
+from tests.helpers import BACKBONE_OPTS, REPO
+
+CFG = str(REPO / "configs" / "segmentation" / "demo.yaml")
+OPTS = ["DATA.SCALE", "[64, 64]", "DATA.CROP_SIZE", "64", "DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0",
+        "MODEL.DECODER_CHANNELS", "16", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_ITERS", "0", "PRINT_FREQ", "1",
+        "EVAL_FREQ", "1", "MODEL_EMA_DECAY", "0.5", *BACKBONE_OPTS]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_rank(rank: int, data: str, out: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        args = parse_args("test", ["--cfg", CFG, "--data-path", data, "--output", out, "--model-ema",
+                                   "--device", "cpu", "--opts", *OPTS])
+        config = get_task_config(args, segmentation_defaults(), SEGMENTATION_RULES)
+        os.makedirs(config.OUTPUT, exist_ok=True)
+        trained = fit(TASK, config, DistEnv(rank, 2, rank, torch.device("cpu")), logging.getLogger(f"rank{rank}"),
+                      False)
+        buffers = {k: v for k, v in trained.model.state_dict().items() if "running_" in k}
+        torch.save({"buffers": buffers, "ema": trained.ema.module.state_dict()}, os.path.join(out, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_end_an_epoch_with_the_same_statistics_and_average(tmp_path):
+    data = generate_segmentation(str(tmp_path / "data"), size=64, train=8, val=2)
+    mp.spawn(train_rank, args=(data, str(tmp_path), free_port()), nprocs=2)
+    first, second = (torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert first["buffers"] and any(v.abs().sum() > 0 for k, v in first["buffers"].items() if "mean" in k)
+    for part in ("buffers", "ema"):
+        assert first[part].keys() == second[part].keys()
+        for key, value in first[part].items():
+            torch.testing.assert_close(second[part][key], value, rtol=0, atol=0, msg=f"{part} {key}")
+
+
+@pytest.mark.parametrize("world, device, key, converted", [
+    (2, "cuda", True, True), (2, "cuda", False, False), (1, "cuda", True, False), (2, "cpu", True, False)])
+def test_batch_norms_become_sync_batch_norms_on_gpus_of_a_multi_process_run(world, device, key, converted):
+    """The conversion itself needs no GPU (only SyncBatchNorm's forward does)."""
+    config = segmentation_defaults()
+    config.MODEL.SYNC_BN = key
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    env = DistEnv(0, world, 0, torch.device(device))
+    kinds = {type(m) for m in use_sync_batchnorm(model, config, env, logging.getLogger("test")).modules()}
+    assert (torch.nn.SyncBatchNorm in kinds) == converted and (torch.nn.BatchNorm2d in kinds) != converted
