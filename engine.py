@@ -18,6 +18,7 @@ from timm.utils import AverageMeter, ModelEmaV3
 
 from distributed import all_reduce_sum
 from errors import TrainingError, UsageError
+from progress import Progress, duration
 
 logger = logging.getLogger("focal.engine")
 AMP_MODES = ("bf16", "fp16", "none")
@@ -141,44 +142,50 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(config, model: nn.Module, loader: Iterable, precision: Precision, device: torch.device) -> EvalResult:
-    """Top-1/top-5 accuracy (%) and mean cross-entropy over the whole validation set.
+def evaluate(config, model: nn.Module, loader: Iterable, precision: Precision, device: torch.device,
+             class_indices: Optional[torch.Tensor] = None) -> EvalResult:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over the whole validation set; with ``class_indices``
+    (label ``i`` is the model's class ``class_indices[i]``, see ``data.class_map``) only those logits compete.
 
     Each rank evaluates its own images; correct counts and loss sums (not per-rank averages) are summed across
-    ranks, so the result is the same for any number of processes.
+    ranks, so the result is the same for any number of processes. Top-5 is reported only for more than 5 classes.
     """
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, loss sum, images
+    indices = None if class_indices is None else class_indices.to(device)
     batch_time = AverageMeter()
     end = time.time()
     num_batches = len(loader)
+    progress = Progress(num_batches, config.PRINT_FREQ)
+    top5 = False
     for idx, (images, targets) in enumerate(loader):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with precision.autocast():
             output = model(images)
-        output = output.float()
-        k = min(5, output.shape[1])
-        hits = output.topk(k, dim=1).indices.eq(targets[:, None])
+        output = output.float() if indices is None else output.float()[:, indices]
+        top5 = output.shape[1] > 5
+        hits = output.topk(min(5, output.shape[1]), dim=1).indices.eq(targets[:, None])
         totals[0] += hits[:, 0].sum()
         totals[1] += hits.sum()
         totals[2] += criterion(output, targets)
         totals[3] += len(targets)
         batch_time.update(time.time() - end)
         end = time.time()
-        if idx % config.PRINT_FREQ == 0 or idx + 1 == num_batches:
+        if progress.due(idx):
             seen = max(totals[3].item(), 1)
+            acc5 = f"Acc@5 ({100 * totals[1].item() / seen:.3f})\t" if top5 else ""
             logger.info(
-                f"Test: [{idx}/{num_batches}]\t"
+                f"Test: [{idx}/{num_batches}]\teta {progress.eta()}\t"
                 f"time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
                 f"loss ({totals[2].item() / seen:.4f})\t"
-                f"Acc@1 ({100 * totals[0].item() / seen:.3f})\t"
-                f"Acc@5 ({100 * totals[1].item() / seen:.3f})\t"
+                f"Acc@1 ({100 * totals[0].item() / seen:.3f})\t{acc5}"
                 f"mem {memory_mb(device):.0f}MB")
     hits1, hits5, loss_sum, count = all_reduce_sum(totals).tolist()
     result = EvalResult(100 * hits1 / count, 100 * hits5 / count, loss_sum / count, int(count))
-    logger.info(f" * Acc@1 {result.acc1:.3f} Acc@5 {result.acc5:.3f} loss {result.loss:.4f} ({result.num_images} images)")
+    acc5 = f" Acc@5 {result.acc5:.3f}" if top5 else ""
+    logger.info(f" * Acc@1 {result.acc1:.3f}{acc5} loss {result.loss:.4f} ({result.num_images} images)")
     return result
 
 

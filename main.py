@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from config import get_config
 from data import build_mixup, build_train_loader, build_val_loader
+from data.class_map import checkpoint_classes, logit_indices
 from data.datasets import CheckedImages
 from distributed import DEVICES, DistEnv, all_reduce_sum, init_distributed, shutdown
 from engine import AMP_MODES, EvalResult, Precision, build_precision, evaluate, throughput, train_one_epoch
@@ -158,10 +159,11 @@ def log_skipped_images(dataset: CheckedImages, split: str, logger: logging.Logge
 def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Precision, logger: logging.Logger,
                    unsafe_load: bool) -> None:
     """Weights from ``--resume``, else ``--pretrained``, else the newest checkpoint of this run's output folder;
-    a checkpoint holding EMA weights has them evaluated too."""
+    a checkpoint holding EMA weights has them evaluated too. Class folders are matched to the checkpoint's classes
+    by name, so a folder of some of them (ImageNet-A, -R) is scored on those logits only (``data.class_map``)."""
     ema_weights = None
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        load_pretrained(config.MODEL.PRETRAINED, model, logger, unsafe_load, evaluating=True)
+        stored_classes = load_pretrained(config.MODEL.PRETRAINED, model, logger, unsafe_load, evaluating=True)
     else:
         checkpoint = resume_checkpoint(config, logger, unsafe_load)
         if not checkpoint:
@@ -169,12 +171,18 @@ def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Preci
                              f"(no checkpoint to auto-resume in {config.OUTPUT})")
         restore_checkpoint(checkpoint, model, logger)
         ema_weights = checkpoint.state.get("model_ema")
-    dataset, loader = build_val_loader(config, env)
-    log_accuracy(logger, evaluate(config, compiled(model, config), loader, precision, env.device))
+        stored_classes = checkpoint.state.get("class_names")
+    dataset, loader = build_val_loader(config, env, by_name=True)
+    folders = getattr(dataset.dataset, "classes", None)  # the folder layout's; zip labels are class indices
+    classes = checkpoint_classes(stored_classes, config.MODEL.NUM_CLASSES)
+    indices = (logit_indices(folders, classes, config.MODEL.NUM_CLASSES, f"{config.DATA.DATA_PATH}/val", logger)
+               if folders else None)
+    log_accuracy(logger, evaluate(config, compiled(model, config), loader, precision, env.device, indices))
     log_skipped_images(dataset, "validation", logger)
     if ema_weights is not None:
         model.load_state_dict(ema_weights)
-        log_accuracy(logger, evaluate(config, compiled(model, config), loader, precision, env.device), "EMA model")
+        log_accuracy(logger, evaluate(config, compiled(model, config), loader, precision, env.device, indices),
+                     "EMA model")
 
 
 def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precision, logger: logging.Logger,

@@ -325,18 +325,19 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging
 
 
 def load_pretrained(path: str, model: nn.Module, logger: logging.Logger, unsafe: bool = False,
-                    evaluating: bool = False) -> None:
+                    evaluating: bool = False) -> Optional[List[str]]:
     """Weights only, for fine-tuning: a head of another class count is dropped (left freshly initialised), and
     position tables and pooling kernels are carried over to this model's windows (another image, window or
     focal-window size). Ends with one line tools may parse:
     ``pretrained <file>: <N> tensors loaded (<R> resized), <K> left at initial values: <names or none>``.
 
     Refused: weights of which nothing fits (another architecture), and, for ``--eval``, weights that leave any
-    part of the model (e.g. the classifier) at its random initial values.
+    part of the model (e.g. the classifier) at its random initial values. Returns the class names the file stores
+    (main.py's checkpoints do), if any.
     """
+    state = read_checkpoint(path, logger, unsafe).state
     try:
-        report = load_weights(model, read_checkpoint(path, logger, unsafe).state, strict=False,
-                              drop_mismatched_head=True)
+        report = load_weights(model, state, strict=False, drop_mismatched_head=True)
     except ValueError as err:
         raise UsageError(f"--pretrained {path}: {err}") from None
     loaded = len(model.state_dict()) - len(report.missing) - len(report.mismatched)
@@ -353,6 +354,7 @@ def load_pretrained(path: str, model: nn.Module, logger: logging.Logger, unsafe:
     (logger.warning if initial else logger.info)(
         f"pretrained {path}: {loaded} tensors loaded ({len(report.resized)} resized), {len(initial)} left at "
         f"initial values: {', '.join(initial) or 'none'}")
+    return state.get("class_names") if isinstance(state, dict) else None
 
 
 def seed_everything(seed: int, rank: int, stage: int) -> None:

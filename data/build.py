@@ -15,10 +15,17 @@ from .samplers import ShardSampler
 from .transforms import build_transform
 
 
-def _dataset(split: str, config: Any, env: DistEnv) -> CheckedImages:
+def _dataset(split: str, config: Any, env: DistEnv, by_name: bool = False) -> CheckedImages:
+    """``by_name``: class folders are matched to the model's classes by name later (``data.class_map``), so their
+    number may differ from ``MODEL.NUM_CLASSES`` and some may be empty."""
+    by_name = by_name and not config.DATA.ZIP_MODE
     dataset, num_classes = build_dataset(split, config, build_transform(split == "train", config),
-                                         env.rank, env.world_size)
+                                         env.rank, env.world_size, by_name)
     expected = config.MODEL.NUM_CLASSES
+    if by_name:
+        if not len(dataset):
+            raise UsageError(f"the '{split}' split of {config.DATA.DATA_PATH} holds no images")
+        expected = num_classes
     # A zip map file shows only the labels it uses: a validation set may lack the last classes, never exceed them.
     labels_only = config.DATA.ZIP_MODE and split == "val"
     if num_classes != expected and not (labels_only and num_classes < expected):
@@ -69,9 +76,10 @@ def build_train_loader(config: Any, env: DistEnv) -> Tuple[CheckedImages, DataLo
     return dataset, loader
 
 
-def build_val_loader(config: Any, env: DistEnv) -> Tuple[CheckedImages, DataLoader]:
-    """In order and unpadded: rank r evaluates images r, r+W, ..., so together the ranks see each image once."""
-    dataset = _dataset("val", config, env)
+def build_val_loader(config: Any, env: DistEnv, by_name: bool = False) -> Tuple[CheckedImages, DataLoader]:
+    """In order and unpadded: rank r evaluates images r, r+W, ..., so together the ranks see each image once.
+    ``by_name`` (``--eval``): the folder layout may hold a subset of the classes (see :func:`_dataset`)."""
+    dataset = _dataset("val", config, env, by_name)
     return dataset, _loader(dataset, ShardSampler(len(dataset), env.rank, env.world_size), config, env,
                             train=False)
 

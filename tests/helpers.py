@@ -119,7 +119,7 @@ def this_run(log: str) -> str:
 
 def eval_summary(log: str) -> dict:
     """The last evaluation in a log: the exact printed Acc@1/Acc@5, the loss and the image counts."""
-    acc = re.findall(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) \((\d+) images\)", log)
+    acc = re.findall(r" \* Acc@1 ([\d.]+)(?: Acc@5 ([\d.]+))? loss ([\d.]+) \((\d+) images\)", log)
     total = re.findall(r"Accuracy of the network on the (\d+) test images: ([\d.]+)%", log)
     assert acc and total, f"no evaluation result in the log:\n{log[-3000:]}"
     acc1, acc5, loss, counted = acc[-1]

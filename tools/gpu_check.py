@@ -31,7 +31,7 @@ DEMO_CFG = ROOT / "configs" / "demo" / "focal_demo.yaml"
 STEPS = 20
 BATCH = 32  # 20 steps of 32 images: 64 training images per class of the 10-class demo set
 LOSS = re.compile(r"\tloss \S+ \((\S+)\)")  # engine.train_one_epoch: "loss <last> (<average>)"
-EVAL = re.compile(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+)")
+EVAL = re.compile(r" \* Acc@1 ([\d.]+)(?: Acc@5 ([\d.]+))? loss ([\d.]+)")
 
 
 def report(name: str, ok: bool, detail: str) -> bool:
