@@ -139,6 +139,8 @@ _C.PRINT_FREQ = 100
 _C.SEED = 0
 _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
+# --throughput [PASSES]: timed forward passes, after as many untimed ones (at most 50).
+_C.THROUGHPUT_PASSES = 30
 
 
 # Keys of earlier versions of this tree (and of Swin's, which it follows) that nothing reads any more: merged
@@ -224,7 +226,7 @@ KEY_FLAGS = {
     "DATA.BATCH_SIZE": "--batch-size", "DATA.DATA_PATH": "--data-path", "DATA.CACHE_MODE": "--cache-mode",
     "MODEL.PRETRAINED": "--pretrained", "MODEL.RESUME": "--resume",
     "TRAIN.ACCUMULATION_STEPS": "--accumulation-steps", "OUTPUT": "--output", "TAG": "--tag", "SEED": "--seed",
-    "AMP_OPT_LEVEL": "--amp", "COMPILE": "--compile",
+    "AMP_OPT_LEVEL": "--amp", "COMPILE": "--compile", "THROUGHPUT_PASSES": "--throughput",
 }
 
 
@@ -296,6 +298,7 @@ RULES = (
     Rule("AMP_OPT_LEVEL", _one_of(AMP_LEVELS), f"must be one of {AMP_LEVELS[1:]} (or empty: the device's default)"),
     Rule("SAVE_FREQ", _at_least(1), "must be at least 1"),
     Rule("PRINT_FREQ", _at_least(1), "must be at least 1"),
+    Rule("THROUGHPUT_PASSES", _at_least(1), "must be at least 1"),
     Rule("KEEP_CHECKPOINTS", _at_least(0), "must be 0 (keep all) or more"),
     Rule("SEED", _at_least(0), "must be 0 or more"),
 )
@@ -329,7 +332,8 @@ def get_config(args: Any) -> CN:
     value checked against :data:`RULES`."""
     config = load_config(getattr(args, "cfg", None), getattr(args, "opts", None))
     config.defrost()
-    flag_to_key = {flag.lstrip("-").replace("-", "_"): key for key, flag in KEY_FLAGS.items() if key != "AMP_OPT_LEVEL"}
+    flag_to_key = {flag.lstrip("-").replace("-", "_"): key for key, flag in KEY_FLAGS.items()
+                   if key not in ("AMP_OPT_LEVEL", "THROUGHPUT_PASSES")}
     for flag, key in flag_to_key.items():
         value = getattr(args, flag, None)
         if value is not None:
@@ -339,6 +343,9 @@ def get_config(args: Any) -> CN:
                       "model_ema": "MODEL_EMA"}.items():
         if getattr(args, flag, False):
             config.merge_from_list([key, True])
+    passes = getattr(args, "throughput", None)
+    if passes is not None and passes is not True:  # --throughput PASSES
+        config.THROUGHPUT_PASSES = passes
     amp = "none" if getattr(args, "disable_amp", False) else getattr(args, "amp", None)
     if amp is not None:
         config.AMP_OPT_LEVEL = amp

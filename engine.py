@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime
 import itertools
 import logging
 import math
@@ -86,6 +85,7 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader: Iter
     overflow_skips = 0
     optimizer.zero_grad(set_to_none=True)
     start = end = time.time()
+    progress = Progress(num_steps, config.PRINT_FREQ)
     for idx, (samples, targets) in enumerate(itertools.islice(loader, num_steps)):
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -117,11 +117,10 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader: Iter
         synchronize(device)
         batch_time.update(time.time() - end)
         end = time.time()
-        if idx % config.PRINT_FREQ == 0 or idx + 1 == num_steps:
-            eta = datetime.timedelta(seconds=int(batch_time.avg * (num_steps - idx - 1)))
+        if progress.due(idx):
             logger.info(
                 f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
-                f"eta {eta} lr {optimizer.param_groups[0]['lr']:.6f}\t"
+                f"eta {progress.eta()} lr {optimizer.param_groups[0]['lr']:.6f}\t"
                 f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
                 f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
                 f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
@@ -129,7 +128,7 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader: Iter
     if overflow_skips:
         logger.info(f"fp16: the gradient scaler skipped {overflow_skips} of {updates_per_epoch} updates "
                     f"(inf/NaN gradients), scale now {precision.scaler.get_scale():g}")
-    logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
+    logger.info(f"EPOCH {epoch} training takes {duration(time.time() - start)}")
     return TrainStats(loss_meter.avg, optimizer.param_groups[0]["lr"])
 
 
@@ -177,7 +176,7 @@ def evaluate(config, model: nn.Module, loader: Iterable, precision: Precision, d
             seen = max(totals[3].item(), 1)
             acc5 = f"Acc@5 ({100 * totals[1].item() / seen:.3f})\t" if top5 else ""
             logger.info(
-                f"Test: [{idx}/{num_batches}]\teta {progress.eta()}\t"
+                f"Test: {progress.position(idx)}\t"
                 f"time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
                 f"loss ({totals[2].item() / seen:.4f})\t"
                 f"Acc@1 ({100 * totals[0].item() / seen:.3f})\t{acc5}"
@@ -190,20 +189,24 @@ def evaluate(config, model: nn.Module, loader: Iterable, precision: Precision, d
 
 
 @torch.no_grad()
-def throughput(model: nn.Module, images: torch.Tensor, precision: Precision, warmup: int = 50,
-               iterations: int = 30) -> float:
-    """Images per second of forward passes on one batch, after ``warmup`` untimed passes."""
+def throughput(model: nn.Module, images: torch.Tensor, precision: Precision, passes: int = 30,
+               print_freq: int = 10) -> float:
+    """Images per second over ``passes`` timed forward passes of one batch, after as many untimed ones (at most
+    50: the first passes pay for allocation, autotuning and compilation). Long runs report their progress."""
     model.eval()
     device = images.device
+    warmup = min(passes, 50)
+    progress = Progress(warmup + passes, print_freq)
     with precision.autocast():
-        for _ in range(warmup):
+        for idx in range(warmup + passes):
+            if idx == warmup:
+                synchronize(device)
+                logger.info(f"throughput averaged over {passes} forward passes (after {warmup} untimed)")
+                tic = time.time()
             model(images)
+            if progress.due(idx):
+                logger.info(f"Throughput: {progress.position(idx)}\t{'timed' if idx >= warmup else 'warm-up'}")
         synchronize(device)
-        logger.info(f"throughput averaged over {iterations} forward passes")
-        tic = time.time()
-        for _ in range(iterations):
-            model(images)
-        synchronize(device)
-    rate = iterations * images.shape[0] / (time.time() - tic)
+    rate = passes * images.shape[0] / (time.time() - tic)
     logger.info(f"batch_size {images.shape[0]} throughput {rate:.2f} images/s")
     return rate

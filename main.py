@@ -74,7 +74,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "folder (needs `pip install tensorboard`)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--eval", action="store_true", help="evaluate only")
-    mode.add_argument("--throughput", action="store_true", help="measure inference throughput only")
+    mode.add_argument("--throughput", nargs="?", type=int, const=True, metavar="PASSES",
+                      help="measure inference throughput only: PASSES timed forward passes after as many untimed "
+                           "ones, at most 50 (THROUGHPUT_PASSES, default 30)")
     parser.add_argument("--seed", type=int, help="random seed (each process adds its rank)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else CPU")
     # torch.distributed.launch passes --local-rank as well as setting LOCAL_RANK, which distributed.py reads: the
@@ -136,7 +138,7 @@ def run_throughput(config: Any, env: DistEnv, model: nn.Module, precision: Preci
         size = config.DATA.IMG_SIZE
         logger.info(f"no --data-path: timing random {size}x{size} input")
         images = torch.randn(config.DATA.BATCH_SIZE, config.MODEL.FOCAL.IN_CHANS, size, size)
-    throughput(model, images.to(env.device), precision)
+    throughput(model, images.to(env.device), precision, config.THROUGHPUT_PASSES, config.PRINT_FREQ)
 
 
 def log_accuracy(logger: logging.Logger, result: EvalResult, which: str = "network") -> None:

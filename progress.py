@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import time
+from typing import Optional
 
 # A loop reports at least this often (seconds), whatever PRINT_FREQ says, once it has run that long.
 REPORT_SECONDS = 10.0
@@ -19,8 +20,9 @@ class Progress:
     the first, every ``every``-th, the last, and any step ``seconds`` after the previous report; :meth:`eta` is
     the time left at the mean pace of the steps so far."""
 
-    def __init__(self, total: int, every: int, seconds: float = REPORT_SECONDS):
-        self.total, self.every, self.seconds = total, max(every, 1), seconds
+    def __init__(self, total: int, every: int, seconds: Optional[float] = None):
+        self.total, self.every = total, max(every, 1)
+        self.seconds = REPORT_SECONDS if seconds is None else seconds
         self.start = self.last = time.perf_counter()
         self.done = 0
 
@@ -37,3 +39,7 @@ class Progress:
 
     def eta(self) -> str:
         return duration(self.elapsed() / max(self.done, 1) * (self.total - self.done))
+
+    def position(self, idx: int) -> str:
+        """``[idx/total] eta 0:01:10``, the start of a progress line."""
+        return f"[{idx}/{self.total}] eta {self.eta()}"

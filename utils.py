@@ -27,6 +27,7 @@ import yaml
 from timm.scheduler.scheduler import Scheduler
 
 from errors import TrainingError, UsageError
+from progress import duration
 from models import load_weights
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_epoch_(\d+)\.pth$")
@@ -380,12 +381,16 @@ def save_config(config: Any, logger: logging.Logger) -> None:
 
 def training_epochs(config: Any, rank: int, sampler: Any, start_epoch: int, logger: logging.Logger) -> Iterator[int]:
     """The epochs left to train, each entered with its seeds (:func:`seed_everything`) and the sampler's shuffle
-    set; the total time is logged once all have run."""
+    set; after each, a line with the estimated time the rest of the run takes; the total time once all have run."""
     start = time.time()
-    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+    epochs = range(start_epoch, config.TRAIN.EPOCHS)
+    for done, epoch in enumerate(epochs, 1):
         seed_everything(config.SEED, rank, epoch + 1)
         sampler.set_epoch(epoch)
         yield epoch
+        left = len(epochs) - done
+        logger.info(f"EPOCH {epoch} done (training, evaluation, checkpoints); {left} of {len(epochs)} epochs left, "
+                    f"run eta {duration((time.time() - start) / done * left)}")
     logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
 
 

@@ -15,6 +15,7 @@ from timm.utils import AverageMeter
 
 from engine import Precision, memory_mb
 from errors import TrainingError
+from progress import Progress
 
 
 def build_schedule(config: Any, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> Scheduler:
@@ -42,6 +43,7 @@ def train_one_epoch(config: Any, model: nn.Module, losses: Callable[..., Dict[st
     meters: Dict[str, AverageMeter] = {}
     batch_time = AverageMeter()
     end = time.time()
+    progress = Progress(num_steps, config.PRINT_FREQ)
     for idx, batch in enumerate(loader):
         with precision.autocast():
             named = losses(model, batch, device)
@@ -61,9 +63,9 @@ def train_one_epoch(config: Any, model: nn.Module, losses: Callable[..., Dict[st
             meters.setdefault(name, AverageMeter()).update(value.item())
         batch_time.update(time.time() - end)
         end = time.time()
-        if idx % config.PRINT_FREQ == 0 or idx + 1 == num_steps:
+        if progress.due(idx):
             lr = optimizer.param_groups[0]["lr"]
             values = "  ".join(f"{k} {m.val:.4f} ({m.avg:.4f})" for k, m in meters.items())
-            logger.info(f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]  lr {lr:.3e}  "
+            logger.info(f"Train: [{epoch}/{config.TRAIN.EPOCHS}]{progress.position(idx)}  lr {lr:.3e}  "
                         f"time {batch_time.val:.3f} ({batch_time.avg:.3f})  {values}  mem {memory_mb(device):.0f}MB")
     return meters["loss"].avg

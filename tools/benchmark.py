@@ -189,7 +189,23 @@ def time_alternating(steps: Dict[str, Callable[[], None]], reps: int, warmup: in
                 step()
             synchronize(device)
             times[name].append((time.perf_counter() - start) / calls[name])
+    for name, t in times.items():
+        warning = timing_warning(name, t)
+        if warning:
+            print(f"benchmark: warning: {warning}", file=sys.stderr)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def timing_warning(name: str, times: Sequence[float], min_reps: int = 5, max_spread: float = 0.1) -> Optional[str]:
+    """Why ``times`` may be too few or too noisy to compare at the precision of the printed ratios, if they are."""
+    if len(times) < min_reps:
+        return f"{name}: only {len(times)} repetitions; medians of fewer than {min_reps} are not comparable (--reps)"
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    spread = (q3 - q1) / statistics.median(times)
+    if spread > max_spread:
+        return (f"{name}: the middle half of its timings spans {100 * spread:.0f}% of the median; ratios closer than "
+                f"that are noise (a busy machine? raise --reps, or --min-seconds)")
+    return None
 
 
 def peak_memory_mb(name: str, batch: int, img_size: int, device: str, amp: str) -> float:
