@@ -4,7 +4,8 @@
         photos/ cat.jpg
 
 Images are resized and centre-cropped as in evaluation (``DATA.IMG_SIZE``, ``TEST.CROP``) and classified in
-batches. Classes are named by the class folders a checkpoint was trained on (stored in it by main.py), else by
+batches. The class count is the checkpoint's (its classifier's rows; ``--opts MODEL.NUM_CLASSES`` overrides it).
+Classes are named by the class folders a checkpoint was trained on (stored in it by main.py), else by
 ImageNet-1K's names for a 1000-class model, else by index.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from config import load_config
 from data.transforms import build_transform
 from distributed import DEVICES, resolve_device
 from errors import UsageError
-from models import build_model, load_weights
+from models import build_model, extract_state_dict, load_weights
 from models.kernels import optimize_for
 from utils import read_checkpoint
 
@@ -64,17 +65,20 @@ def find_images(paths: Sequence[str]) -> List[Path]:
     return found
 
 
+def head_classes(state: Any) -> Optional[int]:
+    """How many classes the checkpoint's classifier has (rows of ``head.weight``), if it has one."""
+    try:
+        head = extract_state_dict(state).get("head.weight")
+    except ValueError:
+        return None
+    return int(head.shape[0]) if head is not None and head.dim() == 2 else None
+
+
 def load_model(cfg: str, opts: Sequence[str], checkpoint: str, device: torch.device,
                ema: bool = False) -> Tuple[nn.Module, Any, Optional[List[str]]]:
     """The config's model in eval mode with the checkpoint's weights (its EMA weights with ``ema``), and the class
-    names the checkpoint stores (those of the training folders), if any; every failure names its flag."""
-    try:
-        config = load_config(cfg, opts)
-        model = build_model(config)
-    except (KeyError, ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
-        raise UsageError(f"config (--cfg {cfg} / --opts): {err}") from None
-    if config.MODEL.NUM_CLASSES < 1:
-        raise UsageError(f"config (--cfg {cfg} / --opts): MODEL.NUM_CLASSES is 0, so there are no classes to predict")
+    names the checkpoint stores (those of the training folders), if any. The class count is the checkpoint's
+    unless ``--opts`` sets ``MODEL.NUM_CLASSES``; every failure names its flag."""
     if not Path(checkpoint).is_file():
         raise UsageError(f"--checkpoint {checkpoint}: file not found")
     try:  # the reader main.py uses: tensors only, checksummed, our and the released formats
@@ -85,10 +89,21 @@ def load_model(cfg: str, opts: Sequence[str], checkpoint: str, device: torch.dev
         if not isinstance(state, dict) or "model_ema" not in state:
             raise UsageError(f"--ema: {checkpoint} holds no EMA weights (train with --model-ema to have them)")
         state = {"model": state["model_ema"], "class_names": state.get("class_names")}
+    classes = head_classes(state)
+    if classes is not None and "MODEL.NUM_CLASSES" not in list(opts)[::2]:
+        opts = [*opts, "MODEL.NUM_CLASSES", str(classes)]
+    try:
+        config = load_config(cfg, opts)
+        model = build_model(config)
+    except (KeyError, ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
+        raise UsageError(f"config (--cfg {cfg} / --opts): {err}") from None
+    if config.MODEL.NUM_CLASSES < 1:
+        raise UsageError(f"config (--cfg {cfg} / --opts): MODEL.NUM_CLASSES is 0, so there are no classes to predict")
     try:
         load_weights(model, state)
     except ValueError as err:
-        raise UsageError(f"--checkpoint {checkpoint}: cannot load into {config.MODEL.NAME}: {err}") from None
+        held = f" (the checkpoint has {classes} classes)" if classes not in (None, config.MODEL.NUM_CLASSES) else ""
+        raise UsageError(f"--checkpoint {checkpoint}: cannot load into {config.MODEL.NAME}{held}: {err}") from None
     names = state.get("class_names") if isinstance(state, dict) else None
     if names is not None and len(names) != config.MODEL.NUM_CLASSES:
         names = None
