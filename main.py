@@ -20,6 +20,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
+from cli import HelpFormatter
 from config import get_config
 from data import build_mixup, build_train_loader, build_val_loader
 from data.class_map import checkpoint_classes, logit_indices
@@ -42,7 +43,8 @@ LR_REFERENCE_BATCH = 512
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Focal Transformer training, evaluation and throughput.")
+    parser = argparse.ArgumentParser(prog="main.py", description="Focal Transformer training, evaluation and throughput.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--cfg", required=True, metavar="FILE", help="config file (YAML)")
     parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
                         help="override config keys, e.g. --opts TRAIN.EPOCHS 100 DATA.NUM_WORKERS 4")

@@ -20,6 +20,7 @@ import torch.nn as nn
 from PIL import Image
 from timm.data import ImageNetInfo
 
+from cli import HelpFormatter
 from config import load_config
 from data.transforms import build_transform
 from distributed import DEVICES, resolve_device
@@ -32,15 +33,15 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("images", nargs="+", help="image files, or folders searched recursively for images")
     parser.add_argument("--cfg", required=True, help="model config file")
-    parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ...")
+    parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ... (the class count comes from the checkpoint unless MODEL.NUM_CLASSES is given here)")
     parser.add_argument("--checkpoint", required=True, help="weights: ours, a released file, or a bare state dict")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA when available, else CPU")
-    parser.add_argument("--topk", type=int, default=5)
+    parser.add_argument("--topk", type=int, default=5, help="classes printed per image, most probable first")
     parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (trained with --model-ema)")
     args = parser.parse_args(argv)
     for flag in ("batch_size", "topk"):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from typing import Any, List, Optional, Tuple
 
 from timm.data import Mixup
@@ -13,6 +15,8 @@ from errors import UsageError
 from .datasets import CheckedImages, build_dataset, image_sources
 from .samplers import ShardSampler
 from .transforms import build_transform
+
+logger = logging.getLogger("focal.data")
 
 
 def _dataset(split: str, config: Any, env: DistEnv, by_name: bool = False) -> CheckedImages:
@@ -48,11 +52,26 @@ def collate_readable(batch: List[Optional[tuple]], even: bool = False) -> Any:
     return default_collate(kept)
 
 
+def worker_count(requested: int) -> int:
+    """``DATA.NUM_WORKERS`` capped at the CPUs this process may run on (more only compete for them, and torch warns
+    about each loader that asks for more); the cap is logged once per process."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if requested <= available:
+        return requested
+    if requested not in _CAPPED:
+        _CAPPED.add(requested)
+        logger.info(f"DATA.NUM_WORKERS {requested} capped at the {available} CPUs this process can use")
+    return available
+
+
+_CAPPED: set = set()
+
+
 def _loader(dataset: Dataset, sampler: Sampler, config: Any, env: DistEnv, train: bool) -> DataLoader:
     """Training workers start afresh every epoch, so they take their seeds from the torch RNG as the epoch begins
     (which ``main`` seeds per epoch: a resumed run sees the same augmentations). Evaluation has no randomness, so
     its workers persist."""
-    workers = config.DATA.NUM_WORKERS
+    workers = worker_count(config.DATA.NUM_WORKERS)
     return DataLoader(dataset, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=workers,
                       pin_memory=config.DATA.PIN_MEMORY and env.device.type == "cuda", drop_last=train,
                       persistent_workers=workers > 0 and not train,

@@ -15,6 +15,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from cli import HelpFormatter
+from data.build import worker_count
 from data.samplers import ShardSampler
 from distributed import DEVICES, DistEnv, init_distributed, shutdown
 from engine import AMP_MODES, build_precision
@@ -33,8 +35,8 @@ from .engine import build_schedule, train_one_epoch
 CLASSIFIER_KEYS = ("head.", "norm.")
 
 
-def parse_args(description: str, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+def parse_args(description: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     parser.add_argument("--cfg", required=True, metavar="FILE", help="config file (YAML)")
     parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
                         help="override config keys, e.g. --opts TRAIN.EPOCHS 24 DATA.NUM_WORKERS 4")
@@ -113,7 +115,7 @@ def loader(dataset: Dataset, config: Any, env: DistEnv, collate: Callable, train
     else:
         sampler = ShardSampler(len(dataset), env.rank, env.world_size)
     batch = config.DATA.BATCH_SIZE if train else config.DATA.TEST_BATCH_SIZE
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=config.DATA.NUM_WORKERS,
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=worker_count(config.DATA.NUM_WORKERS),
                       pin_memory=config.DATA.PIN_MEMORY and env.device.type == "cuda", drop_last=train,
                       collate_fn=collate)
 
@@ -187,9 +189,9 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
                 save_checkpoint(config, state, logger, name=BEST_CHECKPOINT)
 
 
-def run(task: Task, argv: Optional[Sequence[str]] = None) -> None:
+def run(task: Task, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> None:
     """Parse, check, join the process group, lock the output folder, log, and :func:`fit`."""
-    args = parse_args(f"Focal Transformer {task.name}: training and evaluation.", argv)
+    args = parse_args(f"Focal Transformer {task.name}: training and evaluation.", argv, prog)
     config = get_task_config(args, task.defaults, task.rules)
     env = init_distributed(args.device)
     try:
@@ -210,6 +212,6 @@ def main(task: Task, prog: str) -> None:
     """The ``python -m <task>.train`` entry point: signals as in ``main.py``, one-line errors."""
     stop_on_signals()
     try:
-        run(task)
+        run(task, prog=f"python -m {prog}")
     except (UsageError, ConfigError, TrainingError) as err:
         sys.exit(f"{prog}: error: {user_message(err)}")

@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from cli import HelpFormatter  # noqa: E402
 from errors import UsageError  # noqa: E402
 from predict import load_model  # noqa: E402
 from utils import atomic_write, ensure_writable_folder  # noqa: E402
@@ -35,7 +36,8 @@ CLASS_NAMES = "class_names.json"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.export", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--cfg", required=True, help="model config file")
     parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ...")
     parser.add_argument("--checkpoint", required=True, help="weights: ours, a released file, or a bare state dict")
