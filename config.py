@@ -6,6 +6,7 @@ An unknown key or a value of the wrong type raises an error that names the full 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import yaml
@@ -14,6 +15,7 @@ from yacs.config import CfgNode as CN
 from data.datasets import CACHE_MODES
 from engine import AMP_MODES, APEX_LEVELS
 from lr_scheduler import SCHEDULERS
+from models import validate_model_config
 from optimizer import OPTIMIZERS
 
 _C = CN()
@@ -329,7 +331,7 @@ def check_values(config: CN, rules: Sequence[Rule] = RULES, flags: Optional[dict
 
 def get_config(args: Any) -> CN:
     """The configuration for ``main.py``: ``--cfg`` and ``--opts``, then the dedicated command-line flags; every
-    value checked against :data:`RULES`."""
+    value checked against :data:`RULES`, the model settings by ``validate_model_config`` (``ConfigError``)."""
     config = load_config(getattr(args, "cfg", None), getattr(args, "opts", None))
     config.defrost()
     flag_to_key = {flag.lstrip("-").replace("-", "_"): key for key, flag in KEY_FLAGS.items()
@@ -349,7 +351,22 @@ def get_config(args: Any) -> CN:
     amp = "none" if getattr(args, "disable_amp", False) else getattr(args, "amp", None)
     if amp is not None:
         config.AMP_OPT_LEVEL = amp
+    validate_model_config(config)  # a model that cannot be built is refused before the run writes anything
+    if "MODEL.NAME" not in list(getattr(args, "opts", None) or [])[::2]:
+        config.MODEL.NAME = name_for_geometry(config)
     config.OUTPUT = os.path.join(config.OUTPUT or "output", config.MODEL.NAME, config.TAG)
     config.freeze()
     check_values(config)
     return config
+
+
+# The part of a model name that states its geometry, as in focal_tiny_patch4_window7_224.
+GEOMETRY = re.compile(r"patch\d+_window\d+_\d+")
+
+
+def name_for_geometry(config: CN) -> str:
+    """``MODEL.NAME`` with its ``patch<P>_window<W>_<size>`` part stating the model actually built, so that a
+    config run at another size or window (a fine-tune through --opts) is named, and writes its output, as what it
+    is; names without that part are kept."""
+    geometry = f"patch{config.MODEL.FOCAL.PATCH_SIZE}_window{config.MODEL.FOCAL.WINDOW_SIZE}_{config.DATA.IMG_SIZE}"
+    return GEOMETRY.sub(geometry, config.MODEL.NAME, count=1)

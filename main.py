@@ -18,14 +18,13 @@ import torch
 import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
-from torch.nn.parallel import DistributedDataParallel
 
 from cli import HelpFormatter
 from config import get_config
 from data import build_mixup, build_train_loader, build_val_loader
 from data.class_map import checkpoint_classes, logit_indices
 from data.datasets import CheckedImages
-from distributed import DEVICES, DistEnv, all_reduce_sum, init_distributed, shutdown
+from distributed import DEVICES, DistEnv, all_reduce_sum, init_distributed, shutdown, wrap_ddp
 from engine import AMP_MODES, EvalResult, Precision, build_precision, evaluate, throughput, train_one_epoch
 from errors import TrainingError, UsageError, user_message
 from logger import create_tensorboard_writer
@@ -91,6 +90,8 @@ def load_run_config(args: argparse.Namespace) -> Any:
     """The merged config, with bad files, keys or values (see ``config.RULES``) reported as usage errors."""
     try:
         config = get_config(args)
+    except ConfigError:  # names its key already
+        raise
     except (KeyError, ValueError, AssertionError, FileNotFoundError) as err:
         raise UsageError(f"config (--cfg {args.cfg} / --opts): {err}") from None
     if not config.DATA.DATA_PATH and not config.THROUGHPUT_MODE:
@@ -230,8 +231,7 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
     tensorboard = create_tensorboard_writer(config.OUTPUT) if config.TENSORBOARD and env.is_main else None
     model_without_ddp = model
     if env.distributed:
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        model = wrap_ddp(model, env)
     train_model = compiled(model, config)
     eval_model = compiled(model_without_ddp, config) if env.distributed else train_model
     criterion = build_criterion(config, mixup_fn is not None)

@@ -12,13 +12,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cli import HelpFormatter
 from data.build import worker_count
 from data.samplers import ShardSampler
-from distributed import DEVICES, DistEnv, init_distributed, shutdown
+from distributed import DEVICES, DistEnv, init_distributed, shutdown, wrap_ddp
 from engine import AMP_MODES, build_precision
 from errors import TrainingError, UsageError, user_message
 from models import ConfigError
@@ -162,8 +161,7 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
     scheduler.step_update(start_epoch * updates_per_epoch)
     train_model = model
     if env.distributed:
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        train_model = wrap_ddp(model, env)
     last_good = checkpoint.path if checkpoint else None
     logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {updates_per_epoch} updates per "
                 f"epoch, total batch {config.DATA.BATCH_SIZE * env.world_size}")

@@ -72,3 +72,14 @@ def test_data_workers_are_capped_at_the_usable_cpus_with_one_line(monkeypatch, c
     with caplog.at_level("INFO", "focal.data"):
         assert [build.worker_count(n) for n in (8, 8, 2, 0)] == [2, 2, 2, 0]
     assert caplog.messages == ["DATA.NUM_WORKERS 8 capped at the 2 CPUs this process can use"]
+
+
+def test_a_config_run_at_another_geometry_is_named_for_it():
+    from config import get_config
+    cfg = "configs/focal_tiny_patch4_window7_224.yaml"
+    finetune = get_config(argparse.Namespace(cfg=cfg, opts=["DATA.IMG_SIZE", "384", "MODEL.FOCAL.WINDOW_SIZE", "12"]))
+    assert finetune.MODEL.NAME == "focal_tiny_patch4_window12_384"
+    assert finetune.OUTPUT == "output/focal_tiny_patch4_window12_384/default"
+    assert get_config(argparse.Namespace(cfg=cfg, opts=None)).MODEL.NAME == "focal_tiny_patch4_window7_224"
+    named = get_config(argparse.Namespace(cfg=cfg, opts=["DATA.IMG_SIZE", "384", "MODEL.NAME", "mine_patch4_window7_224"]))
+    assert named.MODEL.NAME == "mine_patch4_window7_224"  # a name given on the command line is kept
