@@ -84,6 +84,10 @@ _C.TRAIN.WEIGHT_DECAY = 0.05
 _C.TRAIN.BASE_LR = 5e-4
 _C.TRAIN.WARMUP_LR = 5e-7
 _C.TRAIN.MIN_LR = 5e-6
+# The total batch (images per optimizer update, all processes) the three rates above are stated for. main.py scales
+# them linearly to its own total batch and records that batch here, so a saved config.yaml re-runs at the rates
+# it trained with, and at another batch scales from them.
+_C.TRAIN.LR_BATCH = 512
 _C.TRAIN.CLIP_GRAD = 5.0
 _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
@@ -272,6 +276,7 @@ RULES = (
     Rule("TRAIN.BASE_LR", lambda value, _: value > 0, "must be above 0"),
     Rule("TRAIN.WARMUP_LR", _at_least(0), "must be 0 or more"),
     Rule("TRAIN.MIN_LR", _at_least(0), "must be 0 or more"),
+    Rule("TRAIN.LR_BATCH", _at_least(1), "must be at least 1 (the total batch the learning rates are stated for)"),
     Rule("TRAIN.WEIGHT_DECAY", _at_least(0), "must be 0 or more"),
     Rule("TRAIN.CLIP_GRAD", lambda value, _: value is None or value >= 0,
          "must be 0 or more (the largest gradient norm; 0 or None turns clipping off)"),

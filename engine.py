@@ -36,9 +36,17 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
 
+def default_amp(device: torch.device) -> str:
+    """bf16 on GPUs that compute in it (Ampere and later: fp16's range without a gradient scaler), else fp16 on
+    CUDA; none on the CPU, where autocast is slower than float32 on most processors."""
+    if device.type != "cuda":
+        return "none"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
 def build_precision(amp: str, device: torch.device) -> Precision:
-    """``AMP_OPT_LEVEL`` (``--amp``): bf16, fp16 (CUDA only), none; unset means fp16 on CUDA and none on CPU."""
-    mode = APEX_LEVELS.get(amp, amp) or ("fp16" if device.type == "cuda" else "none")
+    """``AMP_OPT_LEVEL`` (``--amp``): bf16, fp16 (CUDA only), none; unset means :func:`default_amp`."""
+    mode = APEX_LEVELS.get(amp, amp) or default_amp(device)
     if mode not in AMP_MODES:
         raise UsageError(f"--amp (AMP_OPT_LEVEL) must be one of {AMP_MODES}, got {amp!r}")
     if mode == "fp16" and device.type != "cuda":

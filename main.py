@@ -37,10 +37,6 @@ from utils import (BEST_CHECKPOINT, Checkpoint, diverged, latest_checkpoint, loa
                    restore_checkpoint, save_checkpoint, save_config, seed_everything, training_epochs,
                    training_state)
 
-# The learning rates in the configs are for a total batch of this many images; they scale linearly from it.
-LR_REFERENCE_BATCH = 512
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="main.py", description="Focal Transformer training, evaluation and throughput.",
                                      formatter_class=HelpFormatter)
@@ -66,7 +62,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "inductor)")
     amp = parser.add_mutually_exclusive_group()
     amp.add_argument("--amp", choices=AMP_MODES,
-                     help="autocast precision (default: fp16 with a gradient scaler on CUDA, none on CPU)")
+                     help="autocast precision (default: bf16 on GPUs that support it, else fp16 with a gradient scaler "
+                          "on CUDA; none on CPU)")
     amp.add_argument("--disable-amp", action="store_true", help="same as --amp none")
     parser.add_argument("--output", metavar="PATH", help="output root; the run writes to <output>/<model>/<tag>")
     parser.add_argument("--tag", help="experiment tag (default: 'default')")
@@ -101,12 +98,15 @@ def load_run_config(args: argparse.Namespace) -> Any:
 
 
 def scale_learning_rates(config: Any, world_size: int) -> None:
-    """Swin's linear rule: the configured rates hold for a total batch of 512 images per optimizer update."""
-    factor = config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS / LR_REFERENCE_BATCH
+    """Swin's linear rule: the configured rates hold for a total batch of ``TRAIN.LR_BATCH`` images per optimizer
+    update (512 in the released configs); they are scaled to this run's, which then becomes ``TRAIN.LR_BATCH``."""
+    total = config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS
+    factor = total / config.TRAIN.LR_BATCH
     config.defrost()
     config.TRAIN.BASE_LR *= factor
     config.TRAIN.WARMUP_LR *= factor
     config.TRAIN.MIN_LR *= factor
+    config.TRAIN.LR_BATCH = total
     config.freeze()
 
 
