@@ -4,11 +4,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
 import resource
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -73,26 +72,62 @@ class TrainStats:
     lr: float  # at the end of the epoch
 
 
+class LossWatch:
+    """The epoch's losses kept on the device: their sum, the last one, and the first non-finite one with its step.
+    Nothing is read back to the host until :meth:`read`, so the training loop does not wait for the device at
+    every step."""
+
+    def __init__(self, device: torch.device):
+        self.sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = 0
+        self.last = torch.zeros((), device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_value = torch.zeros((), device=device)
+
+    def add(self, loss: torch.Tensor, step: int, samples: int) -> None:
+        self.last = loss.detach().float()
+        first_bad = ~torch.isfinite(self.last) & (self.bad_step < 0)
+        self.bad_step = torch.where(first_bad, step, self.bad_step)
+        self.bad_value = torch.where(first_bad, self.last, self.bad_value)
+        self.sum += self.last.double() * samples
+        self.count += samples
+
+    def read(self, epoch: int, num_steps: int) -> Tuple[float, float]:
+        """(last loss, mean so far); a ``TrainingError`` naming the first non-finite step if there was one."""
+        step = int(self.bad_step)
+        if step >= 0:
+            raise TrainingError(f"the loss is {float(self.bad_value)} at epoch {epoch}, step {step} of {num_steps}")
+        return float(self.last), float(self.sum) / max(self.count, 1)
+
+
 def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader: Iterable, updates_per_epoch: int,
                     optimizer: torch.optim.Optimizer, scheduler: Scheduler, precision: Precision, epoch: int,
                     mixup_fn: Optional[Callable], device: torch.device, ema: Optional[ModelEmaV3] = None,
-                    ema_source: Optional[nn.Module] = None) -> TrainStats:
+                    ema_source: Optional[nn.Module] = None,
+                    report: Optional[Callable[[int, Dict[str, float]], None]] = None) -> TrainStats:
     """``updates_per_epoch`` optimizer steps of ``TRAIN.ACCUMULATION_STEPS`` micro-batches each; leftover
     micro-batches that cannot fill an update are skipped. Under DDP, gradients are synchronised only on the last
     micro-batch of each update.
 
-    A non-finite loss raises ``TrainingError`` before its backward pass, so no update from it reaches the weights.
-    fp16 overflows are different: the scaler skips those updates and lowers its scale, and they are only counted.
-    ``ema`` (if given) averages ``ema_source`` (the model without DDP or compile wrappers) after every update.
+    Losses stay on the device (:class:`LossWatch`) and are read at each progress line (every ``PRINT_FREQ`` steps
+    and at least every 10 s) and at the end of the epoch: no step waits for the device. A non-finite loss raises
+    ``TrainingError`` there, naming its step, before the epoch's weights are evaluated or saved. fp16 overflows are
+    different: the scaler skips those updates and lowers its scale, and they are only counted (reading the scale
+    after each update). The gradient norm is computed at every update when ``TRAIN.CLIP_GRAD`` clips, else only
+    for the updates that are reported. ``report(update, {"train/loss", "train/lr", "train/grad_norm"})`` receives
+    the values of each progress line (TensorBoard). ``ema`` (if given) averages ``ema_source`` (the model without
+    DDP or compile wrappers) after every update.
     """
     model.train()
     accum = config.TRAIN.ACCUMULATION_STEPS
-    clip = config.TRAIN.CLIP_GRAD or float("inf")  # an infinite bound measures the norm without clipping
+    clip = config.TRAIN.CLIP_GRAD
     num_steps = updates_per_epoch * accum
-    batch_time, loss_meter, norm_meter = AverageMeter(), AverageMeter(), AverageMeter()
+    losses = LossWatch(device)
+    norm = None  # the last measured gradient norm (a device tensor)
     overflow_skips = 0
     optimizer.zero_grad(set_to_none=True)
-    start = end = time.time()
+    start = last_time = time.time()
+    last_idx = -1
     progress = Progress(num_steps, config.PRINT_FREQ)
     for idx, (samples, targets) in enumerate(itertools.islice(loader, num_steps)):
         samples = samples.to(device, non_blocking=True)
@@ -100,44 +135,51 @@ def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader: Iter
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         update = (idx + 1) % accum == 0
+        reported = progress.due(idx)
         sync = contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with precision.autocast():
                 loss = criterion(model(samples), targets)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise TrainingError(f"the loss is {loss_value} at epoch {epoch}, step {idx} of {num_steps}")
+            losses.add(loss, idx, targets.size(0))
             precision.scaler.scale(loss / accum).backward()
         if update:
             precision.scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            scale = precision.scaler.get_scale()
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-            overflow_skips += precision.scaler.get_scale() < scale  # the scaler backs off after skipping a step
+            if clip or reported:  # an infinite bound measures the norm without clipping
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
+            if precision.scaler.is_enabled():
+                scale = precision.scaler.get_scale()
+                precision.scaler.step(optimizer)
+                precision.scaler.update()
+                overflow_skips += precision.scaler.get_scale() < scale  # the scaler backs off after skipping
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             update_count = epoch * updates_per_epoch + (idx + 1) // accum
             scheduler.step_update(update_count)
             if ema is not None:
                 ema.update(ema_source, step=update_count)
-            norm_meter.update(grad_norm.item())
-        loss_meter.update(loss_value, targets.size(0))
-        synchronize(device)
-        batch_time.update(time.time() - end)
-        end = time.time()
-        if progress.due(idx):
+        if reported:
+            last, mean = losses.read(epoch, num_steps)
+            now = time.time()
+            lr = optimizer.param_groups[0]["lr"]
+            grad_norm = float("nan") if norm is None else float(norm)
             logger.info(
                 f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
-                f"eta {progress.eta()} lr {optimizer.param_groups[0]['lr']:.6f}\t"
-                f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
-                f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
-                f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
+                f"eta {progress.eta()} lr {lr:.6f}\t"
+                f"time {(now - last_time) / (idx - last_idx):.4f} ({(now - start) / (idx + 1):.4f})\t"
+                f"loss {last:.4f} ({mean:.4f})\t"
+                f"grad_norm {grad_norm:.4f}\t"
                 f"mem {memory_mb(device):.0f}MB")
+            last_time, last_idx = now, idx
+            if report is not None:
+                report(epoch * updates_per_epoch + (idx + 1) // accum,
+                       {"train/loss": last, "train/lr": lr, "train/grad_norm": grad_norm})
+    _, mean = losses.read(epoch, num_steps)
     if overflow_skips:
         logger.info(f"fp16: the gradient scaler skipped {overflow_skips} of {updates_per_epoch} updates "
                     f"(inf/NaN gradients), scale now {precision.scaler.get_scale():g}")
     logger.info(f"EPOCH {epoch} training takes {duration(time.time() - start)}")
-    return TrainStats(loss_meter.avg, optimizer.param_groups[0]["lr"])
+    return TrainStats(mean, optimizer.param_groups[0]["lr"])
 
 
 @dataclass

@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -190,6 +190,18 @@ def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Preci
                      "EMA model")
 
 
+def scalars_to(writer: Any) -> Optional[Callable[[int, Dict[str, float]], None]]:
+    """What the training loop calls at each progress line: its loss, learning rate and gradient norm as TensorBoard
+    scalars at the update count (``--tensorboard``); epoch results go in at the epoch index."""
+    if writer is None:
+        return None
+
+    def add(step: int, values: Dict[str, float]) -> None:
+        for tag, value in values.items():
+            writer.add_scalar(tag, value, step)
+    return add
+
+
 def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precision, logger: logging.Logger,
                  unsafe_load: bool) -> None:
     """Train from ``TRAIN.START_EPOCH`` (or where a resumed checkpoint left off), evaluating after every epoch.
@@ -242,7 +254,8 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
     for epoch in training_epochs(config, env.rank, train_loader.sampler, start_epoch, logger):
         try:
             stats = train_one_epoch(config, train_model, criterion, train_loader, updates_per_epoch, optimizer,
-                                    scheduler, precision, epoch, mixup_fn, env.device, ema, model_without_ddp)
+                                    scheduler, precision, epoch, mixup_fn, env.device, ema, model_without_ddp,
+                                    scalars_to(tensorboard))
         except TrainingError as err:
             raise diverged(err, last_good) from None
         log_skipped_images(train_dataset, "training", logger)
@@ -260,7 +273,7 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
         max_accuracy = max(max_accuracy, score)
         logger.info(f"Max accuracy{' (EMA)' if ema else ''}: {max_accuracy:.2f}%")
         if tensorboard is not None:
-            for tag, value in (("train/loss", stats.loss), ("train/lr", stats.lr), ("val/acc1", result.acc1),
+            for tag, value in (("train/epoch_loss", stats.loss), ("val/acc1", result.acc1),
                                ("val/acc5", result.acc5), ("val/loss", result.loss)):
                 tensorboard.add_scalar(tag, value, epoch)
             tensorboard.flush()

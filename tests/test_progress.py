@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 
 import pytest
 import torch
 import torch.nn as nn
 
+import engine
 import progress
 from engine import build_precision, evaluate
 from tests.helpers import CPU, DEMO_CFG, read_log, tiny_config
@@ -56,3 +58,42 @@ def test_benchmark_warns_when_timings_are_too_few_or_too_noisy():
     assert "only 3 repetitions" in timing_warning("focal", [1.0, 1.0, 1.0])
     assert "spans 40% of the median" in timing_warning("focal", [1.0, 1.0, 1.5, 1.5, 1.0, 1.5])  # (1.5 - 1) / 1.25
     assert timing_warning("focal", [1.0, 1.01, 0.99, 1.0, 1.02]) is None
+
+
+def test_training_reads_the_device_only_at_progress_lines(monkeypatch):
+    """Losses, gradient norms and the scale stay on the device between progress lines: the number of reads back
+    to the host does not grow with the number of steps (with clipping off, as with it on)."""
+    from tests.helpers import fake_batches, run_epoch
+    monkeypatch.setattr(progress, "REPORT_SECONDS", 1e9)
+    reads = []
+
+    def counted(original):
+        def read(self, *args):
+            if sys._getframe(1).f_code.co_filename == engine.__file__:  # the training loop's own reads
+                reads.append(original.__name__)
+            return original(self, *args)
+        return read
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    precision = build_precision("none", CPU)
+    counts = {}
+    for clip in (0.0, 5.0):
+        for steps in (3, 8):
+            reads.clear()
+            run_epoch(tiny_config("PRINT_FREQ", 1000, "TRAIN.CLIP_GRAD", clip), fake_batches(steps), precision)
+            counts[clip, steps] = len(reads)
+    assert counts[0.0, 3] == counts[0.0, 8] and counts[5.0, 3] == counts[5.0, 8], counts
+
+
+def test_non_finite_loss_is_reported_at_its_first_step(monkeypatch):
+    from engine import LossWatch
+    from errors import TrainingError
+    watch = LossWatch(CPU)
+    for step, value in enumerate([1.0, 2.0, float("inf"), float("nan")]):
+        watch.add(torch.tensor(value), step, samples=2)
+    with pytest.raises(TrainingError, match="the loss is inf at epoch 3, step 2 of 9"):
+        watch.read(epoch=3, num_steps=9)
+    finite = LossWatch(CPU)
+    for step, value in enumerate([1.0, 3.0]):
+        finite.add(torch.tensor(value), step, samples=1 + step)
+    assert finite.read(0, 2) == (3.0, pytest.approx((1.0 + 2 * 3.0) / 3))
