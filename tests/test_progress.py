@@ -47,8 +47,10 @@ def test_epoch_line_estimates_the_rest_of_the_run(previous_run):
 @pytest.mark.slow
 def test_throughput_takes_the_number_of_passes(tmp_path):
     from main import main
-    main(["--cfg", DEMO_CFG, "--output", str(tmp_path), "--throughput", "2", "--opts", "DATA.IMG_SIZE", "32"])
+    main(["--cfg", DEMO_CFG, "--output", str(tmp_path), "--throughput", "2", "--channels-last", "--opts",
+          "DATA.IMG_SIZE", "32"])
     log = read_log(tmp_path)
+    assert "convolution weights in channels-last (NHWC) layout (--channels-last)" in log
     assert "throughput averaged over 2 forward passes (after 2 untimed)" in log
     assert re.search(r"Throughput: \[3/4\] eta \d+:\d\d:\d\d\ttimed", log)
 
