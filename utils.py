@@ -362,9 +362,10 @@ def seed_everything(seed: int, rank: int, stage: int) -> None:
     """Seed python, numpy (Mixup), torch CPU and CUDA from (``SEED``, rank, stage): stage 0 for the model's
     initialisation, ``epoch + 1`` as each epoch starts.
 
-    Reseeding per epoch makes an epoch's random stream (augmentations, the DataLoader workers' seeds, which they
-    draw from torch as the epoch's workers start, Mixup, drop-path) a function of the epoch alone: a run resumed
-    at epoch e replays it exactly as the uninterrupted run did, with no RNG state to save for every rank.
+    Reseeding per epoch makes an epoch's random stream (Mixup, drop-path, and augmentations made in the main
+    process; DataLoader workers seed each sample themselves, see ``data.seeding``) a function of the epoch alone:
+    a run resumed at epoch e replays it exactly as the uninterrupted run did, with no RNG state to save for every
+    rank.
     """
     value = int(np.random.SeedSequence([seed, rank, stage]).generate_state(1)[0])
     random.seed(value)

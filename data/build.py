@@ -14,6 +14,7 @@ from errors import UsageError
 
 from .datasets import CheckedImages, build_dataset, image_sources
 from .samplers import ShardSampler
+from .seeding import EpochTagged, SeededSamples
 from .transforms import build_transform
 
 logger = logging.getLogger("focal.data")
@@ -68,13 +69,16 @@ _CAPPED: set = set()
 
 
 def _loader(dataset: Dataset, sampler: Sampler, config: Any, env: DistEnv, train: bool) -> DataLoader:
-    """Training workers start afresh every epoch, so they take their seeds from the torch RNG as the epoch begins
-    (which ``main`` seeds per epoch: a resumed run sees the same augmentations). Evaluation has no randomness, so
-    its workers persist."""
+    """Workers persist for the whole run. Training ones make each sample from seeds of (``SEED``, epoch, index)
+    (:mod:`data.seeding`), so a resumed run sees the same augmentations as an uninterrupted one although no worker
+    starts afresh with the epoch; evaluation has no randomness. Without workers, the main process's generators,
+    which ``main`` seeds as each epoch starts, serve as before."""
     workers = worker_count(config.DATA.NUM_WORKERS)
+    if train and workers > 0:
+        dataset, sampler = SeededSamples(dataset, config.SEED), EpochTagged(sampler)
     return DataLoader(dataset, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=workers,
                       pin_memory=config.DATA.PIN_MEMORY and env.device.type == "cuda", drop_last=train,
-                      persistent_workers=workers > 0 and not train,
+                      persistent_workers=workers > 0,
                       collate_fn=functools.partial(collate_readable, even=train and mixup_active(config)))
 
 
