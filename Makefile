@@ -9,11 +9,12 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt $(TORCH_PIN)
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 # Two pytest workers that steal work from each other: most tests wait on subprocess start-up or run on one thread,

@@ -6,6 +6,7 @@ An unknown key or a value of the wrong type raises an error that names the full 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import yaml
@@ -83,6 +84,10 @@ _C.TRAIN.WEIGHT_DECAY = 0.05
 _C.TRAIN.BASE_LR = 5e-4
 _C.TRAIN.WARMUP_LR = 5e-7
 _C.TRAIN.MIN_LR = 5e-6
+# The total batch (images per optimizer update, all processes) the three rates above are stated for. main.py scales
+# them linearly to its own total batch and records that batch here, so a saved config.yaml re-runs at the rates
+# it trained with, and at another batch scales from them.
+_C.TRAIN.LR_BATCH = 512
 _C.TRAIN.CLIP_GRAD = 5.0
 _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
@@ -129,6 +134,12 @@ _C.MODEL_EMA_DECAY = 0.9998
 _C.AMP_OPT_LEVEL = ""
 # torch.compile backend for training and evaluation ("" runs eagerly); --compile sets "inductor".
 _C.COMPILE = ""
+# --channels-last: convolution weights (the patch embeddings: the only 4-D layers) in NHWC memory layout, which
+# cuDNN's tensor-core kernels prefer; attention and MLP layers are unaffected.
+_C.CHANNELS_LAST = False
+# --tf32: float32 matrix multiplications on CUDA in TF32 (Ampere and later; 10-bit mantissa), which PyTorch leaves
+# off by default. Matters only without --amp, where it speeds up nearly all the work.
+_C.TF32 = False
 _C.OUTPUT = ""
 _C.TAG = "default"
 _C.SAVE_FREQ = 1
@@ -140,6 +151,8 @@ _C.PRINT_FREQ = 100
 _C.SEED = 0
 _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
+# --throughput [PASSES]: timed forward passes, after as many untimed ones (at most 50).
+_C.THROUGHPUT_PASSES = 30
 
 
 # Keys of earlier versions of this tree (and of Swin's, which it follows) that nothing reads any more: merged
@@ -227,7 +240,7 @@ KEY_FLAGS = {
     "DATA.BATCH_SIZE": "--batch-size", "DATA.DATA_PATH": "--data-path", "DATA.CACHE_MODE": "--cache-mode",
     "MODEL.PRETRAINED": "--pretrained", "MODEL.RESUME": "--resume",
     "TRAIN.ACCUMULATION_STEPS": "--accumulation-steps", "OUTPUT": "--output", "TAG": "--tag", "SEED": "--seed",
-    "AMP_OPT_LEVEL": "--amp", "COMPILE": "--compile",
+    "AMP_OPT_LEVEL": "--amp", "COMPILE": "--compile", "THROUGHPUT_PASSES": "--throughput",
 }
 
 
@@ -296,6 +309,7 @@ RULES = (
     Rule("TRAIN.BASE_LR", lambda value, _: value > 0, "must be above 0"),
     Rule("TRAIN.WARMUP_LR", at_least(0), "must be 0 or more"),
     Rule("TRAIN.MIN_LR", at_least(0), "must be 0 or more"),
+    Rule("TRAIN.LR_BATCH", at_least(1), "must be at least 1 (the total batch the learning rates are stated for)"),
     Rule("TRAIN.WEIGHT_DECAY", at_least(0), "must be 0 or more"),
     Rule("TRAIN.CLIP_GRAD", lambda value, _: value is None or value >= 0,
          "must be 0 or more (the largest gradient norm; 0 or None turns clipping off)"),
@@ -326,6 +340,7 @@ RULES = (
          "inductor, aot_eager or eager)"),
     Rule("SAVE_FREQ", at_least(1), "must be at least 1"),
     Rule("PRINT_FREQ", at_least(1), "must be at least 1"),
+    Rule("THROUGHPUT_PASSES", at_least(1), "must be at least 1"),
     Rule("KEEP_CHECKPOINTS", at_least(0), "must be 0 (keep all) or more"),
     Rule("SEED", at_least(0), "must be 0 or more"),
 )
@@ -356,23 +371,43 @@ def check_values(config: CN, rules: Sequence[Rule] = RULES, flags: Optional[dict
 
 def get_config(args: Any) -> CN:
     """The configuration for ``main.py``: ``--cfg`` and ``--opts``, then the dedicated command-line flags; every
-    value checked against :data:`RULES`."""
+    value checked against :data:`RULES`, the model settings by ``validate_model_config`` (``ConfigError``)."""
     config = load_config(getattr(args, "cfg", None), getattr(args, "opts", None))
     config.defrost()
-    flag_to_key = {flag.lstrip("-").replace("-", "_"): key for key, flag in KEY_FLAGS.items() if key != "AMP_OPT_LEVEL"}
+    flag_to_key = {flag.lstrip("-").replace("-", "_"): key for key, flag in KEY_FLAGS.items()
+                   if key not in ("AMP_OPT_LEVEL", "THROUGHPUT_PASSES")}
     for flag, key in flag_to_key.items():
         value = getattr(args, flag, None)
         if value is not None:
             config.merge_from_list([key, value])
     for flag, key in {"zip": "DATA.ZIP_MODE", "use_checkpoint": "TRAIN.USE_CHECKPOINT",
                       "eval": "EVAL_MODE", "throughput": "THROUGHPUT_MODE", "tensorboard": "TENSORBOARD",
-                      "model_ema": "MODEL_EMA"}.items():
+                      "model_ema": "MODEL_EMA", "channels_last": "CHANNELS_LAST", "tf32": "TF32"}.items():
         if getattr(args, flag, False):
             config.merge_from_list([key, True])
+    passes = getattr(args, "throughput", None)
+    if passes is not None and passes is not True:  # --throughput PASSES
+        config.THROUGHPUT_PASSES = passes
     amp = "none" if getattr(args, "disable_amp", False) else getattr(args, "amp", None)
     if amp is not None:
         config.AMP_OPT_LEVEL = amp
+    from models import validate_model_config  # here, not at the top: the config tree does not import what it configures
+    validate_model_config(config)  # a model that cannot be built is refused before the run writes anything
+    if "MODEL.NAME" not in list(getattr(args, "opts", None) or [])[::2]:
+        config.MODEL.NAME = name_for_geometry(config)
     config.OUTPUT = os.path.join(config.OUTPUT or "output", config.MODEL.NAME, config.TAG)
     config.freeze()
     check_values(config)
     return config
+
+
+# The part of a model name that states its geometry, as in focal_tiny_patch4_window7_224.
+GEOMETRY = re.compile(r"patch\d+_window\d+_\d+")
+
+
+def name_for_geometry(config: CN) -> str:
+    """``MODEL.NAME`` with its ``patch<P>_window<W>_<size>`` part stating the model actually built, so that a
+    config run at another size or window (a fine-tune through --opts) is named, and writes its output, as what it
+    is; names without that part are kept."""
+    geometry = f"patch{config.MODEL.FOCAL.PATCH_SIZE}_window{config.MODEL.FOCAL.WINDOW_SIZE}_{config.DATA.IMG_SIZE}"
+    return GEOMETRY.sub(geometry, config.MODEL.NAME, count=1)

@@ -5,6 +5,7 @@ same code path serves one process and many.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import threading
@@ -14,6 +15,8 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 from errors import UsageError
 
@@ -161,3 +164,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def wrap_ddp(model: nn.Module, env: DistEnv) -> DistributedDataParallel:
+    """DDP without syncing buffers in every forward pass (ours are the same on every rank). Newer torch spells this
+    ``forward_sync_buffers=False`` and warns (FutureWarning) about the older ``broadcast_buffers=False``."""
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    parameters = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=device_ids, **no_sync)

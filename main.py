@@ -13,17 +13,19 @@ import logging
 import math
 import os
 import sys
-from typing import Any, Iterable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from torch.nn.parallel import DistributedDataParallel
+from timm.utils import ModelEmaV3
 
+from cli import HelpFormatter
 from config import get_config
 from data import build_mixup, build_train_loader, build_val_loader
+from data.class_map import checkpoint_classes, logit_indices
 from data.datasets import CheckedImages, check_val_labels
-from distributed import DEVICES, DistEnv, all_reduce_sum, init_distributed, shutdown
+from distributed import DEVICES, DistEnv, all_reduce_sum, init_distributed, shutdown, wrap_ddp
 from engine import AMP_MODES, EvalResult, Precision, build_precision, evaluate, throughput, train_one_epoch
 from errors import TrainingError, UsageError, error_text, user_message
 from logger import create_tensorboard_writer
@@ -36,12 +38,9 @@ from run_parts import BestScore, create_ema, save_epoch, scale_rates
 from utils import (Checkpoint, diverged, latest_checkpoint, load_pretrained, read_checkpoint, restore_checkpoint,
                    save_checkpoint, save_config, seed_everything, training_epochs, training_state)
 
-# The learning rates in the configs are for a total batch of this many images; they scale linearly from it.
-LR_REFERENCE_BATCH = 512
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Focal Transformer training, evaluation and throughput.")
+    parser = argparse.ArgumentParser(prog="main.py", description="Focal Transformer training, evaluation and throughput.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--cfg", required=True, metavar="FILE", help="config file (YAML)")
     parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
                         help="override config keys, e.g. --opts TRAIN.EPOCHS 100 DATA.NUM_WORKERS 4")
@@ -64,8 +63,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "inductor)")
     amp = parser.add_mutually_exclusive_group()
     amp.add_argument("--amp", choices=AMP_MODES,
-                     help="autocast precision (default: fp16 with a gradient scaler on CUDA, none on CPU)")
+                     help="autocast precision (default: bf16 on GPUs that support it, else fp16 with a gradient scaler "
+                          "on CUDA; none on CPU)")
     amp.add_argument("--disable-amp", action="store_true", help="same as --amp none")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="convolution weights in NHWC layout (CHANNELS_LAST): cuDNN's tensor-core kernels prefer "
+                             "it; only the patch embeddings are convolutions")
+    parser.add_argument("--tf32", action="store_true",
+                        help="float32 matrix multiplications in TF32 on CUDA GPUs from Ampere on (TF32); speeds up "
+                             "runs without --amp at about 1e-3 relative precision")
     parser.add_argument("--output", metavar="PATH", help="output root; the run writes to <output>/<model>/<tag>")
     parser.add_argument("--tag", help="experiment tag (default: 'default')")
     parser.add_argument("--tensorboard", action="store_true",
@@ -73,7 +79,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "folder (needs `pip install tensorboard`)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--eval", action="store_true", help="evaluate only")
-    mode.add_argument("--throughput", action="store_true", help="measure inference throughput only")
+    mode.add_argument("--throughput", nargs="?", type=int, const=True, metavar="PASSES",
+                      help="measure inference throughput only: PASSES timed forward passes after as many untimed "
+                           "ones, at most 50 (THROUGHPUT_PASSES, default 30)")
     parser.add_argument("--seed", type=int, help="random seed (each process adds its rank)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else CPU")
     # torch.distributed.launch passes --local-rank as well as setting LOCAL_RANK, which distributed.py reads: the
@@ -86,6 +94,8 @@ def load_run_config(args: argparse.Namespace) -> Any:
     """The merged config, with bad files, keys or values (see ``config.RULES``) reported as usage errors."""
     try:
         config = get_config(args)
+    except ConfigError:  # names its key already
+        raise
     except (KeyError, ValueError, AssertionError, FileNotFoundError) as err:
         raise UsageError(f"config (--cfg {args.cfg} / --opts): {error_text(err)}") from None
     if not config.DATA.DATA_PATH and not config.THROUGHPUT_MODE:
@@ -95,8 +105,13 @@ def load_run_config(args: argparse.Namespace) -> Any:
 
 
 def scale_learning_rates(config: Any, world_size: int) -> None:
-    """Swin's linear rule: the configured rates hold for a total batch of 512 images per optimizer update."""
-    scale_rates(config, config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS, LR_REFERENCE_BATCH)
+    """Swin's linear rule: the configured rates hold for a total batch of ``TRAIN.LR_BATCH`` images per optimizer
+    update (512 in the released configs); they are scaled to this run's, which then becomes ``TRAIN.LR_BATCH``."""
+    total = config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS
+    scale_rates(config, total, config.TRAIN.LR_BATCH)
+    config.defrost()
+    config.TRAIN.LR_BATCH = total
+    config.freeze()
 
 
 def build_criterion(config: Any, mixup: bool) -> nn.Module:
@@ -133,7 +148,7 @@ def run_throughput(config: Any, env: DistEnv, model: nn.Module, precision: Preci
         size = config.DATA.IMG_SIZE
         logger.info(f"no --data-path: timing random {size}x{size} input")
         images = torch.randn(config.DATA.BATCH_SIZE, config.MODEL.FOCAL.IN_CHANS, size, size)
-    throughput(model, images.to(env.device), precision)
+    throughput(model, images.to(env.device), precision, config.THROUGHPUT_PASSES, config.PRINT_FREQ)
 
 
 def log_accuracy(logger: logging.Logger, result: EvalResult, which: str = "network") -> None:
@@ -156,11 +171,12 @@ def log_skipped_images(dataset: CheckedImages, split: str, logger: logging.Logge
 def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Precision, logger: logging.Logger,
                    unsafe_load: bool) -> None:
     """Weights from ``--resume``, else ``--pretrained``, else the newest checkpoint of this run's output folder;
-    a checkpoint holding EMA weights has them evaluated too."""
+    a checkpoint holding EMA weights has them evaluated too. Class folders are matched to the checkpoint's classes
+    by name, so a folder of some of them (ImageNet-A, -R) is scored on those logits only (``data.class_map``)."""
     ema_weights = None
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        load_pretrained(config.MODEL.PRETRAINED, model, logger, unsafe_load, evaluating=True,
-                        min_loaded=config.MODEL.PRETRAINED_MIN_LOADED)
+        stored_classes = load_pretrained(config.MODEL.PRETRAINED, model, logger, unsafe_load, evaluating=True,
+                                         min_loaded=config.MODEL.PRETRAINED_MIN_LOADED)
     else:
         checkpoint = resume_checkpoint(config, logger, unsafe_load)
         if not checkpoint:
@@ -168,12 +184,30 @@ def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Preci
                              f"(no checkpoint to auto-resume in {config.OUTPUT})")
         restore_checkpoint(checkpoint, model, logger)
         ema_weights = checkpoint.state.get("model_ema")
-    dataset, loader = build_val_loader(config, env)
-    log_accuracy(logger, evaluate(config, compiled(model, config), loader, precision, env.device))
+        stored_classes = checkpoint.state.get("class_names")
+    dataset, loader = build_val_loader(config, env, by_name=True)
+    folders = getattr(dataset.dataset, "classes", None)  # the folder layout's; zip labels are class indices
+    classes = checkpoint_classes(stored_classes, config.MODEL.NUM_CLASSES)
+    indices = (logit_indices(folders, classes, config.MODEL.NUM_CLASSES, f"{config.DATA.DATA_PATH}/val", logger)
+               if folders else None)
+    log_accuracy(logger, evaluate(config, compiled(model, config), loader, precision, env.device, indices))
     log_skipped_images(dataset, "validation", logger)
     if ema_weights is not None:
         model.load_state_dict(ema_weights)
-        log_accuracy(logger, evaluate(config, compiled(model, config), loader, precision, env.device), "EMA model")
+        log_accuracy(logger, evaluate(config, compiled(model, config), loader, precision, env.device, indices),
+                     "EMA model")
+
+
+def scalars_to(writer: Any) -> Optional[Callable[[int, Dict[str, float]], None]]:
+    """What the training loop calls at each progress line: its loss, learning rate and gradient norm as TensorBoard
+    scalars at the update count (``--tensorboard``); epoch results go in at the epoch index."""
+    if writer is None:
+        return None
+
+    def add(step: int, values: Dict[str, float]) -> None:
+        for tag, value in values.items():
+            writer.add_scalar(tag, value, step)
+    return add
 
 
 def validate(config: Any, env: DistEnv, model: nn.Module, ema: Optional[ModelEmaV3], loader: Iterable,
@@ -236,8 +270,7 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
     tensorboard = create_tensorboard_writer(config.OUTPUT) if config.TENSORBOARD and env.is_main else None
     model_without_ddp = model
     if env.distributed:
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        model = wrap_ddp(model, env)
     ema = create_ema(config, model_without_ddp, checkpoint)  # after the wrap: from rank 0's broadcast weights
     train_model = compiled(model, config)
     eval_model = compiled(model_without_ddp, config) if env.distributed else train_model
@@ -254,7 +287,7 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
         try:
             stats = train_one_epoch(config, train_model, criterion, train_loader, updates_per_epoch, optimizer,
                                     scheduler, precision, epoch, mixup_fn, env.device, ema, model_without_ddp,
-                                    tensorboard)
+                                    scalars_to(tensorboard))
         except TrainingError as err:
             raise diverged(err, last_good) from None
         log_skipped_images(train_dataset, "training", logger)
@@ -295,10 +328,16 @@ def run_mode(config: Any, env: DistEnv, logger: logging.Logger, unsafe_load: boo
     seed_everything(config.SEED, env.rank, 0)
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        if config.TF32:
+            torch.set_float32_matmul_precision("high")
+            logger.info("float32 matrix multiplications in TF32 (--tf32)")
     precision = build_precision(config.AMP_OPT_LEVEL, env.device)
 
     logger.info(f"creating model {config.MODEL.TYPE}/{config.MODEL.NAME}")
     model = build_model(config).to(env.device)
+    if config.CHANNELS_LAST:
+        model = model.to(memory_format=torch.channels_last)  # inputs follow: a convolution takes its weight's layout
+        logger.info("convolution weights in channels-last (NHWC) layout (--channels-last)")
     logger.info(f"device kernels: {', '.join(optimize_for(model, env.device)) or 'none (plain PyTorch)'}")
     logger.info(f"number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
     logger.info(f"number of GFLOPs: {model.flops() / 1e9:.3f}")

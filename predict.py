@@ -4,7 +4,8 @@
         photos/ cat.jpg
 
 Images are resized and centre-cropped as in evaluation (``DATA.IMG_SIZE``, ``TEST.CROP``) and classified in
-batches. Classes are named by the class folders a checkpoint was trained on (stored in it by main.py), else by
+batches. The class count is the checkpoint's (its classifier's rows; ``--opts MODEL.NUM_CLASSES`` overrides it).
+Classes are named by the class folders a checkpoint was trained on (stored in it by main.py), else by
 ImageNet-1K's names for a 1000-class model, else by index.
 """
 from __future__ import annotations
@@ -19,11 +20,12 @@ import torch.nn as nn
 from PIL import Image
 from timm.data import ImageNetInfo
 
+from cli import HelpFormatter
 from config import load_config
 from data.transforms import build_transform
 from distributed import DEVICES, resolve_device
 from errors import UsageError, error_text
-from models import build_model, load_weights
+from models import build_model, extract_state_dict, load_weights
 from models.kernels import optimize_for
 from utils import read_checkpoint
 
@@ -31,15 +33,15 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("images", nargs="+", help="image files, or folders searched recursively for images")
     parser.add_argument("--cfg", required=True, help="model config file")
-    parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ...")
+    parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ... (the class count comes from the checkpoint unless MODEL.NUM_CLASSES is given here)")
     parser.add_argument("--checkpoint", required=True, help="weights: ours, a released file, or a bare state dict")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA when available, else CPU")
-    parser.add_argument("--topk", type=int, default=5)
+    parser.add_argument("--topk", type=int, default=5, help="classes printed per image, most probable first")
     parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (trained with --model-ema)")
     args = parser.parse_args(argv)
     for flag in ("batch_size", "topk"):
@@ -64,17 +66,20 @@ def find_images(paths: Sequence[str]) -> List[Path]:
     return found
 
 
+def head_classes(state: Any) -> Optional[int]:
+    """How many classes the checkpoint's classifier has (rows of ``head.weight``), if it has one."""
+    try:
+        head = extract_state_dict(state).get("head.weight")
+    except ValueError:
+        return None
+    return int(head.shape[0]) if head is not None and head.dim() == 2 else None
+
+
 def load_model(cfg: str, opts: Sequence[str], checkpoint: str, device: torch.device,
                ema: bool = False) -> Tuple[nn.Module, Any, Optional[List[str]]]:
     """The config's model in eval mode with the checkpoint's weights (its EMA weights with ``ema``), and the class
-    names the checkpoint stores (those of the training folders), if any; every failure names its flag."""
-    try:
-        config = load_config(cfg, opts)
-        model = build_model(config)
-    except (KeyError, ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
-        raise UsageError(f"config (--cfg {cfg} / --opts): {error_text(err)}") from None
-    if config.MODEL.NUM_CLASSES < 1:
-        raise UsageError(f"config (--cfg {cfg} / --opts): MODEL.NUM_CLASSES is 0, so there are no classes to predict")
+    names the checkpoint stores (those of the training folders), if any. The class count is the checkpoint's
+    unless ``--opts`` sets ``MODEL.NUM_CLASSES``; every failure names its flag."""
     if not Path(checkpoint).is_file():
         raise UsageError(f"--checkpoint {checkpoint}: file not found")
     try:  # the reader main.py uses: tensors only, checksummed, our and the released formats
@@ -85,10 +90,21 @@ def load_model(cfg: str, opts: Sequence[str], checkpoint: str, device: torch.dev
         if not isinstance(state, dict) or "model_ema" not in state:
             raise UsageError(f"--ema: {checkpoint} holds no EMA weights (train with --model-ema to have them)")
         state = {"model": state["model_ema"], "class_names": state.get("class_names")}
+    classes = head_classes(state)
+    if classes is not None and "MODEL.NUM_CLASSES" not in list(opts)[::2]:
+        opts = [*opts, "MODEL.NUM_CLASSES", str(classes)]
+    try:
+        config = load_config(cfg, opts)
+        model = build_model(config)
+    except (KeyError, ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
+        raise UsageError(f"config (--cfg {cfg} / --opts): {error_text(err)}") from None
+    if config.MODEL.NUM_CLASSES < 1:
+        raise UsageError(f"config (--cfg {cfg} / --opts): MODEL.NUM_CLASSES is 0, so there are no classes to predict")
     try:
         load_weights(model, state)
     except ValueError as err:
-        raise UsageError(f"--checkpoint {checkpoint}: cannot load into {config.MODEL.NAME}: {err}") from None
+        held = f" (the checkpoint has {classes} classes)" if classes not in (None, config.MODEL.NUM_CLASSES) else ""
+        raise UsageError(f"--checkpoint {checkpoint}: cannot load into {config.MODEL.NAME}{held}: {err}") from None
     names = state.get("class_names") if isinstance(state, dict) else None
     if names is not None and len(names) != config.MODEL.NUM_CLASSES:
         names = None

@@ -29,6 +29,7 @@ import yaml
 from timm.scheduler.scheduler import Scheduler
 
 from errors import TrainingError, UsageError
+from progress import duration
 from models import load_weights
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_epoch_(\d+)\.pth$")
@@ -386,7 +387,7 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging
 
 
 def load_pretrained(path: str, model: nn.Module, logger: logging.Logger, unsafe: bool = False,
-                    evaluating: bool = False, min_loaded: float = 0.5) -> None:
+                    evaluating: bool = False, min_loaded: float = 0.5) -> Optional[List[str]]:
     """Weights only, for fine-tuning: a head of another class count is dropped (left freshly initialised), and
     position tables and pooling kernels are carried over to this model's windows (another image, window or
     focal-window size). Ends with one line tools may parse:
@@ -395,10 +396,11 @@ def load_pretrained(path: str, model: nn.Module, logger: logging.Logger, unsafe:
     Refused: weights that fill less than ``min_loaded`` of the model's tensors (``MODEL.PRETRAINED_MIN_LOADED``:
     most likely a checkpoint of another architecture, which would train a mostly random model), and, for
     ``--eval``, weights that leave any part of the model (e.g. the classifier) at its random initial values.
+    Returns the class names the file stores (main.py's checkpoints do), if any.
     """
+    state = read_checkpoint(path, logger, unsafe).state
     try:
-        report = load_weights(model, read_checkpoint(path, logger, unsafe).state, strict=False,
-                              drop_mismatched_head=True)
+        report = load_weights(model, state, strict=False, drop_mismatched_head=True)
     except ValueError as err:
         raise UsageError(f"--pretrained {path}: {err}") from None
     total = len(model.state_dict())
@@ -417,15 +419,17 @@ def load_pretrained(path: str, model: nn.Module, logger: logging.Logger, unsafe:
     (logger.warning if initial else logger.info)(
         f"pretrained {path}: {loaded} tensors loaded ({len(report.resized)} resized), {len(initial)} left at "
         f"initial values: {', '.join(initial) or 'none'}")
+    return state.get("class_names") if isinstance(state, dict) else None
 
 
 def seed_everything(seed: int, rank: int, stage: int) -> None:
     """Seed python, numpy (Mixup), torch CPU and CUDA from (``SEED``, rank, stage): stage 0 for the model's
     initialisation, ``epoch + 1`` as each epoch starts.
 
-    Reseeding per epoch makes an epoch's random stream (augmentations, the DataLoader workers' seeds, which they
-    draw from torch as the epoch's workers start, Mixup, drop-path) a function of the epoch alone: a run resumed
-    at epoch e replays it exactly as the uninterrupted run did, with no RNG state to save for every rank.
+    Reseeding per epoch makes an epoch's random stream (Mixup, drop-path, and augmentations made in the main
+    process; DataLoader workers seed each sample themselves, see ``data.seeding``) a function of the epoch alone:
+    a run resumed at epoch e replays it exactly as the uninterrupted run did, with no RNG state to save for every
+    rank.
     """
     value = int(np.random.SeedSequence([seed, rank, stage]).generate_state(1)[0])
     random.seed(value)
@@ -442,12 +446,16 @@ def save_config(config: Any, logger: logging.Logger) -> None:
 
 def training_epochs(config: Any, rank: int, sampler: Any, start_epoch: int, logger: logging.Logger) -> Iterator[int]:
     """The epochs left to train, each entered with its seeds (:func:`seed_everything`) and the sampler's shuffle
-    set; the total time is logged once all have run."""
+    set; after each, a line with the estimated time the rest of the run takes; the total time once all have run."""
     start = time.time()
-    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+    epochs = range(start_epoch, config.TRAIN.EPOCHS)
+    for done, epoch in enumerate(epochs, 1):
         seed_everything(config.SEED, rank, epoch + 1)
         sampler.set_epoch(epoch)
         yield epoch
+        left = len(epochs) - done
+        logger.info(f"EPOCH {epoch} done (training, evaluation, checkpoints); {left} of {len(epochs)} epochs left, "
+                    f"run eta {duration((time.time() - start) / done * left)}")
     logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
 
 

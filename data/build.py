@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from typing import Any, List, Optional, Tuple
 
 from timm.data import Mixup
@@ -13,13 +15,23 @@ from run_lock import quiet_worker_teardown
 
 from .datasets import CheckedImages, build_dataset, image_sources, label_outlier
 from .samplers import ShardSampler
+from .seeding import EpochTagged, SeededSamples
 from .transforms import build_transform
 
+logger = logging.getLogger("focal.data")
 
-def _dataset(split: str, config: Any, env: DistEnv) -> CheckedImages:
+
+def _dataset(split: str, config: Any, env: DistEnv, by_name: bool = False) -> CheckedImages:
+    """``by_name``: class folders are matched to the model's classes by name later (``data.class_map``), so their
+    number may differ from ``MODEL.NUM_CLASSES`` and some may be empty."""
+    by_name = by_name and not config.DATA.ZIP_MODE
     dataset, num_classes = build_dataset(split, config, build_transform(split == "train", config),
-                                         env.rank, env.world_size)
+                                         env.rank, env.world_size, by_name)
     expected = config.MODEL.NUM_CLASSES
+    if by_name:
+        if not len(dataset):
+            raise UsageError(f"the '{split}' split of {config.DATA.DATA_PATH} holds no images")
+        expected = num_classes
     # A zip map file shows only the labels it uses: a validation set may lack the last classes, never exceed them.
     labels_only = config.DATA.ZIP_MODE and split == "val"
     if num_classes != expected and not (labels_only and num_classes < expected):
@@ -46,14 +58,32 @@ def collate_readable(batch: List[Optional[tuple]], even: bool = False) -> Any:
     return default_collate(kept)
 
 
+def worker_count(requested: int) -> int:
+    """``DATA.NUM_WORKERS`` capped at the CPUs this process may run on (more only compete for them, and torch warns
+    about each loader that asks for more); the cap is logged once per process."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if requested <= available:
+        return requested
+    if requested not in _CAPPED:
+        _CAPPED.add(requested)
+        logger.info(f"DATA.NUM_WORKERS {requested} capped at the {available} CPUs this process can use")
+    return available
+
+
+_CAPPED: set = set()
+
+
 def _loader(dataset: Dataset, sampler: Sampler, config: Any, env: DistEnv, train: bool) -> DataLoader:
-    """Training workers start afresh every epoch, so they take their seeds from the torch RNG as the epoch begins
-    (which ``main`` seeds per epoch: a resumed run sees the same augmentations). Evaluation has no randomness, so
-    its workers persist."""
-    workers = config.DATA.NUM_WORKERS
+    """Workers persist for the whole run. Training ones make each sample from seeds of (``SEED``, epoch, index)
+    (:mod:`data.seeding`), so a resumed run sees the same augmentations as an uninterrupted one although no worker
+    starts afresh with the epoch; evaluation has no randomness. Without workers, the main process's generators,
+    which ``main`` seeds as each epoch starts, serve as before."""
+    workers = worker_count(config.DATA.NUM_WORKERS)
+    if train and workers > 0:
+        dataset, sampler = SeededSamples(dataset, config.SEED), EpochTagged(sampler)
     return DataLoader(dataset, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=workers,
                       pin_memory=config.DATA.PIN_MEMORY and env.device.type == "cuda", drop_last=train,
-                      persistent_workers=workers > 0 and not train, worker_init_fn=quiet_worker_teardown,
+                      persistent_workers=workers > 0, worker_init_fn=quiet_worker_teardown,
                       collate_fn=functools.partial(collate_readable, even=train and mixup_active(config)))
 
 
@@ -74,9 +104,10 @@ def build_train_loader(config: Any, env: DistEnv) -> Tuple[CheckedImages, DataLo
     return dataset, loader
 
 
-def build_val_loader(config: Any, env: DistEnv) -> Tuple[CheckedImages, DataLoader]:
-    """In order and unpadded: rank r evaluates images r, r+W, ..., so together the ranks see each image once."""
-    dataset = _dataset("val", config, env)
+def build_val_loader(config: Any, env: DistEnv, by_name: bool = False) -> Tuple[CheckedImages, DataLoader]:
+    """In order and unpadded: rank r evaluates images r, r+W, ..., so together the ranks see each image once.
+    ``by_name`` (``--eval``): the folder layout may hold a subset of the classes (see :func:`_dataset`)."""
+    dataset = _dataset("val", config, env, by_name)
     return dataset, _loader(dataset, ShardSampler(len(dataset), env.rank, env.world_size), config, env,
                             train=False)
 

@@ -50,8 +50,8 @@ class ImageTree(ImageFolder):
     together), but a link back up the tree would otherwise repeat a class's images until the path got too long.
     Images load through :func:`load_rgb`."""
 
-    def __init__(self, root: str, transform: Optional[Callable] = None):
-        super().__init__(root, transform=transform, loader=load_rgb)
+    def __init__(self, root: str, transform: Optional[Callable] = None, allow_empty: bool = False):
+        super().__init__(root, transform=transform, loader=load_rgb, allow_empty=allow_empty)
 
     @staticmethod
     def make_dataset(directory: str, class_to_idx: dict, extensions: Optional[Tuple[str, ...]] = None,
@@ -159,9 +159,11 @@ class ZipImageDataset(Dataset):
         return image, self.targets[index]
 
 
-def build_dataset(split: str, config: Any, transform: Optional[Callable], rank: int = 0,
-                  world_size: int = 1) -> Tuple[Dataset, int]:
-    """The ``train`` or ``val`` split under ``DATA.DATA_PATH`` in the configured layout, and its class count."""
+def build_dataset(split: str, config: Any, transform: Optional[Callable], rank: int = 0, world_size: int = 1,
+                  by_name: bool = False) -> Tuple[Dataset, int]:
+    """The ``train`` or ``val`` split under ``DATA.DATA_PATH`` in the configured layout, and its class count.
+    ``by_name``: the class folders will be matched to a model's classes by name (``data.class_map``), so they may
+    be empty and need not be those of ``train``."""
     root = config.DATA.DATA_PATH
     if not os.path.isdir(root):
         raise UsageError(f"--data-path {root!r} is not a directory")
@@ -175,10 +177,10 @@ def build_dataset(split: str, config: Any, transform: Optional[Callable], rank: 
         raise UsageError(f"--data-path {root} has no '{split}' folder: expected the ImageNet layout "
                          f"{split}/<class>/<image>{hint}")
     try:
-        dataset = ImageTree(folder, transform=transform)
+        dataset = ImageTree(folder, transform=transform, allow_empty=by_name)
     except (FileNotFoundError, RuntimeError) as err:
         raise UsageError(f"cannot read images from {folder}: {_empty_class_folders(folder) or err}") from None
-    if split == "val":
+    if split == "val" and not by_name:
         check_same_classes(root)
     return dataset, len(dataset.classes)
 

@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from cli import HelpFormatter
+
 MARKER = ".focal_demo.json"
 SUPERSAMPLE = 2  # draw at twice the size and downsample, for anti-aliased edges
 
@@ -194,13 +196,14 @@ def _write_zip(out: str, split: str, entries: Sequence[tuple]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Generate the Focal Transformer demo dataset (ImageNet layouts).")
+    parser = argparse.ArgumentParser(prog="python -m data.demo", formatter_class=HelpFormatter,
+                                     description="Generate the Focal Transformer demo dataset (ImageNet layouts).")
     parser.add_argument("--out", required=True, help="output folder (created; regenerated if made by this tool)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--train-per-class", type=int, default=40)
-    parser.add_argument("--val-per-class", type=int, default=10)
-    parser.add_argument("--classes", type=int, default=len(CLASSES), help=f"at most {len(CLASSES)}")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-per-class", type=int, default=40, help="training images per class")
+    parser.add_argument("--val-per-class", type=int, default=10, help="validation images per class")
+    parser.add_argument("--classes", type=int, default=len(CLASSES), help=f"number of classes, at most {len(CLASSES)}")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the drawings")
     parser.add_argument("--no-zip", action="store_true", help="write only the folder layout")
     args = parser.parse_args(argv)
     try:

@@ -19,6 +19,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cli import HelpFormatter
+
 SHAPES = ("circle", "square", "triangle")
 CATEGORY_IDS = {"circle": 1, "square": 2, "triangle": 4}
 LABEL_VALUES = {"background": 1, "circle": 2, "square": 3, "triangle": 4}
@@ -116,9 +118,10 @@ GENERATORS: Dict[str, object] = {"detection": generate_detection, "segmentation"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", choices=sorted(GENERATORS), required=True)
-    parser.add_argument("--out", required=True)
+    parser = argparse.ArgumentParser(prog="python -m dense.demo", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--task", choices=sorted(GENERATORS), required=True, help="which dataset to draw")
+    parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--train", type=int, default=300, help="training images")
     parser.add_argument("--val", type=int, default=60, help="validation images")

@@ -14,6 +14,7 @@ from timm.utils import AverageMeter, ModelEmaV3
 
 from engine import Precision, memory_mb
 from errors import TrainingError
+from progress import Progress
 
 
 def build_schedule(config: Any, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> Scheduler:
@@ -52,6 +53,7 @@ def train_one_epoch(config: Any, model: nn.Module, losses: Callable[..., Dict[st
     sums: Dict[str, float] = {}
     batch_time = AverageMeter()
     end = time.time()
+    progress = Progress(num_steps, config.PRINT_FREQ)
     for idx, batch in enumerate(loader):
         with precision.autocast():
             named = losses(model, batch, device)
@@ -72,7 +74,7 @@ def train_one_epoch(config: Any, model: nn.Module, losses: Callable[..., Dict[st
         lrs.append(optimizer.param_groups[0]["lr"])
         batch_time.update(time.time() - end)
         end = time.time()
-        if idx % config.PRINT_FREQ == 0 or idx + 1 == num_steps:
+        if progress.due(idx):
             rows = torch.stack(pending).cpu()  # the interval's one synchronisation
             first = idx + 1 - len(rows)
             bad = (~torch.isfinite(rows[:, :-1])).any(1).nonzero()
@@ -90,7 +92,7 @@ def train_one_epoch(config: Any, model: nn.Module, losses: Callable[..., Dict[st
                     tensorboard.add_scalar("train/lr", lr, step)
             values = "  ".join(f"{k} {v:.4f} ({sums[k] / (idx + 1):.4f})"
                                for k, v in zip(names[:-1], rows[-1].tolist()))
-            logger.info(f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]  lr {lrs[-1]:.3e}  "
+            logger.info(f"Train: [{epoch}/{config.TRAIN.EPOCHS}]{progress.position(idx)}  lr {lrs[-1]:.3e}  "
                         f"time {batch_time.val:.3f} ({batch_time.avg:.3f})  {values}  grad_norm "
                         f"{rows[-1, -1].item():.4f}  mem {memory_mb(device):.0f}MB")
             pending, lrs = [], []

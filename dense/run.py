@@ -13,11 +13,12 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
 import torch
 import torch.nn as nn
 from timm.utils import ModelEmaV3
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from cli import HelpFormatter
+from data.build import worker_count
 from data.samplers import ShardSampler
-from distributed import DEVICES, DistEnv, init_distributed, shutdown
+from distributed import DEVICES, DistEnv, init_distributed, shutdown, wrap_ddp
 from engine import AMP_MODES, build_precision
 from errors import TrainingError, UsageError, user_message
 from logger import create_tensorboard_writer
@@ -38,8 +39,8 @@ from .engine import build_schedule, train_one_epoch
 CLASSIFIER_KEYS = ("head.", "norm.")
 
 
-def parse_args(description: str, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+def parse_args(description: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     parser.add_argument("--cfg", required=True, metavar="FILE", help="config file (YAML)")
     parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
                         help="override config keys, e.g. --opts TRAIN.EPOCHS 24 DATA.NUM_WORKERS 4")
@@ -123,7 +124,7 @@ def loader(dataset: Dataset, config: Any, env: DistEnv, collate: Callable, train
     else:
         sampler = ShardSampler(len(dataset), env.rank, env.world_size)
     batch = config.DATA.BATCH_SIZE if train else config.DATA.TEST_BATCH_SIZE
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=config.DATA.NUM_WORKERS,
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=worker_count(config.DATA.NUM_WORKERS),
                       pin_memory=config.DATA.PIN_MEMORY and env.device.type == "cuda", drop_last=train,
                       collate_fn=collate, worker_init_fn=quiet_worker_teardown)
 
@@ -179,10 +180,9 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
     scheduler.step_update(start_epoch * updates_per_epoch)
     train_model = model
     if env.distributed:
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
         # Building the wrapper broadcasts rank 0's weights and buffers; batch-norm statistics are then kept equal
         # by SyncBatchNorm (GPUs) and averaged after every epoch (sync_batchnorm_buffers).
-        train_model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        train_model = wrap_ddp(model, env)
     ema = create_ema(config, model, checkpoint)
     tensorboard = create_tensorboard_writer(config.OUTPUT) if config.TENSORBOARD and env.is_main else None
     last_good = checkpoint.path if checkpoint else None
@@ -219,9 +219,9 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
     return Trained(model, ema)
 
 
-def run(task: Task, argv: Optional[Sequence[str]] = None) -> None:
+def run(task: Task, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> None:
     """Parse, check, join the process group, lock the output folder, log, and :func:`fit`."""
-    args = parse_args(f"Focal Transformer {task.name}: training and evaluation.", argv)
+    args = parse_args(f"Focal Transformer {task.name}: training and evaluation.", argv, prog)
     config = get_task_config(args, task.defaults, task.rules)
     env = init_distributed(args.device)
     try:
@@ -238,7 +238,7 @@ def main(task: Task, prog: str) -> None:
     """The ``python -m <task>.train`` entry point: signals as in ``main.py``, one-line errors."""
     stop_on_signals()
     try:
-        run(task)
+        run(task, prog=f"python -m {prog}")
     except (UsageError, ConfigError, TrainingError) as err:
         sys.exit(f"{prog}: error: {user_message(err)}")
     finally:

@@ -18,6 +18,7 @@ from pycocotools.cocoeval import COCOeval
 from dense.run import loader
 from distributed import DistEnv, all_reduce_sum
 from engine import Precision
+from progress import Progress
 
 from .data import collate
 
@@ -72,13 +73,14 @@ def evaluate(config: Any, model: nn.Module, dataset: Any, env: DistEnv, precisio
     model.eval()
     batches = loader(dataset, config, env, collate, train=False)
     results: List[Dict[str, Any]] = []
+    progress = Progress(len(batches), config.PRINT_FREQ)
     for idx, (images, targets) in enumerate(batches):
         with precision.autocast():
             outputs = model([image.to(env.device) for image in images])
         for output, target in zip(outputs, targets):
             results += to_coco(output, int(target["image_id"]), dataset.category_ids)
-        if idx % config.PRINT_FREQ == 0 or idx + 1 == len(batches):
-            logger.info(f"Test: [{idx}/{len(batches)}]")
+        if progress.due(idx):
+            logger.info(f"Test: {progress.position(idx)}")
     if env.distributed:
         gathered: List[Any] = [None] * env.world_size
         dist.all_gather_object(gathered, results)

@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from dense.run import loader
 from distributed import DistEnv
 from engine import Precision
+from progress import Progress
 
 from .data import IGNORE, class_names, fit_size, normalize
 
@@ -105,13 +106,14 @@ def evaluate(config: Any, model: nn.Module, dataset: Any, env: DistEnv, precisio
     model.eval()
     metric = MulticlassConfusionMatrix(dataset.num_classes, ignore_index=IGNORE).to(env.device)
     batches = loader(dataset, config, env, collate_list, train=False)
+    progress = Progress(len(batches), config.PRINT_FREQ)
     for idx, (images, targets) in enumerate(batches):
         for image, target in zip(images, targets):
             with precision.autocast():
                 pred = predict(model, image.to(env.device), target.shape, config).argmax(0)
             metric.update(pred.flatten(), target.to(env.device).flatten())
-        if idx % config.PRINT_FREQ == 0 or idx + 1 == len(batches):
-            logger.info(f"Test: [{idx}/{len(batches)}]")
+        if progress.due(idx):
+            logger.info(f"Test: {progress.position(idx)}")
     miou, ious = mean_iou(metric.compute().cpu())  # torchmetrics sums the matrices of all processes
     names = class_names(config.DATA.DATA_PATH, dataset.num_classes, dataset.reduce_zero_label)
     for name, iou in zip(names, ious.tolist()):

@@ -182,6 +182,7 @@ def test_released_config_trains_and_evaluates_end_to_end(name, recipe_data, tmp_
     used = flatten(yaml.safe_load((run / "config.yaml").read_text()))
     released = flatten(yaml.safe_load(load_config(str(config_file)).dump()))
     changed = {key for key in released if used[key] != released[key]}
-    lr_scaled = {"TRAIN.BASE_LR", "TRAIN.WARMUP_LR", "TRAIN.MIN_LR"}  # scaled to the total batch, as released
+    # scaled to the total batch, which TRAIN.LR_BATCH records
+    lr_scaled = {"TRAIN.BASE_LR", "TRAIN.WARMUP_LR", "TRAIN.MIN_LR", "TRAIN.LR_BATCH"}
     assert changed == set(SHRINK) | lr_scaled | {"DATA.DATA_PATH", "OUTPUT"}, changed
     assert released["AUG.AUTO_AUGMENT"] == "rand-m9-mstd0.5-inc1" and released["AUG.CUTMIX"] == 1.0

@@ -17,7 +17,7 @@ from optimizer import build_optimizer
 from utils import (latest_checkpoint, load_pretrained, read_checkpoint, restore_checkpoint, save_checkpoint,
                    training_state)
 
-from tests.helpers import CPU, DEMO_CFG, LOG, REPO, SMALL, fake_batches, run_epoch, tiny_config
+from tests.helpers import CPU, DEMO_CFG, LOG, REPO, SMALL, fake_batches, run_dir, run_epoch, tiny_config
 
 FIXTURE_OPTS = SMALL  # the architecture of tests/fixtures/small_fc_224.pth
 
@@ -69,6 +69,20 @@ def test_learning_rate_scales_with_total_batch():
     scale_learning_rates(config, world_size=8)  # 64 * 8 * 2 = 1024 images per update
     assert (config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR) == pytest.approx((1e-3, 1e-6, 1e-5))
     assert config.is_frozen()
+
+
+def test_saved_config_reruns_at_the_rates_it_trained_with(previous_run):
+    """config.yaml holds the scaled rates and the batch they are for: a run of it at that batch keeps them, a run
+    at twice the batch doubles them (not the rates of the original config scaled twice)."""
+    saved = run_dir(previous_run) / "config.yaml"
+    trained = load_config(str(saved))
+    assert trained.TRAIN.LR_BATCH == trained.DATA.BATCH_SIZE  # one process, no accumulation
+    again = load_config(str(saved))
+    scale_learning_rates(again, world_size=1)
+    assert (again.TRAIN.BASE_LR, again.TRAIN.WARMUP_LR, again.TRAIN.MIN_LR) == \
+        (trained.TRAIN.BASE_LR, trained.TRAIN.WARMUP_LR, trained.TRAIN.MIN_LR)
+    scale_learning_rates(again, world_size=2)
+    assert again.TRAIN.BASE_LR == pytest.approx(2 * trained.TRAIN.BASE_LR)
 
 
 def test_accumulation_updates_once_per_group_and_matches_a_big_batch():

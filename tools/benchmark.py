@@ -45,6 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from cli import HelpFormatter  # noqa: E402
 from config import load_config  # noqa: E402
 from engine import AMP_MODES, build_precision, synchronize  # noqa: E402
 from errors import UsageError  # noqa: E402
@@ -190,7 +191,23 @@ def time_alternating(steps: Dict[str, Callable[[], None]], reps: int, warmup: in
                 step()
             synchronize(device)
             times[name].append((time.perf_counter() - start) / calls[name])
+    for name, t in times.items():
+        warning = timing_warning(name, t)
+        if warning:
+            print(f"benchmark: warning: {warning}", file=sys.stderr)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def timing_warning(name: str, times: Sequence[float], min_reps: int = 5, max_spread: float = 0.1) -> Optional[str]:
+    """Why ``times`` may be too few or too noisy to compare at the precision of the printed ratios, if they are."""
+    if len(times) < min_reps:
+        return f"{name}: only {len(times)} repetitions; medians of fewer than {min_reps} are not comparable (--reps)"
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    spread = (q3 - q1) / statistics.median(times)
+    if spread > max_spread:
+        return (f"{name}: the middle half of its timings spans {100 * spread:.0f}% of the median; ratios closer than "
+                f"that are noise (a busy machine? raise --reps, or --min-seconds)")
+    return None
 
 
 def peak_memory_mb(name: str, batch: int, img_size: int, device: str, amp: str) -> float:
@@ -440,7 +457,8 @@ def default_models(peer: str, device: torch.device) -> List[str]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--models", nargs="+", help="config names, ref:NAME, base:NAME or timm:NAME, each optionally "
                                                "ending in +kernels or +onednn (default: the Tiny models, plain and "
                                                "+kernels, and the peer +kernels where that adds oneDNN linears)")
@@ -448,16 +466,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--reference", help="classification/ folder of an original Focal-Transformer checkout, for "
                                        "ref:NAME models (never bundled with this project)")
     p.add_argument("--baseline", help="another checkout of this project, for base:NAME models (before/after)")
-    p.add_argument("--mode", choices=["infer", "train", "both"], default="both")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--img-size", type=int, nargs="+", default=[224])
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--mode", choices=["infer", "train", "both"], default="both",
+                   help="time inference (forward passes), training steps, or both")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step")
+    p.add_argument("--img-size", type=int, nargs="+", default=[224], help="square input sizes, one table row each")
+    p.add_argument("--reps", type=int, default=5,
+                   help="alternating repetitions; the tables give their medians")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each step first")
     p.add_argument("--min-seconds", type=float, default=0.5,
                    help="each repetition repeats a fast step until it lasts this long")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--amp", choices=AMP_MODES, default="none",
-                   help="autocast precision of every model (default none: float32); fp16 trains with a gradient "
+                   help="autocast precision of every model (none: float32); fp16 trains with a gradient "
                         "scaler, as main.py does")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the training-memory probes")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",

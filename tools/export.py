@@ -11,9 +11,10 @@ eager model; the file is written atomically, so a failed export never leaves a p
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -23,16 +24,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from cli import HelpFormatter  # noqa: E402
 from errors import UsageError  # noqa: E402
 from predict import load_model  # noqa: E402
 from utils import atomic_write, ensure_writable_folder  # noqa: E402
 
 FORMATS = {".pt2": "torch.export", ".onnx": "ONNX"}
 TOLERANCE = 1e-4  # the largest |difference| from the eager logits that is accepted
+# Where an export carries the checkpoint's class names (JSON list): a .pt2 extra file, an ONNX metadata entry.
+CLASS_NAMES = "class_names.json"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.export", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--cfg", required=True, help="model config file")
     parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ...")
     parser.add_argument("--checkpoint", required=True, help="weights: ours, a released file, or a bare state dict")
@@ -90,9 +95,16 @@ def onnx_difference(path: str, model: nn.Module, example: torch.Tensor) -> float
     return diff
 
 
+def save_program(program: ExportedProgram, path: str, names: Optional[List[str]]) -> None:
+    """``torch.export.save`` through an open file (torch warns about a file name without ``.pt2``, which the
+    temporary file has), with the checkpoint's class names as ``class_names.json`` when it stores them."""
+    with open(path, "wb") as f:
+        torch.export.save(program, f, extra_files={CLASS_NAMES: json.dumps(names)} if names else None)
+
+
 def export(args: argparse.Namespace) -> None:
     ensure_writable_folder(os.path.dirname(os.path.abspath(args.output)), "--output")
-    model, config, _ = load_model(args.cfg, args.opts, args.checkpoint, torch.device("cpu"), args.ema)
+    model, config, names = load_model(args.cfg, args.opts, args.checkpoint, torch.device("cpu"), args.ema)
     height, width = (args.img_size * 2)[:2] if args.img_size else (config.DATA.IMG_SIZE,) * 2
     batch = max(2, args.batch_size) if args.dynamic_batch else args.batch_size
     example = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(0))
@@ -104,12 +116,15 @@ def export(args: argparse.Namespace) -> None:
         raise UsageError(f"the exported program differs from the model by {diff:.3g} (> {TOLERANCE}); nothing written")
     suffix = os.path.splitext(args.output)[1].lower()
     if suffix == ".pt2":
-        atomic_write(args.output, lambda path: torch.export.save(program, path))
+        atomic_write(args.output, lambda path: save_program(program, path, names))
     else:
         onnx_diffs = []
 
         def save_checked(path: str) -> None:  # checked before the rename: a failing file never gets the name
-            to_onnx(program).save(path)
+            onnx_program = to_onnx(program)
+            if names:
+                onnx_program.model.metadata_props[CLASS_NAMES] = json.dumps(names)
+            onnx_program.save(path)
             onnx_diffs.append(onnx_difference(path, model, example))
         atomic_write(args.output, save_checked)
         diff = max(diff, *onnx_diffs)

@@ -27,11 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from cli import HelpFormatter  # noqa: E402
+
 DEMO_CFG = ROOT / "configs" / "demo" / "focal_demo.yaml"
 STEPS = 20
 BATCH = 32  # 20 steps of 32 images: 64 training images per class of the 10-class demo set
 LOSS = re.compile(r"\tloss \S+ \((\S+)\)")  # engine.train_one_epoch: "loss <last> (<average>)"
-EVAL = re.compile(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+)")
+EVAL = re.compile(r" \* Acc@1 ([\d.]+)(?: Acc@5 ([\d.]+))? loss ([\d.]+)")
 
 
 def report(name: str, ok: bool, detail: str) -> bool:
@@ -102,7 +104,8 @@ def check_benchmark(extra: List[str]) -> bool:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--skip-benchmark", action="store_true", help="only the correctness checks")
     parser.add_argument("--benchmark-args", nargs=argparse.REMAINDER, default=[],
                         help="passed on to tools.benchmark (e.g. --batch-size 64 --img-size 224 384)")

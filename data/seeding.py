@@ -1,0 +1,54 @@
+"""Augmentations that depend only on (seed, epoch, image): what lets training's data workers live for the whole run
+(``persistent_workers``) while a resumed run still sees exactly the augmentations of an uninterrupted one.
+
+Workers that persist cannot take fresh seeds as each epoch starts, so the sampler tags every index with its epoch
+and the dataset seeds the worker's random generators from (seed, epoch, index) before making that sample. The
+augmentation of an image is then the same whichever worker makes it, with any number of workers.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+class EpochTagged(Sampler):
+    """``sampler``'s indices as ``(epoch, index)`` pairs; ``set_epoch`` is passed on."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        return ((self.epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` made right after seeding python's, numpy's and torch's CPU generators from
+    ``(seed, epoch, index)``; it takes the ``(epoch, index)`` keys of :class:`EpochTagged`. Meant for DataLoader
+    workers, whose generators serve only the samples they make."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Any:
+        epoch, index = key
+        value = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+        random.seed(value)
+        np.random.seed(value)
+        torch.random.default_generator.manual_seed(value)
+        return self.dataset[index]

@@ -1,0 +1,75 @@
+"""Evaluating a checkpoint on a folder of some of its classes (ImageNet-A/-R/-V2 layouts): folders are matched to
+the checkpoint's classes (stored names, else ImageNet's WordNet ids for 1000 classes) and only their logits
+compete."""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.data import ImageNetInfo
+
+from config import load_config
+from data.class_map import checkpoint_classes, logit_indices
+from errors import UsageError
+from models import build_model
+from tests.helpers import DEMO_CFG, TINY_OPTS, demo_args, eval_summary, read_log
+
+LOG = logging.getLogger("focal.test")
+WNIDS = ImageNetInfo().label_names()
+
+
+def test_released_checkpoints_are_named_by_wordnet_id():
+    assert checkpoint_classes(None, 1000)[:2] == ["n01440764", "n01443537"]
+    assert checkpoint_classes(["a", "b"], 2) == ["a", "b"]
+    assert checkpoint_classes(None, 10) is None
+    assert checkpoint_classes(["a", "b"], 3) is None  # names that do not fit the head are not trusted
+
+
+def test_folders_map_to_logits_by_name_or_index(caplog):
+    with caplog.at_level(logging.INFO, "focal.test"):
+        assert logit_indices(["b", "d"], ["a", "b", "c", "d"], 4, "x/val", LOG).tolist() == [1, 3]
+        assert "evaluating 2 of the checkpoint's 4 classes" in caplog.text
+        # ImageNet-V2's folders are class indices, labelled in sorted (string) order
+        assert logit_indices(["1", "10", "2"], WNIDS, 1000, "x/val", LOG).tolist() == [1, 10, 2]
+    assert logit_indices(["a", "b"], ["a", "b"], 2, "x/val", LOG) is None
+    assert logit_indices(["b", "a"], None, 2, "x/val", LOG) is None  # no names: position, as before
+    with pytest.raises(UsageError, match=r"--eval: x/val has 2 class folders \(zebra, .*not among the checkpoint's 4"):
+        logit_indices(["a", "zebra"], ["a", "b", "c", "d"], 4, "x/val", LOG)
+
+
+@pytest.mark.slow
+def test_eval_of_1000_class_checkpoint_on_three_named_classes(demo_data, tmp_path):
+    """A stand-in released checkpoint (1000 classes, no names) whose constant logits favour class 999 overall and
+    the second of three WordNet-id folders among them; one more folder of the subset is empty."""
+    wnids = [WNIDS[5], WNIDS[17], WNIDS[400]]
+    data = tmp_path / "subset"
+    for wnid, source in zip(wnids, sorted((demo_data / "val").iterdir())):
+        shutil.copytree(source, data / "val" / wnid)
+    (data / "val" / WNIDS[3]).mkdir()  # a class of the subset without images
+    opts = ["MODEL.NUM_CLASSES", "1000"]
+    torch.manual_seed(0)
+    model = build_model(load_config(DEMO_CFG, TINY_OPTS + opts))
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.bias[999] = 10.0
+        model.head.bias[17] = 5.0
+    checkpoint = tmp_path / "released.pth"
+    torch.save({"model": model.state_dict()}, checkpoint)
+
+    from main import main
+    main(demo_args(data, tmp_path / "out", "--eval", "--pretrained", str(checkpoint), opts=opts))
+    log = read_log(tmp_path / "out")
+    assert f"evaluating 4 of the checkpoint's 1000 classes: the folders of {data}/val are matched by name" in log
+    summary = eval_summary(log)
+    per_class = len(list((data / "val" / wnids[0]).iterdir()))
+    assert summary["counted"] == 3 * per_class
+    assert float(summary["acc1"]) == pytest.approx(100 / 3, abs=1e-3)  # every image is called WNIDS[17]
+    assert summary["acc5"] == ""  # top-5 of 4 classes says nothing: not printed
+    logits = torch.tensor([0.0, 0.0, 5.0, 0.0])  # folders sorted: WNIDS[3], [5], [17], [400]
+    targets = torch.tensor([1, 2, 3]).repeat_interleave(per_class)
+    expected = F.cross_entropy(logits.expand(len(targets), 4), targets).item()
+    assert summary["loss"] == pytest.approx(expected, abs=1e-4)
