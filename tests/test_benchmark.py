@@ -1,5 +1,5 @@
 """The benchmark CLI on small models: speed tables whose ratios are those of the timed figures (to the peer, and
-of a +kernels model to its plain self), memory probes, JSON, gather mode, per-layer kernel mode, the ceiling's
+of a +kernels model to its plain self), memory probes, JSON, per-layer kernel mode, the ceiling's
 ablations and autocast."""
 import json
 import re
@@ -83,20 +83,6 @@ def test_speed_and_memory_tables_with_ratios_to_the_peer(tmp_path):
         peak = figures[name]["train_peak_mb_64"]
         assert peak > 100 and mb == f"{peak:.0f}"
         assert ratio == f"{peak / figures[PEER]['train_peak_mb_64']:.2f}x"
-
-
-def test_gather_methods_are_compared_against_roll(capsys):
-    out = run_here(capsys, *DEMO, "--gather", "--models", PEER, "--reps", "1")
-    rows = table(out, f"{PEER} gather methods")
-    assert set(rows) == {"index", "unfold", "roll"}
-    for method, (ms, ips, speed_up) in rows.items():
-        assert_printed_ratio(ips, "2", str(float(ms) / 1000))  # images/s = batch / seconds per batch
-        assert_printed_ratio(speed_up, ips, rows["roll"][1])  # roll's time over this method's
-
-
-def test_gather_mode_refuses_a_focalv2_model(capsys):
-    with pytest.raises(SystemExit, match="--gather needs a v1"):
-        benchmark.main([*DEMO, "--gather"])
 
 
 @pytest.mark.slow

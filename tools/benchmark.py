@@ -14,7 +14,6 @@ Examples::
 
     python -m tools.benchmark                                  # inference + training step at 224, batch 8
     python -m tools.benchmark --mode infer --img-size 224 448 896 --batch-size 1 --plot throughput.png
-    python -m tools.benchmark --gather                          # roll / unfold / index on Focal-T
     python -m tools.benchmark --kernels                         # F.linear against oneDNN, per layer shape
     python -m tools.benchmark --ceiling                         # what the attention design costs, by ablation
     python -m tools.benchmark --amp bf16 --batch-size 64        # under autocast (float32 by default)
@@ -49,7 +48,6 @@ from config import load_config  # noqa: E402
 from engine import AMP_MODES, build_precision, synchronize  # noqa: E402
 from errors import UsageError  # noqa: E402
 from models import build_model  # noqa: E402
-from models.focal_attention import GATHER_METHODS, FocalWindowAttention  # noqa: E402
 from models.window_attention import WindowedAttention, gather_windows  # noqa: E402
 from models.kernels import optimize_for, select_kernels  # noqa: E402
 from models.kernels import onednn_linear  # noqa: E402
@@ -302,28 +300,6 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
     return results
 
 
-def run_gather(args: argparse.Namespace, device: torch.device) -> None:
-    model = create(args.models[0], args.img_size[0], device).eval()
-    attns = [m for m in model.modules() if isinstance(m, FocalWindowAttention)]
-    if not attns:
-        raise SystemExit(f"--gather needs a v1 (MODEL.TYPE focal) model, got {args.models[0]}")
-    x = torch.randn(args.batch_size, 3, args.img_size[0], args.img_size[0], device=device)
-
-    def with_method(method: str) -> Callable[[], None]:
-        def step():
-            for attn in attns:
-                attn.kv_gather = method
-            with torch.inference_mode():
-                model(x)
-        return step
-    medians = time_alternating({m: with_method(m) for m in GATHER_METHODS}, args.reps, args.warmup, device,
-                               args.min_seconds)
-    rows = [[m, f"{1000 * s:.1f}", f"{args.batch_size / s:.2f}", f"{medians['roll'] / s:.2f}x"]
-            for m, s in medians.items()]
-    print_table(f"{args.models[0]} gather methods, batch {args.batch_size}, {args.img_size[0]}px, {machine()}",
-                rows, ["method", "ms/batch", "images/s", "speed-up vs roll"])
-
-
 CEILING_VARIANTS = {"as built": None, "gather free": "all", "window keys only": "window"}
 
 
@@ -462,7 +438,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="time every model under torch.compile (default backend inductor; the first, untimed call "
                         "compiles; memory probes stay eager)")
-    p.add_argument("--gather", action="store_true", help="compare the v1 gather methods instead")
     p.add_argument("--kernels", action="store_true",
                    help="compare F.linear with the oneDNN linear on the Tiny models' layer shapes instead")
     p.add_argument("--ceiling", action="store_true",
@@ -496,9 +471,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(memory_probe(args.memory_probe, args.batch_size, args.img_size[0], device, args.amp))
         return
     print(f"torch {torch.__version__} on {machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
-    if args.gather:
-        run_gather(args, device)
-        return
     if args.kernels:
         run_kernels(args, device)
         return
