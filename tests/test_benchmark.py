@@ -85,6 +85,28 @@ def test_speed_and_memory_tables_with_ratios_to_the_peer(tmp_path):
         assert ratio == f"{peak / figures[PEER]['train_peak_mb_64']:.2f}x"
 
 
+def test_sizes_mode_gives_ratios_to_the_peer_and_first_over_cached_calls(capsys, tmp_path):
+    out = run_here(capsys, "--models", MODEL, "--peer", PEER, "--sizes", "64", "48x80", "--reps", "2",
+                   "--min-seconds", "0.01", "--json", str(tmp_path / "sizes.json"))
+    figures = json.loads((tmp_path / "sizes.json").read_text())
+    lines = out.split("\ninference per input size, batch 1", 1)[1].strip().splitlines()[3:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("|")]
+    assert [(r[0], r[1]) for r in rows] == [(s, m) for s in ("64x64", "48x80") for m in (MODEL, PEER)]
+    for size, name, ips, ratio, first, cached, first_over_cached in rows:
+        f = figures[name]
+        assert ips == f"{f[f'infer_{size}']:.2f}" and cached == f"{f[f'cached_call_s_{size}']:.2f}"
+        assert first == f"{f[f'first_call_s_{size}']:.2f}" and f[f"first_call_s_{size}"] > 0
+        assert ratio == f"{f[f'infer_{size}'] / figures[PEER][f'infer_{size}']:.2f}x"
+        assert first_over_cached == f"{f[f'first_call_s_{size}'] / f[f'cached_call_s_{size}']:.2f}x"
+
+
+@pytest.mark.parametrize("size", ["12", "64x", "axb", "64x64x3"])
+def test_sizes_mode_refuses_a_bad_size_naming_the_flag(size, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--sizes", size])
+    assert "--sizes" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_compile_mode_times_compiled_models(tmp_path):
     # aot_eager: the compiled path of the benchmark without Inductor's C++ build (a minute or more with a cold

@@ -14,6 +14,7 @@ Examples::
 
     python -m tools.benchmark                                  # inference + training step at 224, batch 8
     python -m tools.benchmark --mode infer --img-size 224 448 896 --batch-size 1 --plot throughput.png
+    python -m tools.benchmark --sizes 224 448 896 800x1216      # per size: vs Swin-T built for it, first call
     python -m tools.benchmark --kernels                         # F.linear against oneDNN, per layer shape
     python -m tools.benchmark --ceiling                         # what the attention design costs, by ablation
     python -m tools.benchmark --amp bf16 --batch-size 64        # under autocast (float32 by default)
@@ -48,7 +49,7 @@ from config import load_config  # noqa: E402
 from engine import AMP_MODES, build_precision, synchronize  # noqa: E402
 from errors import UsageError  # noqa: E402
 from models import build_model  # noqa: E402
-from models.window_attention import WindowedAttention, gather_windows  # noqa: E402
+from models.window_attention import LAYOUTS, WindowedAttention, gather_windows  # noqa: E402
 from models.kernels import optimize_for, select_kernels  # noqa: E402
 from models.kernels import onednn_linear  # noqa: E402
 
@@ -61,11 +62,12 @@ REFERENCE_PATH: Optional[str] = None  # set by --reference
 BASELINE_PATH: Optional[str] = None  # set by --baseline
 
 
-def config_for(name: str, img_size: int):
+def config_for(name: str, img_size: Optional[int]):
+    """The config of ``name`` built for ``img_size`` (None: the size it names)."""
     path = name if name.endswith(".yaml") else os.path.join(ROOT, "configs", name + ".yaml")
     if not os.path.isfile(path):
         raise SystemExit(f"--models: no config {path} (give a name from configs/, ref:NAME or timm:NAME)")
-    return load_config(path, ["MODEL.DROP_PATH_RATE", 0.0, "DATA.IMG_SIZE", img_size])
+    return load_config(path, ["MODEL.DROP_PATH_RATE", 0.0] + ([] if img_size is None else ["DATA.IMG_SIZE", img_size]))
 
 
 def create_reference(name: str, img_size: int) -> nn.Module:
@@ -111,10 +113,11 @@ def split_suffix(name: str) -> tuple:
     return name, ""
 
 
-def create(name: str, img_size: int, device: torch.device = torch.device("cpu")) -> nn.Module:
+def create(name: str, img_size, device: torch.device = torch.device("cpu")) -> nn.Module:
     """A config name under configs/ (ours), ``ref:NAME`` (the original code, see ``--reference``),
     ``base:NAME`` (another checkout, see ``--baseline``) or ``timm:NAME`` (a timm model), built for
-    ``img_size`` on ``device``, with the device kernels of its suffix."""
+    ``img_size`` (a side, ``(height, width)`` for timm models, None for a config's own size) on ``device``, with
+    the device kernels of its suffix."""
     base, suffix = split_suffix(name)
     if suffix:
         model = create(base, img_size, device)
@@ -122,7 +125,7 @@ def create(name: str, img_size: int, device: torch.device = torch.device("cpu"))
         return model
     if name.startswith("timm:"):
         import timm
-        model = timm.create_model(name[5:], img_size=img_size)
+        model = timm.create_model(name[5:], **({} if img_size is None else dict(img_size=img_size)))
     elif name.startswith("ref:"):
         model = create_reference(name[4:], img_size)
     elif name.startswith("base:"):
@@ -230,11 +233,22 @@ def precision(args: argparse.Namespace) -> str:
     return "float32" if args.amp == "none" else f"{args.amp} autocast"
 
 
+def cpu_name() -> str:
+    """The CPU's model name and whether it has AVX-512 (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    return f"{name} ({'with' if ' avx512f' in info else 'without'} AVX-512)"
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
 
 
 def print_table(title: str, rows: List[List[str]], header: Sequence[str]) -> None:
@@ -356,6 +370,63 @@ def run_ceiling(args: argparse.Namespace, device: torch.device) -> None:
                 ["model, variant"] + [f"{m} {size} img/s (vs peer)" for m in modes])
 
 
+def parse_size(text: str) -> tuple:
+    """``"448"`` -> (448, 448); ``"800x1216"`` -> (800, 1216)."""
+    try:
+        sides = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        sides = ()
+    if len(sides) not in (1, 2) or min(sides) < 32:
+        raise argparse.ArgumentTypeError(f"--sizes: expected SIDE or HEIGHTxWIDTH of at least 32 px, got {text!r}")
+    return sides * 2 if len(sides) == 1 else sides
+
+
+def first_call_seconds(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
+    """One inference call on a model that has not seen this input size, with the layout cache empty: what a
+    new size costs (layouts, attention biases, fresh buffers)."""
+    LAYOUTS.clear()
+    model.eval()
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(x)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def run_sizes(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]:
+    """Inference per input size: images/s of each model against the peer built for that size, and each model's
+    first call on the size over a cached call. Our models are built at their configured size (they take any
+    input); timm models are built for each size, as Swin-T must be."""
+    names = list(dict.fromkeys(list(args.models) + [args.peer]))
+    results: Dict[str, Dict] = {}
+    rows = []
+    for height, width in args.sizes:
+        label = f"{height}x{width}"
+        x = torch.randn(args.batch_size, 3, height, width, device=device)
+        models = {n: create(n, (height, width) if split_suffix(n)[0].startswith("timm:") else None, device)
+                  for n in names}
+        first = {n: first_call_seconds(m, x, device) for n, m in models.items()}
+        print(f"timing infer at {label}, batch {args.batch_size}, {precision(args)}, {args.reps} reps ...", flush=True)
+        steps = {n: inference_step(m, x, amp=args.amp) for n, m in models.items()}
+        medians = time_alternating(steps, args.reps, args.warmup, device, args.min_seconds)
+        for n, sec in medians.items():
+            ips = args.batch_size / sec
+            results.setdefault(n, {})[f"infer_{label}"] = ips
+            results[n][f"first_call_s_{label}"] = first[n]
+            results[n][f"cached_call_s_{label}"] = sec
+            rows.append([label, n, f"{ips:.2f}", f"{medians[args.peer] / sec:.2f}x",
+                         f"{first[n]:.2f}", f"{sec:.2f}", f"{first[n] / sec:.2f}x"])
+        del models, steps
+        gc.collect()
+    print_table(f"inference per input size, batch {args.batch_size}, medians of {args.reps} alternating repetitions "
+                f"on {machine()}, {precision(args)}", rows,
+                ["size", "model", "images/s", "vs peer", "first call s", "cached call s", "first / cached"])
+    if any(split_suffix(n)[1] for n in names):
+        print(f"kernels on {device.type}: {', '.join(select_kernels(device)) or 'none'}")
+    return results
+
+
 def run_kernels(args: argparse.Namespace, device: torch.device) -> None:
     """GFLOP/s of PyTorch's ``F.linear`` and of the oneDNN path on every linear-layer shape of the Tiny models
     (Swin-T's and ours are the same): the measurement behind ``models/kernels/onednn_linear.py``."""
@@ -424,7 +495,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                        "ref:NAME models (never bundled with this project)")
     p.add_argument("--baseline", help="another checkout of this project, for base:NAME models (before/after)")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="both")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, help="default 8, or 1 with --sizes")
     p.add_argument("--img-size", type=int, nargs="+", default=[224])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -443,10 +514,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--ceiling", action="store_true",
                    help="time each model also with its key/value gather made free and with ws*ws keys per window "
                         "(ablations: wrong outputs, right costs) instead")
+    p.add_argument("--sizes", nargs="+", type=parse_size, metavar="SIZE",
+                   help="inference per input size (SIDE or HEIGHTxWIDTH, e.g. 224 448 896 800x1216) instead: images/s "
+                        "against the peer built for that size, and the first call on a new size over a cached call")
     p.add_argument("--plot", help="write a PNG of inference images/s against image size")
     p.add_argument("--json", help="write the raw figures to this file")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = 1 if args.sizes else 8
     if args.batch_size < 1 or args.reps < 1 or args.warmup < 0:
         p.error("--batch-size and --reps must be >= 1, --warmup >= 0")
     return args
@@ -477,8 +553,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.ceiling:
         run_ceiling(args, device)
         return
-    results = run_speed(args, device)
-    if args.plot:
+    if args.sizes:
+        results = run_sizes(args, device)
+    else:
+        results = run_speed(args, device)
+    if args.plot and not args.sizes:
         plot(results, args.img_size, args.plot)
     if args.json:
         with open(args.json, "w") as f:
