@@ -382,10 +382,13 @@ def parse_size(text: str) -> tuple:
 
 
 def first_call_seconds(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
-    """One inference call on a model that has not seen this input size, with the layout cache empty: what a
-    new size costs (layouts, attention biases, fresh buffers)."""
-    LAYOUTS.clear()
+    """One inference call on a size the model has not seen, after a warm-up call on another size (as in
+    multi-scale training, where a running model meets a new size): what the new size costs (layouts, attention
+    biases, fresh buffers), not what starting the process costs."""
     model.eval()
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 64, 96, device=device))
+    LAYOUTS.clear()
     synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
