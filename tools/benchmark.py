@@ -381,13 +381,14 @@ def parse_size(text: str) -> tuple:
     return sides * 2 if len(sides) == 1 else sides
 
 
-def first_call_seconds(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
-    """One inference call on a size the model has not seen, after a warm-up call on another size (as in
-    multi-scale training, where a running model meets a new size): what the new size costs (layouts, attention
-    biases, fresh buffers), not what starting the process costs."""
+def first_call_seconds(model: nn.Module, x: torch.Tensor, device: torch.device, warm_up: bool) -> float:
+    """One inference call on a size the model has not seen. With ``warm_up``, after a call on another size (as
+    in multi-scale training, where a running model meets a new size), so it times what the new size costs
+    (layouts, attention biases, fresh buffers), not what starting the process costs."""
     model.eval()
-    with torch.inference_mode():
-        model(torch.randn(1, 3, 64, 96, device=device))
+    if warm_up:
+        with torch.inference_mode():
+            model(torch.randn(1, 3, 64, 96, device=device))
     LAYOUTS.clear()
     synchronize(device)
     start = time.perf_counter()
@@ -400,16 +401,17 @@ def first_call_seconds(model: nn.Module, x: torch.Tensor, device: torch.device) 
 def run_sizes(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]:
     """Inference per input size: images/s of each model against the peer built for that size, and each model's
     first call on the size over a cached call. Our models are built at their configured size (they take any
-    input); timm models are built for each size, as Swin-T must be."""
+    input) and meet each size after a warm-up on another; timm models are built for each size, as Swin-T must
+    be, so their first call is the first call of a fresh model (the process is warm by then: the peer runs last)."""
     names = list(dict.fromkeys(list(args.models) + [args.peer]))
     results: Dict[str, Dict] = {}
     rows = []
     for height, width in args.sizes:
         label = f"{height}x{width}"
         x = torch.randn(args.batch_size, 3, height, width, device=device)
-        models = {n: create(n, (height, width) if split_suffix(n)[0].startswith("timm:") else None, device)
-                  for n in names}
-        first = {n: first_call_seconds(m, x, device) for n, m in models.items()}
+        per_size = {n for n in names if split_suffix(n)[0].startswith("timm:")}  # built for one input size
+        models = {n: create(n, (height, width) if n in per_size else None, device) for n in names}
+        first = {n: first_call_seconds(m, x, device, warm_up=n not in per_size) for n, m in models.items()}
         print(f"timing infer at {label}, batch {args.batch_size}, {precision(args)}, {args.reps} reps ...", flush=True)
         steps = {n: inference_step(m, x, amp=args.amp) for n, m in models.items()}
         medians = time_alternating(steps, args.reps, args.warmup, device, args.min_seconds)
