@@ -92,12 +92,31 @@ def test_sizes_mode_gives_ratios_to_the_peer_and_first_over_cached_calls(capsys,
     lines = out.split("\ninference per input size, batch 1", 1)[1].strip().splitlines()[3:]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("|")]
     assert [(r[0], r[1]) for r in rows] == [(s, m) for s in ("64x64", "48x80") for m in (MODEL, PEER)]
-    for size, name, ips, ratio, first, cached, first_over_cached in rows:
+    for size, name, ips, ratio, cached, first, first_over_cached in rows:
         f = figures[name]
-        assert ips == f"{f[f'infer_{size}']:.2f}" and cached == f"{f[f'cached_call_s_{size}']:.2f}"
-        assert first == f"{f[f'first_call_s_{size}']:.2f}" and f[f"first_call_s_{size}"] > 0
+        assert ips == f"{f[f'infer_{size}']:.2f}" and cached == f"{f[f'cached_call_s_{size}']:.3f}"
+        assert first == f"{f[f'first_call_s_{size}']:.3f}" and f[f"first_call_s_{size}"] > 0
         assert ratio == f"{f[f'infer_{size}'] / figures[PEER][f'infer_{size}']:.2f}x"
         assert first_over_cached == f"{f[f'first_call_s_{size}'] / f[f'cached_call_s_{size}']:.2f}x"
+
+
+def test_sizes_mode_times_a_new_size_with_an_empty_layout_cache(monkeypatch):
+    """The first-call step rebuilds every layout of the model; the cached step rebuilds none."""
+    built = []
+    original = benchmark.LAYOUTS.get
+
+    def counting(key, build):
+        return original(key, lambda: built.append(key) or build())
+    monkeypatch.setattr(benchmark.LAYOUTS, "get", counting)
+    model = benchmark.create(MODEL, None)
+    x = torch.randn(1, 3, 64, 64)
+    cached, first = benchmark.inference_step(model, x), benchmark.first_call_step(model, x, "none")
+    cached()
+    n_layouts = len(built)
+    cached()
+    assert n_layouts > 0 and len(built) == n_layouts
+    first()
+    assert len(built) == 2 * n_layouts
 
 
 @pytest.mark.parametrize("size", ["12", "64x", "axb", "64x64x3"])

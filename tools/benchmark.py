@@ -381,28 +381,21 @@ def parse_size(text: str) -> tuple:
     return sides * 2 if len(sides) == 1 else sides
 
 
-def first_call_seconds(model: nn.Module, x: torch.Tensor, device: torch.device, warm_up: bool) -> float:
-    """One inference call on a size the model has not seen. With ``warm_up``, after a call on another size (as
-    in multi-scale training, where a running model meets a new size), so it times what the new size costs
-    (layouts, attention biases, fresh buffers), not what starting the process costs."""
-    model.eval()
-    if warm_up:
-        with torch.inference_mode():
-            model(torch.randn(1, 3, 64, 96, device=device))
-    LAYOUTS.clear()
-    synchronize(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model(x)
-    synchronize(device)
-    return time.perf_counter() - start
+def first_call_step(model: nn.Module, x: torch.Tensor, amp: str) -> Callable[[], None]:
+    """An inference call as on a size the model has not met: the layout cache is emptied first, so the call
+    builds its layouts and, with the CPU kernels, its attention biases again (as in multi-scale training)."""
+    step = inference_step(model, x, amp=amp)
+
+    def first():
+        LAYOUTS.clear()
+        step()
+    return first
 
 
 def run_sizes(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]:
     """Inference per input size: images/s of each model against the peer built for that size, and each model's
-    first call on the size over a cached call. Our models are built at their configured size (they take any
-    input) and meet each size after a warm-up on another; timm models are built for each size, as Swin-T must
-    be, so their first call is the first call of a fresh model (the process is warm by then: the peer runs last)."""
+    call on a new size over a cached call (both timed alternately with the rest). Our models are built at their
+    configured size (they take any input); timm models are built for each size, as Swin-T must be."""
     names = list(dict.fromkeys(list(args.models) + [args.peer]))
     results: Dict[str, Dict] = {}
     rows = []
@@ -410,23 +403,28 @@ def run_sizes(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
         label = f"{height}x{width}"
         x = torch.randn(args.batch_size, 3, height, width, device=device)
         per_size = {n for n in names if split_suffix(n)[0].startswith("timm:")}  # built for one input size
-        models = {n: create(n, (height, width) if n in per_size else None, device) for n in names}
-        first = {n: first_call_seconds(m, x, device, warm_up=n not in per_size) for n, m in models.items()}
+        steps = {}
+        for n in names:
+            model = create(n, (height, width) if n in per_size else None, device)
+            steps[n] = inference_step(model, x, amp=args.amp)
+            if n not in per_size:  # right after its cached call, which the first-call step then leaves cached
+                steps[f"{n} (first call)"] = first_call_step(model, x, args.amp)
         print(f"timing infer at {label}, batch {args.batch_size}, {precision(args)}, {args.reps} reps ...", flush=True)
-        steps = {n: inference_step(m, x, amp=args.amp) for n, m in models.items()}
         medians = time_alternating(steps, args.reps, args.warmup, device, args.min_seconds)
-        for n, sec in medians.items():
+        for n in names:
+            sec, first = medians[n], medians.get(f"{n} (first call)")
             ips = args.batch_size / sec
             results.setdefault(n, {})[f"infer_{label}"] = ips
-            results[n][f"first_call_s_{label}"] = first[n]
             results[n][f"cached_call_s_{label}"] = sec
-            rows.append([label, n, f"{ips:.2f}", f"{medians[args.peer] / sec:.2f}x",
-                         f"{first[n]:.2f}", f"{sec:.2f}", f"{first[n] / sec:.2f}x"])
-        del models, steps
+            if first is not None:
+                results[n][f"first_call_s_{label}"] = first
+            rows.append([label, n, f"{ips:.2f}", f"{medians[args.peer] / sec:.2f}x", f"{sec:.3f}",
+                         "-" if first is None else f"{first:.3f}", "-" if first is None else f"{first / sec:.2f}x"])
+        del steps
         gc.collect()
     print_table(f"inference per input size, batch {args.batch_size}, medians of {args.reps} alternating repetitions "
                 f"on {machine()}, {precision(args)}", rows,
-                ["size", "model", "images/s", "vs peer", "first call s", "cached call s", "first / cached"])
+                ["size", "model", "images/s", "vs peer", "cached call s", "first call s", "first / cached"])
     if any(split_suffix(n)[1] for n in names):
         print(f"kernels on {device.type}: {', '.join(select_kernels(device)) or 'none'}")
     return results
