@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from .focal_layout import FocalLayout, FocalLayoutSpec
+from .focal_layout import FocalLayout, FocalLayoutSpec, outside_mask, shift_mask
 from .layers import relative_position_index
 from .window_attention import WindowedAttention, key_value_table, layout_cache, merge_windows, queries_by_window
 
@@ -89,7 +89,7 @@ class FocalWindowAttention(WindowedAttention):
         bias = self.relative_bias().unsqueeze(1)  # nH, 1, n, L
         n_heads, _, n, n_keys = bias.shape
         n_win = layout.grid[0] * layout.grid[1]
-        shift, outside = layout.shift_mask(), layout.outside_mask()
+        shift, outside = shift_mask(layout.shift_labels), outside_mask(layout.pooled_outside)
         if shift is None and outside is None:
             return bias.expand(-1, n_win, -1, -1).reshape(1, -1, n, n_keys)
         n_pooled = 0 if outside is None else outside.shape[-1]

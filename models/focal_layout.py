@@ -130,18 +130,21 @@ class FocalLayout:
         return sum(t.numel() * t.element_size() for t in (self.index, self.shift_labels, self.pooled_outside)
                    if t is not None)
 
-    def shift_mask(self) -> Optional[torch.Tensor]:
-        """(nW, ws*ws, ws*ws) additive mask between tokens of different shift regions, or None."""
-        if self.shift_labels is None:
-            return None
-        labels = self.shift_labels
-        return (labels[:, :, None] != labels[:, None, :]).float() * MASK_VALUE
 
-    def outside_mask(self) -> Optional[torch.Tensor]:
-        """(nW, 1, n_pooled) additive mask of the pooled keys beyond the pooled map, or None."""
-        if self.pooled_outside is None:
-            return None
-        return self.pooled_outside.float().unsqueeze(1) * MASK_VALUE
+def shift_mask(labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(nW, ws*ws, ws*ws) additive mask between tokens of different shift regions (``FocalLayout.shift_labels``),
+    or None."""
+    if labels is None:
+        return None
+    return (labels[:, :, None] != labels[:, None, :]).float() * MASK_VALUE
+
+
+def outside_mask(outside: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(nW, 1, n_pooled) additive mask of the pooled keys beyond the pooled map (``FocalLayout.pooled_outside``),
+    or None."""
+    if outside is None:
+        return None
+    return outside.float().unsqueeze(1) * MASK_VALUE
 
 
 def shift_regions(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor:
