@@ -72,8 +72,6 @@ _C.MODEL.FOCAL.USE_LAYERSCALE = False
 _C.MODEL.FOCAL.LAYERSCALE_VALUE = 1e-4
 _C.MODEL.FOCAL.USE_PRE_NORM = False
 _C.MODEL.FOCAL.FOCAL_TOPK = 128
-# How v1 gathers the keys/values around each window: index (one precomputed gather), unfold, or roll.
-_C.MODEL.FOCAL.KV_GATHER = "index"
 
 # Training
 _C.TRAIN = CN()
@@ -157,7 +155,9 @@ _C.THROUGHPUT_PASSES = 30
 
 # Keys of earlier versions of this tree (and of Swin's, which it follows) that nothing reads any more: merged
 # files and --opts may still name them (saved config.yaml files do); yacs ignores them with a warning.
-RETIRED_KEYS = ("DATA.DATASET", "MODEL.SPEC", "DEBUG_MODE", "LOCAL_RANK")
+# MODEL.FOCAL.KV_GATHER chose among three equivalent ways of gathering v1's keys (index, unfold, roll); the
+# models now have one, derived from the layout definition (models/focal_layout.py).
+RETIRED_KEYS = ("DATA.DATASET", "MODEL.SPEC", "DEBUG_MODE", "LOCAL_RANK", "MODEL.FOCAL.KV_GATHER")
 for _key in RETIRED_KEYS:
     _C.register_deprecated_key(_key)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .focal_attention import GATHER_METHODS
 from .focal_transformer import FocalTransformer
 from .layers import POOL_METHODS
 from .topk_attention import MAX_LEVELS
@@ -44,7 +43,6 @@ def validate_model_config(config: Any) -> None:
     _require(f.FOCAL_POOL in POOL_METHODS, "MODEL.FOCAL.FOCAL_POOL", f"must be one of {POOL_METHODS}, got {f.FOCAL_POOL!r}")
     _require(f.EXPAND_LAYER in EXPAND_LAYERS, "MODEL.FOCAL.EXPAND_LAYER",
              f"must be one of {EXPAND_LAYERS}, got {f.EXPAND_LAYER!r}")
-    _require(f.KV_GATHER in GATHER_METHODS, "MODEL.FOCAL.KV_GATHER", f"must be one of {GATHER_METHODS}, got {f.KV_GATHER!r}")
     _require(f.FOCAL_TOPK >= 1, "MODEL.FOCAL.FOCAL_TOPK", f"must be >= 1, got {f.FOCAL_TOPK}")
     _require(f.MLP_RATIO > 0, "MODEL.FOCAL.MLP_RATIO", f"must be > 0, got {f.MLP_RATIO}")
     for rate in ("DROP_RATE", "ATTN_DROP_RATE", "DROP_PATH_RATE"):
@@ -109,5 +107,4 @@ def build_model(config: Any) -> FocalTransformer:
         use_layerscale=f.USE_LAYERSCALE,
         layerscale_value=f.LAYERSCALE_VALUE,
         use_pre_norm=f.USE_PRE_NORM,
-        kv_gather=f.KV_GATHER,
     )

@@ -30,7 +30,7 @@ class FocalBlock(nn.Module):
                  expand_size: int, focal_level: int, focal_window: int, pool_method: str, variant: str,
                  top_k: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, use_layerscale: bool = False,
-                 layerscale_value: float = 1e-4, kv_gather: str = "index"):
+                 layerscale_value: float = 1e-4):
         super().__init__()
         self.dim = dim
         self.resolution = resolution
@@ -44,8 +44,7 @@ class FocalBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         if variant == "focal":
             self.attn = FocalWindowAttention(dim, num_heads, window_size, expand_size, self.shift_size, focal_level,
-                                             focal_window, pool_method, qkv_bias, qk_scale, attn_drop, drop,
-                                             kv_gather)
+                                             focal_window, pool_method, qkv_bias, qk_scale, attn_drop, drop)
         else:
             self.attn = TopKFocalAttention(dim, num_heads, window_size, focal_level, top_k, qkv_bias, qk_scale,
                                            attn_drop, drop)
@@ -136,7 +135,7 @@ class FocalTransformer(nn.Module):
                  focal_windows: Sequence[int] = (7, 5, 3, 1), focal_pool: str = "none", focal_topk: int = 128,
                  expand_stages: Sequence[int] = (0, 1, 2, 3), expand_sizes: Sequence[int] = (3, 3, 3, 3),
                  expand_layer: str = "all", use_conv_embed: bool = False, use_layerscale: bool = False,
-                 layerscale_value: float = 1e-4, use_pre_norm: bool = False, kv_gather: str = "index"):
+                 layerscale_value: float = 1e-4, use_pre_norm: bool = False):
         super().__init__()
         self.variant = variant
         self.num_classes = num_classes
@@ -170,7 +169,7 @@ class FocalTransformer(nn.Module):
                            pool_method=focal_pool if i in focal_stages else "none", variant=variant,
                            top_k=focal_topk, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
                            drop=drop_rate, attn_drop=attn_drop_rate, drop_path=drop_path[sum(depths[:i]) + j],
-                           use_layerscale=use_layerscale, layerscale_value=layerscale_value, kv_gather=kv_gather)
+                           use_layerscale=use_layerscale, layerscale_value=layerscale_value)
                 for j in range(depth)]
             downsample = None
             if i < self.num_layers - 1:

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .focal_attention import surrounding_offsets
+from .focal_layout import FocalLayoutSpec
 
 NEIGHBOURS = "relative_position_bias_table_to_neighbors"
 WINDOW_TABLE = "relative_position_bias_table"
@@ -45,7 +45,7 @@ def _window_and_expand(table_shape: torch.Size) -> Tuple[int, int]:
     """``(window, expand size)`` of a ``(1, heads, ws*ws, n_surrounding)`` neighbour table."""
     window = math.isqrt(table_shape[2])
     for expand in range(1, window):
-        if len(surrounding_offsets(window, expand)) == table_shape[3]:
+        if len(FocalLayoutSpec(window, expand).released_surroundings()) == table_shape[3]:
             return window, expand
     raise ValueError(f"no window/expand size gives a neighbour table of shape {tuple(table_shape)}")
 
@@ -53,7 +53,7 @@ def _window_and_expand(table_shape: torch.Size) -> Tuple[int, int]:
 def _cells(window: int, expand: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Window-local coordinates of the queries ``(ws*ws, 2)`` and surrounding keys ``(n, 2)`` of a table."""
     queries = torch.tensor([(a, b) for a in range(window) for b in range(window)], dtype=torch.float64)
-    keys = torch.tensor([(a + dy, b + dx) for a, b, dy, dx in surrounding_offsets(window, expand)],
+    keys = torch.tensor([(a + dy, b + dx) for a, b, dy, dx in FocalLayoutSpec(window, expand).released_surroundings()],
                         dtype=torch.float64)
     return queries, keys
 

@@ -1,5 +1,5 @@
 """The benchmark CLI on small models: speed tables whose ratios are those of the timed figures (to the peer, and
-of a +kernels model to its plain self), memory probes, JSON, gather mode, per-layer kernel mode, the ceiling's
+of a +kernels model to its plain self), memory probes, JSON, per-layer kernel mode, the ceiling's
 ablations and autocast."""
 import json
 import re
@@ -85,18 +85,45 @@ def test_speed_and_memory_tables_with_ratios_to_the_peer(tmp_path):
         assert ratio == f"{peak / figures[PEER]['train_peak_mb_64']:.2f}x"
 
 
-def test_gather_methods_are_compared_against_roll(capsys):
-    out = run_here(capsys, *DEMO, "--gather", "--models", PEER, "--reps", "1")
-    rows = table(out, f"{PEER} gather methods")
-    assert set(rows) == {"index", "unfold", "roll"}
-    for method, (ms, ips, speed_up) in rows.items():
-        assert_printed_ratio(ips, "2", str(float(ms) / 1000))  # images/s = batch / seconds per batch
-        assert_printed_ratio(speed_up, ips, rows["roll"][1])  # roll's time over this method's
+def test_sizes_mode_gives_ratios_to_the_peer_and_first_over_cached_calls(capsys, tmp_path):
+    out = run_here(capsys, "--models", MODEL, "--peer", PEER, "--sizes", "64", "48x80", "--reps", "2",
+                   "--min-seconds", "0.01", "--json", str(tmp_path / "sizes.json"))
+    figures = json.loads((tmp_path / "sizes.json").read_text())
+    lines = out.split("\ninference per input size, batch 1", 1)[1].strip().splitlines()[3:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("|")]
+    assert [(r[0], r[1]) for r in rows] == [(s, m) for s in ("64x64", "48x80") for m in (MODEL, PEER)]
+    for size, name, ips, ratio, cached, first, first_over_cached in rows:
+        f = figures[name]
+        assert ips == f"{f[f'infer_{size}']:.2f}" and cached == f"{f[f'cached_call_s_{size}']:.3f}"
+        assert first == f"{f[f'first_call_s_{size}']:.3f}" and f[f"first_call_s_{size}"] > 0
+        assert ratio == f"{f[f'infer_{size}'] / figures[PEER][f'infer_{size}']:.2f}x"
+        assert first_over_cached == f"{f[f'first_call_s_{size}'] / f[f'cached_call_s_{size}']:.2f}x"
 
 
-def test_gather_mode_refuses_a_focalv2_model(capsys):
-    with pytest.raises(SystemExit, match="--gather needs a v1"):
-        benchmark.main([*DEMO, "--gather"])
+def test_sizes_mode_times_a_new_size_with_an_empty_layout_cache(monkeypatch):
+    """The first-call step rebuilds every layout of the model; the cached step rebuilds none."""
+    built = []
+    original = benchmark.LAYOUTS.get
+
+    def counting(key, build):
+        return original(key, lambda: built.append(key) or build())
+    monkeypatch.setattr(benchmark.LAYOUTS, "get", counting)
+    model = benchmark.create(MODEL, None)
+    x = torch.randn(1, 3, 64, 64)
+    cached, first = benchmark.inference_step(model, x), benchmark.first_call_step(model, x, "none")
+    cached()
+    n_layouts = len(built)
+    cached()
+    assert n_layouts > 0 and len(built) == n_layouts
+    first()
+    assert len(built) == 2 * n_layouts
+
+
+@pytest.mark.parametrize("size", ["12", "64x", "axb", "64x64x3"])
+def test_sizes_mode_refuses_a_bad_size_naming_the_flag(size, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--sizes", size])
+    assert "--sizes" in capsys.readouterr().err
 
 
 @pytest.mark.slow

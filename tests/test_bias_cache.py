@@ -101,3 +101,27 @@ def test_not_used_while_autograd_records_or_over_the_size_limit(counted, monkeyp
         model(x)
         model(x)
     assert len(builds) == 4 * n_blocks
+
+
+def test_kept_biases_of_all_modules_stay_within_the_budget(counted, monkeypatch):
+    """A budget for about half the biases: those built first are kept and reused, the others rebuilt on every
+    call, and the bytes kept never exceed the budget."""
+    model, builds = counted
+    x = torch.randn(1, 3, 64, 64)
+    monkeypatch.setattr(cpu_attention, "BIAS_CACHE_BYTES", 1 << 40)
+    with torch.no_grad():
+        model(x)
+    everything = cpu_attention.kept_bias_bytes()
+    n_blocks = len(builds)
+    optimize_for(model, "cpu", ["bias_cache"])  # forgets every kept bias
+    assert cpu_attention.kept_bias_bytes() == 0
+    monkeypatch.setattr(cpu_attention, "BIAS_CACHE_BYTES", everything // 2)
+    with torch.no_grad():
+        first = model(x)
+        kept = cpu_attention.kept_bias_bytes()
+        built = len(builds)
+        second = model(x)
+    rebuilt = len(builds) - built
+    assert built == 2 * n_blocks and 0 < kept <= everything // 2 and cpu_attention.kept_bias_bytes() == kept
+    assert 0 < rebuilt < n_blocks  # some biases were reused, not all
+    torch.testing.assert_close(second, first, rtol=0, atol=0)

@@ -14,7 +14,7 @@ from config import load_config
 from lr_scheduler import build_scheduler
 from main import main
 from models import build_model
-from models.focal_attention import surrounding_offsets
+from models.focal_layout import FocalLayoutSpec
 from models.resize import neighbour_table_from_window_table, resize_neighbour_table, resize_pool_weight
 from optimizer import build_optimizer
 from utils import load_pretrained
@@ -74,9 +74,9 @@ def test_neighbour_table_derived_from_a_window_table_takes_the_bias_of_each_offs
     window, expand, heads = 4, 2, 2
     offsets = torch.tensor([(dy, dx) for dy in range(-window + 1, window) for dx in range(-window + 1, window)])
     table = (100.0 * offsets[:, :1] + offsets[:, 1:]).repeat(1, heads)  # bias = 100*dy + dx, every head
-    n = len(surrounding_offsets(window, expand))
+    n = len(FocalLayoutSpec(window, expand).released_surroundings())
     derived = neighbour_table_from_window_table(table, torch.Size((1, heads, window * window, n)))
-    for column, (a, b, dy, dx) in enumerate(surrounding_offsets(window, expand)):
+    for column, (a, b, dy, dx) in enumerate(FocalLayoutSpec(window, expand).released_surroundings()):
         for qy in range(window):
             for qx in range(window):
                 ky, kx = a + dy - qy, b + dx - qx  # the key's offset from the query
@@ -85,9 +85,9 @@ def test_neighbour_table_derived_from_a_window_table_takes_the_bias_of_each_offs
 
 
 def test_neighbour_table_resize_is_the_identity_at_the_same_size_and_keeps_values_when_growing():
-    table = torch.randn(1, 3, 16, len(surrounding_offsets(4, 2)))
+    table = torch.randn(1, 3, 16, len(FocalLayoutSpec(4, 2).released_surroundings()))
     assert torch.equal(resize_neighbour_table(table, table.shape), table)
-    grown = resize_neighbour_table(table, torch.Size((1, 3, 64, len(surrounding_offsets(8, 4)))))
+    grown = resize_neighbour_table(table, torch.Size((1, 3, 64, len(FocalLayoutSpec(8, 4).released_surroundings()))))
     assert set(grown.unique().tolist()) <= set(table.unique().tolist())  # nearest values, nothing invented
 
 

@@ -4,8 +4,8 @@ import torch
 
 from config import load_config
 from models import ConfigError, build_model, load_weights
-from models.focal_attention import GATHER_METHODS, FocalWindowAttention
 from tests.helpers import SMALL, randomise, small_model
+from tests.oracles import GATHERS, oracle_gather
 
 
 @pytest.mark.parametrize("opts", [
@@ -16,18 +16,15 @@ from tests.helpers import SMALL, randomise, small_model
     ("MODEL.FOCAL.FOCAL_POOL", "max", "MODEL.FOCAL.FOCAL_LEVELS", [4, 3, 2, 2], "MODEL.FOCAL.EXPAND_SIZES", [2, 1, 3, 0]),
 ], ids=["fc", "shift", "conv-3levels", "mean-even-shift", "max-4levels"])
 @pytest.mark.parametrize("size", [(224, 224), (100, 60), (36, 52)])
-def test_gather_methods_agree_at_any_size(opts, size):
+def test_layout_index_agrees_with_roll_and_unfold_oracles_at_any_size(opts, size):
     model = randomise(small_model(*opts)).eval()
-    attns = [m for m in model.modules() if isinstance(m, FocalWindowAttention)]
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
-    outputs = []
-    for method in GATHER_METHODS:
-        for attn in attns:
-            attn.kv_gather = method
-        with torch.no_grad():
-            outputs.append(model(x))
-    for method, out in zip(GATHER_METHODS[1:], outputs[1:]):
-        torch.testing.assert_close(out, outputs[0], atol=1e-5, rtol=1e-5, msg=lambda m: f"{method}: {m}")
+    with torch.no_grad():
+        want = model(x)
+    for method in GATHERS:
+        with oracle_gather(model, method), torch.no_grad():
+            got = model(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{method}: {m}")
 
 
 @pytest.mark.parametrize("model_type,shift", [("focal", False), ("focal", True), ("focalv2", False), ("focalv2", True)])
@@ -147,7 +144,6 @@ def test_no_weight_decay_names_cover_position_tables():
     (["MODEL.FOCAL.EXPAND_SIZES", [7, 3, 3, 3]], "MODEL.FOCAL.EXPAND_SIZES"),
     (["MODEL.FOCAL.FOCAL_WINDOWS", [6, 5, 3, 1]], "MODEL.FOCAL.FOCAL_WINDOWS"),
     (["MODEL.FOCAL.USE_CONV_EMBED", True, "MODEL.FOCAL.PATCH_SIZE", 2, "DATA.IMG_SIZE", 112], "MODEL.FOCAL.PATCH_SIZE"),
-    (["MODEL.FOCAL.KV_GATHER", "loop"], "MODEL.FOCAL.KV_GATHER"),
     (["DATA.IMG_SIZE", 32, "MODEL.FOCAL.FOCAL_LEVELS", [3, 3, 3, 3]], "MODEL.FOCAL.FOCAL_LEVELS"),
     (["DATA.IMG_SIZE", 226], "DATA.IMG_SIZE"),
     (["MODEL.TYPE", "swin"], "MODEL.TYPE"),

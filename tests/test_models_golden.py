@@ -6,10 +6,10 @@ import torch
 
 from config import load_config
 from models import build_model, load_weights
-from models.focal_attention import GATHER_METHODS, FocalWindowAttention
 from models.kernels import KERNELS, optimize_for
 from models.kernels.onednn_linear import onednn_available
 from tests.golden import CASE_FILES, FIXTURES, build_filled, case_input, case_opts, load_case
+from tests.oracles import GATHERS, oracle_gather
 
 RELEASED_PARAMS_M = {  # the released model zoo table, in millions
     "focal_tiny_patch4_window7_224": 28.9, "focal_tiny_useconv_patch4_window7_224": 30.8,
@@ -33,13 +33,6 @@ def test_every_fixture_is_documented_with_its_recipe():
     assert {load_case(p)["name"] for p in CASE_FILES} == documented
 
 
-def set_gather(model: torch.nn.Module, method: str) -> int:
-    attns = [m for m in model.modules() if isinstance(m, FocalWindowAttention)]
-    for attn in attns:
-        attn.kv_gather = method
-    return len(attns)
-
-
 # The released-size cases run full-size models at 224 (5-10 s each on 2 cores): slow.
 CASES = [pytest.param(p, marks=pytest.mark.slow) if p.stem in RELEASED_PARAMS_M else p for p in CASE_FILES]
 
@@ -48,7 +41,8 @@ CASES = [pytest.param(p, marks=pytest.mark.slow) if p.stem in RELEASED_PARAMS_M 
 @pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
 def test_parameters_logits_and_flops_match_reference(path, kernels):
     """The plain model (what accelerators run) and the model with every CPU kernel of models/kernels, whichever
-    of them this CPU would choose, must both reproduce the fixtures."""
+    of them this CPU would choose, must both reproduce the fixtures; so must v1 with its keys gathered by the
+    roll and unfold oracles instead of the layout index."""
     case = load_case(path)
     model = build_filled(case)
     if kernels != "plain":
@@ -57,14 +51,15 @@ def test_parameters_logits_and_flops_match_reference(path, kernels):
     assert sum(p.numel() for p in model.parameters()) == case["n_parameters"]
     assert int(model.flops()) == case["flops"]
     want = torch.tensor(case["output"])
-    methods = GATHER_METHODS if case["model_type"] == "focal" else ("index",)
     x = case_input(case)
-    for method in methods:
-        if case["model_type"] == "focal":
-            assert set_gather(model, method) > 0
-        with torch.no_grad():
-            got = model(x)
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"{method}: {m}")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=1e-4, rtol=1e-4)
+    if case["model_type"] == "focal":
+        for method in GATHERS:
+            with oracle_gather(model, method) as n_modules, torch.no_grad():
+                assert n_modules > 0
+                got = model(x)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"{method}: {m}")
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED_PARAMS_M))

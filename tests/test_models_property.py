@@ -94,7 +94,6 @@ def configs(draw):
         "MODEL.FOCAL.USE_CONV_EMBED", draw(st.booleans()),
         "MODEL.FOCAL.APE", draw(st.booleans()),
         "MODEL.FOCAL.FOCAL_TOPK", draw(st.integers(1, 40)),
-        "MODEL.FOCAL.KV_GATHER", draw(st.sampled_from(["index", "unfold", "roll"])),
         "MODEL.DROP_PATH_RATE", 0.1,
     ]
     input_size = (draw(st.integers(9, 72)), draw(st.integers(9, 72)))

@@ -14,7 +14,7 @@ Examples::
 
     python -m tools.benchmark                                  # inference + training step at 224, batch 8
     python -m tools.benchmark --mode infer --img-size 224 448 896 --batch-size 1 --plot throughput.png
-    python -m tools.benchmark --gather                          # roll / unfold / index on Focal-T
+    python -m tools.benchmark --sizes 224 448 896 800x1216      # per size: vs Swin-T built for it, first call
     python -m tools.benchmark --kernels                         # F.linear against oneDNN, per layer shape
     python -m tools.benchmark --ceiling                         # what the attention design costs, by ablation
     python -m tools.benchmark --amp bf16 --batch-size 64        # under autocast (float32 by default)
@@ -50,8 +50,7 @@ from config import load_config  # noqa: E402
 from engine import AMP_MODES, build_precision, synchronize  # noqa: E402
 from errors import UsageError  # noqa: E402
 from models import build_model  # noqa: E402
-from models.focal_attention import GATHER_METHODS, FocalWindowAttention  # noqa: E402
-from models.window_attention import WindowedAttention, gather_windows  # noqa: E402
+from models.window_attention import LAYOUTS, WindowedAttention, gather_windows  # noqa: E402
 from models.kernels import optimize_for, select_kernels  # noqa: E402
 from models.kernels import onednn_linear  # noqa: E402
 
@@ -64,12 +63,13 @@ REFERENCE_PATH: Optional[str] = None  # set by --reference
 BASELINE_PATH: Optional[str] = None  # set by --baseline
 
 
-def config_for(name: str, img_size: int):
+def config_for(name: str, img_size: Optional[int]):
+    """The config of ``name`` built for ``img_size`` (None: the size it names)."""
     path = name if name.endswith(".yaml") else os.path.join(ROOT, "configs", name + ".yaml")
     if not os.path.isfile(path):
         raise SystemExit(f"benchmark: --models {name}: no config {path} (give a name from configs/, ref:NAME, base:NAME "
                          f"or timm:NAME)")
-    return load_config(path, ["MODEL.DROP_PATH_RATE", 0.0, "DATA.IMG_SIZE", img_size])
+    return load_config(path, ["MODEL.DROP_PATH_RATE", 0.0] + ([] if img_size is None else ["DATA.IMG_SIZE", img_size]))
 
 
 def create_reference(name: str, img_size: int) -> nn.Module:
@@ -115,10 +115,11 @@ def split_suffix(name: str) -> tuple:
     return name, ""
 
 
-def create(name: str, img_size: int, device: torch.device = torch.device("cpu")) -> nn.Module:
+def create(name: str, img_size, device: torch.device = torch.device("cpu")) -> nn.Module:
     """A config name under configs/ (ours), ``ref:NAME`` (the original code, see ``--reference``),
     ``base:NAME`` (another checkout, see ``--baseline``) or ``timm:NAME`` (a timm model), built for
-    ``img_size`` on ``device``, with the device kernels of its suffix."""
+    ``img_size`` (a side, ``(height, width)`` for timm models, None for a config's own size) on ``device``, with
+    the device kernels of its suffix."""
     base, suffix = split_suffix(name)
     if suffix:
         model = create(base, img_size, device)
@@ -126,7 +127,7 @@ def create(name: str, img_size: int, device: torch.device = torch.device("cpu"))
         return model
     if name.startswith("timm:"):
         import timm
-        model = timm.create_model(name[5:], img_size=img_size)
+        model = timm.create_model(name[5:], **({} if img_size is None else dict(img_size=img_size)))
     elif name.startswith("ref:"):
         model = create_reference(name[4:], img_size)
     elif name.startswith("base:"):
@@ -250,11 +251,22 @@ def precision(args: argparse.Namespace) -> str:
     return "float32" if args.amp == "none" else f"{args.amp} autocast"
 
 
+def cpu_name() -> str:
+    """The CPU's model name and whether it has AVX-512 (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    return f"{name} ({'with' if ' avx512f' in info else 'without'} AVX-512)"
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
 
 
 def print_table(title: str, rows: List[List[str]], header: Sequence[str]) -> None:
@@ -320,28 +332,6 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
     return results
 
 
-def run_gather(args: argparse.Namespace, device: torch.device) -> None:
-    model = create(args.models[0], args.img_size[0], device).eval()
-    attns = [m for m in model.modules() if isinstance(m, FocalWindowAttention)]
-    if not attns:
-        raise SystemExit(f"--gather needs a v1 (MODEL.TYPE focal) model, got {args.models[0]}")
-    x = torch.randn(args.batch_size, 3, args.img_size[0], args.img_size[0], device=device)
-
-    def with_method(method: str) -> Callable[[], None]:
-        def step():
-            for attn in attns:
-                attn.kv_gather = method
-            with torch.inference_mode():
-                model(x)
-        return step
-    medians = time_alternating({m: with_method(m) for m in GATHER_METHODS}, args.reps, args.warmup, device,
-                               args.min_seconds)
-    rows = [[m, f"{1000 * s:.1f}", f"{args.batch_size / s:.2f}", f"{medians['roll'] / s:.2f}x"]
-            for m, s in medians.items()]
-    print_table(f"{args.models[0]} gather methods, batch {args.batch_size}, {args.img_size[0]}px, {machine()}",
-                rows, ["method", "ms/batch", "images/s", "speed-up vs roll"])
-
-
 CEILING_VARIANTS = {"as built": None, "gather free": "all", "window keys only": "window"}
 
 
@@ -396,6 +386,66 @@ def run_ceiling(args: argparse.Namespace, device: torch.device) -> None:
     print_table(f"attention ceiling, images/s, medians of {args.reps} alternating repetitions on {machine()}, "
                 f"{precision(args)}", rows,
                 ["model, variant"] + [f"{m} {size} img/s (vs peer)" for m in modes])
+
+
+def parse_size(text: str) -> tuple:
+    """``"448"`` -> (448, 448); ``"800x1216"`` -> (800, 1216)."""
+    try:
+        sides = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        sides = ()
+    if len(sides) not in (1, 2) or min(sides) < 32:
+        raise argparse.ArgumentTypeError(f"--sizes: expected SIDE or HEIGHTxWIDTH of at least 32 px, got {text!r}")
+    return sides * 2 if len(sides) == 1 else sides
+
+
+def first_call_step(model: nn.Module, x: torch.Tensor, amp: str) -> Callable[[], None]:
+    """An inference call as on a size the model has not met: the layout cache is emptied first, so the call
+    builds its layouts and, with the CPU kernels, its attention biases again (as in multi-scale training)."""
+    step = inference_step(model, x, amp=amp)
+
+    def first():
+        LAYOUTS.clear()
+        step()
+    return first
+
+
+def run_sizes(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]:
+    """Inference per input size: images/s of each model against the peer built for that size, and each model's
+    call on a new size over a cached call (both timed alternately with the rest). Our models are built at their
+    configured size (they take any input); timm models are built for each size, as Swin-T must be."""
+    names = list(dict.fromkeys(list(args.models) + [args.peer]))
+    results: Dict[str, Dict] = {}
+    rows = []
+    for height, width in args.sizes:
+        label = f"{height}x{width}"
+        x = torch.randn(args.batch_size, 3, height, width, device=device)
+        per_size = {n for n in names if split_suffix(n)[0].startswith("timm:")}  # built for one input size
+        steps = {}
+        for n in names:
+            model = create(n, (height, width) if n in per_size else None, device)
+            steps[n] = inference_step(model, x, amp=args.amp)
+            if n not in per_size:  # right after its cached call, which the first-call step then leaves cached
+                steps[f"{n} (first call)"] = first_call_step(model, x, args.amp)
+        print(f"timing infer at {label}, batch {args.batch_size}, {precision(args)}, {args.reps} reps ...", flush=True)
+        medians = time_alternating(steps, args.reps, args.warmup, device, args.min_seconds)
+        for n in names:
+            sec, first = medians[n], medians.get(f"{n} (first call)")
+            ips = args.batch_size / sec
+            results.setdefault(n, {})[f"infer_{label}"] = ips
+            results[n][f"cached_call_s_{label}"] = sec
+            if first is not None:
+                results[n][f"first_call_s_{label}"] = first
+            rows.append([label, n, f"{ips:.2f}", f"{medians[args.peer] / sec:.2f}x", f"{sec:.3f}",
+                         "-" if first is None else f"{first:.3f}", "-" if first is None else f"{first / sec:.2f}x"])
+        del steps
+        gc.collect()
+    print_table(f"inference per input size, batch {args.batch_size}, medians of {args.reps} alternating repetitions "
+                f"on {machine()}, {precision(args)}", rows,
+                ["size", "model", "images/s", "vs peer", "cached call s", "first call s", "first / cached"])
+    if any(split_suffix(n)[1] for n in names):
+        print(f"kernels on {device.type}: {', '.join(select_kernels(device)) or 'none'}")
+    return results
 
 
 def run_kernels(args: argparse.Namespace, device: torch.device) -> None:
@@ -468,7 +518,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--baseline", help="another checkout of this project, for base:NAME models (before/after)")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="both",
                    help="time inference (forward passes), training steps, or both")
-    p.add_argument("--batch-size", type=int, default=8, help="images per step")
+    p.add_argument("--batch-size", type=int, help="images per step (default 8, or 1 with --sizes)")
     p.add_argument("--img-size", type=int, nargs="+", default=[224], help="square input sizes, one table row each")
     p.add_argument("--reps", type=int, default=5,
                    help="alternating repetitions; the tables give their medians")
@@ -483,16 +533,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="time every model under torch.compile (default backend inductor; the first, untimed call "
                         "compiles; memory probes stay eager)")
-    p.add_argument("--gather", action="store_true", help="compare the v1 gather methods instead")
     p.add_argument("--kernels", action="store_true",
                    help="compare F.linear with the oneDNN linear on the Tiny models' layer shapes instead")
     p.add_argument("--ceiling", action="store_true",
                    help="time each model also with its key/value gather made free and with ws*ws keys per window "
                         "(ablations: wrong outputs, right costs) instead")
+    p.add_argument("--sizes", nargs="+", type=parse_size, metavar="SIZE",
+                   help="inference per input size (SIDE or HEIGHTxWIDTH, e.g. 224 448 896 800x1216) instead: images/s "
+                        "against the peer built for that size, and the first call on a new size over a cached call")
     p.add_argument("--plot", help="write a PNG of inference images/s against image size")
     p.add_argument("--json", help="write the raw figures to this file")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = 1 if args.sizes else 8
     if args.batch_size < 1 or args.reps < 1 or args.warmup < 0:
         p.error("--batch-size and --reps must be >= 1, --warmup >= 0")
     return args
@@ -549,17 +603,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(memory_probe(args.memory_probe, args.batch_size, args.img_size[0], device, args.amp))
         return
     print(f"torch {torch.__version__} on {machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
-    if args.gather:
-        run_gather(args, device)
-        return
     if args.kernels:
         run_kernels(args, device)
         return
     if args.ceiling:
         run_ceiling(args, device)
         return
-    results = run_speed(args, device)
-    if args.plot:
+    if args.sizes:
+        results = run_sizes(args, device)
+    else:
+        results = run_speed(args, device)
+    if args.plot and not args.sizes:
         plot(results, args.img_size, args.plot)
     if args.json:
         with open(args.json, "w") as f:

@@ -22,7 +22,7 @@ from typing import Iterable, List, Optional, Union
 import torch
 import torch.nn as nn
 
-from .cpu_attention import CPU_CLASSES
+from .cpu_attention import CPU_CLASSES, forget_bias
 from .onednn_linear import convert_linears, onednn_available, onednn_helps
 
 KERNELS = ("attention", "bias_cache", "onednn_linear")
@@ -76,7 +76,7 @@ def optimize_for(model: nn.Module, device: Union[str, torch.device],
         base = plain.get(type(module), type(module))
         if base not in CPU_CLASSES:
             continue
-        module.__dict__.pop("_bias_cache", None)
+        forget_bias(module)
         if attention:
             module.__class__ = CPU_CLASSES[base]
             module.cpu_kernels = attention

@@ -6,6 +6,7 @@ of the subclasses at the bottom of this file (parameters, buffers and state dict
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -20,11 +21,19 @@ from ..topk_attention import TopKFocalAttention
 # and page-faulting fresh ones. At 224 this made Focal-T's training attention about 1.3x faster. 0: one block.
 CPU_BLOCK_BYTES = 4 << 20
 
-# Without autograd, an attention module keeps the last full attention bias it built, if it is at most this many
-# bytes (at 224 the largest is 8.7 MB). Rebuilding it costs one large write per block: Focal-fast-T at batch 1
-# ran ~25% faster on CPU with the cache. A model then holds 27-35 MB of biases for the Tiny models at 224 and up
-# to 172 MB for Focal-B at 448.
-BIAS_CACHE_BYTES = 16 << 20
+# Without autograd, each attention module keeps the last full attention bias it built, while all kept biases
+# together stay within this many bytes: first come, first kept, and a module's new bias replaces its own old one,
+# so a model holds at most the biases of one input size. Rebuilding a bias costs one large, freshly allocated
+# write per block: Focal-fast-T at batch 1 ran ~25% faster on CPU with the cache at 224. The Tiny models hold
+# 27-35 MB at 224 and about 160 MB at 448 (all of them), and at 896 the first ones built up to the bound.
+BIAS_CACHE_BYTES = 256 << 20
+_KEPT: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()  # bytes kept per module
+
+
+def forget_bias(module: nn.Module) -> None:
+    """Drop ``module``'s cached bias and its share of the budget."""
+    module.__dict__.pop("_bias_cache", None)
+    _KEPT.pop(module, None)
 
 
 def cached_bias(module: nn.Module, layout: object, build: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -43,11 +52,19 @@ def cached_bias(module: nn.Module, layout: object, build: Callable[[], torch.Ten
     if (entry is not None and entry[0] is layout and entry[2] == versions
             and all(a is b for a, b in zip(entry[1], tensors))):
         return entry[3]
+    forget_bias(module)
     bias = build()
-    fits = bias.numel() * bias.element_size() <= BIAS_CACHE_BYTES
-    # the entry holds the layout and tensors themselves, so identity checks cannot match a recycled object
-    module._bias_cache = (layout, tensors, versions, bias) if fits else None
+    size = bias.numel() * bias.element_size()
+    if size + sum(_KEPT.values()) <= BIAS_CACHE_BYTES:
+        # the entry holds the layout and tensors themselves, so identity checks cannot match a recycled object
+        module._bias_cache = (layout, tensors, versions, bias)
+        _KEPT[module] = size
     return bias
+
+
+def kept_bias_bytes() -> int:
+    """Bytes of attention biases kept by all modules."""
+    return sum(_KEPT.values())
 
 
 class Block(NamedTuple):

@@ -1,0 +1,160 @@
+"""What a v1 focal window attends to, defined once.
+
+:class:`FocalLayoutSpec` is the single definition of the key set of a window, as translation-invariant offsets
+from the window's corner. Everything that depends on the pattern is derived from it: the key index of every
+window at a given map size (:meth:`FocalLayoutSpec.build`), its masks, the columns of the position-bias tables
+(``FocalWindowAttention``) and the resampling of those tables to another geometry (``models/resize.py``). To
+change what a window attends to, change (or subclass) the spec.
+
+Key order per window, which the bias tables of released checkpoints are laid out for:
+  1. the window's own ``ws*ws`` tokens, row-major;
+  2. the surroundings: the window shifted by each of :meth:`~FocalLayoutSpec.shifts` (cyclically over the padded
+     map), each row-major, keeping only the tokens that fall outside the window. Where two shifted windows
+     overlap, the released layout lists a token twice, with two biases; here it is one key whose bias is the
+     log-sum-exp of both, which gives the same softmax with fewer keys (Focal-T: 120 instead of 132);
+  3. per coarse level ``k``: the pooled tokens under a ``focal_window + 2**k - 1`` square anchored at the window,
+     row-major; positions beyond the pooled map are a zero key/value with a -100 logit penalty.
+
+A layout at one map size is linear in the number of windows: an index ``(nW, L)`` and masks in their compact
+form (the shift mask as region labels per window token, the out-of-map mask per window and pooled key).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .layers import window_partition
+
+MASK_VALUE = -100.0  # the reference's logit penalty (not -inf: fully masked rows stay finite)
+
+
+@dataclass(frozen=True)
+class FocalLayoutSpec:
+    """The attention pattern of one block: window, surroundings, shift and pooled levels."""
+    window_size: int
+    expand_size: int
+    shift_size: int = 0
+    focal_window: int = 1
+    num_pooled: int = 0
+
+    def shifts(self) -> List[Tuple[int, int]]:
+        """The shifts whose windows make up the surroundings, in key order: the four diagonals."""
+        e = self.expand_size
+        return [(e, e), (e, -e), (-e, e), (-e, -e)] if e > 0 else []
+
+    def released_surroundings(self) -> List[Tuple[int, int, int, int]]:
+        """``(a, b, dy, dx)`` for every surrounding key of the released layout (the columns of its neighbour bias
+        table): query-window cell (a, b) read at offset (dy, dx)."""
+        ws = self.window_size
+        return [(a, b, dy, dx) for dy, dx in self.shifts() for a in range(ws) for b in range(ws)
+                if not (0 <= a + dy < ws and 0 <= b + dx < ws)]
+
+    def surrounding_cells(self) -> Tuple[List[Tuple[int, int]], torch.Tensor]:
+        """The distinct surrounding keys as cells relative to the window corner (first occurrences, in released
+        order) and, for each, the released bias-table columns that refer to it, as a ``(U, m)`` index padded with
+        one past the last column."""
+        released = self.released_surroundings()
+        position: Dict[Tuple[int, int], int] = {}
+        cells, columns = [], []
+        for column, (a, b, dy, dx) in enumerate(released):
+            cell = (a + dy, b + dx)  # the same cell relative to the window is the same token in every window
+            if cell not in position:
+                position[cell] = len(cells)
+                cells.append(cell)
+                columns.append([])
+            columns[position[cell]].append(column)
+        width = max((len(c) for c in columns), default=1)
+        return cells, torch.tensor([c + [len(released)] * (width - len(c)) for c in columns], dtype=torch.long)
+
+    def pooled_span(self, level: int) -> int:
+        """Side of the square of pooled tokens a window reads at coarse level ``level``."""
+        return self.focal_window + 2 ** level - 1
+
+    def pooled_cells(self, level: int) -> List[Tuple[int, int]]:
+        """The pooled tokens read at ``level``, as (row, column) offsets on the pooled map from the window's own
+        first pooled token, row-major."""
+        start = -(self.focal_window // 2)
+        span = self.pooled_span(level)
+        return [(start + u, start + v) for u in range(span) for v in range(span)]
+
+    def num_keys(self) -> int:
+        """Keys per window: own tokens, distinct surroundings, pooled tokens of every level."""
+        n_sur = len(self.surrounding_cells()[0]) if self.shifts() else 0
+        return self.window_size ** 2 + n_sur + sum(self.pooled_span(k) ** 2 for k in range(self.num_pooled))
+
+    def build(self, height: int, width: int) -> "FocalLayout":
+        """Where every key of every window comes from on a padded ``height x width`` map."""
+        ws = self.window_size
+        nh, nw = height // ws, width // ws
+        wy = torch.arange(nh).repeat_interleave(nw).view(-1, 1)  # (nW, 1) window row and column
+        wx = torch.arange(nw).repeat(nh).view(-1, 1)
+        local = [(a, b) for a in range(ws) for b in range(ws)]
+        if self.shifts():
+            local += self.surrounding_cells()[0]
+        ly, lx = (torch.tensor(c).view(1, -1) for c in zip(*local))
+        # own tokens and surroundings, cyclic over the padded map (as the reference's rolls)
+        parts = [((wy * ws + ly) % height) * width + (wx * ws + lx) % width]
+        zero_token = height * width + sum(nh * nw * 4 ** level for level in range(self.num_pooled))
+        offset, outside = height * width, []
+        for level in range(self.num_pooled):
+            ph, pw = nh * 2 ** level, nw * 2 ** level
+            py, px = (torch.tensor(c).view(1, -1) for c in zip(*self.pooled_cells(level)))
+            rows, cols = wy * 2 ** level + py, wx * 2 ** level + px
+            out = (rows < 0) | (rows >= ph) | (cols < 0) | (cols >= pw)
+            parts.append(torch.where(out, zero_token, offset + rows * pw + cols))
+            outside.append(out)
+            offset += ph * pw
+        index = torch.cat(parts, dim=1)
+        pooled_outside = torch.cat(outside, dim=1) if outside else None
+        if pooled_outside is not None and not bool(pooled_outside.any()):
+            pooled_outside = None
+        labels = shift_regions(height, width, ws, self.shift_size) if self.shift_size > 0 else None
+        return FocalLayout((nh, nw), index, labels, pooled_outside)
+
+
+@dataclass
+class FocalLayout:
+    """Every window's keys on one padded map size, with the masks in compact form (index tensors are int64)."""
+    grid: Tuple[int, int]                   # windows along H and W
+    index: torch.Tensor                     # (nW, L) into [map tokens, pooled tokens per level..., zero token]
+    shift_labels: Optional[torch.Tensor]    # (nW, ws*ws) region of each window token under the cyclic shift
+    pooled_outside: Optional[torch.Tensor]  # (nW, n_pooled) bool: the pooled key lies beyond the pooled map
+
+    def to(self, device: torch.device) -> "FocalLayout":
+        move = lambda t: None if t is None else t.to(device)
+        return FocalLayout(self.grid, move(self.index), move(self.shift_labels), move(self.pooled_outside))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.index, self.shift_labels, self.pooled_outside)
+                   if t is not None)
+
+
+def shift_mask(labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(nW, ws*ws, ws*ws) additive mask between tokens of different shift regions (``FocalLayout.shift_labels``),
+    or None."""
+    if labels is None:
+        return None
+    return (labels[:, :, None] != labels[:, None, :]).float() * MASK_VALUE
+
+
+def outside_mask(outside: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(nW, 1, n_pooled) additive mask of the pooled keys beyond the pooled map (``FocalLayout.pooled_outside``),
+    or None."""
+    if outside is None:
+        return None
+    return outside.float().unsqueeze(1) * MASK_VALUE
+
+
+def shift_regions(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor:
+    """Swin's regions of a cyclically shifted map, per window token ``(nW, ws*ws)``: tokens of different regions
+    must not attend to each other."""
+    labels = torch.zeros(1, height, width, 1, dtype=torch.uint8)
+    bounds = lambda n: ((0, n - window_size), (n - window_size, n - shift_size), (n - shift_size, n))
+    region = 0
+    for h0, h1 in bounds(height):
+        for w0, w1 in bounds(width):
+            labels[:, h0:h1, w0:w1] = region
+            region += 1
+    return window_partition(labels, window_size)[0, :, :, 0].contiguous()
