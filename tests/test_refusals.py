@@ -197,7 +197,7 @@ def test_an_unreadable_validation_image_keeps_the_epoch_it_follows(data, tmp_pat
                                          r".*ckpt_epoch_0.pth: once the image is fixed, the same command resumes"):
         main(args)
     saved = load(run_dir(tmp_path) / CHECKPOINT)
-    assert saved["epoch"] == 0 and saved["max_accuracy"] == 0.0
+    assert saved["epoch"] == 0 and saved["max_accuracy"] <= 0  # not evaluated: no score yet
     bad.write_bytes(good)
     main(args)
     log = read_log(tmp_path)
