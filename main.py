@@ -308,7 +308,7 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
         if tensorboard is not None:
             for tag, value in (("train/epoch_loss", stats.loss), ("val/acc1", result.acc1),
                                ("val/acc5", result.acc5), ("val/loss", result.loss)):
-                tensorboard.add_scalar(tag, value, epoch)
+                tensorboard.add_scalar(tag, value, (epoch + 1) * updates_per_epoch)  # the per-update axis
             tensorboard.flush()
         last_good = save_epoch(config, env, epoch, improved, lambda: state_after(epoch), logger) or last_good
     if tensorboard is not None:
