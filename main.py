@@ -37,9 +37,10 @@ from utils import (BEST_CHECKPOINT, Checkpoint, diverged, latest_checkpoint, loa
                    restore_checkpoint, save_checkpoint, save_config, seed_everything, training_epochs,
                    training_state)
 
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="main.py", description="Focal Transformer training, evaluation and throughput.",
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="main.py", formatter_class=HelpFormatter,
+                                     description="Focal Transformer training, evaluation and throughput.")
     parser.add_argument("--cfg", required=True, metavar="FILE", help="config file (YAML)")
     parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
                         help="override config keys, e.g. --opts TRAIN.EPOCHS 100 DATA.NUM_WORKERS 4")

@@ -34,7 +34,8 @@ from .engine import build_schedule, train_one_epoch
 CLASSIFIER_KEYS = ("head.", "norm.")
 
 
-def parse_args(description: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
+def parse_args(description: str, argv: Optional[Sequence[str]] = None,
+               prog: Optional[str] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     parser.add_argument("--cfg", required=True, metavar="FILE", help="config file (YAML)")
     parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
@@ -47,7 +48,8 @@ def parse_args(description: str, argv: Optional[Sequence[str]] = None, prog: Opt
     parser.add_argument("--unsafe-load", action="store_true",
                         help="DANGEROUS: also load checkpoints that need full unpickling; only for trusted files")
     amp = parser.add_mutually_exclusive_group()
-    amp.add_argument("--amp", choices=AMP_MODES, help="autocast precision (default: fp16 on CUDA, none on CPU)")
+    amp.add_argument("--amp", choices=AMP_MODES,
+                     help="autocast precision (default: bf16 on GPUs that support it, else fp16 on CUDA; none on CPU)")
     amp.add_argument("--disable-amp", action="store_true", help="same as --amp none")
     parser.add_argument("--output", metavar="PATH", help="output root; the run writes to <output>/<name>/<tag>")
     parser.add_argument("--tag", help="experiment tag (default: 'default')")

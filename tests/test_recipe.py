@@ -177,12 +177,12 @@ def test_released_config_trains_and_evaluates_end_to_end(name, recipe_data, tmp_
     assert "Train: [0/2][8/9]" in log and "Train: [1/2][8/9]" in log
     summary = eval_summary(log)
     assert summary["images"] == summary["counted"] == 50 and np.isfinite(summary["loss"])
-    run = tmp_path / name / "default"
+    run = tmp_path / name.replace("window7_224", "window4_32") / "default"  # named for the geometry it built
     assert (run / "ckpt_epoch_1.pth").is_file()
     used = flatten(yaml.safe_load((run / "config.yaml").read_text()))
     released = flatten(yaml.safe_load(load_config(str(config_file)).dump()))
     changed = {key for key in released if used[key] != released[key]}
     # scaled to the total batch, which TRAIN.LR_BATCH records
     lr_scaled = {"TRAIN.BASE_LR", "TRAIN.WARMUP_LR", "TRAIN.MIN_LR", "TRAIN.LR_BATCH"}
-    assert changed == set(SHRINK) | lr_scaled | {"DATA.DATA_PATH", "OUTPUT"}, changed
+    assert changed == set(SHRINK) | lr_scaled | {"DATA.DATA_PATH", "OUTPUT", "MODEL.NAME"}, changed
     assert released["AUG.AUTO_AUGMENT"] == "rand-m9-mstd0.5-inc1" and released["AUG.CUTMIX"] == 1.0
