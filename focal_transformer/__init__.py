@@ -30,6 +30,7 @@ def _share_loaded_tree() -> None:
 
 _share_loaded_tree()
 
+from . import models  # noqa: E402  (binds the attribute also where the modules were shared above)
 from .models import (ConfigError, FocalTransformer, LoadReport, build_model, extract_state_dict,  # noqa: E402
                      load_weights, registry)
 from .models.kernels import optimize_for  # noqa: E402

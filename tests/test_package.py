@@ -66,6 +66,7 @@ def test_package_shares_the_imported_tree():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # timm warns when a name is registered twice
         import focal_transformer
+    assert focal_transformer.models is models
     assert focal_transformer.FocalTransformer is models.FocalTransformer
     assert focal_transformer.build_model is models.build_model
     assert set(focal_transformer.MODEL_NAMES) == set(models.registry.default_cfgs)
