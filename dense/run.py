@@ -127,8 +127,10 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
     precision = build_precision(config.AMP_OPT_LEVEL, env.device)
     train_set, val_set, num_classes = task.build_data(config, env, logger)
     model = task.build_model(config, num_classes).to(env.device)
+    changed = ", ".join(f"{key} {value}" for key, value in config.MODEL.BACKBONE_ARGS.items())
     logger.info(f"model {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters())} parameters, "
-                f"{num_classes} classes, backbone {config.MODEL.BACKBONE}")
+                f"{num_classes} classes, backbone {config.MODEL.BACKBONE}{f' with {changed}' if changed else ''} "
+                f"({sum(p.numel() for p in task.backbone(model).parameters()) / 1e6:.1f}M parameters)")
     checkpoint = None
     if config.MODEL.RESUME:
         checkpoint = read_checkpoint(config.MODEL.RESUME, logger, unsafe)
