@@ -391,13 +391,13 @@ def get_config(args: Any) -> CN:
     amp = "none" if getattr(args, "disable_amp", False) else getattr(args, "amp", None)
     if amp is not None:
         config.AMP_OPT_LEVEL = amp
-    from models import validate_model_config  # here, not at the top: the config tree does not import what it configures
+    check_values(config)
+    from models import validate_model_config  # not at the top: the config tree imports nothing it configures
     validate_model_config(config)  # a model that cannot be built is refused before the run writes anything
     if "MODEL.NAME" not in list(getattr(args, "opts", None) or [])[::2]:
         config.MODEL.NAME = name_for_geometry(config)
     config.OUTPUT = os.path.join(config.OUTPUT or "output", config.MODEL.NAME, config.TAG)
     config.freeze()
-    check_values(config)
     return config
 
 

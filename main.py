@@ -38,9 +38,10 @@ from run_parts import BestScore, create_ema, save_epoch, scale_rates
 from utils import (Checkpoint, diverged, latest_checkpoint, load_pretrained, read_checkpoint, restore_checkpoint,
                    save_checkpoint, save_config, seed_everything, training_epochs, training_state)
 
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="main.py", description="Focal Transformer training, evaluation and throughput.",
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="main.py", formatter_class=HelpFormatter,
+                                     description="Focal Transformer training, evaluation and throughput.")
     parser.add_argument("--cfg", required=True, metavar="FILE", help="config file (YAML)")
     parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
                         help="override config keys, e.g. --opts TRAIN.EPOCHS 100 DATA.NUM_WORKERS 4")

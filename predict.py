@@ -33,10 +33,13 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("images", nargs="+", help="image files, or folders searched recursively for images")
     parser.add_argument("--cfg", required=True, help="model config file")
-    parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ... (the class count comes from the checkpoint unless MODEL.NUM_CLASSES is given here)")
+    parser.add_argument("--opts", nargs="+", default=[],
+                        help="config overrides: KEY VALUE ... (the class count comes from the checkpoint unless "
+                             "MODEL.NUM_CLASSES is given here)")
     parser.add_argument("--checkpoint", required=True, help="weights: ours, a released file, or a bare state dict")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--device", choices=DEVICES, default="auto",

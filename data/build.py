@@ -6,6 +6,7 @@ import logging
 import os
 from typing import Any, List, Optional, Tuple
 
+import torch
 from timm.data import Mixup
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
@@ -81,9 +82,12 @@ def _loader(dataset: Dataset, sampler: Sampler, config: Any, env: DistEnv, train
     workers = worker_count(config.DATA.NUM_WORKERS)
     if train and workers > 0:
         dataset, sampler = SeededSamples(dataset, config.SEED), EpochTagged(sampler)
+    # The workers' base seed comes from a generator of the loader's own, not from the global one: that would be
+    # drawn at the first epoch a run iterates, which a resumed run reaches later than an uninterrupted one.
     return DataLoader(dataset, sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=workers,
                       pin_memory=config.DATA.PIN_MEMORY and env.device.type == "cuda", drop_last=train,
-                      persistent_workers=workers > 0, worker_init_fn=quiet_worker_teardown,
+                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(config.SEED),
+                      worker_init_fn=quiet_worker_teardown,
                       collate_fn=functools.partial(collate_readable, even=train and mixup_active(config)))
 
 

@@ -11,6 +11,7 @@ two-pixel frame.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -98,7 +99,8 @@ def generate_detection(out: str, size: int = 128, train: int = 300, val: int = 6
 
 
 def generate_segmentation(out: str, size: int = 128, train: int = 300, val: int = 60) -> str:
-    """``images/{training,validation}/*.jpg`` and ``annotations/{training,validation}/*.png``."""
+    """``images/{training,validation}/*.jpg``, ``annotations/{training,validation}/*.png`` and the class names in
+    ``objectInfo150.csv``, as in ADE20K."""
     for split, count, offset in (("training", train, 0), ("validation", val, 10 ** 6)):
         for folder in ("images", "annotations"):
             os.makedirs(os.path.join(out, folder, split), exist_ok=True)
@@ -111,6 +113,10 @@ def generate_segmentation(out: str, size: int = 128, train: int = 300, val: int 
             draw.rectangle((0, 0, size - 1, size - 1), outline=0, width=FRAME)
             img.save(os.path.join(out, "images", split, f"{i:06d}.jpg"), quality=95)
             labels.save(os.path.join(out, "annotations", split, f"{i:06d}.png"))
+    with open(os.path.join(out, "objectInfo150.csv"), "w", newline="") as f:  # class names as ADE20K states them
+        writer = csv.writer(f)
+        writer.writerow(["Idx", "Name"])
+        writer.writerows(sorted((value, name) for name, value in LABEL_VALUES.items()))
     return out
 
 

@@ -39,7 +39,8 @@ from .engine import build_schedule, train_one_epoch
 CLASSIFIER_KEYS = ("head.", "norm.")
 
 
-def parse_args(description: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
+def parse_args(description: str, argv: Optional[Sequence[str]] = None,
+               prog: Optional[str] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     parser.add_argument("--cfg", required=True, metavar="FILE", help="config file (YAML)")
     parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
@@ -52,7 +53,8 @@ def parse_args(description: str, argv: Optional[Sequence[str]] = None, prog: Opt
     parser.add_argument("--unsafe-load", action="store_true",
                         help="DANGEROUS: also load checkpoints that need full unpickling; only for trusted files")
     amp = parser.add_mutually_exclusive_group()
-    amp.add_argument("--amp", choices=AMP_MODES, help="autocast precision (default: fp16 on CUDA, none on CPU)")
+    amp.add_argument("--amp", choices=AMP_MODES,
+                     help="autocast precision (default: bf16 on GPUs that support it, else fp16 on CUDA; none on CPU)")
     amp.add_argument("--disable-amp", action="store_true", help="same as --amp none")
     parser.add_argument("--output", metavar="PATH", help="output root; the run writes to <output>/<name>/<tag>")
     parser.add_argument("--tag", help="experiment tag (default: 'default')")
@@ -141,8 +143,10 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
     precision = build_precision(config.AMP_OPT_LEVEL, env.device)
     train_set, val_set, num_classes = task.build_data(config, env, logger)
     model = task.build_model(config, num_classes).to(env.device)
+    changed = ", ".join(f"{key} {value}" for key, value in config.MODEL.BACKBONE_ARGS.items())
     logger.info(f"model {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters())} parameters, "
-                f"{num_classes} classes, backbone {config.MODEL.BACKBONE}")
+                f"{num_classes} classes, backbone {config.MODEL.BACKBONE}{f' with {changed}' if changed else ''} "
+                f"({sum(p.numel() for p in task.backbone(model).parameters()) / 1e6:.1f}M parameters)")
     checkpoint = None
     if config.MODEL.RESUME:
         checkpoint = read_checkpoint(config.MODEL.RESUME, logger, unsafe)

@@ -10,26 +10,40 @@ This is a thin layer over the repository's ``models/`` tree, which the package i
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+from pathlib import Path
+from typing import Optional
 
 
 def _share_loaded_tree() -> None:
     """Use the repository's ``models`` modules when they are the ones this package stands for: inside a checkout
     that was not installed (the tree is importable only as ``models``), or where ``models`` is already imported
-    under its own name (main.py, the tests). A second copy would register every timm name twice."""
-    spec = importlib.util.find_spec(f"{__name__}.models")
-    if spec is None:
+    under its own name (main.py, the tests). A second copy would register every timm name twice. Another
+    project's ``models`` is never taken for ours: the files must be the same."""
+    installed = importlib.util.find_spec(f"{__name__}.models")
+    ours = installed.origin if installed else str(Path(__file__).resolve().parents[1] / "models" / "__init__.py")
+    if installed is None:
+        top = importlib.util.find_spec("models")
+        if top is None or not _same_file(top.origin, ours):
+            raise ImportError(f"{__name__} is not installed and its models/ tree is not importable here: run "
+                              f"`pip install -e {Path(ours).parents[1]}`")
         importlib.import_module("models")
     tree = sys.modules.get("models")
-    if tree is None or (spec is not None and getattr(tree, "__file__", None) != spec.origin):
+    if tree is None or not _same_file(getattr(tree, "__file__", None), ours):
         return
     for name, module in list(sys.modules.items()):
         if name == "models" or name.startswith("models."):
             sys.modules.setdefault(f"{__name__}.{name}", module)
 
 
+def _same_file(a: Optional[str], b: Optional[str]) -> bool:
+    return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
+
+
 _share_loaded_tree()
 
+from . import models  # noqa: E402  (binds the attribute also where the modules were shared above)
 from .models import (ConfigError, FocalTransformer, LoadReport, build_model, extract_state_dict,  # noqa: E402
                      load_weights, registry)
 from .models.kernels import optimize_for  # noqa: E402

@@ -37,7 +37,8 @@ def test_predict_reads_class_count_and_names_from_the_checkpoint(three_classes, 
     rows = capsys.readouterr().out.splitlines()[1:]
     assert len(rows) == 3  # top-5 of 3 classes is all 3
     assert sorted(row.split()[-1] for row in rows) == NAMES
-    with pytest.raises(UsageError, match=r"--checkpoint .*three.pth: cannot load into .*\(the checkpoint has 3 classes\)"):
+    with pytest.raises(UsageError, match=r"--checkpoint .*three.pth: cannot load into .*"
+                                         r"\(the checkpoint has 3 classes\)"):
         predict(parse_args(["--cfg", DEMO_CFG, "--opts", "MODEL.NUM_CLASSES", "4", "--checkpoint", str(three_classes),
                             str(image)]))
 

@@ -81,5 +81,6 @@ def test_a_config_run_at_another_geometry_is_named_for_it():
     assert finetune.MODEL.NAME == "focal_tiny_patch4_window12_384"
     assert finetune.OUTPUT == "output/focal_tiny_patch4_window12_384/default"
     assert get_config(argparse.Namespace(cfg=cfg, opts=None)).MODEL.NAME == "focal_tiny_patch4_window7_224"
-    named = get_config(argparse.Namespace(cfg=cfg, opts=["DATA.IMG_SIZE", "384", "MODEL.NAME", "mine_patch4_window7_224"]))
+    opts = ["DATA.IMG_SIZE", "384", "MODEL.NAME", "mine_patch4_window7_224"]
+    named = get_config(argparse.Namespace(cfg=cfg, opts=opts))
     assert named.MODEL.NAME == "mine_patch4_window7_224"  # a name given on the command line is kept

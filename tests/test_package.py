@@ -66,6 +66,22 @@ def test_package_shares_the_imported_tree():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # timm warns when a name is registered twice
         import focal_transformer
+    assert focal_transformer.models is models
     assert focal_transformer.FocalTransformer is models.FocalTransformer
     assert focal_transformer.build_model is models.build_model
     assert set(focal_transformer.MODEL_NAMES) == set(models.registry.default_cfgs)
+
+
+def test_another_projects_models_is_never_taken_for_ours(tmp_path):
+    """Not installed, with a project's own ``models`` package first on the path: a clear ImportError, and that
+    ``models`` is left alone."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("MINE = True\n")
+    script = ("import sys\nsys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+              "try:\n    import focal_transformer\nexcept ImportError as err:\n    print(err)\n"
+              "import models\nprint('mine' if models.MINE else 'ours')\n")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(REPO)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [f"focal_transformer is not installed and its models/ tree is not importable "
+                                       f"here: run `pip install -e {REPO}`", "mine"]

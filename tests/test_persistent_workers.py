@@ -14,10 +14,11 @@ ENV = DistEnv(0, 1, 0, torch.device("cpu"))
 
 
 def epoch_batches(loader, epoch):
-    """The epoch as main.py enters it (utils.training_epochs): seeds, the sampler's epoch, then the batches."""
+    """The epoch as main.py enters it (utils.training_epochs): seeds, the sampler's epoch, then the batches, and
+    a draw from the main process's generator after them (what drop-path and Mixup would draw)."""
     seed_everything(0, 0, epoch + 1)
     loader.sampler.set_epoch(epoch)
-    return [images for images, _ in loader]
+    return [images for images, _ in loader] + [torch.rand(4)]
 
 
 @pytest.mark.slow
@@ -38,3 +39,4 @@ def test_workers_persist_and_an_epoch_is_the_same_after_a_resume(demo_data):
     for ours, theirs in zip(continued, epoch_batches(single, 1), strict=True):  # any number of workers
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert not torch.equal(continued[0], epoch_batches(resumed, 2)[0])  # and each epoch augments anew
+    # the last item, the main process's draw, matched too: starting the workers left its generator alone

@@ -177,8 +177,7 @@ def test_released_config_trains_and_evaluates_end_to_end(name, recipe_data, tmp_
     assert "Train: [0/2][8/9]" in log and "Train: [1/2][8/9]" in log
     summary = eval_summary(log)
     assert summary["images"] == summary["counted"] == 50 and np.isfinite(summary["loss"])
-    # The run is named for the geometry it built (window 4 at 32 px), not the released config's.
-    run = tmp_path / name.replace("window7_224", "window4_32") / "default"
+    run = tmp_path / name.replace("window7_224", "window4_32") / "default"  # named for the geometry it built
     assert (run / "ckpt_epoch_1.pth").is_file()
     used = flatten(yaml.safe_load((run / "config.yaml").read_text()))
     released = flatten(yaml.safe_load(load_config(str(config_file)).dump()))

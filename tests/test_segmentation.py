@@ -112,7 +112,7 @@ def test_official_checkpoint_loads_into_the_encoder():
 
 
 def scores(log: str) -> list:
-    return re.findall(r"IoU label \d+: [\d.na]+|mIoU [\d.]+% \([^)]*\) over \d+ classes \(\d+ images\)", log)
+    return re.findall(r"IoU [^:\n]+: [\d.na]+|mIoU [\d.]+% \([^)]*\) over \d+ classes \(\d+ images\)", log)
 
 
 @pytest.mark.slow
@@ -123,6 +123,8 @@ def test_training_and_one_vs_two_process_evaluation(tmp_path):
     assert "loaded backbone weights from" in trained.stdout
     assert "Train: [0/1][1/2]" in trained.stdout  # two updates of 4 images
     assert re.search(r"mIoU [\d.]+% \([^)]*\) over 4 classes \(4 images\)", trained.stdout)
+    assert [line.split(":")[0] for line in scores(trained.stdout)[:4]] == \
+        ["IoU background", "IoU circle", "IoU square", "IoU triangle"]  # the demo data names its classes
     checkpoint = tmp_path / "out" / "upernet_focal_demo" / "default" / "ckpt_epoch_0.pth"
     assert checkpoint.is_file()
     with pytest.raises(UsageError, match="has already trained 1 of TRAIN.EPOCHS 1 epochs"):  # auto-resumed
