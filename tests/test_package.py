@@ -80,8 +80,9 @@ def test_another_projects_models_is_never_taken_for_ours(tmp_path):
     script = ("import sys\nsys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
               "try:\n    import focal_transformer\nexcept ImportError as err:\n    print(err)\n"
               "import models\nprint('mine' if models.MINE else 'ours')\n")
-    run = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(REPO)], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
+    # -S: without site-packages, as where the package is not installed (this environment has it installed)
+    run = subprocess.run([sys.executable, "-S", "-c", script, str(tmp_path), str(REPO)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == [f"focal_transformer is not installed and its models/ tree is not importable "
                                        f"here: run `pip install -e {REPO}`", "mine"]
