@@ -74,7 +74,7 @@ LAYOUTS = LayoutCache()
 def _single_threaded(build: Callable[..., LayoutT], *args) -> LayoutT:
     """``build(*args)`` with one intra-op thread (the caller waits meanwhile). A layout is many small tensor
     operations: on a busy 2-core machine, two threads made building the 800x1216 focalv2 layouts 3-5x slower
-    (thread hand-offs), and one thread loses little on an idle one."""
+    than one (thread hand-offs); an idle machine was not available to measure."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
