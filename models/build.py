@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .focal_layout import pooled_levels
 from .focal_transformer import FocalTransformer
 from .layers import POOL_METHODS
 from .topk_attention import MAX_LEVELS
@@ -55,7 +56,7 @@ def validate_model_config(config: Any) -> None:
                  f"stage {i}: expand size must be in [0, WINDOW_SIZE={f.WINDOW_SIZE}), got {f.EXPAND_SIZES[i]}")
         level = f.FOCAL_LEVELS[i]
         _require(level >= 0, "MODEL.FOCAL.FOCAL_LEVELS", f"stage {i}: must be >= 0, got {level}")
-        pooled = f.FOCAL_POOL != "none" and i in f.FOCAL_STAGES and level > 1
+        pooled = i in f.FOCAL_STAGES and pooled_levels(level, f.FOCAL_POOL) > 0
         if pooled:
             # a stage whose map is no larger than the window uses one window of the map's size
             window = min(f.WINDOW_SIZE, size // f.PATCH_SIZE // 2 ** i)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from .focal_layout import FocalLayout, FocalLayoutSpec, outside_mask, shift_mask
+from .focal_layout import FocalLayout, FocalLayoutSpec, outside_mask, pooled_levels, shift_mask
 from .layers import relative_position_index
 from .window_attention import WindowedAttention, key_value_table, layout_cache, merge_windows, queries_by_window
 
@@ -33,9 +33,8 @@ class FocalWindowAttention(WindowedAttention):
                  qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  layout_spec: Optional[FocalLayoutSpec] = None):
         super().__init__()
-        num_pooled = focal_level - 1 if (pool_method != "none" and focal_level > 1) else 0
         self.spec = layout_spec or FocalLayoutSpec(window_size, expand_size if focal_level > 0 else 0, shift_size,
-                                                   focal_window, num_pooled)
+                                                   focal_window, pooled_levels(focal_level, pool_method))
         self.dim = dim
         self.num_heads = num_heads
         self.window_size = self.spec.window_size

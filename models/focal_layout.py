@@ -30,6 +30,11 @@ from .layers import window_partition
 MASK_VALUE = -100.0  # the reference's logit penalty (not -inf: fully masked rows stay finite)
 
 
+def pooled_levels(focal_level: int, pool_method: str) -> int:
+    """How many pooled levels a block attends to besides its fine keys: ``focal_level - 1`` when it pools."""
+    return max(focal_level - 1, 0) if pool_method != "none" else 0
+
+
 @dataclass(frozen=True)
 class FocalLayoutSpec:
     """The attention pattern of one block: window, surroundings, shift and pooled levels."""

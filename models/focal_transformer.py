@@ -15,6 +15,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models._features import feature_take_indices
 
 from .focal_attention import FocalWindowAttention
+from .focal_layout import pooled_levels
 from .layers import PatchEmbed, WindowPool, interpolate_pos_embed, pad_to_multiple
 from .topk_attention import TopKFocalAttention
 
@@ -39,8 +40,8 @@ class FocalBlock(nn.Module):
             window_size, expand_size, self.shift_size = min(resolution), 0, 0
         self.window_size = window_size
         self.mlp_ratio = mlp_ratio
-        num_pooled = focal_level - 1 if pool_method != "none" else 0
-        self.pool_layers = nn.ModuleList(WindowPool(dim, window_size, k, pool_method) for k in range(num_pooled))
+        self.pool_layers = nn.ModuleList(WindowPool(dim, window_size, k, pool_method)
+                                         for k in range(pooled_levels(focal_level, pool_method)))
         self.norm1 = nn.LayerNorm(dim)
         if variant == "focal":
             self.attn = FocalWindowAttention(dim, num_heads, window_size, expand_size, self.shift_size, focal_level,
