@@ -179,22 +179,17 @@ def locked_run(folder: str, rank: int) -> Iterator[logging.Logger]:
                 yield logger
             except Terminated:
                 raise
-            except (UsageError, ConfigError, TrainingError, SystemExit) as err:
+            except BaseException as err:
                 leaving()
-                logger.error(f"stopped: {user_message(err)}")
-                refused = isinstance(err, (UsageError, ConfigError))
-                raise
-            except RuntimeError as err:
-                leaving()
-                lost = lost_peer_message(err)
-                if lost is None:
+                lost = lost_peer_message(err)  # None unless a collective broke because another rank died
+                if lost is not None:
+                    logger.error(f"stopped: {lost}")
+                    raise TrainingError(lost) from None
+                if not isinstance(err, (UsageError, ConfigError, TrainingError, SystemExit)):
                     logger.exception("failed")
                     raise
-                logger.error(f"stopped: {lost}")
-                raise TrainingError(lost) from None
-            except BaseException:
-                leaving()
-                logger.exception("failed")
+                logger.error(f"stopped: {user_message(err)}")
+                refused = isinstance(err, (UsageError, ConfigError))
                 raise
     finally:
         if refused and new_log:  # the lock is released (its file gone) by now

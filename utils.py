@@ -102,25 +102,25 @@ def content_digest(state: Any) -> str:
     return digest.hexdigest()
 
 
-def first_non_finite(tree: Any, prefix: str = "") -> Optional[str]:
+def named_tensors(tree: Any, prefix: str = "") -> Iterator[Tuple[str, torch.Tensor]]:
+    """Every tensor of a checkpoint object (nested mappings and sequences), in order, with its dotted path."""
+    if isinstance(tree, torch.Tensor):
+        yield prefix or "<tensor>", tree
+    elif isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from named_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            yield from named_tensors(value, f"{prefix}.{index}" if prefix else str(index))
+
+
+def first_non_finite(tree: Any) -> Optional[str]:
     """The name (dotted path) of the first floating tensor holding NaN or infinity, in order; None if all are finite.
 
     A checksum only proves the file is what was written: weights that went NaN before a save (or were written that
     way by another tool) pass it, and would evaluate to chance accuracy or train into a NaN loss."""
-    if isinstance(tree, torch.Tensor):
-        if (tree.is_floating_point() or tree.is_complex()) and not torch.isfinite(tree).all():
-            return prefix or "<tensor>"
-    elif isinstance(tree, Mapping):
-        for key, value in tree.items():
-            found = first_non_finite(value, f"{prefix}.{key}" if prefix else str(key))
-            if found:
-                return found
-    elif isinstance(tree, (list, tuple)):
-        for index, value in enumerate(tree):
-            found = first_non_finite(value, f"{prefix}.{index}" if prefix else str(index))
-            if found:
-                return found
-    return None
+    return next((name for name, tensor in named_tensors(tree)
+                 if (tensor.is_floating_point() or tensor.is_complex()) and not torch.isfinite(tensor).all()), None)
 
 
 def verify_checksum(path: str, state: Any) -> None:
@@ -240,20 +240,9 @@ def remove_stale_temporaries(folder: str, logger: logging.Logger) -> None:
             logger.info(f"removed {os.path.join(folder, name)}, left by an interrupted save")
 
 
-def tensor_bytes(tree: Any) -> int:
-    """The bytes of every tensor in a checkpoint object: about what saving it writes."""
-    if isinstance(tree, torch.Tensor):
-        return tree.numel() * tree.element_size()
-    if isinstance(tree, Mapping):
-        return sum(tensor_bytes(value) for value in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return sum(tensor_bytes(value) for value in tree)
-    return 0
-
-
 def save_failure(err: BaseException, folder: str, state: Any) -> str:
     """Why a save failed, in words: torch's zip writer reports a full disk as an internal position mismatch."""
-    needed = tensor_bytes(state)
+    needed = sum(tensor.numel() * tensor.element_size() for _, tensor in named_tensors(state))  # about the file size
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
