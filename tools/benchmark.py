@@ -355,7 +355,7 @@ def ablate_gather(attn: WindowedAttention, keys: str) -> None:
     attn.attend = attend
 
 
-def run_ceiling(args: argparse.Namespace, device: torch.device) -> None:
+def run_ceiling(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict[str, float]]:
     """Each model as built, with its key/value gather made free, and attending to ``ws*ws`` keys per window (the
     peer's amount), timed alternately with the peer: how far better gathers or fewer keys could take it."""
     modes, size = timed_modes(args), args.img_size[0]
@@ -386,6 +386,7 @@ def run_ceiling(args: argparse.Namespace, device: torch.device) -> None:
     print_table(f"attention ceiling, images/s, medians of {args.reps} alternating repetitions on {machine()}, "
                 f"{precision(args)}", rows,
                 ["model, variant"] + [f"{m} {size} img/s (vs peer)" for m in modes])
+    return figures
 
 
 def parse_size(text: str) -> tuple:
@@ -448,12 +449,12 @@ def run_sizes(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
     return results
 
 
-def run_kernels(args: argparse.Namespace, device: torch.device) -> None:
+def run_kernels(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict[str, float]]:
     """GFLOP/s of PyTorch's ``F.linear`` and of the oneDNN path on every linear-layer shape of the Tiny models
     (Swin-T's and ours are the same): the measurement behind ``models/kernels/onednn_linear.py``."""
     if device.type != "cpu" or not onednn_linear.onednn_available():
         raise SystemExit("--kernels compares CPU kernels and needs a PyTorch build with oneDNN")
-    size, rows = args.img_size[0], []
+    size, rows, figures = args.img_size[0], [], {}
     for stage, dim in enumerate((96, 192, 384, 768)):
         tokens = args.batch_size * math.ceil(size / 4 / 2 ** stage) ** 2
         for layer, (fan_in, fan_out) in {"qkv": (dim, 3 * dim), "proj": (dim, dim), "fc1": (dim, 4 * dim),
@@ -463,10 +464,12 @@ def run_kernels(args: argparse.Namespace, device: torch.device) -> None:
                                         "onednn": lambda: onednn_linear.onednn_matmul(x, w, b)},
                                        args.reps, args.warmup, device, args.min_seconds)
             gflops = {k: 2 * tokens * fan_in * fan_out / s / 1e9 for k, s in medians.items()}
+            figures[f"stage {stage + 1} {layer}"] = gflops
             rows.append([f"stage {stage + 1} {layer}", f"{tokens}x{fan_in} -> {fan_out}", f"{gflops['stock']:.0f}",
                          f"{gflops['onednn']:.0f}", f"{gflops['onednn'] / gflops['stock']:.2f}x"])
     print_table(f"linear layers at {size}px, batch {args.batch_size}, {machine()} (GFLOP/s)", rows,
                 ["layer", "shape", "F.linear", "oneDNN", "speed-up"])
+    return figures
 
 
 def plot(results: Dict[str, Dict], sizes: Sequence[int], path: str) -> None:
@@ -549,6 +552,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.batch_size = 1 if args.sizes else 8
     if args.batch_size < 1 or args.reps < 1 or args.warmup < 0:
         p.error("--batch-size and --reps must be >= 1, --warmup >= 0")
+    if args.sizes and (args.ceiling or args.kernels):
+        p.error("--sizes cannot be combined with --ceiling or --kernels, which time one square size: use --img-size")
+    if args.plot and (args.sizes or args.ceiling or args.kernels):
+        p.error("--plot draws the default speed tables over --img-size; it cannot be combined with --sizes, "
+                "--ceiling or --kernels")
     return args
 
 
@@ -604,16 +612,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     print(f"torch {torch.__version__} on {machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
     if args.kernels:
-        run_kernels(args, device)
-        return
-    if args.ceiling:
-        run_ceiling(args, device)
-        return
-    if args.sizes:
+        results = run_kernels(args, device)
+    elif args.ceiling:
+        results = run_ceiling(args, device)
+    elif args.sizes:
         results = run_sizes(args, device)
     else:
         results = run_speed(args, device)
-    if args.plot and not args.sizes:
+    if args.plot:
         plot(results, args.img_size, args.plot)
     if args.json:
         with open(args.json, "w") as f:
