@@ -45,7 +45,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA when available, else CPU")
     parser.add_argument("--topk", type=int, default=5, help="classes printed per image, most probable first")
-    parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (trained with --model-ema)")
+    parser.add_argument("--ema", action="store_true",
+                        help="use the checkpoint's EMA weights (trained with --model-ema)")
     args = parser.parse_args(argv)
     for flag in ("batch_size", "topk"):
         if getattr(args, flag) < 1:

@@ -68,7 +68,8 @@ class ImageTree(ImageFolder):
                     continue
                 visited.add(real)
                 found.append((root, sorted(f for f in files if has_file_allowed_extension(f, extensions))))
-            class_samples = [(os.path.join(root, f), class_to_idx[name]) for root, files in sorted(found) for f in files]
+            class_samples = [(os.path.join(root, f), class_to_idx[name])
+                             for root, files in sorted(found) for f in files]
             if not class_samples and not allow_empty:
                 raise FileNotFoundError(f"Found no valid file for the class {name}")
             samples += class_samples

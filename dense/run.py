@@ -112,7 +112,8 @@ def load_backbone(path: str, backbone: DenseBackbone, logger: logging.Logger, un
     if not report.clean:
         raise UsageError(f"--pretrained {path} does not fit the backbone ({report.summary()}); is it a checkpoint "
                          f"of MODEL.BACKBONE with these MODEL.BACKBONE_ARGS?")
-    fresh = [name for name, module in backbone.named_children() if name != "body" and next(module.parameters(), None) is not None]
+    fresh = [name for name, module in backbone.named_children()
+             if name != "body" and next(module.parameters(), None) is not None]
     logger.info(f"loaded backbone weights from {path}: {report.summary()}; created fresh (a classification "
                 f"checkpoint has no such layers): {', '.join(fresh) or 'none'}")
 

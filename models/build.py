@@ -41,7 +41,8 @@ def validate_model_config(config: Any) -> None:
              f"must be a positive multiple of MODEL.FOCAL.PATCH_SIZE ({f.PATCH_SIZE}), got {size}")
     _require(size // f.PATCH_SIZE >= 2 ** (n - 1), "DATA.IMG_SIZE",
              f"{size} is too small for {n} stages of 2x downsampling after {f.PATCH_SIZE}x{f.PATCH_SIZE} patches")
-    _require(f.FOCAL_POOL in POOL_METHODS, "MODEL.FOCAL.FOCAL_POOL", f"must be one of {POOL_METHODS}, got {f.FOCAL_POOL!r}")
+    _require(f.FOCAL_POOL in POOL_METHODS, "MODEL.FOCAL.FOCAL_POOL",
+             f"must be one of {POOL_METHODS}, got {f.FOCAL_POOL!r}")
     _require(f.EXPAND_LAYER in EXPAND_LAYERS, "MODEL.FOCAL.EXPAND_LAYER",
              f"must be one of {EXPAND_LAYERS}, got {f.EXPAND_LAYER!r}")
     _require(f.FOCAL_TOPK >= 1, "MODEL.FOCAL.FOCAL_TOPK", f"must be >= 1, got {f.FOCAL_TOPK}")

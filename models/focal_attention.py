@@ -79,7 +79,8 @@ class FocalWindowAttention(WindowedAttention):
             parts.append(torch.logsumexp(table[..., self.surrounding_columns], dim=-1))
         for level in range(self.num_pooled):
             index = getattr(self, f"pooled_bias_index_{level}")
-            parts.append(self.relative_position_bias_table_to_windows[level][:, index.view(-1)].view(self.num_heads, n, -1))
+            table = self.relative_position_bias_table_to_windows[level]
+            parts.append(table[:, index.view(-1)].view(self.num_heads, n, -1))
         return torch.cat(parts, dim=-1)
 
     def attention_bias(self, layout: FocalLayout, heads: slice = slice(None),

@@ -94,7 +94,8 @@ def layout_cache(build: Callable[..., LayoutT]) -> Callable[..., LayoutT]:
         # Built on a worker thread: inference mode and tracing modes (non-strict torch.export's fake tensors) are
         # per thread, so the layout is made of ordinary tensors that serve training too and enter an exported
         # graph as constants.
-        return LAYOUTS.get((build.__qualname__,) + args, lambda: _BUILDER.submit(_single_threaded, build, *args).result())
+        return LAYOUTS.get((build.__qualname__,) + args,
+                           lambda: _BUILDER.submit(_single_threaded, build, *args).result())
     cached.cache_clear = LAYOUTS.clear
     return cached
 

@@ -67,8 +67,8 @@ def config_for(name: str, img_size: Optional[int]):
     """The config of ``name`` built for ``img_size`` (None: the size it names)."""
     path = name if name.endswith(".yaml") else os.path.join(ROOT, "configs", name + ".yaml")
     if not os.path.isfile(path):
-        raise SystemExit(f"benchmark: --models {name}: no config {path} (give a name from configs/, ref:NAME, base:NAME "
-                         f"or timm:NAME)")
+        raise SystemExit(f"benchmark: --models {name}: no config {path} (give a name from configs/, ref:NAME, "
+                         f"base:NAME or timm:NAME)")
     return load_config(path, ["MODEL.DROP_PATH_RATE", 0.0] + ([] if img_size is None else ["DATA.IMG_SIZE", img_size]))
 
 

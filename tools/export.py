@@ -74,7 +74,8 @@ def to_onnx(program: ExportedProgram):
     try:
         import onnxscript  # noqa: F401  torch.onnx's exporter needs it, and it brings onnx
     except ImportError:
-        raise UsageError("--output *.onnx needs the onnx and onnxscript packages: pip install onnx onnxscript") from None
+        raise UsageError("--output *.onnx needs the onnx and onnxscript packages: "
+                         "pip install onnx onnxscript") from None
     # core ATen decompositions first: torch.onnx's own table rejects a reshape in the window merge (torch 2.14)
     return torch.onnx.export(program.run_decompositions(), dynamo=True, verbose=False)
 

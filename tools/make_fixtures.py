@@ -1,7 +1,8 @@
 """Write a golden fixture (tests/fixtures/*.json) by running the reference implementation on one config.
 
-    python -m tools.make_fixtures --reference /path/to/Focal-Transformer --cfg configs/focal_tiny_patch4_window7_224.yaml \
-        --opts MODEL.NUM_CLASSES 10 MODEL.FOCAL.EMBED_DIM 16 --output tests/fixtures/my_case.json
+    python -m tools.make_fixtures --reference /path/to/Focal-Transformer \
+        --cfg configs/focal_tiny_patch4_window7_224.yaml --opts MODEL.NUM_CLASSES 10 MODEL.FOCAL.EMBED_DIM 16 \
+        --output tests/fixtures/my_case.json
 
 The reference (microsoft/Focal-Transformer, a checkout given by path, never bundled) is imported as it is: the only
 shim is the ``timm.data.transforms._pil_interp`` name it imports and current timm no longer has. Its parameters are
@@ -52,7 +53,8 @@ def import_reference(checkout: Path) -> ModuleType:
     import timm.data.transforms as timm_transforms
     if not hasattr(timm_transforms, "_pil_interp"):  # renamed str_to_pil_interp in timm 0.6
         timm_transforms._pil_interp = timm_transforms.str_to_pil_interp
-    spec = importlib.util.spec_from_file_location("focal_reference", init, submodule_search_locations=[str(init.parent)])
+    spec = importlib.util.spec_from_file_location("focal_reference", init,
+                                                  submodule_search_locations=[str(init.parent)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
