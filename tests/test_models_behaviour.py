@@ -10,7 +10,7 @@ from config import load_config
 from models import ConfigError, build_model, load_weights
 from models.registry import RELEASE_URL
 from tests.golden import FIXTURES, case_input, load_case
-from tests.helpers import REPO, SMALL, randomise, small_model
+from tests.helpers import REPO, SMALL, randomise, small_model, tiny_config
 from tests.oracles import GATHERS, oracle_gather
 
 
@@ -133,6 +133,18 @@ def test_absolute_position_embedding_is_resampled_bicubic_for_other_sizes(size):
         model.absolute_pos_embed.fill_(0.75)
     torch.testing.assert_close(added_position_embedding(model, torch.randn(1, 3, *size)),
                                torch.full((1, *grid, model.embed_dim), 0.75), atol=1e-5, rtol=0)
+
+
+def test_channels_last_changes_the_layout_not_the_outputs():
+    """--channels-last: the convolution weights (the conv patch embedding) in NHWC, the same logits."""
+    torch.manual_seed(0)
+    model = randomise(build_model(tiny_config("MODEL.FOCAL.USE_CONV_EMBED", True))).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        nhwc = model.to(memory_format=torch.channels_last)
+        assert nhwc.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(nhwc(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_no_weight_decay_names_cover_position_tables():
