@@ -1,8 +1,8 @@
 """timm registrations of the nine released models: ``timm.create_model(name, pretrained=..., features_only=...)``.
 
-The architectures repeat ``configs/<name>.yaml`` (tests/test_registry.py checks that both build the same model).
-Weights go through the same unwrapping and adaptation as :func:`models.checkpoint.load_weights`, so released
-checkpoints load as they are. Registering only records functions and configs; nothing is downloaded until a
+The architectures repeat ``configs/<name>.yaml`` (tests/test_models_behaviour.py checks that both build the same
+model). Weights go through the same unwrapping and adaptation as :func:`models.checkpoint.load_weights`, so
+released checkpoints load as they are. Registering only records functions and configs; nothing is downloaded until a
 model is created with ``pretrained=True`` and no local ``file`` overlay.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The benchmark CLI on small models: speed tables whose ratios are those of the timed figures (to the peer, and
-of a +kernels model to its plain self), memory probes, JSON, per-layer kernel mode, the ceiling's
-ablations and autocast."""
+"""The benchmark CLI (a developer tool) on small models: what could mislead a reader of its tables. Ratios to the
+peer come from the timed figures, a new size is timed with its layouts rebuilt, suffixes apply the kernels, bad
+flags are refused by name, the ceiling's ablation starts from the model's own attention, autocast is applied."""
 import json
 import re
 import subprocess
@@ -16,7 +16,7 @@ PEER = "configs/demo/focal_demo.yaml"
 MODEL = "configs/demo/focalv2_demo.yaml"
 DEMO = ["--models", MODEL, "--peer", PEER, "--img-size", "64", "--batch-size", "2", "--reps", "2",
         "--min-seconds", "0.01"]
-CELL = re.compile(r"^([\d.]+) \(([\d.]+)x(?:, ([\d.]+)x of (\S+))?\)$")
+CELL = re.compile(r"^([\d.]+) \(([\d.]+)x\)$")
 
 
 def run(*args: str) -> str:
@@ -42,62 +42,27 @@ def table(out: str, title: str) -> dict:
     return {row[0]: row[1:] for row in cells}
 
 
-def check_speed_table(out: str, figures: dict, keys: list) -> None:
-    """One row per timed model, the peer included; each cell prints the model's images/s from the JSON and its
-    ratio to the peer's (and, for NAME+kernels, to NAME's) at the same setting."""
-    rows = table(out, "images/s, medians")
-    assert set(rows) == set(figures) and PEER in rows
-    for name, cells in rows.items():
-        assert len(cells) == len(keys)
-        for key, cell in zip(keys, cells):
-            ips, ratio, gain, base = CELL.match(cell).groups()
-            value = figures[name][key]
-            assert value > 0 and ips == f"{value:.2f}"
-            assert ratio == f"{value / figures[PEER][key]:.2f}", (name, key, cell)
-            plain = name[:-len("+kernels")] if name.endswith("+kernels") else None
-            assert base == (plain and plain.split(":")[-1])
-            if plain:
-                assert gain == f"{value / figures[plain][key]:.2f}", (name, key, cell)
-
-
-def ratio_bounds(num: str, den: str) -> tuple:
-    """The range of ``num / den`` for values printed with their decimals (half a unit of the last digit each)."""
-    half = lambda s: 0.5 * 10 ** -len(s.split(".")[1]) if "." in s else 0.5  # noqa: E731
-    return (float(num) - half(num)) / (float(den) + half(den)), (float(num) + half(num)) / (float(den) - half(den))
-
-
-def assert_printed_ratio(ratio: str, num: str, den: str) -> None:
-    low, high = ratio_bounds(num, den)
-    assert low - 0.005 <= float(ratio.rstrip("x")) <= high + 0.005, (ratio, num, den)
-
-
 @pytest.mark.slow
 def test_speed_and_memory_tables_with_ratios_to_the_peer(tmp_path):
+    """The file's one run of the tool as a process (its memory probes need fresh processes): every model's row
+    holds its timed figures, and their ratios to the peer's, the peer first in the memory table."""
     out = run(*DEMO, "--mode", "both", "--json", str(tmp_path / "bench.json"))
     figures = json.loads((tmp_path / "bench.json").read_text())
     assert set(figures) == {MODEL, PEER}
-    check_speed_table(out, figures, ["infer_64", "train_64"])
+    speed = table(out, "images/s, medians")
+    assert set(speed) == {MODEL, PEER}
+    for name, cells in speed.items():  # each cell: the model's timed images/s and its ratio to the peer's
+        for key, cell in zip(["infer_64", "train_64"], cells):
+            ips, ratio = CELL.match(cell).groups()
+            value = figures[name][key]
+            assert value > 0 and ips == f"{value:.2f}"
+            assert ratio == f"{value / figures[PEER][key]:.2f}", (name, key, cell)
     memory = table(out, "training-step memory")
     assert list(memory) == [PEER, MODEL]  # the peer first
     for name, (mb, ratio) in memory.items():
         peak = figures[name]["train_peak_mb_64"]
         assert peak > 100 and mb == f"{peak:.0f}"
         assert ratio == f"{peak / figures[PEER]['train_peak_mb_64']:.2f}x"
-
-
-def test_sizes_mode_gives_ratios_to_the_peer_and_first_over_cached_calls(capsys, tmp_path):
-    out = run_here(capsys, "--models", MODEL, "--peer", PEER, "--sizes", "64", "48x80", "--reps", "2",
-                   "--min-seconds", "0.01", "--json", str(tmp_path / "sizes.json"))
-    figures = json.loads((tmp_path / "sizes.json").read_text())
-    lines = out.split("\ninference per input size, batch 1", 1)[1].strip().splitlines()[3:]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("|")]
-    assert [(r[0], r[1]) for r in rows] == [(s, m) for s in ("64x64", "48x80") for m in (MODEL, PEER)]
-    for size, name, ips, ratio, cached, first, first_over_cached in rows:
-        f = figures[name]
-        assert ips == f"{f[f'infer_{size}']:.2f}" and cached == f"{f[f'cached_call_s_{size}']:.3f}"
-        assert first == f"{f[f'first_call_s_{size}']:.3f}" and f[f"first_call_s_{size}"] > 0
-        assert ratio == f"{f[f'infer_{size}'] / figures[PEER][f'infer_{size}']:.2f}x"
-        assert first_over_cached == f"{f[f'first_call_s_{size}'] / f[f'cached_call_s_{size}']:.2f}x"
 
 
 def test_sizes_mode_times_a_new_size_with_an_empty_layout_cache(monkeypatch):
@@ -126,33 +91,6 @@ def test_sizes_mode_refuses_a_bad_size_naming_the_flag(size, capsys):
     assert "--sizes" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_compile_mode_times_compiled_models(tmp_path):
-    # aot_eager: the compiled path of the benchmark without Inductor's C++ build (a minute or more with a cold
-    # cache on 2 cores; test_models_behaviour compiles with Inductor)
-    out = run(*DEMO, "--mode", "infer", "--compile", "aot_eager", "--no-memory", "--json", str(tmp_path / "bench.json"))
-    assert "timing infer under torch.compile (aot_eager)" in out
-    check_speed_table(out, json.loads((tmp_path / "bench.json").read_text()), ["infer_64"])
-
-
-def test_kernels_suffix_gives_the_gain_over_the_plain_model(capsys, tmp_path):
-    out = run_here(capsys, *DEMO, "--mode", "infer", "--no-memory", "--models", MODEL, MODEL + "+kernels",
-                   "--json", str(tmp_path / "bench.json"))
-    figures = json.loads((tmp_path / "bench.json").read_text())
-    assert set(figures) == {MODEL, MODEL + "+kernels", PEER}
-    check_speed_table(out, figures, ["infer_64"])
-    assert "kernels on cpu: attention, bias_cache" in out
-
-
-@pytest.mark.slow
-def test_before_and_after_against_another_checkout(tmp_path):
-    out = run(*DEMO, "--mode", "infer", "--no-memory", "--baseline", str(REPO), "--models", "base:" + MODEL, MODEL,
-              "--json", str(tmp_path / "bench.json"))
-    figures = json.loads((tmp_path / "bench.json").read_text())
-    assert set(figures) == {"base:" + MODEL, MODEL, PEER}
-    check_speed_table(out, figures, ["infer_64"])
-
-
 def test_suffixes_apply_the_device_kernels():
     from models.kernels.cpu_attention import CpuKernels
     from models.kernels.onednn_linear import OneDnnLinear
@@ -164,24 +102,12 @@ def test_suffixes_apply_the_device_kernels():
     assert any(isinstance(m, OneDnnLinear) for m in swin.modules())
 
 
-def test_kernels_mode_compares_linear_kernels_per_layer(capsys):
+def test_kernels_mode_lists_every_linear_layer_shape(capsys):
+    """One row per distinct linear layer of the released Focal-T, with the shape it multiplies at that size."""
     out = run_here(capsys, "--kernels", "--img-size", "32", "--batch-size", "1", "--reps", "1",
                    "--min-seconds", "0.001")
     rows = table(out, "linear layers at 32px")
     assert len(rows) == 16 and rows["stage 1 qkv"][0] == "64x96 -> 288" and rows["stage 4 fc2"][0] == "1x3072 -> 768"
-    for shape, stock, onednn, speed_up in rows.values():
-        assert_printed_ratio(speed_up, onednn, stock)
-
-
-def test_ceiling_times_each_model_with_its_gather_free_and_with_window_keys_only(capsys):
-    out = run_here(capsys, *DEMO, "--ceiling", "--mode", "both", "--models", PEER, MODEL, "--reps", "1")
-    rows = table(out, "attention ceiling")
-    variants = list(benchmark.CEILING_VARIANTS)
-    assert list(rows) == [f"{m}, {v}" for m in (PEER, MODEL) for v in variants] + [PEER]
-    for cells in rows.values():
-        for cell, peer_cell in zip(cells, rows[PEER]):
-            ips, ratio = CELL.match(cell).groups()[:2]
-            assert_printed_ratio(ratio, ips, CELL.match(peer_cell).group(1))
 
 
 def test_ceiling_refuses_kernel_suffixes():
@@ -211,14 +137,6 @@ def test_free_gather_ablation_is_the_models_own_attention_then_skips_the_gather(
         (stale, ablated_calls), (fresh, plain_calls) = index_selects(ablated), index_selects(model)
     assert plain_calls - ablated_calls == 2 * n_attention  # keys and values of every attention layer
     assert not torch.allclose(stale, fresh, atol=1e-3)
-
-
-def test_autocast_precision_is_applied_and_named(capsys, tmp_path):
-    out = run_here(capsys, *DEMO, "--amp", "bf16", "--mode", "both", "--no-memory",
-                   "--json", str(tmp_path / "bench.json"))
-    assert "timing train at 64x64, batch 2, bf16 autocast" in out
-    assert "alternating repetitions on" in out and ", bf16 autocast\n" in out
-    check_speed_table(out, json.loads((tmp_path / "bench.json").read_text()), ["infer_64", "train_64"])
 
 
 def test_training_step_runs_under_the_requested_autocast():

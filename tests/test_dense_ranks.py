@@ -1,11 +1,14 @@
-"""Two CPU processes (gloo) train the segmentation demo model for an epoch on different shards: afterwards both
-hold the same batch-norm statistics and the same weight average (EMA), as they must to evaluate and save one
-model (running statistics left per rank differ). And when batch norms become SyncBatchNorm."""
+"""Two CPU processes (gloo) train for an epoch on different shards, the segmentation demo model (dense/run.py) and
+the classification demo model (main.py): afterwards both ranks hold the same weight average (EMA) and, for the
+segmentation model, the same batch-norm statistics (the classification models have none), as they must to
+evaluate and save one model (running statistics left per rank differ). And when batch norms become
+SyncBatchNorm."""
 from __future__ import annotations
 
 import logging
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ from distributed import DistEnv
 from run_parts import use_sync_batchnorm
 from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
 from segmentation.train import TASK
-from tests.helpers import BACKBONE_OPTS, REPO
+from tests.helpers import BACKBONE_OPTS, REPO, demo_args
 
 CFG = str(REPO / "configs" / "segmentation" / "demo.yaml")
 OPTS = ["DATA.SCALE", "[64, 64]", "DATA.CROP_SIZE", "64", "DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0",
@@ -59,6 +62,28 @@ def test_two_processes_end_an_epoch_with_the_same_statistics_and_average(tmp_pat
         assert first[part].keys() == second[part].keys()
         for key, value in first[part].items():
             torch.testing.assert_close(second[part][key], value, rtol=0, atol=0, msg=f"{part} {key}")
+
+
+def train_classification_rank(rank: int, data: str, out: str, port: int) -> None:
+    """main.py's own run on one of two ranks, as torchrun would start it, keeping the EMA that run creates."""
+    import main
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    made = []
+    create_ema = main.create_ema
+    main.create_ema = lambda *args: made.append(create_ema(*args)) or made[-1]
+    main.main(demo_args(Path(data), Path(out), "--model-ema", "--device", "cpu", opts=("MODEL_EMA_DECAY", "0.5")))
+    torch.save(made[0].module.state_dict(), os.path.join(out, f"ema{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_two_classification_processes_end_an_epoch_with_the_same_average(demo_data, tmp_path):
+    mp.spawn(train_classification_rank, args=(str(demo_data), str(tmp_path), free_port()), nprocs=2)
+    first, second = (torch.load(tmp_path / f"ema{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert first.keys() == second.keys()
+    for key, value in first.items():
+        torch.testing.assert_close(second[key], value, rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.parametrize("world, device, key, converted", [

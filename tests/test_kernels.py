@@ -1,13 +1,18 @@
 """The device-kernel seam (models/kernels): the plain model is the generic path accelerators run; the CPU kernels
-must compute the same outputs and gradients, and are chosen, switched and undone as documented."""
+must compute the same outputs and gradients, on any configuration within the rules (drawn at random), and are
+chosen, switched and undone as documented."""
 import copy
+import re
+from typing import List, Optional
 
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from config import load_config
-from models import build_model
+from models import ConfigError, build_model
 from models.focal_attention import FocalWindowAttention
 from models.kernels import KERNELS, cpu_attention, optimize_for, requested, select_kernels
 from models.kernels.cpu_attention import CpuKernels, attention_blocks, blocked_attend
@@ -25,20 +30,148 @@ def assert_all_close(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-3)  # other kernels: other summation orders
 
 
-@pytest.mark.parametrize("model_type", ["focal", "focalv2"])
-@pytest.mark.parametrize("block_bytes", [0, 1, 4 << 20], ids=["one-block", "one-window", "default"])
-def test_cpu_kernels_compute_the_generic_path(monkeypatch, model_type, block_bytes):
-    """Training (outputs and every gradient) and inference, twice (the second from the bias cache)."""
-    monkeypatch.setattr(cpu_attention, "CPU_BLOCK_BYTES", block_bytes)
-    plain = randomise(small_model("MODEL.FOCAL.USE_SHIFT", True, model_type=model_type))
-    fast = copy.deepcopy(plain)
-    assert optimize_for(fast, "cpu", ALL) == ALL
-    x = torch.randn(2, 3, 100, 60, generator=torch.Generator().manual_seed(3))
-    assert_all_close(outputs_and_gradients(fast.train(), x), outputs_and_gradients(plain.train(), x))
-    with torch.inference_mode():
-        want = plain.eval()(x)
-        for _ in range(2):
-            torch.testing.assert_close(fast.eval()(x), want, atol=2e-5, rtol=1e-4)
+# Property: random small configurations, drawn derandomized (the same examples on every run, no example database);
+# the test asserts how many drawn configurations actually built and trained, so a validation that refused everything
+# would fail.
+KEY = re.compile(r"^((?:MODEL|DATA)\.[A-Z_.]+): ")
+PATCH = 4  # MODEL.FOCAL.PATCH_SIZE's default, which these configurations keep
+FOCALV2_LEVELS = (1, 2)  # the top-k variant: a stage attends its window alone, or with one pooled level
+SIZES = (16, 32, 48, 56, 64)
+# Rules a configuration can break, each with the key its error must name.
+BROKEN = ("DATA.IMG_SIZE", "MODEL.FOCAL.NUM_HEADS", "MODEL.FOCAL.EXPAND_SIZES", "MODEL.FOCAL.FOCAL_LEVELS",
+          "MODEL.FOCAL.FOCAL_WINDOWS", "MODEL.FOCAL.FOCAL_POOL")
+
+
+def profile(max_examples: int):
+    """The same examples on every run, none stored between runs."""
+    return settings(max_examples=max_examples, derandomize=True, database=None, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def configs(draw):
+    """``(opts, input size, broken key or None)``: a configuration kept within the rules of
+    ``models.build.validate_model_config`` (written out here independently), then, for about one draw in four,
+    one rule broken."""
+    stages = draw(st.integers(1, 4))
+    variant = draw(st.sampled_from(["focal", "focalv2"]))
+    embed = draw(st.sampled_from([4, 6, 8]))
+    size = draw(st.sampled_from([s for s in SIZES if s // PATCH >= 2 ** (stages - 1)]))
+    window = draw(st.integers(1, 8))
+    pool = draw(st.sampled_from(["none", "fc", "conv", "mean", "max"]))
+    focal_stages = draw(st.lists(st.integers(0, 3), max_size=4, unique=True))
+    heads, expand, levels, focal_windows, pooled = [], [], [], [], []
+    for i in range(stages):
+        dim = embed * 2 ** i
+        heads.append(draw(st.sampled_from([h for h in (1, 2, 3) if dim % h == 0])))
+        expand.append(draw(st.integers(0, window - 1)))
+        poolable = pool != "none" and i in focal_stages
+        stage_window = min(window, size // PATCH // 2 ** i)  # a map no larger than the window is one window
+        if variant == "focalv2":
+            allowed = FOCALV2_LEVELS if poolable else (1,)
+        else:  # a pooled level k pools sub-windows of window / 2**(k-1) tokens
+            allowed = [lv for lv in range(4) if not poolable or lv < 2 or 2 ** (lv - 2) <= stage_window]
+        levels.append(draw(st.sampled_from(allowed)))
+        pooled.append(poolable and levels[-1] > 1)
+        focal_windows.append(draw(st.sampled_from([1, 3, 5] if pooled[-1] else [1, 2, 3, 4, 5])))
+
+    broken: Optional[str] = None
+    if draw(st.integers(0, 3)) == 3:
+        applicable = [k for k in BROKEN if k != "MODEL.FOCAL.FOCAL_WINDOWS" or any(pooled)]
+        broken = draw(st.sampled_from(applicable))
+        stage = draw(st.integers(0, stages - 1))
+        if broken == "DATA.IMG_SIZE":
+            size += 2  # not a multiple of the patch size
+        elif broken == "MODEL.FOCAL.NUM_HEADS":
+            heads[stage] = embed * 2 ** stage + 1  # more heads than channels: never a divisor
+        elif broken == "MODEL.FOCAL.EXPAND_SIZES":
+            expand[stage] = window
+        elif broken == "MODEL.FOCAL.FOCAL_LEVELS":
+            levels[stage] = max(FOCALV2_LEVELS) + 1 if variant == "focalv2" else -1
+        elif broken == "MODEL.FOCAL.FOCAL_WINDOWS":
+            focal_windows[pooled.index(True)] += 1  # even
+        else:
+            pool = "avg"
+    opts = [
+        "MODEL.TYPE", variant,
+        "MODEL.NUM_CLASSES", draw(st.integers(0, 5)),
+        "DATA.IMG_SIZE", size,
+        "MODEL.FOCAL.EMBED_DIM", embed,
+        "MODEL.FOCAL.DEPTHS", draw(st.lists(st.integers(1, 2), min_size=stages, max_size=stages)),
+        "MODEL.FOCAL.NUM_HEADS", heads,
+        "MODEL.FOCAL.WINDOW_SIZE", window,
+        "MODEL.FOCAL.FOCAL_LEVELS", levels,
+        "MODEL.FOCAL.FOCAL_WINDOWS", focal_windows,
+        "MODEL.FOCAL.EXPAND_SIZES", expand,
+        "MODEL.FOCAL.FOCAL_POOL", pool,
+        "MODEL.FOCAL.FOCAL_STAGES", focal_stages,
+        "MODEL.FOCAL.EXPAND_LAYER", draw(st.sampled_from(["all", "even", "odd"])),
+        "MODEL.FOCAL.USE_SHIFT", draw(st.booleans()),
+        "MODEL.FOCAL.USE_CONV_EMBED", draw(st.booleans()),
+        "MODEL.FOCAL.APE", draw(st.booleans()),
+        "MODEL.FOCAL.FOCAL_TOPK", draw(st.integers(1, 40)),
+        "MODEL.DROP_PATH_RATE", 0.1,
+    ]
+    input_size = (draw(st.integers(9, 72)), draw(st.integers(9, 72)))
+    return opts, input_size, broken
+
+
+def built_or_refused(opts: list, broken: Optional[str]) -> Optional[torch.nn.Module]:
+    """The model, or None after checking that the broken rule, and only a broken one, was refused by its key."""
+    try:
+        model = build_model(load_config(opts=opts))
+    except ConfigError as err:
+        match = KEY.match(str(err))
+        assert match, f"error does not start with the key: {err}"
+        assert broken is not None, f"a configuration within the rules was refused: {err}"
+        assert match.group(1) == broken, f"broke {broken}, refused for another key: {err}"
+        return None
+    assert broken is None, f"broke {broken}, but it built"
+    return model
+
+
+def assert_floor(outcomes: List[str], examples: int) -> None:
+    """At least half of the drawn configurations built and trained; some were refused."""
+    assert outcomes.count("trained") >= examples // 2, f"{outcomes.count('trained')} of {len(outcomes)} trained"
+    assert "refused" in outcomes
+
+
+KERNEL_EXAMPLES = 40
+
+
+def test_small_configs_are_refused_by_the_broken_key_or_train_alike_with_cpu_kernels(monkeypatch):
+    """A configuration within the rules builds on any input size (one that breaks a rule is refused, naming that
+    rule's key), and the CPU attention kernel in blocks of windows, heads or images (ragged last blocks included)
+    computes what its plain model computes: training outputs and every gradient, then inference twice (the second
+    from the bias cache). The oneDNN linear layer has its own tests (test_onednn_linear.py)."""
+    outcomes: List[str] = []
+
+    @profile(KERNEL_EXAMPLES)
+    @given(configs(), st.sampled_from([0, 1, 700, 3000, 20000]))
+    def check(case, block_bytes):
+        opts, size, broken = case
+        model = built_or_refused(opts + ["MODEL.DROP_PATH_RATE", 0.0], broken)
+        if model is None:
+            outcomes.append("refused")
+            return
+        randomise(model)  # zero-initialised tables would hide a wrong bias gradient
+        x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(0))
+        fast = optimize_for_copy(model, ["attention", "bias_cache"])
+        want = outputs_and_gradients(model.train(), x)
+        with monkeypatch.context() as patch:
+            patch.setattr(cpu_attention, "CPU_BLOCK_BYTES", block_bytes)
+            got = outputs_and_gradients(fast.train(), x)
+            assert len(got) == len(want)
+            for g, w in zip(got, want):  # gradients summed over many O(1) terms, in another order
+                torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-3)
+            with torch.inference_mode():
+                plain = model.eval()(x)
+                for _ in range(2):
+                    torch.testing.assert_close(fast.eval()(x), plain, atol=2e-5, rtol=1e-4)
+        outcomes.append("trained")
+
+    check()
+    assert_floor(outcomes, KERNEL_EXAMPLES)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

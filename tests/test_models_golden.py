@@ -62,6 +62,25 @@ def test_parameters_logits_and_flops_match_reference(path, kernels):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"{method}: {m}")
 
 
+SMALL_CASES = [p for p in CASE_FILES if p.stem not in RELEASED_PARAMS_M]
+
+
+@pytest.mark.parametrize("kernels", ["plain", "all-cpu-kernels"])
+@pytest.mark.parametrize("path", SMALL_CASES, ids=lambda p: p.stem)
+def test_training_graph_reproduces_the_fixture_logits(path, kernels):
+    """The forward pass that training runs (train mode, autograd recording: other attention kernels, no bias
+    cache, the blocked kernel's autograd function), with dropout and drop-path at 0, gives the reference's
+    logits too, and they carry a gradient."""
+    case = load_case(path)
+    model = build_filled(case, ["MODEL.ATTN_DROP_RATE", 0.0]).train()
+    if kernels != "plain":
+        optimize_for(model, "cpu", [k for k in KERNELS if k != "onednn_linear" or onednn_available()])
+    assert torch.is_grad_enabled()
+    out = model(case_input(case))
+    assert out.requires_grad
+    torch.testing.assert_close(out.detach(), torch.tensor(case["output"]), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", sorted(RELEASED_PARAMS_M))
 def test_released_configs_build_with_published_size(name):
     case = load_case(FIXTURES / f"{name}.json")

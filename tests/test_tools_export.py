@@ -44,7 +44,8 @@ def test_pt2_with_dynamic_batch_equals_eager(model_and_checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_onnx_at_another_size_with_dynamic_batch_equals_eager(model_and_checkpoint, tmp_path):
-    """The ONNX check of the v1 model (test_export checks focalv2's), through the tool, run by onnxruntime."""
+    """The project's one ONNX export (the v1 demo model, through the tool), run by onnxruntime at two batch sizes.
+    onnx, onnxscript and onnxruntime are part of CI (requirements-dev.txt): a missing one fails here."""
     import onnxruntime
     model, ckpt = model_and_checkpoint
     out = tmp_path / "demo.onnx"

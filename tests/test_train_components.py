@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from config import load_config
-from engine import build_precision, evaluate
+from engine import build_precision, default_amp, evaluate
 from errors import UsageError
 from lr_scheduler import build_scheduler
 from main import load_run_config, main, parse_args, scale_learning_rates
@@ -109,6 +109,18 @@ def test_bf16_autocast_trains_on_cpu_and_fp16_needs_cuda():
         build_precision("fp16", CPU)
     with pytest.raises(UsageError, match="--amp"):
         build_precision("fp8", CPU)
+
+
+def test_amp_defaults_to_bf16_on_gpus_that_support_it(monkeypatch):
+    """No --amp: bf16 (no scaler) where the GPU computes it natively, fp16 on older GPUs, none on CPUs."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
+    assert default_amp(cuda) == "bf16"
+    precision = build_precision("", cuda)
+    assert precision.dtype == torch.bfloat16 and not precision.scaler.is_enabled()  # bf16 needs no scaler
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert default_amp(cuda) == "fp16"
+    assert default_amp(cpu) == "none"  # and build_precision("", CPU) has no dtype: the test above
 
 
 def test_evaluate_counts_hits_and_images():
