@@ -91,6 +91,17 @@ def test_sizes_mode_refuses_a_bad_size_naming_the_flag(size, capsys):
     assert "--sizes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, flag", [(["--ceiling", "--sizes", "448"], "--sizes"),
+                                        (["--kernels", "--sizes", "448"], "--sizes"),
+                                        (["--sizes", "448", "--plot", "x.png"], "--plot"),
+                                        (["--ceiling", "--plot", "x.png"], "--plot")])
+def test_flags_of_another_mode_are_refused_not_ignored(args, flag, capsys):
+    """--ceiling and --kernels time one square size: --sizes next to them once timed 224 px without a word."""
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(args)
+    assert flag in capsys.readouterr().err
+
+
 def test_suffixes_apply_the_device_kernels():
     from models.kernels.cpu_attention import CpuKernels
     from models.kernels.onednn_linear import OneDnnLinear
@@ -102,12 +113,15 @@ def test_suffixes_apply_the_device_kernels():
     assert any(isinstance(m, OneDnnLinear) for m in swin.modules())
 
 
-def test_kernels_mode_lists_every_linear_layer_shape(capsys):
-    """One row per distinct linear layer of the released Focal-T, with the shape it multiplies at that size."""
+def test_kernels_mode_lists_every_linear_layer_shape(capsys, tmp_path):
+    """One row per distinct linear layer of the released Focal-T, with the shape it multiplies at that size, and
+    the same layers in --json."""
     out = run_here(capsys, "--kernels", "--img-size", "32", "--batch-size", "1", "--reps", "1",
-                   "--min-seconds", "0.001")
+                   "--min-seconds", "0.001", "--json", str(tmp_path / "kernels.json"))
     rows = table(out, "linear layers at 32px")
     assert len(rows) == 16 and rows["stage 1 qkv"][0] == "64x96 -> 288" and rows["stage 4 fc2"][0] == "1x3072 -> 768"
+    figures = json.loads((tmp_path / "kernels.json").read_text())
+    assert sorted(figures) == sorted(rows) and all(set(f) == {"stock", "onednn"} for f in figures.values())
 
 
 def test_ceiling_refuses_kernel_suffixes():
