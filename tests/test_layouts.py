@@ -1,6 +1,7 @@
 """Layouts (what each window attends to) at any size: the reference's nearest-token rule with its tie-breaking,
-size linear in the number of windows, a cache bounded by bytes, one definition that changes the pattern, and
-the retired ``MODEL.FOCAL.KV_GATHER`` key."""
+size linear in the number of windows, a cache bounded by bytes that serves sizes in turn, one definition that
+changes the pattern, and the retired ``MODEL.FOCAL.KV_GATHER`` key."""
+import copy
 import random
 
 import pytest
@@ -10,6 +11,7 @@ from config import load_config
 from models import build_model
 from models.focal_attention import FocalWindowAttention, focal_layout
 from models.focal_layout import FocalLayoutSpec
+from models.kernels import optimize_for
 from models.resize import resize_neighbour_table
 from models.topk_attention import build_topk_layout, nearest_tokens
 from models.window_attention import CACHE_ENV, LAYOUTS, cache_limit
@@ -80,6 +82,32 @@ def test_byte_bound_of_the_cache_holds_over_twenty_random_input_sizes(monkeypatc
             first.setdefault(size, out)
     assert peak > bound // 2 and len(LAYOUTS.entries) >= 2  # the bound was used, not trivially met
     assert len(LAYOUTS.entries) < 4 * len(set(sizes))  # old sizes were evicted
+    LAYOUTS.clear()
+
+
+@pytest.mark.parametrize("kernels", [[], ["attention", "bias_cache"]], ids=["plain", "cpu-kernels"])
+@pytest.mark.parametrize("model_type", ["focal", "focalv2"])
+def test_sizes_in_turn_give_what_fresh_models_give(model_type, kernels):
+    """One model called at three sizes in turn, twice (the second round from the layout and bias caches), gives
+    at each size what a fresh copy with empty caches gives; the second round adds nothing to the layout cache."""
+    base = randomise(small_model("MODEL.FOCAL.USE_SHIFT", True, model_type=model_type)).eval()
+    optimize_for(base, "cpu", kernels)
+    sizes = [(64, 96), (100, 60), (36, 52)]
+    inputs = {size: torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(size[0])) for size in sizes}
+    fresh = {}
+    with torch.no_grad():
+        for size in sizes:
+            LAYOUTS.clear()
+            fresh[size] = copy.deepcopy(base)(inputs[size])
+        LAYOUTS.clear()
+        model = copy.deepcopy(base)
+        for turn in range(2):
+            for size in sizes:
+                torch.testing.assert_close(model(inputs[size]), fresh[size], atol=0, rtol=0,
+                                           msg=lambda m: f"turn {turn}, {size}: {m}")
+            if turn == 0:
+                kept = dict(LAYOUTS.sizes)
+    assert kept and LAYOUTS.sizes == kept and LAYOUTS.nbytes() <= cache_limit()
     LAYOUTS.clear()
 
 

@@ -217,6 +217,26 @@ def test_compiles_as_one_graph_and_matches_eager():
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_compiled_with_dynamic_shapes_matches_eager_at_two_sizes():
+    """``torch.compile(dynamic=True)``, as a multi-size (detection) run might compile it: traced with symbolic
+    sizes, then called at a second size that needs padding, it computes the eager outputs at both. It is not one
+    graph (the cached layout builder takes concrete sizes: each attention call breaks the graph), and tracing with
+    symbolic sizes is slow (20 s for one block on 2 cores), hence one stage of one shifted block, traced by
+    AOTAutograd and run eagerly (``aot_eager``) as the compiled training step below; Inductor compiles the static
+    graph above."""
+    torch.compiler.reset()
+    model = randomise(small_model("MODEL.FOCAL.DEPTHS", [1], "MODEL.FOCAL.NUM_HEADS", [2], "MODEL.FOCAL.FOCAL_LEVELS",
+                                  [2], "MODEL.FOCAL.EXPAND_SIZES", [3], "MODEL.FOCAL.FOCAL_WINDOWS", [3],
+                                  "MODEL.FOCAL.FOCAL_STAGES", [0], "MODEL.FOCAL.USE_SHIFT", True)).eval()
+    compiled = torch.compile(model, dynamic=True, backend="aot_eager")
+    for size in [(64, 96), (100, 60)]:
+        x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(size[0]))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    torch.compiler.reset()
+
+
 @pytest.mark.parametrize("model_type", ["focal", "focalv2"])
 def test_trains_after_inference_mode_at_the_same_size(model_type):
     model = small_model(model_type=model_type)
