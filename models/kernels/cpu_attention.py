@@ -7,7 +7,7 @@ of the subclasses at the bottom of this file (parameters, buffers and state dict
 from __future__ import annotations
 
 import weakref
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -99,7 +99,10 @@ class BiasByBlock(NamedTuple):
         return self.build(block.heads, block.windows).to(dtype)
 
 
-def bias_rows(bias, block: Block, dtype: torch.dtype) -> torch.Tensor:
+AnyBias = Union[torch.Tensor, BiasByBlock]
+
+
+def bias_rows(bias: AnyBias, block: Block, dtype: torch.dtype) -> torch.Tensor:
     """The rows of a bias tensor (already in ``dtype``) or of a :class:`BiasByBlock` that ``block`` reads."""
     return bias.rows(block, dtype) if isinstance(bias, BiasByBlock) else bias[:, block.rows]
 
@@ -151,7 +154,7 @@ def block_keys_values(k: torch.Tensor, v: torch.Tensor, index: Optional[torch.Te
 
 
 def blocked_attention(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, index: Optional[torch.Tensor],
-                      bias, scale: float, blocks: List[Block]) -> torch.Tensor:
+                      bias: AnyBias, scale: float, blocks: List[Block]) -> torch.Tensor:
     """The fused kernel block by block; ``bias`` is a tensor in ``q``'s dtype or a :class:`BiasByBlock`."""
     n_keys = bias.shape[-1]
     if len(blocks) == 1:
@@ -235,7 +238,7 @@ class _BlockedAttention(torch.autograd.Function):
 
 
 def blocked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: Optional[torch.Tensor],
-                   bias, scale: float) -> torch.Tensor:
+                   bias: AnyBias, scale: float) -> torch.Tensor:
     """What ``WindowedAttention.attend`` computes (without dropout), in cache-sized blocks; ``bias`` is a tensor
     or, without autograd, a :class:`BiasByBlock`."""
     if isinstance(bias, BiasByBlock):
@@ -253,14 +256,14 @@ class CpuKernels:
     cpu_kernels: frozenset = frozenset()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: Optional[torch.Tensor],
-               bias) -> torch.Tensor:
+               bias: AnyBias) -> torch.Tensor:
         if "attention" in self.cpu_kernels and q.device.type == "cpu" and not (self.training and self.attn_drop):
             return blocked_attend(q, k, v, index, bias, self.scale)
         if isinstance(bias, BiasByBlock):
             bias = bias.build(slice(None), slice(None))
         return super().attend(q, k, v, index, bias)
 
-    def attention_bias(self, layout: object):
+    def attention_bias(self, layout: object) -> AnyBias:
         """The bias, kept for the next call where the budget allows (``bias_cache``); without autograd, one too
         large to keep is built block by block by the ``attention`` kernel (:class:`BiasByBlock`)."""
         build = super().attention_bias
