@@ -15,7 +15,7 @@ from lr_scheduler import build_scheduler
 from main import main
 from models import build_model
 from models.focal_layout import FocalLayoutSpec
-from models.resize import neighbour_table_from_window_table, resize_neighbour_table, resize_pool_weight
+from models.resize import adapt_geometry, neighbour_table_from_window_table, resize_neighbour_table, resize_pool_weight
 from optimizer import build_optimizer
 from utils import load_pretrained
 
@@ -89,6 +89,22 @@ def test_neighbour_table_resize_is_the_identity_at_the_same_size_and_keeps_value
     assert torch.equal(resize_neighbour_table(table, table.shape), table)
     grown = resize_neighbour_table(table, torch.Size((1, 3, 64, len(FocalLayoutSpec(8, 4).released_surroundings()))))
     assert set(grown.unique().tolist()) <= set(table.unique().tolist())  # nearest values, nothing invented
+
+
+@pytest.mark.parametrize("old, new", [(7, 12), (12, 7)])
+def test_position_tables_are_resized_as_timm_resizes_swin_tables(old, new):
+    """Window and pooled tables are (2w-1)^2 grids of offsets: resampled exactly as timm carries Swin-T's tables to
+    another window (bicubic), so a fine-tuned model starts from the same biases in both codebases."""
+    from timm.layers import resize_rel_pos_bias_table_simple
+    side = 2 * new - 1
+    flat = torch.randn((2 * old - 1) ** 2, 3)  # (offsets, heads), the window table's layout
+    expected = resize_rel_pos_bias_table_simple(flat, (new, new), (side * side, 3))
+    window = adapt_geometry("layers.0.blocks.0.attn.relative_position_bias_table", flat, torch.empty(side * side, 3),
+                            {})
+    pooled = adapt_geometry("layers.0.blocks.0.attn.relative_position_bias_table_to_windows.0", flat.t(),
+                            torch.empty(3, side * side), {})
+    torch.testing.assert_close(window, expected)
+    torch.testing.assert_close(pooled, expected.t())
 
 
 def test_pooling_kernels_keep_their_sum_when_resized():
