@@ -70,7 +70,8 @@ def tiny_config(*opts):
 
 def fake_batches(n: int, batch: int = 4, size: int = 32):
     generator = torch.Generator().manual_seed(0)
-    return [(torch.randn(batch, 3, size, size, generator=generator), torch.randint(0, 10, (batch,), generator=generator))
+    return [(torch.randn(batch, 3, size, size, generator=generator),
+             torch.randint(0, 10, (batch,), generator=generator))
             for _ in range(n)]
 
 
@@ -203,7 +204,8 @@ def wait_for_line(proc: subprocess.Popen, needle: str) -> str:
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+                                  f"stderr:\n{proc.stderr[-4000:]}")
     return proc
 
 

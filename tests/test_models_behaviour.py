@@ -19,7 +19,8 @@ from tests.oracles import GATHERS, oracle_gather
     ("MODEL.FOCAL.USE_SHIFT", True),
     ("MODEL.FOCAL.FOCAL_POOL", "conv", "MODEL.FOCAL.FOCAL_LEVELS", [3, 3, 2, 1]),
     ("MODEL.FOCAL.FOCAL_POOL", "mean", "MODEL.FOCAL.EXPAND_LAYER", "even", "MODEL.FOCAL.USE_SHIFT", True),
-    ("MODEL.FOCAL.FOCAL_POOL", "max", "MODEL.FOCAL.FOCAL_LEVELS", [4, 3, 2, 2], "MODEL.FOCAL.EXPAND_SIZES", [2, 1, 3, 0]),
+    ("MODEL.FOCAL.FOCAL_POOL", "max", "MODEL.FOCAL.FOCAL_LEVELS", [4, 3, 2, 2],
+     "MODEL.FOCAL.EXPAND_SIZES", [2, 1, 3, 0]),
 ], ids=["fc", "shift", "conv-3levels", "mean-even-shift", "max-4levels"])
 @pytest.mark.parametrize("size", [(224, 224), (100, 60), (36, 52)])
 def test_layout_index_agrees_with_roll_and_unfold_oracles_at_any_size(opts, size):

@@ -91,7 +91,8 @@ def test_accumulation_updates_once_per_group_and_matches_a_big_batch():
     # SGD: its update is linear in the gradient, so equal gradients give equal weights (Adam's first step is not).
     base = ("MODEL.DROP_PATH_RATE", 0.0, "TRAIN.WARMUP_EPOCHS", 0, "TRAIN.CLIP_GRAD", 0.0,
             "TRAIN.OPTIMIZER.NAME", "sgd", "TRAIN.BASE_LR", 0.1)
-    assert run_epoch(tiny_config("TRAIN.ACCUMULATION_STEPS", 2, *base), batches, precision)[2] == 2  # the fifth batch cannot fill an update and is left out
+    # the fifth batch cannot fill an update and is left out
+    assert run_epoch(tiny_config("TRAIN.ACCUMULATION_STEPS", 2, *base), batches, precision)[2] == 2
     # Two accumulated micro-batches of 4 make the same update as one batch of 8.
     accumulated, _, _ = run_epoch(tiny_config("TRAIN.ACCUMULATION_STEPS", 2, *base), batches[:2], precision)
     merged = [(torch.cat([batches[0][0], batches[1][0]]), torch.cat([batches[0][1], batches[1][1]]))]

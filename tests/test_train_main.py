@@ -130,7 +130,8 @@ def test_tensorboard_events_hold_loss_lr_and_accuracy(demo_data, tmp_path):
     assert {"train/loss", "train/lr", "train/grad_norm", "val/acc1", "val/acc5", "val/loss"} <= tags, tags
     updates = [e.step for e in events.Scalars("train/loss")]  # every update of the epoch, on one axis with val/*
     assert updates == list(range(1, len(updates) + 1)) and len(updates) > 1
-    assert [e.step for e in events.Scalars("train/lr")] == [e.step for e in events.Scalars("train/grad_norm")] == updates
+    lr_steps = [e.step for e in events.Scalars("train/lr")]
+    assert lr_steps == [e.step for e in events.Scalars("train/grad_norm")] == updates
     acc1 = events.Scalars("val/acc1")
     assert [e.step for e in acc1] == [updates[-1]]
     assert acc1[0].value == pytest.approx(float(eval_summary(read_log(tmp_path))["acc1"]), abs=1e-3)
