@@ -83,16 +83,13 @@ class FocalWindowAttention(WindowedAttention):
             parts.append(table[:, index.view(-1)].view(self.num_heads, n, -1))
         return torch.cat(parts, dim=-1)
 
-    def attention_bias(self, layout: FocalLayout, heads: slice = slice(None),
-                       windows: slice = slice(None)) -> torch.Tensor:
-        """(1, h*w, ws*ws, L) for a range of heads and of windows (all by default): position biases plus the shift
-        and out-of-map masks, which touch only the window's own keys and the pooled keys respectively. Ranges let
-        the CPU kernels build a bias too large to keep one block at a time."""
-        bias = self.relative_bias()[heads].unsqueeze(1)  # h, 1, n, L
+    def attention_bias(self, layout: FocalLayout) -> torch.Tensor:
+        """(1, nH*nW, ws*ws, L): position biases plus the shift and out-of-map masks, which touch only the
+        window's own keys and the pooled keys respectively."""
+        bias = self.relative_bias().unsqueeze(1)  # nH, 1, n, L
         n_heads, _, n, n_keys = bias.shape
-        n_win = len(range(layout.grid[0] * layout.grid[1])[windows])
-        shift = None if layout.shift_labels is None else shift_mask(layout.shift_labels[windows])
-        outside = None if layout.pooled_outside is None else outside_mask(layout.pooled_outside[windows])
+        n_win = layout.grid[0] * layout.grid[1]
+        shift, outside = shift_mask(layout.shift_labels), outside_mask(layout.pooled_outside)
         if shift is None and outside is None:
             return bias.expand(-1, n_win, -1, -1).reshape(1, -1, n, n_keys)
         n_pooled = 0 if outside is None else outside.shape[-1]

@@ -140,13 +140,11 @@ class TopKFocalAttention(WindowedAttention):
         """(nH, codes): each level's MLP run once per relative coordinate of its box."""
         return torch.cat([mlp(c) for mlp, c in zip(self.coord2rpb_all, layout.coords)]).t()
 
-    def attention_bias(self, layout: TopKLayout, heads: slice = slice(None),
-                       windows: slice = slice(None)) -> torch.Tensor:
-        """(1, h*w, ws*ws, K) for a range of heads and of windows (all by default): the table indexed straight into
-        the attention layout. Ranges let the CPU kernels build a bias too large to keep one block at a time."""
-        codes = layout.key_code[windows, None, :] + layout.query_code  # w, ws*ws, K
+    def attention_bias(self, layout: TopKLayout) -> torch.Tensor:
+        """(1, nH*nW, ws*ws, K): the table indexed straight into the attention layout."""
+        codes = layout.key_code[:, None, :] + layout.query_code  # nW, ws*ws, K
         # index_select rather than advanced indexing: 3.6x faster for this (nH, many) gather on CPU
-        bias = self.bias_table(layout)[heads].index_select(1, codes.view(-1))  # h, w * ws*ws * K
+        bias = self.bias_table(layout).index_select(1, codes.view(-1))  # nH, nW * ws*ws * K
         return bias.view(1, -1, *codes.shape[1:])
 
     def forward(self, x: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:

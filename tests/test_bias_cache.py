@@ -1,7 +1,5 @@
 """The inference cache of attention biases (models/kernels): reused only while the layout and the attention
 module's parameters and buffers are unchanged."""
-import copy
-
 import pytest
 import torch
 
@@ -127,32 +125,3 @@ def test_kept_biases_of_all_modules_stay_within_the_budget(counted, monkeypatch)
     assert built == 2 * n_blocks and 0 < kept <= everything // 2 and cpu_attention.kept_bias_bytes() == kept
     assert 0 < rebuilt < n_blocks  # some biases were reused, not all
     torch.testing.assert_close(second, first, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("model_type", sorted(BUILDERS))
-@pytest.mark.parametrize("block_bytes", [1, 4 << 20], ids=["one-window", "default"])
-def test_bias_too_large_to_keep_is_built_block_by_block(monkeypatch, model_type, block_bytes):
-    """Over the budget, the attention kernel builds each block's rows of the bias as it runs (heads and windows
-    ranges), shift and out-of-map masks included, and computes the plain model's output."""
-    monkeypatch.setattr(cpu_attention, "CPU_BLOCK_BYTES", block_bytes)
-    monkeypatch.setattr(cpu_attention, "BIAS_CACHE_BYTES", 0)
-    cls = BUILDERS[model_type]
-    ranges = []
-    original = cls.attention_bias
-
-    def recording(self, layout, heads=slice(None), windows=slice(None)):
-        ranges.append((heads, windows))
-        return original(self, layout, heads, windows)
-    monkeypatch.setattr(cls, "attention_bias", recording)
-    plain = randomise(small_model("MODEL.FOCAL.USE_SHIFT", True, model_type=model_type)).eval()
-    fast = copy.deepcopy(plain)
-    optimize_for(fast, "cpu", ["attention", "bias_cache"])
-    x = torch.randn(2, 3, 100, 60, generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        want = plain(x)
-        ranges.clear()
-        got = fast(x)
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-    assert cpu_attention.kept_bias_bytes() == 0
-    partial = [r for r in ranges if r != (slice(None), slice(None))]
-    assert bool(partial) == (block_bytes == 1)  # one window per block: every bias built in parts

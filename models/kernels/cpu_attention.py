@@ -7,7 +7,7 @@ of the subclasses at the bottom of this file (parameters, buffers and state dict
 from __future__ import annotations
 
 import weakref
-from typing import Callable, List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -62,16 +62,6 @@ def cached_bias(module: nn.Module, layout: object, build: Callable[[], torch.Ten
     return bias
 
 
-def fits_cache(module: nn.Module, layout: object) -> bool:
-    """Whether ``module``'s bias for ``layout`` is kept, or would be, within :data:`BIAS_CACHE_BYTES`."""
-    entry = getattr(module, "_bias_cache", None)
-    if entry is not None and entry[0] is layout:
-        return True
-    dtype_size = module.qkv.weight.element_size()
-    size = module.bias_shape(layout).numel() * dtype_size
-    return size + sum(_KEPT.values()) - _KEPT.get(module, 0) <= BIAS_CACHE_BYTES
-
-
 def kept_bias_bytes() -> int:
     """Bytes of attention biases kept by all modules."""
     return sum(_KEPT.values())
@@ -86,25 +76,6 @@ class Block(NamedTuple):
 
 
 WHOLE = Block(slice(None), slice(None), slice(None), slice(None))
-
-
-class BiasByBlock(NamedTuple):
-    """An inference bias too large to keep, built block by block as the attention runs: each block's part is
-    written and read while it is in cache, instead of the whole bias going through memory twice (Focal-fast-T's
-    stage 0 at 896x896 has 154 MB of bias per block)."""
-    build: Callable[[slice, slice], torch.Tensor]  # (heads, windows) -> (1, heads*windows, n, L)
-    shape: torch.Size                              # of the whole bias
-
-    def rows(self, block: Block, dtype: torch.dtype) -> torch.Tensor:
-        return self.build(block.heads, block.windows).to(dtype)
-
-
-AnyBias = Union[torch.Tensor, BiasByBlock]
-
-
-def bias_rows(bias: AnyBias, block: Block, dtype: torch.dtype) -> torch.Tensor:
-    """The rows of a bias tensor (already in ``dtype``) or of a :class:`BiasByBlock` that ``block`` reads."""
-    return bias.rows(block, dtype) if isinstance(bias, BiasByBlock) else bias[:, block.rows]
 
 
 def attention_blocks(q: torch.Tensor, num_heads: int, n_keys: int) -> List[Block]:
@@ -154,24 +125,18 @@ def block_keys_values(k: torch.Tensor, v: torch.Tensor, index: Optional[torch.Te
 
 
 def blocked_attention(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, index: Optional[torch.Tensor],
-                      bias: AnyBias, scale: float, blocks: List[Block]) -> torch.Tensor:
-    """The fused kernel block by block; ``bias`` is a tensor in ``q``'s dtype or a :class:`BiasByBlock`."""
+                      bias: torch.Tensor, scale: float, blocks: List[Block]) -> torch.Tensor:
+    """The fused kernel block by block."""
     n_keys = bias.shape[-1]
     if len(blocks) == 1:
         k, v = block_keys_values(k_table, v_table, index, n_keys, blocks[0])
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias_rows(bias, blocks[0], q.dtype), scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     out = torch.empty_like(q)
-    shared = None  # blocks of whole images all read the whole bias: build it once
     for block in blocks:
         k, v = block_keys_values(k_table, v_table, index, n_keys, block)
-        if block.rows == WHOLE.rows:
-            shared = bias_rows(bias, block, q.dtype) if shared is None else shared
-            rows_bias = shared
-        else:
-            rows_bias = bias_rows(bias, block, q.dtype)
         rows = block.rows
         out[block.images, rows] = F.scaled_dot_product_attention(q[block.images, rows], k, v,
-                                                                 attn_mask=rows_bias, scale=scale)
+                                                                 attn_mask=bias[:, rows], scale=scale)
     return out
 
 
@@ -238,11 +203,8 @@ class _BlockedAttention(torch.autograd.Function):
 
 
 def blocked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: Optional[torch.Tensor],
-                   bias: AnyBias, scale: float) -> torch.Tensor:
-    """What ``WindowedAttention.attend`` computes (without dropout), in cache-sized blocks; ``bias`` is a tensor
-    or, without autograd, a :class:`BiasByBlock`."""
-    if isinstance(bias, BiasByBlock):
-        return blocked_attention(q, k, v, index, bias, scale, attention_blocks(q, k.shape[1], bias.shape[-1]))
+                   bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """What ``WindowedAttention.attend`` computes (without dropout), in cache-sized blocks."""
     bias = bias.to(q.dtype)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
         return _BlockedAttention.apply(q, k, v, index, bias, scale)
@@ -256,29 +218,16 @@ class CpuKernels:
     cpu_kernels: frozenset = frozenset()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: Optional[torch.Tensor],
-               bias: AnyBias) -> torch.Tensor:
+               bias: torch.Tensor) -> torch.Tensor:
         if "attention" in self.cpu_kernels and q.device.type == "cpu" and not (self.training and self.attn_drop):
             return blocked_attend(q, k, v, index, bias, self.scale)
-        if isinstance(bias, BiasByBlock):
-            bias = bias.build(slice(None), slice(None))
         return super().attend(q, k, v, index, bias)
 
-    def attention_bias(self, layout: object) -> AnyBias:
-        """The bias, kept for the next call where the budget allows (``bias_cache``); without autograd, one too
-        large to keep is built block by block by the ``attention`` kernel (:class:`BiasByBlock`)."""
+    def attention_bias(self, layout: object) -> torch.Tensor:
         build = super().attention_bias
-        inference = not (torch.is_grad_enabled() or torch.compiler.is_compiling())
-        if not inference or layout.index.device.type != "cpu":
+        if "bias_cache" not in self.cpu_kernels:
             return build(layout)
-        if "bias_cache" in self.cpu_kernels and fits_cache(self, layout):
-            return cached_bias(self, layout, lambda: build(layout))
-        if "attention" in self.cpu_kernels:
-            return BiasByBlock(lambda heads, windows: build(layout, heads, windows), self.bias_shape(layout))
-        return build(layout)
-
-    def bias_shape(self, layout: object) -> torch.Size:
-        n_win, n_keys = layout.index.shape
-        return torch.Size((1, self.num_heads * n_win, self.window_size ** 2, n_keys))
+        return cached_bias(self, layout, lambda: build(layout))
 
 
 class CpuFocalWindowAttention(CpuKernels, FocalWindowAttention):
