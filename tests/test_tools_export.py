@@ -1,6 +1,9 @@
 """tools/export.py: a checkpoint becomes a .pt2 or .onnx file that computes what the eager model computes."""
+import re
 import subprocess
 import sys
+from pathlib import Path
+from typing import Tuple
 
 import pytest
 import torch
@@ -12,15 +15,22 @@ from tests.helpers import REPO, randomise
 from tools import export as export_tool
 
 CFG = "configs/demo/focal_demo.yaml"
+V2_CFG = "configs/demo/focalv2_demo.yaml"
+
+
+def write_checkpoint(cfg: str, folder: Path) -> Tuple[torch.nn.Module, Path]:
+    """A demo model with seeded random weights, and its checkpoint in ``folder``."""
+    torch.manual_seed(0)
+    model = randomise(build_model(load_config(str(REPO / cfg))), std=0.05).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "demo.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return model, path
 
 
 @pytest.fixture(scope="module")
 def model_and_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = randomise(build_model(load_config(str(REPO / CFG))), std=0.05).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "demo.pth"
-    torch.save({"model": model.state_dict()}, path)
-    return model, path
+    return write_checkpoint(CFG, tmp_path_factory.mktemp("ckpt"))
 
 
 def run_export(*args):
@@ -83,16 +93,23 @@ def test_unreadable_checkpoint_is_named_and_nothing_is_written(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
-def test_a_failed_check_writes_nothing(model_and_checkpoint, tmp_path, monkeypatch, suffix):
-    _, ckpt = model_and_checkpoint
-    out = tmp_path / f"demo{suffix}"
-    args = export_tool.parse_args(["--cfg", str(REPO / CFG), "--checkpoint", str(ckpt), "--output", str(out)])
-    monkeypatch.setattr(export_tool, "TOLERANCE", -1.0)  # no difference passes
+@pytest.mark.parametrize("cfg, suffix", [(CFG, ".pt2"), (V2_CFG, ".onnx")], ids=["focal-pt2", "focalv2-onnx"])
+def test_a_failed_check_writes_nothing(cfg, suffix, tmp_path, monkeypatch):
+    """With a tolerance nothing meets, the tool refuses and leaves no file. The .onnx case is the project's one
+    focalv2 ONNX export: its file is written, run by onnxruntime and refused, and the difference it reports must
+    still be float32 rounding."""
+    _, ckpt = write_checkpoint(cfg, tmp_path / "checkpoint")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = export_tool.parse_args(["--cfg", str(REPO / cfg), "--checkpoint", str(ckpt),
+                                   "--output", str(out_dir / f"demo{suffix}")])
+    monkeypatch.setattr(export_tool, "TOLERANCE", -1.0)
     failing_check = "the exported program differs"
-    if suffix == ".onnx":  # the program passes; the ONNX file is written, run by onnxruntime and fails its check
-        monkeypatch.setattr(export_tool, "max_difference", lambda *a: -2.0)
+    if suffix == ".onnx":
+        monkeypatch.setattr(export_tool, "max_difference", lambda *a: -2.0)  # the program's check passes
         failing_check = "onnxruntime's output differs"
-    with pytest.raises(UsageError, match=f"{failing_check} .*nothing written"):
+    with pytest.raises(UsageError, match=f"{failing_check} from the model by .*nothing written") as refusal:
         export_tool.export(args)
-    assert not any(tmp_path.iterdir())
+    assert not any(out_dir.iterdir())
+    if suffix == ".onnx":
+        assert 0 <= float(re.search(r"by (\S+) ", str(refusal.value)).group(1)) < 1e-4
