@@ -72,7 +72,12 @@ def train_classification_rank(rank: int, data: str, out: str, port: int) -> None
                       WORLD_SIZE="2")
     made = []
     create_ema = main.create_ema
-    main.create_ema = lambda *args: made.append(create_ema(*args)) or made[-1]
+
+    def keep_ema(*args):
+        made.append(create_ema(*args))
+        return made[-1]
+
+    main.create_ema = keep_ema
     main.main(demo_args(Path(data), Path(out), "--model-ema", "--device", "cpu", opts=("MODEL_EMA_DECAY", "0.5")))
     torch.save(made[0].module.state_dict(), os.path.join(out, f"ema{rank}.pt"))
 
