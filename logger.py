@@ -26,6 +26,35 @@ class PrintableFormatter(logging.Formatter):
         return super().format(record).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+class HoldsNestedRecords(logging.Handler):
+    """A stop signal's handler logs the stop line (``run_lock.exit_on_signal``), and the signal can land while this
+    handler is flushing its stream: writing the line there re-enters the buffered stream, which refuses with
+    "reentrant call", and logging prints a "--- Logging error ---" traceback instead of the line. A record arriving
+    while this handler is writing waits until the interrupted write has unwound, and is written then."""
+
+    _held: list[logging.LogRecord] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._held is not None:
+            self._held.append(record)
+            return
+        self._held = []
+        try:
+            super().emit(record)
+        finally:
+            held, self._held = self._held, None
+            for nested in held:
+                super().emit(nested)
+
+
+class ConsoleHandler(HoldsNestedRecords, logging.StreamHandler):
+    """Rank 0's console lines."""
+
+
+class LogFileHandler(HoldsNestedRecords, logging.FileHandler):
+    """Each rank's log file."""
+
+
 def create_logger(output_dir: str, rank: int = 0, name: str = LOGGER_NAME) -> logging.Logger:
     """A logger writing to ``<output_dir>/log_rank<rank>.txt``, and to stdout on rank 0.
 
@@ -42,12 +71,12 @@ def create_logger(output_dir: str, rank: int = 0, name: str = LOGGER_NAME) -> lo
     if rank == 0:
         console_fmt = (colored("[%(asctime)s %(name)s]", "green") + colored("(%(filename)s %(lineno)d)", "yellow")
                        + ": %(levelname)s %(message)s")
-        console = logging.StreamHandler(sys.stdout)
+        console = ConsoleHandler(sys.stdout)
         console.setFormatter(PrintableFormatter(console_fmt, datefmt=DATE_FORMAT))
         logger.addHandler(console)
 
     os.makedirs(output_dir, exist_ok=True)
-    file_handler = logging.FileHandler(os.path.join(output_dir, f"log_rank{rank}.txt"), mode="a", encoding="utf-8")
+    file_handler = LogFileHandler(os.path.join(output_dir, f"log_rank{rank}.txt"), mode="a", encoding="utf-8")
     file_handler.setFormatter(PrintableFormatter(plain, datefmt=DATE_FORMAT))
     logger.addHandler(file_handler)
     if name == LOGGER_NAME:

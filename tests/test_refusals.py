@@ -280,6 +280,57 @@ def test_sigterm_mentions_torchrun_only_under_torchrun(torchrun, expected, monke
     assert caplog.messages[-1].startswith(expected) and (torchrun or "torchrun" not in caplog.messages[-1])
 
 
+class FlushInterruptedByStop:
+    """A log file whose next flush is interrupted by Ctrl-C, as a signal landing inside the buffered writer's flush
+    does: the handler runs there, and a buffered writer refuses to be entered again while it flushes."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.flushing, self.armed = stream, False, True
+
+    def write(self, text: str) -> int:
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        import signal
+
+        import run_lock
+        if self.flushing:
+            raise RuntimeError("reentrant call inside <_io.BufferedWriter>")
+        self.flushing = True
+        try:
+            if self.armed:
+                self.armed = False
+                run_lock.exit_on_signal(signal.SIGINT, None)
+            self.stream.flush()
+        finally:
+            self.flushing = False
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def test_a_stop_landing_while_the_log_file_flushes_is_logged_after_the_interrupted_line(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """CI caught the stop line printed as a "--- Logging error ---" traceback: Ctrl-C landed while the log file
+    flushed an evaluation line, and the stop line re-entered that flush."""
+    import os
+
+    import run_lock
+    from logger import create_logger
+    monkeypatch.setattr(run_lock, "MAIN_PID", os.getpid())
+    logger = create_logger(str(tmp_path), rank=1)
+    (log_file,) = logger.handlers
+    log_file.setStream(FlushInterruptedByStop(log_file.stream))
+    with pytest.raises(run_lock.Terminated):
+        logger.info("Test: [3/50]")
+    logger.info("clean-up line")
+    log_file.close()
+    lines = (tmp_path / "log_rank1.txt").read_text().splitlines()
+    assert [line.split(": INFO ")[-1].split(": ERROR ")[-1] for line in lines] == [
+        "Test: [3/50]", "stopped: interrupted (Ctrl-C)", "clean-up line"]
+    assert "Logging error" not in capsys.readouterr().err
+
+
 def test_broken_pipes_of_a_stopped_main_process_stay_out_of_a_worker_s_stderr(capsys, monkeypatch):
     import sys
 
