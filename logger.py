@@ -38,11 +38,11 @@ class HoldsNestedRecords(logging.Handler):
         if self._held is not None:
             self._held.append(record)
             return
-        self._held = []
         try:
+            self._held = []
             super().emit(record)
         finally:
-            held, self._held = self._held, None
+            held, self._held = self._held or [], None
             for nested in held:
                 super().emit(nested)
 
