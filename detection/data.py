@@ -11,6 +11,7 @@ import random
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
@@ -31,6 +32,27 @@ def load_coco(path: str) -> COCO:
             return COCO(path)
     except (ValueError, KeyError, TypeError, AssertionError) as err:
         raise UsageError(f"cannot read annotation file {path}: {type(err).__name__}: {err}") from None
+
+
+def complete_annotations(coco: COCO, masks: bool) -> None:
+    """What COCOeval needs of checked annotations and converters often leave out: ``iscrowd`` (0, as training
+    reads it), ``area`` (the mask's, else the box's), and ids unique and from 1 on (COCOeval looks annotations
+    up by id and takes a matched id of 0 for "no match": numbered from 0, or with an id used twice, exact
+    detections scored far below 100). Renumbers in file order where needed."""
+    annotations = coco.dataset.get("annotations", [])
+    for ann in annotations:
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann:
+            if masks and not ann["iscrowd"]:
+                ann["area"] = float(mask_utils.area(coco.annToRLE(ann)))
+            else:
+                ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+    ids = [ann.get("id") for ann in annotations]
+    if len(set(ids)) < len(ids) or any(not isinstance(i, int) or i < 1 for i in ids):
+        for number, ann in enumerate(annotations, 1):
+            ann["id"] = number
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
 
 
 def check_annotations(coco: COCO, path: str, masks: bool) -> None:
@@ -82,6 +104,7 @@ class CocoDetection(torch.utils.data.Dataset):
                              f"train2017/, val2017/, annotations/instances_{{train,val}}2017.json)")
         self.coco = load_coco(self.ann_file)
         check_annotations(self.coco, self.ann_file, masks)
+        complete_annotations(self.coco, masks)
         if not self.coco.cats:
             raise UsageError(f"{self.ann_file} has no categories")
         self.category_ids = sorted(self.coco.cats)

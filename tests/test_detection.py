@@ -123,6 +123,42 @@ def test_bad_annotations_are_one_line_errors(tmp_path, change, message):
         CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
 
 
+def evaluate_oracle(root) -> float:
+    """The box AP of :class:`Oracle` (the two objects exactly) on ``root``'s validation file, as a run scores it."""
+    config = detection_defaults()
+    merge_task_opts(config, ["DATA.NUM_WORKERS", 0])
+    dataset = CocoDetection(str(root), "val2017", masks=True, train=False)
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    return evaluate(config, Oracle(), dataset, env, build_precision("none", env.device), LOG)
+
+
+@pytest.mark.parametrize("ids", [[0, 1], [7, 7]])
+def test_annotation_ids_from_zero_or_repeated_do_not_change_the_score(tmp_path, ids):
+    """COCOeval takes a matched ground-truth id of 0 for "no match" and looks annotations up by id, so a file
+    numbered from 0 (as several exporters write) or with an id used twice scored exact detections at AP 50,
+    silently. Any ids must give the exact detections AP 100."""
+    path = write_coco(tmp_path)
+    content = json.loads(path.read_text())
+    for ann, ann_id in zip(content["annotations"], ids):
+        ann["id"] = ann_id
+    path.write_text(json.dumps(content))
+    assert evaluate_oracle(tmp_path) == pytest.approx(100.0)
+
+
+def test_annotations_without_iscrowd_and_area_are_scored(tmp_path):
+    """Files written by converters often leave out ``iscrowd`` and ``area``, which training does without but
+    COCOeval indexes: the run trained a whole epoch, then stopped with a KeyError traceback in the evaluation.
+    They default to COCO's meaning: not a crowd, the area of the mask."""
+    path = write_coco(tmp_path)
+    content = json.loads(path.read_text())
+    for ann in content["annotations"]:
+        del ann["iscrowd"], ann["area"]
+    path.write_text(json.dumps(content))
+    assert evaluate_oracle(tmp_path) == pytest.approx(100.0)
+    dataset = CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
+    assert [a["area"] for a in dataset.coco.dataset["annotations"]] == [20 * 25, 20 * 20]
+
+
 @pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet", "fcos"])
 def test_official_checkpoint_loads_into_the_backbone(detector):
     config = detection_defaults()
