@@ -34,6 +34,23 @@ def load_coco(path: str) -> COCO:
         raise UsageError(f"cannot read annotation file {path}: {type(err).__name__}: {err}") from None
 
 
+def check_images(coco: COCO, path: str) -> None:
+    """Refuse image entries that would fail later or train silently wrong: an id listed twice (pycocotools keeps
+    one entry and gives it both images' annotations) or a missing or non-positive size."""
+    seen = set()
+    for image in coco.dataset.get("images", []):
+        image_id = image.get("id")
+        if image_id in seen:
+            raise UsageError(f"{path}: image id {image_id} is listed twice in 'images' (again for "
+                             f"{image.get('file_name')}): image ids must be unique")
+        seen.add(image_id)
+        for key in ("width", "height"):
+            value = image.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
+                raise UsageError(f"{path}: image id {image_id} ({image.get('file_name')}) has {key} {value!r}: "
+                                 f"expected its size in pixels")
+
+
 def complete_annotations(coco: COCO, masks: bool) -> None:
     """What COCOeval needs of checked annotations and converters often leave out: ``iscrowd`` (0, as training
     reads it), ``area`` (the mask's, else the box's), and ids unique and from 1 on (COCOeval looks annotations
@@ -91,6 +108,15 @@ def check_annotations(coco: COCO, path: str, masks: bool) -> None:
                 raise UsageError(f"{where} has no segmentation (polygons or RLE), which Mask R-CNN trains on")
 
 
+def image_size(path: str) -> Tuple[int, int]:
+    """(width, height) from the image file's header, or a one-line error naming the file."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UsageError(f"cannot read image {path}: {err}") from None
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """(image in [0, 1], target) pairs for torchvision's detectors: boxes (x1, y1, x2, y2), labels 1..K, masks,
     image_id. Crowd regions and boxes under a pixel wide are left out of the targets, and, for training, images
@@ -103,6 +129,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise UsageError(f"--data-path {root}: no image folder {self.folder} (expected the COCO layout "
                              f"train2017/, val2017/, annotations/instances_{{train,val}}2017.json)")
         self.coco = load_coco(self.ann_file)
+        check_images(self.coco, self.ann_file)
         check_annotations(self.coco, self.ann_file, masks)
         complete_annotations(self.coco, masks)
         if not self.coco.cats:
@@ -114,7 +141,16 @@ class CocoDetection(torch.utils.data.Dataset):
             self.ids = [i for i in self.ids if self._objects(i)]
         if not self.ids:
             raise UsageError(f"{self.ann_file} has no {'annotated ' if train else ''}images")
+        for image_id in self.ids:  # now, not when an evaluation after an epoch of training reads them
+            self._check_size(image_id, image_size(os.path.join(self.folder, self.coco.imgs[image_id]["file_name"])))
         self.masks, self.train, self.flip_prob = masks, train, flip_prob
+
+    def _check_size(self, image_id: int, size: Tuple[int, int]) -> None:
+        """``size`` (width, height) of the image file must be its entry's."""
+        info = self.coco.imgs[image_id]
+        if size != (info["width"], info["height"]):
+            raise UsageError(f"image {os.path.join(self.folder, info['file_name'])} is {size[0]}x{size[1]} but "
+                             f"{self.ann_file} says {info['width']}x{info['height']}")
 
     def _objects(self, image_id: int) -> List[Dict[str, Any]]:
         return [a for a in self.coco.imgToAnns[image_id]
@@ -133,9 +169,7 @@ class CocoDetection(torch.utils.data.Dataset):
         except OSError as err:
             raise UsageError(f"cannot read image {path}: {err}") from None
         height, width = image.shape[-2:]
-        if (height, width) != (info["height"], info["width"]):
-            raise UsageError(f"image {path} is {width}x{height} but {self.ann_file} says "
-                             f"{info['width']}x{info['height']}")
+        self._check_size(image_id, (width, height))
         objects = self._objects(image_id)
         boxes = torch.tensor([a["bbox"] for a in objects], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]

@@ -159,6 +159,32 @@ def test_annotations_without_iscrowd_and_area_are_scored(tmp_path):
     assert [a["area"] for a in dataset.coco.dataset["annotations"]] == [20 * 25, 20 * 20]
 
 
+@pytest.mark.parametrize("problem, message", [
+    ("missing", r"cannot read image .*a.jpg"),
+    ("size", r"image .*a.jpg is 64x64 but .*instances_val2017.json says 80x64"),
+    ("duplicate", r"instances_val2017.json: image id 1 is listed twice"),
+    ("no size", r"instances_val2017.json: image id 1 \(a.jpg\) has width None"),
+])
+def test_image_problems_stop_the_run_before_training(tmp_path, problem, message):
+    """A validation image missing on disk, or of another size than its entry, was found only when the first
+    evaluation read it: after a whole epoch of training, and before that epoch's checkpoint was saved. A repeated
+    image id gave one image the other's boxes, silently; an entry without its size was a KeyError traceback.
+    All are found when the set is opened."""
+    path = write_coco(tmp_path)
+    content = json.loads(path.read_text())
+    if problem == "missing":
+        (tmp_path / "val2017" / "a.jpg").unlink()
+    elif problem == "size":
+        content["images"][0]["width"] = 80
+    elif problem == "duplicate":
+        content["images"].append(dict(content["images"][0], file_name="b.jpg"))
+    else:
+        del content["images"][0]["width"]
+    path.write_text(json.dumps(content))
+    with pytest.raises(UsageError, match=message):
+        CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
+
+
 @pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet", "fcos"])
 def test_official_checkpoint_loads_into_the_backbone(detector):
     config = detection_defaults()
