@@ -1,7 +1,8 @@
 """Segmentation data in the ADE20K layout: ``images/<split>/*.jpg`` with ``annotations/<split>/*.png`` of the same
 name, one label value per pixel. ``DATA.REDUCE_ZERO_LABEL`` says what the values mean: ADE20K's convention (0 is
 "other", ignored; value v is class v - 1) or plain classes (value v is class v). Value 255 is always ignored. Pairs
-and sizes are checked when the set is opened; label values as each image is read.
+and sizes are checked when the set is opened, and so are the validation label values (training ones as
+each image is read).
 """
 from __future__ import annotations
 
@@ -139,12 +140,15 @@ class SegmentationFolder(torch.utils.data.Dataset):
         self.num_classes = num_classes or count_classes([label for _, label in self.samples],
                                                         self.reduce_zero_label, label_dir)
         self.config, self.train = config, train
+        if not train:  # now, not when the first evaluation reads them after an epoch of training
+            for _, label in self.samples:
+                self.classes(label)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        image_path, label_path = self.samples[index]
+    def classes(self, label_path: str) -> np.ndarray:
+        """The class of each pixel of an annotation; a value above the class count is a one-line error."""
         classes = to_classes(read_labels(label_path), self.reduce_zero_label)
         scored = classes[classes != IGNORE]
         if scored.size and scored.max() >= self.num_classes:
@@ -152,7 +156,11 @@ class SegmentationFolder(torch.utils.data.Dataset):
             raise UsageError(f"annotation {label_path} has label {value}, above the {self.num_classes} classes "
                              f"(DATA.NUM_CLASSES or the training annotations; DATA.REDUCE_ZERO_LABEL "
                              f"{self.reduce_zero_label})")
-        target = torch.from_numpy(classes)
+        return classes
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        image_path, label_path = self.samples[index]
+        target = torch.from_numpy(self.classes(label_path))
         image = read_image(image_path)
         if not self.train:
             return image, target

@@ -96,6 +96,19 @@ def test_bad_annotations_are_one_line_errors(tmp_path, problem, message):
         SegmentationFolder(str(tmp_path), "train", config, train=True, num_classes=3)[0]
 
 
+def test_validation_label_values_are_checked_before_training(tmp_path):
+    """A validation annotation with a value above the class count was found only when the first evaluation read
+    it: after a whole epoch of training (the ADE20K configs evaluate every 13), none of it saved, and the run's
+    log removed with it as a refused start. The validation set checks its values when it is opened."""
+    labels = np.ones((16, 16))
+    labels[:, 8:] = 2
+    write_pair(tmp_path, "validation", "a", labels)
+    labels[3, 3] = 5
+    write_pair(tmp_path, "validation", "b", labels)
+    config = config_with(["DATA.SCALE", "[16, 16]"])
+    with pytest.raises(UsageError, match=r"b.png has label 5, above the 3 classes"):
+        SegmentationFolder(str(tmp_path), "val", config, train=False, num_classes=3)
+
 def test_official_checkpoint_loads_into_the_encoder():
     config = config_with(BACKBONE_OPTS + ["MODEL.DECODER_CHANNELS", 16])
     model = build_segmenter(config, num_classes=4)
