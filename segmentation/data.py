@@ -34,13 +34,16 @@ def read_labels(path: str) -> np.ndarray:
     """A single-channel PNG as an array of label values; anything else is a one-line error naming the file."""
     try:
         with Image.open(path) as img:
-            if img.mode not in ("L", "P", "I;16", "I"):
+            if img.mode not in ("1", "L", "P", "I;16", "I"):  # "1": a two-class mask, values 0 and 1
                 raise UsageError(f"annotation {path} has mode {img.mode}: label PNGs must have one channel")
             labels = np.asarray(img).astype(np.int64)
     except PIL_ERRORS as err:
         raise UsageError(f"cannot read annotation {path}: {err}") from None
     if labels.size and labels.min() < 0:
         raise UsageError(f"annotation {path} has label {labels.min()}: label values must be 0 or more")
+    if labels.size and labels.max() > IGNORE:  # under REDUCE_ZERO_LABEL, 256 would become class 255: "ignore"
+        raise UsageError(f"annotation {path} has label {labels.max()}: label values go up to {IGNORE} "
+                         f"({IGNORE}: ignored)")
     return labels
 
 

@@ -109,6 +109,24 @@ def test_validation_label_values_are_checked_before_training(tmp_path):
     with pytest.raises(UsageError, match=r"b.png has label 5, above the 3 classes"):
         SegmentationFolder(str(tmp_path), "val", config, train=False, num_classes=3)
 
+def test_label_png_modes_one_bit_and_sixteen_bit(tmp_path):
+    """A two-class mask saved as a 1-bit PNG (mode "1", one channel) was refused as "label PNGs must have one
+    channel"; it is read as values 0 and 1. In a 16-bit PNG, value 256 under DATA.REDUCE_ZERO_LABEL became class
+    255, the ignore value, and its pixels were left out silently; any value above 255 is refused."""
+    labels = np.zeros((16, 16), dtype=bool)
+    labels[:, 8:] = True
+    write_pair(tmp_path, "training", "a", labels)
+    Image.fromarray(labels).save(tmp_path / "annotations" / "training" / "a.png")
+    config = config_with(["DATA.SCALE", "[16, 16]", "DATA.REDUCE_ZERO_LABEL", False])
+    dataset = SegmentationFolder(str(tmp_path), "train", config, train=False, num_classes=2)
+    np.testing.assert_array_equal(dataset[0][1].numpy(), labels.astype(np.int64))
+    wide = np.ones((16, 16), dtype=np.uint16)
+    wide[3, 3] = 256
+    Image.fromarray(wide).save(tmp_path / "annotations" / "training" / "a.png")
+    config = config_with(["DATA.SCALE", "[16, 16]"])
+    with pytest.raises(UsageError, match=r"a.png has label 256: label values go up to 255"):
+        SegmentationFolder(str(tmp_path), "train", config, train=False, num_classes=3)[0]
+
 def test_official_checkpoint_loads_into_the_encoder():
     config = config_with(BACKBONE_OPTS + ["MODEL.DECODER_CHANNELS", 16])
     model = build_segmenter(config, num_classes=4)
