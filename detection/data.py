@@ -141,6 +141,10 @@ class CocoDetection(torch.utils.data.Dataset):
             self.ids = [i for i in self.ids if self._objects(i)]
         if not self.ids:
             raise UsageError(f"{self.ann_file} has no {'annotated ' if train else ''}images")
+        if not train and not any(not a["iscrowd"] for a in self.coco.anns.values()):
+            # COCOeval's -1 for "nothing to score" would be logged as box AP 0 at every evaluation
+            raise UsageError(f"{self.ann_file} has no annotations to score detections against (none, or only "
+                             f"crowd regions): is it an image-info file, such as COCO's test-dev?")
         for image_id in self.ids:  # now, not when an evaluation after an epoch of training reads them
             self._check_size(image_id, image_size(os.path.join(self.folder, self.coco.imgs[image_id]["file_name"])))
         self.masks, self.train, self.flip_prob = masks, train, flip_prob

@@ -56,6 +56,12 @@ def to_classes(labels: np.ndarray, reduce_zero_label: bool) -> np.ndarray:
     return classes
 
 
+def ignored(reduce_zero_label: bool) -> str:
+    """Which label values are not scored, naming the key that decides it."""
+    rule = "0 and 255 are ignored" if reduce_zero_label else "255 is ignored"
+    return f"DATA.REDUCE_ZERO_LABEL {reduce_zero_label}: {rule}"
+
+
 def count_classes(paths: Sequence[str], reduce_zero_label: bool, where: str) -> int:
     """The class count the training annotations imply: the largest class present, plus one. Refused, naming the
     file, when that largest value looks like a stray rather than a class: found in one file only (of several),
@@ -67,9 +73,7 @@ def count_classes(paths: Sequence[str], reduce_zero_label: bool, where: str) -> 
         for value in np.flatnonzero(np.bincount(classes.ravel()[classes.ravel() != IGNORE], minlength=1)):
             files_with.setdefault(int(value), []).append(path)
     if not files_with:
-        rule = "0 and 255 are ignored" if reduce_zero_label else "255 is ignored"
-        raise UsageError(f"the annotations in {where} hold no class (DATA.REDUCE_ZERO_LABEL "
-                         f"{reduce_zero_label}: {rule})")
+        raise UsageError(f"the annotations in {where} hold no class ({ignored(reduce_zero_label)})")
     present = sorted(files_with)
     largest, files = present[-1], files_with[present[-1]]
     value = largest + 1 if reduce_zero_label else largest
@@ -144,8 +148,9 @@ class SegmentationFolder(torch.utils.data.Dataset):
                                                         self.reduce_zero_label, label_dir)
         self.config, self.train = config, train
         if not train:  # now, not when the first evaluation reads them after an epoch of training
-            for _, label in self.samples:
-                self.classes(label)
+            scored = [bool((self.classes(label) != IGNORE).any()) for _, label in self.samples]
+            if not any(scored):  # nothing to score: every evaluation would log "mIoU nan%"
+                raise UsageError(f"the annotations in {label_dir} hold no class ({ignored(self.reduce_zero_label)})")
 
     def __len__(self) -> int:
         return len(self.samples)

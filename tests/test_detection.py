@@ -185,6 +185,17 @@ def test_image_problems_stop_the_run_before_training(tmp_path, problem, message)
         CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
 
 
+def test_a_validation_file_without_objects_is_refused(tmp_path):
+    """A validation file without annotations (an image-info file such as COCO's test-dev, or only crowd regions)
+    gives COCOeval nothing to score, which it reports as -1: the run logged "box AP 0.0" at every evaluation and
+    kept training, silently. It is refused when the set is opened."""
+    path = write_coco(tmp_path)
+    content = json.loads(path.read_text())
+    content["annotations"] = [dict(ann, iscrowd=1) for ann in content["annotations"][:1]]
+    path.write_text(json.dumps(content))
+    with pytest.raises(UsageError, match=r"instances_val2017.json has no annotations to score detections against"):
+        CocoDetection(str(tmp_path), "val2017", masks=False, train=False)
+
 @pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet", "fcos"])
 def test_official_checkpoint_loads_into_the_backbone(detector):
     config = detection_defaults()

@@ -127,6 +127,15 @@ def test_label_png_modes_one_bit_and_sixteen_bit(tmp_path):
     with pytest.raises(UsageError, match=r"a.png has label 256: label values go up to 255"):
         SegmentationFolder(str(tmp_path), "train", config, train=False, num_classes=3)[0]
 
+def test_a_validation_set_without_labelled_pixels_is_refused(tmp_path):
+    """Validation annotations that are all "ignore" (0 under DATA.REDUCE_ZERO_LABEL, or 255) leave nothing to
+    score: every evaluation logged "mIoU nan%" and the run went on. They are refused when the set is opened."""
+    write_pair(tmp_path, "validation", "a", np.zeros((16, 16)))
+    config = config_with(["DATA.SCALE", "[16, 16]"])
+    with pytest.raises(UsageError, match=r"the annotations in .*validation hold no class \(DATA.REDUCE_ZERO_LABEL "
+                                         r"True: 0 and 255 are ignored\)"):
+        SegmentationFolder(str(tmp_path), "val", config, train=False, num_classes=3)
+
 def test_official_checkpoint_loads_into_the_encoder():
     config = config_with(BACKBONE_OPTS + ["MODEL.DECODER_CHANNELS", 16])
     model = build_segmenter(config, num_classes=4)
