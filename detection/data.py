@@ -21,6 +21,8 @@ from errors import UsageError
 
 # Boxes may pass the image border by this many pixels (rounding in real annotations) and are clipped to it.
 BORDER_TOLERANCE = 1.0
+# PIL modes of more than 8 bits a channel (I;16*, I: integers, F: floats), which convert("RGB") clips at 255.
+WIDE_MODES = ("I", "F")
 
 
 def load_coco(path: str) -> COCO:
@@ -109,9 +111,13 @@ def check_annotations(coco: COCO, path: str, masks: bool) -> None:
 
 
 def image_size(path: str) -> Tuple[int, int]:
-    """(width, height) from the image file's header, or a one-line error naming the file."""
+    """(width, height) from the image file's header, or a one-line error naming the file; so is an image of more
+    than 8 bits a channel, which RGB conversion would clip at 255."""
     try:
         with Image.open(path) as img:
+            if img.mode.startswith(WIDE_MODES):
+                raise UsageError(f"image {path} has mode {img.mode}: more than 8 bits a channel, which would be "
+                                 f"clipped at 255; convert it to 8-bit")
             return img.size
     except (OSError, SyntaxError, ValueError) as err:
         raise UsageError(f"cannot read image {path}: {err}") from None

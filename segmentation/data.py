@@ -24,6 +24,8 @@ SPLITS = {"train": "training", "val": "validation"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 FAR_GAP = 8  # a largest class this far above the next one (and over twice it) is taken for a stray value
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# PIL modes of more than 8 bits a channel (I;16*, I: integers, F: floats), which convert("RGB") clips at 255.
+WIDE_MODES = ("I", "F")
 
 
 # What PIL raises for unreadable, truncated, corrupt (e.g. "broken PNG file") and oversized files.
@@ -98,9 +100,14 @@ def read_image(path: str) -> torch.Tensor:
 
 
 def image_size(path: str, what: str) -> Tuple[int, int]:
-    """(width, height) from the file's header, or a one-line error naming the ``what`` (image or annotation)."""
+    """(width, height) from the file's header, or a one-line error naming the ``what`` (image or annotation); so
+    is an image of more than 8 bits a channel, which RGB conversion would clip at 255 (annotations may have
+    them: their values are labels)."""
     try:
         with Image.open(path) as img:
+            if what == "image" and img.mode.startswith(WIDE_MODES):
+                raise UsageError(f"image {path} has mode {img.mode}: more than 8 bits a channel, which would be "
+                                 f"clipped at 255; convert it to 8-bit")
             return img.size
     except PIL_ERRORS as err:
         raise UsageError(f"cannot read {what} {path}: {err}") from None

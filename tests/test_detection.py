@@ -196,6 +196,17 @@ def test_a_validation_file_without_objects_is_refused(tmp_path):
     with pytest.raises(UsageError, match=r"instances_val2017.json has no annotations to score detections against"):
         CocoDetection(str(tmp_path), "val2017", masks=False, train=False)
 
+def test_an_image_of_more_than_8_bits_is_refused(tmp_path):
+    """A 16-bit (or 32-bit, or float) image becomes RGB by clipping every value above 255: a 16-bit grayscale
+    PNG trained as an almost white picture, silently. It is refused, naming the file, when the set is opened."""
+    path = write_coco(tmp_path)
+    Image.fromarray(np.full((64, 64), 4000, dtype=np.uint16)).save(tmp_path / "val2017" / "a.png")
+    content = json.loads(path.read_text())
+    content["images"][0]["file_name"] = "a.png"
+    path.write_text(json.dumps(content))
+    with pytest.raises(UsageError, match=r"image .*a.png has mode I;16: more than 8 bits a channel"):
+        CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
+
 @pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet", "fcos"])
 def test_official_checkpoint_loads_into_the_backbone(detector):
     config = detection_defaults()

@@ -136,6 +136,17 @@ def test_a_validation_set_without_labelled_pixels_is_refused(tmp_path):
                                          r"True: 0 and 255 are ignored\)"):
         SegmentationFolder(str(tmp_path), "val", config, train=False, num_classes=3)
 
+def test_an_image_of_more_than_8_bits_is_refused(tmp_path):
+    """A 16-bit (or 32-bit, or float) image becomes RGB by clipping every value above 255: a 16-bit grayscale
+    PNG trained as an almost white picture, silently. It is refused, naming the file, when the set is opened
+    (16-bit annotations stay allowed: their values are labels)."""
+    write_pair(tmp_path, "training", "a", np.ones((16, 16)))
+    (tmp_path / "images" / "training" / "a.jpg").unlink()
+    Image.fromarray(np.full((16, 16), 4000, dtype=np.uint16)).save(tmp_path / "images" / "training" / "a.png")
+    config = config_with(["DATA.SCALE", "[16, 16]"])
+    with pytest.raises(UsageError, match=r"image .*a.png has mode I;16: more than 8 bits a channel"):
+        SegmentationFolder(str(tmp_path), "train", config, train=True, num_classes=3)
+
 def test_official_checkpoint_loads_into_the_encoder():
     config = config_with(BACKBONE_OPTS + ["MODEL.DECODER_CHANNELS", 16])
     model = build_segmenter(config, num_classes=4)
