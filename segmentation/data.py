@@ -137,7 +137,15 @@ class SegmentationFolder(torch.utils.data.Dataset):
             if not os.path.isdir(path):
                 raise UsageError(f"--data-path {root}: no folder {path} (expected the ADE20K layout "
                                  f"images/{{training,validation}}/, annotations/{{training,validation}}/)")
-        images = {os.path.splitext(n)[0]: n for n in os.listdir(image_dir) if n.lower().endswith(IMAGE_EXTENSIONS)}
+        images: Dict[str, str] = {}
+        for name in sorted(os.listdir(image_dir)):
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            stem = os.path.splitext(name)[0]
+            if stem in images:  # both would claim the one annotation <stem>.png
+                raise UsageError(f"images {images[stem]} and {name} in {image_dir} share the name {stem}, so "
+                                 f"annotation {stem}.png cannot tell which it labels: remove or rename one")
+            images[stem] = name
         if not images:
             raise UsageError(f"--data-path {root}: no images in {image_dir}")
         self.samples: List[Tuple[str, str]] = []

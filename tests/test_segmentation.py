@@ -147,6 +147,15 @@ def test_an_image_of_more_than_8_bits_is_refused(tmp_path):
     with pytest.raises(UsageError, match=r"image .*a.png has mode I;16: more than 8 bits a channel"):
         SegmentationFolder(str(tmp_path), "train", config, train=True, num_classes=3)
 
+def test_two_images_of_one_name_are_refused(tmp_path):
+    """``a.jpg`` and ``a.png`` side by side both claim ``a.png``'s labels; one of them was kept, whichever the
+    directory listing gave last (so it could change between file systems), and the other dropped, silently."""
+    write_pair(tmp_path, "training", "a", np.ones((16, 16)))
+    Image.new("RGB", (16, 16)).save(tmp_path / "images" / "training" / "a.png")
+    config = config_with(["DATA.SCALE", "[16, 16]"])
+    with pytest.raises(UsageError, match=r"images a.jpg and a.png in .*training share the name a"):
+        SegmentationFolder(str(tmp_path), "train", config, train=True, num_classes=3)
+
 def test_official_checkpoint_loads_into_the_encoder():
     config = config_with(BACKBONE_OPTS + ["MODEL.DECODER_CHANNELS", 16])
     model = build_segmenter(config, num_classes=4)
