@@ -23,6 +23,8 @@ from errors import UsageError
 BORDER_TOLERANCE = 1.0
 # PIL modes of more than 8 bits a channel (I;16*, I: integers, F: floats), which convert("RGB") clips at 255.
 WIDE_MODES = ("I", "F")
+# What PIL raises for unreadable, truncated, corrupt and oversized (a decompression-bomb guard) files.
+PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def load_coco(path: str) -> COCO:
@@ -119,7 +121,7 @@ def image_size(path: str) -> Tuple[int, int]:
                 raise UsageError(f"image {path} has mode {img.mode}: more than 8 bits a channel, which would be "
                                  f"clipped at 255; convert it to 8-bit")
             return img.size
-    except (OSError, SyntaxError, ValueError) as err:
+    except PIL_ERRORS as err:
         raise UsageError(f"cannot read image {path}: {err}") from None
 
 
@@ -176,7 +178,7 @@ class CocoDetection(torch.utils.data.Dataset):
         try:
             with Image.open(path) as img:
                 image = F.to_dtype(F.pil_to_tensor(img.convert("RGB")), torch.float32, scale=True)
-        except OSError as err:
+        except PIL_ERRORS as err:
             raise UsageError(f"cannot read image {path}: {err}") from None
         height, width = image.shape[-2:]
         self._check_size(image_id, (width, height))

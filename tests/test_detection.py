@@ -207,6 +207,15 @@ def test_an_image_of_more_than_8_bits_is_refused(tmp_path):
     with pytest.raises(UsageError, match=r"image .*a.png has mode I;16: more than 8 bits a channel"):
         CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
 
+def test_an_image_over_pils_size_limit_is_a_one_line_error(tmp_path, monkeypatch):
+    """PIL refuses an image of more than twice ``Image.MAX_IMAGE_PIXELS`` (a decompression-bomb guard) with an
+    error that is not an OSError: the run stopped with its traceback. It is one line naming the file, as in
+    segmentation."""
+    write_coco(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 3)
+    with pytest.raises(UsageError, match=r"cannot read image .*a.jpg: Image size \(4096 pixels\) exceeds limit"):
+        CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
+
 @pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet", "fcos"])
 def test_official_checkpoint_loads_into_the_backbone(detector):
     config = detection_defaults()
