@@ -206,11 +206,28 @@ def collate(batch: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]) -> Tuple[
     return list(images), list(targets)
 
 
+def check_resizable(dataset: CocoDetection, min_size: int, max_size: int) -> None:
+    """torchvision's transform scales an image's short side to ``min_size`` unless its long side would pass
+    ``max_size``, flooring the result: an image more elongated than that becomes 0 pixels, a RuntimeError in the
+    middle of an epoch or an evaluation. Refused here instead, naming the image and the keys."""
+    for image_id in dataset.ids:
+        info = dataset.coco.imgs[image_id]
+        short, long = sorted((info["width"], info["height"]))
+        if math.floor(short * min(min_size / short, max_size / long)) < 1:
+            raise UsageError(f"image {os.path.join(dataset.folder, info['file_name'])} is "
+                             f"{info['width']}x{info['height']}: MODEL.DETECTOR_ARGS min_size {min_size} and "
+                             f"max_size {max_size} would scale it to 0 pixels; raise max_size or leave it out")
+
+
 def build_data(config: Any, env: Any, logger: Any) -> Tuple[CocoDetection, CocoDetection, int]:
     """The class count is the number of COCO categories (the training file's; validation must agree)."""
     root, masks = config.DATA.DATA_PATH, config.MODEL.DETECTOR == "mask_rcnn"
     train = CocoDetection(root, config.DATA.TRAIN_SPLIT, masks, train=True, flip_prob=config.DATA.FLIP_PROB)
     val = CocoDetection(root, config.DATA.VAL_SPLIT, masks, train=False)
+    sizes = config.MODEL.DETECTOR_ARGS
+    if sizes.get("fixed_size") is None:  # training draws any of min_size, evaluation takes the last
+        check_resizable(train, min(sizes.min_size), sizes.max_size)
+        check_resizable(val, sizes.min_size[-1], sizes.max_size)
     if val.category_ids != train.category_ids:
         raise UsageError(f"{val.ann_file} has category ids {val.category_ids}, {train.ann_file} has "
                          f"{train.category_ids}: they must agree")

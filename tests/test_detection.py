@@ -19,7 +19,7 @@ from dense.demo import generate_detection
 from dense.run import load_backbone
 from dense.config import get_task_config
 from detection.config import DETECTION_RULES, detection_defaults
-from detection.data import CocoDetection, load_coco
+from detection.data import CocoDetection, build_data, load_coco
 from detection.evaluate import coco_ap, evaluate
 from detection.model import backbone, build_detector
 from distributed import DistEnv
@@ -215,6 +215,26 @@ def test_an_image_over_pils_size_limit_is_a_one_line_error(tmp_path, monkeypatch
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 3)
     with pytest.raises(UsageError, match=r"cannot read image .*a.jpg: Image size \(4096 pixels\) exceeds limit"):
         CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
+
+def test_an_image_too_elongated_for_the_resize_is_refused(tmp_path):
+    """torchvision scales each image to MODEL.DETECTOR_ARGS.min_size unless its long side would pass max_size;
+    an image more elongated than that (1000x5 at min_size 64, max_size 64: 0.32 pixels tall) became 0 pixels
+    and the run stopped in the middle of an epoch or an evaluation with a RuntimeError traceback. It is refused
+    with one line when the run starts."""
+    for split in ("train2017", "val2017"):
+        path = write_coco(tmp_path, split)
+    Image.new("RGB", (1000, 5)).save(tmp_path / "val2017" / "b.jpg")
+    content = json.loads(path.read_text())
+    content["images"].append({"id": 2, "file_name": "b.jpg", "width": 1000, "height": 5})
+    path.write_text(json.dumps(content))
+    config = detection_defaults()
+    merge_task_opts(config, ["DATA.DATA_PATH", str(tmp_path), "MODEL.DETECTOR_ARGS.min_size", [64],
+                             "MODEL.DETECTOR_ARGS.max_size", 64])
+    with pytest.raises(UsageError, match=r"image .*b.jpg is 1000x5: MODEL.DETECTOR_ARGS min_size 64 and max_size "
+                                         r"64 would scale it to 0 pixels"):
+        build_data(config, None, LOG)
+    merge_task_opts(config, ["MODEL.DETECTOR_ARGS.max_size", 256])
+    build_data(config, None, LOG)
 
 @pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet", "fcos"])
 def test_official_checkpoint_loads_into_the_backbone(detector):
