@@ -8,7 +8,7 @@ import io
 import math
 import os
 import random
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -36,6 +36,33 @@ def load_coco(path: str) -> COCO:
             return COCO(path)
     except (ValueError, KeyError, TypeError, AssertionError) as err:
         raise UsageError(f"cannot read annotation file {path}: {type(err).__name__}: {err}") from None
+
+
+def rle_runs(segm: Dict[str, Any]) -> Optional[List[int]]:
+    """The run lengths of an RLE mask, uncompressed (a list) or in COCO's compressed string (decoded as
+    pycocotools' ``rleFrString`` does); None when ``counts`` is neither."""
+    counts = segm.get("counts")
+    if isinstance(counts, list):
+        return counts
+    if not isinstance(counts, str):
+        return None
+    runs: List[int] = []
+    pos = 0
+    while pos < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if pos == len(counts):
+                return None
+            char = ord(counts[pos]) - 48
+            value |= (char & 0x1F) << (5 * shift)
+            more = bool(char & 0x20)
+            pos, shift = pos + 1, shift + 1
+            if not more and char & 0x10:
+                value |= -1 << (5 * shift)
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
 
 
 def check_images(coco: COCO, path: str) -> None:
@@ -108,6 +135,11 @@ def check_annotations(coco: COCO, path: str, masks: bool) -> None:
                 if list(segm.get("size", [])) != [height, width]:
                     raise UsageError(f"{where} has a mask of size {segm.get('size')}, its image is "
                                      f"{height}x{width} (height, width)")
+                runs = rle_runs(segm)  # pycocotools decodes runs that miss the image into uninitialised memory
+                covered = sum(runs) if runs and all(isinstance(r, int) and r >= 0 for r in runs) else None
+                if covered != height * width:
+                    raise UsageError(f"{where} has an RLE mask whose runs cover {covered} pixels, its "
+                                     f"{height}x{width} image {height * width}: a malformed 'counts'")
             else:
                 raise UsageError(f"{where} has no segmentation (polygons or RLE), which Mask R-CNN trains on")
 

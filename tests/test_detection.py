@@ -19,7 +19,7 @@ from dense.demo import generate_detection
 from dense.run import load_backbone
 from dense.config import get_task_config
 from detection.config import DETECTION_RULES, detection_defaults
-from detection.data import CocoDetection, build_data, load_coco
+from detection.data import CocoDetection, build_data, load_coco, rle_runs
 from detection.evaluate import coco_ap, evaluate
 from detection.model import backbone, build_detector
 from distributed import DistEnv
@@ -113,14 +113,34 @@ def test_evaluate_logs_box_and_mask_ap(tmp_path, caplog):
     (dict(image_id=7), "refers to image id 7"),
     (dict(segmentation={"size": [32, 32], "counts": "abc"}), "has a mask of size"),
     (dict(segmentation=[[1, 2, 3]]), "malformed polygon"),
+    # Runs that do not cover the image: pycocotools decodes them into uninitialised memory (random masks).
+    (dict(segmentation={"size": [64, 64], "counts": [10, 20]}), r"has an RLE mask whose runs cover 30 pixels"),
+    (dict(segmentation={"size": [64, 64], "counts": "zzzzzzzzzz"}), r"has an RLE mask whose runs cover"),
 ])
 def test_bad_annotations_are_one_line_errors(tmp_path, change, message):
+    """Each problem stops the set with one line naming the file and the annotation. An RLE mask whose runs do not
+    add up to its image was decoded into uninitialised memory: a random mask trained on, silently."""
     path = write_coco(tmp_path)
     content = json.loads(path.read_text())
     content["annotations"][0].update(change)
     path.write_text(json.dumps(content))
     with pytest.raises(UsageError, match=f"instances_val2017.json: annotation 1 .*{message}"):
         CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
+
+
+def test_compressed_rle_runs_are_read_as_pycocotools_writes_them():
+    """The run lengths the RLE check adds up, from COCO's compressed string, are the ones pycocotools encoded."""
+    rng = np.random.RandomState(0)
+    for _ in range(20):
+        mask = (rng.rand(37, 23) < rng.rand()).astype(np.uint8)
+        flat, runs, value, run = mask.flatten(order="F"), [], 0, 0
+        for pixel in flat:
+            if pixel != value:
+                runs.append(run)
+                value, run = pixel, 0
+            run += 1
+        runs.append(run)
+        assert rle_runs(rle(mask)) == runs
 
 
 def evaluate_oracle(root) -> float:
