@@ -114,11 +114,17 @@ def image_size(path: str, what: str) -> Tuple[int, int]:
 
 
 def class_names(root: str, num_classes: int, reduce_zero_label: bool = True) -> List[str]:
-    """ADE20K's ``objectInfo150.csv`` names when present (first name of each row), else the label values."""
+    """ADE20K's ``objectInfo150.csv`` names when present (first name of each row), else the label values; a
+    file without a ``Name`` column is a one-line error (:func:`build_data` reads it before training)."""
     path = os.path.join(root, "objectInfo150.csv")
     if os.path.isfile(path):
         with open(path, newline="") as f:
-            names = [row["Name"].split(";")[0] for row in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            if "Name" not in (reader.fieldnames or []):
+                raise UsageError(f"{path} has no 'Name' column (columns {', '.join(reader.fieldnames or [])}): "
+                                 f"class names are read in ADE20K's layout (Idx,Ratio,Train,Val,Name); fix or "
+                                 f"remove it")
+            names = [(row["Name"] or "").split(";")[0] for row in reader]
         if len(names) == num_classes:
             return names
     first = 1 if reduce_zero_label else 0
@@ -233,6 +239,7 @@ def build_data(config: Any, env: Any, logger: Any) -> Tuple[SegmentationFolder, 
     root = config.DATA.DATA_PATH
     train = SegmentationFolder(root, "train", config, train=True, num_classes=config.DATA.NUM_CLASSES)
     val = SegmentationFolder(root, "val", config, train=False, num_classes=train.num_classes)
+    class_names(root, train.num_classes, config.DATA.REDUCE_ZERO_LABEL)  # now, not after an epoch of training
     source = "DATA.NUM_CLASSES" if config.DATA.NUM_CLASSES else "the training annotations"
     convention = ("label 0 ignored, value v is class v-1 (DATA.REDUCE_ZERO_LABEL True, ADE20K's convention)"
                   if config.DATA.REDUCE_ZERO_LABEL else "value v is class v, 0 included (DATA.REDUCE_ZERO_LABEL "

@@ -24,7 +24,7 @@ from errors import UsageError
 from models import extract_state_dict
 from dense.config import get_task_config
 from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
-from segmentation.data import SegmentationFolder
+from segmentation.data import SegmentationFolder, build_data, class_names
 from segmentation.evaluate import evaluate, predict, slide
 from segmentation.model import backbone, build_segmenter
 from segmentation.train import TASK
@@ -155,6 +155,23 @@ def test_two_images_of_one_name_are_refused(tmp_path):
     config = config_with(["DATA.SCALE", "[16, 16]"])
     with pytest.raises(UsageError, match=r"images a.jpg and a.png in .*training share the name a"):
         SegmentationFolder(str(tmp_path), "train", config, train=True, num_classes=3)
+
+def test_a_class_names_file_without_its_name_column_is_refused_before_training(tmp_path):
+    """``objectInfo150.csv`` is read for the per-class table only when the first evaluation logs it: a file of
+    that name without a ``Name`` column stopped the run with a KeyError traceback after a whole epoch of
+    training, none of it saved. It is checked when the data is opened, as one line naming the file."""
+    labels = np.ones((16, 16))
+    labels[:, 8:] = 2
+    for split in ("training", "validation"):
+        write_pair(tmp_path, split, "a", labels)
+        write_pair(tmp_path, split, "b", labels)
+    (tmp_path / "objectInfo150.csv").write_text("Idx,Label\n1,wall\n2,floor\n")
+    config = config_with(["DATA.DATA_PATH", str(tmp_path), "DATA.SCALE", "[16, 16]"])
+    with pytest.raises(UsageError, match=r"objectInfo150.csv has no 'Name' column \(columns Idx, Label\)"):
+        build_data(config, None, LOG)
+    (tmp_path / "objectInfo150.csv").write_text("Idx,Name\n1,wall;brick\n2,floor\n")
+    build_data(config, None, LOG)
+    assert class_names(str(tmp_path), 2) == ["wall", "floor"]
 
 def test_official_checkpoint_loads_into_the_encoder():
     config = config_with(BACKBONE_OPTS + ["MODEL.DECODER_CHANNELS", 16])
