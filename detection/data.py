@@ -67,7 +67,8 @@ def rle_runs(segm: Dict[str, Any]) -> Optional[List[int]]:
 
 def check_images(coco: COCO, path: str) -> None:
     """Refuse image entries that would fail later or train silently wrong: an id listed twice (pycocotools keeps
-    one entry and gives it both images' annotations) or a missing or non-positive size."""
+    one entry and gives it both images' annotations), a missing file name, or a missing or non-positive
+    size."""
     seen = set()
     for image in coco.dataset.get("images", []):
         image_id = image.get("id")
@@ -75,6 +76,9 @@ def check_images(coco: COCO, path: str) -> None:
             raise UsageError(f"{path}: image id {image_id} is listed twice in 'images' (again for "
                              f"{image.get('file_name')}): image ids must be unique")
         seen.add(image_id)
+        if not isinstance(image.get("file_name"), str) or not image["file_name"]:
+            raise UsageError(f"{path}: image id {image_id} has file_name {image.get('file_name')!r}: expected the "
+                             f"image's file in the split's folder")
         for key in ("width", "height"):
             value = image.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:

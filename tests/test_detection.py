@@ -184,11 +184,13 @@ def test_annotations_without_iscrowd_and_area_are_scored(tmp_path):
     ("size", r"image .*a.jpg is 64x64 but .*instances_val2017.json says 80x64"),
     ("duplicate", r"instances_val2017.json: image id 1 is listed twice"),
     ("no size", r"instances_val2017.json: image id 1 \(a.jpg\) has width None"),
+    ("no file name", r"instances_val2017.json: image id 1 has file_name None"),
 ])
 def test_image_problems_stop_the_run_before_training(tmp_path, problem, message):
     """A validation image missing on disk, or of another size than its entry, was found only when the first
     evaluation read it: after a whole epoch of training, and before that epoch's checkpoint was saved. A repeated
-    image id gave one image the other's boxes, silently; an entry without its size was a KeyError traceback.
+    image id gave one image the other's boxes, silently; an entry without its size or file name was a KeyError
+    traceback.
     All are found when the set is opened."""
     path = write_coco(tmp_path)
     content = json.loads(path.read_text())
@@ -198,8 +200,10 @@ def test_image_problems_stop_the_run_before_training(tmp_path, problem, message)
         content["images"][0]["width"] = 80
     elif problem == "duplicate":
         content["images"].append(dict(content["images"][0], file_name="b.jpg"))
-    else:
+    elif problem == "no size":
         del content["images"][0]["width"]
+    else:
+        del content["images"][0]["file_name"]
     path.write_text(json.dumps(content))
     with pytest.raises(UsageError, match=message):
         CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
