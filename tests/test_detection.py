@@ -290,6 +290,28 @@ def test_training_and_one_vs_two_process_evaluation(tmp_path):
     assert not re.search(r"\(3 images, 0 detections\)", two.stdout)
 
 
+@pytest.mark.slow
+def test_an_unreadable_validation_image_keeps_the_epoch_it_follows(tmp_path):
+    """A validation image whose header reads but whose pixels do not (a truncated file) is found only by the
+    evaluation after an epoch of training; the dense run stopped there, before that epoch's checkpoint, so the
+    epoch was lost (and, in a fresh run, its log removed with it). As main.py does, the epoch is saved first and
+    the same command resumes after it once the image is fixed."""
+    data = generate_detection(str(tmp_path / "data"), size=64, train=4, val=2)
+    bad = tmp_path / "data" / "val2017" / json.loads(
+        (tmp_path / "data" / "annotations" / "instances_val2017.json").read_text())["images"][0]["file_name"]
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    args = ["--cfg", CFG, "--data-path", data, "--output", str(tmp_path / "out"), "--opts", *TINY, "TRAIN.EPOCHS", "2"]
+    refused = run_task("detection.train", args)
+    saved = tmp_path / "out" / "mask_rcnn_focal_demo" / "default" / "ckpt_epoch_0.pth"
+    assert refused.returncode == 1 and re.search(rf"cannot read image {bad}: .*Epoch 0's training is saved in "
+                                                 rf"{saved}: once the image is fixed", refused.stderr)
+    assert "Traceback" not in refused.stderr and saved.is_file()
+    bad.write_bytes(good)
+    resumed = check(run_task("detection.train", args))
+    assert "auto-resuming from" in resumed.stdout and "Train: [1/2][0/" in resumed.stdout
+    assert "Train: [0/2]" not in resumed.stdout
+
 @pytest.mark.parametrize("cfg", sorted(str(p) for p in (REPO / "configs" / "detection").glob("*.yaml")))
 def test_every_config_loads_and_passes_the_value_rules(cfg):
     config = get_task_config(task_args(cfg), detection_defaults(), DETECTION_RULES)
