@@ -101,11 +101,19 @@ def load_backbone(path: str, backbone: DenseBackbone, logger: logging.Logger, un
     own = list(backbone.state_dict())
     prefix = next((key[:-len(own[0])] for key in weights if key.endswith(own[0])), None)
     if prefix is not None and f"{prefix}{own[-1]}" in weights:
+        dense = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        # A checkpoint whose model took more stages (Mask R-CNN, segmentation: norm0..3) than this one (RetinaNet,
+        # FCOS: norm1..3) carries norms this backbone has no use for: left out, not a misfit.
+        unused = [f"norm{i}" for i in range(len(backbone.network.layers)) if i not in backbone.out_indices
+                  and f"norm{i}.weight" in dense]
+        dense = {k: v for k, v in dense.items() if k.split(".", 1)[0] not in unused}
         try:
-            report = load_weights(backbone, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+            report = load_weights(backbone, dense)
         except ValueError as err:
             raise UsageError(f"--pretrained {path}: its backbone ({prefix}*) does not fit: {err}") from None
-        logger.info(f"loaded backbone weights and output norms from the dense checkpoint {path}: {report.summary()}")
+        left_out = f"; left out (stages this backbone does not output): {', '.join(unused)}" if unused else ""
+        logger.info(f"loaded backbone weights and output norms from the dense checkpoint {path}: "
+                    f"{report.summary()}{left_out}")
         return
     report = load_weights(backbone.network, weights, strict=False)
     report.unexpected = [k for k in report.unexpected if not k.startswith(CLASSIFIER_KEYS)]
