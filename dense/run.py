@@ -28,8 +28,8 @@ from optimizer import param_groups
 from run_lock import leaving, locked_run, quiet_worker_teardown, stop_on_signals
 from run_parts import (BestScore, create_ema, save_epoch, scale_rates, sync_batchnorm_buffers,
                        use_sync_batchnorm)
-from utils import (diverged, latest_checkpoint, read_checkpoint, restore_checkpoint, save_config, seed_everything,
-                   training_epochs, training_state)
+from utils import (diverged, latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint, save_config,
+                   seed_everything, training_epochs, training_state)
 
 from .backbone import DenseBackbone
 from .config import REFERENCE_BATCH, get_task_config
@@ -101,11 +101,19 @@ def load_backbone(path: str, backbone: DenseBackbone, logger: logging.Logger, un
     own = list(backbone.state_dict())
     prefix = next((key[:-len(own[0])] for key in weights if key.endswith(own[0])), None)
     if prefix is not None and f"{prefix}{own[-1]}" in weights:
+        dense = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        # A checkpoint whose model took more stages (Mask R-CNN, segmentation: norm0..3) than this one (RetinaNet,
+        # FCOS: norm1..3) carries norms this backbone has no use for: left out, not a misfit.
+        unused = [f"norm{i}" for i in range(len(backbone.network.layers)) if i not in backbone.out_indices
+                  and f"norm{i}.weight" in dense]
+        dense = {k: v for k, v in dense.items() if k.split(".", 1)[0] not in unused}
         try:
-            report = load_weights(backbone, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+            report = load_weights(backbone, dense)
         except ValueError as err:
             raise UsageError(f"--pretrained {path}: its backbone ({prefix}*) does not fit: {err}") from None
-        logger.info(f"loaded backbone weights and output norms from the dense checkpoint {path}: {report.summary()}")
+        left_out = f"; left out (stages this backbone does not output): {', '.join(unused)}" if unused else ""
+        logger.info(f"loaded backbone weights and output norms from the dense checkpoint {path}: "
+                    f"{report.summary()}{left_out}")
         return
     report = load_weights(backbone.network, weights, strict=False)
     report.unexpected = [k for k in report.unexpected if not k.startswith(CLASSIFIER_KEYS)]
@@ -191,6 +199,11 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
     ema = create_ema(config, model, checkpoint)
     tensorboard = create_tensorboard_writer(config.OUTPUT) if config.TENSORBOARD and env.is_main else None
     last_good = checkpoint.path if checkpoint else None
+
+    def state_after(epoch: int) -> dict:
+        return training_state(config, epoch, (epoch + 1) * updates_per_epoch, model, max(best.value, 0.0), optimizer,
+                              scheduler, precision.scaler, ema.module if ema else None)
+
     logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {updates_per_epoch} updates per "
                 f"epoch, total batch {config.DATA.BATCH_SIZE * env.world_size}")
     for epoch in training_epochs(config, env.rank, train_loader.sampler, start_epoch, logger):
@@ -205,19 +218,25 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
         last = epoch == config.TRAIN.EPOCHS - 1
         improved = False
         if (epoch + 1) % config.EVAL_FREQ == 0 or last:
-            score = task.evaluate(config, model, val_set, env, precision, logger)
-            if ema is not None:
-                logger.info("EMA model:")
-                score = task.evaluate(config, ema.module, val_set, env, precision, logger)
+            try:
+                score = task.evaluate(config, model, val_set, env, precision, logger)
+                if ema is not None:
+                    logger.info("EMA model:")
+                    score = task.evaluate(config, ema.module, val_set, env, precision, logger)
+            except UsageError as err:  # an unreadable validation image, found after a whole epoch of training
+                if not env.is_main:
+                    raise
+                saved = save_checkpoint(config, state_after(epoch), logger)
+                raise UsageError(f"{user_message(err)}. Epoch {epoch}'s training is saved in {saved}: once the "
+                                 f"image is fixed, the same command resumes after it (that epoch stays "
+                                 f"unevaluated)") from None
             if tensorboard is not None:
                 tensorboard.add_scalar("val/score", score, (epoch + 1) * updates_per_epoch)
                 tensorboard.flush()
             improved = best.update(score)
         if env.is_main and epoch == start_epoch:
             save_config(config, logger)
-        saved = save_epoch(config, env, epoch, improved, lambda: training_state(
-            config, epoch, (epoch + 1) * updates_per_epoch, model, max(best.value, 0.0), optimizer, scheduler,
-            precision.scaler, ema.module if ema else None), logger)
+        saved = save_epoch(config, env, epoch, improved, lambda: state_after(epoch), logger)
         last_good = saved or last_good
     if tensorboard is not None:
         tensorboard.close()

@@ -8,9 +8,10 @@ import io
 import math
 import os
 import random
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
@@ -20,6 +21,10 @@ from errors import UsageError
 
 # Boxes may pass the image border by this many pixels (rounding in real annotations) and are clipped to it.
 BORDER_TOLERANCE = 1.0
+# PIL modes of more than 8 bits a channel (I;16*, I: integers, F: floats), which convert("RGB") clips at 255.
+WIDE_MODES = ("I", "F")
+# What PIL raises for unreadable, truncated, corrupt and oversized (a decompression-bomb guard) files.
+PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def load_coco(path: str) -> COCO:
@@ -31,6 +36,75 @@ def load_coco(path: str) -> COCO:
             return COCO(path)
     except (ValueError, KeyError, TypeError, AssertionError) as err:
         raise UsageError(f"cannot read annotation file {path}: {type(err).__name__}: {err}") from None
+
+
+def rle_runs(segm: Dict[str, Any]) -> Optional[List[int]]:
+    """The run lengths of an RLE mask, uncompressed (a list) or in COCO's compressed string (decoded as
+    pycocotools' ``rleFrString`` does); None when ``counts`` is neither."""
+    counts = segm.get("counts")
+    if isinstance(counts, list):
+        return counts
+    if not isinstance(counts, str):
+        return None
+    runs: List[int] = []
+    pos = 0
+    while pos < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if pos == len(counts):
+                return None
+            char = ord(counts[pos]) - 48
+            value |= (char & 0x1F) << (5 * shift)
+            more = bool(char & 0x20)
+            pos, shift = pos + 1, shift + 1
+            if not more and char & 0x10:
+                value |= -1 << (5 * shift)
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+def check_images(coco: COCO, path: str) -> None:
+    """Refuse image entries that would fail later or train silently wrong: an id listed twice (pycocotools keeps
+    one entry and gives it both images' annotations), a missing file name, or a missing or non-positive
+    size."""
+    seen = set()
+    for image in coco.dataset.get("images", []):
+        image_id = image.get("id")
+        if image_id in seen:
+            raise UsageError(f"{path}: image id {image_id} is listed twice in 'images' (again for "
+                             f"{image.get('file_name')}): image ids must be unique")
+        seen.add(image_id)
+        if not isinstance(image.get("file_name"), str) or not image["file_name"]:
+            raise UsageError(f"{path}: image id {image_id} has file_name {image.get('file_name')!r}: expected the "
+                             f"image's file in the split's folder")
+        for key in ("width", "height"):
+            value = image.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
+                raise UsageError(f"{path}: image id {image_id} ({image.get('file_name')}) has {key} {value!r}: "
+                                 f"expected its size in pixels")
+
+
+def complete_annotations(coco: COCO, masks: bool) -> None:
+    """What COCOeval needs of checked annotations and converters often leave out: ``iscrowd`` (0, as training
+    reads it), ``area`` (the mask's, else the box's), and ids unique and from 1 on (COCOeval looks annotations
+    up by id and takes a matched id of 0 for "no match": numbered from 0, or with an id used twice, exact
+    detections scored far below 100). Renumbers in file order where needed."""
+    annotations = coco.dataset.get("annotations", [])
+    for ann in annotations:
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann:
+            if masks and not ann["iscrowd"]:
+                ann["area"] = float(mask_utils.area(coco.annToRLE(ann)))
+            else:
+                ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+    ids = [ann.get("id") for ann in annotations]
+    if len(set(ids)) < len(ids) or any(not isinstance(i, int) or i < 1 for i in ids):
+        for number, ann in enumerate(annotations, 1):
+            ann["id"] = number
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
 
 
 def check_annotations(coco: COCO, path: str, masks: bool) -> None:
@@ -65,8 +139,26 @@ def check_annotations(coco: COCO, path: str, masks: bool) -> None:
                 if list(segm.get("size", [])) != [height, width]:
                     raise UsageError(f"{where} has a mask of size {segm.get('size')}, its image is "
                                      f"{height}x{width} (height, width)")
+                runs = rle_runs(segm)  # pycocotools decodes runs that miss the image into uninitialised memory
+                covered = sum(runs) if runs and all(isinstance(r, int) and r >= 0 for r in runs) else None
+                if covered != height * width:
+                    raise UsageError(f"{where} has an RLE mask whose runs cover {covered} pixels, its "
+                                     f"{height}x{width} image {height * width}: a malformed 'counts'")
             else:
                 raise UsageError(f"{where} has no segmentation (polygons or RLE), which Mask R-CNN trains on")
+
+
+def image_size(path: str) -> Tuple[int, int]:
+    """(width, height) from the image file's header, or a one-line error naming the file; so is an image of more
+    than 8 bits a channel, which RGB conversion would clip at 255."""
+    try:
+        with Image.open(path) as img:
+            if img.mode.startswith(WIDE_MODES):
+                raise UsageError(f"image {path} has mode {img.mode}: more than 8 bits a channel, which would be "
+                                 f"clipped at 255; convert it to 8-bit")
+            return img.size
+    except PIL_ERRORS as err:
+        raise UsageError(f"cannot read image {path}: {err}") from None
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -81,7 +173,9 @@ class CocoDetection(torch.utils.data.Dataset):
             raise UsageError(f"--data-path {root}: no image folder {self.folder} (expected the COCO layout "
                              f"train2017/, val2017/, annotations/instances_{{train,val}}2017.json)")
         self.coco = load_coco(self.ann_file)
+        check_images(self.coco, self.ann_file)
         check_annotations(self.coco, self.ann_file, masks)
+        complete_annotations(self.coco, masks)
         if not self.coco.cats:
             raise UsageError(f"{self.ann_file} has no categories")
         self.category_ids = sorted(self.coco.cats)
@@ -91,7 +185,20 @@ class CocoDetection(torch.utils.data.Dataset):
             self.ids = [i for i in self.ids if self._objects(i)]
         if not self.ids:
             raise UsageError(f"{self.ann_file} has no {'annotated ' if train else ''}images")
+        if not train and not any(not a["iscrowd"] for a in self.coco.anns.values()):
+            # COCOeval's -1 for "nothing to score" would be logged as box AP 0 at every evaluation
+            raise UsageError(f"{self.ann_file} has no annotations to score detections against (none, or only "
+                             f"crowd regions): is it an image-info file, such as COCO's test-dev?")
+        for image_id in self.ids:  # now, not when an evaluation after an epoch of training reads them
+            self._check_size(image_id, image_size(os.path.join(self.folder, self.coco.imgs[image_id]["file_name"])))
         self.masks, self.train, self.flip_prob = masks, train, flip_prob
+
+    def _check_size(self, image_id: int, size: Tuple[int, int]) -> None:
+        """``size`` (width, height) of the image file must be its entry's."""
+        info = self.coco.imgs[image_id]
+        if size != (info["width"], info["height"]):
+            raise UsageError(f"image {os.path.join(self.folder, info['file_name'])} is {size[0]}x{size[1]} but "
+                             f"{self.ann_file} says {info['width']}x{info['height']}")
 
     def _objects(self, image_id: int) -> List[Dict[str, Any]]:
         return [a for a in self.coco.imgToAnns[image_id]
@@ -107,12 +214,10 @@ class CocoDetection(torch.utils.data.Dataset):
         try:
             with Image.open(path) as img:
                 image = F.to_dtype(F.pil_to_tensor(img.convert("RGB")), torch.float32, scale=True)
-        except OSError as err:
+        except PIL_ERRORS as err:
             raise UsageError(f"cannot read image {path}: {err}") from None
         height, width = image.shape[-2:]
-        if (height, width) != (info["height"], info["width"]):
-            raise UsageError(f"image {path} is {width}x{height} but {self.ann_file} says "
-                             f"{info['width']}x{info['height']}")
+        self._check_size(image_id, (width, height))
         objects = self._objects(image_id)
         boxes = torch.tensor([a["bbox"] for a in objects], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
@@ -137,11 +242,28 @@ def collate(batch: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]) -> Tuple[
     return list(images), list(targets)
 
 
+def check_resizable(dataset: CocoDetection, min_size: int, max_size: int) -> None:
+    """torchvision's transform scales an image's short side to ``min_size`` unless its long side would pass
+    ``max_size``, flooring the result: an image more elongated than that becomes 0 pixels, a RuntimeError in the
+    middle of an epoch or an evaluation. Refused here instead, naming the image and the keys."""
+    for image_id in dataset.ids:
+        info = dataset.coco.imgs[image_id]
+        short, long = sorted((info["width"], info["height"]))
+        if math.floor(short * min(min_size / short, max_size / long)) < 1:
+            raise UsageError(f"image {os.path.join(dataset.folder, info['file_name'])} is "
+                             f"{info['width']}x{info['height']}: MODEL.DETECTOR_ARGS min_size {min_size} and "
+                             f"max_size {max_size} would scale it to 0 pixels; raise max_size or leave it out")
+
+
 def build_data(config: Any, env: Any, logger: Any) -> Tuple[CocoDetection, CocoDetection, int]:
     """The class count is the number of COCO categories (the training file's; validation must agree)."""
     root, masks = config.DATA.DATA_PATH, config.MODEL.DETECTOR == "mask_rcnn"
     train = CocoDetection(root, config.DATA.TRAIN_SPLIT, masks, train=True, flip_prob=config.DATA.FLIP_PROB)
     val = CocoDetection(root, config.DATA.VAL_SPLIT, masks, train=False)
+    sizes = config.MODEL.DETECTOR_ARGS
+    if sizes.get("fixed_size") is None:  # training draws any of min_size, evaluation takes the last
+        check_resizable(train, min(sizes.min_size), sizes.max_size)
+        check_resizable(val, sizes.min_size[-1], sizes.max_size)
     if val.category_ids != train.category_ids:
         raise UsageError(f"{val.ann_file} has category ids {val.category_ids}, {train.ann_file} has "
                          f"{train.category_ids}: they must agree")

@@ -1,7 +1,8 @@
 """Segmentation data in the ADE20K layout: ``images/<split>/*.jpg`` with ``annotations/<split>/*.png`` of the same
 name, one label value per pixel. ``DATA.REDUCE_ZERO_LABEL`` says what the values mean: ADE20K's convention (0 is
 "other", ignored; value v is class v - 1) or plain classes (value v is class v). Value 255 is always ignored. Pairs
-and sizes are checked when the set is opened; label values as each image is read.
+and sizes are checked when the set is opened, and so are the validation label values (training ones as
+each image is read).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ SPLITS = {"train": "training", "val": "validation"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 FAR_GAP = 8  # a largest class this far above the next one (and over twice it) is taken for a stray value
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# PIL modes of more than 8 bits a channel (I;16*, I: integers, F: floats), which convert("RGB") clips at 255.
+WIDE_MODES = ("I", "F")
 
 
 # What PIL raises for unreadable, truncated, corrupt (e.g. "broken PNG file") and oversized files.
@@ -33,13 +36,16 @@ def read_labels(path: str) -> np.ndarray:
     """A single-channel PNG as an array of label values; anything else is a one-line error naming the file."""
     try:
         with Image.open(path) as img:
-            if img.mode not in ("L", "P", "I;16", "I"):
+            if img.mode not in ("1", "L", "P", "I;16", "I"):  # "1": a two-class mask, values 0 and 1
                 raise UsageError(f"annotation {path} has mode {img.mode}: label PNGs must have one channel")
             labels = np.asarray(img).astype(np.int64)
     except PIL_ERRORS as err:
         raise UsageError(f"cannot read annotation {path}: {err}") from None
     if labels.size and labels.min() < 0:
         raise UsageError(f"annotation {path} has label {labels.min()}: label values must be 0 or more")
+    if labels.size and labels.max() > IGNORE:  # under REDUCE_ZERO_LABEL, 256 would become class 255: "ignore"
+        raise UsageError(f"annotation {path} has label {labels.max()}: label values go up to {IGNORE} "
+                         f"({IGNORE}: ignored)")
     return labels
 
 
@@ -50,6 +56,12 @@ def to_classes(labels: np.ndarray, reduce_zero_label: bool) -> np.ndarray:
     classes = labels - 1
     classes[(labels == 0) | (labels == IGNORE)] = IGNORE
     return classes
+
+
+def ignored(reduce_zero_label: bool) -> str:
+    """Which label values are not scored, naming the key that decides it."""
+    rule = "0 and 255 are ignored" if reduce_zero_label else "255 is ignored"
+    return f"DATA.REDUCE_ZERO_LABEL {reduce_zero_label}: {rule}"
 
 
 def count_classes(paths: Sequence[str], reduce_zero_label: bool, where: str) -> int:
@@ -63,9 +75,7 @@ def count_classes(paths: Sequence[str], reduce_zero_label: bool, where: str) -> 
         for value in np.flatnonzero(np.bincount(classes.ravel()[classes.ravel() != IGNORE], minlength=1)):
             files_with.setdefault(int(value), []).append(path)
     if not files_with:
-        rule = "0 and 255 are ignored" if reduce_zero_label else "255 is ignored"
-        raise UsageError(f"the annotations in {where} hold no class (DATA.REDUCE_ZERO_LABEL "
-                         f"{reduce_zero_label}: {rule})")
+        raise UsageError(f"the annotations in {where} hold no class ({ignored(reduce_zero_label)})")
     present = sorted(files_with)
     largest, files = present[-1], files_with[present[-1]]
     value = largest + 1 if reduce_zero_label else largest
@@ -90,20 +100,31 @@ def read_image(path: str) -> torch.Tensor:
 
 
 def image_size(path: str, what: str) -> Tuple[int, int]:
-    """(width, height) from the file's header, or a one-line error naming the ``what`` (image or annotation)."""
+    """(width, height) from the file's header, or a one-line error naming the ``what`` (image or annotation); so
+    is an image of more than 8 bits a channel, which RGB conversion would clip at 255 (annotations may have
+    them: their values are labels)."""
     try:
         with Image.open(path) as img:
+            if what == "image" and img.mode.startswith(WIDE_MODES):
+                raise UsageError(f"image {path} has mode {img.mode}: more than 8 bits a channel, which would be "
+                                 f"clipped at 255; convert it to 8-bit")
             return img.size
     except PIL_ERRORS as err:
         raise UsageError(f"cannot read {what} {path}: {err}") from None
 
 
 def class_names(root: str, num_classes: int, reduce_zero_label: bool = True) -> List[str]:
-    """ADE20K's ``objectInfo150.csv`` names when present (first name of each row), else the label values."""
+    """ADE20K's ``objectInfo150.csv`` names when present (first name of each row), else the label values; a
+    file without a ``Name`` column is a one-line error (:func:`build_data` reads it before training)."""
     path = os.path.join(root, "objectInfo150.csv")
     if os.path.isfile(path):
         with open(path, newline="") as f:
-            names = [row["Name"].split(";")[0] for row in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            if "Name" not in (reader.fieldnames or []):
+                raise UsageError(f"{path} has no 'Name' column (columns {', '.join(reader.fieldnames or [])}): "
+                                 f"class names are read in ADE20K's layout (Idx,Ratio,Train,Val,Name); fix or "
+                                 f"remove it")
+            names = [(row["Name"] or "").split(";")[0] for row in reader]
         if len(names) == num_classes:
             return names
     first = 1 if reduce_zero_label else 0
@@ -122,7 +143,15 @@ class SegmentationFolder(torch.utils.data.Dataset):
             if not os.path.isdir(path):
                 raise UsageError(f"--data-path {root}: no folder {path} (expected the ADE20K layout "
                                  f"images/{{training,validation}}/, annotations/{{training,validation}}/)")
-        images = {os.path.splitext(n)[0]: n for n in os.listdir(image_dir) if n.lower().endswith(IMAGE_EXTENSIONS)}
+        images: Dict[str, str] = {}
+        for name in sorted(os.listdir(image_dir)):
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            stem = os.path.splitext(name)[0]
+            if stem in images:  # both would claim the one annotation <stem>.png
+                raise UsageError(f"images {images[stem]} and {name} in {image_dir} share the name {stem}, so "
+                                 f"annotation {stem}.png cannot tell which it labels: remove or rename one")
+            images[stem] = name
         if not images:
             raise UsageError(f"--data-path {root}: no images in {image_dir}")
         self.samples: List[Tuple[str, str]] = []
@@ -139,12 +168,16 @@ class SegmentationFolder(torch.utils.data.Dataset):
         self.num_classes = num_classes or count_classes([label for _, label in self.samples],
                                                         self.reduce_zero_label, label_dir)
         self.config, self.train = config, train
+        if not train:  # now, not when the first evaluation reads them after an epoch of training
+            scored = [bool((self.classes(label) != IGNORE).any()) for _, label in self.samples]
+            if not any(scored):  # nothing to score: every evaluation would log "mIoU nan%"
+                raise UsageError(f"the annotations in {label_dir} hold no class ({ignored(self.reduce_zero_label)})")
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        image_path, label_path = self.samples[index]
+    def classes(self, label_path: str) -> np.ndarray:
+        """The class of each pixel of an annotation; a value above the class count is a one-line error."""
         classes = to_classes(read_labels(label_path), self.reduce_zero_label)
         scored = classes[classes != IGNORE]
         if scored.size and scored.max() >= self.num_classes:
@@ -152,7 +185,11 @@ class SegmentationFolder(torch.utils.data.Dataset):
             raise UsageError(f"annotation {label_path} has label {value}, above the {self.num_classes} classes "
                              f"(DATA.NUM_CLASSES or the training annotations; DATA.REDUCE_ZERO_LABEL "
                              f"{self.reduce_zero_label})")
-        target = torch.from_numpy(classes)
+        return classes
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        image_path, label_path = self.samples[index]
+        target = torch.from_numpy(self.classes(label_path))
         image = read_image(image_path)
         if not self.train:
             return image, target
@@ -202,6 +239,7 @@ def build_data(config: Any, env: Any, logger: Any) -> Tuple[SegmentationFolder, 
     root = config.DATA.DATA_PATH
     train = SegmentationFolder(root, "train", config, train=True, num_classes=config.DATA.NUM_CLASSES)
     val = SegmentationFolder(root, "val", config, train=False, num_classes=train.num_classes)
+    class_names(root, train.num_classes, config.DATA.REDUCE_ZERO_LABEL)  # now, not after an epoch of training
     source = "DATA.NUM_CLASSES" if config.DATA.NUM_CLASSES else "the training annotations"
     convention = ("label 0 ignored, value v is class v-1 (DATA.REDUCE_ZERO_LABEL True, ADE20K's convention)"
                   if config.DATA.REDUCE_ZERO_LABEL else "value v is class v, 0 included (DATA.REDUCE_ZERO_LABEL "

@@ -102,6 +102,25 @@ def test_dense_checkpoint_loads_with_its_norms(tmp_path, caplog):
         load_backbone(str(path), smaller, LOG)
 
 
+def test_a_dense_checkpoint_with_more_stages_loads_into_a_backbone_with_fewer(tmp_path, caplog):
+    """The guide says ``--pretrained`` takes a checkpoint of either dense task; but Mask R-CNN and segmentation
+    checkpoints carry norm0 (stage 0 reaches their decoders), which RetinaNet and FCOS (stages 1-3) do not have,
+    and the load was refused for those two unexpected keys. The stage the backbone does not output is left out,
+    as the log says; everything else must load exactly."""
+    trained = detector()
+    with torch.no_grad():
+        for p in backbone(trained).parameters():
+            p.add_(torch.randn_like(p))
+    path = tmp_path / "mask_rcnn.pth"
+    torch.save({"model": trained.state_dict(), "epoch": 3}, path)
+    fewer = DenseBackbone(NAME, (1, 2, 3), **ARGS)
+    with caplog.at_level(logging.INFO, logger=LOG.name):
+        load_backbone(str(path), fewer, LOG)
+    assert "left out (stages this backbone does not output): norm0" in caplog.text
+    expected = backbone(trained).state_dict()
+    for name, value in fewer.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
+
 def test_without_norms_the_raw_stage_maps_come_out():
     net = DenseBackbone(NAME, (0, 2), norms=False, **ARGS)
     x = torch.randn(1, 3, 64, 64)

@@ -19,7 +19,7 @@ from dense.demo import generate_detection
 from dense.run import load_backbone
 from dense.config import get_task_config
 from detection.config import DETECTION_RULES, detection_defaults
-from detection.data import CocoDetection, load_coco
+from detection.data import CocoDetection, build_data, load_coco, rle_runs
 from detection.evaluate import coco_ap, evaluate
 from detection.model import backbone, build_detector
 from distributed import DistEnv
@@ -113,8 +113,13 @@ def test_evaluate_logs_box_and_mask_ap(tmp_path, caplog):
     (dict(image_id=7), "refers to image id 7"),
     (dict(segmentation={"size": [32, 32], "counts": "abc"}), "has a mask of size"),
     (dict(segmentation=[[1, 2, 3]]), "malformed polygon"),
+    # Runs that do not cover the image: pycocotools decodes them into uninitialised memory (random masks).
+    (dict(segmentation={"size": [64, 64], "counts": [10, 20]}), r"has an RLE mask whose runs cover 30 pixels"),
+    (dict(segmentation={"size": [64, 64], "counts": "zzzzzzzzzz"}), r"has an RLE mask whose runs cover"),
 ])
 def test_bad_annotations_are_one_line_errors(tmp_path, change, message):
+    """Each problem stops the set with one line naming the file and the annotation. An RLE mask whose runs do not
+    add up to its image was decoded into uninitialised memory: a random mask trained on, silently."""
     path = write_coco(tmp_path)
     content = json.loads(path.read_text())
     content["annotations"][0].update(change)
@@ -122,6 +127,138 @@ def test_bad_annotations_are_one_line_errors(tmp_path, change, message):
     with pytest.raises(UsageError, match=f"instances_val2017.json: annotation 1 .*{message}"):
         CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
 
+
+def test_compressed_rle_runs_are_read_as_pycocotools_writes_them():
+    """The run lengths the RLE check adds up, from COCO's compressed string, are the ones pycocotools encoded."""
+    rng = np.random.RandomState(0)
+    for _ in range(20):
+        mask = (rng.rand(37, 23) < rng.rand()).astype(np.uint8)
+        flat, runs, value, run = mask.flatten(order="F"), [], 0, 0
+        for pixel in flat:
+            if pixel != value:
+                runs.append(run)
+                value, run = pixel, 0
+            run += 1
+        runs.append(run)
+        assert rle_runs(rle(mask)) == runs
+
+
+def evaluate_oracle(root) -> float:
+    """The box AP of :class:`Oracle` (the two objects exactly) on ``root``'s validation file, as a run scores it."""
+    config = detection_defaults()
+    merge_task_opts(config, ["DATA.NUM_WORKERS", 0])
+    dataset = CocoDetection(str(root), "val2017", masks=True, train=False)
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    return evaluate(config, Oracle(), dataset, env, build_precision("none", env.device), LOG)
+
+
+@pytest.mark.parametrize("ids", [[0, 1], [7, 7]])
+def test_annotation_ids_from_zero_or_repeated_do_not_change_the_score(tmp_path, ids):
+    """COCOeval takes a matched ground-truth id of 0 for "no match" and looks annotations up by id, so a file
+    numbered from 0 (as several exporters write) or with an id used twice scored exact detections at AP 50,
+    silently. Any ids must give the exact detections AP 100."""
+    path = write_coco(tmp_path)
+    content = json.loads(path.read_text())
+    for ann, ann_id in zip(content["annotations"], ids):
+        ann["id"] = ann_id
+    path.write_text(json.dumps(content))
+    assert evaluate_oracle(tmp_path) == pytest.approx(100.0)
+
+
+def test_annotations_without_iscrowd_and_area_are_scored(tmp_path):
+    """Files written by converters often leave out ``iscrowd`` and ``area``, which training does without but
+    COCOeval indexes: the run trained a whole epoch, then stopped with a KeyError traceback in the evaluation.
+    They default to COCO's meaning: not a crowd, the area of the mask."""
+    path = write_coco(tmp_path)
+    content = json.loads(path.read_text())
+    for ann in content["annotations"]:
+        del ann["iscrowd"], ann["area"]
+    path.write_text(json.dumps(content))
+    assert evaluate_oracle(tmp_path) == pytest.approx(100.0)
+    dataset = CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
+    assert [a["area"] for a in dataset.coco.dataset["annotations"]] == [20 * 25, 20 * 20]
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing", r"cannot read image .*a.jpg"),
+    ("size", r"image .*a.jpg is 64x64 but .*instances_val2017.json says 80x64"),
+    ("duplicate", r"instances_val2017.json: image id 1 is listed twice"),
+    ("no size", r"instances_val2017.json: image id 1 \(a.jpg\) has width None"),
+    ("no file name", r"instances_val2017.json: image id 1 has file_name None"),
+])
+def test_image_problems_stop_the_run_before_training(tmp_path, problem, message):
+    """A validation image missing on disk, or of another size than its entry, was found only when the first
+    evaluation read it: after a whole epoch of training, and before that epoch's checkpoint was saved. A repeated
+    image id gave one image the other's boxes, silently; an entry without its size or file name was a KeyError
+    traceback.
+    All are found when the set is opened."""
+    path = write_coco(tmp_path)
+    content = json.loads(path.read_text())
+    if problem == "missing":
+        (tmp_path / "val2017" / "a.jpg").unlink()
+    elif problem == "size":
+        content["images"][0]["width"] = 80
+    elif problem == "duplicate":
+        content["images"].append(dict(content["images"][0], file_name="b.jpg"))
+    elif problem == "no size":
+        del content["images"][0]["width"]
+    else:
+        del content["images"][0]["file_name"]
+    path.write_text(json.dumps(content))
+    with pytest.raises(UsageError, match=message):
+        CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
+
+
+def test_a_validation_file_without_objects_is_refused(tmp_path):
+    """A validation file without annotations (an image-info file such as COCO's test-dev, or only crowd regions)
+    gives COCOeval nothing to score, which it reports as -1: the run logged "box AP 0.0" at every evaluation and
+    kept training, silently. It is refused when the set is opened."""
+    path = write_coco(tmp_path)
+    content = json.loads(path.read_text())
+    content["annotations"] = [dict(ann, iscrowd=1) for ann in content["annotations"][:1]]
+    path.write_text(json.dumps(content))
+    with pytest.raises(UsageError, match=r"instances_val2017.json has no annotations to score detections against"):
+        CocoDetection(str(tmp_path), "val2017", masks=False, train=False)
+
+def test_an_image_of_more_than_8_bits_is_refused(tmp_path):
+    """A 16-bit (or 32-bit, or float) image becomes RGB by clipping every value above 255: a 16-bit grayscale
+    PNG trained as an almost white picture, silently. It is refused, naming the file, when the set is opened."""
+    path = write_coco(tmp_path)
+    Image.fromarray(np.full((64, 64), 4000, dtype=np.uint16)).save(tmp_path / "val2017" / "a.png")
+    content = json.loads(path.read_text())
+    content["images"][0]["file_name"] = "a.png"
+    path.write_text(json.dumps(content))
+    with pytest.raises(UsageError, match=r"image .*a.png has mode I;16: more than 8 bits a channel"):
+        CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
+
+def test_an_image_over_pils_size_limit_is_a_one_line_error(tmp_path, monkeypatch):
+    """PIL refuses an image of more than twice ``Image.MAX_IMAGE_PIXELS`` (a decompression-bomb guard) with an
+    error that is not an OSError: the run stopped with its traceback. It is one line naming the file, as in
+    segmentation."""
+    write_coco(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 3)
+    with pytest.raises(UsageError, match=r"cannot read image .*a.jpg: Image size \(4096 pixels\) exceeds limit"):
+        CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
+
+def test_an_image_too_elongated_for_the_resize_is_refused(tmp_path):
+    """torchvision scales each image to MODEL.DETECTOR_ARGS.min_size unless its long side would pass max_size;
+    an image more elongated than that (1000x5 at min_size 64, max_size 64: 0.32 pixels tall) became 0 pixels
+    and the run stopped in the middle of an epoch or an evaluation with a RuntimeError traceback. It is refused
+    with one line when the run starts."""
+    for split in ("train2017", "val2017"):
+        path = write_coco(tmp_path, split)
+    Image.new("RGB", (1000, 5)).save(tmp_path / "val2017" / "b.jpg")
+    content = json.loads(path.read_text())
+    content["images"].append({"id": 2, "file_name": "b.jpg", "width": 1000, "height": 5})
+    path.write_text(json.dumps(content))
+    config = detection_defaults()
+    merge_task_opts(config, ["DATA.DATA_PATH", str(tmp_path), "MODEL.DETECTOR_ARGS.min_size", [64],
+                             "MODEL.DETECTOR_ARGS.max_size", 64])
+    with pytest.raises(UsageError, match=r"image .*b.jpg is 1000x5: MODEL.DETECTOR_ARGS min_size 64 and max_size "
+                                         r"64 would scale it to 0 pixels"):
+        build_data(config, None, LOG)
+    merge_task_opts(config, ["MODEL.DETECTOR_ARGS.max_size", 256])
+    build_data(config, None, LOG)
 
 @pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet", "fcos"])
 def test_official_checkpoint_loads_into_the_backbone(detector):
@@ -152,6 +289,28 @@ def test_training_and_one_vs_two_process_evaluation(tmp_path):
     assert summary(two.stdout) == summary(trained.stdout) and len(summary(two.stdout)) == 25
     assert not re.search(r"\(3 images, 0 detections\)", two.stdout)
 
+
+@pytest.mark.slow
+def test_an_unreadable_validation_image_keeps_the_epoch_it_follows(tmp_path):
+    """A validation image whose header reads but whose pixels do not (a truncated file) is found only by the
+    evaluation after an epoch of training; the dense run stopped there, before that epoch's checkpoint, so the
+    epoch was lost (and, in a fresh run, its log removed with it). As main.py does, the epoch is saved first and
+    the same command resumes after it once the image is fixed."""
+    data = generate_detection(str(tmp_path / "data"), size=64, train=4, val=2)
+    bad = tmp_path / "data" / "val2017" / json.loads(
+        (tmp_path / "data" / "annotations" / "instances_val2017.json").read_text())["images"][0]["file_name"]
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    args = ["--cfg", CFG, "--data-path", data, "--output", str(tmp_path / "out"), "--opts", *TINY, "TRAIN.EPOCHS", "2"]
+    refused = run_task("detection.train", args)
+    saved = tmp_path / "out" / "mask_rcnn_focal_demo" / "default" / "ckpt_epoch_0.pth"
+    assert refused.returncode == 1 and re.search(rf"cannot read image {bad}: .*Epoch 0's training is saved in "
+                                                 rf"{saved}: once the image is fixed", refused.stderr)
+    assert "Traceback" not in refused.stderr and saved.is_file()
+    bad.write_bytes(good)
+    resumed = check(run_task("detection.train", args))
+    assert "auto-resuming from" in resumed.stdout and "Train: [1/2][0/" in resumed.stdout
+    assert "Train: [0/2]" not in resumed.stdout
 
 @pytest.mark.parametrize("cfg", sorted(str(p) for p in (REPO / "configs" / "detection").glob("*.yaml")))
 def test_every_config_loads_and_passes_the_value_rules(cfg):

@@ -24,7 +24,7 @@ from errors import UsageError
 from models import extract_state_dict
 from dense.config import get_task_config
 from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
-from segmentation.data import SegmentationFolder
+from segmentation.data import SegmentationFolder, build_data, class_names
 from segmentation.evaluate import evaluate, predict, slide
 from segmentation.model import backbone, build_segmenter
 from segmentation.train import TASK
@@ -95,6 +95,83 @@ def test_bad_annotations_are_one_line_errors(tmp_path, problem, message):
     with pytest.raises(UsageError, match=message):
         SegmentationFolder(str(tmp_path), "train", config, train=True, num_classes=3)[0]
 
+
+def test_validation_label_values_are_checked_before_training(tmp_path):
+    """A validation annotation with a value above the class count was found only when the first evaluation read
+    it: after a whole epoch of training (the ADE20K configs evaluate every 13), none of it saved, and the run's
+    log removed with it as a refused start. The validation set checks its values when it is opened."""
+    labels = np.ones((16, 16))
+    labels[:, 8:] = 2
+    write_pair(tmp_path, "validation", "a", labels)
+    labels[3, 3] = 5
+    write_pair(tmp_path, "validation", "b", labels)
+    config = config_with(["DATA.SCALE", "[16, 16]"])
+    with pytest.raises(UsageError, match=r"b.png has label 5, above the 3 classes"):
+        SegmentationFolder(str(tmp_path), "val", config, train=False, num_classes=3)
+
+def test_label_png_modes_one_bit_and_sixteen_bit(tmp_path):
+    """A two-class mask saved as a 1-bit PNG (mode "1", one channel) was refused as "label PNGs must have one
+    channel"; it is read as values 0 and 1. In a 16-bit PNG, value 256 under DATA.REDUCE_ZERO_LABEL became class
+    255, the ignore value, and its pixels were left out silently; any value above 255 is refused."""
+    labels = np.zeros((16, 16), dtype=bool)
+    labels[:, 8:] = True
+    write_pair(tmp_path, "training", "a", labels)
+    Image.fromarray(labels).save(tmp_path / "annotations" / "training" / "a.png")
+    config = config_with(["DATA.SCALE", "[16, 16]", "DATA.REDUCE_ZERO_LABEL", False])
+    dataset = SegmentationFolder(str(tmp_path), "train", config, train=False, num_classes=2)
+    np.testing.assert_array_equal(dataset[0][1].numpy(), labels.astype(np.int64))
+    wide = np.ones((16, 16), dtype=np.uint16)
+    wide[3, 3] = 256
+    Image.fromarray(wide).save(tmp_path / "annotations" / "training" / "a.png")
+    config = config_with(["DATA.SCALE", "[16, 16]"])
+    with pytest.raises(UsageError, match=r"a.png has label 256: label values go up to 255"):
+        SegmentationFolder(str(tmp_path), "train", config, train=False, num_classes=3)[0]
+
+def test_a_validation_set_without_labelled_pixels_is_refused(tmp_path):
+    """Validation annotations that are all "ignore" (0 under DATA.REDUCE_ZERO_LABEL, or 255) leave nothing to
+    score: every evaluation logged "mIoU nan%" and the run went on. They are refused when the set is opened."""
+    write_pair(tmp_path, "validation", "a", np.zeros((16, 16)))
+    config = config_with(["DATA.SCALE", "[16, 16]"])
+    with pytest.raises(UsageError, match=r"the annotations in .*validation hold no class \(DATA.REDUCE_ZERO_LABEL "
+                                         r"True: 0 and 255 are ignored\)"):
+        SegmentationFolder(str(tmp_path), "val", config, train=False, num_classes=3)
+
+def test_an_image_of_more_than_8_bits_is_refused(tmp_path):
+    """A 16-bit (or 32-bit, or float) image becomes RGB by clipping every value above 255: a 16-bit grayscale
+    PNG trained as an almost white picture, silently. It is refused, naming the file, when the set is opened
+    (16-bit annotations stay allowed: their values are labels)."""
+    write_pair(tmp_path, "training", "a", np.ones((16, 16)))
+    (tmp_path / "images" / "training" / "a.jpg").unlink()
+    Image.fromarray(np.full((16, 16), 4000, dtype=np.uint16)).save(tmp_path / "images" / "training" / "a.png")
+    config = config_with(["DATA.SCALE", "[16, 16]"])
+    with pytest.raises(UsageError, match=r"image .*a.png has mode I;16: more than 8 bits a channel"):
+        SegmentationFolder(str(tmp_path), "train", config, train=True, num_classes=3)
+
+def test_two_images_of_one_name_are_refused(tmp_path):
+    """``a.jpg`` and ``a.png`` side by side both claim ``a.png``'s labels; one of them was kept, whichever the
+    directory listing gave last (so it could change between file systems), and the other dropped, silently."""
+    write_pair(tmp_path, "training", "a", np.ones((16, 16)))
+    Image.new("RGB", (16, 16)).save(tmp_path / "images" / "training" / "a.png")
+    config = config_with(["DATA.SCALE", "[16, 16]"])
+    with pytest.raises(UsageError, match=r"images a.jpg and a.png in .*training share the name a"):
+        SegmentationFolder(str(tmp_path), "train", config, train=True, num_classes=3)
+
+def test_a_class_names_file_without_its_name_column_is_refused_before_training(tmp_path):
+    """``objectInfo150.csv`` is read for the per-class table only when the first evaluation logs it: a file of
+    that name without a ``Name`` column stopped the run with a KeyError traceback after a whole epoch of
+    training, none of it saved. It is checked when the data is opened, as one line naming the file."""
+    labels = np.ones((16, 16))
+    labels[:, 8:] = 2
+    for split in ("training", "validation"):
+        write_pair(tmp_path, split, "a", labels)
+        write_pair(tmp_path, split, "b", labels)
+    (tmp_path / "objectInfo150.csv").write_text("Idx,Label\n1,wall\n2,floor\n")
+    config = config_with(["DATA.DATA_PATH", str(tmp_path), "DATA.SCALE", "[16, 16]"])
+    with pytest.raises(UsageError, match=r"objectInfo150.csv has no 'Name' column \(columns Idx, Label\)"):
+        build_data(config, None, LOG)
+    (tmp_path / "objectInfo150.csv").write_text("Idx,Name\n1,wall;brick\n2,floor\n")
+    build_data(config, None, LOG)
+    assert class_names(str(tmp_path), 2) == ["wall", "floor"]
 
 def test_official_checkpoint_loads_into_the_encoder():
     config = config_with(BACKBONE_OPTS + ["MODEL.DECODER_CHANNELS", 16])
