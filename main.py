@@ -34,9 +34,9 @@ from models import ConfigError, build_model
 from models.kernels import optimize_for
 from optimizer import build_optimizer
 from run_lock import leaving, locked_run, stop_on_signals
-from run_parts import BestScore, create_ema, save_epoch, scale_rates
+from run_parts import BestScore, create_ema, keep_unevaluated_epoch, save_epoch, scale_rates
 from utils import (Checkpoint, diverged, latest_checkpoint, load_pretrained, read_checkpoint, restore_checkpoint,
-                   save_checkpoint, save_config, seed_everything, training_epochs, training_state)
+                   save_config, seed_everything, training_epochs, training_state)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -297,11 +297,7 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
         except TrainingError as err:
             raise diverged(err, last_good) from None
         except UsageError as err:  # an unreadable validation image, found after a whole epoch of training
-            if not env.is_main:
-                raise
-            saved = save_checkpoint(config, state_after(epoch), logger)
-            raise UsageError(f"{user_message(err)}. Epoch {epoch}'s training is saved in {saved}: once the image is "
-                             f"fixed, the same command resumes after it (that epoch stays unevaluated)") from None
+            raise keep_unevaluated_epoch(err, config, env, epoch, lambda: state_after(epoch), logger) from None
         if env.is_main and epoch == start_epoch:
             save_config(config, logger)  # only now: a run that fails on its data leaves the previous one's
         improved = best.update(score)  # the first epoch of a fresh run always counts as the best so far

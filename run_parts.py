@@ -1,6 +1,6 @@
 """The run pieces classification (``main.py``) and the dense tasks (``dense/run.py``) share: learning-rate scaling,
 the weight average (EMA), batch-norm consistency across processes, and the epoch's checkpoints (periodic with
-rotation, and the best one)."""
+rotation, the best one, and the unevaluated one a bad validation image leaves)."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +11,7 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3, distribute_bn
 
 from distributed import DistEnv
+from errors import UsageError, user_message
 from utils import BEST_CHECKPOINT, Checkpoint, save_checkpoint
 
 # The rates a config scales with the total batch (those of its TRAIN node that it has).
@@ -92,3 +93,14 @@ def save_epoch(config: Any, env: DistEnv, epoch: int, improved: bool, state: Cal
     if improved:
         save_checkpoint(config, content, logger, name=BEST_CHECKPOINT)
     return path
+
+
+def keep_unevaluated_epoch(err: UsageError, config: Any, env: DistEnv, epoch: int,
+                           state: Callable[[], Dict[str, Any]], logger: logging.Logger) -> UsageError:
+    """An unreadable validation image shows up only after a whole epoch of training: the main process saves that
+    epoch before the run stops, so that fixing the image loses no training. Returns the error to stop with."""
+    if not env.is_main:
+        return err
+    saved = save_checkpoint(config, state(), logger)
+    return UsageError(f"{user_message(err)}. Epoch {epoch}'s training is saved in {saved}: once the image is fixed, "
+                      f"the same command resumes after it (that epoch stays unevaluated)")

@@ -26,10 +26,10 @@ from models import ConfigError
 from models.checkpoint import extract_state_dict, load_weights
 from optimizer import param_groups
 from run_lock import leaving, locked_run, quiet_worker_teardown, stop_on_signals
-from run_parts import (BestScore, create_ema, save_epoch, scale_rates, sync_batchnorm_buffers,
-                       use_sync_batchnorm)
-from utils import (diverged, latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint, save_config,
-                   seed_everything, training_epochs, training_state)
+from run_parts import (BestScore, create_ema, keep_unevaluated_epoch, save_epoch, scale_rates,
+                       sync_batchnorm_buffers, use_sync_batchnorm)
+from utils import (diverged, latest_checkpoint, read_checkpoint, restore_checkpoint, save_config, seed_everything,
+                   training_epochs, training_state)
 
 from .backbone import DenseBackbone
 from .config import REFERENCE_BATCH, get_task_config
@@ -224,12 +224,7 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
                     logger.info("EMA model:")
                     score = task.evaluate(config, ema.module, val_set, env, precision, logger)
             except UsageError as err:  # an unreadable validation image, found after a whole epoch of training
-                if not env.is_main:
-                    raise
-                saved = save_checkpoint(config, state_after(epoch), logger)
-                raise UsageError(f"{user_message(err)}. Epoch {epoch}'s training is saved in {saved}: once the "
-                                 f"image is fixed, the same command resumes after it (that epoch stays "
-                                 f"unevaluated)") from None
+                raise keep_unevaluated_epoch(err, config, env, epoch, lambda: state_after(epoch), logger) from None
             if tensorboard is not None:
                 tensorboard.add_scalar("val/score", score, (epoch + 1) * updates_per_epoch)
                 tensorboard.flush()
