@@ -83,10 +83,16 @@ class MapEntry(NamedTuple):
 
 
 def read_map_file(path: str) -> List[MapEntry]:
-    """One entry per image; a malformed line is an error naming the file and line."""
+    """One entry per image; a malformed line is an error naming the file and line. UTF-8, with or without the
+    byte-order mark Windows editors write (it would otherwise become part of the first path)."""
     entries = []
-    with open(path, "r") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise UsageError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start}); save the "
+                                 f"map file as UTF-8") from None
             if not line.strip():
                 continue
             parts = line.rstrip("\n").rsplit("\t", 1) if "\t" in line else line.split()

@@ -163,6 +163,21 @@ def test_a_zip_validation_label_the_training_map_never_uses_is_named(data, tmp_p
         main(demo_args(data, tmp_path, "--zip"))
 
 
+def test_a_map_file_saved_with_a_bom_or_in_latin_1_is_read_or_named_by_line(data, tmp_path):
+    """Windows editors start UTF-8 files with a byte-order mark: it became part of the first path, and the run was
+    refused saying an image that is in the zip is not (the mark does not print). A map file in another encoding
+    stopped the run with a UnicodeDecodeError traceback instead of naming the file and line."""
+    val_map = data / "val_map.txt"
+    val_map.write_bytes(b"\xef\xbb\xbf" + val_map.read_bytes())
+    main(demo_args(data, tmp_path / "bom", "--zip"))
+    assert eval_summary(read_log(tmp_path / "bom"))["images"] == 20
+    with (data / "train_map.txt").open("ab") as f:
+        f.write(b"caf\xe9/x.jpg\t0\n")
+    lines = len((data / "train_map.txt").read_bytes().splitlines())
+    with pytest.raises(UsageError, match=rf"train_map.txt:{lines}: not UTF-8 text"):
+        main(demo_args(data, tmp_path / "latin", "--zip"))
+
+
 @pytest.mark.parametrize("case, flags, opts", [
     ("bad model key", (), ("MODEL.FOCAL.WINDOW_SIZE", "0")),
     ("data layout", (), ()),
