@@ -22,6 +22,7 @@ from timm.data import ImageNetInfo
 
 from cli import HelpFormatter
 from config import load_config
+from data.datasets import load_rgb
 from data.transforms import build_transform
 from distributed import DEVICES, resolve_device
 from errors import UsageError, error_text
@@ -121,10 +122,11 @@ def batches(paths: List[Path], size: int) -> Iterator[List[Path]]:
 
 
 def read_image(path: Path) -> Image.Image:
+    """RGB as main.py's loader reads it (16-bit grey scaled, not clipped to white); an unreadable file, or one over
+    Pillow's pixel limit, is a usage error naming it."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as err:
+        return load_rgb(path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise UsageError(f"cannot read image {path}: {err}") from None
 
 
