@@ -182,9 +182,29 @@ def _merge_file(config: CN, cfg_file: str, seen: tuple[str, ...] = ()) -> None:
         if base:
             _merge_file(config, os.path.join(os.path.dirname(cfg_file), base), seen + (cfg_file,))
     try:
+        _check_sections(config, content)
         config.merge_from_other_cfg(CN(content))
     except (KeyError, ValueError) as err:
         raise type(err)(f"{error_text(err)} (in {cfg_file})") from err
+
+
+def _check_sections(node: CN, content: dict, prefix: str = "") -> None:
+    """A section given a value, or a value given a section, as one line naming the key: yacs's own message prints
+    the whole section of defaults over dozens of lines. The usual cause is a YAML section left empty (``DATA:``
+    with its keys commented out or not indented under it), which reads as ``None``."""
+    for key, value in content.items():
+        if key not in node:
+            continue  # unknown and retired keys: yacs's merge names them
+        full, default = f"{prefix}{key}", node[key]
+        if isinstance(default, CN):
+            if not isinstance(value, dict):
+                hint = " (an empty section: indent its keys under it, or remove it)" if value is None else ""
+                raise ValueError(f"{full} is a section of keys ({', '.join(sorted(default)[:4])}, ...), not a "
+                                 f"value: got {value!r}{hint}")
+            _check_sections(default, value, f"{full}.")
+        elif isinstance(value, dict):
+            raise ValueError(f"{full} takes one value (now {default!r}), not a section of keys "
+                             f"({', '.join(map(str, value))})")
 
 
 def load_config(cfg_file: Optional[str] = None, opts: Optional[Sequence[Any]] = None,
@@ -209,6 +229,12 @@ def merge_opts(config: CN, opts: Iterable[Any]) -> None:
     pairs = []
     for key, value in zip(opts[0::2], opts[1::2]):
         value = CN._decode_cfg_value(value)
+        *parents, leaf = str(key).split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, CN) else None
+        if isinstance(node, CN):
+            _check_sections(node, {leaf: value}, "".join(f"{part}." for part in parents))
         if _is_float_key(config, key) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         pairs += [key, value]

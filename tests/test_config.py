@@ -77,3 +77,20 @@ def test_retired_keys_of_saved_configs_still_load(tmp_path, caplog):
     assert cfg.DATA.IMG_SIZE == 192
     assert not {"DEBUG_MODE", "LOCAL_RANK"} & set(cfg) and "DATASET" not in cfg.DATA and "SPEC" not in cfg.MODEL
     assert "DEBUG_MODE" in caplog.text and "DATA.DATASET" in caplog.text
+
+
+def test_a_section_given_a_value_is_one_line_naming_it(tmp_path):
+    """A YAML section left empty (``DATA:`` with its keys commented out) reads as None; yacs refused it with the
+    whole section of defaults printed over some 35 lines, which main.py passed on as its 'one-line' error."""
+    empty = tmp_path / "empty_section.yaml"
+    empty.write_text("MODEL:\n  TYPE: focal\nDATA:\n#  IMG_SIZE: 64\n")
+    with pytest.raises(ValueError) as info:
+        load_config(str(empty))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("DATA is a section of keys (BATCH_SIZE, ")
+    assert message.endswith("got None (an empty section: indent its keys under it, or remove it) "
+                            f"(in {empty})")
+    with pytest.raises(ValueError, match=r"^MODEL.FOCAL is a section of keys \(.*\), not a value: got 3$"):
+        load_config(opts=["MODEL.FOCAL", "3"])
+    with pytest.raises(ValueError, match=r"^DATA.IMG_SIZE takes one value \(now 224\), not a section of keys \(X\)"):
+        load_config(opts=["DATA.IMG_SIZE", "{'X': 1}"])
