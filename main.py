@@ -30,7 +30,7 @@ from engine import AMP_MODES, EvalResult, Precision, build_precision, evaluate, 
 from errors import TrainingError, UsageError, error_text, user_message
 from logger import create_tensorboard_writer
 from lr_scheduler import build_scheduler
-from models import ConfigError, build_model
+from models import ConfigError, build_model, head_classes
 from models.kernels import optimize_for
 from optimizer import build_optimizer
 from run_lock import leaving, locked_run, stop_on_signals
@@ -200,6 +200,10 @@ def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Preci
         if not checkpoint:
             raise UsageError(f"--eval needs weights: pass --resume <checkpoint> or --pretrained <checkpoint> "
                              f"(no checkpoint to auto-resume in {config.OUTPUT})")
+        held = head_classes(checkpoint.state)
+        if held is not None and held != config.MODEL.NUM_CLASSES:  # what to pass, not only which shapes differ
+            raise UsageError(f"{checkpoint.source}: it classifies {held} classes and MODEL.NUM_CLASSES is "
+                             f"{config.MODEL.NUM_CLASSES}; evaluate it with --opts MODEL.NUM_CLASSES {held}")
         restore_checkpoint(checkpoint, model, logger)
         ema_weights = checkpoint.state.get("model_ema")
         stored_classes = checkpoint.state.get("class_names")

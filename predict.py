@@ -26,7 +26,7 @@ from data.datasets import load_rgb
 from data.transforms import build_transform
 from distributed import DEVICES, resolve_device
 from errors import UsageError, error_text
-from models import build_model, extract_state_dict, load_weights
+from models import build_model, head_classes, load_weights
 from models.kernels import optimize_for
 from utils import read_checkpoint
 
@@ -69,15 +69,6 @@ def find_images(paths: Sequence[str]) -> List[Path]:
     if not found:
         raise UsageError(f"no images found in {', '.join(paths)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return found
-
-
-def head_classes(state: Any) -> Optional[int]:
-    """How many classes the checkpoint's classifier has (rows of ``head.weight``), if it has one."""
-    try:
-        head = extract_state_dict(state).get("head.weight")
-    except ValueError:
-        return None
-    return int(head.shape[0]) if head is not None and head.dim() == 2 else None
 
 
 def load_model(cfg: str, opts: Sequence[str], checkpoint: str, device: torch.device,

@@ -109,6 +109,21 @@ def test_out_of_range_values_are_refused_up_front(opts, demo_data, copy_of):
     assert_intact(output, before)
 
 
+def test_eval_names_the_class_count_the_weights_need(previous_run, demo_data, tmp_path):
+    """--eval of a checkpoint under another MODEL.NUM_CLASSES listed the head's mismatched shapes and advised
+    --pretrained, which --eval then refuses for leaving the head random; MODEL.NUM_CLASSES 0 (no head) got as far
+    as matching class folders and blamed the checkpoint for storing no class names."""
+    checkpoint = str(run_dir(previous_run) / "ckpt_epoch_0.pth")
+    with pytest.raises(UsageError, match=r"^--resume .*ckpt_epoch_0.pth: it classifies 10 classes and "
+                                         r"MODEL.NUM_CLASSES is 3; evaluate it with --opts MODEL.NUM_CLASSES 10$"):
+        main(demo_args(demo_data, tmp_path / "three", "--eval", "--resume", checkpoint,
+                       opts=("MODEL.NUM_CLASSES", "3")))
+    with pytest.raises(UsageError, match=r"MODEL.NUM_CLASSES must be at least 1 to train or evaluate \(0 builds "
+                                         r"the model without a classifier head\), got 0"):
+        main(demo_args(demo_data, tmp_path / "none", "--eval", "--pretrained", checkpoint,
+                       opts=("MODEL.NUM_CLASSES", "0")))
+
+
 @pytest.mark.slow
 def test_a_second_run_on_the_same_output_is_refused_and_a_killed_one_leaves_no_lock(demo_data, tmp_path):
     args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "50"))
