@@ -325,6 +325,18 @@ def test_a_symlink_loop_in_a_class_folder_adds_no_images(data, tmp_path):
     assert "Train: [0/1][4/5]" in read_log(tmp_path)  # 40 images in batches of 8, as without the link
 
 
+def test_hidden_files_and_folders_are_neither_images_nor_classes(data, tmp_path):
+    """A dataset copied from macOS holds a ``._<name>`` AppleDouble file (metadata, not an image) beside each image,
+    and Jupyter leaves ``.ipynb_checkpoints`` folders: the first stopped training as an unreadable image (in the
+    validation set only after an epoch of training), the second was refused as an empty class."""
+    for split, folder in (("train", "circle"), ("val", "square")):
+        (data / split / folder / "._img.JPEG").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+        (data / split / ".ipynb_checkpoints").mkdir()
+    main(demo_args(data, tmp_path))
+    log = read_log(tmp_path)
+    assert "Train: [0/1][4/5]" in log and eval_summary(log)["images"] == 20
+
+
 def test_16_bit_images_keep_their_tones():
     ramp = (np.arange(256 * 4, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
     rgb = np.asarray(to_rgb(Image.fromarray(ramp)))
