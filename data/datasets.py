@@ -10,6 +10,7 @@ import io
 import logging
 import multiprocessing
 import os
+import unicodedata
 import zipfile
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -238,6 +239,14 @@ def check_same_classes(root: str) -> None:
     """In the folder layout labels are the sorted class-folder names, so ``train`` and ``val`` must have the same
     folders or every label after the first difference would silently mean another class."""
     train, val = (set(_class_names(os.path.join(root, split))) for split in ("train", "val"))
+    composed = {unicodedata.normalize("NFC", name): name for name in val - train}
+    alike = [(name, composed[key]) for name in sorted(train - val)
+             if (key := unicodedata.normalize("NFC", name)) in composed]
+    if alike:  # both print the same: say what differs
+        ours, theirs = alike[0]
+        raise UsageError(f"--data-path {root}: 'train' and 'val' name class folders alike in different Unicode forms, "
+                         f"e.g. {ascii(ours)} in train and {ascii(theirs)} in val (macOS writes accents decomposed); "
+                         f"rename one split's folders so that the names match byte for byte")
     if train and train != val:
         only = [f"only in {split}: {', '.join(sorted(names)[:5])}" for split, names in
                 (("train", train - val), ("val", val - train)) if names]
