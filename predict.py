@@ -22,7 +22,7 @@ from timm.data import ImageNetInfo
 
 from cli import HelpFormatter
 from config import load_config
-from data.datasets import load_rgb
+from data.datasets import hidden, load_rgb
 from data.transforms import build_transform
 from distributed import DEVICES, resolve_device
 from errors import UsageError, error_text
@@ -56,12 +56,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def find_images(paths: Sequence[str]) -> List[Path]:
-    """Named files as given, folders expanded to their image files in sorted order."""
+    """Named files as given, folders expanded to their image files in sorted order; hidden files and folders (macOS's
+    ``._<image>`` metadata files) are left out, as main.py leaves them out of a dataset."""
     found = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                            and not any(hidden(part) for part in p.relative_to(path).parts))
         elif path.is_file():
             found.append(path)
         else:

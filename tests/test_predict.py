@@ -155,3 +155,15 @@ def test_an_image_over_the_pixel_limit_is_named_in_one_line(images, monkeypatch)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20000)  # a.jpg (300x200) is over twice the limit
     with pytest.raises(UsageError, match=rf"cannot read image {images / 'a.jpg'}: Image size"):
         predict(parse_args(["--cfg", CFG, "--opts", *SMALL_OPTS, "--checkpoint", FIXTURE, str(images / "a.jpg")]))
+
+
+def test_hidden_files_of_a_folder_are_not_images(images, capsys):
+    """A folder copied from macOS holds a ``._<name>`` AppleDouble file beside each image: predict.py stopped on
+    the first as an unreadable image. Folders are expanded as main.py reads them, hidden entries left out."""
+    (images / "._a.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    (images / ".ipynb_checkpoints").mkdir()
+    (images / ".ipynb_checkpoints" / "d.png").write_bytes((images / "b.png").read_bytes())
+    predict(parse_args(["--cfg", CFG, "--opts", *SMALL_OPTS, "--checkpoint", FIXTURE, "--device", "cpu",
+                        str(images)]))
+    assert sorted(parse_output(capsys.readouterr().out)) == sorted(str(images / n) for n in ("a.jpg", "b.png",
+                                                                                          "sub/c.JPEG"))
