@@ -162,6 +162,22 @@ for _key in RETIRED_KEYS:
     _C.register_deprecated_key(_key)
 
 
+def _where(mark: Any) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: where, what, and what it was parsing (its own message spans several lines and
+    repeats the file name)."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return " ".join(str(err).split())
+    context = ""
+    if err.context:
+        start = f" from {_where(err.context_mark)}" if err.context_mark is not None else ""
+        context = f" ({err.context}{start})"
+    return f"{_where(err.problem_mark)}: {err.problem}{context}"
+
+
 def _merge_file(config: CN, cfg_file: str, seen: tuple[str, ...] = ()) -> None:
     """Merge ``cfg_file`` after the files named in its ``BASE`` list, which are relative to it."""
     cfg_file = os.path.abspath(cfg_file)
@@ -173,7 +189,7 @@ def _merge_file(config: CN, cfg_file: str, seen: tuple[str, ...] = ()) -> None:
         try:
             content = yaml.safe_load(f)
         except yaml.YAMLError as err:
-            raise ValueError(f"config file {cfg_file} is not valid YAML: {err}") from err
+            raise ValueError(f"config file {cfg_file} is not valid YAML: {_yaml_problem(err)}") from err
     if content is None:  # an empty file (or comments only) would silently mean every default: Focal-T, 1000 classes
         raise ValueError(f"config file {cfg_file} is empty: it sets no key")
     if not isinstance(content, dict):

@@ -94,3 +94,19 @@ def test_a_section_given_a_value_is_one_line_naming_it(tmp_path):
         load_config(opts=["MODEL.FOCAL", "3"])
     with pytest.raises(ValueError, match=r"^DATA.IMG_SIZE takes one value \(now 224\), not a section of keys \(X\)"):
         load_config(opts=["DATA.IMG_SIZE", "{'X': 1}"])
+
+
+def test_invalid_yaml_is_one_line_naming_file_line_and_column(tmp_path):
+    """PyYAML's messages span three to five lines, repeating the file name; main.py's error is one line."""
+    tabbed = tmp_path / "tabbed.yaml"
+    tabbed.write_text("MODEL:\n\tTYPE: focal\n")
+    with pytest.raises(ValueError) as info:
+        load_config(str(tabbed))
+    assert str(info.value) == (f"config file {tabbed} is not valid YAML: line 2, column 1: found character '\\t' "
+                               f"that cannot start any token (while scanning for the next token)")
+    unclosed = tmp_path / "unclosed.yaml"
+    unclosed.write_text("MODEL:\n  TYPE: [focal\n")
+    with pytest.raises(ValueError) as info:
+        load_config(str(unclosed))
+    assert str(info.value) == (f"config file {unclosed} is not valid YAML: line 3, column 1: expected ',' or ']', "
+                               f"but got '<stream end>' (while parsing a flow sequence from line 2, column 9)")
