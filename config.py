@@ -185,11 +185,13 @@ def _merge_file(config: CN, cfg_file: str, seen: tuple[str, ...] = ()) -> None:
         raise FileNotFoundError(f"config file not found: {cfg_file}")
     if cfg_file in seen:
         raise ValueError(f"config file {cfg_file} inherits from itself through BASE")
-    with open(cfg_file, "r") as f:
+    with open(cfg_file, "r", encoding="utf-8") as f:
         try:
             content = yaml.safe_load(f)
         except yaml.YAMLError as err:
             raise ValueError(f"config file {cfg_file} is not valid YAML: {_yaml_problem(err)}") from err
+        except UnicodeDecodeError as err:  # names no file by itself, and BASE chains read several
+            raise ValueError(f"config file {cfg_file} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if content is None:  # an empty file (or comments only) would silently mean every default: Focal-T, 1000 classes
         raise ValueError(f"config file {cfg_file} is empty: it sets no key")
     if not isinstance(content, dict):

@@ -110,3 +110,13 @@ def test_invalid_yaml_is_one_line_naming_file_line_and_column(tmp_path):
         load_config(str(unclosed))
     assert str(info.value) == (f"config file {unclosed} is not valid YAML: line 3, column 1: expected ',' or ']', "
                                f"but got '<stream end>' (while parsing a flow sequence from line 2, column 9)")
+
+
+def test_a_base_file_that_is_not_utf8_is_named(tmp_path):
+    """A config saved in Latin-1 (an accent in a comment) raised the bare UnicodeDecodeError, which names no file:
+    with BASE inheritance the user could not tell which one."""
+    (tmp_path / "base.yaml").write_bytes(b"# r\xe9glages\nMODEL:\n  TYPE: focal\n")
+    (tmp_path / "child.yaml").write_text("BASE: ['base.yaml']\nDATA:\n  IMG_SIZE: 64\n")
+    with pytest.raises(ValueError, match=rf"^config file {tmp_path / 'base.yaml'} is not UTF-8 text \(invalid "
+                                         rf"continuation byte at byte 3\)$"):
+        load_config(str(tmp_path / "child.yaml"))
