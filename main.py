@@ -43,7 +43,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="main.py", formatter_class=HelpFormatter,
                                      description="Focal Transformer training, evaluation and throughput.")
     parser.add_argument("--cfg", required=True, metavar="FILE", help="config file (YAML)")
-    parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
+    parser.add_argument("--opts", nargs="+", action="extend", default=None, metavar="KEY VALUE",
                         help="override config keys, e.g. --opts TRAIN.EPOCHS 100 DATA.NUM_WORKERS 4")
     parser.add_argument("--batch-size", type=int, help="batch size per process (DATA.BATCH_SIZE)")
     parser.add_argument("--data-path", help="dataset root in the ImageNet folder or zip layout")

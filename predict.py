@@ -38,7 +38,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                      formatter_class=HelpFormatter)
     parser.add_argument("images", nargs="+", help="image files, or folders searched recursively for images")
     parser.add_argument("--cfg", required=True, help="model config file")
-    parser.add_argument("--opts", nargs="+", default=[],
+    parser.add_argument("--opts", nargs="+", action="extend", default=[],
                         help="config overrides: KEY VALUE ... (the class count comes from the checkpoint unless "
                              "MODEL.NUM_CLASSES is given here)")
     parser.add_argument("--checkpoint", required=True, help="weights: ours, a released file, or a bare state dict")
