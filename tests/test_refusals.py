@@ -183,6 +183,8 @@ def test_a_map_file_saved_with_a_bom_or_in_latin_1_is_read_or_named_by_line(data
     ("data layout", (), ()),
     ("eval without weights", ("--eval",), ("TRAIN.AUTO_RESUME", "False")),
     ("fp16 on CPU", ("--amp", "fp16", "--device", "cpu"), ()),
+    # the folders above the tag were made before the tag's failed (File name too long) and stayed behind
+    ("tag longer than a file name", ("--tag", "x" * 300), ()),
 ])
 def test_a_start_refused_for_bad_input_leaves_nothing_behind(case, flags, opts, data, tmp_path):
     if case == "data layout":
