@@ -162,6 +162,22 @@ for _key in RETIRED_KEYS:
     _C.register_deprecated_key(_key)
 
 
+def _where(mark: Any) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: where, what, and what it was parsing (its own message spans several lines and
+    repeats the file name)."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return " ".join(str(err).split())
+    context = ""
+    if err.context:
+        start = f" from {_where(err.context_mark)}" if err.context_mark is not None else ""
+        context = f" ({err.context}{start})"
+    return f"{_where(err.problem_mark)}: {err.problem}{context}"
+
+
 def _merge_file(config: CN, cfg_file: str, seen: tuple[str, ...] = ()) -> None:
     """Merge ``cfg_file`` after the files named in its ``BASE`` list, which are relative to it."""
     cfg_file = os.path.abspath(cfg_file)
@@ -169,11 +185,13 @@ def _merge_file(config: CN, cfg_file: str, seen: tuple[str, ...] = ()) -> None:
         raise FileNotFoundError(f"config file not found: {cfg_file}")
     if cfg_file in seen:
         raise ValueError(f"config file {cfg_file} inherits from itself through BASE")
-    with open(cfg_file, "r") as f:
+    with open(cfg_file, "r", encoding="utf-8") as f:
         try:
             content = yaml.safe_load(f)
         except yaml.YAMLError as err:
-            raise ValueError(f"config file {cfg_file} is not valid YAML: {err}") from err
+            raise ValueError(f"config file {cfg_file} is not valid YAML: {_yaml_problem(err)}") from err
+        except UnicodeDecodeError as err:  # names no file by itself, and BASE chains read several
+            raise ValueError(f"config file {cfg_file} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if content is None:  # an empty file (or comments only) would silently mean every default: Focal-T, 1000 classes
         raise ValueError(f"config file {cfg_file} is empty: it sets no key")
     if not isinstance(content, dict):
@@ -182,9 +200,29 @@ def _merge_file(config: CN, cfg_file: str, seen: tuple[str, ...] = ()) -> None:
         if base:
             _merge_file(config, os.path.join(os.path.dirname(cfg_file), base), seen + (cfg_file,))
     try:
+        _check_sections(config, content)
         config.merge_from_other_cfg(CN(content))
     except (KeyError, ValueError) as err:
         raise type(err)(f"{error_text(err)} (in {cfg_file})") from err
+
+
+def _check_sections(node: CN, content: dict, prefix: str = "") -> None:
+    """A section given a value, or a value given a section, as one line naming the key: yacs's own message prints
+    the whole section of defaults over dozens of lines. The usual cause is a YAML section left empty (``DATA:``
+    with its keys commented out or not indented under it), which reads as ``None``."""
+    for key, value in content.items():
+        if key not in node:
+            continue  # unknown and retired keys: yacs's merge names them
+        full, default = f"{prefix}{key}", node[key]
+        if isinstance(default, CN):
+            if not isinstance(value, dict):
+                hint = " (an empty section: indent its keys under it, or remove it)" if value is None else ""
+                raise ValueError(f"{full} is a section of keys ({', '.join(sorted(default)[:4])}, ...), not a "
+                                 f"value: got {value!r}{hint}")
+            _check_sections(default, value, f"{full}.")
+        elif isinstance(value, dict):
+            raise ValueError(f"{full} takes one value (now {default!r}), not a section of keys "
+                             f"({', '.join(map(str, value))})")
 
 
 def load_config(cfg_file: Optional[str] = None, opts: Optional[Sequence[Any]] = None,
@@ -209,6 +247,12 @@ def merge_opts(config: CN, opts: Iterable[Any]) -> None:
     pairs = []
     for key, value in zip(opts[0::2], opts[1::2]):
         value = CN._decode_cfg_value(value)
+        *parents, leaf = str(key).split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, CN) else None
+        if isinstance(node, CN):
+            _check_sections(node, {leaf: value}, "".join(f"{part}." for part in parents))
         if _is_float_key(config, key) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         pairs += [key, value]
@@ -294,6 +338,8 @@ RULES = (
          "cannot be combined with --pretrained (MODEL.PRETRAINED): --resume continues a run with its weights, "
          "optimizer and schedule; --pretrained starts a new run from weights only. Pass one of them"),
     Rule("MODEL.LABEL_SMOOTHING", between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
+    Rule("MODEL.NUM_CLASSES", lambda value, c: value >= 1 or c.THROUGHPUT_MODE,
+         "must be at least 1 to train or evaluate (0 builds the model without a classifier head)"),
     Rule("MODEL.FOCAL.IN_CHANS", at_least(1), "must be at least 1"),
     Rule("MODEL.FOCAL.IN_CHANS", lambda value, c: value == 3 or c.THROUGHPUT_MODE,
          "must be 3 to train or evaluate: images are read as RGB"),

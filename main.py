@@ -30,7 +30,7 @@ from engine import AMP_MODES, EvalResult, Precision, build_precision, evaluate, 
 from errors import TrainingError, UsageError, error_text, user_message
 from logger import create_tensorboard_writer
 from lr_scheduler import build_scheduler
-from models import ConfigError, build_model
+from models import ConfigError, build_model, head_classes
 from models.kernels import optimize_for
 from optimizer import build_optimizer
 from run_lock import leaving, locked_run, stop_on_signals
@@ -43,7 +43,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="main.py", formatter_class=HelpFormatter,
                                      description="Focal Transformer training, evaluation and throughput.")
     parser.add_argument("--cfg", required=True, metavar="FILE", help="config file (YAML)")
-    parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
+    parser.add_argument("--opts", nargs="+", action="extend", default=None, metavar="KEY VALUE",
                         help="override config keys, e.g. --opts TRAIN.EPOCHS 100 DATA.NUM_WORKERS 4")
     parser.add_argument("--batch-size", type=int, help="batch size per process (DATA.BATCH_SIZE)")
     parser.add_argument("--data-path", help="dataset root in the ImageNet folder or zip layout")
@@ -140,6 +140,23 @@ def resume_checkpoint(config: Any, logger: logging.Logger, unsafe: bool) -> Opti
     return checkpoint
 
 
+def check_resumed_classes(checkpoint: Checkpoint, folders: Optional[Sequence[str]], data_path: str) -> None:
+    """Labels are the sorted class-folder names, so training on other folders than those a checkpoint stores would
+    go on teaching each output another class from the first difference on: refused, naming that difference. The
+    zip layout and checkpoints without names carry none to compare."""
+    stored = checkpoint.state.get("class_names")
+    if not stored or not folders or list(stored) == list(folders):
+        return
+    index = next((i for i, (old, new) in enumerate(zip(stored, folders)) if old != new), min(len(stored), len(folders)))
+    there, here = (f"'{names[index]}'" if index < len(names) else "none" for names in (stored, folders))
+    weights = f"--pretrained {checkpoint.path}"
+    hint = (f"Start a new run under another --tag or --output ({weights} there starts from its weights)"
+            if checkpoint.auto else f"{weights} starts from its weights in a new run")
+    raise UsageError(f"{checkpoint.source}: it was trained on other class folders than {data_path}/train holds: "
+                     f"output {index} is {there} there and {here} here; resuming would train its outputs on other "
+                     f"classes. {hint}")
+
+
 def run_throughput(config: Any, env: DistEnv, model: nn.Module, precision: Precision,
                    logger: logging.Logger) -> None:
     """Time one batch: the first validation batch, or random images when there is no ``--data-path``."""
@@ -183,6 +200,10 @@ def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Preci
         if not checkpoint:
             raise UsageError(f"--eval needs weights: pass --resume <checkpoint> or --pretrained <checkpoint> "
                              f"(no checkpoint to auto-resume in {config.OUTPUT})")
+        held = head_classes(checkpoint.state)
+        if held is not None and held != config.MODEL.NUM_CLASSES:  # what to pass, not only which shapes differ
+            raise UsageError(f"{checkpoint.source}: it classifies {held} classes and MODEL.NUM_CLASSES is "
+                             f"{config.MODEL.NUM_CLASSES}; evaluate it with --opts MODEL.NUM_CLASSES {held}")
         restore_checkpoint(checkpoint, model, logger)
         ema_weights = checkpoint.state.get("model_ema")
         stored_classes = checkpoint.state.get("class_names")
@@ -251,7 +272,9 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
 
     start_epoch, best = config.TRAIN.START_EPOCH, BestScore()
     checkpoint = resume_checkpoint(config, logger, unsafe_load)
+    class_names = getattr(train_dataset.dataset, "classes", None)  # the folder layout's class folders
     if checkpoint:
+        check_resumed_classes(checkpoint, class_names, config.DATA.DATA_PATH)
         start_epoch, step, saved_best = restore_checkpoint(checkpoint, model, logger, optimizer, precision.scaler,
                                                            config)
         best.update(saved_best)
@@ -276,7 +299,6 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
     train_model = compiled(model, config)
     eval_model = compiled(model_without_ddp, config) if env.distributed else train_model
     criterion = build_criterion(config, mixup_fn is not None)
-    class_names = getattr(train_dataset.dataset, "classes", None)  # the folder layout's class folders
 
     def state_after(epoch: int) -> dict:
         return training_state(config, epoch, (epoch + 1) * updates_per_epoch, model_without_ddp, best.value, optimizer,

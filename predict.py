@@ -22,10 +22,11 @@ from timm.data import ImageNetInfo
 
 from cli import HelpFormatter
 from config import load_config
+from data.datasets import hidden, load_rgb
 from data.transforms import build_transform
 from distributed import DEVICES, resolve_device
 from errors import UsageError, error_text
-from models import build_model, extract_state_dict, load_weights
+from models import build_model, head_classes, load_weights
 from models.kernels import optimize_for
 from utils import read_checkpoint
 
@@ -37,7 +38,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                      formatter_class=HelpFormatter)
     parser.add_argument("images", nargs="+", help="image files, or folders searched recursively for images")
     parser.add_argument("--cfg", required=True, help="model config file")
-    parser.add_argument("--opts", nargs="+", default=[],
+    parser.add_argument("--opts", nargs="+", action="extend", default=[],
                         help="config overrides: KEY VALUE ... (the class count comes from the checkpoint unless "
                              "MODEL.NUM_CLASSES is given here)")
     parser.add_argument("--checkpoint", required=True, help="weights: ours, a released file, or a bare state dict")
@@ -55,12 +56,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def find_images(paths: Sequence[str]) -> List[Path]:
-    """Named files as given, folders expanded to their image files in sorted order."""
+    """Named files as given, folders expanded to their image files in sorted order; hidden files and folders (macOS's
+    ``._<image>`` metadata files) are left out, as main.py leaves them out of a dataset."""
     found = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                            and not any(hidden(part) for part in p.relative_to(path).parts))
         elif path.is_file():
             found.append(path)
         else:
@@ -68,15 +71,6 @@ def find_images(paths: Sequence[str]) -> List[Path]:
     if not found:
         raise UsageError(f"no images found in {', '.join(paths)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return found
-
-
-def head_classes(state: Any) -> Optional[int]:
-    """How many classes the checkpoint's classifier has (rows of ``head.weight``), if it has one."""
-    try:
-        head = extract_state_dict(state).get("head.weight")
-    except ValueError:
-        return None
-    return int(head.shape[0]) if head is not None and head.dim() == 2 else None
 
 
 def load_model(cfg: str, opts: Sequence[str], checkpoint: str, device: torch.device,
@@ -121,10 +115,11 @@ def batches(paths: List[Path], size: int) -> Iterator[List[Path]]:
 
 
 def read_image(path: Path) -> Image.Image:
+    """RGB as main.py's loader reads it (16-bit grey scaled, not clipped to white); an unreadable file, or one over
+    Pillow's pixel limit, is a usage error naming it."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as err:
+        return load_rgb(path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise UsageError(f"cannot read image {path}: {err}") from None
 
 

@@ -18,7 +18,7 @@ from distributed import lost_peer_message
 from errors import TrainingError, UsageError, user_message
 from logger import LOGGER_NAME, close_log_files, create_logger
 from models import ConfigError
-from utils import ensure_writable_folder
+from utils import ensure_writable_folder, missing_folders
 
 
 class OutputLock:
@@ -130,19 +130,6 @@ def leaving() -> None:
         return
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
-
-
-def missing_folders(folder: str) -> List[str]:
-    """``folder`` and those of its parents that do not exist yet, deepest first."""
-    missing = []
-    folder = os.path.abspath(folder)
-    while not os.path.exists(folder):
-        missing.append(folder)
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            break
-        folder = parent
-    return missing
 
 
 def remove_failed_start(folder: str, log_file: str, created: List[str], logger: logging.Logger) -> None:

@@ -6,6 +6,7 @@ containers only, so they load with ``weights_only=True`` and loading them runs n
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import hashlib
@@ -191,15 +192,33 @@ def latest_checkpoint(output_dir: str, logger: logging.Logger, unsafe: bool = Fa
     return None
 
 
+def missing_folders(folder: str) -> List[str]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing
+
+
 def ensure_writable_folder(folder: str, flag: str) -> None:
     """Create ``folder`` if needed and check that files can be made in it, before any long work: otherwise say
-    in one line, naming ``flag``, why it cannot be used (read-only, a file in the way, no permission)."""
+    in one line, naming ``flag``, why it cannot be used (read-only, a file in the way, no permission, a name too
+    long), and remove the parents it made on the way (a path can fail after its first folders were made)."""
+    created = missing_folders(folder)
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write_test.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         open(probe, "x").close()
         os.remove(probe)
     except OSError as err:
+        for path in created:  # deepest first; one another process wrote to meanwhile stays
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
         raise UsageError(f"{flag}: cannot write to {folder}: {err.strerror or err}") from None
 
 

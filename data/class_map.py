@@ -48,12 +48,14 @@ keep their sorted order, with a warning. Anything else is a one-line error."""
                            f"({', '.join(classes[:3])}, ...): folder i is taken as class i, in sorted order")
         return None
     else:
-        unknown = sorted(set(folders) - set(classes or ()))[:3]
+        unknown = sorted(set(folders) - set(classes or ()))
+        shown = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        many = len(unknown) > 1
+        some = f"{len(unknown)} class folder{'s' if many else ''} ({shown}) that {'are' if many else 'is'}"
         known = (f"the checkpoint's {num_classes} class names ({', '.join(classes[:3])}, ...)" if classes else
                  f"class names: the checkpoint stores none, and only a 1000-class one is taken to have ImageNet's")
-        raise UsageError(f"--eval: {where} has {len(folders)} class folders ({', '.join(unknown)}, ...) that are "
-                         f"not among {known}; name the folders by the checkpoint's classes (WordNet ids such as "
-                         f"n01440764 for ImageNet) or by class index")
+        raise UsageError(f"--eval: {where} has {some} not among {known}; name the folders by the checkpoint's "
+                         f"classes (WordNet ids such as n01440764 for ImageNet) or by class index")
     if indices == list(range(num_classes)):
         return None
     logger.info(f"evaluating {len(folders)} of the checkpoint's {num_classes} classes: the folders of {where} are "

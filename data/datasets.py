@@ -10,6 +10,7 @@ import io
 import logging
 import multiprocessing
 import os
+import unicodedata
 import zipfile
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -17,7 +18,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from choices import CACHE_MODES
 from errors import UsageError
@@ -45,13 +46,35 @@ def load_rgb(source: Any) -> Image.Image:
         return to_rgb(image)
 
 
+def hidden(name: str) -> bool:
+    """Names starting with a dot are no part of a dataset: macOS's ``._<image>`` AppleDouble files (metadata beside
+    every image of a folder copied from a Mac), ``.DS_Store``, Jupyter's ``.ipynb_checkpoints`` folders."""
+    return name.startswith(".")
+
+
+def class_folders(directory: str) -> Tuple[List[str], dict]:
+    """The sorted class-folder names under ``directory`` (hidden ones left out) and their labels, as
+    ``torchvision``'s ``find_classes`` gives them."""
+    classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not hidden(entry.name))
+    if not classes:
+        raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+    return classes, {name: index for index, name in enumerate(classes)}
+
+
+def _image_files(files: Sequence[str], extensions: Tuple[str, ...] = IMG_EXTENSIONS) -> List[str]:
+    return sorted(f for f in files if not hidden(f) and has_file_allowed_extension(f, extensions))
+
+
 class ImageTree(ImageFolder):
     """``ImageFolder`` that enters every directory once: followed links stay allowed (datasets are often linked
     together), but a link back up the tree would otherwise repeat a class's images until the path got too long.
-    Images load through :func:`load_rgb`."""
+    Hidden files and folders (:func:`hidden`) are left out. Images load through :func:`load_rgb`."""
 
     def __init__(self, root: str, transform: Optional[Callable] = None, allow_empty: bool = False):
         super().__init__(root, transform=transform, loader=load_rgb, allow_empty=allow_empty)
+
+    def find_classes(self, directory: str) -> Tuple[List[str], dict]:
+        return class_folders(directory)
 
     @staticmethod
     def make_dataset(directory: str, class_to_idx: dict, extensions: Optional[Tuple[str, ...]] = None,
@@ -67,7 +90,8 @@ class ImageTree(ImageFolder):
                     dirs[:] = []
                     continue
                 visited.add(real)
-                found.append((root, sorted(f for f in files if has_file_allowed_extension(f, extensions))))
+                dirs[:] = [d for d in dirs if not hidden(d)]
+                found.append((root, _image_files(files, extensions)))
             class_samples = [(os.path.join(root, f), class_to_idx[name])
                              for root, files in sorted(found) for f in files]
             if not class_samples and not allow_empty:
@@ -83,10 +107,16 @@ class MapEntry(NamedTuple):
 
 
 def read_map_file(path: str) -> List[MapEntry]:
-    """One entry per image; a malformed line is an error naming the file and line."""
+    """One entry per image; a malformed line is an error naming the file and line. UTF-8, with or without the
+    byte-order mark Windows editors write (it would otherwise become part of the first path)."""
     entries = []
-    with open(path, "r") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise UsageError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start}); save the "
+                                 f"map file as UTF-8") from None
             if not line.strip():
                 continue
             parts = line.rstrip("\n").rsplit("\t", 1) if "\t" in line else line.split()
@@ -189,8 +219,8 @@ def build_dataset(split: str, config: Any, transform: Optional[Callable], rank: 
 def _empty_class_folders(folder: str) -> str:
     """Which class folders hold no image (ImageFolder only says which classes)."""
     empty = [os.path.join(folder, name) for name in _class_names(folder)
-             if not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(os.path.join(folder, name))
-                        for f in files)]
+             if not any(_image_files(files) for root, _, files in os.walk(os.path.join(folder, name))
+                        if not any(hidden(part) for part in os.path.relpath(root, folder).split(os.sep)))]
     if not empty:
         return ""
     return (f"{len(empty)} class folder(s) hold no image ({', '.join(IMG_EXTENSIONS)}): {', '.join(empty[:3])}; "
@@ -200,7 +230,7 @@ def _empty_class_folders(folder: str) -> str:
 def _class_names(folder: str) -> List[str]:
     """The class-folder names under ``folder``; none when it is missing or has no subfolders."""
     try:
-        return find_classes(folder)[0]
+        return class_folders(folder)[0]
     except FileNotFoundError:
         return []
 
@@ -209,6 +239,14 @@ def check_same_classes(root: str) -> None:
     """In the folder layout labels are the sorted class-folder names, so ``train`` and ``val`` must have the same
     folders or every label after the first difference would silently mean another class."""
     train, val = (set(_class_names(os.path.join(root, split))) for split in ("train", "val"))
+    composed = {unicodedata.normalize("NFC", name): name for name in val - train}
+    alike = [(name, composed[key]) for name in sorted(train - val)
+             if (key := unicodedata.normalize("NFC", name)) in composed]
+    if alike:  # both print the same: say what differs
+        ours, theirs = alike[0]
+        raise UsageError(f"--data-path {root}: 'train' and 'val' name class folders alike in different Unicode forms, "
+                         f"e.g. {ascii(ours)} in train and {ascii(theirs)} in val (macOS writes accents decomposed); "
+                         f"rename one split's folders so that the names match byte for byte")
     if train and train != val:
         only = [f"only in {split}: {', '.join(sorted(names)[:5])}" for split, names in
                 (("train", train - val), ("val", val - train)) if names]

@@ -43,7 +43,7 @@ def parse_args(description: str, argv: Optional[Sequence[str]] = None,
                prog: Optional[str] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     parser.add_argument("--cfg", required=True, metavar="FILE", help="config file (YAML)")
-    parser.add_argument("--opts", nargs="+", default=None, metavar="KEY VALUE",
+    parser.add_argument("--opts", nargs="+", action="extend", default=None, metavar="KEY VALUE",
                         help="override config keys, e.g. --opts TRAIN.EPOCHS 24 DATA.NUM_WORKERS 4")
     parser.add_argument("--data-path", help="dataset root (see the get_started guide of the task)")
     parser.add_argument("--batch-size", type=int, help="training images per process (DATA.BATCH_SIZE)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -103,6 +103,15 @@ def adapt_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
             report.mismatched.append((name, tuple(value.shape), tuple(own[name].shape)))
     report.missing = [n for n in own if n not in adapted]
     return adapted, report
+
+
+def head_classes(checkpoint: Any) -> Optional[int]:
+    """How many classes the checkpoint's classifier has (rows of ``head.weight``), if it has one."""
+    try:
+        head = extract_state_dict(checkpoint).get("head.weight")
+    except ValueError:
+        return None
+    return int(head.shape[0]) if head is not None and head.dim() == 2 else None
 
 
 def load_weights(model: nn.Module, checkpoint: Any, strict: bool = True,

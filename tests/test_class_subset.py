@@ -36,8 +36,12 @@ def test_folders_map_to_logits_by_name_or_index(caplog):
         assert logit_indices(["1", "10", "2"], WNIDS, 1000, "x/val", LOG).tolist() == [1, 10, 2]
     assert logit_indices(["a", "b"], ["a", "b"], 2, "x/val", LOG) is None
     assert logit_indices(["b", "a"], None, 2, "x/val", LOG) is None  # no names: position, as before
-    with pytest.raises(UsageError, match=r"--eval: x/val has 2 class folders \(zebra, .*not among the checkpoint's 4"):
+    # Only the folders that are not the checkpoint's are counted and named (it said "2 class folders (zebra, ...)").
+    with pytest.raises(UsageError, match=r"--eval: x/val has 1 class folder \(zebra\) that is not among the "
+                                         r"checkpoint's 4"):
         logit_indices(["a", "zebra"], ["a", "b", "c", "d"], 4, "x/val", LOG)
+    with pytest.raises(UsageError, match=r"has 4 class folders \(e, f, g, \.\.\.\) that are not among"):
+        logit_indices(["a", "e", "f", "g", "h"], ["a", "b", "c", "d"], 4, "x/val", LOG)
 
 
 @pytest.mark.slow

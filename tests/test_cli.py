@@ -84,3 +84,18 @@ def test_a_config_run_at_another_geometry_is_named_for_it():
     opts = ["DATA.IMG_SIZE", "384", "MODEL.NAME", "mine_patch4_window7_224"]
     named = get_config(argparse.Namespace(cfg=cfg, opts=opts))
     assert named.MODEL.NAME == "mine_patch4_window7_224"  # a name given on the command line is kept
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("main", ["--cfg", "c.yaml"]),
+    ("predict", ["--cfg", "c.yaml", "--checkpoint", "w.pth", "x.jpg"]),
+    ("tools.export", ["--cfg", "c.yaml", "--checkpoint", "w.pth", "--output", "m.pt2"]),
+    ("dense.run", ["--cfg", "c.yaml"]),
+])
+def test_opts_given_twice_add_up(module, argv):
+    """argparse keeps only the last of a repeated option: ``--opts DATA.IMG_SIZE 40 --opts DATA.BATCH_SIZE 2`` (an
+    extra --opts appended by a script) silently dropped the image size and ran at the config's."""
+    entry = importlib.import_module(module)
+    argv = [*argv, "--opts", "DATA.IMG_SIZE", "40", "--opts", "DATA.BATCH_SIZE", "2"]
+    args = entry.parse_args("a dense task", argv) if module == "dense.run" else entry.parse_args(argv)
+    assert list(args.opts) == ["DATA.IMG_SIZE", "40", "DATA.BATCH_SIZE", "2"]

@@ -77,3 +77,46 @@ def test_retired_keys_of_saved_configs_still_load(tmp_path, caplog):
     assert cfg.DATA.IMG_SIZE == 192
     assert not {"DEBUG_MODE", "LOCAL_RANK"} & set(cfg) and "DATASET" not in cfg.DATA and "SPEC" not in cfg.MODEL
     assert "DEBUG_MODE" in caplog.text and "DATA.DATASET" in caplog.text
+
+
+def test_a_section_given_a_value_is_one_line_naming_it(tmp_path):
+    """A YAML section left empty (``DATA:`` with its keys commented out) reads as None; yacs refused it with the
+    whole section of defaults printed over some 35 lines, which main.py passed on as its 'one-line' error."""
+    empty = tmp_path / "empty_section.yaml"
+    empty.write_text("MODEL:\n  TYPE: focal\nDATA:\n#  IMG_SIZE: 64\n")
+    with pytest.raises(ValueError) as info:
+        load_config(str(empty))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("DATA is a section of keys (BATCH_SIZE, ")
+    assert message.endswith("got None (an empty section: indent its keys under it, or remove it) "
+                            f"(in {empty})")
+    with pytest.raises(ValueError, match=r"^MODEL.FOCAL is a section of keys \(.*\), not a value: got 3$"):
+        load_config(opts=["MODEL.FOCAL", "3"])
+    with pytest.raises(ValueError, match=r"^DATA.IMG_SIZE takes one value \(now 224\), not a section of keys \(X\)"):
+        load_config(opts=["DATA.IMG_SIZE", "{'X': 1}"])
+
+
+def test_invalid_yaml_is_one_line_naming_file_line_and_column(tmp_path):
+    """PyYAML's messages span three to five lines, repeating the file name; main.py's error is one line."""
+    tabbed = tmp_path / "tabbed.yaml"
+    tabbed.write_text("MODEL:\n\tTYPE: focal\n")
+    with pytest.raises(ValueError) as info:
+        load_config(str(tabbed))
+    assert str(info.value) == (f"config file {tabbed} is not valid YAML: line 2, column 1: found character '\\t' "
+                               f"that cannot start any token (while scanning for the next token)")
+    unclosed = tmp_path / "unclosed.yaml"
+    unclosed.write_text("MODEL:\n  TYPE: [focal\n")
+    with pytest.raises(ValueError) as info:
+        load_config(str(unclosed))
+    assert str(info.value) == (f"config file {unclosed} is not valid YAML: line 3, column 1: expected ',' or ']', "
+                               f"but got '<stream end>' (while parsing a flow sequence from line 2, column 9)")
+
+
+def test_a_base_file_that_is_not_utf8_is_named(tmp_path):
+    """A config saved in Latin-1 (an accent in a comment) raised the bare UnicodeDecodeError, which names no file:
+    with BASE inheritance the user could not tell which one."""
+    (tmp_path / "base.yaml").write_bytes(b"# r\xe9glages\nMODEL:\n  TYPE: focal\n")
+    (tmp_path / "child.yaml").write_text("BASE: ['base.yaml']\nDATA:\n  IMG_SIZE: 64\n")
+    with pytest.raises(ValueError, match=rf"^config file {tmp_path / 'base.yaml'} is not UTF-8 text \(invalid "
+                                         rf"continuation byte at byte 3\)$"):
+        load_config(str(tmp_path / "child.yaml"))

@@ -105,6 +105,18 @@ def test_missing_layouts_are_clear_errors(tmp_path):
         build_val_loader(demo_config(""), CPU)
 
 
+def test_class_folders_named_alike_in_other_unicode_forms_are_told_apart(demo_data, tmp_path):
+    """macOS writes accents decomposed (NFD), most other tools composed (NFC): a split copied from a Mac has
+    folders whose names print exactly as the other split's, and the refusal read 'only in train: café; only in
+    val: café'. It must say what differs."""
+    for split, name in (("train", "cafe\u0301"), ("val", "caf\u00e9")):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / name).symlink_to(demo_data / split / "circle")
+    with pytest.raises(UsageError, match=r"'train' and 'val' name class folders alike in different Unicode forms, "
+                                         r"e.g. 'cafe\\u0301' in train and 'caf\\xe9' in val"):
+        build_val_loader(demo_config(tmp_path, "MODEL.NUM_CLASSES", 1), CPU)
+
+
 def _digest(root: Path) -> dict:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}

@@ -134,3 +134,36 @@ def test_bad_input_names_the_flag_or_file(problem, images, tmp_path):
         opts = SMALL_OPTS + ["MODEL.FOCAL.NOPE", "1"]
     with pytest.raises(UsageError, match=expected[problem]):
         predict(parse_args(["--cfg", CFG, "--opts", *opts, "--checkpoint", checkpoint, *paths]))
+
+
+def test_16_bit_images_are_read_as_main_py_reads_them(tmp_path, capsys):
+    """predict.py converted images with Pillow's plain ``convert("RGB")``, which clips 16-bit grey values above 255
+    to white, while main.py's loader scales them to 8 bits: a 16-bit PNG got another answer than --eval gives
+    for the same file. It must be classified exactly as its 8-bit version."""
+    ramp = (np.arange(224 * 224, dtype=np.uint32).reshape(224, 224) % 65536).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    Image.fromarray(np.rint(ramp / 257.0).astype(np.uint8)).save(tmp_path / "flat.png")
+    predict(parse_args(["--cfg", CFG, "--opts", *SMALL_OPTS, "--checkpoint", FIXTURE, "--device", "cpu",
+                        str(tmp_path / "deep.png"), str(tmp_path / "flat.png")]))
+    printed = parse_output(capsys.readouterr().out)
+    assert printed[str(tmp_path / "deep.png")] == printed[str(tmp_path / "flat.png")]
+
+
+def test_an_image_over_the_pixel_limit_is_named_in_one_line(images, monkeypatch):
+    """Pillow refuses images over its pixel limit with DecompressionBombError, which predict.py let through as a
+    traceback (main.py names the file)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20000)  # a.jpg (300x200) is over twice the limit
+    with pytest.raises(UsageError, match=rf"cannot read image {images / 'a.jpg'}: Image size"):
+        predict(parse_args(["--cfg", CFG, "--opts", *SMALL_OPTS, "--checkpoint", FIXTURE, str(images / "a.jpg")]))
+
+
+def test_hidden_files_of_a_folder_are_not_images(images, capsys):
+    """A folder copied from macOS holds a ``._<name>`` AppleDouble file beside each image: predict.py stopped on
+    the first as an unreadable image. Folders are expanded as main.py reads them, hidden entries left out."""
+    (images / "._a.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    (images / ".ipynb_checkpoints").mkdir()
+    (images / ".ipynb_checkpoints" / "d.png").write_bytes((images / "b.png").read_bytes())
+    predict(parse_args(["--cfg", CFG, "--opts", *SMALL_OPTS, "--checkpoint", FIXTURE, "--device", "cpu",
+                        str(images)]))
+    assert sorted(parse_output(capsys.readouterr().out)) == sorted(str(images / n) for n in ("a.jpg", "b.png",
+                                                                                          "sub/c.JPEG"))

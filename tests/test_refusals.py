@@ -163,11 +163,28 @@ def test_a_zip_validation_label_the_training_map_never_uses_is_named(data, tmp_p
         main(demo_args(data, tmp_path, "--zip"))
 
 
+def test_a_map_file_saved_with_a_bom_or_in_latin_1_is_read_or_named_by_line(data, tmp_path):
+    """Windows editors start UTF-8 files with a byte-order mark: it became part of the first path, and the run was
+    refused saying an image that is in the zip is not (the mark does not print). A map file in another encoding
+    stopped the run with a UnicodeDecodeError traceback instead of naming the file and line."""
+    val_map = data / "val_map.txt"
+    val_map.write_bytes(b"\xef\xbb\xbf" + val_map.read_bytes())
+    main(demo_args(data, tmp_path / "bom", "--zip"))
+    assert eval_summary(read_log(tmp_path / "bom"))["images"] == 20
+    with (data / "train_map.txt").open("ab") as f:
+        f.write(b"caf\xe9/x.jpg\t0\n")
+    lines = len((data / "train_map.txt").read_bytes().splitlines())
+    with pytest.raises(UsageError, match=rf"train_map.txt:{lines}: not UTF-8 text"):
+        main(demo_args(data, tmp_path / "latin", "--zip"))
+
+
 @pytest.mark.parametrize("case, flags, opts", [
     ("bad model key", (), ("MODEL.FOCAL.WINDOW_SIZE", "0")),
     ("data layout", (), ()),
     ("eval without weights", ("--eval",), ("TRAIN.AUTO_RESUME", "False")),
     ("fp16 on CPU", ("--amp", "fp16", "--device", "cpu"), ()),
+    # the folders above the tag were made before the tag's failed (File name too long) and stayed behind
+    ("tag longer than a file name", ("--tag", "x" * 300), ()),
 ])
 def test_a_start_refused_for_bad_input_leaves_nothing_behind(case, flags, opts, data, tmp_path):
     if case == "data layout":
@@ -186,6 +203,25 @@ def test_a_refused_start_in_an_existing_run_folder_appends_its_reason_and_remove
     assert_intact(output, before)
     assert read_log(output).rstrip().endswith("stopped: --amp fp16 needs a CUDA device; on CPU use --amp bf16 or "
                                               "--amp none")
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_resuming_on_other_class_folders_is_refused_naming_the_first_that_differs(explicit, copy_of, data):
+    """Labels are the sorted class-folder names. Resuming a run whose folders were renamed (or auto-resuming in an
+    output folder trained on another dataset with as many classes) went on training silently with every label
+    from the first difference on meaning another class than the checkpoint's output of that index."""
+    output, before = copy_of
+    for split in ("train", "val"):
+        (data / split / "circle").rename(data / split / "zz_circle")
+    flags = ("--resume", str(run_dir(output) / CHECKPOINT)) if explicit else ()
+    hint = (r"--pretrained .*ckpt_epoch_0.pth starts from its weights" if explicit else
+            r"Start a new run under another --tag or --output \(--pretrained .*ckpt_epoch_0.pth there starts from "
+            r"its weights\)")
+    with pytest.raises(UsageError, match=rf"ckpt_epoch_0.pth.*: it was trained on other class folders than "
+                                         rf".*data/train holds: output 1 is 'circle' there and 'cross' here; "
+                                         rf"resuming would train its outputs on other classes. {hint}"):
+        main(demo_args(data, output, *flags, opts=("TRAIN.EPOCHS", "2")))
+    assert_intact(output, before)
 
 
 def test_an_unreadable_validation_image_keeps_the_epoch_it_follows(data, tmp_path):

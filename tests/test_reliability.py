@@ -109,6 +109,21 @@ def test_out_of_range_values_are_refused_up_front(opts, demo_data, copy_of):
     assert_intact(output, before)
 
 
+def test_eval_names_the_class_count_the_weights_need(previous_run, demo_data, tmp_path):
+    """--eval of a checkpoint under another MODEL.NUM_CLASSES listed the head's mismatched shapes and advised
+    --pretrained, which --eval then refuses for leaving the head random; MODEL.NUM_CLASSES 0 (no head) got as far
+    as matching class folders and blamed the checkpoint for storing no class names."""
+    checkpoint = str(run_dir(previous_run) / "ckpt_epoch_0.pth")
+    with pytest.raises(UsageError, match=r"^--resume .*ckpt_epoch_0.pth: it classifies 10 classes and "
+                                         r"MODEL.NUM_CLASSES is 3; evaluate it with --opts MODEL.NUM_CLASSES 10$"):
+        main(demo_args(demo_data, tmp_path / "three", "--eval", "--resume", checkpoint,
+                       opts=("MODEL.NUM_CLASSES", "3")))
+    with pytest.raises(UsageError, match=r"MODEL.NUM_CLASSES must be at least 1 to train or evaluate \(0 builds "
+                                         r"the model without a classifier head\), got 0"):
+        main(demo_args(demo_data, tmp_path / "none", "--eval", "--pretrained", checkpoint,
+                       opts=("MODEL.NUM_CLASSES", "0")))
+
+
 @pytest.mark.slow
 def test_a_second_run_on_the_same_output_is_refused_and_a_killed_one_leaves_no_lock(demo_data, tmp_path):
     args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "50"))
@@ -308,6 +323,18 @@ def test_a_symlink_loop_in_a_class_folder_adds_no_images(data, tmp_path):
     os.symlink(".", data / "train" / "circle" / "again")
     main(demo_args(data, tmp_path))
     assert "Train: [0/1][4/5]" in read_log(tmp_path)  # 40 images in batches of 8, as without the link
+
+
+def test_hidden_files_and_folders_are_neither_images_nor_classes(data, tmp_path):
+    """A dataset copied from macOS holds a ``._<name>`` AppleDouble file (metadata, not an image) beside each image,
+    and Jupyter leaves ``.ipynb_checkpoints`` folders: the first stopped training as an unreadable image (in the
+    validation set only after an epoch of training), the second was refused as an empty class."""
+    for split, folder in (("train", "circle"), ("val", "square")):
+        (data / split / folder / "._img.JPEG").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+        (data / split / ".ipynb_checkpoints").mkdir()
+    main(demo_args(data, tmp_path))
+    log = read_log(tmp_path)
+    assert "Train: [0/1][4/5]" in log and eval_summary(log)["images"] == 20
 
 
 def test_16_bit_images_keep_their_tones():

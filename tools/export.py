@@ -39,7 +39,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tools.export", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--cfg", required=True, help="model config file")
-    parser.add_argument("--opts", nargs="+", default=[], help="config overrides: KEY VALUE ...")
+    parser.add_argument("--opts", nargs="+", action="extend", default=[], help="config overrides: KEY VALUE ...")
     parser.add_argument("--checkpoint", required=True, help="weights: ours, a released file, or a bare state dict")
     parser.add_argument("--output", required=True, help="the file to write, .pt2 or .onnx")
     parser.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights (--model-ema)")
