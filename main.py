@@ -140,6 +140,23 @@ def resume_checkpoint(config: Any, logger: logging.Logger, unsafe: bool) -> Opti
     return checkpoint
 
 
+def check_resumed_classes(checkpoint: Checkpoint, folders: Optional[Sequence[str]], data_path: str) -> None:
+    """Labels are the sorted class-folder names, so training on other folders than those a checkpoint stores would
+    go on teaching each output another class from the first difference on: refused, naming that difference. The
+    zip layout and checkpoints without names carry none to compare."""
+    stored = checkpoint.state.get("class_names")
+    if not stored or not folders or list(stored) == list(folders):
+        return
+    index = next((i for i, (old, new) in enumerate(zip(stored, folders)) if old != new), min(len(stored), len(folders)))
+    there, here = (f"'{names[index]}'" if index < len(names) else "none" for names in (stored, folders))
+    weights = f"--pretrained {checkpoint.path}"
+    hint = (f"Start a new run under another --tag or --output ({weights} there starts from its weights)"
+            if checkpoint.auto else f"{weights} starts from its weights in a new run")
+    raise UsageError(f"{checkpoint.source}: it was trained on other class folders than {data_path}/train holds: "
+                     f"output {index} is {there} there and {here} here; resuming would train its outputs on other "
+                     f"classes. {hint}")
+
+
 def run_throughput(config: Any, env: DistEnv, model: nn.Module, precision: Precision,
                    logger: logging.Logger) -> None:
     """Time one batch: the first validation batch, or random images when there is no ``--data-path``."""
@@ -251,7 +268,9 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
 
     start_epoch, best = config.TRAIN.START_EPOCH, BestScore()
     checkpoint = resume_checkpoint(config, logger, unsafe_load)
+    class_names = getattr(train_dataset.dataset, "classes", None)  # the folder layout's class folders
     if checkpoint:
+        check_resumed_classes(checkpoint, class_names, config.DATA.DATA_PATH)
         start_epoch, step, saved_best = restore_checkpoint(checkpoint, model, logger, optimizer, precision.scaler,
                                                            config)
         best.update(saved_best)
@@ -276,7 +295,6 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
     train_model = compiled(model, config)
     eval_model = compiled(model_without_ddp, config) if env.distributed else train_model
     criterion = build_criterion(config, mixup_fn is not None)
-    class_names = getattr(train_dataset.dataset, "classes", None)  # the folder layout's class folders
 
     def state_after(epoch: int) -> dict:
         return training_state(config, epoch, (epoch + 1) * updates_per_epoch, model_without_ddp, best.value, optimizer,

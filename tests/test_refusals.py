@@ -188,6 +188,25 @@ def test_a_refused_start_in_an_existing_run_folder_appends_its_reason_and_remove
                                               "--amp none")
 
 
+@pytest.mark.parametrize("explicit", [False, True])
+def test_resuming_on_other_class_folders_is_refused_naming_the_first_that_differs(explicit, copy_of, data):
+    """Labels are the sorted class-folder names. Resuming a run whose folders were renamed (or auto-resuming in an
+    output folder trained on another dataset with as many classes) went on training silently with every label
+    from the first difference on meaning another class than the checkpoint's output of that index."""
+    output, before = copy_of
+    for split in ("train", "val"):
+        (data / split / "circle").rename(data / split / "zz_circle")
+    flags = ("--resume", str(run_dir(output) / CHECKPOINT)) if explicit else ()
+    hint = (r"--pretrained .*ckpt_epoch_0.pth starts from its weights" if explicit else
+            r"Start a new run under another --tag or --output \(--pretrained .*ckpt_epoch_0.pth there starts from "
+            r"its weights\)")
+    with pytest.raises(UsageError, match=rf"ckpt_epoch_0.pth.*: it was trained on other class folders than "
+                                         rf".*data/train holds: output 1 is 'circle' there and 'cross' here; "
+                                         rf"resuming would train its outputs on other classes. {hint}"):
+        main(demo_args(data, output, *flags, opts=("TRAIN.EPOCHS", "2")))
+    assert_intact(output, before)
+
+
 def test_an_unreadable_validation_image_keeps_the_epoch_it_follows(data, tmp_path):
     bad = first_image(data, "val")
     good = bad.read_bytes()
