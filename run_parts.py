@@ -120,6 +120,7 @@ def class_identities(names: Optional[Sequence[str]], ids: Optional[Sequence[int]
 
 
 def describe_class(identity: ClassIdentity) -> str:
+    """As a refusal names it: the quoted name, and the category id when there is one."""
     return f"'{identity[1]}' (category id {identity[0]})" if isinstance(identity, tuple) else f"'{identity}'"
 
 

@@ -84,6 +84,7 @@ class DatasetClasses(NamedTuple):
 
 
 def unnamed_classes(config: Any, dataset: Dataset) -> Optional[DatasetClasses]:
+    """A task whose data names no classes: its checkpoints hold only their count (in the weights' shapes)."""
     return None
 
 
