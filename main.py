@@ -34,7 +34,7 @@ from models import ConfigError, build_model, head_classes
 from models.kernels import optimize_for
 from optimizer import build_optimizer
 from run_lock import leaving, locked_run, stop_on_signals
-from run_parts import BestScore, create_ema, keep_unevaluated_epoch, save_epoch, scale_rates
+from run_parts import BestScore, check_classes, create_ema, keep_unevaluated_epoch, save_epoch, scale_rates
 from utils import (Checkpoint, diverged, latest_checkpoint, load_pretrained, read_checkpoint, restore_checkpoint,
                    save_config, seed_everything, training_epochs, training_state)
 
@@ -138,23 +138,6 @@ def resume_checkpoint(config: Any, logger: logging.Logger, unsafe: bool) -> Opti
             logger.info(f"--pretrained {config.MODEL.PRETRAINED} is not loaded: the run continues from its own "
                         f"checkpoint (start a new run under another --tag to fine-tune afresh)")
     return checkpoint
-
-
-def check_resumed_classes(checkpoint: Checkpoint, folders: Optional[Sequence[str]], data_path: str) -> None:
-    """Labels are the sorted class-folder names, so training on other folders than those a checkpoint stores would
-    go on teaching each output another class from the first difference on: refused, naming that difference. The
-    zip layout and checkpoints without names carry none to compare."""
-    stored = checkpoint.state.get("class_names")
-    if not stored or not folders or list(stored) == list(folders):
-        return
-    index = next((i for i, (old, new) in enumerate(zip(stored, folders)) if old != new), min(len(stored), len(folders)))
-    there, here = (f"'{names[index]}'" if index < len(names) else "none" for names in (stored, folders))
-    weights = f"--pretrained {checkpoint.path}"
-    hint = (f"Start a new run under another --tag or --output ({weights} there starts from its weights)"
-            if checkpoint.auto else f"{weights} starts from its weights in a new run")
-    raise UsageError(f"{checkpoint.source}: it was trained on other class folders than {data_path}/train holds: "
-                     f"output {index} is {there} there and {here} here; resuming would train its outputs on other "
-                     f"classes. {hint}")
 
 
 def run_throughput(config: Any, env: DistEnv, model: nn.Module, precision: Precision,
@@ -274,7 +257,7 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
     checkpoint = resume_checkpoint(config, logger, unsafe_load)
     class_names = getattr(train_dataset.dataset, "classes", None)  # the folder layout's class folders
     if checkpoint:
-        check_resumed_classes(checkpoint, class_names, config.DATA.DATA_PATH)
+        check_classes(checkpoint, class_names, "class folders", f"{config.DATA.DATA_PATH}/train")
         start_epoch, step, saved_best = restore_checkpoint(checkpoint, model, logger, optimizer, precision.scaler,
                                                            config)
         best.update(saved_best)

@@ -1,11 +1,12 @@
 """The run pieces classification (``main.py``) and the dense tasks (``dense/run.py``) share: learning-rate scaling,
-the weight average (EMA), batch-norm consistency across processes, and the epoch's checkpoints (periodic with
-rotation, the best one, and the unevaluated one a bad validation image leaves)."""
+the weight average (EMA), batch-norm consistency across processes, the epoch's checkpoints (periodic with
+rotation, the best one, and the unevaluated one a bad validation image leaves), and the check that a resumed
+checkpoint was trained on the data's classes."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 from timm.utils import ModelEmaV3, distribute_bn
@@ -104,3 +105,45 @@ def keep_unevaluated_epoch(err: UsageError, config: Any, env: DistEnv, epoch: in
     saved = save_checkpoint(config, state(), logger)
     return UsageError(f"{user_message(err)}. Epoch {epoch}'s training is saved in {saved}: once the image is fixed, "
                       f"the same command resumes after it (that epoch stays unevaluated)")
+
+
+# What one output of a model means: a class name, or (category id, name) for a detector on COCO annotations.
+ClassIdentity = Union[str, Tuple[int, str]]
+
+
+def class_identities(names: Optional[Sequence[str]], ids: Optional[Sequence[int]] = None) -> List[ClassIdentity]:
+    """The names, each paired with its category id when there are ids: a renamed and a re-id'ed category both
+    count as another class."""
+    if not names:
+        return []
+    return list(names) if ids is None else [(int(i), str(name)) for i, name in zip(ids, names)]
+
+
+def describe_class(identity: ClassIdentity) -> str:
+    """As a refusal names it: the quoted name, and the category id when there is one."""
+    return f"'{identity[1]}' (category id {identity[0]})" if isinstance(identity, tuple) else f"'{identity}'"
+
+
+def check_classes(checkpoint: Checkpoint, names: Optional[Sequence[str]], kind: str, source: str,
+                  ids: Optional[Sequence[int]] = None, evaluating: bool = False, first_output: int = 0) -> None:
+    """Labels are positions in a list of classes (sorted class folders, sorted category ids, label values), so
+    resuming on other classes than those the checkpoint records would go on teaching each output another class
+    from the first difference on, and evaluating would score it as one: refused, naming the difference (``kind``
+    of classes ``source`` holds; output numbers start at ``first_output``). Checkpoints that record no classes
+    (older or released ones) and data that names none (the zip layout, a segmentation set without class names)
+    have nothing to compare."""
+    stored = class_identities(checkpoint.state.get("class_names"), checkpoint.state.get("category_ids"))
+    current = class_identities(names, ids)
+    if not stored or not current or stored == current:
+        return
+    index = next((i for i, (old, new) in enumerate(zip(stored, current)) if old != new), min(len(stored), len(current)))
+    there, here = (describe_class(found[index]) if index < len(found) else "none" for found in (stored, current))
+    if evaluating:
+        outcome = "evaluating would score its outputs as other classes. Evaluate it on the classes it was trained on"
+    else:
+        weights = f"--pretrained {checkpoint.path}"
+        hint = (f"Start a new run under another --tag or --output ({weights} there starts from its weights)"
+                if checkpoint.auto else f"{weights} starts from its weights in a new run")
+        outcome = f"resuming would train its outputs on other classes. {hint}"
+    raise UsageError(f"{checkpoint.source}: it was trained on other {kind} than {source} holds: output "
+                     f"{index + first_output} is {there} there and {here} here; {outcome}")

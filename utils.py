@@ -294,9 +294,11 @@ def save_checkpoint(config: Any, state: Dict[str, Any], logger: logging.Logger, 
 
 def training_state(config: Any, epoch: int, step: int, model: nn.Module, max_accuracy: float,
                    optimizer: torch.optim.Optimizer, scheduler: Scheduler, scaler: torch.amp.GradScaler,
-                   ema: Optional[nn.Module] = None, class_names: Optional[List[str]] = None) -> Dict[str, Any]:
+                   ema: Optional[nn.Module] = None, class_names: Optional[List[str]] = None,
+                   category_ids: Optional[List[int]] = None) -> Dict[str, Any]:
     """Everything a checkpoint holds: the released layout (``model``, ``epoch``, ``max_accuracy``) plus what
-    resuming and prediction need (optimizer, scaler, update count, config, EMA weights, class names)."""
+    resuming and prediction need (optimizer, scaler, update count, config, EMA weights, class names, and the COCO
+    category ids of a detector's classes: what each output means, see ``run_parts.check_classes``)."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -311,6 +313,8 @@ def training_state(config: Any, epoch: int, step: int, model: nn.Module, max_acc
         state["model_ema"] = ema.state_dict()
     if class_names:
         state["class_names"] = list(class_names)
+    if category_ids:
+        state["category_ids"] = [int(i) for i in category_ids]
     return state
 
 

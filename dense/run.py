@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ from models import ConfigError
 from models.checkpoint import extract_state_dict, load_weights
 from optimizer import param_groups
 from run_lock import leaving, locked_run, quiet_worker_teardown, stop_on_signals
-from run_parts import (BestScore, create_ema, keep_unevaluated_epoch, save_epoch, scale_rates,
+from run_parts import (BestScore, check_classes, create_ema, keep_unevaluated_epoch, save_epoch, scale_rates,
                        sync_batchnorm_buffers, use_sync_batchnorm)
 from utils import (diverged, latest_checkpoint, read_checkpoint, restore_checkpoint, save_config, seed_everything,
                    training_epochs, training_state)
@@ -71,12 +71,31 @@ def parse_args(description: str, argv: Optional[Sequence[str]] = None,
     return parser.parse_args(argv)
 
 
+class DatasetClasses(NamedTuple):
+    """What a data set's classes are, for its checkpoints to record and a resume or ``--eval`` to compare (see
+    ``run_parts.check_classes``): their ``names`` (with their COCO category ``ids`` in detection), the file that
+    gives them (``source``) and what messages call them (``kind``), and the output of the first class
+    (``first_output``: a detector's output 0 is the background)."""
+    source: str
+    kind: str
+    names: List[str]
+    ids: Optional[List[int]] = None
+    first_output: int = 0
+
+
+def unnamed_classes(config: Any, dataset: Dataset) -> Optional[DatasetClasses]:
+    """A task whose data names no classes: its checkpoints hold only their count (in the weights' shapes)."""
+    return None
+
+
 @dataclass
 class Task:
     """What a task supplies. ``build_data(config, env, logger)`` returns (train set, val set, number of classes),
     checked before anything is written; ``losses(model, batch, device)`` the named losses of a training batch;
     ``evaluate(config, model, val_set, env, precision, logger)`` the score (higher is better) after logging its
-    summary; ``backbone(model)`` the :class:`DenseBackbone` that ``--pretrained`` loads into."""
+    summary; ``backbone(model)`` the :class:`DenseBackbone` that ``--pretrained`` loads into;
+    ``class_record(config, dataset)`` the :class:`DatasetClasses` of a set, or None where it knows only their
+    count."""
     name: str
     defaults: Any
     rules: Sequence[Any]
@@ -86,6 +105,7 @@ class Task:
     losses: Callable[[nn.Module, Any, torch.device], Dict[str, torch.Tensor]]
     evaluate: Callable[..., float]
     backbone: Callable[[nn.Module], DenseBackbone]
+    class_record: Callable[[Any, Dataset], Optional[DatasetClasses]] = unnamed_classes
 
 
 def load_backbone(path: str, backbone: DenseBackbone, logger: logging.Logger, unsafe: bool = False) -> None:
@@ -163,6 +183,10 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
         checkpoint = latest_checkpoint(config.OUTPUT, logger, unsafe)
         if checkpoint:
             logger.info(f"auto-resuming from {checkpoint.path}")
+    classes = task.class_record(config, val_set if config.EVAL_MODE else train_set)  # the set the run labels with
+    if checkpoint and classes:
+        check_classes(checkpoint, classes.names, classes.kind, classes.source, classes.ids, config.EVAL_MODE,
+                      classes.first_output)
     if config.EVAL_MODE:
         if not checkpoint:
             raise UsageError(f"--eval needs weights: pass --resume <checkpoint> (no checkpoint to auto-resume in "
@@ -202,7 +226,8 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
 
     def state_after(epoch: int) -> dict:
         return training_state(config, epoch, (epoch + 1) * updates_per_epoch, model, max(best.value, 0.0), optimizer,
-                              scheduler, precision.scaler, ema.module if ema else None)
+                              scheduler, precision.scaler, ema.module if ema else None,
+                              classes.names if classes else None, classes.ids if classes else None)
 
     logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {updates_per_epoch} updates per "
                 f"epoch, total batch {config.DATA.BATCH_SIZE * env.world_size}")

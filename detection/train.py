@@ -7,12 +7,12 @@ See get_started_for_object_detection.md.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
 
-from dense.run import Task, main
+from dense.run import DatasetClasses, Task, main
 
 from . import data, evaluate, model
 from .config import DETECTION_RULES, detection_defaults
@@ -26,9 +26,15 @@ def losses(net: nn.Module, batch: Tuple[List[torch.Tensor], List[Dict[str, torch
                [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets])
 
 
+def class_record(config: Any, dataset: data.CocoDetection) -> DatasetClasses:
+    """The sorted category ids (label k is the k-th) and their names."""
+    names = [str(dataset.coco.cats[i].get("name", "")) for i in dataset.category_ids]
+    return DatasetClasses(dataset.ann_file, "categories", names, dataset.category_ids, first_output=1)
+
+
 TASK = Task(name="object detection", defaults=detection_defaults(), rules=DETECTION_RULES,
             build_data=data.build_data, build_model=model.build_detector, collate=data.collate, losses=losses,
-            evaluate=evaluate.evaluate, backbone=model.backbone)
+            evaluate=evaluate.evaluate, backbone=model.backbone, class_record=class_record)
 
 if __name__ == "__main__":
     main(TASK, "detection.train")

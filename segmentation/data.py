@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import random
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -113,20 +113,32 @@ def image_size(path: str, what: str) -> Tuple[int, int]:
         raise UsageError(f"cannot read {what} {path}: {err}") from None
 
 
+def names_file(root: str) -> str:
+    return os.path.join(root, "objectInfo150.csv")
+
+
+def named_classes(root: str, num_classes: int) -> Optional[List[str]]:
+    """ADE20K's ``objectInfo150.csv`` names (first name of each row) when the file is there with a row for each
+    class, else None; a file without a ``Name`` column is a one-line error (:func:`build_data` reads it before
+    training)."""
+    path = names_file(root)
+    if not os.path.isfile(path):
+        return None
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if "Name" not in (reader.fieldnames or []):
+            raise UsageError(f"{path} has no 'Name' column (columns {', '.join(reader.fieldnames or [])}): "
+                             f"class names are read in ADE20K's layout (Idx,Ratio,Train,Val,Name); fix or "
+                             f"remove it")
+        names = [(row["Name"] or "").split(";")[0] for row in reader]
+    return names if len(names) == num_classes else None
+
+
 def class_names(root: str, num_classes: int, reduce_zero_label: bool = True) -> List[str]:
-    """ADE20K's ``objectInfo150.csv`` names when present (first name of each row), else the label values; a
-    file without a ``Name`` column is a one-line error (:func:`build_data` reads it before training)."""
-    path = os.path.join(root, "objectInfo150.csv")
-    if os.path.isfile(path):
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if "Name" not in (reader.fieldnames or []):
-                raise UsageError(f"{path} has no 'Name' column (columns {', '.join(reader.fieldnames or [])}): "
-                                 f"class names are read in ADE20K's layout (Idx,Ratio,Train,Val,Name); fix or "
-                                 f"remove it")
-            names = [(row["Name"] or "").split(";")[0] for row in reader]
-        if len(names) == num_classes:
-            return names
+    """:func:`named_classes`, else the label values."""
+    names = named_classes(root, num_classes)
+    if names:
+        return names
     first = 1 if reduce_zero_label else 0
     return [f"label {value}" for value in range(first, num_classes + first)]
 

@@ -7,13 +7,13 @@ See get_started_for_semantic_segmentation.md.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dense.run import Task, main
+from dense.run import DatasetClasses, Task, main
 
 from . import data, evaluate, model
 from .config import SEGMENTATION_RULES, segmentation_defaults
@@ -26,9 +26,15 @@ def losses(net: nn.Module, batch: Tuple[torch.Tensor, torch.Tensor], device: tor
     return {"loss_ce": F.cross_entropy(logits.float(), targets.to(device, non_blocking=True), ignore_index=data.IGNORE)}
 
 
+def class_record(config: Any, dataset: data.SegmentationFolder) -> Optional[DatasetClasses]:
+    """The class names of ``objectInfo150.csv``; without it a run knows only the class count."""
+    names = data.named_classes(config.DATA.DATA_PATH, dataset.num_classes)
+    return DatasetClasses(data.names_file(config.DATA.DATA_PATH), "class names", names) if names else None
+
+
 TASK = Task(name="semantic segmentation", defaults=segmentation_defaults(), rules=SEGMENTATION_RULES,
             build_data=data.build_data, build_model=model.build_segmenter, collate=data.collate, losses=losses,
-            evaluate=evaluate.evaluate, backbone=model.backbone)
+            evaluate=evaluate.evaluate, backbone=model.backbone, class_record=class_record)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -16,17 +17,20 @@ from PIL import Image
 
 from dense.config import merge_task_opts
 from dense.demo import generate_detection
-from dense.run import load_backbone
+from dense.run import load_backbone, run
 from dense.config import get_task_config
 from detection.config import DETECTION_RULES, detection_defaults
 from detection.data import CocoDetection, build_data, load_coco, rle_runs
 from detection.evaluate import coco_ap, evaluate
 from detection.model import backbone, build_detector
+from detection.train import TASK
 from distributed import DistEnv
 from engine import build_precision
 from errors import UsageError
 from models import extract_state_dict
-from tests.helpers import BACKBONE_OPTS, CHECKPOINT, LOG, REPO, check, run_task, task_args
+from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, assert_intact, check, load, run_task, snapshot,
+                           task_args, this_run)
+from utils import CHECKSUM_KEY
 
 CFG = str(REPO / "configs" / "detection" / "demo.yaml")
 TINY = ["DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0", "MODEL.FPN_CHANNELS", "16", "MODEL.BOX_HEAD_DIM", "32",
@@ -348,3 +352,91 @@ def test_fcos_trains_and_evaluates(tmp_path):
     assert "Train: [0/1][1/2]" in trained.stdout
     assert all(name in trained.stdout for name in ("classification", "bbox_regression", "bbox_ctrness"))
     assert re.search(r"box AP [\d.]+ \(2 images, [1-9]\d* detections\)", trained.stdout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished one-epoch Mask R-CNN run (in process) on demo data: the root holding its ``data`` and ``out``."""
+    root = tmp_path_factory.mktemp("detection_run")
+    data = generate_detection(str(root / "data"), size=64, train=4, val=2)
+    run(TASK, ["--cfg", CFG, "--data-path", data, "--output", str(root / "out"), "--device", "cpu", "--opts", *TINY])
+    return root
+
+
+@pytest.fixture
+def copied_run(finished_run, tmp_path):
+    """A private copy of the finished run: its data root, its output root and a snapshot of the latter."""
+    shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)
+    return tmp_path / "data", tmp_path / "out", snapshot(tmp_path / "out")
+
+
+def change_categories(data, change: str) -> None:
+    """The demo's categories (circle 1, square 2, triangle 4) in both files with circle and square's names
+    swapped, or with triangle's id 3 instead of 4."""
+    for split in ("train2017", "val2017"):
+        path = data / "annotations" / f"instances_{split}.json"
+        content = json.loads(path.read_text())
+        for cat in content["categories"]:
+            if change == "renamed" and cat["id"] in (1, 2):
+                cat["name"] = {"circle": "square", "square": "circle"}[cat["name"]]
+            elif change == "re-id'ed" and cat["id"] == 4:
+                cat["id"] = 3
+        for ann in content["annotations"]:
+            if change == "re-id'ed" and ann["category_id"] == 4:
+                ann["category_id"] = 3
+        path.write_text(json.dumps(content))
+
+
+DETECTION_RUN = "mask_rcnn_focal_demo/default"
+# The first difference each change of change_categories makes, as the refusal names it.
+DIFFERENCES = {"renamed": r"output 1 is 'circle' \(category id 1\) there and 'square' \(category id 1\) here",
+               "re-id'ed": r"output 3 is 'triangle' \(category id 4\) there and 'triangle' \(category id 3\) here"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, mode", [("renamed", "auto"), ("renamed", "--resume"), ("renamed", "--eval"),
+                                          ("re-id'ed", "auto")])
+def test_resuming_or_evaluating_on_other_categories_is_refused(copied_run, change, mode):
+    """Labels are positions in the sorted category ids, and a checkpoint stored neither ids nor names: resuming
+    (or auto-resuming in an output folder of another dataset) or evaluating on categories of the same count but
+    other names or ids went on silently, each output now meaning another category. Refused before anything is
+    written, naming the checkpoint, the annotation file and the first difference."""
+    data, out, before = copied_run
+    change_categories(data, change)
+    checkpoint = out / DETECTION_RUN / "ckpt_epoch_0.pth"
+    flags = {"auto": [], "--resume": ["--resume", str(checkpoint)], "--eval": ["--eval"]}[mode]
+    split = "val2017" if mode == "--eval" else "train2017"
+    source = rf"--resume {checkpoint}" if mode == "--resume" else rf"auto-resume from {checkpoint}"
+    with pytest.raises(UsageError, match=rf"^{source}.*: it was trained on other categories than "
+                                         rf"{data}/annotations/instances_{split}.json holds: {DIFFERENCES[change]}"):
+        run(TASK, ["--cfg", CFG, "--data-path", str(data), "--output", str(out), "--device", "cpu", *flags,
+                   "--opts", *TINY, "TRAIN.EPOCHS", "2"])
+    assert_intact(out, before)
+
+
+@pytest.mark.slow
+def test_resuming_on_the_same_categories_goes_on_and_records_them(copied_run):
+    """The class identity a checkpoint records is the sorted category ids and their names; a resume on the
+    same categories is not disturbed by the check."""
+    data, out, _ = copied_run
+    first = load(out / DETECTION_RUN / "ckpt_epoch_0.pth")
+    assert (first["category_ids"], first["class_names"]) == ([1, 2, 4], ["circle", "square", "triangle"])
+    run(TASK, ["--cfg", CFG, "--data-path", str(data), "--output", str(out), "--device", "cpu", "--opts", *TINY,
+               "TRAIN.EPOCHS", "2"])
+    second = load(out / DETECTION_RUN / "ckpt_epoch_1.pth")
+    assert second["epoch"] == 1 and second["category_ids"] == [1, 2, 4]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_the_class_record_still_loads(copied_run):
+    """Checkpoints written before the class record (or by other tools) hold no ids or names to compare: they load
+    as before, whatever the categories."""
+    data, out, _ = copied_run
+    checkpoint = out / DETECTION_RUN / "ckpt_epoch_0.pth"
+    old = {k: v for k, v in load(checkpoint).items() if k not in ("category_ids", "class_names", CHECKSUM_KEY)}
+    torch.save(old, checkpoint)
+    change_categories(data, "renamed")
+    run(TASK, ["--cfg", CFG, "--data-path", str(data), "--output", str(out), "--device", "cpu", "--eval",
+               "--resume", str(checkpoint), "--opts", *TINY])
+    log = this_run((out / DETECTION_RUN / "log_rank0.txt").read_text())
+    assert f"resumed weights from {checkpoint}" in log and "box AP" in log

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 
 import numpy as np
@@ -28,8 +29,9 @@ from segmentation.data import SegmentationFolder, build_data, class_names
 from segmentation.evaluate import evaluate, predict, slide
 from segmentation.model import backbone, build_segmenter
 from segmentation.train import TASK
-from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, check, load, run_task,
-                           start_task, task_args, wait_for_line)
+from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, assert_intact, check, load, run_task, snapshot,
+                           start_task, task_args, this_run, wait_for_line)
+from utils import CHECKSUM_KEY
 
 CFG = str(REPO / "configs" / "segmentation" / "demo.yaml")
 TINY = ["DATA.SCALE", "[64, 64]", "DATA.CROP_SIZE", "64", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0",
@@ -371,3 +373,77 @@ def test_final_line_names_the_views(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger=LOG.name):
         evaluate(config, LeftRight(), dataset, env, build_precision("none", env.device), LOG)
     assert re.search(r"mIoU [\d.]+% \(scales 0.5-1.75, flip, slide 32/21\) over 3 classes \(1 images\)", caplog.text)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished one-epoch run (in process) on demo data: the root holding its ``data`` and ``out``."""
+    root = tmp_path_factory.mktemp("segmentation_run")
+    data = generate_segmentation(str(root / "data"), size=64, train=4, val=2)
+    run(TASK, ["--cfg", CFG, "--data-path", data, "--output", str(root / "out"), "--device", "cpu", "--opts", *TINY])
+    return root
+
+
+@pytest.fixture
+def copied_run(finished_run, tmp_path):
+    """A private copy of the finished run: its data root, its output root and a snapshot of the latter."""
+    shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)
+    return tmp_path / "data", tmp_path / "out", snapshot(tmp_path / "out")
+
+
+def swap_circle_and_square(data) -> None:
+    names = data / "objectInfo150.csv"
+    names.write_text(names.read_text().replace("circle", "@").replace("square", "circle").replace("@", "square"))
+
+
+SEGMENTATION_RUN = "upernet_focal_demo/default"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["auto", "--resume", "--eval"])
+def test_resuming_or_evaluating_on_other_class_names_is_refused(copied_run, mode):
+    """Label value v is class v-1 whatever its name, and a checkpoint stored no names: resuming (or
+    auto-resuming in an output folder of another dataset) or evaluating on classes of the same count but other
+    names in ``objectInfo150.csv`` went on silently, each output now meaning another class. Refused before
+    anything is written, naming the checkpoint, the names file and the first difference."""
+    data, out, before = copied_run
+    swap_circle_and_square(data)
+    checkpoint = out / SEGMENTATION_RUN / "ckpt_epoch_0.pth"
+    flags = {"auto": [], "--resume": ["--resume", str(checkpoint)], "--eval": ["--eval"]}[mode]
+    source = rf"--resume {checkpoint}" if mode == "--resume" else rf"auto-resume from {checkpoint}"
+    with pytest.raises(UsageError, match=rf"^{source}.*: it was trained on other class names than "
+                                         rf"{data}/objectInfo150.csv holds: output 1 is 'circle' there and 'square' "
+                                         rf"here"):
+        run(TASK, ["--cfg", CFG, "--data-path", str(data), "--output", str(out), "--device", "cpu", *flags,
+                   "--opts", *TINY, "TRAIN.EPOCHS", "2"])
+    assert_intact(out, before)
+
+
+@pytest.mark.slow
+def test_resuming_on_the_same_class_names_goes_on_and_records_them(copied_run):
+    """The class identity a checkpoint records is the class names of ``objectInfo150.csv``; a resume on the same
+    names is not disturbed by the check."""
+    data, out, _ = copied_run
+    assert load(out / SEGMENTATION_RUN / "ckpt_epoch_0.pth")["class_names"] == \
+        ["background", "circle", "square", "triangle"]
+    run(TASK, ["--cfg", CFG, "--data-path", str(data), "--output", str(out), "--device", "cpu", "--opts", *TINY,
+               "TRAIN.EPOCHS", "2"])
+    assert load(out / SEGMENTATION_RUN / "ckpt_epoch_1.pth")["epoch"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unknown", ["checkpoint", "data"])
+def test_classes_unknown_to_the_checkpoint_or_the_data_are_not_compared(copied_run, unknown):
+    """A checkpoint written before the class record holds no names, and a dataset without ``objectInfo150.csv``
+    knows only its class count: there is nothing to compare, and the checkpoint loads as before."""
+    data, out, _ = copied_run
+    checkpoint = out / SEGMENTATION_RUN / "ckpt_epoch_0.pth"
+    if unknown == "checkpoint":
+        torch.save({k: v for k, v in load(checkpoint).items() if k not in ("class_names", CHECKSUM_KEY)}, checkpoint)
+        swap_circle_and_square(data)
+    else:
+        (data / "objectInfo150.csv").unlink()
+    run(TASK, ["--cfg", CFG, "--data-path", str(data), "--output", str(out), "--device", "cpu", "--eval",
+               "--resume", str(checkpoint), "--opts", *TINY])
+    log = this_run((out / SEGMENTATION_RUN / "log_rank0.txt").read_text())
+    assert f"resumed weights from {checkpoint}" in log and "mIoU" in log
