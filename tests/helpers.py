@@ -150,6 +150,14 @@ def assert_intact(folder: Path, before: dict, may_change: tuple = ()) -> None:
             assert after[name] == data, name
 
 
+def private_copy(finished: Path, target: Path) -> tuple:
+    """A copy of a finished run's root (``data`` and ``out``) a test may change: its data root, its output root and
+    a snapshot of the latter."""
+    import shutil
+    shutil.copytree(finished, target, dirs_exist_ok=True)
+    return target / "data", target / "out", snapshot(target / "out")
+
+
 # ---------------------------------------------------------------- real subprocesses
 
 # One CPU thread per process and no GPU: results are deterministic and the same on every machine. A FutureWarning
@@ -227,6 +235,15 @@ def run_task(module: str, args: Sequence[str], nproc: int = 1, timeout: float = 
 
 def start_task(module: str, args: Sequence[str]) -> subprocess.Popen:
     return start_command(task_command(module, args))
+
+
+def finished_dense_run(root: Path, task, cfg: str, generate, opts: Sequence[str]) -> Path:
+    """``root`` after a one-epoch run of a dense ``task`` (in process) on demo data that ``generate`` draws in
+    ``root/data``, into ``root/out``."""
+    from dense.run import run
+    data = generate(str(root / "data"), size=64, train=4, val=2)
+    run(task, ["--cfg", cfg, "--data-path", data, "--output", str(root / "out"), "--device", "cpu", "--opts", *opts])
+    return root
 
 
 def task_args(cfg: str, **flags) -> argparse.Namespace:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -28,8 +27,8 @@ from distributed import DistEnv
 from engine import build_precision
 from errors import UsageError
 from models import extract_state_dict
-from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, assert_intact, check, load, run_task, snapshot,
-                           task_args, this_run)
+from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, assert_intact, check, finished_dense_run, load,
+                           private_copy, run_task, task_args, this_run)
 from utils import CHECKSUM_KEY
 
 CFG = str(REPO / "configs" / "detection" / "demo.yaml")
@@ -356,18 +355,13 @@ def test_fcos_trains_and_evaluates(tmp_path):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A finished one-epoch Mask R-CNN run (in process) on demo data: the root holding its ``data`` and ``out``."""
-    root = tmp_path_factory.mktemp("detection_run")
-    data = generate_detection(str(root / "data"), size=64, train=4, val=2)
-    run(TASK, ["--cfg", CFG, "--data-path", data, "--output", str(root / "out"), "--device", "cpu", "--opts", *TINY])
-    return root
+    """A finished one-epoch Mask R-CNN run on demo data."""
+    return finished_dense_run(tmp_path_factory.mktemp("detection_run"), TASK, CFG, generate_detection, TINY)
 
 
 @pytest.fixture
 def copied_run(finished_run, tmp_path):
-    """A private copy of the finished run: its data root, its output root and a snapshot of the latter."""
-    shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)
-    return tmp_path / "data", tmp_path / "out", snapshot(tmp_path / "out")
+    return private_copy(finished_run, tmp_path)
 
 
 def change_categories(data, change: str) -> None:

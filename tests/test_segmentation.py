@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import signal
 
 import numpy as np
@@ -29,8 +28,8 @@ from segmentation.data import SegmentationFolder, build_data, class_names
 from segmentation.evaluate import evaluate, predict, slide
 from segmentation.model import backbone, build_segmenter
 from segmentation.train import TASK
-from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, assert_intact, check, load, run_task, snapshot,
-                           start_task, task_args, this_run, wait_for_line)
+from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, assert_intact, check, finished_dense_run, load,
+                           private_copy, run_task, start_task, task_args, this_run, wait_for_line)
 from utils import CHECKSUM_KEY
 
 CFG = str(REPO / "configs" / "segmentation" / "demo.yaml")
@@ -377,18 +376,13 @@ def test_final_line_names_the_views(tmp_path, caplog):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A finished one-epoch run (in process) on demo data: the root holding its ``data`` and ``out``."""
-    root = tmp_path_factory.mktemp("segmentation_run")
-    data = generate_segmentation(str(root / "data"), size=64, train=4, val=2)
-    run(TASK, ["--cfg", CFG, "--data-path", data, "--output", str(root / "out"), "--device", "cpu", "--opts", *TINY])
-    return root
+    """A finished one-epoch run on demo data."""
+    return finished_dense_run(tmp_path_factory.mktemp("segmentation_run"), TASK, CFG, generate_segmentation, TINY)
 
 
 @pytest.fixture
 def copied_run(finished_run, tmp_path):
-    """A private copy of the finished run: its data root, its output root and a snapshot of the latter."""
-    shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)
-    return tmp_path / "data", tmp_path / "out", snapshot(tmp_path / "out")
+    return private_copy(finished_run, tmp_path)
 
 
 def swap_circle_and_square(data) -> None:
