@@ -179,6 +179,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if not self.coco.cats:
             raise UsageError(f"{self.ann_file} has no categories")
         self.category_ids = sorted(self.coco.cats)
+        self.category_names = [str(self.coco.cats[i].get("name", "")) for i in self.category_ids]
         self.label_of = {cat: i + 1 for i, cat in enumerate(self.category_ids)}
         self.ids = sorted(self.coco.imgs)
         if train:
@@ -267,6 +268,11 @@ def build_data(config: Any, env: Any, logger: Any) -> Tuple[CocoDetection, CocoD
     if val.category_ids != train.category_ids:
         raise UsageError(f"{val.ann_file} has category ids {val.category_ids}, {train.ann_file} has "
                          f"{train.category_ids}: they must agree")
+    renamed = [(i, a, b) for i, a, b in zip(train.category_ids, train.category_names, val.category_names) if a != b]
+    if renamed:  # the ids agree but mean other things: the score would compare detections of one with another
+        category, there, here = renamed[0]
+        raise UsageError(f"category id {category} is '{there}' in {train.ann_file} and '{here}' in {val.ann_file}: "
+                         f"the two files must name their categories alike")
     logger.info(f"{root}: {len(train)} training and {len(val)} validation images, {len(train.category_ids)} "
                 f"categories")
     return train, val, len(train.category_ids)

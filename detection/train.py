@@ -28,8 +28,8 @@ def losses(net: nn.Module, batch: Tuple[List[torch.Tensor], List[Dict[str, torch
 
 def class_record(config: Any, dataset: data.CocoDetection) -> DatasetClasses:
     """The sorted category ids (label k is the k-th) and their names."""
-    names = [str(dataset.coco.cats[i].get("name", "")) for i in dataset.category_ids]
-    return DatasetClasses(dataset.ann_file, "categories", names, dataset.category_ids, first_output=1)
+    return DatasetClasses(dataset.ann_file, "categories", dataset.category_names, dataset.category_ids,
+                          first_output=1)
 
 
 TASK = Task(name="object detection", defaults=detection_defaults(), rules=DETECTION_RULES,

@@ -243,6 +243,7 @@ def test_an_image_over_pils_size_limit_is_a_one_line_error(tmp_path, monkeypatch
     with pytest.raises(UsageError, match=r"cannot read image .*a.jpg: Image size \(4096 pixels\) exceeds limit"):
         CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
 
+
 def test_an_image_too_elongated_for_the_resize_is_refused(tmp_path):
     """torchvision scales each image to MODEL.DETECTOR_ARGS.min_size unless its long side would pass max_size;
     an image more elongated than that (1000x5 at min_size 64, max_size 64: 0.32 pixels tall) became 0 pixels
@@ -262,6 +263,30 @@ def test_an_image_too_elongated_for_the_resize_is_refused(tmp_path):
         build_data(config, None, LOG)
     merge_task_opts(config, ["MODEL.DETECTOR_ARGS.max_size", 256])
     build_data(config, None, LOG)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("renamed", r"category id 4 is 'four' in .*instances_train2017.json and 'other' in .*instances_val2017.json"),
+    ("re-id'ed", r"instances_val2017.json has category ids \[1, 3\], .*instances_train2017.json has \[1, 4\]")])
+def test_validation_categories_other_than_the_training_ones_are_refused(tmp_path, change, message):
+    """Labels are positions in the sorted category ids, and the score matches them to the validation file's: a
+    validation file whose ids agree but whose names differ scored one category's detections against another's,
+    silently."""
+    write_coco(tmp_path, "train2017")
+    path = write_coco(tmp_path, "val2017")
+    content = json.loads(path.read_text())
+    if change == "renamed":
+        content["categories"][1]["name"] = "other"
+    else:
+        content["categories"][1]["id"] = 3
+        for ann in content["annotations"]:
+            ann["category_id"] = 3 if ann["category_id"] == 4 else ann["category_id"]
+    path.write_text(json.dumps(content))
+    config = detection_defaults()
+    merge_task_opts(config, ["DATA.DATA_PATH", str(tmp_path)])
+    with pytest.raises(UsageError, match=message):
+        build_data(config, None, LOG)
+
 
 @pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet", "fcos"])
 def test_official_checkpoint_loads_into_the_backbone(detector):
