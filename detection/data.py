@@ -14,17 +14,13 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 import torchvision.transforms.v2.functional as F
-from PIL import Image
 from pycocotools.coco import COCO
 
+from dense.images import image_size, read_rgb
 from errors import UsageError
 
 # Boxes may pass the image border by this many pixels (rounding in real annotations) and are clipped to it.
 BORDER_TOLERANCE = 1.0
-# PIL modes of more than 8 bits a channel (I;16*, I: integers, F: floats), which convert("RGB") clips at 255.
-WIDE_MODES = ("I", "F")
-# What PIL raises for unreadable, truncated, corrupt and oversized (a decompression-bomb guard) files.
-PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def load_coco(path: str) -> COCO:
@@ -148,19 +144,6 @@ def check_annotations(coco: COCO, path: str, masks: bool) -> None:
                 raise UsageError(f"{where} has no segmentation (polygons or RLE), which Mask R-CNN trains on")
 
 
-def image_size(path: str) -> Tuple[int, int]:
-    """(width, height) from the image file's header, or a one-line error naming the file; so is an image of more
-    than 8 bits a channel, which RGB conversion would clip at 255."""
-    try:
-        with Image.open(path) as img:
-            if img.mode.startswith(WIDE_MODES):
-                raise UsageError(f"image {path} has mode {img.mode}: more than 8 bits a channel, which would be "
-                                 f"clipped at 255; convert it to 8-bit")
-            return img.size
-    except PIL_ERRORS as err:
-        raise UsageError(f"cannot read image {path}: {err}") from None
-
-
 class CocoDetection(torch.utils.data.Dataset):
     """(image in [0, 1], target) pairs for torchvision's detectors: boxes (x1, y1, x2, y2), labels 1..K, masks,
     image_id. Crowd regions and boxes under a pixel wide are left out of the targets, and, for training, images
@@ -212,11 +195,7 @@ class CocoDetection(torch.utils.data.Dataset):
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = os.path.join(self.folder, info["file_name"])
-        try:
-            with Image.open(path) as img:
-                image = F.to_dtype(F.pil_to_tensor(img.convert("RGB")), torch.float32, scale=True)
-        except PIL_ERRORS as err:
-            raise UsageError(f"cannot read image {path}: {err}") from None
+        image = F.to_dtype(read_rgb(path), torch.float32, scale=True)
         height, width = image.shape[-2:]
         self._check_size(image_id, (width, height))
         objects = self._objects(image_id)

@@ -1,8 +1,8 @@
-"""Segmentation data in the ADE20K layout: ``images/<split>/*.jpg`` with ``annotations/<split>/*.png`` of the same
-name, one label value per pixel. ``DATA.REDUCE_ZERO_LABEL`` says what the values mean: ADE20K's convention (0 is
-"other", ignored; value v is class v - 1) or plain classes (value v is class v). Value 255 is always ignored. Pairs
-and sizes are checked when the set is opened, and so are the validation label values (training ones as
-each image is read).
+"""Segmentation data in the ADE20K layout: ``images/<split>/*.jpg`` (or any image type torchvision's folders read;
+hidden files left out) with ``annotations/<split>/*.png`` of the same name, one label value per pixel.
+``DATA.REDUCE_ZERO_LABEL`` says what the values mean: ADE20K's convention (0 is "other", ignored; value v is class
+v - 1) or plain classes (value v is class v). Value 255 is always ignored. Pairs and sizes are checked when the set
+is opened, and so are the validation label values (training ones as each image is read).
 """
 from __future__ import annotations
 
@@ -15,21 +15,17 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import InterpolationMode
 
+from data.datasets import hidden
+from dense.images import PIL_ERRORS, image_size, read_rgb
 from errors import UsageError
 
 IGNORE = 255  # ignored pixels: the value 255, and 0 under REDUCE_ZERO_LABEL
 SPLITS = {"train": "training", "val": "validation"}
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 FAR_GAP = 8  # a largest class this far above the next one (and over twice it) is taken for a stray value
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# PIL modes of more than 8 bits a channel (I;16*, I: integers, F: floats), which convert("RGB") clips at 255.
-WIDE_MODES = ("I", "F")
-
-
-# What PIL raises for unreadable, truncated, corrupt (e.g. "broken PNG file") and oversized files.
-PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def read_labels(path: str) -> np.ndarray:
@@ -91,28 +87,6 @@ def count_classes(paths: Sequence[str], reduce_zero_label: bool, where: str) -> 
     return largest + 1
 
 
-def read_image(path: str) -> torch.Tensor:
-    try:
-        with Image.open(path) as img:
-            return F.pil_to_tensor(img.convert("RGB"))
-    except PIL_ERRORS as err:
-        raise UsageError(f"cannot read image {path}: {err}") from None
-
-
-def image_size(path: str, what: str) -> Tuple[int, int]:
-    """(width, height) from the file's header, or a one-line error naming the ``what`` (image or annotation); so
-    is an image of more than 8 bits a channel, which RGB conversion would clip at 255 (annotations may have
-    them: their values are labels)."""
-    try:
-        with Image.open(path) as img:
-            if what == "image" and img.mode.startswith(WIDE_MODES):
-                raise UsageError(f"image {path} has mode {img.mode}: more than 8 bits a channel, which would be "
-                                 f"clipped at 255; convert it to 8-bit")
-            return img.size
-    except PIL_ERRORS as err:
-        raise UsageError(f"cannot read {what} {path}: {err}") from None
-
-
 def names_file(root: str) -> str:
     return os.path.join(root, "objectInfo150.csv")
 
@@ -157,7 +131,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
                                  f"images/{{training,validation}}/, annotations/{{training,validation}}/)")
         images: Dict[str, str] = {}
         for name in sorted(os.listdir(image_dir)):
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
+            if hidden(name) or not has_file_allowed_extension(name, IMG_EXTENSIONS):
                 continue
             stem = os.path.splitext(name)[0]
             if stem in images:  # both would claim the one annotation <stem>.png
@@ -202,7 +176,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         image_path, label_path = self.samples[index]
         target = torch.from_numpy(self.classes(label_path))
-        image = read_image(image_path)
+        image = read_rgb(image_path)
         if not self.train:
             return image, target
         image, target = self.augment(image, target[None])

@@ -157,6 +157,21 @@ def test_two_images_of_one_name_are_refused(tmp_path):
     with pytest.raises(UsageError, match=r"images a.jpg and a.png in .*training share the name a"):
         SegmentationFolder(str(tmp_path), "train", config, train=True, num_classes=3)
 
+
+def test_images_are_found_as_classification_finds_them(tmp_path):
+    """Only .jpg, .jpeg and .png images were read, so a .bmp or .webp image was left out silently; and a macOS
+    ``._a.jpg`` AppleDouble file beside ``a.jpg`` stopped the set as an image without annotation. Image types
+    and hidden files now follow the classification folders (torchvision's image extensions, dot-files left out)."""
+    write_pair(tmp_path, "training", "a", np.ones((16, 16)))
+    write_pair(tmp_path, "training", "b", np.ones((16, 16)))
+    (tmp_path / "images" / "training" / "b.jpg").unlink()
+    Image.new("RGB", (16, 16)).save(tmp_path / "images" / "training" / "b.webp")
+    (tmp_path / "images" / "training" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")
+    config = config_with(["DATA.SCALE", "[16, 16]"])
+    dataset = SegmentationFolder(str(tmp_path), "train", config, train=True, num_classes=3)
+    assert [os.path.basename(image) for image, _ in dataset.samples] == ["a.jpg", "b.webp"]
+
+
 def test_a_class_names_file_without_its_name_column_is_refused_before_training(tmp_path):
     """``objectInfo150.csv`` is read for the per-class table only when the first evaluation logs it: a file of
     that name without a ``Name`` column stopped the run with a KeyError traceback after a whole epoch of
