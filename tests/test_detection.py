@@ -223,16 +223,25 @@ def test_a_validation_file_without_objects_is_refused(tmp_path):
     with pytest.raises(UsageError, match=r"instances_val2017.json has no annotations to score detections against"):
         CocoDetection(str(tmp_path), "val2017", masks=False, train=False)
 
-def test_an_image_of_more_than_8_bits_is_refused(tmp_path):
-    """A 16-bit (or 32-bit, or float) image becomes RGB by clipping every value above 255: a 16-bit grayscale
-    PNG trained as an almost white picture, silently. It is refused, naming the file, when the set is opened."""
+@pytest.mark.parametrize("kind", ["16-bit", "float"])
+def test_wide_images_are_read_as_classification_reads_them_or_refused(tmp_path, kind):
+    """RGB conversion clips every value above 255: a 16-bit grey PNG trained as an almost white picture,
+    silently. It is scaled to 8 bits as the classification loader does; a float image, whose range is unknown, is
+    refused, naming the file, when the set is opened."""
     path = write_coco(tmp_path)
-    Image.fromarray(np.full((64, 64), 4000, dtype=np.uint16)).save(tmp_path / "val2017" / "a.png")
+    name = {"16-bit": "a.png", "float": "a.tif"}[kind]
+    values = np.full((64, 64), 4000, dtype=np.uint16) if kind == "16-bit" else np.full((64, 64), 0.5, np.float32)
+    Image.fromarray(values).save(tmp_path / "val2017" / name)
     content = json.loads(path.read_text())
-    content["images"][0]["file_name"] = "a.png"
+    content["images"][0]["file_name"] = name
     path.write_text(json.dumps(content))
-    with pytest.raises(UsageError, match=r"image .*a.png has mode I;16: more than 8 bits a channel"):
-        CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
+    if kind == "float":
+        with pytest.raises(UsageError, match=r"image .*a.tif holds floating-point values \(mode F\)"):
+            CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
+        return
+    image, _ = CocoDetection(str(tmp_path), "val2017", masks=True, train=False)[0]
+    torch.testing.assert_close(image, torch.full((3, 64, 64), round(4000 / 257) / 255))
+
 
 def test_an_image_over_pils_size_limit_is_a_one_line_error(tmp_path, monkeypatch):
     """PIL refuses an image of more than twice ``Image.MAX_IMAGE_PIXELS`` (a decompression-bomb guard) with an

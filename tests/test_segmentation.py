@@ -137,16 +137,25 @@ def test_a_validation_set_without_labelled_pixels_is_refused(tmp_path):
                                          r"True: 0 and 255 are ignored\)"):
         SegmentationFolder(str(tmp_path), "val", config, train=False, num_classes=3)
 
-def test_an_image_of_more_than_8_bits_is_refused(tmp_path):
-    """A 16-bit (or 32-bit, or float) image becomes RGB by clipping every value above 255: a 16-bit grayscale
-    PNG trained as an almost white picture, silently. It is refused, naming the file, when the set is opened
-    (16-bit annotations stay allowed: their values are labels)."""
-    write_pair(tmp_path, "training", "a", np.ones((16, 16)))
-    (tmp_path / "images" / "training" / "a.jpg").unlink()
-    Image.fromarray(np.full((16, 16), 4000, dtype=np.uint16)).save(tmp_path / "images" / "training" / "a.png")
+@pytest.mark.parametrize("kind", ["16-bit", "float"])
+def test_wide_images_are_read_as_classification_reads_them_or_refused(tmp_path, kind):
+    """RGB conversion clips every value above 255: a 16-bit grey PNG trained as an almost white picture,
+    silently. It is scaled to 8 bits as the classification loader does; a float image, whose range is unknown, is
+    refused, naming the file, when the set is opened (16-bit annotations are read as they are: their values are
+    labels)."""
+    write_pair(tmp_path, "validation", "a", np.ones((16, 16)))
+    (tmp_path / "images" / "validation" / "a.jpg").unlink()
+    name = {"16-bit": "a.png", "float": "a.tif"}[kind]
+    values = np.full((16, 16), 4000, dtype=np.uint16) if kind == "16-bit" else np.full((16, 16), 0.5, np.float32)
+    Image.fromarray(values).save(tmp_path / "images" / "validation" / name)
     config = config_with(["DATA.SCALE", "[16, 16]"])
-    with pytest.raises(UsageError, match=r"image .*a.png has mode I;16: more than 8 bits a channel"):
-        SegmentationFolder(str(tmp_path), "train", config, train=True, num_classes=3)
+    if kind == "float":
+        with pytest.raises(UsageError, match=r"image .*a.tif holds floating-point values \(mode F\)"):
+            SegmentationFolder(str(tmp_path), "val", config, train=False, num_classes=3)
+        return
+    image, _ = SegmentationFolder(str(tmp_path), "val", config, train=False, num_classes=3)[0]
+    assert image.dtype == torch.uint8 and image.eq(round(4000 / 257)).all()
+
 
 def test_two_images_of_one_name_are_refused(tmp_path):
     """``a.jpg`` and ``a.png`` side by side both claim ``a.png``'s labels; one of them was kept, whichever the
