@@ -91,6 +91,14 @@ def test_sizes_mode_refuses_a_bad_size_naming_the_flag(size, capsys):
     assert "--sizes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("size", ["0", "-8"])
+def test_speed_mode_refuses_a_size_that_is_not_positive_naming_the_flag(size, capsys):
+    """A negative --img-size once ran to a traceback from torch.randn after the models were built."""
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--img-size", "224", size])
+    assert "--img-size" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, flag", [(["--ceiling", "--sizes", "448"], "--sizes"),
                                         (["--kernels", "--sizes", "448"], "--sizes"),
                                         (["--sizes", "448", "--plot", "x.png"], "--plot"),

@@ -49,7 +49,7 @@ from cli import HelpFormatter  # noqa: E402
 from config import load_config  # noqa: E402
 from engine import AMP_MODES, build_precision, synchronize  # noqa: E402
 from errors import UsageError  # noqa: E402
-from models import build_model  # noqa: E402
+from models import ConfigError, build_model, validate_model_config  # noqa: E402
 from models.window_attention import LAYOUTS, WindowedAttention, gather_windows  # noqa: E402
 from models.kernels import optimize_for, select_kernels  # noqa: E402
 from models.kernels import onednn_linear  # noqa: E402
@@ -552,6 +552,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.batch_size = 1 if args.sizes else 8
     if args.batch_size < 1 or args.reps < 1 or args.warmup < 0:
         p.error("--batch-size and --reps must be >= 1, --warmup >= 0")
+    if min(args.img_size) < 1:
+        p.error(f"--img-size takes positive sizes, got {min(args.img_size)}")
     if args.sizes and (args.ceiling or args.kernels):
         p.error("--sizes cannot be combined with --ceiling or --kernels, which time one square size: use --img-size")
     if args.plot and (args.sizes or args.ceiling or args.kernels):
@@ -574,8 +576,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def check_names_and_paths(args: argparse.Namespace) -> None:
-    """What would otherwise fail only after minutes of timing: unknown models, and output files that cannot be
-    written (checked without creating them)."""
+    """What would otherwise fail only after minutes of timing: unknown models, sizes a model cannot be built for,
+    and output files that cannot be written (checked without creating them)."""
     for name in (args.models or []) + [args.peer]:
         base = split_suffix(name)[0]
         if base.startswith("timm:"):
@@ -583,7 +585,11 @@ def check_names_and_paths(args: argparse.Namespace) -> None:
             if not timm.is_model(base[5:]):
                 raise SystemExit(f"benchmark: --models/--peer {name}: timm has no model {base[5:]!r}")
         elif not base.startswith(("ref:", "base:")):
-            config_for(base, args.img_size[0])
+            for size in args.img_size:
+                try:
+                    validate_model_config(config_for(base, size))
+                except ConfigError as error:
+                    raise SystemExit(f"benchmark: --img-size {size}: {name}: {error}") from None
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if not path:
             continue
@@ -599,13 +605,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     global REFERENCE_PATH, BASELINE_PATH
     REFERENCE_PATH, BASELINE_PATH = args.reference, args.baseline
     device = pick_device(args.device)
+    if args.models is None:
+        args.models = list(DEFAULT_MODELS) if args.ceiling else default_models(args.peer, device)
     check_names_and_paths(args)
     try:
         build_precision(args.amp, device)
     except UsageError as error:
         raise SystemExit(f"benchmark: {error}")
-    if args.models is None:
-        args.models = list(DEFAULT_MODELS) if args.ceiling else default_models(args.peer, device)
     torch.manual_seed(0)
     if args.memory_probe:
         print(memory_probe(args.memory_probe, args.batch_size, args.img_size[0], device, args.amp))
