@@ -338,8 +338,9 @@ RULES = (
          "cannot be combined with --pretrained (MODEL.PRETRAINED): --resume continues a run with its weights, "
          "optimizer and schedule; --pretrained starts a new run from weights only. Pass one of them"),
     Rule("MODEL.LABEL_SMOOTHING", between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
-    Rule("MODEL.NUM_CLASSES", lambda value, c: value >= 1 or c.THROUGHPUT_MODE,
-         "must be at least 1 to train or evaluate (0 builds the model without a classifier head)"),
+    Rule("MODEL.NUM_CLASSES", lambda value, c: value >= 2 or c.THROUGHPUT_MODE,
+         "must be at least 2 to train or evaluate (0 builds the model without a classifier head; with 1 the "
+         "softmax is always 1, so the loss is 0 and nothing is learned)"),
     Rule("MODEL.FOCAL.IN_CHANS", at_least(1), "must be at least 1"),
     Rule("MODEL.FOCAL.IN_CHANS", lambda value, c: value == 3 or c.THROUGHPUT_MODE,
          "must be 3 to train or evaluate: images are read as RGB"),
