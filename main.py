@@ -187,7 +187,7 @@ def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Preci
         if held is not None and held != config.MODEL.NUM_CLASSES:  # what to pass, not only which shapes differ
             raise UsageError(f"{checkpoint.source}: it classifies {held} classes and MODEL.NUM_CLASSES is "
                              f"{config.MODEL.NUM_CLASSES}; evaluate it with --opts MODEL.NUM_CLASSES {held}")
-        restore_checkpoint(checkpoint, model, logger)
+        restore_checkpoint(checkpoint, model, logger, config=config)
         ema_weights = checkpoint.state.get("model_ema")
         stored_classes = checkpoint.state.get("class_names")
     dataset, loader = build_val_loader(config, env, by_name=True)

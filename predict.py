@@ -28,7 +28,7 @@ from distributed import DEVICES, resolve_device
 from errors import UsageError, error_text
 from models import build_model, head_classes, load_weights
 from models.kernels import optimize_for
-from utils import read_checkpoint
+from utils import read_checkpoint, shape_changes
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -84,6 +84,7 @@ def load_model(cfg: str, opts: Sequence[str], checkpoint: str, device: torch.dev
         state = read_checkpoint(checkpoint).state
     except UsageError as err:
         raise UsageError(f"--checkpoint {checkpoint}: {err}") from None
+    saved_config = state.get("config") if isinstance(state, dict) else None
     if ema:
         if not isinstance(state, dict) or "model_ema" not in state:
             raise UsageError(f"--ema: {checkpoint} holds no EMA weights (train with --model-ema to have them)")
@@ -102,7 +103,8 @@ def load_model(cfg: str, opts: Sequence[str], checkpoint: str, device: torch.dev
         load_weights(model, state)
     except ValueError as err:
         held = f" (the checkpoint has {classes} classes)" if classes not in (None, config.MODEL.NUM_CLASSES) else ""
-        raise UsageError(f"--checkpoint {checkpoint}: cannot load into {config.MODEL.NAME}{held}: {err}") from None
+        raise UsageError(f"--checkpoint {checkpoint}: cannot load into {config.MODEL.NAME}{held}: {err}"
+                         f"{shape_changes(saved_config, config)}") from None
     names = state.get("class_names") if isinstance(state, dict) else None
     if names is not None and len(names) != config.MODEL.NUM_CLASSES:
         names = None

@@ -333,15 +333,35 @@ RUN_KEYS = {"MODEL.RESUME", "MODEL.PRETRAINED", "TRAIN.AUTO_RESUME", "TRAIN.STAR
             "THROUGHPUT_MODE", "OUTPUT"}
 
 
-def config_changes(saved: Any, config: Any) -> List[str]:
-    """``KEY old -> new`` for every setting that differs between a checkpoint's config and this run's."""
+# Settings that decide the shapes of a model's weights (its focal layouts follow the image size).
+SHAPE_KEYS = ("DATA.IMG_SIZE", "MODEL.TYPE", "MODEL.FOCAL.")
+
+
+def _changed(saved: Any, config: Any) -> List[Tuple[str, Any, Any]]:
+    """``(KEY, old, new)`` for every setting that differs between a checkpoint's config and this run's."""
     if isinstance(saved, str):
-        saved = yaml.safe_load(saved)
+        try:
+            saved = yaml.safe_load(saved)
+        except yaml.YAMLError:
+            return []
     if not isinstance(saved, Mapping):
         return []
     old, new = _flatten(saved), _flatten(config)
-    return [f"{key} {old[key]!r} -> {new[key]!r}" for key in new
+    return [(key, old[key], new[key]) for key in new
             if key in old and key not in RUN_KEYS and _plain(old[key]) != _plain(new[key])]
+
+
+def config_changes(saved: Any, config: Any) -> List[str]:
+    """``KEY old -> new`` for every setting that differs between a checkpoint's config and this run's."""
+    return [f"{key} {old!r} -> {new!r}" for key, old, new in _changed(saved, config)]
+
+
+def shape_changes(saved: Any, config: Any) -> str:
+    """``"; it was trained with KEY old (this config: new), ..."`` for the settings of :data:`SHAPE_KEYS` that differ
+    from a checkpoint's config, else ``""``: why its weights do not fit, said as the keys to pass."""
+    changes = [f"{key} {_plain(old)} (this config: {_plain(new)})" for key, old, new in _changed(saved, config)
+               if key.startswith(SHAPE_KEYS)]
+    return f"; it was trained with {', '.join(changes)}" if changes else ""
 
 
 def _plain(value: Any) -> Any:
@@ -369,7 +389,8 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging
         report = load_weights(model, state, strict=True)
     except ValueError as err:
         hint = checkpoint.restart_hint("to fine-tune from other weights use --pretrained")
-        raise UsageError(f"{checkpoint.source}: {err}; {hint}") from None
+        shapes = shape_changes(state.get("config"), config) if config is not None else ""
+        raise UsageError(f"{checkpoint.source}: {err}{shapes}; {hint}") from None
     logger.info(f"resumed weights from {path}: {report.summary()}")
     max_accuracy = float(state.get("max_accuracy", 0.0))
     if optimizer is None or not all(k in state for k in ("optimizer", "epoch")):

@@ -167,3 +167,14 @@ def test_hidden_files_of_a_folder_are_not_images(images, capsys):
                         str(images)]))
     assert sorted(parse_output(capsys.readouterr().out)) == sorted(str(images / n) for n in ("a.jpg", "b.png",
                                                                                           "sub/c.JPEG"))
+
+
+def test_a_checkpoint_trained_at_another_size_is_refused_naming_the_size_it_was_trained_at(previous_run, images):
+    """A run trained with --opts DATA.IMG_SIZE 32, predicted with its config file alone (64 px), was refused with
+    only a missing neighbour table's key: nothing said the image size was the setting to pass."""
+    from tests.helpers import run_dir
+    checkpoint = str(run_dir(previous_run) / "ckpt_epoch_0.pth")
+    with pytest.raises(UsageError, match=r"--checkpoint .*: missing 1 keys: .* it was trained with "
+                                         r"DATA.IMG_SIZE 32 \(this config: 64\)"):
+        predict(parse_args(["--cfg", str(REPO / "configs" / "demo" / "focal_demo.yaml"), "--checkpoint", checkpoint,
+                            str(images)]))
