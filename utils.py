@@ -274,8 +274,9 @@ def save_failure(err: BaseException, folder: str, state: Any) -> str:
 
 def save_checkpoint(config: Any, state: Dict[str, Any], logger: logging.Logger, name: Optional[str] = None) -> str:
     """Write ``state`` (see :func:`training_state`) to ``<OUTPUT>/<name>`` (default ``ckpt_epoch_<epoch>.pth``)
-    atomically with a checksum of its content, then keep only the newest ``KEEP_CHECKPOINTS`` epoch files. A
-    failed write (a full disk) is a ``TrainingError`` naming the file."""
+    atomically with a checksum of its content, then keep only the newest ``KEEP_CHECKPOINTS`` epoch files, the one
+    just written counting as the newest (a run resumed from an older epoch may find higher epochs of an abandoned
+    run). A failed write (a full disk) is a ``TrainingError`` naming the file."""
     state = {**state, CHECKSUM_KEY: content_digest(state)}
     path = os.path.join(config.OUTPUT, name) if name else checkpoint_path(config.OUTPUT, state["epoch"])
     remove_stale_temporaries(config.OUTPUT, logger)
@@ -286,7 +287,7 @@ def save_checkpoint(config: Any, state: Dict[str, Any], logger: logging.Logger, 
                             f"written (check free space and permissions of {config.OUTPUT})") from None
     logger.info(f"saved {path}")
     if config.KEEP_CHECKPOINTS > 0 and not name:
-        for old in list_checkpoints(config.OUTPUT)[config.KEEP_CHECKPOINTS:]:
+        for old in [p for p in list_checkpoints(config.OUTPUT) if p != path][config.KEEP_CHECKPOINTS - 1:]:
             os.remove(old)
             logger.info(f"removed {old} (KEEP_CHECKPOINTS {config.KEEP_CHECKPOINTS})")
     return path

@@ -133,6 +133,20 @@ def test_evaluate_counts_hits_and_images():
     assert (result.acc1, result.acc5, result.num_images) == (25.0, 75.0, 4)
 
 
+def test_keep_checkpoints_never_removes_the_checkpoint_just_saved(tmp_path):
+    """--resume of ckpt_epoch_0 into a folder holding epochs 0-2 of an earlier run, with KEEP_CHECKPOINTS 1: the
+    run logged 'saved ckpt_epoch_1' then 'removed ckpt_epoch_1' (the stale epoch 2 was the newest by number), so a
+    crash there auto-resumed from the abandoned run's epoch 2."""
+    model, optimizer, _ = run_epoch(tiny_config(), fake_batches(2), build_precision("none", CPU))
+    scheduler, scaler = build_scheduler(tiny_config(), optimizer, 2), build_precision("none", CPU).scaler
+    for keep, epochs in ((0, (0, 1, 2)), (1, (1,))):
+        config = tiny_config("OUTPUT", str(tmp_path), "KEEP_CHECKPOINTS", keep)
+        for epoch in epochs:
+            save_checkpoint(config, training_state(config, epoch, epoch, model, 0.0, optimizer, scheduler, scaler), LOG)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_epoch_1.pth"]
+    assert latest_checkpoint(str(tmp_path), LOG).path == str(tmp_path / "ckpt_epoch_1.pth")
+
+
 def test_checkpoint_round_trip_latest_by_epoch_and_keep_last(tmp_path):
     config = tiny_config("OUTPUT", str(tmp_path), "KEEP_CHECKPOINTS", 2)
     model, optimizer, _ = run_epoch(config, fake_batches(2), build_precision("none", CPU))
