@@ -102,3 +102,24 @@ def test_official_checkpoint_layout_reproduces_logits():
     with torch.no_grad():
         got = model(case_input(case))
     torch.testing.assert_close(got, torch.tensor(case["output"]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("no checkout", r"--reference .*: no classification/__init__.py"),
+    ("unknown key", r"config \(--cfg .* / --opts\): .*MODEL.FOCAL.NOPE"),
+])
+def test_make_fixtures_names_a_bad_reference_or_key_in_one_line(problem, message, tmp_path):
+    """A wrong --reference path or --opts key of the fixture writer ended in a traceback; nothing is written."""
+    import subprocess
+    import sys
+    from tests.helpers import REPO
+    (tmp_path / "ref" / "classification").mkdir(parents=True)
+    if problem == "unknown key":
+        (tmp_path / "ref" / "classification" / "__init__.py").write_text("")
+    done = subprocess.run([sys.executable, "-m", "tools.make_fixtures", "--reference", str(tmp_path / "ref"),
+                           "--cfg", "configs/demo/focal_demo.yaml", "--opts", "MODEL.FOCAL.NOPE", "1",
+                           "--output", str(tmp_path / "case.json")], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert re.search(message, done.stderr.strip().splitlines()[-1]), done.stderr
+    assert not (tmp_path / "case.json").exists()

@@ -34,6 +34,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from config import _C, load_config  # noqa: E402
+from errors import UsageError, error_text  # noqa: E402
 from tests.golden import case_input, fill_value  # noqa: E402
 from utils import atomic_write  # noqa: E402
 
@@ -48,8 +49,8 @@ def import_reference(checkout: Path) -> ModuleType:
     """The reference's ``classification`` package, under its own module name so it cannot shadow ours."""
     init = checkout / "classification" / "__init__.py"
     if not init.is_file():
-        raise FileNotFoundError(f"--reference {checkout}: no classification/__init__.py; pass the root of a "
-                                "microsoft/Focal-Transformer checkout")
+        raise UsageError(f"--reference {checkout}: no classification/__init__.py; pass the root of a "
+                         "microsoft/Focal-Transformer checkout")
     import timm.data.transforms as timm_transforms
     if not hasattr(timm_transforms, "_pil_interp"):  # renamed str_to_pil_interp in timm 0.6
         timm_transforms._pil_interp = timm_transforms.str_to_pil_interp
@@ -83,9 +84,13 @@ def reference_config(config: CfgNode) -> CfgNode:
 
 
 def make_case(reference: ModuleType, name: str, cfg: Optional[str], opts: Sequence[Any], batch: int) -> Dict[str, Any]:
-    config = load_config(cfg, list(opts) + ["MODEL.DROP_RATE", 0.0, "MODEL.DROP_PATH_RATE", 0.0])
+    try:  # the user's config, not the reference's code: refused in one line naming it
+        config = load_config(cfg, list(opts) + ["MODEL.DROP_RATE", 0.0, "MODEL.DROP_PATH_RATE", 0.0])
+        focal = focal_keys(config)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        raise UsageError(f"config (--cfg {cfg} / --opts): {error_text(err)}") from None
     case = {"name": name, "model_type": config.MODEL.TYPE, "img_size": config.DATA.IMG_SIZE,
-            "num_classes": config.MODEL.NUM_CLASSES, "batch": batch, "focal": focal_keys(config)}
+            "num_classes": config.MODEL.NUM_CLASSES, "batch": batch, "focal": focal}
     with contextlib.redirect_stdout(sys.stderr):  # the reference prints "Creating model"
         model = reference.build_model(reference_config(config)).eval()
     parameters = [[n, list(p.shape)] for n, p in model.named_parameters()]
@@ -109,7 +114,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error(f"--batch must be at least 1, got {args.batch}")
-    case = make_case(import_reference(args.reference), args.output.stem, args.cfg, args.opts, args.batch)
+    try:
+        case = make_case(import_reference(args.reference), args.output.stem, args.cfg, args.opts, args.batch)
+    except UsageError as err:
+        parser.error(str(err))
     text = json.dumps(case)
     atomic_write(str(args.output), lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {args.output}: {case['n_parameters']} parameters, {case['flops']} FLOPs, "
