@@ -281,6 +281,7 @@ def test_segmentation_names_a_corrupt_image_or_annotation_in_one_line(damaged, t
     (["--device", "cuda:0"], r"--device cuda:0: no CUDA device is available here"),
     (["--json", "/nonexistent-folder/figures.json"], r"--json .*figures.json: cannot write there"),
     (["--models", "configs/demo/focal_demo.yaml", "--img-size", "64", "30"], r"--img-size 30: .*DATA.IMG_SIZE"),
+    (["--plot", "throughput"], r"--plot throughput: Pillow cannot write this file type"),  # once after timing
 ])
 def test_the_benchmark_refuses_bad_flags_before_timing_anything(flags, message, monkeypatch):
     from tools import benchmark

@@ -559,6 +559,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.plot and (args.sizes or args.ceiling or args.kernels):
         p.error("--plot draws the default speed tables over --img-size; it cannot be combined with --sizes, "
                 "--ceiling or --kernels")
+    if args.plot and args.mode == "train":
+        p.error("--plot draws inference images/s: it needs --mode infer or both, not train")
     return args
 
 
@@ -577,7 +579,7 @@ def pick_device(name: str) -> torch.device:
 
 def check_names_and_paths(args: argparse.Namespace) -> None:
     """What would otherwise fail only after minutes of timing: unknown models, sizes a model cannot be built for,
-    and output files that cannot be written (checked without creating them)."""
+    output files that cannot be written (checked without creating them), and a --plot type Pillow cannot write."""
     for name in (args.models or []) + [args.peer]:
         base = split_suffix(name)[0]
         if base.startswith("timm:"):
@@ -598,6 +600,10 @@ def check_names_and_paths(args: argparse.Namespace) -> None:
         if not os.path.isdir(folder) or os.path.isdir(path) or not writable:
             raise SystemExit(f"benchmark: {flag} {path}: cannot write there (missing folder, a folder in the way, "
                              f"or no permission)")
+    if args.plot:
+        from PIL import Image
+        if Image.registered_extensions().get(os.path.splitext(args.plot)[1].lower()) not in Image.SAVE:
+            raise SystemExit(f"benchmark: --plot {args.plot}: Pillow cannot write this file type; name a .png")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
