@@ -36,7 +36,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
-    parser.add_argument("images", nargs="+", help="image files, or folders searched recursively for images")
+    # "*", not "+": images after --opts end up among its values, and argparse would only say that none were given
+    parser.add_argument("images", nargs="*", help="image files, or folders searched recursively for images")
     parser.add_argument("--cfg", required=True, help="model config file")
     parser.add_argument("--opts", nargs="+", action="extend", default=[],
                         help="config overrides: KEY VALUE ... (the class count comes from the checkpoint unless "
@@ -49,6 +50,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--ema", action="store_true",
                         help="use the checkpoint's EMA weights (trained with --model-ema)")
     args = parser.parse_args(argv)
+    if not args.images:
+        parser.error("no images given (--opts takes every value up to the next flag: put the images before --opts, "
+                     "or end --opts with --)")
     for flag in ("batch_size", "topk"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")

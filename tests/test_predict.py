@@ -178,3 +178,11 @@ def test_a_checkpoint_trained_at_another_size_is_refused_naming_the_size_it_was_
                                          r"DATA.IMG_SIZE 32 \(this config: 64\)"):
         predict(parse_args(["--cfg", str(REPO / "configs" / "demo" / "focal_demo.yaml"), "--checkpoint", checkpoint,
                             str(images)]))
+
+
+def test_images_swallowed_by_opts_are_named_as_such(images, capsys):
+    """``--opts DATA.IMG_SIZE 32 photos/`` hands photos/ to --opts (it takes every value up to the next flag), and
+    argparse answered 'the following arguments are required: images' to a command that names its images."""
+    with pytest.raises(SystemExit):
+        parse_args(["--cfg", CFG, "--checkpoint", FIXTURE, "--opts", "DATA.IMG_SIZE", "32", str(images)])
+    assert "put the images before --opts, or end --opts with --" in capsys.readouterr().err
