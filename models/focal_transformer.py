@@ -19,6 +19,8 @@ from .focal_layout import pooled_levels
 from .layers import PatchEmbed, WindowPool, interpolate_pos_embed, pad_to_multiple
 from .topk_attention import TopKFocalAttention
 
+GLOBAL_POOLS = ("avg", "")  # timm's names: mean over the map, or none (the head sees every position)
+
 
 class FocalBlock(nn.Module):
     """Pre-norm transformer block with focal attention; maps ``(B, H, W, C)`` to the same shape.
@@ -136,10 +138,11 @@ class FocalTransformer(nn.Module):
                  focal_windows: Sequence[int] = (7, 5, 3, 1), focal_pool: str = "none", focal_topk: int = 128,
                  expand_stages: Sequence[int] = (0, 1, 2, 3), expand_sizes: Sequence[int] = (3, 3, 3, 3),
                  expand_layer: str = "all", use_conv_embed: bool = False, use_layerscale: bool = False,
-                 layerscale_value: float = 1e-4, use_pre_norm: bool = False):
+                 layerscale_value: float = 1e-4, use_pre_norm: bool = False, global_pool: str = "avg"):
         super().__init__()
         self.variant = variant
         self.num_classes = num_classes
+        self.global_pool = _check_pool(global_pool)
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
         self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
@@ -213,8 +216,10 @@ class FocalTransformer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = _check_pool(global_pool)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -270,7 +275,8 @@ class FocalTransformer(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(1, 2))
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -283,6 +289,12 @@ class FocalTransformer(nn.Module):
         flops += sum(stage.flops() for stage in self.layers)
         flops += self.num_features * h * w // 2 ** self.num_layers
         return flops + self.num_features * self.num_classes
+
+
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+    return global_pool
 
 
 def _init_weights(module: nn.Module) -> None:

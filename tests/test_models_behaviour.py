@@ -388,3 +388,25 @@ def test_pretrained_backbone_loads_released_layout():
         got = backbone(x)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+def test_global_pool_option_as_in_timm():
+    """timm's classifier API: ``create_model(..., global_pool='')`` and ``reset_classifier(0, '')`` give the
+    unpooled normalised map (what timm's own swin gives), ``'avg'`` the pooled features; both were a TypeError."""
+    torch.manual_seed(0)
+    model = timm.create_model("focal_tiny_patch4_window7_224", **SMALL_V1).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        final = model.forward_features(x)
+        logits = model(x)
+        model.reset_classifier(0, "")
+        assert model.global_pool == "" and model.num_classes == 0
+        torch.testing.assert_close(model(x), final, atol=0, rtol=0)
+        model.reset_classifier(0, "avg")
+        torch.testing.assert_close(model(x), final.mean(dim=(1, 2)), atol=0, rtol=0)
+        unpooled = timm.create_model("focal_tiny_patch4_window7_224", num_classes=0, global_pool="", **SMALL_V1)
+        unpooled.load_state_dict(model.state_dict())
+        torch.testing.assert_close(unpooled.eval()(x), final, atol=0, rtol=0)
+    assert logits.shape == (2, 1000)
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(0, "max")
