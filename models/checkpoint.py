@@ -68,12 +68,12 @@ def extract_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
     return out
 
 
-def adapt_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
-                     drop_mismatched_head: bool = False) -> Tuple[Dict[str, torch.Tensor], LoadReport]:
+def adapt_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], drop_mismatched_head: bool = False,
+                     derive_missing: bool = False) -> Tuple[Dict[str, torch.Tensor], LoadReport]:
     """Match a checkpoint to ``model``: drop reference buffers and carry window-dependent tensors (position
     tables, pooling kernels) over to this model's geometry. When fine-tuning (``drop_mismatched_head``), a
-    classifier of another class count is dropped, and neighbour tables the checkpoint lacks are derived from its
-    window tables (see :mod:`models.resize`)."""
+    classifier of another class count is dropped; then, or with ``derive_missing``, neighbour tables the
+    checkpoint lacks are derived from its window tables (see :mod:`models.resize`)."""
     own = model.state_dict()
     report = LoadReport()
     adapted = {}
@@ -90,7 +90,7 @@ def adapt_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
             elif drop_mismatched_head and name.startswith("head."):
                 continue
         adapted[name] = value
-    if drop_mismatched_head:
+    if drop_mismatched_head or derive_missing:
         for name in geometry_names([n for n in own if n not in adapted and n not in state_dict]):
             derived = adapt_geometry(name, None, own[name], state_dict)
             if derived is not None:

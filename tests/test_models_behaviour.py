@@ -334,6 +334,19 @@ def test_pretrained_with_other_class_count_keeps_backbone_and_resets_head():
             torch.testing.assert_close(model.state_dict()[name], value, atol=0, rtol=0, msg=name)
 
 
+def test_pretrained_at_another_image_size_derives_the_tables_fine_tuning_derives():
+    """``create_model(..., pretrained=True, img_size=288)``: the last stage's 9x9 map outgrows the 7x7 window, so
+    its blocks gain neighbour tables the 224 checkpoint lacks; timm's loading failed on them as missing keys. They
+    are derived as main.py's fine-tuning start derives them (``load_weights(drop_mismatched_head=True)``)."""
+    model = from_fixture(img_size=288)
+    expected = timm.create_model("focal_tiny_patch4_window7_224", img_size=288, **small_case_kwargs())
+    report = load_weights(expected, torch.load(FIXTURE, map_location="cpu", weights_only=True), strict=False,
+                          drop_mismatched_head=True)
+    assert report.clean and any(n.startswith("layers.3.") for n in report.resized)
+    for name, value in expected.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, atol=0, rtol=0, msg=name)
+
+
 # Released structure (conv stem for focalv2, two pooled levels, window 7) at small widths and depths.
 SMALL_V1 = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 8))
 
