@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models._features import feature_take_indices
 
 from .focal_attention import FocalWindowAttention
@@ -124,12 +124,12 @@ class FocalStage(nn.Module):
 class FocalTransformer(nn.Module):
     """Focal Transformer classifier (``variant`` ``focal`` or ``focalv2``) that takes images of any size.
 
-    ``img_size`` fixes the window geometry of the released models (and the ``flops()`` count); other input
-    sizes run with the same parameters, padding each stage to whole windows.
+    ``img_size`` (a side or ``(H, W)``) fixes the window geometry of the released models (and the ``flops()``
+    count); other input sizes run with the same parameters, padding each stage to whole windows.
     """
 
-    def __init__(self, variant: str = "focal", img_size: int = 224, patch_size: int = 4, in_chans: int = 3,
-                 num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
+    def __init__(self, variant: str = "focal", img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4,
+                 in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, qk_scale: Optional[float] = None, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, ape: bool = False,
@@ -147,7 +147,7 @@ class FocalTransformer(nn.Module):
         self.embed_dim = embed_dim
         self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
         self.img_size = img_size
-        self.patches_resolution = (img_size // patch_size, img_size // patch_size)
+        self.patches_resolution = tuple(side // patch_size for side in to_2tuple(img_size))
         self.feature_info = []
 
         # pre-norm belongs to the downsampling layers only: the reference stem has none

@@ -347,6 +347,20 @@ def test_pretrained_at_another_image_size_derives_the_tables_fine_tuning_derives
         torch.testing.assert_close(model.state_dict()[name], value, atol=0, rtol=0, msg=name)
 
 
+def test_img_size_may_be_height_and_width():
+    """timm's ``img_size=(H, W)`` (its swin takes either form) was a TypeError: a pair configures each stage's
+    map from both sides; a square pair builds what the int builds."""
+    name = "focal_tiny_patch4_window7_224"
+    with torch.device("meta"):
+        assert str(timm.create_model(name, img_size=(224, 224))) == str(timm.create_model(name, img_size=224))
+    model = timm.create_model(name, img_size=(96, 160), ape=True, **SMALL_V1).eval()
+    assert [stage.resolution for stage in model.layers] == [(24, 40), (12, 20), (6, 10), (3, 5)]
+    assert model.absolute_pos_embed.shape == (1, 24 * 40, 16)
+    assert [block.window_size for block in model.layers[3].blocks] == [3]
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 96, 160)).shape == (1, 1000)
+
+
 # Released structure (conv stem for focalv2, two pooled levels, window 7) at small widths and depths.
 SMALL_V1 = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 8))
 
