@@ -196,7 +196,10 @@ class FocalTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        return {"absolute_pos_embed"}
+        """Exact names, which timm's optimizer factory reads: the position embedding and every parameter that
+        ``no_weight_decay_keywords`` names (timm does not read those)."""
+        keywords = self.no_weight_decay_keywords()
+        return {"absolute_pos_embed"} | {n for n, _ in self.named_parameters() if any(k in n for k in keywords)}
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set:

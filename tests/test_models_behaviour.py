@@ -153,7 +153,21 @@ def test_no_weight_decay_names_cover_position_tables():
     keywords = model.no_weight_decay_keywords()
     tables = [n for n, _ in model.named_parameters() if "relative_position_bias_table" in n]
     assert tables and all(any(k in n for k in keywords) for n in tables)
-    assert model.no_weight_decay() == {"absolute_pos_embed"}
+    assert model.no_weight_decay() == {"absolute_pos_embed", *tables}
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.75])
+def test_timm_optimizer_skips_decay_where_the_training_recipe_does(layer_decay):
+    """timm's ``create_optimizer_v2`` reads only ``no_weight_decay()`` (exact names; its swin lists its tables
+    there), not the keywords: the position tables were decayed, unlike in main.py's optimizer."""
+    from timm.optim import create_optimizer_v2
+
+    from optimizer import no_decay_names
+    model = small_model()
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=layer_decay)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert no_decay == set(no_decay_names(model))
 
 
 @pytest.mark.parametrize("opts,key", [
