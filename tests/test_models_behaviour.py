@@ -222,6 +222,20 @@ def test_bf16_autocast_training_step(model_type):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("model_type", ["focal", "focalv2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_model_cast_to_another_dtype_runs_in_it(model_type, dtype):
+    """``model.to(torch.bfloat16)`` (no autocast) or ``.double()``: focalv2's top-k position MLPs met their float32
+    coordinates (a dtype error)."""
+    model = randomise(small_model("MODEL.FOCAL.USE_CONV_EMBED", model_type == "focalv2", model_type=model_type))
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        want = model.eval()(x)
+        got = model.to(dtype)(x.to(dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=0.1 if dtype == torch.bfloat16 else 1e-5, rtol=0.05)
+
+
 @pytest.mark.slow
 def test_compiles_as_one_graph_and_matches_eager():
     model = randomise(small_model("MODEL.FOCAL.DEPTHS", [1, 1, 1, 1], "MODEL.FOCAL.USE_SHIFT", True)).eval()
