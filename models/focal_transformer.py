@@ -260,11 +260,14 @@ class FocalTransformer(nn.Module):
         """timm's backbone API: drop the stages, final norm and head that ``forward_intermediates(indices)`` does
         not need (``features_only`` models call it), so a backbone carries no unused parameters."""
         take, max_index = feature_take_indices(len(self.layers), indices)
-        if prune_norm or max_index < len(self.layers) - 1:
+        prune_end = max_index < len(self.layers) - 1
+        if prune_norm or prune_end:
             self.norm = nn.Identity()  # sized for, and applied to, the last stage only
         self.layers = self.layers[:max_index + 1]
         self.layers[-1].downsample = None
-        if prune_head:
+        if prune_end:  # features now end at the last kept stage; the head, sized for the final ones, goes too
+            self.num_features = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
             self.reset_classifier(0)
         return take
 

@@ -433,6 +433,21 @@ def test_backbones_carry_only_the_stages_they_use(name):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
 
 
+def test_pruned_model_still_classifies_its_last_kept_stage():
+    """``prune_intermediate_layers(indices, prune_head=False)`` (timm's swin: the head, sized for the dropped final
+    features, goes anyway): ``num_features`` follows the last kept stage and ``forward`` pools it, where the kept
+    1000-class head met 32 channels (a shape error)."""
+    torch.manual_seed(0)
+    model = timm.create_model("focal_tiny_patch4_window7_224", **SMALL_V1).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        want = model.forward_intermediates(x, indices=[1], output_fmt="NHWC", intermediates_only=True)[0]
+        want = want.mean(dim=(1, 2))
+        assert model.prune_intermediate_layers(indices=(0, 1), prune_head=False) == [0, 1]
+        assert model.num_features == 32 and model.num_classes == 0
+        torch.testing.assert_close(model(x), want, atol=0, rtol=0)
+
+
 def test_pretrained_backbone_loads_released_layout():
     backbone = timm.create_model("focal_tiny_patch4_window7_224", features_only=True, pretrained=True,
                                  pretrained_cfg_overlay=dict(file=str(FIXTURE), num_classes=10),
