@@ -375,6 +375,17 @@ def test_pretrained_at_another_image_size_derives_the_tables_fine_tuning_derives
         torch.testing.assert_close(model.state_dict()[name], value, atol=0, rtol=0, msg=name)
 
 
+def test_reset_classifier_keeps_the_model_dtype():
+    """A model already cast (``.double()``, ``.to(torch.bfloat16)``, or moved to a GPU) then given a new head:
+    the head was created as float32 on the CPU, so the forward failed; timm's swin makes it like the model."""
+    torch.manual_seed(0)
+    model = timm.create_model("focal_tiny_patch4_window7_224", **SMALL_V1).double().eval()
+    model.reset_classifier(5)
+    assert model.head.weight.dtype == torch.float64
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64, dtype=torch.float64)).shape == (1, 5)
+
+
 def test_img_size_may_be_height_and_width():
     """timm's ``img_size=(H, W)`` (its swin takes either form) was a TypeError: a pair configures each stage's
     map from both sides; a square pair builds what the int builds."""
