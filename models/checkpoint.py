@@ -86,7 +86,7 @@ def adapt_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], d
             continue
         target = own.get(name)
         if target is not None and target.shape != value.shape:
-            reshaped = adapt_geometry(name, value, target, state_dict)
+            reshaped = adapt_geometry(name, value, target, state_dict, getattr(model, "patches_resolution", None))
             if reshaped is not None:
                 value = reshaped
                 report.resized.append(name)

@@ -136,6 +136,26 @@ def test_absolute_position_embedding_is_resampled_bicubic_for_other_sizes(size):
                                torch.full((1, *grid, model.embed_dim), 0.75), atol=1e-5, rtol=0)
 
 
+def test_absolute_position_embedding_loads_at_another_image_size():
+    """A checkpoint's table resized to the new model's grid (timm pretrained loading at ``img_size=(96, 160)``,
+    or main.py's ``load_weights`` at 96) as the forward resamples it for other inputs: the same embedding is
+    added. Both refused it as a shape mismatch."""
+    source = ape_model()
+    x = torch.randn(1, 3, 96, 160)
+    overlay = dict(state_dict=source.state_dict(), num_classes=10)
+    model = timm.create_model("focal_tiny_patch4_window7_224", pretrained=True, pretrained_cfg_overlay=overlay,
+                              img_size=(96, 160), ape=True, **small_case_kwargs())
+    assert model.absolute_pos_embed.shape == (1, 24 * 40, 16)
+    torch.testing.assert_close(added_position_embedding(model, x), added_position_embedding(source, x),
+                               atol=1e-6, rtol=0)
+    square = small_model("MODEL.FOCAL.APE", True, "DATA.IMG_SIZE", 96)
+    report = load_weights(square, source.state_dict())
+    assert report.clean and "absolute_pos_embed" in report.resized
+    x = torch.randn(1, 3, 96, 96)
+    torch.testing.assert_close(added_position_embedding(square, x), added_position_embedding(source, x),
+                               atol=1e-6, rtol=0)
+
+
 def test_channels_last_changes_the_layout_not_the_outputs():
     """--channels-last: the convolution weights (the conv patch embedding) in NHWC, the same logits."""
     torch.manual_seed(0)
