@@ -68,12 +68,13 @@ def extract_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
     return out
 
 
-def adapt_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
-                     drop_mismatched_head: bool = False) -> Tuple[Dict[str, torch.Tensor], LoadReport]:
+def adapt_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], drop_mismatched_head: bool = False,
+                     fit_geometry: bool = False) -> Tuple[Dict[str, torch.Tensor], LoadReport]:
     """Match a checkpoint to ``model``: drop reference buffers and carry window-dependent tensors (position
     tables, pooling kernels) over to this model's geometry. When fine-tuning (``drop_mismatched_head``), a
-    classifier of another class count is dropped, and neighbour tables the checkpoint lacks are derived from its
-    window tables (see :mod:`models.resize`)."""
+    classifier of another class count is dropped; then, or with ``fit_geometry``, neighbour tables the
+    checkpoint lacks are derived from its window tables (see :mod:`models.resize`). ``fit_geometry`` also drops
+    the neighbour tables of blocks that have none at this image size (their map fits in one window)."""
     own = model.state_dict()
     report = LoadReport()
     adapted = {}
@@ -81,16 +82,18 @@ def adapt_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
         if name not in own and REFERENCE_BUFFER.search(name):
             report.dropped_reference_buffers += 1
             continue
+        if name not in own and fit_geometry and geometry_names([name]):
+            continue
         target = own.get(name)
         if target is not None and target.shape != value.shape:
-            reshaped = adapt_geometry(name, value, target, state_dict)
+            reshaped = adapt_geometry(name, value, target, state_dict, getattr(model, "patches_resolution", None))
             if reshaped is not None:
                 value = reshaped
                 report.resized.append(name)
             elif drop_mismatched_head and name.startswith("head."):
                 continue
         adapted[name] = value
-    if drop_mismatched_head:
+    if drop_mismatched_head or fit_geometry:
         for name in geometry_names([n for n in own if n not in adapted and n not in state_dict]):
             derived = adapt_geometry(name, None, own[name], state_dict)
             if derived is not None:

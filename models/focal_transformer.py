@@ -11,13 +11,15 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models._features import feature_take_indices
 
 from .focal_attention import FocalWindowAttention
 from .focal_layout import pooled_levels
 from .layers import PatchEmbed, WindowPool, interpolate_pos_embed, pad_to_multiple
 from .topk_attention import TopKFocalAttention
+
+GLOBAL_POOLS = ("avg", "")  # timm's names: mean over the map, or none (the head sees every position)
 
 
 class FocalBlock(nn.Module):
@@ -122,12 +124,12 @@ class FocalStage(nn.Module):
 class FocalTransformer(nn.Module):
     """Focal Transformer classifier (``variant`` ``focal`` or ``focalv2``) that takes images of any size.
 
-    ``img_size`` fixes the window geometry of the released models (and the ``flops()`` count); other input
-    sizes run with the same parameters, padding each stage to whole windows.
+    ``img_size`` (a side or ``(H, W)``) fixes the window geometry of the released models (and the ``flops()``
+    count); other input sizes run with the same parameters, padding each stage to whole windows.
     """
 
-    def __init__(self, variant: str = "focal", img_size: int = 224, patch_size: int = 4, in_chans: int = 3,
-                 num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
+    def __init__(self, variant: str = "focal", img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4,
+                 in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, qk_scale: Optional[float] = None, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, ape: bool = False,
@@ -136,15 +138,16 @@ class FocalTransformer(nn.Module):
                  focal_windows: Sequence[int] = (7, 5, 3, 1), focal_pool: str = "none", focal_topk: int = 128,
                  expand_stages: Sequence[int] = (0, 1, 2, 3), expand_sizes: Sequence[int] = (3, 3, 3, 3),
                  expand_layer: str = "all", use_conv_embed: bool = False, use_layerscale: bool = False,
-                 layerscale_value: float = 1e-4, use_pre_norm: bool = False):
+                 layerscale_value: float = 1e-4, use_pre_norm: bool = False, global_pool: str = "avg"):
         super().__init__()
         self.variant = variant
         self.num_classes = num_classes
+        self.global_pool = _check_pool(global_pool)
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
         self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
         self.img_size = img_size
-        self.patches_resolution = (img_size // patch_size, img_size // patch_size)
+        self.patches_resolution = tuple(side // patch_size for side in to_2tuple(img_size))
         self.feature_info = []
 
         # pre-norm belongs to the downsampling layers only: the reference stem has none
@@ -193,7 +196,10 @@ class FocalTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        return {"absolute_pos_embed"}
+        """Exact names, which timm's optimizer factory reads: the position embedding and every parameter that
+        ``no_weight_decay_keywords`` names (timm does not read those)."""
+        keywords = self.no_weight_decay_keywords()
+        return {"absolute_pos_embed"} | {n for n, _ in self.named_parameters() if any(k in n for k in keywords)}
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set:
@@ -213,9 +219,14 @@ class FocalTransformer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new head for ``num_classes`` (0: none) on the model's device and dtype."""
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if global_pool is not None:
+            self.global_pool = _check_pool(global_pool)
+        like = self.patch_embed.proj.weight
+        self.head = (nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
+                     if num_classes > 0 else nn.Identity())
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
@@ -252,11 +263,14 @@ class FocalTransformer(nn.Module):
         """timm's backbone API: drop the stages, final norm and head that ``forward_intermediates(indices)`` does
         not need (``features_only`` models call it), so a backbone carries no unused parameters."""
         take, max_index = feature_take_indices(len(self.layers), indices)
-        if prune_norm or max_index < len(self.layers) - 1:
+        prune_end = max_index < len(self.layers) - 1
+        if prune_norm or prune_end:
             self.norm = nn.Identity()  # sized for, and applied to, the last stage only
         self.layers = self.layers[:max_index + 1]
         self.layers[-1].downsample = None
-        if prune_head:
+        if prune_end:  # features now end at the last kept stage; the head, sized for the final ones, goes too
+            self.num_features = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
             self.reset_classifier(0)
         return take
 
@@ -270,7 +284,8 @@ class FocalTransformer(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(1, 2))
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -283,6 +298,12 @@ class FocalTransformer(nn.Module):
         flops += sum(stage.flops() for stage in self.layers)
         flops += self.num_features * h * w // 2 ** self.num_layers
         return flops + self.num_features * self.num_classes
+
+
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+    return global_pool
 
 
 def _init_weights(module: nn.Module) -> None:

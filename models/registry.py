@@ -30,8 +30,10 @@ _BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """timm's hook between reading and loading weights: unwrap (``model``/``state_dict`` keys, ``module.``
-    prefixes), drop the reference's index buffers and resize position tables to the model's window size."""
-    adapted, _ = adapt_state_dict(model, extract_state_dict(state_dict))
+    prefixes), drop the reference's index buffers and resize position tables to the model's window size; at
+    another ``img_size``, derive the neighbour tables of a stage that outgrows its window and drop those of a stage
+    that now fits in one."""
+    adapted, _ = adapt_state_dict(model, extract_state_dict(state_dict), fit_geometry=True)
     return adapted
 
 

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from .focal_layout import FocalLayoutSpec
+from .layers import interpolate_pos_embed
 
 NEIGHBOURS = "relative_position_bias_table_to_neighbors"
 WINDOW_TABLE = "relative_position_bias_table"
 POOLED_TABLE = ".relative_position_bias_table_to_windows."
+POS_EMBED = "absolute_pos_embed"
 
 
 def resize_square_table(table: torch.Tensor, side: int, heads_first: bool) -> torch.Tensor:
@@ -88,10 +90,11 @@ def neighbour_table_from_window_table(window_table: torch.Tensor, target: torch.
     return window_table[index].permute(2, 0, 1).unsqueeze(0).to(window_table.dtype).contiguous()
 
 
-def adapt_geometry(name: str, value: Optional[torch.Tensor], target: torch.Tensor,
-                   checkpoint: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+def adapt_geometry(name: str, value: Optional[torch.Tensor], target: torch.Tensor, checkpoint: Dict[str, torch.Tensor],
+                   grid: Optional[Tuple[int, int]] = None) -> Optional[torch.Tensor]:
     """``value`` (the checkpoint's tensor called ``name``, or None if it has none) reshaped for ``target``, or
-    None when ``name`` is no geometry-dependent tensor this module knows how to carry over."""
+    None when ``name`` is no geometry-dependent tensor this module knows how to carry over. ``grid`` is the model's
+    patch grid, to which an absolute position embedding (of a square grid) is resampled as the forward does."""
     if value is not None and value.shape == target.shape:
         return value
     if name.endswith(NEIGHBOURS):
@@ -107,6 +110,9 @@ def adapt_geometry(name: str, value: Optional[torch.Tensor], target: torch.Tenso
         return resize_square_table(value, math.isqrt(target.shape[0]), heads_first=False)
     if ".pool_layers." in name and name.endswith(".weight") and value.ndim == target.ndim:
         return resize_pool_weight(value, target.shape)
+    if name == POS_EMBED and grid is not None:
+        side = math.isqrt(value.shape[1])
+        return interpolate_pos_embed(value, (side, side), grid) if side * side == value.shape[1] else None
     return None
 
 

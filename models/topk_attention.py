@@ -137,8 +137,9 @@ class TopKFocalAttention(WindowedAttention):
         return topk_layout(height, width, self.window_size, self.focal_level, self.top_k, device)
 
     def bias_table(self, layout: TopKLayout) -> torch.Tensor:
-        """(nH, codes): each level's MLP run once per relative coordinate of its box."""
-        return torch.cat([mlp(c) for mlp, c in zip(self.coord2rpb_all, layout.coords)]).t()
+        """(nH, codes): each level's MLP run once per relative coordinate of its box (the cached float32
+        coordinates in the MLP's dtype, so a model cast to bfloat16 or float64 runs)."""
+        return torch.cat([mlp(c.to(mlp[0].weight.dtype)) for mlp, c in zip(self.coord2rpb_all, layout.coords)]).t()
 
     def attention_bias(self, layout: TopKLayout) -> torch.Tensor:
         """(1, nH*nW, ws*ws, K): the table indexed straight into the attention layout."""

@@ -7,7 +7,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from config import load_config
-from models import ConfigError, build_model, load_weights
+from models import ConfigError, build_model, extract_state_dict, load_weights
 from models.registry import RELEASE_URL
 from tests.golden import FIXTURES, case_input, load_case
 from tests.helpers import REPO, SMALL, randomise, small_model, tiny_config
@@ -136,6 +136,26 @@ def test_absolute_position_embedding_is_resampled_bicubic_for_other_sizes(size):
                                torch.full((1, *grid, model.embed_dim), 0.75), atol=1e-5, rtol=0)
 
 
+def test_absolute_position_embedding_loads_at_another_image_size():
+    """A checkpoint's table resized to the new model's grid (timm pretrained loading at ``img_size=(96, 160)``,
+    or main.py's ``load_weights`` at 96) as the forward resamples it for other inputs: the same embedding is
+    added. Both refused it as a shape mismatch."""
+    source = ape_model()
+    x = torch.randn(1, 3, 96, 160)
+    overlay = dict(state_dict=source.state_dict(), num_classes=10)
+    model = timm.create_model("focal_tiny_patch4_window7_224", pretrained=True, pretrained_cfg_overlay=overlay,
+                              img_size=(96, 160), ape=True, **small_case_kwargs())
+    assert model.absolute_pos_embed.shape == (1, 24 * 40, 16)
+    torch.testing.assert_close(added_position_embedding(model, x), added_position_embedding(source, x),
+                               atol=1e-6, rtol=0)
+    square = small_model("MODEL.FOCAL.APE", True, "DATA.IMG_SIZE", 96)
+    report = load_weights(square, source.state_dict())
+    assert report.clean and "absolute_pos_embed" in report.resized
+    x = torch.randn(1, 3, 96, 96)
+    torch.testing.assert_close(added_position_embedding(square, x), added_position_embedding(source, x),
+                               atol=1e-6, rtol=0)
+
+
 def test_channels_last_changes_the_layout_not_the_outputs():
     """--channels-last: the convolution weights (the conv patch embedding) in NHWC, the same logits."""
     torch.manual_seed(0)
@@ -153,7 +173,21 @@ def test_no_weight_decay_names_cover_position_tables():
     keywords = model.no_weight_decay_keywords()
     tables = [n for n, _ in model.named_parameters() if "relative_position_bias_table" in n]
     assert tables and all(any(k in n for k in keywords) for n in tables)
-    assert model.no_weight_decay() == {"absolute_pos_embed"}
+    assert model.no_weight_decay() == {"absolute_pos_embed", *tables}
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.75])
+def test_timm_optimizer_skips_decay_where_the_training_recipe_does(layer_decay):
+    """timm's ``create_optimizer_v2`` reads only ``no_weight_decay()`` (exact names; its swin lists its tables
+    there), not the keywords: the position tables were decayed, unlike in main.py's optimizer."""
+    from timm.optim import create_optimizer_v2
+
+    from optimizer import no_decay_names
+    model = small_model()
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=layer_decay)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert no_decay == set(no_decay_names(model))
 
 
 @pytest.mark.parametrize("opts,key", [
@@ -206,6 +240,20 @@ def test_bf16_autocast_training_step(model_type):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     out.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("model_type", ["focal", "focalv2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_model_cast_to_another_dtype_runs_in_it(model_type, dtype):
+    """``model.to(torch.bfloat16)`` (no autocast) or ``.double()``: focalv2's top-k position MLPs met their float32
+    coordinates (a dtype error)."""
+    model = randomise(small_model("MODEL.FOCAL.USE_CONV_EMBED", model_type == "focalv2", model_type=model_type))
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        want = model.eval()(x)
+        got = model.to(dtype)(x.to(dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=0.1 if dtype == torch.bfloat16 else 1e-5, rtol=0.05)
 
 
 @pytest.mark.slow
@@ -334,6 +382,57 @@ def test_pretrained_with_other_class_count_keeps_backbone_and_resets_head():
             torch.testing.assert_close(model.state_dict()[name], value, atol=0, rtol=0, msg=name)
 
 
+def test_pretrained_at_another_image_size_derives_the_tables_fine_tuning_derives():
+    """``create_model(..., pretrained=True, img_size=288)``: the last stage's 9x9 map outgrows the 7x7 window, so
+    its blocks gain neighbour tables the 224 checkpoint lacks; timm's loading failed on them as missing keys. They
+    are derived as main.py's fine-tuning start derives them (``load_weights(drop_mismatched_head=True)``)."""
+    model = from_fixture(img_size=288)
+    expected = timm.create_model("focal_tiny_patch4_window7_224", img_size=288, **small_case_kwargs())
+    report = load_weights(expected, torch.load(FIXTURE, map_location="cpu", weights_only=True), strict=False,
+                          drop_mismatched_head=True)
+    assert report.clean and any(n.startswith("layers.3.") for n in report.resized)
+    for name, value in expected.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, atol=0, rtol=0, msg=name)
+
+
+def test_reset_classifier_keeps_the_model_dtype():
+    """A model already cast (``.double()``, ``.to(torch.bfloat16)``, or moved to a GPU) then given a new head:
+    the head was created as float32 on the CPU, so the forward failed; timm's swin makes it like the model."""
+    torch.manual_seed(0)
+    model = timm.create_model("focal_tiny_patch4_window7_224", **SMALL_V1).double().eval()
+    model.reset_classifier(5)
+    assert model.head.weight.dtype == torch.float64
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64, dtype=torch.float64)).shape == (1, 5)
+
+
+def test_pretrained_at_a_smaller_image_size_leaves_out_the_tables_it_has_no_use_for():
+    """``img_size=96``: stage 2's 6x6 map fits in one window, so its blocks attend to no surroundings and have no
+    neighbour tables; timm's strict loading failed on the checkpoint's as unexpected keys. Everything else loads."""
+    model = from_fixture(img_size=96)
+    released = extract_state_dict(torch.load(FIXTURE, map_location="cpu", weights_only=True))
+    left_out = [n for n in released if n.endswith("to_neighbors") and n not in model.state_dict()]
+    assert left_out and all(n.startswith("layers.2.") for n in left_out)
+    assert model.layers[2].blocks[0].window_size == 6
+    for name, value in model.state_dict().items():
+        if name.startswith(("layers.0.", "layers.1.")):
+            torch.testing.assert_close(value, released[name], atol=0, rtol=0, msg=name)
+
+
+def test_img_size_may_be_height_and_width():
+    """timm's ``img_size=(H, W)`` (its swin takes either form) was a TypeError: a pair configures each stage's
+    map from both sides; a square pair builds what the int builds."""
+    name = "focal_tiny_patch4_window7_224"
+    with torch.device("meta"):
+        assert str(timm.create_model(name, img_size=(224, 224))) == str(timm.create_model(name, img_size=224))
+    model = timm.create_model(name, img_size=(96, 160), ape=True, **SMALL_V1).eval()
+    assert [stage.resolution for stage in model.layers] == [(24, 40), (12, 20), (6, 10), (3, 5)]
+    assert model.absolute_pos_embed.shape == (1, 24 * 40, 16)
+    assert [block.window_size for block in model.layers[3].blocks] == [3]
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 96, 160)).shape == (1, 1000)
+
+
 # Released structure (conv stem for focalv2, two pooled levels, window 7) at small widths and depths.
 SMALL_V1 = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 8))
 
@@ -378,6 +477,21 @@ def test_backbones_carry_only_the_stages_they_use(name):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
 
 
+def test_pruned_model_still_classifies_its_last_kept_stage():
+    """``prune_intermediate_layers(indices, prune_head=False)`` (timm's swin: the head, sized for the dropped final
+    features, goes anyway): ``num_features`` follows the last kept stage and ``forward`` pools it, where the kept
+    1000-class head met 32 channels (a shape error)."""
+    torch.manual_seed(0)
+    model = timm.create_model("focal_tiny_patch4_window7_224", **SMALL_V1).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        want = model.forward_intermediates(x, indices=[1], output_fmt="NHWC", intermediates_only=True)[0]
+        want = want.mean(dim=(1, 2))
+        assert model.prune_intermediate_layers(indices=(0, 1), prune_head=False) == [0, 1]
+        assert model.num_features == 32 and model.num_classes == 0
+        torch.testing.assert_close(model(x), want, atol=0, rtol=0)
+
+
 def test_pretrained_backbone_loads_released_layout():
     backbone = timm.create_model("focal_tiny_patch4_window7_224", features_only=True, pretrained=True,
                                  pretrained_cfg_overlay=dict(file=str(FIXTURE), num_classes=10),
@@ -388,3 +502,25 @@ def test_pretrained_backbone_loads_released_layout():
         got = backbone(x)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+def test_global_pool_option_as_in_timm():
+    """timm's classifier API: ``create_model(..., global_pool='')`` and ``reset_classifier(0, '')`` give the
+    unpooled normalised map (what timm's own swin gives), ``'avg'`` the pooled features; both were a TypeError."""
+    torch.manual_seed(0)
+    model = timm.create_model("focal_tiny_patch4_window7_224", **SMALL_V1).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        final = model.forward_features(x)
+        logits = model(x)
+        model.reset_classifier(0, "")
+        assert model.global_pool == "" and model.num_classes == 0
+        torch.testing.assert_close(model(x), final, atol=0, rtol=0)
+        model.reset_classifier(0, "avg")
+        torch.testing.assert_close(model(x), final.mean(dim=(1, 2)), atol=0, rtol=0)
+        unpooled = timm.create_model("focal_tiny_patch4_window7_224", num_classes=0, global_pool="", **SMALL_V1)
+        unpooled.load_state_dict(model.state_dict())
+        torch.testing.assert_close(unpooled.eval()(x), final, atol=0, rtol=0)
+    assert logits.shape == (2, 1000)
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(0, "max")
