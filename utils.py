@@ -417,7 +417,22 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging
         logger.info(f"resuming with a changed config: {'; '.join(changes)}; the optimizer keeps its state and "
                     f"the learning-rate schedule follows this run's config")
     logger.info(f"resumed training state from {path} (epoch {state['epoch']})")
+    if config is not None:
+        warn_of_later_checkpoints(config.OUTPUT, state["epoch"], logger)
     return state["epoch"] + 1, int(state.get("step", 0)), max_accuracy
+
+
+def warn_of_later_checkpoints(output_dir: str, epoch: int, logger: logging.Logger) -> None:
+    """Auto-resume takes the highest epoch in the output folder: a run resumed from an older epoch (``--resume``)
+    into a folder holding later epochs of an abandoned run would, after a stop, go on from the abandoned run's
+    until this one has overwritten them. Said once, at the start, naming them."""
+    later = [path for path in list_checkpoints(output_dir)
+             if int(CHECKPOINT_NAME.match(os.path.basename(path)).group(1)) > epoch]
+    if later:
+        names = ", ".join(os.path.basename(path) for path in later[:3]) + (", ..." if len(later) > 3 else "")
+        logger.warning(f"{output_dir} holds later epochs than the resumed epoch {epoch} ({names}), from an earlier "
+                       f"run: until this run overwrites them, auto-resume after a stop would go on from those; "
+                       f"remove them, or resume under another --tag or --output")
 
 
 def load_pretrained(path: str, model: nn.Module, logger: logging.Logger, unsafe: bool = False,

@@ -147,6 +147,27 @@ def test_keep_checkpoints_never_removes_the_checkpoint_just_saved(tmp_path):
     assert latest_checkpoint(str(tmp_path), LOG).path == str(tmp_path / "ckpt_epoch_1.pth")
 
 
+def test_resuming_an_older_epoch_warns_of_the_later_ones_auto_resume_would_take(tmp_path, caplog):
+    """--resume of epoch 1 into a folder holding epochs 1-3 of an earlier run: with KEEP_CHECKPOINTS 0 (or before
+    this run overwrites them), a stop then auto-resumed from the abandoned run's epoch 3 without a word."""
+    config = tiny_config("OUTPUT", str(tmp_path), "KEEP_CHECKPOINTS", 0)
+    model, optimizer, _ = run_epoch(config, fake_batches(2), build_precision("none", CPU))
+    scheduler, scaler = build_scheduler(config, optimizer, 2), build_precision("none", CPU).scaler
+    for epoch in (1, 2, 3):
+        save_checkpoint(config, training_state(config, epoch, epoch, model, 0.0, optimizer, scheduler, scaler), LOG)
+    for epoch, later in ((1, "ckpt_epoch_3.pth, ckpt_epoch_2.pth"), (3, None)):
+        caplog.clear()
+        resumed = read_checkpoint(str(tmp_path / f"ckpt_epoch_{epoch}.pth"), LOG)
+        fresh = build_model(config)
+        with caplog.at_level(logging.WARNING, logger=LOG.name):
+            restore_checkpoint(resumed, fresh, LOG, build_optimizer(config, fresh), scaler, config)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        if later is None:
+            assert warnings == []
+        else:
+            assert len(warnings) == 1 and f"later epochs than the resumed epoch {epoch} ({later})" in warnings[0]
+
+
 def test_checkpoint_round_trip_latest_by_epoch_and_keep_last(tmp_path):
     config = tiny_config("OUTPUT", str(tmp_path), "KEEP_CHECKPOINTS", 2)
     model, optimizer, _ = run_epoch(config, fake_batches(2), build_precision("none", CPU))
