@@ -22,7 +22,7 @@ from timm.data import ImageNetInfo
 
 from cli import HelpFormatter
 from config import load_config
-from data.datasets import hidden, load_rgb
+from data.datasets import PIL_ERRORS, hidden, load_rgb
 from data.transforms import build_transform
 from distributed import DEVICES, resolve_device
 from errors import UsageError, error_text
@@ -125,7 +125,7 @@ def read_image(path: Path) -> Image.Image:
     Pillow's pixel limit, is a usage error naming it."""
     try:
         return load_rgb(path)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except PIL_ERRORS as err:
         raise UsageError(f"cannot read image {path}: {err}") from None
 
 

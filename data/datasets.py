@@ -26,6 +26,10 @@ from errors import UsageError
 logger = logging.getLogger("focal.data")
 
 
+# What PIL raises for unreadable, truncated, corrupt (e.g. "broken PNG file") and oversized (its decompression-bomb
+# guard) files, when a file is opened on its own (a dataset item also runs transforms: see CheckedImages).
+PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
 # 16-bit grey images (PNG, TIFF): Pillow's conversion to RGB clips every value above 255 to white.
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -61,7 +65,8 @@ def class_folders(directory: str) -> Tuple[List[str], dict]:
     return classes, {name: index for index, name in enumerate(classes)}
 
 
-def _image_files(files: Sequence[str], extensions: Tuple[str, ...] = IMG_EXTENSIONS) -> List[str]:
+def image_files(files: Sequence[str], extensions: Tuple[str, ...] = IMG_EXTENSIONS) -> List[str]:
+    """The image file names among ``files`` (torchvision's extensions, hidden files left out), sorted."""
     return sorted(f for f in files if not hidden(f) and has_file_allowed_extension(f, extensions))
 
 
@@ -91,7 +96,7 @@ class ImageTree(ImageFolder):
                     continue
                 visited.add(real)
                 dirs[:] = [d for d in dirs if not hidden(d)]
-                found.append((root, _image_files(files, extensions)))
+                found.append((root, image_files(files, extensions)))
             class_samples = [(os.path.join(root, f), class_to_idx[name])
                              for root, files in sorted(found) for f in files]
             if not class_samples and not allow_empty:
@@ -219,7 +224,7 @@ def build_dataset(split: str, config: Any, transform: Optional[Callable], rank: 
 def _empty_class_folders(folder: str) -> str:
     """Which class folders hold no image (ImageFolder only says which classes)."""
     empty = [os.path.join(folder, name) for name in _class_names(folder)
-             if not any(_image_files(files) for root, _, files in os.walk(os.path.join(folder, name))
+             if not any(image_files(files) for root, _, files in os.walk(os.path.join(folder, name))
                         if not any(hidden(part) for part in os.path.relpath(root, folder).split(os.sep)))]
     if not empty:
         return ""

@@ -9,12 +9,9 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 
-from data.datasets import to_rgb
+from data.datasets import PIL_ERRORS, to_rgb
 from errors import UsageError
 
-# What PIL raises for unreadable, truncated, corrupt (e.g. "broken PNG file") and oversized (its decompression-bomb
-# guard) files.
-PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 # PIL's float mode: values in 0..1 or in 0..255 alike, which RGB conversion would clip or make black.
 FLOAT_MODE = "F"
 

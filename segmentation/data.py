@@ -15,11 +15,10 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import InterpolationMode
 
-from data.datasets import hidden
-from dense.images import PIL_ERRORS, image_size, read_rgb
+from data.datasets import PIL_ERRORS, image_files
+from dense.images import image_size, read_rgb
 from errors import UsageError
 
 IGNORE = 255  # ignored pixels: the value 255, and 0 under REDUCE_ZERO_LABEL
@@ -130,9 +129,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
                 raise UsageError(f"--data-path {root}: no folder {path} (expected the ADE20K layout "
                                  f"images/{{training,validation}}/, annotations/{{training,validation}}/)")
         images: Dict[str, str] = {}
-        for name in sorted(os.listdir(image_dir)):
-            if hidden(name) or not has_file_allowed_extension(name, IMG_EXTENSIONS):
-                continue
+        for name in image_files(os.listdir(image_dir)):
             stem = os.path.splitext(name)[0]
             if stem in images:  # both would claim the one annotation <stem>.png
                 raise UsageError(f"images {images[stem]} and {name} in {image_dir} share the name {stem}, so "
