@@ -17,6 +17,7 @@ import torchvision.transforms.v2.functional as F
 from pycocotools.coco import COCO
 
 from dense.images import image_size, read_rgb
+from detection.config import MASK_DETECTORS
 from errors import UsageError
 
 # Boxes may pass the image border by this many pixels (rounding in real annotations) and are clipped to it.
@@ -237,7 +238,7 @@ def check_resizable(dataset: CocoDetection, min_size: int, max_size: int) -> Non
 
 def build_data(config: Any, env: Any, logger: Any) -> Tuple[CocoDetection, CocoDetection, int]:
     """The class count is the number of COCO categories (the training file's; validation must agree)."""
-    root, masks = config.DATA.DATA_PATH, config.MODEL.DETECTOR == "mask_rcnn"
+    root, masks = config.DATA.DATA_PATH, config.MODEL.DETECTOR in MASK_DETECTORS
     train = CocoDetection(root, config.DATA.TRAIN_SPLIT, masks, train=True, flip_prob=config.DATA.FLIP_PROB)
     val = CocoDetection(root, config.DATA.VAL_SPLIT, masks, train=False)
     sizes = config.MODEL.DETECTOR_ARGS

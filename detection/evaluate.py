@@ -20,6 +20,7 @@ from distributed import DistEnv, all_reduce_sum
 from engine import Precision
 from progress import Progress
 
+from .config import MASK_DETECTORS
 from .data import collate
 
 MASK_THRESHOLD = 0.5  # Mask R-CNN's mask probabilities become binary masks here, as torchvision's references do
@@ -85,7 +86,7 @@ def evaluate(config: Any, model: nn.Module, dataset: Any, env: DistEnv, precisio
         gathered: List[Any] = [None] * env.world_size
         dist.all_gather_object(gathered, results)
         results = [entry for part in gathered for entry in part]
-    masks = config.MODEL.DETECTOR == "mask_rcnn"
+    masks = config.MODEL.DETECTOR in MASK_DETECTORS
     score = torch.zeros(2, dtype=torch.float64)
     if env.is_main:
         results.sort(key=lambda r: (r["image_id"], -r["score"]))
