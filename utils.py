@@ -386,15 +386,17 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging
     the saved one. Changed settings are logged; a change of optimizer type is refused.
     """
     state, path = checkpoint.state, checkpoint.path
+    training = optimizer is not None and all(k in state for k in ("optimizer", "epoch"))
     try:
-        report = load_weights(model, state, strict=True)
+        report = load_weights(model, state, strict=True, resize=not training)
     except ValueError as err:
-        hint = checkpoint.restart_hint("to fine-tune from other weights use --pretrained")
+        hint = checkpoint.restart_hint(f"to train this model from these weights start a new run with --pretrained "
+                                       f"{path}" if training else "to fine-tune from other weights use --pretrained")
         shapes = shape_changes(state.get("config"), config) if config is not None else ""
         raise UsageError(f"{checkpoint.source}: {err}{shapes}; {hint}") from None
     logger.info(f"resumed weights from {path}: {report.summary()}")
     max_accuracy = float(state.get("max_accuracy", 0.0))
-    if optimizer is None or not all(k in state for k in ("optimizer", "epoch")):
+    if not training:
         return 0, 0, max_accuracy
     saved_groups = state["optimizer"].get("param_groups", [])
     saved_kind, kind = (optimizer_kind(g[0]) if g else "unknown" for g in (saved_groups, optimizer.param_groups))

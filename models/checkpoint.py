@@ -118,12 +118,18 @@ def head_classes(checkpoint: Any) -> Optional[int]:
 
 
 def load_weights(model: nn.Module, checkpoint: Any, strict: bool = True,
-                 drop_mismatched_head: bool = False) -> LoadReport:
+                 drop_mismatched_head: bool = False, resize: bool = True) -> LoadReport:
     """Load a checkpoint object's weights. With ``strict`` any missing, unexpected or mismatched key raises a
-    ``ValueError`` carrying the short summary; otherwise what matches loads and the report says the rest."""
+    ``ValueError`` carrying the short summary; otherwise what matches loads and the report says the rest. Without
+    ``resize``, a tensor that would need resizing to this model's windows is a misfit too: optimizer moments
+    saved beside the weights keep the old shapes."""
     state_dict, report = adapt_state_dict(model, extract_state_dict(checkpoint), drop_mismatched_head)
     if strict and not report.clean:
         raise ValueError(f"checkpoint does not fit this model: {report.summary()}")
+    if not resize and report.resized:
+        names = ", ".join(report.resized[:3]) + (", ..." if len(report.resized) > 3 else "")
+        raise ValueError(f"checkpoint does not fit this model: {len(report.resized)} tensors would have to be resized "
+                         f"to its windows ({names})")
     bad = {k for k, _, _ in report.mismatched}
     model.load_state_dict({k: v for k, v in state_dict.items() if k not in bad}, strict=False)
     return report

@@ -168,6 +168,22 @@ def test_resuming_an_older_epoch_warns_of_the_later_ones_auto_resume_would_take(
             assert len(warnings) == 1 and f"later epochs than the resumed epoch {epoch} ({later})" in warnings[0]
 
 
+def test_a_resume_whose_weights_need_resizing_is_refused_and_evaluation_still_resizes(tmp_path):
+    """Trained at 96, resumed at 128: the last stage's window grows, so its position tables and pooling kernel
+    would be resampled while the optimizer's moments keep the old shapes (the first step then failed with 'The size
+    of tensor a (9) must match the size of tensor b (16)'). Evaluating the same file at 128 resizes them."""
+    config = tiny_config("OUTPUT", str(tmp_path), "DATA.IMG_SIZE", 96)
+    model, optimizer, _ = run_epoch(config, fake_batches(2, size=96), build_precision("none", CPU))
+    scheduler, scaler = build_scheduler(config, optimizer, 2), build_precision("none", CPU).scaler
+    path = save_checkpoint(config, training_state(config, 0, 2, model, 0.0, optimizer, scheduler, scaler), LOG)
+    larger = tiny_config("OUTPUT", str(tmp_path), "DATA.IMG_SIZE", 128)
+    fresh = build_model(larger)
+    with pytest.raises(UsageError, match=r"3 tensors would have to be resized .*layers\.3\.blocks\.0\..*"
+                                         r"DATA\.IMG_SIZE 96 \(this config: 128\).*new run with --pretrained"):
+        restore_checkpoint(read_checkpoint(path, LOG), fresh, LOG, build_optimizer(larger, fresh), scaler, larger)
+    assert restore_checkpoint(read_checkpoint(path, LOG), fresh, LOG, config=larger) == (0, 0, 0.0)
+
+
 def test_checkpoint_round_trip_latest_by_epoch_and_keep_last(tmp_path):
     config = tiny_config("OUTPUT", str(tmp_path), "KEEP_CHECKPOINTS", 2)
     model, optimizer, _ = run_epoch(config, fake_batches(2), build_precision("none", CPU))
