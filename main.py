@@ -105,16 +105,6 @@ def load_run_config(args: argparse.Namespace) -> Any:
     return config
 
 
-def scale_learning_rates(config: Any, world_size: int) -> None:
-    """Swin's linear rule: the configured rates hold for a total batch of ``TRAIN.LR_BATCH`` images per optimizer
-    update (512 in the released configs); they are scaled to this run's, which then becomes ``TRAIN.LR_BATCH``."""
-    total = config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS
-    scale_rates(config, total, config.TRAIN.LR_BATCH)
-    config.defrost()
-    config.TRAIN.LR_BATCH = total
-    config.freeze()
-
-
 def build_criterion(config: Any, mixup: bool) -> nn.Module:
     """Soft targets with Mixup (which already smooths labels), else label smoothing, else plain cross-entropy."""
     if mixup:
@@ -318,7 +308,7 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
 
 
 def run(config: Any, env: DistEnv, unsafe_load: bool = False) -> None:
-    scale_learning_rates(config, env.world_size)
+    scale_rates(config, config.DATA.BATCH_SIZE * env.world_size * config.TRAIN.ACCUMULATION_STEPS)
     with locked_run(config.OUTPUT, env.rank) as logger:
         backend = f", backend {torch.distributed.get_backend()}" if env.distributed else ""
         logger.info(f"rank {env.rank} of {env.world_size} on {env.device}{backend}, pid {os.getpid()}")

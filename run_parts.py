@@ -19,16 +19,17 @@ from utils import BEST_CHECKPOINT, Checkpoint, save_checkpoint
 SCALED_RATES = ("BASE_LR", "WARMUP_LR", "MIN_LR")
 
 
-def scale_rates(config: Any, total_batch: int, reference_batch: int) -> float:
-    """The linear rule (Swin, mmdetection's auto_scale_lr): the configured rates hold for ``reference_batch``
-    images per optimizer update and scale with ``total_batch``. Returns the factor."""
-    factor = total_batch / reference_batch
+def scale_rates(config: Any, total_batch: int) -> None:
+    """The linear rule (Swin, mmdetection's auto_scale_lr): the configured rates hold for ``TRAIN.LR_BATCH`` images
+    per optimizer update and scale to ``total_batch``, which then becomes ``TRAIN.LR_BATCH``: the saved config
+    holds the rates this run trained with, and re-running it scales them only by a change of batch."""
+    factor = total_batch / config.TRAIN.LR_BATCH
     config.defrost()
     for key in SCALED_RATES:
         if key in config.TRAIN:
             config.TRAIN[key] *= factor
+    config.TRAIN.LR_BATCH = total_batch
     config.freeze()
-    return factor
 
 
 def create_ema(config: Any, model: nn.Module, checkpoint: Optional[Checkpoint]) -> Optional[ModelEmaV3]:

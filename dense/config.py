@@ -11,9 +11,6 @@ from config import (AMP_LEVELS, PATH_COMPONENT, Rule, at_least, between, check_v
                     one_of, one_path_component)
 from errors import UsageError, error_text
 
-# The configured learning rates hold for a total batch of 16 images (8 GPUs x 2, as in the seed's detection and
-# segmentation runs) and scale linearly from it, as mmdetection's auto_scale_lr does.
-REFERENCE_BATCH = 16
 SCHEDULES = ("multistep", "poly")
 # The command-line flags that set a key, named in its error message.
 FLAGS = {
@@ -56,6 +53,9 @@ def dense_defaults() -> CN:
     c.TRAIN = CN()
     c.TRAIN.EPOCHS = 12
     c.TRAIN.BASE_LR = 1e-4
+    # The total batch the rates are stated for (8 GPUs x 2 in the seed's runs); they scale linearly to this run's,
+    # as mmdetection's auto_scale_lr does, and the saved config records the run's (see run_parts.scale_rates).
+    c.TRAIN.LR_BATCH = 16
     c.TRAIN.WEIGHT_DECAY = 0.05
     c.TRAIN.BETAS = (0.9, 0.999)
     c.TRAIN.WARMUP_ITERS = 500
@@ -97,6 +97,7 @@ DENSE_RULES = (
     Rule("MODEL_EMA_DECAY", between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
     Rule("TRAIN.EPOCHS", at_least(1), "must be at least 1"),
     Rule("TRAIN.BASE_LR", lambda value, _: value > 0, "must be above 0"),
+    Rule("TRAIN.LR_BATCH", at_least(1), "must be at least 1 (the total batch the learning rates are stated for)"),
     Rule("TRAIN.WEIGHT_DECAY", at_least(0), "must be 0 or more"),
     Rule("TRAIN.BETAS", lambda value, _: len(value) == 2 and all(0 <= b < 1 for b in value),
          "must be two values in [0, 1)"),

@@ -32,7 +32,7 @@ from utils import (diverged, latest_checkpoint, read_checkpoint, restore_checkpo
                    training_epochs, training_state)
 
 from .backbone import DenseBackbone
-from .config import REFERENCE_BATCH, get_task_config
+from .config import get_task_config
 from .engine import build_schedule, train_one_epoch
 
 # A backbone checkpoint of a classifier carries these, which a backbone does not have.
@@ -269,7 +269,7 @@ def run(task: Task, argv: Optional[Sequence[str]] = None, prog: Optional[str] = 
     config = get_task_config(args, task.defaults, task.rules)
     env = init_distributed(args.device)
     try:
-        scale_rates(config, config.DATA.BATCH_SIZE * env.world_size, REFERENCE_BATCH)
+        scale_rates(config, config.DATA.BATCH_SIZE * env.world_size)
         with locked_run(config.OUTPUT, env.rank) as logger:
             logger.info(f"rank {env.rank} of {env.world_size} on {env.device}, pid {os.getpid()}; learning rate "
                         f"{config.TRAIN.BASE_LR:.3g} for a total batch of {config.DATA.BATCH_SIZE * env.world_size}")

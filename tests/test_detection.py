@@ -29,6 +29,7 @@ from errors import UsageError
 from models import extract_state_dict
 from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, assert_intact, check, finished_dense_run, load,
                            private_copy, run_task, task_args, this_run)
+from run_parts import scale_rates
 from utils import CHECKSUM_KEY
 
 CFG = str(REPO / "configs" / "detection" / "demo.yaml")
@@ -468,3 +469,18 @@ def test_a_checkpoint_without_the_class_record_still_loads(copied_run):
                "--resume", str(checkpoint), "--opts", *TINY])
     log = this_run((out / DETECTION_RUN / "log_rank0.txt").read_text())
     assert f"resumed weights from {checkpoint}" in log and "box AP" in log
+
+
+@pytest.mark.slow
+def test_a_saved_config_reruns_at_the_rate_it_trained_with(finished_run):
+    """config.yaml holds the scaled rate and TRAIN.LR_BATCH, the total batch it is for: re-run at that batch it
+    keeps the rate, at twice the batch it doubles it. Without the record the saved rate was scaled again on
+    every re-run (ADE20K's 6e-5 became 7.5e-6 at batch 2, then 9.4e-7)."""
+    saved = str(finished_run / "out" / DETECTION_RUN / "config.yaml")
+    trained = get_task_config(task_args(saved), detection_defaults(), DETECTION_RULES)
+    assert trained.TRAIN.LR_BATCH == trained.DATA.BATCH_SIZE == 2  # one process: TINY's batch of 2
+    assert trained.TRAIN.BASE_LR == pytest.approx(2e-3 * 2 / 16)  # demo.yaml's rate for 16 images, at 2
+    for processes in (1, 2):
+        again = get_task_config(task_args(saved), detection_defaults(), DETECTION_RULES)
+        scale_rates(again, again.DATA.BATCH_SIZE * processes)
+        assert again.TRAIN.BASE_LR == pytest.approx(processes * trained.TRAIN.BASE_LR)

@@ -23,9 +23,10 @@ from config import load_config
 from data.datasets import to_rgb
 from errors import UsageError
 from lr_scheduler import build_scheduler
-from main import main, scale_learning_rates
+from main import main
 from models import build_model
 from optimizer import build_optimizer
+from run_parts import scale_rates
 from utils import UnreadableCheckpoint, latest_checkpoint, read_checkpoint
 
 from tests.helpers import (DEMO_CFG, LOG, MAIN_ENV, REPO, TINY_OPTS, assert_intact, demo_args, eval_summary,
@@ -41,7 +42,7 @@ def logged_rates(log: str, epoch: int) -> list:
 def schedule_rate(opts: tuple, update: int, updates_per_epoch: int) -> float:
     """What the schedule of the demo config with ``opts`` gives at ``update``, built independently of main."""
     config = load_config(DEMO_CFG, [*TINY_OPTS, *opts])
-    scale_learning_rates(config, 1)
+    scale_rates(config, config.DATA.BATCH_SIZE * config.TRAIN.ACCUMULATION_STEPS)
     optimizer = build_optimizer(config, build_model(config))
     scheduler = build_scheduler(config, optimizer, updates_per_epoch)
     scheduler.step_update(update)

@@ -11,9 +11,10 @@ from config import load_config
 from engine import build_precision, default_amp, evaluate
 from errors import UsageError
 from lr_scheduler import build_scheduler
-from main import load_run_config, main, parse_args, scale_learning_rates
+from main import load_run_config, main, parse_args
 from models import build_model
 from optimizer import build_optimizer
+from run_parts import scale_rates
 from utils import (latest_checkpoint, load_pretrained, read_checkpoint, restore_checkpoint, save_checkpoint,
                    training_state)
 
@@ -66,7 +67,7 @@ def test_schedules_warm_up_per_update_then_decay():
 def test_learning_rate_scales_with_total_batch():
     config = tiny_config("DATA.BATCH_SIZE", 64, "TRAIN.ACCUMULATION_STEPS", 2, "TRAIN.BASE_LR", 5e-4,
                          "TRAIN.WARMUP_LR", 5e-7, "TRAIN.MIN_LR", 5e-6)
-    scale_learning_rates(config, world_size=8)  # 64 * 8 * 2 = 1024 images per update
+    scale_rates(config, 64 * 8 * 2)  # 64 images x 8 processes x 2 accumulation steps per update
     assert (config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR) == pytest.approx((1e-3, 1e-6, 1e-5))
     assert config.is_frozen()
 
@@ -78,10 +79,10 @@ def test_saved_config_reruns_at_the_rates_it_trained_with(previous_run):
     trained = load_config(str(saved))
     assert trained.TRAIN.LR_BATCH == trained.DATA.BATCH_SIZE  # one process, no accumulation
     again = load_config(str(saved))
-    scale_learning_rates(again, world_size=1)
+    scale_rates(again, again.DATA.BATCH_SIZE)
     assert (again.TRAIN.BASE_LR, again.TRAIN.WARMUP_LR, again.TRAIN.MIN_LR) == \
         (trained.TRAIN.BASE_LR, trained.TRAIN.WARMUP_LR, trained.TRAIN.MIN_LR)
-    scale_learning_rates(again, world_size=2)
+    scale_rates(again, 2 * again.DATA.BATCH_SIZE)
     assert again.TRAIN.BASE_LR == pytest.approx(2 * trained.TRAIN.BASE_LR)
 
 
