@@ -9,7 +9,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from config import load_config
 from models import ConfigError, build_model, extract_state_dict, load_weights
 from models.registry import RELEASE_URL
-from tests.golden import FIXTURES, case_input, load_case
+from tools.golden import FIXTURES, case_input, load_case
 from tests.helpers import REPO, SMALL, randomise, small_model, tiny_config
 from tests.oracles import GATHERS, oracle_gather
 

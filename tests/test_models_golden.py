@@ -8,7 +8,7 @@ from config import load_config
 from models import build_model, load_weights
 from models.kernels import KERNELS, optimize_for
 from models.kernels.onednn_linear import onednn_available
-from tests.golden import CASE_FILES, FIXTURES, build_filled, case_input, case_opts, load_case
+from tools.golden import CASE_FILES, FIXTURES, build_filled, case_input, case_opts, load_case
 from tests.oracles import GATHERS, oracle_gather
 
 RELEASED_PARAMS_M = {  # the released model zoo table, in millions

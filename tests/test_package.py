@@ -86,3 +86,18 @@ def test_another_projects_models_is_never_taken_for_ours(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == [f"focal_transformer is not installed and its models/ tree is not importable "
                                        f"here: run `pip install -e {REPO}`", "mine"]
+
+
+def test_no_product_module_imports_the_tests():
+    """The tests import the product, never the other way: a user's install has no tests/ to import."""
+    import ast
+    offenders = []
+    for path in sorted(REPO.rglob("*.py")):
+        parts = path.relative_to(REPO).parts
+        if parts[0] in ("tests", ".venv", "output") or parts[0].startswith("."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] == "tests"]
+    assert offenders == []

@@ -13,7 +13,7 @@ from data.transforms import build_transform
 from errors import UsageError
 from models import build_model, load_weights
 from predict import parse_args, predict
-from tests.golden import FIXTURES, case_opts, load_case
+from tools.golden import FIXTURES, case_opts, load_case
 from tests.helpers import REPO, randomise
 
 CFG = str(REPO / "configs" / "focal_tiny_patch4_window7_224.yaml")

@@ -42,7 +42,7 @@ def report(name: str, ok: bool, detail: str) -> bool:
 
 
 def check_golden() -> bool:
-    from tests.golden import CASE_FILES, build_filled, case_input, load_case
+    from tools.golden import CASE_FILES, build_filled, case_input, load_case
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     worst, failed = 0.0, []

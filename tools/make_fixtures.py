@@ -35,7 +35,7 @@ if ROOT not in sys.path:
 
 from config import _C, load_config  # noqa: E402
 from errors import UsageError, error_text  # noqa: E402
-from tests.golden import case_input, fill_value  # noqa: E402
+from tools.golden import case_input, fill_value  # noqa: E402
 from utils import atomic_write  # noqa: E402
 
 # MODEL.FOCAL keys the reference's build_model reads; the others of our tree have no counterpart there

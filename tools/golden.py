@@ -1,4 +1,5 @@
-"""The fixture recipe (tests/fixtures/README.md): parameters as a pure function of name and shape, seeded input."""
+"""The golden-case recipe (tests/fixtures/README.md): parameters as a pure function of name and shape, seeded input.
+The fixture tests, tools.make_fixtures and tools.gpu_check all build their cases through it."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import torch
 from config import load_config
 from models import build_model
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 CASE_FILES = sorted(FIXTURES.glob("*.json"))
 
 
