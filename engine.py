@@ -7,7 +7,7 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -66,118 +66,111 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass
 class TrainStats:
-    loss: float  # mean over the epoch's samples
+    loss: float  # mean over the epoch's steps
     lr: float  # at the end of the epoch
 
 
-class LossWatch:
-    """The epoch's losses kept on the device: their sum, the last one, and the first non-finite one with its step.
-    Nothing is read back to the host until :meth:`read`, so the training loop does not wait for the device at
-    every step."""
-
-    def __init__(self, device: torch.device):
-        self.sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.count = 0
-        self.last = torch.zeros((), device=device)
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.bad_value = torch.zeros((), device=device)
-
-    def add(self, loss: torch.Tensor, step: int, samples: int) -> None:
-        self.last = loss.detach().float()
-        first_bad = ~torch.isfinite(self.last) & (self.bad_step < 0)
-        self.bad_step = torch.where(first_bad, step, self.bad_step)
-        self.bad_value = torch.where(first_bad, self.last, self.bad_value)
-        self.sum += self.last.double() * samples
-        self.count += samples
-
-    def read(self, epoch: int, num_steps: int) -> Tuple[float, float]:
-        """(last loss, mean so far); a ``TrainingError`` naming the first non-finite step if there was one."""
-        step = int(self.bad_step)
-        if step >= 0:
-            raise TrainingError(f"the loss is {float(self.bad_value)} at epoch {epoch}, step {step} of {num_steps}")
-        return float(self.last), float(self.sum) / max(self.count, 1)
+# ``losses(model, batch, device)``: the named losses of one batch, summed for the update ("loss" alone when a task
+# has one).
+LossFn = Callable[[nn.Module, Any, torch.device], Dict[str, torch.Tensor]]
 
 
-def train_one_epoch(config, model: nn.Module, criterion: nn.Module, loader: Iterable, updates_per_epoch: int,
+def classification_losses(criterion: nn.Module, mixup_fn: Optional[Callable] = None) -> LossFn:
+    """The loss of an (images, labels) batch, mixed by ``mixup_fn`` (timm's Mixup/CutMix) when given."""
+    def losses(model: nn.Module, batch: Any, device: torch.device) -> Dict[str, torch.Tensor]:
+        samples, targets = (t.to(device, non_blocking=True) for t in batch)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        return {"loss": criterion(model(samples), targets)}
+    return losses
+
+
+def step_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
+    """One update through the gradient scaler; True when fp16 overflowed and the scaler skipped it (it lowers its
+    scale after skipping: read back only when the scaler is in use)."""
+    if not scaler.is_enabled():
+        optimizer.step()
+        return False
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() < scale
+
+
+def train_one_epoch(config: Any, model: nn.Module, losses: LossFn, loader: Iterable, updates_per_epoch: int,
                     optimizer: torch.optim.Optimizer, scheduler: Scheduler, precision: Precision, epoch: int,
-                    mixup_fn: Optional[Callable], device: torch.device, ema: Optional[ModelEmaV3] = None,
-                    ema_source: Optional[nn.Module] = None,
+                    device: torch.device, ema: Optional[ModelEmaV3] = None, ema_source: Optional[nn.Module] = None,
                     report: Optional[Callable[[int, Dict[str, float]], None]] = None) -> TrainStats:
-    """``updates_per_epoch`` optimizer steps of ``TRAIN.ACCUMULATION_STEPS`` micro-batches each; leftover
-    micro-batches that cannot fill an update are skipped. Under DDP, gradients are synchronised only on the last
-    micro-batch of each update.
+    """``updates_per_epoch`` optimizer steps of ``TRAIN.ACCUMULATION_STEPS`` batches each, for every task; leftover
+    batches that cannot fill an update are skipped. Under DDP, gradients are synchronised only on the last batch
+    of each update. ``ema`` (if given) averages ``ema_source`` (the model without DDP or compile wrappers) after
+    every update.
 
-    Losses stay on the device (:class:`LossWatch`) and are read at each progress line (every ``PRINT_FREQ`` steps
-    and at least every 10 s) and at the end of the epoch: no step waits for the device. A non-finite loss raises
-    ``TrainingError`` there, naming its step, before the epoch's weights are evaluated or saved. fp16 overflows are
-    different: the scaler skips those updates and lowers its scale, and they are only counted (reading the scale
-    after each update). The gradient norm is computed at every update when ``TRAIN.CLIP_GRAD`` clips, else only
-    for the updates that are reported. ``report(update, {"train/loss", "train/lr", "train/grad_norm"})`` receives
-    the values of each progress line (TensorBoard). ``ema`` (if given) averages ``ema_source`` (the model without
-    DDP or compile wrappers) after every update.
+    The losses and gradient norms stay on the device and are read once per progress line (every ``PRINT_FREQ``
+    steps and at least every 10 s): no step waits for the device. A non-finite loss then raises ``TrainingError``
+    naming its step and each named loss, before the epoch's weights are evaluated or saved. fp16 overflows are
+    different: the scaler skips those updates and they are only counted. ``report(update, {"train/loss", ...,
+    "train/lr", "train/grad_norm"})`` receives every update's values (TensorBoard).
     """
     model.train()
     accum = config.TRAIN.ACCUMULATION_STEPS
-    clip = config.TRAIN.CLIP_GRAD
+    clip = config.TRAIN.CLIP_GRAD or float("inf")  # an infinite bound measures the norm without clipping
     num_steps = updates_per_epoch * accum
-    losses = LossWatch(device)
-    norm = None  # the last measured gradient norm (a device tensor)
+    norm = torch.full((), float("nan"), device=device)  # the last update's gradient norm
+    pending: List[Tuple[torch.Tensor, Optional[int], float]] = []  # per step: its values, its update, the rate
+    sums = torch.zeros(0)
     overflow_skips = 0
     optimizer.zero_grad(set_to_none=True)
+    progress = Progress(num_steps, config.PRINT_FREQ)
     start = last_time = time.time()
     last_idx = -1
-    progress = Progress(num_steps, config.PRINT_FREQ)
-    for idx, (samples, targets) in enumerate(itertools.islice(loader, num_steps)):
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
+    for idx, batch in enumerate(itertools.islice(loader, num_steps)):
         update = (idx + 1) % accum == 0
-        reported = progress.due(idx)
         sync = contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with precision.autocast():
-                loss = criterion(model(samples), targets)
-            losses.add(loss, idx, targets.size(0))
+                named = losses(model, batch, device)
+            loss = sum(named.values())
             precision.scaler.scale(loss / accum).backward()
+        update_count = None
         if update:
             precision.scaler.unscale_(optimizer)
-            if clip or reported:  # an infinite bound measures the norm without clipping
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
-            if precision.scaler.is_enabled():
-                scale = precision.scaler.get_scale()
-                precision.scaler.step(optimizer)
-                precision.scaler.update()
-                overflow_skips += precision.scaler.get_scale() < scale  # the scaler backs off after skipping
-            else:
-                optimizer.step()
+            norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
+            overflow_skips += step_optimizer(optimizer, precision.scaler)
             optimizer.zero_grad(set_to_none=True)
             update_count = epoch * updates_per_epoch + (idx + 1) // accum
             scheduler.step_update(update_count)
             if ema is not None:
                 ema.update(ema_source, step=update_count)
-        if reported:
-            last, mean = losses.read(epoch, num_steps)
-            now = time.time()
-            lr = optimizer.param_groups[0]["lr"]
-            grad_norm = float("nan") if norm is None else float(norm)
-            logger.info(
-                f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
-                f"eta {progress.eta()} lr {lr:.6f}\t"
-                f"time {(now - last_time) / (idx - last_idx):.4f} ({(now - start) / (idx + 1):.4f})\t"
-                f"loss {last:.4f} ({mean:.4f})\t"
-                f"grad_norm {grad_norm:.4f}\t"
-                f"mem {memory_mb(device):.0f}MB")
-            last_time, last_idx = now, idx
-            if report is not None:
-                report(epoch * updates_per_epoch + (idx + 1) // accum,
-                       {"train/loss": last, "train/lr": lr, "train/grad_norm": grad_norm})
-    _, mean = losses.read(epoch, num_steps)
+        parts = [] if list(named) == ["loss"] else list(named)
+        names = ["loss", *parts, "grad_norm"]
+        pending.append((torch.stack([loss.detach().float(), *(named[k].detach().float() for k in parts),
+                                     norm.detach().float()]), update_count, optimizer.param_groups[0]["lr"]))
+        if not progress.due(idx):
+            continue
+        rows = torch.stack([values for values, _, _ in pending]).cpu()  # the interval's one read from the device
+        bad = (~torch.isfinite(rows[:, :-1])).any(1).nonzero()
+        if len(bad):
+            row = rows[int(bad[0])]
+            detail = f" ({', '.join(f'{k} {v:.4g}' for k, v in zip(parts, row[1:-1].tolist()))})" if parts else ""
+            raise TrainingError(f"the loss is {row[0].item():.4g} at epoch {epoch}, step "
+                                f"{idx + 1 - len(rows) + int(bad[0])} of {num_steps}{detail}")
+        sums = rows[:, :-1].sum(0) + (sums if len(sums) else 0)
+        if report is not None:
+            for values, count, lr in pending:
+                if count is not None:
+                    report(count, {**{f"train/{k}": v for k, v in zip(names, values.tolist())}, "train/lr": lr})
+        now, last = time.time(), rows[-1].tolist()
+        values = "\t".join(f"{k} {v:.4f} ({total / (idx + 1):.4f})" for k, v, total in zip(names, last, sums.tolist()))
+        logger.info(f"Train: [{epoch}/{config.TRAIN.EPOCHS}]{progress.position(idx)} lr {pending[-1][2]:.3e}\t"
+                    f"time {(now - last_time) / (idx - last_idx):.4f} ({(now - start) / (idx + 1):.4f})\t"
+                    f"{values}\tgrad_norm {last[-1]:.4f}\tmem {memory_mb(device):.0f}MB")
+        last_time, last_idx, pending = now, idx, []
     if overflow_skips:
         logger.info(f"fp16: the gradient scaler skipped {overflow_skips} of {updates_per_epoch} updates "
                     f"(inf/NaN gradients), scale now {precision.scaler.get_scale():g}")
     logger.info(f"EPOCH {epoch} training takes {duration(time.time() - start)}")
-    return TrainStats(mean, optimizer.param_groups[0]["lr"])
+    return TrainStats(float(sums[0]) / num_steps, optimizer.param_groups[0]["lr"])
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Callable, Dict, Optional
 
 from termcolor import colored
 
@@ -109,3 +109,15 @@ def create_tensorboard_writer(output_dir: str) -> Any:
     except ImportError:
         raise UsageError("--tensorboard (TENSORBOARD) needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter(log_dir=output_dir)
+
+
+def scalars_to(writer: Any) -> Optional[Callable[[int, Dict[str, float]], None]]:
+    """What the training loop calls with every update's values: each one a TensorBoard scalar at the update count,
+    the axis evaluation scores are written at too."""
+    if writer is None:
+        return None
+
+    def add(step: int, values: Dict[str, float]) -> None:
+        for tag, value in values.items():
+            writer.add_scalar(tag, value, step)
+    return add

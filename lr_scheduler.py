@@ -1,14 +1,12 @@
-"""Learning-rate schedules from timm, stepped once per optimizer update (not per epoch) with a linear warm-up."""
+"""Learning-rate schedules from timm, stepped once per optimizer update (not per epoch) with a linear warm-up:
+classification's (Swin's cosine, linear, step) and the dense tasks' (mmdetection's multistep and poly)."""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
-
-from choices import SCHEDULERS
-from errors import UsageError
 
 
 
@@ -29,7 +27,20 @@ def build_scheduler(config: Any, optimizer: torch.optim.Optimizer, updates_per_e
     if name == "linear":
         return PolyLRScheduler(optimizer, t_initial=max(total - warmup, 1), power=1.0, lr_min=train.MIN_LR,
                                cycle_limit=1, **common)
-    if name == "step":
-        decay = max(int(train.LR_SCHEDULER.DECAY_EPOCHS * updates_per_epoch), 1)
-        return StepLRScheduler(optimizer, decay_t=decay, decay_rate=train.LR_SCHEDULER.DECAY_RATE, **common)
-    raise UsageError(f"TRAIN.LR_SCHEDULER.NAME must be one of {SCHEDULERS}, got {name!r}")
+    decay = max(int(train.LR_SCHEDULER.DECAY_EPOCHS * updates_per_epoch), 1)  # "step" (the config rules' last)
+    return StepLRScheduler(optimizer, decay_t=decay, decay_rate=train.LR_SCHEDULER.DECAY_RATE, **common)
+
+
+def build_dense_scheduler(config: Any, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> Scheduler:
+    """mmdetection's shapes, stepped after every update: a linear warm-up from ``BASE_LR * WARMUP_RATIO`` over the
+    first ``WARMUP_ITERS`` updates (inside the schedule, not before it), then ``multistep`` (x ``DECAY_RATE`` at
+    each epoch of ``DECAY_EPOCHS``, e.g. Mask R-CNN 1x: 8 and 11 of 12) or ``poly`` (to ``MIN_LR`` over all
+    ``EPOCHS``, as UPerNet's 160k iterations)."""
+    train = config.TRAIN
+    common = dict(warmup_t=train.WARMUP_ITERS, warmup_lr_init=train.BASE_LR * train.WARMUP_RATIO,
+                  warmup_prefix=False, t_in_epochs=False)
+    if train.SCHEDULE == "multistep":
+        return MultiStepLRScheduler(optimizer, decay_t=[e * updates_per_epoch for e in train.DECAY_EPOCHS],
+                                    decay_rate=train.DECAY_RATE, **common)
+    return PolyLRScheduler(optimizer, t_initial=train.EPOCHS * updates_per_epoch, power=train.POWER,
+                           lr_min=train.MIN_LR, **common)

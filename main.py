@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import sys
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,9 +26,10 @@ from data import build_mixup, build_train_loader, build_val_loader
 from data.class_map import checkpoint_classes, logit_indices
 from data.datasets import CheckedImages, check_val_labels
 from distributed import DEVICES, DistEnv, all_reduce_sum, init_distributed, shutdown, wrap_ddp
-from engine import AMP_MODES, EvalResult, Precision, build_precision, evaluate, throughput, train_one_epoch
+from engine import (AMP_MODES, EvalResult, Precision, build_precision, classification_losses, evaluate, throughput,
+                    train_one_epoch)
 from errors import TrainingError, UsageError, error_text, user_message
-from logger import create_tensorboard_writer
+from logger import create_tensorboard_writer, scalars_to
 from lr_scheduler import build_scheduler
 from models import ConfigError, build_model, head_classes
 from models.kernels import optimize_for
@@ -193,18 +194,6 @@ def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Preci
                      "EMA model")
 
 
-def scalars_to(writer: Any) -> Optional[Callable[[int, Dict[str, float]], None]]:
-    """What the training loop calls at each progress line: its loss, learning rate and gradient norm as TensorBoard
-    scalars at the update count (``--tensorboard``); epoch results go in at the epoch index."""
-    if writer is None:
-        return None
-
-    def add(step: int, values: Dict[str, float]) -> None:
-        for tag, value in values.items():
-            writer.add_scalar(tag, value, step)
-    return add
-
-
 def validate(config: Any, env: DistEnv, model: nn.Module, ema: Optional[ModelEmaV3], loader: Iterable,
              dataset: CheckedImages, precision: Precision, logger: logging.Logger,
              epoch: int) -> Tuple[EvalResult, float]:
@@ -271,7 +260,7 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
     ema = create_ema(config, model_without_ddp, checkpoint)  # after the wrap: from rank 0's broadcast weights
     train_model = compiled(model, config)
     eval_model = compiled(model_without_ddp, config) if env.distributed else train_model
-    criterion = build_criterion(config, mixup_fn is not None)
+    losses = classification_losses(build_criterion(config, mixup_fn is not None), mixup_fn)
 
     def state_after(epoch: int) -> dict:
         return training_state(config, epoch, (epoch + 1) * updates_per_epoch, model_without_ddp, best.value, optimizer,
@@ -281,8 +270,8 @@ def run_training(config: Any, env: DistEnv, model: nn.Module, precision: Precisi
                 f"per epoch, total batch {config.DATA.BATCH_SIZE * env.world_size * accum}")
     for epoch in training_epochs(config, env.rank, train_loader.sampler, start_epoch, logger):
         try:
-            stats = train_one_epoch(config, train_model, criterion, train_loader, updates_per_epoch, optimizer,
-                                    scheduler, precision, epoch, mixup_fn, env.device, ema, model_without_ddp,
+            stats = train_one_epoch(config, train_model, losses, train_loader, updates_per_epoch, optimizer,
+                                    scheduler, precision, epoch, env.device, ema, model_without_ddp,
                                     scalars_to(tensorboard))
         except TrainingError as err:
             raise diverged(err, last_good) from None

@@ -9,8 +9,6 @@ import torch
 import torch.nn as nn
 from timm.optim import param_groups_layer_decay
 
-from choices import OPTIMIZERS
-from errors import UsageError
 
 
 
@@ -46,8 +44,6 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 def build_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer named by ``TRAIN.OPTIMIZER.NAME`` at the (already scaled) ``TRAIN.BASE_LR``."""
     name = config.TRAIN.OPTIMIZER.NAME.lower()
-    if name not in OPTIMIZERS:
-        raise UsageError(f"TRAIN.OPTIMIZER.NAME must be one of {OPTIMIZERS}, got {config.TRAIN.OPTIMIZER.NAME!r}")
     groups = param_groups(model, config.TRAIN.WEIGHT_DECAY, config.TRAIN.LAYER_DECAY)
     opt = config.TRAIN.OPTIMIZER
     if name == "sgd":

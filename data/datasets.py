@@ -20,7 +20,6 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from choices import CACHE_MODES
 from errors import UsageError
 
 logger = logging.getLogger("focal.data")
@@ -141,8 +140,6 @@ class ZipImageDataset(Dataset):
         for path in (zip_path, map_path):
             if not os.path.isfile(path):
                 raise UsageError(f"zip layout (--zip): {path} not found")
-        if cache_mode not in CACHE_MODES:
-            raise UsageError(f"DATA.CACHE_MODE (--cache-mode) must be one of {CACHE_MODES}, got {cache_mode!r}")
         self.zip_path = zip_path
         self.map_path = map_path
         self.transform = transform

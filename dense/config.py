@@ -66,6 +66,7 @@ def dense_defaults() -> CN:
     c.TRAIN.POWER = 1.0
     c.TRAIN.MIN_LR = 0.0
     c.TRAIN.CLIP_GRAD = 0.0  # largest gradient norm; 0 turns clipping off
+    c.TRAIN.ACCUMULATION_STEPS = 1  # batches per optimizer update (a larger total batch on fewer devices)
     c.TRAIN.AUTO_RESUME = True
     c.TRAIN.USE_CHECKPOINT = False  # gradient checkpointing in the backbone: less memory, about 30% more time
     # Exponential moving average of the weights (timm's ModelEmaV3), as in main.py: evaluated next to the model,
@@ -110,6 +111,7 @@ DENSE_RULES = (
     Rule("TRAIN.POWER", lambda value, _: value > 0, "must be above 0"),
     Rule("TRAIN.MIN_LR", at_least(0), "must be 0 or more"),
     Rule("TRAIN.CLIP_GRAD", at_least(0), "must be 0 (off) or more"),
+    Rule("TRAIN.ACCUMULATION_STEPS", at_least(1), "must be at least 1"),
     Rule("AMP_OPT_LEVEL", one_of(AMP_LEVELS), f"must be one of {AMP_LEVELS[1:]} (or empty: the device's default)"),
     Rule("SAVE_FREQ", at_least(1), "must be at least 1"),
     Rule("EVAL_FREQ", at_least(1), "must be at least 1"),

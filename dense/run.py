@@ -19,11 +19,12 @@ from cli import HelpFormatter
 from data.build import worker_count
 from data.samplers import ShardSampler
 from distributed import DEVICES, DistEnv, init_distributed, shutdown, wrap_ddp
-from engine import AMP_MODES, build_precision
+from engine import AMP_MODES, build_precision, train_one_epoch
 from errors import TrainingError, UsageError, user_message
-from logger import create_tensorboard_writer
+from logger import create_tensorboard_writer, scalars_to
 from models import ConfigError
 from models.checkpoint import extract_state_dict, load_weights
+from lr_scheduler import build_dense_scheduler
 from optimizer import param_groups
 from run_lock import leaving, locked_run, quiet_worker_teardown, stop_on_signals
 from run_parts import (BestScore, check_classes, create_ema, keep_unevaluated_epoch, save_epoch, scale_rates,
@@ -33,7 +34,6 @@ from utils import (diverged, latest_checkpoint, read_checkpoint, restore_checkpo
 
 from .backbone import DenseBackbone
 from .config import get_task_config
-from .engine import build_schedule, train_one_epoch
 
 # A backbone checkpoint of a classifier carries these, which a backbone does not have.
 CLASSIFIER_KEYS = ("head.", "norm.")
@@ -197,13 +197,14 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
 
     model = use_sync_batchnorm(model, config, env, logger)
     train_loader = loader(train_set, config, env, task.collate, train=True)
-    updates_per_epoch = len(train_loader)
+    updates_per_epoch = len(train_loader) // config.TRAIN.ACCUMULATION_STEPS
     if updates_per_epoch == 0:
-        raise UsageError(f"--batch-size {config.DATA.BATCH_SIZE} x {env.world_size} processes exceeds the "
-                         f"{len(train_set)} training images")
+        raise UsageError(f"--batch-size {config.DATA.BATCH_SIZE} x {env.world_size} processes x "
+                         f"TRAIN.ACCUMULATION_STEPS {config.TRAIN.ACCUMULATION_STEPS} exceeds the {len(train_set)} "
+                         f"training images")
     optimizer = torch.optim.AdamW(param_groups(model, config.TRAIN.WEIGHT_DECAY), lr=config.TRAIN.BASE_LR,
                                   betas=tuple(config.TRAIN.BETAS))
-    scheduler = build_schedule(config, optimizer, updates_per_epoch)
+    scheduler = build_dense_scheduler(config, optimizer, updates_per_epoch)
     start_epoch, best = 0, BestScore()
     if checkpoint:
         start_epoch, _, saved_best = restore_checkpoint(checkpoint, model, logger, optimizer, precision.scaler,
@@ -230,11 +231,11 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
                               classes.names if classes else None, classes.ids if classes else None)
 
     logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {updates_per_epoch} updates per "
-                f"epoch, total batch {config.DATA.BATCH_SIZE * env.world_size}")
+                f"epoch, total batch {config.TRAIN.LR_BATCH}")
     for epoch in training_epochs(config, env.rank, train_loader.sampler, start_epoch, logger):
         try:
-            train_one_epoch(config, train_model, task.losses, train_loader, optimizer, scheduler, precision, epoch,
-                            env.device, logger, ema, model, tensorboard)
+            train_one_epoch(config, train_model, task.losses, train_loader, updates_per_epoch, optimizer, scheduler,
+                            precision, epoch, env.device, ema, model, scalars_to(tensorboard))
         except TrainingError as err:
             raise diverged(err, last_good) from None
         sync_batchnorm_buffers(model, env)
@@ -269,10 +270,10 @@ def run(task: Task, argv: Optional[Sequence[str]] = None, prog: Optional[str] = 
     config = get_task_config(args, task.defaults, task.rules)
     env = init_distributed(args.device)
     try:
-        scale_rates(config, config.DATA.BATCH_SIZE * env.world_size)
+        scale_rates(config, config.DATA.BATCH_SIZE * env.world_size * config.TRAIN.ACCUMULATION_STEPS)
         with locked_run(config.OUTPUT, env.rank) as logger:
             logger.info(f"rank {env.rank} of {env.world_size} on {env.device}, pid {os.getpid()}; learning rate "
-                        f"{config.TRAIN.BASE_LR:.3g} for a total batch of {config.DATA.BATCH_SIZE * env.world_size}")
+                        f"{config.TRAIN.BASE_LR:.3g} for a total batch of {config.TRAIN.LR_BATCH}")
             fit(task, config, env, logger, args.unsafe_load)
     finally:
         shutdown()

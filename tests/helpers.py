@@ -77,7 +77,7 @@ def fake_batches(n: int, batch: int = 4, size: int = 32):
 
 def run_epoch(config, batches, precision):
     """A freshly seeded model after one epoch over ``batches``, and how many optimizer steps were taken."""
-    from engine import train_one_epoch
+    from engine import classification_losses, train_one_epoch
     from lr_scheduler import build_scheduler
     from optimizer import build_optimizer
     torch.manual_seed(0)
@@ -87,8 +87,8 @@ def run_epoch(config, batches, precision):
     optimizer.register_step_post_hook(lambda *_: steps.append(1))
     updates = len(batches) // config.TRAIN.ACCUMULATION_STEPS
     scheduler = build_scheduler(config, optimizer, updates)
-    train_one_epoch(config, model, nn.CrossEntropyLoss(), batches, updates, optimizer, scheduler, precision, 0,
-                    None, CPU)
+    train_one_epoch(config, model, classification_losses(nn.CrossEntropyLoss()), batches, updates, optimizer,
+                    scheduler, precision, 0, CPU)
     return model, optimizer, len(steps)
 
 

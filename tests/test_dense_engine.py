@@ -1,5 +1,5 @@
-"""dense/engine.py's epoch: loss values read once per print interval yet every update reaches TensorBoard, a
-non-finite loss still named with its update, and the weight average kept."""
+"""engine.train_one_epoch over named losses (the dense tasks' case): values read once per print interval yet every
+update reaches TensorBoard, a non-finite loss named with its step and each part, and the weight average kept."""
 from __future__ import annotations
 
 import pytest
@@ -8,10 +8,11 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3
 
 from dense.config import dense_defaults, merge_task_opts
-from dense.engine import build_schedule, train_one_epoch
-from engine import build_precision
+from engine import build_precision, train_one_epoch
 from errors import TrainingError
-from tests.helpers import CPU, LOG
+from logger import scalars_to
+from lr_scheduler import build_dense_scheduler
+from tests.helpers import CPU
 
 
 class Recorder:
@@ -50,8 +51,8 @@ def test_every_update_reaches_tensorboard_with_one_read_per_interval(monkeypatch
     monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: reads.append(self.shape) or original(self, *a, **k))
     writer = Recorder()
     ema = ModelEmaV3(model, decay=0.5)
-    mean = train_one_epoch(config, model, losses, batches, optimizer, build_schedule(config, optimizer, 7),
-                           build_precision("none", CPU), 1, CPU, LOG, ema, model, writer)
+    stats = train_one_epoch(config, model, losses, batches, 7, optimizer, build_dense_scheduler(config, optimizer, 7),
+                            build_precision("none", CPU), 1, CPU, ema, model, scalars_to(writer))
     # Printed at steps 0, 3, 6 (and the last, 6): three reads of the stacked values, of 1, 3 and 3 updates.
     assert reads == [(1, 4), (3, 4), (3, 4)]
     assert sorted(writer.scalars) == ["train/grad_norm", "train/loss", "train/loss_a", "train/loss_b", "train/lr"]
@@ -59,7 +60,7 @@ def test_every_update_reaches_tensorboard_with_one_read_per_interval(monkeypatch
         assert [step for step, _ in values] == list(range(8, 15)), tag  # epoch 1 of 7 updates: updates 8-14
     totals = [v for _, v in writer.scalars["train/loss"]]
     parts = [a + b for (_, a), (_, b) in zip(writer.scalars["train/loss_a"], writer.scalars["train/loss_b"])]
-    assert totals == pytest.approx(parts) and mean == pytest.approx(sum(totals) / 7)
+    assert totals == pytest.approx(parts) and stats.loss == pytest.approx(sum(totals) / 7)
     torch.testing.assert_close(ema.module.weight, model.weight, atol=0.2, rtol=0)  # averaged, close
     assert not torch.equal(ema.module.weight, model.weight)
 
@@ -68,7 +69,7 @@ def test_non_finite_loss_is_named_with_its_update_by_the_end_of_its_interval():
     config, model, optimizer, batches, losses = setup(steps=9, print_freq=4, bad_step=5)
     seen = []
     counting = lambda net, batch, device: seen.append(1) or losses(net, batch, device)  # noqa: E731
-    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 0, step 5 \(loss_a [\d.]+, loss_b nan\)"):
-        train_one_epoch(config, model, counting, batches, optimizer, build_schedule(config, optimizer, 9),
-                        build_precision("none", CPU), 0, CPU, LOG)
+    with pytest.raises(TrainingError, match=r"the loss is nan at epoch 0, step 5 of 9 \(loss_a [\d.]+, loss_b nan\)"):
+        train_one_epoch(config, model, counting, batches, 9, optimizer, build_dense_scheduler(config, optimizer, 9),
+                        build_precision("none", CPU), 0, CPU)
     assert len(seen) == 9  # the interval of steps 5-8 is read after step 8

@@ -28,7 +28,7 @@ def test_log_patterns_parse_what_the_engine_prints(caplog):
     """gpu_check reads the training loss and the accuracy from the lines engine.py logs: here those lines come from
     a real CPU epoch and evaluation of the demo model, and what the patterns read must be what the engine
     returned."""
-    from engine import build_precision, evaluate, train_one_epoch
+    from engine import build_precision, classification_losses, evaluate, train_one_epoch
     from lr_scheduler import build_scheduler
     from optimizer import build_optimizer
     from tools.gpu_check import EVAL, LOSS
@@ -40,8 +40,8 @@ def test_log_patterns_parse_what_the_engine_prints(caplog):
     model = build_model(config)
     optimizer = build_optimizer(config, model)
     with caplog.at_level(logging.INFO, logger="focal.engine"):
-        stats = train_one_epoch(config, model, nn.CrossEntropyLoss(), batches, 3, optimizer,
-                                build_scheduler(config, optimizer, 3), precision, 0, None, CPU)
+        stats = train_one_epoch(config, model, classification_losses(nn.CrossEntropyLoss()), batches, 3, optimizer,
+                                build_scheduler(config, optimizer, 3), precision, 0, CPU)
         result = evaluate(config, model, batches, precision, CPU)
     losses = LOSS.findall(caplog.text)
     assert len(losses) == 3 and float(losses[-1]) == pytest.approx(stats.loss, abs=5e-5)

@@ -85,17 +85,3 @@ def test_training_reads_the_device_only_at_progress_lines(monkeypatch):
             run_epoch(tiny_config("PRINT_FREQ", 1000, "TRAIN.CLIP_GRAD", clip), fake_batches(steps), precision)
             counts[clip, steps] = len(reads)
     assert counts[0.0, 3] == counts[0.0, 8] and counts[5.0, 3] == counts[5.0, 8], counts
-
-
-def test_non_finite_loss_is_reported_at_its_first_step(monkeypatch):
-    from engine import LossWatch
-    from errors import TrainingError
-    watch = LossWatch(CPU)
-    for step, value in enumerate([1.0, 2.0, float("inf"), float("nan")]):
-        watch.add(torch.tensor(value), step, samples=2)
-    with pytest.raises(TrainingError, match="the loss is inf at epoch 3, step 2 of 9"):
-        watch.read(epoch=3, num_steps=9)
-    finite = LossWatch(CPU)
-    for step, value in enumerate([1.0, 3.0]):
-        finite.add(torch.tensor(value), step, samples=1 + step)
-    assert finite.read(0, 2) == (3.0, pytest.approx((1.0 + 2 * 3.0) / 3))

@@ -35,8 +35,6 @@ def test_no_weight_decay_on_norms_biases_and_position_tables():
     assert "layers.0.blocks.0.attn.qkv.weight" in decay and "head.weight" in decay
     assert isinstance(optimizer, torch.optim.AdamW)
     assert isinstance(build_optimizer(tiny_config("TRAIN.OPTIMIZER.NAME", "sgd"), model), torch.optim.SGD)
-    with pytest.raises(UsageError, match="TRAIN.OPTIMIZER.NAME"):
-        build_optimizer(tiny_config("TRAIN.OPTIMIZER.NAME", "lamb"), model)
 
 
 def lr_curve(name: str):
@@ -60,8 +58,6 @@ def test_schedules_warm_up_per_update_then_decay():
     assert cosine[40] == pytest.approx(0.01) and cosine[25] == pytest.approx(0.505)
     assert linear[40] == pytest.approx(0.01) and linear[25] == pytest.approx(0.505)
     assert step[29] == pytest.approx(1.0) and step[30] == pytest.approx(0.1)  # 2 epochs after the warm-up
-    with pytest.raises(UsageError, match="TRAIN.LR_SCHEDULER.NAME"):
-        lr_curve("exponential")
 
 
 def test_learning_rate_scales_with_total_batch():
