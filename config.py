@@ -141,6 +141,7 @@ _C.TF32 = False
 _C.OUTPUT = ""
 _C.TAG = "default"
 _C.SAVE_FREQ = 1
+_C.EVAL_FREQ = 1  # epochs between evaluations (the last epoch is always evaluated)
 # Keep only the newest N epoch checkpoints (0: keep all).
 _C.KEEP_CHECKPOINTS = 0
 # Also write loss, learning rate and accuracy as TensorBoard events to OUTPUT (needs `pip install tensorboard`).
@@ -279,13 +280,37 @@ def _is_float_key(config: CN, key: Any) -> bool:
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 AMP_LEVELS = ("", *AMP_MODES, *APEX_LEVELS)  # "": the device's default
-# The command-line flag that sets a key, named in its error message.
+# The command-line flags that set a key (named in its error messages) and the switches that turn one on, for every
+# entry point (cli.run_parser and main.py's own): each applies those it has.
 KEY_FLAGS = {
     "DATA.BATCH_SIZE": "--batch-size", "DATA.DATA_PATH": "--data-path", "DATA.CACHE_MODE": "--cache-mode",
     "MODEL.PRETRAINED": "--pretrained", "MODEL.RESUME": "--resume",
     "TRAIN.ACCUMULATION_STEPS": "--accumulation-steps", "OUTPUT": "--output", "TAG": "--tag", "SEED": "--seed",
     "AMP_OPT_LEVEL": "--amp", "COMPILE": "--compile", "THROUGHPUT_PASSES": "--throughput",
 }
+SWITCHES = {
+    "DATA.ZIP_MODE": "--zip", "TRAIN.USE_CHECKPOINT": "--use-checkpoint", "EVAL_MODE": "--eval",
+    "THROUGHPUT_MODE": "--throughput", "TENSORBOARD": "--tensorboard", "MODEL_EMA": "--model-ema",
+    "CHANNELS_LAST": "--channels-last", "TF32": "--tf32",
+}
+
+
+def apply_flags(config: CN, args: Any) -> None:
+    """The command-line flags over the (unfrozen) config: a flag given sets its key, a switch given turns its key
+    on; ``--throughput PASSES`` also sets ``THROUGHPUT_PASSES`` and ``--disable-amp`` means ``--amp none``."""
+    def given(flag: str, default: Any = None) -> Any:
+        return getattr(args, flag.lstrip("-").replace("-", "_"), default)
+    for key, flag in KEY_FLAGS.items():
+        if given(flag) is not None and flag not in ("--amp", "--throughput"):
+            config.merge_from_list([key, given(flag)])
+    for key, flag in SWITCHES.items():
+        if given(flag, False):
+            config.merge_from_list([key, True])
+    if given("--throughput") not in (None, True):
+        config.THROUGHPUT_PASSES = given("--throughput")
+    amp = "none" if given("--disable-amp", False) else given("--amp")
+    if amp is not None:
+        config.AMP_OPT_LEVEL = amp
 
 
 class Rule(NamedTuple):
@@ -316,7 +341,7 @@ def one_path_component(value: Any, _: Any = None) -> bool:
 PATH_COMPONENT = "must be one folder name (no '/' or '\\', not '.' or '..'): the run writes to <output>/<model>/<tag>"
 
 
-def _compile_backend(value: str, _: Any) -> bool:
+def compile_backend(value: str, _: Any) -> bool:
     if not value:
         return True
     import torch._dynamo  # only when asked for: importing it takes a while
@@ -383,9 +408,10 @@ RULES = (
     Rule("AUG.MIXUP_SWITCH_PROB", between(0.0, 1.0), "must be a probability in [0, 1]"),
     Rule("AUG.MIXUP_MODE", one_of(("batch", "pair", "elem")), "must be one of ('batch', 'pair', 'elem')"),
     Rule("AMP_OPT_LEVEL", one_of(AMP_LEVELS), f"must be one of {AMP_LEVELS[1:]} (or empty: the device's default)"),
-    Rule("COMPILE", _compile_backend, "must name a torch.compile backend (torch._dynamo.list_backends(), e.g. "
+    Rule("COMPILE", compile_backend, "must name a torch.compile backend (torch._dynamo.list_backends(), e.g. "
          "inductor, aot_eager or eager)"),
     Rule("SAVE_FREQ", at_least(1), "must be at least 1"),
+    Rule("EVAL_FREQ", at_least(1), "must be at least 1"),
     Rule("PRINT_FREQ", at_least(1), "must be at least 1"),
     Rule("THROUGHPUT_PASSES", at_least(1), "must be at least 1"),
     Rule("KEEP_CHECKPOINTS", at_least(0), "must be 0 (keep all) or more"),
@@ -421,23 +447,7 @@ def get_config(args: Any) -> CN:
     value checked against :data:`RULES`, the model settings by ``validate_model_config`` (``ConfigError``)."""
     config = load_config(getattr(args, "cfg", None), getattr(args, "opts", None))
     config.defrost()
-    flag_to_key = {flag.lstrip("-").replace("-", "_"): key for key, flag in KEY_FLAGS.items()
-                   if key not in ("AMP_OPT_LEVEL", "THROUGHPUT_PASSES")}
-    for flag, key in flag_to_key.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            config.merge_from_list([key, value])
-    for flag, key in {"zip": "DATA.ZIP_MODE", "use_checkpoint": "TRAIN.USE_CHECKPOINT",
-                      "eval": "EVAL_MODE", "throughput": "THROUGHPUT_MODE", "tensorboard": "TENSORBOARD",
-                      "model_ema": "MODEL_EMA", "channels_last": "CHANNELS_LAST", "tf32": "TF32"}.items():
-        if getattr(args, flag, False):
-            config.merge_from_list([key, True])
-    passes = getattr(args, "throughput", None)
-    if passes is not None and passes is not True:  # --throughput PASSES
-        config.THROUGHPUT_PASSES = passes
-    amp = "none" if getattr(args, "disable_amp", False) else getattr(args, "amp", None)
-    if amp is not None:
-        config.AMP_OPT_LEVEL = amp
+    apply_flags(config, args)
     check_values(config)
     from models import validate_model_config  # not at the top: the config tree imports nothing it configures
     validate_model_config(config)  # a model that cannot be built is refused before the run writes anything

@@ -18,9 +18,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from choices import DEVICES
 from errors import UsageError
 
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)

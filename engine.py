@@ -1,4 +1,5 @@
-"""What runs on every process: one training epoch, distributed evaluation, and the throughput measurement."""
+"""What runs on every process, for every task: the training driver (:func:`fit`) and its epoch, classification's
+distributed evaluation, and the throughput measurement."""
 from __future__ import annotations
 
 import contextlib
@@ -7,17 +8,22 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import AverageMeter, ModelEmaV3
+from torch.utils.data import DataLoader
 
-from distributed import all_reduce_sum
 from choices import AMP_MODES, APEX_LEVELS
+from distributed import DistEnv, all_reduce_sum, wrap_ddp
 from errors import TrainingError, UsageError
+from logger import create_tensorboard_writer, scalars_to
 from progress import Progress, duration
+from run_parts import (BestScore, check_classes, create_ema, keep_unevaluated_epoch, save_epoch,
+                       sync_batchnorm_buffers, use_sync_batchnorm)
+from utils import diverged, resume_checkpoint, restore_checkpoint, save_config, training_epochs, training_state
 
 logger = logging.getLogger("focal.engine")
 
@@ -57,6 +63,11 @@ def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def compiled(model: nn.Module, config: Any) -> nn.Module:
+    """``torch.compile(model)`` with the ``COMPILE`` backend, or the model itself when it is empty."""
+    return torch.compile(model, backend=config.COMPILE) if config.COMPILE else model
 
 
 def synchronize(device: torch.device) -> None:
@@ -251,3 +262,141 @@ def throughput(model: nn.Module, images: torch.Tensor, precision: Precision, pas
     rate = passes * images.shape[0] / (time.time() - tic)
     logger.info(f"batch_size {images.shape[0]} throughput {rate:.2f} images/s")
     return rate
+
+
+class DatasetClasses(NamedTuple):
+    """What a data set's classes are, for its checkpoints to record and a resume or ``--eval`` to compare (see
+    ``run_parts.check_classes``): their ``names`` (with their COCO category ``ids`` in detection), the file or
+    folder that gives them (``source``) and what messages call them (``kind``), and the output of the first class
+    (``first_output``: a detector's output 0 is the background)."""
+    source: str
+    kind: str
+    names: List[str]
+    ids: Optional[List[int]] = None
+    first_output: int = 0
+
+
+class TaskData(NamedTuple):
+    """What a task's ``build_data`` gives :func:`fit`: the training loader, whatever its ``evaluate`` takes (a
+    loader or a data set), the number of classes, and their record (None where the data names none)."""
+    train: DataLoader
+    val: Any
+    num_classes: int
+    classes: Optional[DatasetClasses]
+
+
+class Scores(NamedTuple):
+    """An evaluation: the score that picks ``ckpt_best.pth`` (higher is better), and the figures for TensorBoard."""
+    score: float
+    scalars: Dict[str, float]
+
+
+@dataclass
+class Task:
+    """What a task (classification, detection, segmentation) supplies to :func:`fit`: ``build_data(config, env,
+    logger)``; ``build_model(config, num_classes, env, logger)``, on the device; the optimizer and its per-update
+    schedule; ``losses(config, data)`` (see :data:`LossFn`); ``evaluate(config, model, data, env, precision,
+    logger, which)``, ``which`` naming the model ("network" or "EMA model"); ``load_pretrained(config, model,
+    logger, unsafe)`` for ``MODEL.PRETRAINED``; and how the best score is named in the log."""
+    name: str
+    build_data: Callable[[Any, DistEnv, logging.Logger], TaskData]
+    build_model: Callable[[Any, int, DistEnv, logging.Logger], nn.Module]
+    build_optimizer: Callable[[Any, nn.Module], torch.optim.Optimizer]
+    build_scheduler: Callable[[Any, torch.optim.Optimizer, int], Scheduler]
+    losses: Callable[[Any, TaskData], LossFn]
+    evaluate: Callable[..., Scores]
+    load_pretrained: Callable[[Any, nn.Module, logging.Logger, bool], None]
+    score_name: str = "score"
+    score_unit: str = ""
+
+
+def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: bool) -> Tuple[nn.Module,
+                                                                                               Optional[ModelEmaV3]]:
+    """Train the task's model from ``TRAIN.START_EPOCH``, or from where a resumed checkpoint left off, evaluating
+    every ``EVAL_FREQ`` epochs; returns the model (without wrappers) and its weight average.
+
+    Data, weights and TensorBoard are all checked before the run writes anything besides its log, and the config
+    file is written only once the first epoch is done, so a run refused for bad input leaves an earlier run's
+    files as they were. An unreadable validation image shows up only after an epoch of training; that epoch is
+    saved before the run stops, so fixing the image loses no training.
+    """
+    precision = build_precision(config.AMP_OPT_LEVEL, env.device)
+    data = task.build_data(config, env, logger)
+    model = use_sync_batchnorm(task.build_model(config, data.num_classes, env, logger), config, env, logger)
+    accum = config.TRAIN.ACCUMULATION_STEPS
+    updates_per_epoch = len(data.train) // accum
+    if updates_per_epoch == 0:
+        raise UsageError(f"--accumulation-steps {accum} (TRAIN.ACCUMULATION_STEPS) exceeds the {len(data.train)} "
+                         f"batches per epoch")
+    optimizer = task.build_optimizer(config, model)
+    scheduler = task.build_scheduler(config, optimizer, updates_per_epoch)
+    start_epoch, best = config.TRAIN.START_EPOCH, BestScore()
+    checkpoint = resume_checkpoint(config, logger, unsafe)
+    classes = data.classes
+    if checkpoint:
+        if classes:
+            check_classes(checkpoint, classes.names, classes.kind, classes.source, classes.ids,
+                          first_output=classes.first_output)
+        start_epoch, step, saved_best = restore_checkpoint(checkpoint, model, logger, optimizer, precision.scaler,
+                                                           config)
+        best.update(saved_best)
+        if step and step != start_epoch * updates_per_epoch:
+            logger.warning(f"{checkpoint.path} was saved after {step} updates, but {start_epoch} epochs of this run "
+                           f"make {start_epoch * updates_per_epoch}: batch size, accumulation or data changed, "
+                           f"and the schedule continues from the latter")
+        if start_epoch >= config.TRAIN.EPOCHS:
+            raise UsageError(f"{checkpoint.path} has already trained {start_epoch} of TRAIN.EPOCHS "
+                             f"{config.TRAIN.EPOCHS} epochs: nothing to train; raise TRAIN.EPOCHS to go on, or "
+                             f"evaluate it with --eval")
+    elif config.MODEL.PRETRAINED:
+        task.load_pretrained(config, model, logger, unsafe)
+    scheduler.step_update(start_epoch * updates_per_epoch)  # the rate this run's schedule gives the next update
+    last_good = checkpoint.path if checkpoint else None
+    tensorboard = create_tensorboard_writer(config.OUTPUT) if config.TENSORBOARD and env.is_main else None
+    # Building the DDP wrapper broadcasts rank 0's weights and buffers; batch-norm statistics are then kept equal
+    # by SyncBatchNorm (GPUs) and averaged after every epoch (sync_batchnorm_buffers).
+    wrapped = wrap_ddp(model, env) if env.distributed else model
+    ema = create_ema(config, model, checkpoint)  # after the wrap: from rank 0's broadcast weights
+    train_model, eval_model = compiled(wrapped, config), compiled(model, config)
+    losses = task.losses(config, data)
+
+    def state_after(epoch: int) -> dict:
+        return training_state(config, epoch, (epoch + 1) * updates_per_epoch, model, max(best.value, 0.0), optimizer,
+                              scheduler, precision.scaler, ema.module if ema else None,
+                              classes.names if classes else None, classes.ids if classes else None)
+
+    logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {updates_per_epoch} updates "
+                f"per epoch, total batch {config.TRAIN.LR_BATCH}")
+    for epoch in training_epochs(config, env.rank, data.train.sampler, start_epoch, logger):
+        try:
+            stats = train_one_epoch(config, train_model, losses, data.train, updates_per_epoch, optimizer, scheduler,
+                                    precision, epoch, env.device, ema, model, scalars_to(tensorboard))
+        except TrainingError as err:
+            raise diverged(err, last_good) from None
+        sync_batchnorm_buffers(model, env)
+        if ema is not None:
+            sync_batchnorm_buffers(ema.module, env)
+        improved = False
+        if (epoch + 1) % config.EVAL_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
+            try:
+                scores = task.evaluate(config, eval_model, data, env, precision, logger)
+                if ema is not None:
+                    ema_scores = task.evaluate(config, ema.module, data, env, precision, logger, "EMA model")
+                    scores = Scores(ema_scores.score, {**scores.scalars, **{
+                        f"ema/{tag}": value for tag, value in ema_scores.scalars.items()}})
+            except TrainingError as err:  # e.g. a non-finite validation loss: not to be saved as the best
+                raise diverged(TrainingError(f"{err} after epoch {epoch}"), last_good) from None
+            except UsageError as err:  # an unreadable validation image, found after a whole epoch of training
+                raise keep_unevaluated_epoch(err, config, env, epoch, lambda: state_after(epoch), logger) from None
+            improved = best.update(scores.score)  # the first evaluation of a fresh run always counts as the best
+            logger.info(f"Max {task.score_name}{' (EMA)' if ema else ''}: {best.value:.2f}{task.score_unit}")
+            if tensorboard is not None:
+                for tag, value in {"train/epoch_loss": stats.loss, **scores.scalars}.items():
+                    tensorboard.add_scalar(tag, value, (epoch + 1) * updates_per_epoch)  # the per-update axis
+                tensorboard.flush()
+        if env.is_main and epoch == start_epoch:
+            save_config(config, logger)  # only now: a run that fails on its data leaves the previous one's
+        last_good = save_epoch(config, env, epoch, improved, lambda: state_after(epoch), logger) or last_good
+    if tensorboard is not None:
+        tensorboard.close()
+    return model, ema

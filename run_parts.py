@@ -49,7 +49,7 @@ def use_sync_batchnorm(model: nn.Module, config: Any, env: DistEnv, logger: logg
     """With more than one process and ``MODEL.SYNC_BN``: batch norms become SyncBatchNorm, which normalises with
     the statistics of the whole batch across processes (torch implements it for GPUs only; on CPUs the running
     statistics are still averaged after every epoch by :func:`sync_batchnorm_buffers`)."""
-    if not (env.distributed and config.MODEL.SYNC_BN) or not has_batchnorm(model):
+    if not (env.distributed and has_batchnorm(model) and config.MODEL.SYNC_BN):
         return model
     if env.device.type != "cuda":
         logger.info(f"MODEL.SYNC_BN: SyncBatchNorm needs GPUs; on {env.device.type} each process normalises its "

@@ -424,6 +424,22 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging
     return state["epoch"] + 1, int(state.get("step", 0)), max_accuracy
 
 
+def resume_checkpoint(config: Any, logger: logging.Logger, unsafe: bool) -> Optional[Checkpoint]:
+    """``--resume`` when given; otherwise, with ``TRAIN.AUTO_RESUME``, the newest readable checkpoint in the
+    output folder (a truncated or corrupt newer one is skipped with a warning)."""
+    if config.MODEL.RESUME:
+        return read_checkpoint(config.MODEL.RESUME, logger, unsafe)
+    if not config.TRAIN.AUTO_RESUME:
+        return None
+    checkpoint = latest_checkpoint(config.OUTPUT, logger, unsafe)
+    if checkpoint:
+        logger.info(f"auto-resuming from {checkpoint.path}")
+        if config.MODEL.PRETRAINED and not config.EVAL_MODE:
+            logger.info(f"--pretrained {config.MODEL.PRETRAINED} is not loaded: the run continues from its own "
+                        f"checkpoint (start a new run under another --tag to fine-tune afresh)")
+    return checkpoint
+
+
 def warn_of_later_checkpoints(output_dir: str, epoch: int, logger: logging.Logger) -> None:
     """Auto-resume takes the highest epoch in the output folder: a run resumed from an older epoch (``--resume``)
     into a folder holding later epochs of an abandoned run would, after a stop, go on from the abandoned run's

@@ -7,18 +7,11 @@ from typing import Any, Sequence
 
 from yacs.config import CfgNode as CN
 
-from config import (AMP_LEVELS, PATH_COMPONENT, Rule, at_least, between, check_values, load_config, merge_opts,
-                    one_of, one_path_component)
+from config import (AMP_LEVELS, PATH_COMPONENT, Rule, apply_flags, at_least, between, check_values, compile_backend,
+                    load_config, merge_opts, one_of, one_path_component)
 from errors import UsageError, error_text
 
 SCHEDULES = ("multistep", "poly")
-# The command-line flags that set a key, named in its error message.
-FLAGS = {
-    "DATA.DATA_PATH": "--data-path", "DATA.BATCH_SIZE": "--batch-size", "MODEL.PRETRAINED": "--pretrained",
-    "MODEL.RESUME": "--resume", "OUTPUT": "--output", "TAG": "--tag", "SEED": "--seed", "AMP_OPT_LEVEL": "--amp",
-}
-# Switches: a flag that turns a key on.
-SWITCHES = {"TENSORBOARD": "--tensorboard", "MODEL_EMA": "--model-ema", "TRAIN.USE_CHECKPOINT": "--use-checkpoint"}
 
 
 def dense_defaults() -> CN:
@@ -51,6 +44,7 @@ def dense_defaults() -> CN:
     # whole batch, on GPUs); their running statistics are also averaged over processes after every epoch.
     c.MODEL.SYNC_BN = True
     c.TRAIN = CN()
+    c.TRAIN.START_EPOCH = 0
     c.TRAIN.EPOCHS = 12
     c.TRAIN.BASE_LR = 1e-4
     # The total batch the rates are stated for (8 GPUs x 2 in the seed's runs); they scale linearly to this run's,
@@ -75,6 +69,7 @@ def dense_defaults() -> CN:
     c.MODEL_EMA_DECAY = 0.9998
     c.TENSORBOARD = False  # loss, learning rate and gradient norm per update, scores per evaluation
     c.AMP_OPT_LEVEL = ""
+    c.COMPILE = ""  # torch.compile backend for training and evaluation ("" runs eagerly)
     c.OUTPUT = ""
     c.TAG = "default"
     c.SAVE_FREQ = 1  # epochs between checkpoints (the last epoch is always saved)
@@ -97,6 +92,8 @@ DENSE_RULES = (
     Rule("MODEL.FROZEN_STAGES", between(-1, 4), "must be -1 (none) up to 4 (patch embedding and all four stages)"),
     Rule("MODEL_EMA_DECAY", between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
     Rule("TRAIN.EPOCHS", at_least(1), "must be at least 1"),
+    Rule("TRAIN.START_EPOCH", lambda value, c: 0 <= value < c.TRAIN.EPOCHS or c.EVAL_MODE,
+         "must be 0 or more and below TRAIN.EPOCHS (there would be nothing to train)"),
     Rule("TRAIN.BASE_LR", lambda value, _: value > 0, "must be above 0"),
     Rule("TRAIN.LR_BATCH", at_least(1), "must be at least 1 (the total batch the learning rates are stated for)"),
     Rule("TRAIN.WEIGHT_DECAY", at_least(0), "must be 0 or more"),
@@ -113,6 +110,8 @@ DENSE_RULES = (
     Rule("TRAIN.CLIP_GRAD", at_least(0), "must be 0 (off) or more"),
     Rule("TRAIN.ACCUMULATION_STEPS", at_least(1), "must be at least 1"),
     Rule("AMP_OPT_LEVEL", one_of(AMP_LEVELS), f"must be one of {AMP_LEVELS[1:]} (or empty: the device's default)"),
+    Rule("COMPILE", compile_backend, "must name a torch.compile backend (torch._dynamo.list_backends(), e.g. "
+         "inductor, aot_eager or eager)"),
     Rule("SAVE_FREQ", at_least(1), "must be at least 1"),
     Rule("EVAL_FREQ", at_least(1), "must be at least 1"),
     Rule("KEEP_CHECKPOINTS", at_least(0), "must be 0 (keep all) or more"),
@@ -144,20 +143,10 @@ def get_task_config(args: Any, defaults: CN, rules: Sequence[Rule]) -> CN:
         config = load_config(args.cfg, None, defaults)
         config.defrost()
         merge_task_opts(config, args.opts or [])
-        for key, flag in FLAGS.items():
-            value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
-            if value is not None and key != "AMP_OPT_LEVEL":
-                config.merge_from_list([key, value])
-        for key, flag in SWITCHES.items():
-            if getattr(args, flag.lstrip("-").replace("-", "_"), False):
-                config.merge_from_list([key, True])
-        amp = "none" if args.disable_amp else args.amp
-        if amp is not None:
-            config.AMP_OPT_LEVEL = amp
-        config.EVAL_MODE = bool(args.eval)
+        apply_flags(config, args)
         config.OUTPUT = os.path.join(config.OUTPUT or "output", config.MODEL.NAME, config.TAG)
         config.freeze()
-        check_values(config, rules, FLAGS)
+        check_values(config, rules)
     except (KeyError, ValueError, AssertionError, FileNotFoundError) as err:
         raise UsageError(f"config (--cfg {args.cfg} / --opts): {error_text(err)}") from None
     if not config.DATA.DATA_PATH:

@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
-from dense.run import DatasetClasses, Task, main
+from dense.run import Task, main
+from engine import DatasetClasses
 
 from . import data, evaluate, model
 from .config import DETECTION_RULES, detection_defaults
@@ -34,7 +35,7 @@ def class_record(config: Any, dataset: data.CocoDetection) -> DatasetClasses:
 
 TASK = Task(name="object detection", defaults=detection_defaults(), rules=DETECTION_RULES,
             build_data=data.build_data, build_model=model.build_detector, collate=data.collate, losses=losses,
-            evaluate=evaluate.evaluate, backbone=model.backbone, class_record=class_record)
+            evaluate=evaluate.evaluate, backbone=model.backbone, class_record=class_record, score_name="box AP")
 
 if __name__ == "__main__":
     main(TASK, "detection.train")

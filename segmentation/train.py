@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dense.run import DatasetClasses, Task, main
+from dense.run import Task, main
+from engine import DatasetClasses
 
 from . import data, evaluate, model
 from .config import SEGMENTATION_RULES, segmentation_defaults
@@ -34,7 +35,7 @@ def class_record(config: Any, dataset: data.SegmentationFolder) -> Optional[Data
 
 TASK = Task(name="semantic segmentation", defaults=segmentation_defaults(), rules=SEGMENTATION_RULES,
             build_data=data.build_data, build_model=model.build_segmenter, collate=data.collate, losses=losses,
-            evaluate=evaluate.evaluate, backbone=model.backbone, class_record=class_record)
+            evaluate=evaluate.evaluate, backbone=model.backbone, class_record=class_record, score_name="mIoU")
 
 
 if __name__ == "__main__":

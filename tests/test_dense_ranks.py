@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 
 from dense.config import get_task_config
 from dense.demo import generate_segmentation
-from dense.run import fit, parse_args
+from dense.run import parse_args, training_task
+from engine import fit
 from distributed import DistEnv
 from run_parts import use_sync_batchnorm
 from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
@@ -44,10 +45,10 @@ def train_rank(rank: int, data: str, out: str, port: int) -> None:
                                    "--device", "cpu", "--opts", *OPTS])
         config = get_task_config(args, segmentation_defaults(), SEGMENTATION_RULES)
         os.makedirs(config.OUTPUT, exist_ok=True)
-        trained = fit(TASK, config, DistEnv(rank, 2, rank, torch.device("cpu")), logging.getLogger(f"rank{rank}"),
-                      False)
-        buffers = {k: v for k, v in trained.model.state_dict().items() if "running_" in k}
-        torch.save({"buffers": buffers, "ema": trained.ema.module.state_dict()}, os.path.join(out, f"{rank}.pt"))
+        model, ema = fit(training_task(TASK), config, DistEnv(rank, 2, rank, torch.device("cpu")),
+                         logging.getLogger(f"rank{rank}"), False)
+        buffers = {k: v for k, v in model.state_dict().items() if "running_" in k}
+        torch.save({"buffers": buffers, "ema": ema.module.state_dict()}, os.path.join(out, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -66,18 +67,19 @@ def test_two_processes_end_an_epoch_with_the_same_statistics_and_average(tmp_pat
 
 def train_classification_rank(rank: int, data: str, out: str, port: int) -> None:
     """main.py's own run on one of two ranks, as torchrun would start it, keeping the EMA that run creates."""
+    import engine
     import main
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
     made = []
-    create_ema = main.create_ema
+    create_ema = engine.create_ema
 
     def keep_ema(*args):
         made.append(create_ema(*args))
         return made[-1]
 
-    main.create_ema = keep_ema
+    engine.create_ema = keep_ema  # what the training driver calls
     main.main(demo_args(Path(data), Path(out), "--model-ema", "--device", "cpu", opts=("MODEL_EMA_DECAY", "0.5")))
     torch.save(made[0].module.state_dict(), os.path.join(out, f"ema{rank}.pt"))
 
