@@ -5,6 +5,7 @@ checkpoint was trained on the data's classes."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -13,7 +14,7 @@ from timm.utils import ModelEmaV3, distribute_bn
 
 from distributed import DistEnv
 from errors import UsageError, user_message
-from utils import BEST_CHECKPOINT, Checkpoint, save_checkpoint
+from utils import BEST_CHECKPOINT, LAST_CHECKPOINT, Checkpoint, save_checkpoint
 
 # The rates a config scales with the total batch (those of its TRAIN node that it has).
 SCALED_RATES = ("BASE_LR", "WARMUP_LR", "MIN_LR")
@@ -84,14 +85,18 @@ class BestScore:
 def save_epoch(config: Any, env: DistEnv, epoch: int, improved: bool, state: Callable[[], Dict[str, Any]],
                logger: logging.Logger) -> Optional[str]:
     """On the main process: the epoch checkpoint every ``SAVE_FREQ`` epochs and after the last (older ones
-    rotated out by ``KEEP_CHECKPOINTS``), and ``ckpt_best.pth`` when the score ``improved``. ``state`` builds the
-    checkpoint content only when something is saved. Returns the path of the epoch checkpoint, if one was
-    written."""
-    periodic = (epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1
-    if not env.is_main or not (periodic or improved):
+    rotated out by ``KEEP_CHECKPOINTS``), else ``ckpt_last.pth`` in its place, so a stop loses no finished epoch;
+    and ``ckpt_best.pth`` when the score ``improved``. Returns the path of the resumable checkpoint written."""
+    if not env.is_main:
         return None
     content = state()
-    path = save_checkpoint(config, content, logger) if periodic else None
+    last = os.path.join(config.OUTPUT, LAST_CHECKPOINT)
+    if (epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
+        path = save_checkpoint(config, content, logger)
+        if os.path.exists(last):
+            os.remove(last)  # older than the epoch file just written
+    else:
+        path = save_checkpoint(config, content, logger, name=LAST_CHECKPOINT)
     if improved:
         save_checkpoint(config, content, logger, name=BEST_CHECKPOINT)
     return path

@@ -36,6 +36,9 @@ from models import load_weights
 CHECKPOINT_NAME = re.compile(r"^ckpt_epoch_(\d+)\.pth$")
 # The checkpoint of the epoch with the best validation top-1 (of the EMA model when MODEL_EMA is on).
 BEST_CHECKPOINT = "ckpt_best.pth"
+# The state after the newest epoch that SAVE_FREQ keeps no epoch file of (timm's last.pth): auto-resume never
+# loses a finished epoch; the next epoch file replaces it.
+LAST_CHECKPOINT = "ckpt_last.pth"
 # What :func:`atomic_write` names its temporary files: ``.<name>.<pid>.<8 hex digits>.tmp``.
 TEMPORARY_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
 # The key under which a checkpoint carries the digest of the rest of its content.
@@ -182,14 +185,23 @@ def list_checkpoints(output_dir: str) -> List[str]:
 
 
 def latest_checkpoint(output_dir: str, logger: logging.Logger, unsafe: bool = False) -> Optional[Checkpoint]:
-    """The newest checkpoint in ``output_dir`` that can be read; truncated or corrupt ones are skipped with a
-    warning naming them (a crash, a full disk). Files refused as unsafe stop the search: they are not damage."""
+    """The newest checkpoint in ``output_dir`` that can be read, by epoch: the epoch files and
+    :data:`LAST_CHECKPOINT`. Truncated or corrupt ones are skipped with a warning naming them (a crash, a full
+    disk). Files refused as unsafe stop the search: they are not damage."""
+    last = None
+    if os.path.isfile(os.path.join(output_dir, LAST_CHECKPOINT)):
+        try:
+            last = replace(read_checkpoint(os.path.join(output_dir, LAST_CHECKPOINT), logger, unsafe), auto=True)
+        except UnreadableCheckpoint as err:
+            logger.warning(f"auto-resume skips {os.path.join(output_dir, LAST_CHECKPOINT)}: {err}")
     for path in list_checkpoints(output_dir):
+        if last is not None and last.state.get("epoch", -1) >= int(CHECKPOINT_NAME.match(os.path.basename(path))[1]):
+            return last
         try:
             return replace(read_checkpoint(path, logger, unsafe), auto=True)
         except UnreadableCheckpoint as err:
             logger.warning(f"auto-resume skips {path}: {err}")
-    return None
+    return last
 
 
 def missing_folders(folder: str) -> List[str]:
@@ -432,6 +444,8 @@ def resume_checkpoint(config: Any, logger: logging.Logger, unsafe: bool) -> Opti
     if not config.TRAIN.AUTO_RESUME:
         return None
     checkpoint = latest_checkpoint(config.OUTPUT, logger, unsafe)
+    if not checkpoint and not config.EVAL_MODE:
+        logger.info(f"auto-resume (TRAIN.AUTO_RESUME): no checkpoint to resume from in {config.OUTPUT}")
     if checkpoint:
         logger.info(f"auto-resuming from {checkpoint.path}")
         if config.MODEL.PRETRAINED and not config.EVAL_MODE:

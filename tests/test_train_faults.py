@@ -30,10 +30,12 @@ RANDOM_OPTS = ("SAVE_FREQ", "1", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "1"
 @pytest.mark.slow
 def test_run_killed_in_epoch_three_resumes_to_the_same_weights(demo_data, tmp_path):
     """3 epochs straight == 2 epochs, SIGKILL during the third, and the same command again, bit for bit (the
-    EMA of the weights included)."""
-    opts = ("TRAIN.EPOCHS", "3", "MODEL_EMA", "True", "MODEL_EMA_DECAY", "0.9", *RANDOM_OPTS)
+    EMA of the weights included). With SAVE_FREQ 5 no epoch file holds epoch 1: ckpt_last.pth does (without it the
+    rerun started over at epoch 0, as only ckpt_best.pth was left)."""
+    opts = ("TRAIN.EPOCHS", "3", "MODEL_EMA", "True", "MODEL_EMA_DECAY", "0.9", *RANDOM_OPTS, "SAVE_FREQ", "5")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     check(run_main(demo_args(demo_data, straight, opts=opts)))
+    assert "auto-resume (TRAIN.AUTO_RESUME): no checkpoint to resume from in" in read_log(straight)
 
     args = demo_args(demo_data, killed, opts=opts)
     proc = start_main(args)
@@ -41,11 +43,12 @@ def test_run_killed_in_epoch_three_resumes_to_the_same_weights(demo_data, tmp_pa
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     proc.stdout.close(), proc.stderr.close()
-    assert (run_dir(killed) / "ckpt_epoch_1.pth").is_file() and not (run_dir(killed) / "ckpt_epoch_2.pth").exists()
+    assert sorted(p.name for p in run_dir(killed).glob("*.pth")) == ["ckpt_best.pth", "ckpt_last.pth"]
 
     check(run_main(args))
     log = this_run(read_log(killed))
-    assert "auto-resuming from" in log and "ckpt_epoch_1.pth" in log and "Train: [1/3]" not in log
+    assert "auto-resuming from" in log and "ckpt_last.pth" in log and "Train: [1/3]" not in log
+    assert sorted(p.name for p in run_dir(killed).glob("*.pth")) == ["ckpt_best.pth", "ckpt_epoch_2.pth"]
     expected, resumed = (load(run_dir(d) / "ckpt_epoch_2.pth") for d in (straight, killed))
     for key in ("model", "model_ema", "optimizer"):
         torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
