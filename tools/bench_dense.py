@@ -66,9 +66,11 @@ Batch = Tuple[List[torch.Tensor], List[Dict[str, torch.Tensor]]]
 
 
 def default_configs(folder: str = os.path.join(ROOT, "configs", "detection")) -> List[str]:
-    """For each detector, the first config (by name) that builds it on Focal-T with its own weights' shape."""
+    """For each detector, the first config that builds it on Focal-T with its own weights' shape: by name, those
+    named after the backbone (``<detector>_focal_tiny_...``) before the recipes they build on."""
     chosen = {}
-    for path in sorted(glob.glob(os.path.join(folder, "*.yaml"))):
+    stem = FOCAL_T.rsplit("_", 1)[0]
+    for path in sorted(glob.glob(os.path.join(folder, "*.yaml")), key=lambda p: (stem not in p, p)):
         model = load_config(path, None, detection_defaults()).MODEL
         if model.BACKBONE == FOCAL_T and not model.BACKBONE_ARGS and model.DETECTOR not in chosen:
             chosen[model.DETECTOR] = path
