@@ -74,5 +74,6 @@ SEGMENTATION_RULES = DENSE_RULES + (
     Rule("MODEL.DECODER_CHANNELS", at_least(1), "must be at least 1"),
     Rule("MODEL.AUX_STAGE", between(0, 3), "must be a backbone stage, 0 to 3"),
     Rule("MODEL.AUX_CHANNELS", at_least(1), "must be at least 1"),
-    Rule("MODEL.AUX_LOSS_WEIGHT", lambda value, _: value > 0, "must be above 0 (MODEL.AUX_HEAD False turns the head off)"),
+    Rule("MODEL.AUX_LOSS_WEIGHT", lambda value, _: value > 0,
+         "must be above 0 (MODEL.AUX_HEAD False turns the head off)"),
 )

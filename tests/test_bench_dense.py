@@ -72,8 +72,8 @@ def test_tiny_run_prints_and_writes_each_figure_and_its_ratio(tmp_path, capsys):
     figures = json.loads(path.read_text())["demo"]
     focal, peer = figures["backbones"]["focal"], figures["backbones"]["peer"]
     assert figures["detector"] == "mask_rcnn" and peer["backbone"] == "swin_tiny_patch4_window7_224"
-    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): [c.strip() for c in line.strip("|").split("|")[2:]]
-            for line in out.splitlines() if line.startswith("| demo")}
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| demo")]
+    rows = {tuple(row[:2]): row[2:] for row in cells}
     for key, row in (("focal", focal), ("peer", peer)):
         cells = rows[("demo", row["backbone"])]
         assert cells[0] == f"{row['params_m']:.1f}"

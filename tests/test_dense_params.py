@@ -2,17 +2,18 @@
 is within 3% of the seed's #params where the seed gives one."""
 import pytest
 
+from config import load_config
 from detection.config import detection_defaults
 from detection.model import build_detector
 from segmentation.config import segmentation_defaults
 from segmentation.model import build_segmenter
 from tests.helpers import REPO
 from tools import dense_params
-from config import load_config
 
 
 @pytest.mark.parametrize("task, defaults, build, classes", [
-    ("detection", detection_defaults, build_detector, 80), ("segmentation", segmentation_defaults, build_segmenter, 150)])
+    ("detection", detection_defaults, build_detector, 80),
+    ("segmentation", segmentation_defaults, build_segmenter, 150)])
 def test_meta_device_count_is_the_built_models(task, defaults, build, classes):
     """The demo configs (small backbones) built for real on the CPU count as many parameters as on the meta device."""
     path = str(REPO / "configs" / task / "demo.yaml")
