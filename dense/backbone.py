@@ -26,7 +26,10 @@ class DenseBackbone(nn.Module):
                  grad_checkpointing: bool = False, norms: bool = True, **kwargs: Any):
         super().__init__()
         self.out_indices = tuple(out_indices)
-        self.body = timm.create_model(name, features_only=True, out_indices=self.out_indices, **kwargs)
+        # timm's "getter" wrapper keeps the whole network (``.model``) and asks it for NCHW maps, for our models
+        # and timm's alike (its default for Swin flattens the network and returns NHWC maps).
+        self.body = timm.create_model(name, features_only=True, feature_cls="getter", out_indices=self.out_indices,
+                                      **kwargs)
         self.feature_info = self.body.feature_info
         for index, channels in zip(self.out_indices, self.feature_info.channels()):
             self.add_module(f"norm{index}", nn.LayerNorm(channels) if norms else nn.Identity())
@@ -34,7 +37,7 @@ class DenseBackbone(nn.Module):
         self.network.set_grad_checkpointing(grad_checkpointing)
         for module in self.frozen_modules():
             module.requires_grad_(False)
-        if frozen_stages >= 0 and self.network.absolute_pos_embed is not None:
+        if frozen_stages >= 0 and getattr(self.network, "absolute_pos_embed", None) is not None:  # Swin has none
             self.network.absolute_pos_embed.requires_grad_(False)
         self.train()
 

@@ -53,7 +53,7 @@ def detector_args(config: Any) -> Dict[str, Any]:
 class FocalFPN(nn.Module):
     """Stage maps -> FPN levels named "0", "1", ... plus the extra levels, as the seed's mmdetection necks (and
     mmdetection's FCOS) had them: a max-pooled P6 for Mask R-CNN (P2-P6); P6/P7 from the last stage for RetinaNet
-    and from the P5 output for FCOS (P3-P7)."""
+    (mmdetection's ``add_extra_convs='on_input'``) and from the P5 output for FCOS (P3-P7)."""
 
     def __init__(self, body: nn.Module, out_channels: int, detector: str):
         super().__init__()
@@ -61,8 +61,11 @@ class FocalFPN(nn.Module):
         channels = body.feature_info.channels()
         if detector == "mask_rcnn":
             extra = LastLevelMaxPool()
-        else:  # torchvision's P6P7 reads P5 when its input width equals its output width
+        else:
             extra = LastLevelP6P7(channels[-1] if detector == "retinanet" else out_channels, out_channels)
+            # torchvision guesses the source from the widths (P5 when they are equal); a backbone whose last stage
+            # is as wide as the FPN would otherwise switch RetinaNet to P5.
+            extra.use_P5 = detector != "retinanet"
         self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=extra)
         self.out_channels = out_channels
 

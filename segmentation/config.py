@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from yacs.config import CfgNode as CN
 
-from config import Rule, at_least, one_of
+from config import Rule, at_least, between, one_of
 from dense.config import DENSE_RULES, dense_defaults
 
 ARCHS = ("upernet", "fpn")
@@ -24,6 +24,9 @@ def segmentation_defaults() -> CN:
     c.DATA.SCALE = (2048, 512)
     c.DATA.RATIO_RANGE = (0.5, 2.0)
     c.DATA.CROP_SIZE = 512
+    # mmsegmentation's PhotoMetricDistortion of training crops (brightness, contrast, saturation, hue; see
+    # segmentation/data.py), as in the seed's ADE20K pipeline.
+    c.DATA.PHOTOMETRIC_DISTORTION = True
     # Evaluation: each image resized to fit DATA.SCALE x each of TEST.SCALES (and, with FLIP, mirrored too); the
     # class probabilities of every view are averaged at the label's resolution (mmsegmentation's aug_test, the
     # seed's "MS" numbers). MODE whole predicts each view at once; slide in TEST.CROP windows every TEST.STRIDE
@@ -36,6 +39,13 @@ def segmentation_defaults() -> CN:
     c.TEST.STRIDE = 341
     c.MODEL.ARCH = "upernet"
     c.MODEL.DECODER_CHANNELS = 512
+    # The seed's auxiliary head (mmsegmentation's FCNHead: a 3x3 convolution to AUX_CHANNELS, dropout 0.1, a 1x1
+    # classifier) on backbone stage AUX_STAGE (0-3; 2: the 384-channel map of Focal-T), trained with its own
+    # cross-entropy x AUX_LOSS_WEIGHT and not run at evaluation or inference (its weights stay in checkpoints).
+    c.MODEL.AUX_HEAD = True
+    c.MODEL.AUX_STAGE = 2
+    c.MODEL.AUX_CHANNELS = 256
+    c.MODEL.AUX_LOSS_WEIGHT = 0.4
     c.TRAIN.BASE_LR = 6e-5
     c.TRAIN.WEIGHT_DECAY = 0.01
     c.TRAIN.WARMUP_ITERS = 1500
@@ -62,4 +72,8 @@ SEGMENTATION_RULES = DENSE_RULES + (
     Rule("DATA.BATCH_SIZE", lambda value, c: value >= 2 or c.MODEL.ARCH != "upernet" or c.EVAL_MODE,
          "must be at least 2 to train UPerNet (the batch norm after its global pooling needs two values)"),
     Rule("MODEL.DECODER_CHANNELS", at_least(1), "must be at least 1"),
+    Rule("MODEL.AUX_STAGE", between(0, 3), "must be a backbone stage, 0 to 3"),
+    Rule("MODEL.AUX_CHANNELS", at_least(1), "must be at least 1"),
+    Rule("MODEL.AUX_LOSS_WEIGHT", lambda value, _: value > 0,
+         "must be above 0 (MODEL.AUX_HEAD False turns the head off)"),
 )

@@ -25,6 +25,12 @@ IGNORE = 255  # ignored pixels: the value 255, and 0 under REDUCE_ZERO_LABEL
 SPLITS = {"train": "training", "val": "validation"}
 FAR_GAP = 8  # a largest class this far above the next one (and over twice it) is taken for a stray value
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# mmsegmentation's PhotoMetricDistortion defaults (the seed's ADE20K pipeline), on 0-255 values; hue in OpenCV's
+# units (half degrees: 18 is a tenth of the colour circle).
+BRIGHTNESS_DELTA = 32
+CONTRAST_RANGE = (0.5, 1.5)
+SATURATION_RANGE = (0.5, 1.5)
+HUE_DELTA = 18
 
 
 def read_labels(path: str) -> np.ndarray:
@@ -180,28 +186,61 @@ class SegmentationFolder(torch.utils.data.Dataset):
         return normalize(image), target[0]
 
     def augment(self, image: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """mmsegmentation's ADE20K pipeline without photometric distortion: random rescale, random crop padded
-        with "ignore" (the image with 0), horizontal flip with probability ``DATA.FLIP_PROB``."""
+        """mmsegmentation's ADE20K pipeline: random rescale, random crop, photometric distortion
+        (``DATA.PHOTOMETRIC_DISTORTION``) of the cropped pixels, padding to the crop size with "ignore" (the image
+        with 0), horizontal flip with probability ``DATA.FLIP_PROB``."""
         data = self.config.DATA
         ratio = random.uniform(*data.RATIO_RANGE)
         size = fit_size(image.shape[-2:], [s * ratio for s in data.SCALE])
         image = F.resize(image, size, antialias=True)
         target = F.resize(target, size, interpolation=InterpolationMode.NEAREST)
         crop = data.CROP_SIZE
-        pad_h, pad_w = max(crop - size[0], 0), max(crop - size[1], 0)
-        if pad_h or pad_w:
-            image = F.pad(image, [0, 0, pad_w, pad_h], fill=0)
-            target = F.pad(target, [0, 0, pad_w, pad_h], fill=IGNORE)
-        top = random.randint(0, image.shape[-2] - crop)
-        left = random.randint(0, image.shape[-1] - crop)
-        image, target = F.crop(image, top, left, crop, crop), F.crop(target, top, left, crop, crop)
+        top, left = random.randint(0, max(size[0] - crop, 0)), random.randint(0, max(size[1] - crop, 0))
+        height, width = min(crop, size[0]), min(crop, size[1])
+        image, target = F.crop(image, top, left, height, width), F.crop(target, top, left, height, width)
+        if data.PHOTOMETRIC_DISTORTION:
+            image = photometric_distortion(image)
+        if height < crop or width < crop:
+            image = F.pad(image, [0, 0, crop - width, crop - height], fill=0)
+            target = F.pad(target, [0, 0, crop - width, crop - height], fill=IGNORE)
         if random.random() < data.FLIP_PROB:
             image, target = F.horizontal_flip(image), F.horizontal_flip(target)
         return image, target
 
 
+def scale_saturation(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """HSV saturation x ``factor`` (at most 1), hue and value kept, as mmsegmentation's round trip through OpenCV's
+    HSV does it (torchvision's ``adjust_saturation`` blends with the grey level instead, which moves the value).
+    With V the largest channel of a pixel and S = (V - min) / V, each channel becomes V - (S' / S)(V - c)."""
+    value = image.amax(0, keepdim=True)
+    spread = value - image.amin(0, keepdim=True)  # V * S
+    scale = torch.minimum(torch.full_like(value, factor), value / spread.clamp(min=1e-12))  # S' / S
+    return value - scale * (value - image)
+
+
+def photometric_distortion(image: torch.Tensor) -> torch.Tensor:
+    """mmsegmentation's PhotoMetricDistortion of a uint8 RGB image, as float values in [0, 1]: each step with
+    probability 1/2, brightness + U(-32, 32) / 255, then, the contrast step first or last at random, contrast x
+    U(0.5, 1.5), saturation x U(0.5, 1.5) (:func:`scale_saturation`) and a hue shift of U(-18, 18) of OpenCV's
+    180 units. mmsegmentation's "contrast" scales the values, which is torchvision's ``adjust_brightness``; its
+    brightness adds, which torchvision does not offer. Values are clipped after each step as there, but not rounded
+    to integers between steps."""
+    image = F.to_dtype(image, torch.float32, scale=True)
+    if random.random() < 0.5:
+        image = (image + random.uniform(-BRIGHTNESS_DELTA, BRIGHTNESS_DELTA) / 255).clamp(0, 1)
+    steps = [lambda x: F.adjust_brightness(x, random.uniform(*CONTRAST_RANGE)),
+             lambda x: scale_saturation(x, random.uniform(*SATURATION_RANGE)),
+             lambda x: F.adjust_hue(x, random.uniform(-HUE_DELTA, HUE_DELTA) / 180)]
+    if random.random() < 0.5:  # the contrast step last
+        steps.append(steps.pop(0))
+    for step in steps:
+        if random.random() < 0.5:
+            image = step(image)
+    return image
+
+
 def normalize(image: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB to the network's input: [0, 1], then ImageNet's mean and deviation."""
+    """uint8 RGB (or float RGB in [0, 1]) to the network's input: [0, 1], then ImageNet's mean and deviation."""
     return F.normalize(F.to_dtype(image, torch.float32, scale=True), MEAN, STD)
 
 
@@ -228,5 +267,6 @@ def build_data(config: Any, env: Any, logger: Any) -> Tuple[SegmentationFolder, 
                   if config.DATA.REDUCE_ZERO_LABEL else "value v is class v, 0 included (DATA.REDUCE_ZERO_LABEL "
                   "False)")
     logger.info(f"{root}: {len(train)} training and {len(val)} validation images, {train.num_classes} classes "
-                f"(from {source}); {convention}; 255 ignored; flip probability {config.DATA.FLIP_PROB}")
+                f"(from {source}); {convention}; 255 ignored; flip probability {config.DATA.FLIP_PROB}; "
+                f"photometric distortion {'on' if config.DATA.PHOTOMETRIC_DISTORTION else 'off'}")
     return train, val, train.num_classes

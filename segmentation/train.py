@@ -20,11 +20,24 @@ from . import data, evaluate, model
 from .config import SEGMENTATION_RULES, segmentation_defaults
 
 
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Pixel-wise cross-entropy over labelled pixels, the logits brought to the labels' size first (bilinearly, as
+    mmsegmentation resizes its heads' outputs)."""
+    if logits.shape[-2:] != targets.shape[-2:]:
+        logits = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits.float(), targets, ignore_index=data.IGNORE)
+
+
 def losses(net: nn.Module, batch: Tuple[torch.Tensor, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
-    """Pixel-wise cross-entropy over labelled pixels."""
+    """The decoder's cross-entropy and, with the auxiliary head (``MODEL.AUX_HEAD``), that head's times its weight."""
     images, targets = batch
-    logits = net(images.to(device, non_blocking=True))
-    return {"loss_ce": F.cross_entropy(logits.float(), targets.to(device, non_blocking=True), ignore_index=data.IGNORE)}
+    targets = targets.to(device, non_blocking=True)
+    outputs = net(images.to(device, non_blocking=True))
+    if not isinstance(outputs, tuple):
+        return {"loss_ce": cross_entropy(outputs, targets)}
+    logits, aux_logits = outputs
+    weight = getattr(net, "module", net).aux_head.loss_weight  # the model inside DDP
+    return {"loss_ce": cross_entropy(logits, targets), "loss_aux": weight * cross_entropy(aux_logits, targets)}
 
 
 def class_record(config: Any, dataset: data.SegmentationFolder) -> Optional[DatasetClasses]:

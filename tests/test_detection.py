@@ -484,3 +484,20 @@ def test_a_saved_config_reruns_at_the_rate_it_trained_with(finished_run):
         again = get_task_config(task_args(saved), detection_defaults(), DETECTION_RULES)
         scale_rates(again, again.DATA.BATCH_SIZE * processes)
         assert again.TRAIN.BASE_LR == pytest.approx(processes * trained.TRAIN.BASE_LR)
+
+
+@pytest.mark.parametrize("detector", ["retinanet", "fcos"])
+def test_p6_reads_the_last_stage_for_retinanet_and_p5_for_fcos(detector):
+    """The seed's RetinaNet (mmdetection's add_extra_convs='on_input') computes P6 from the last backbone map C5,
+    FCOS from the FPN's P5, also when C5 is as wide as the FPN (128 channels here: the tiny backbone's stage 3),
+    where torchvision's P6P7 would pick P5 for both by comparing widths."""
+    config = detection_defaults()
+    merge_task_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR", detector, "MODEL.FPN_CHANNELS", 128])
+    neck = build_detector(config, num_classes=3).eval().backbone
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        levels, c5 = neck(x), neck.body(x)[-1]
+        source = c5 if detector == "retinanet" else levels["2"]
+        expected = neck.fpn.extra_blocks.p6(source)
+    assert c5.shape[1] == 128
+    torch.testing.assert_close(levels["p6"], expected)

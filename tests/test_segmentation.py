@@ -3,9 +3,11 @@ one-line errors, and a real run (training steps, checkpoint, auto-resume refusal
 under torchrun with two processes."""
 from __future__ import annotations
 
+import colorsys
 import logging
 import math
 import os
+import random
 import re
 import signal
 
@@ -17,14 +19,15 @@ from PIL import Image
 
 from dense.config import merge_task_opts
 from dense.demo import generate_segmentation
-from dense.run import load_backbone, run
+from dense.run import load_backbone, parse_args, run
 from distributed import DistEnv
 from engine import build_precision
 from errors import UsageError
 from models import extract_state_dict
 from dense.config import get_task_config
 from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
-from segmentation.data import SegmentationFolder, build_data, class_names
+from segmentation.data import (SegmentationFolder, build_data, class_names, normalize, photometric_distortion,
+                               scale_saturation)
 from segmentation.evaluate import evaluate, predict, slide
 from segmentation.model import backbone, build_segmenter
 from segmentation.train import TASK
@@ -465,3 +468,127 @@ def test_classes_unknown_to_the_checkpoint_or_the_data_are_not_compared(copied_r
                "--resume", str(checkpoint), "--opts", *TINY])
     log = this_run((out / SEGMENTATION_RUN / "log_rank0.txt").read_text())
     assert f"resumed weights from {checkpoint}" in log and "mIoU" in log
+
+
+AUX_OPTS = BACKBONE_OPTS + ["MODEL.DECODER_CHANNELS", 16, "MODEL.AUX_CHANNELS", 8]
+
+
+def test_auxiliary_head_runs_on_stage_three_in_training_only():
+    """The head reads stage index 2 (64 channels for the tiny backbone, stride 16: 4x4 for a 64-pixel input) and
+    has 64*8*9 (a 3x3 convolution without bias, batch norm follows) + 2*8 (batch norm) + 8*4 + 4 (classifier) =
+    4660 parameters. Evaluation gives the decoder's logits alone, the same as a model built without the head."""
+    torch.manual_seed(0)
+    model = build_segmenter(config_with(AUX_OPTS), num_classes=4)
+    torch.manual_seed(0)
+    plain = build_segmenter(config_with(AUX_OPTS + ["MODEL.AUX_HEAD", False]), num_classes=4)
+    assert sum(p.numel() for p in model.aux_head.parameters()) == 4660
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    model.train()
+    model.aux_head.eval()  # no dropout, to compare with the head applied by hand
+    logits, aux = model(x)
+    assert logits.shape == (2, 4, 64, 64) and aux.shape == (2, 4, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(aux, model.aux_head(backbone(model)(x)[2]))
+        model.eval(), plain.eval()
+        expected = plain(x)
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("aux_head.")})
+        torch.testing.assert_close(model(x), plain(x))
+    assert expected.shape == logits.shape
+
+
+class TwoHeads(nn.Module):
+    """Decoder logits of zeros (4 classes); auxiliary logits of one pixel favouring class 0 by ln 3."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux_head = nn.Module()
+        self.aux_head.loss_weight = 0.4
+
+    def forward(self, x):
+        aux = torch.zeros(x.shape[0], 4, 1, 1)
+        aux[:, 0] = math.log(3)
+        return torch.zeros(x.shape[0], 4, *x.shape[-2:]), aux
+
+
+class Wrapped(nn.Module):
+    """What DDP looks like to the loss: the model under ``module``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_auxiliary_loss_is_its_cross_entropy_at_the_labels_size_times_its_weight(wrap):
+    from segmentation.train import losses
+    # 8x8 labels: rows 0-3 class 0, rows 4-6 class 1, row 7 ignored. Decoder: uniform over 4 classes, ln 4 each.
+    # Auxiliary: the 1x1 map upsampled to 8x8 keeps p0 = 3/6 = 1/2 and p1 = 1/6: (32 ln 2 + 24 ln 6) / 56, x 0.4.
+    targets = torch.zeros(1, 8, 8, dtype=torch.long)
+    targets[:, 4:7], targets[:, 7] = 1, 255
+    net = Wrapped(TwoHeads()) if wrap else TwoHeads()
+    named = losses(net, (torch.zeros(1, 3, 8, 8), targets), torch.device("cpu"))
+    assert named["loss_ce"].item() == pytest.approx(math.log(4))
+    assert named["loss_aux"].item() == pytest.approx(0.4 * (32 * math.log(2) + 24 * math.log(6)) / 56)
+
+
+@pytest.mark.parametrize("opts, key", [(["MODEL.AUX_LOSS_WEIGHT", 0.0], "MODEL.AUX_LOSS_WEIGHT"),
+                                       (["MODEL.AUX_STAGE", 4], "MODEL.AUX_STAGE"),
+                                       (["MODEL.AUX_CHANNELS", 0], "MODEL.AUX_CHANNELS")])
+def test_bad_auxiliary_head_values_are_refused_naming_the_key(opts, key):
+    args = parse_args("test", ["--cfg", CFG, "--data-path", "data", "--opts", *map(str, opts)])
+    with pytest.raises(UsageError, match=key):
+        get_task_config(args, segmentation_defaults(), SEGMENTATION_RULES)
+
+
+def test_saturation_is_scaled_in_hsv_as_opencv_does():
+    # (0.8, 0.4, 0.2): V 0.8, S 0.75. x0.5: S 0.375, each channel halves its distance to V: (0.8, 0.6, 0.5). x2: S
+    # would be 1.5, capped at 1: the distances grow by 1/0.75, the smallest channel reaches 0: (0.8, 0.267, 0).
+    pixel = torch.tensor([0.8, 0.4, 0.2]).view(3, 1, 1)
+    hue, saturation, value = colorsys.rgb_to_hsv(0.8, 0.4, 0.2)
+    for factor, expected in ((0.5, [0.8, 0.6, 0.5]), (2.0, [0.8, 0.8 - 0.4 / 0.75, 0.0])):
+        assert colorsys.hsv_to_rgb(hue, min(saturation * factor, 1), value) == pytest.approx(expected)
+        assert scale_saturation(pixel, factor).flatten().tolist() == pytest.approx(expected)
+    grey = torch.full((3, 1, 1), 0.5)
+    assert scale_saturation(grey, 1.5).flatten().tolist() == [0.5] * 3
+
+
+@pytest.mark.parametrize("colour, expected", [
+    # Grey 102: + 32 = 134, unchanged by saturation and hue, x 1.5 = 201.
+    ((102, 102, 102), (201 / 255,) * 3),
+    # Red: + 32 on every channel: G = B = 32/255; saturation S 223/255 x 1.5 capped at 1: back to (1, 0, 0); hue
+    # + 18 of 180 (36 degrees): R = V = 1, G = 36/60 = 0.6, B = 0; contrast x 1.5, clipped: (1, 0.9, 0).
+    ((255, 0, 0), (1.0, 0.9, 0.0)),
+])
+def test_photometric_distortion_with_every_step_at_its_strongest(monkeypatch, colour, expected):
+    monkeypatch.setattr(random, "random", lambda: 0.0)  # every step taken, the contrast step last
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    image = torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1).expand(3, 2, 2)
+    out = photometric_distortion(image)
+    for channel, value in zip(out, expected):
+        torch.testing.assert_close(channel, torch.full((2, 2), value), atol=1e-5, rtol=0)
+
+
+def test_photometric_distortion_without_a_step_only_scales_to_floats(monkeypatch):
+    monkeypatch.setattr(random, "random", lambda: 0.99)
+    image = torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(photometric_distortion(image), image.float() / 255)
+
+
+@pytest.mark.parametrize("distortion", [True, False])
+def test_padding_stays_black_under_photometric_distortion(tmp_path, monkeypatch, distortion):
+    """A 16x16 crop padded to 32: the distortion (every step taken) changes the image's pixels, and leaves the
+    padding at 0 before normalisation, as mmsegmentation pads after distorting."""
+    write_pair(tmp_path, "training", "a", np.ones((16, 16)))
+    config = config_with(["DATA.SCALE", "[16, 16]", "DATA.RATIO_RANGE", "[1.0, 1.0]", "DATA.CROP_SIZE", "32",
+                          "DATA.FLIP_PROB", 0.0, "DATA.NUM_CLASSES", 2, "DATA.PHOTOMETRIC_DISTORTION", distortion])
+    monkeypatch.setattr(random, "random", lambda: 0.0)
+    image, target = SegmentationFolder(str(tmp_path), "train", config, train=True)[0]
+    black = normalize(torch.zeros(3, 1, 1, dtype=torch.uint8))
+    torch.testing.assert_close(image[:, 16:, :], black.expand(3, 16, 32))
+    torch.testing.assert_close(image[:, :, 16:], black.expand(3, 32, 16))
+    plain = normalize(torch.tensor([128, 64, 32], dtype=torch.uint8).view(3, 1, 1))  # write_pair's colour
+    assert torch.allclose(image[:, 8, 8], plain.flatten(), atol=0.05) != distortion
+    assert (target[16:] == 255).all() and (target[:16, :16] == 0).all()

@@ -1,0 +1,279 @@
+"""Speed and memory of the detectors at COCO's image size, each with its Focal backbone and with timm's Swin-T in
+its place, measured in one run: images/s of a training step (forward, backward, AdamW step) and of inference, the
+memory a step takes, and the Focal/Swin ratio of each.
+
+Every detector of ``detection.config.DETECTORS`` is timed by default, each through the first config under
+configs/detection that builds it on Focal-T (a detector added there is picked up without edits here; one
+without such a config is named and left out). ``--cfg`` times given configs instead. The peer is the same config
+with ``MODEL.BACKBONE`` the ``--peer`` timm model, built with ``strict_img_size=False`` (Swin's flag for inputs
+other than 224) and the config's ``MODEL.BACKBONE_ARGS`` (the shape keys Focal and Swin share: embed_dim, depths,
+num_heads, window_size).
+
+Each call runs one batch of ``--batch-size`` synthetic images with a few random boxes (and masks, for the
+detectors that predict them). COCO's images reach the network at many sizes (shorter side 800, the longer one up
+to 1333, depending on the aspect ratio), so calls alternate between ``--size`` HxW and the same height at 9/10 of
+the width; the detector's transform resizes to fit HxW (``min_size`` [H], ``max_size`` W), which leaves both sizes
+as they are. The backbones' calls are interleaved (each repetition times every model once) and the medians
+reported, so slow drifts of a shared machine hit both alike.
+
+Memory is what a call adds to what the process held before it (both models stay resident for the interleaving):
+on CUDA the allocator's peak (``max_memory_allocated``) over the allocated memory before the call; on the CPU
+the peak resident size (Linux's VmHWM, reset before each call through ``/proc/self/clear_refs``) over the resident
+size before it, after glibc's ``malloc_trim`` has returned freed heap, so that memory an earlier call left to the
+allocator is not reused unseen. Without /proc the CPU column is empty.
+
+Examples::
+
+    python -m tools.bench_dense                                 # every detector on Focal-T vs Swin-T, 800x1333
+    python -m tools.bench_dense --mode infer --size 640x1066 --reps 4 --json dense.json
+    python -m tools.bench_dense --cfg configs/detection/retinanet_focal_tiny_patch4_window7_1x.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import glob
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from cli import HelpFormatter  # noqa: E402
+from config import check_values, load_config  # noqa: E402
+from dense.config import merge_task_opts  # noqa: E402
+from detection.config import DETECTION_RULES, DETECTORS, MASK_DETECTORS, detection_defaults  # noqa: E402
+from detection.model import build_detector  # noqa: E402
+from engine import synchronize  # noqa: E402
+from progress import Progress  # noqa: E402
+from tools.benchmark import machine, parse_size, pick_device, print_table  # noqa: E402
+
+FOCAL_T = "focal_tiny_patch4_window7_224"
+DEFAULT_PEER = "swin_tiny_patch4_window7_224"
+NUM_CLASSES = 80  # COCO's
+BOXES = 3  # synthetic objects per image
+MODES = ("train", "infer")
+Batch = Tuple[List[torch.Tensor], List[Dict[str, torch.Tensor]]]
+
+
+def default_configs(folder: str = os.path.join(ROOT, "configs", "detection")) -> List[str]:
+    """For each detector, the first config that builds it on Focal-T with its own weights' shape: by name, those
+    named after the backbone (``<detector>_focal_tiny_...``) before the recipes they build on."""
+    chosen = {}
+    stem = FOCAL_T.rsplit("_", 1)[0]
+    for path in sorted(glob.glob(os.path.join(folder, "*.yaml")), key=lambda p: (stem not in p, p)):
+        model = load_config(path, None, detection_defaults()).MODEL
+        if model.BACKBONE == FOCAL_T and not model.BACKBONE_ARGS and model.DETECTOR not in chosen:
+            chosen[model.DETECTOR] = path
+    for detector in DETECTORS:
+        if detector not in chosen:
+            print(f"bench_dense: no config in {folder} builds {detector} on {FOCAL_T}: left out", flush=True)
+    return [chosen[d] for d in DETECTORS if d in chosen]
+
+
+def detector_config(path: str, size: Tuple[int, int], backbone: Optional[str] = None) -> Any:
+    """The config of ``path`` resizing to fit ``size`` (no multi-scale), with ``backbone`` (a timm model, built
+    for any input size) in place of its own if given; checked by the task's rules."""
+    config = load_config(path, None, detection_defaults())
+    config.defrost()
+    opts = ["MODEL.DETECTOR_ARGS.min_size", [size[0]], "MODEL.DETECTOR_ARGS.max_size", size[1]]
+    if backbone:
+        opts += ["MODEL.BACKBONE", backbone, "MODEL.BACKBONE_ARGS.strict_img_size", False]
+    merge_task_opts(config, opts)
+    config.freeze()
+    check_values(config, DETECTION_RULES, {})
+    return config
+
+
+def synthetic_batch(size: Tuple[int, int], batch: int, masks: bool, generator: torch.Generator,
+                    device: torch.device) -> Batch:
+    """``batch`` random images of ``size`` with ``BOXES`` random boxes each (at least 32 px a side), COCO labels
+    1-80, and for mask detectors each box filled as its mask."""
+    h, w = size
+    images, targets = [], []
+    for _ in range(batch):
+        images.append(torch.rand(3, h, w, generator=generator).to(device))
+        corner = torch.rand(BOXES, 2, generator=generator) * torch.tensor([w - 32, h - 32])
+        extent = 32 + torch.rand(BOXES, 2, generator=generator) * (torch.tensor([w, h]) - 32 - corner)
+        boxes = torch.cat([corner, corner + extent], 1).floor()
+        target = {"boxes": boxes.to(device),
+                  "labels": torch.randint(1, NUM_CLASSES + 1, (BOXES,), generator=generator).to(device)}
+        if masks:
+            filled = torch.zeros(BOXES, h, w, dtype=torch.uint8)
+            for mask, (x1, y1, x2, y2) in zip(filled, boxes.long().tolist()):
+                mask[y1:y2, x1:x2] = 1
+            target["masks"] = filled.to(device)
+        targets.append(target)
+    return images, targets
+
+
+def training_step(model: nn.Module) -> Callable[[Batch], None]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(batch: Batch) -> None:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        sum(model(*batch).values()).backward()
+        optimizer.step()
+    return step
+
+
+def inference_step(model: nn.Module) -> Callable[[Batch], None]:
+    def step(batch: Batch) -> None:
+        model.eval()
+        with torch.inference_mode():
+            model(batch[0])
+    return step
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+
+
+LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+
+
+def measured(step: Callable[[Batch], None], batch: Batch, device: torch.device) -> Tuple[float, Optional[float]]:
+    """Seconds of one call and the memory it added at its peak (MB; None where it cannot be read)."""
+    synchronize(device)
+    peak: Optional[float] = None
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        if LIBC is not None and hasattr(LIBC, "malloc_trim"):
+            LIBC.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+        before = _status_mb("VmRSS")
+    start = time.perf_counter()
+    step(batch)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+    elif os.path.exists("/proc/self/clear_refs"):
+        peak = _status_mb("VmHWM") - before
+    return seconds, peak
+
+
+def bench_config(path: str, args: argparse.Namespace, device: torch.device, progress: Progress,
+                 done: int) -> Dict[str, Any]:
+    """Both backbones' figures for one config; ``done`` counts the calls before it, for the progress lines."""
+    sizes = [args.size, (args.size[0], round(args.size[1] * 0.9))]
+    configs = {"focal": detector_config(path, args.size), "peer": detector_config(path, args.size, args.peer)}
+    detector = configs["focal"].MODEL.DETECTOR
+    models = {k: build_detector(c, NUM_CLASSES).to(device) for k, c in configs.items()}
+    makers = {"train": training_step, "infer": inference_step}
+    steps = {(k, mode): makers[mode](m) for k, m in models.items() for mode in args.mode}
+    generator = torch.Generator().manual_seed(0)
+    batches = [synthetic_batch(s, args.batch_size, detector in MASK_DETECTORS, generator, device) for s in sizes]
+    times: Dict[Tuple[str, str], List[float]] = {key: [] for key in steps}
+    peaks: Dict[Tuple[str, str], List[float]] = {key: [] for key in steps}
+    name = os.path.splitext(os.path.basename(path))[0]
+    for call in range(args.warmup + args.reps):
+        batch = batches[call % 2]
+        for (kind, mode), step in steps.items():
+            seconds, peak = measured(step, batch, device)
+            if call >= args.warmup:
+                times[(kind, mode)].append(seconds)
+                if peak is not None:
+                    peaks[(kind, mode)].append(peak)
+            if progress.due(done):
+                size = "x".join(str(s) for s in batch[0][0].shape[-2:])
+                print(f"{progress.position(done)}  {name} {configs[kind].MODEL.BACKBONE} {mode} {size}: "
+                      f"{seconds:.2f} s{' (warm-up)' if call < args.warmup else ''}", flush=True)
+            done += 1
+    figures: Dict[str, Any] = {"detector": detector, "backbones": {}}
+    for kind, model in models.items():
+        row = {"backbone": configs[kind].MODEL.BACKBONE, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+        for mode in args.mode:
+            row[f"{mode}_images_per_s"] = args.batch_size / statistics.median(times[(kind, mode)])
+            row[f"{mode}_peak_mb"] = max(peaks[(kind, mode)]) if peaks[(kind, mode)] else None
+        figures["backbones"][kind] = row
+    focal, peer = figures["backbones"]["focal"], figures["backbones"]["peer"]
+    figures["ratios"] = {key: focal[key] / peer[key] for key in focal
+                         if key not in ("backbone",) and focal[key] is not None and peer[key]}
+    return figures
+
+
+def report(results: Dict[str, Dict[str, Any]], args: argparse.Namespace) -> None:
+    """One table: a row per config and backbone, then the Focal/Swin ratios of each config."""
+    keys = [f"{mode}_{what}" for mode in args.mode for what in ("images_per_s", "peak_mb")]
+    header = ["config", "backbone", "params M"] + [k.replace("_images_per_s", " img/s").replace("_peak_mb", " MB")
+                                                   for k in keys]
+    rows = []
+    for name, figures in results.items():
+        for row in figures["backbones"].values():
+            cells = ["-" if row[k] is None else f"{row[k]:.2f}" if k.endswith("per_s") else f"{row[k]:.0f}"
+                     for k in keys]
+            rows.append([name, row["backbone"], f"{row['params_m']:.1f}", *cells])
+        ratios = figures["ratios"]
+        rows.append([name, "Focal / peer", f"{ratios['params_m']:.2f}x",
+                     *(f"{ratios[k]:.2f}x" if k in ratios else "-" for k in keys)])
+    h, w = args.size
+    print_table(f"detectors at {h}x{w} and {h}x{round(w * 0.9)} alternately, batch {args.batch_size}, medians of "
+                f"{args.reps} calls on {machine()}, float32; MB: memory added at the step's peak", rows, header)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_dense", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--cfg", nargs="+", metavar="FILE",
+                   help="detection configs to time (default: a Focal-T config per MODEL.DETECTOR value)")
+    p.add_argument("--peer", default=DEFAULT_PEER, help="timm model (Swin family) timed in the Focal backbone's place")
+    p.add_argument("--size", type=parse_size, default=(800, 1333), metavar="HxW",
+                   help="the largest input (the detector's min_size and max_size); calls alternate with Hx(0.9 W)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per call")
+    p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES),
+                   help="time training steps, inference, or both")
+    p.add_argument("--reps", type=int, default=2, help="timed calls of each model and mode; the table gives medians")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each model and mode first")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--json", help="write the figures to this file")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.reps < 1 or args.warmup < 0:
+        p.error("--batch-size and --reps must be >= 1, --warmup >= 0")
+    for path in args.cfg or []:
+        if not os.path.isfile(path):
+            p.error(f"--cfg {path}: no such file")
+    args.mode = list(dict.fromkeys(args.mode))
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    paths = args.cfg or default_configs()
+    for path in paths:  # before minutes of timing: every config builds its two detectors' configs
+        for backbone in (None, args.peer):
+            try:
+                detector_config(path, args.size, backbone)
+            except (KeyError, ValueError) as err:
+                raise SystemExit(f"bench_dense: --cfg {path}: {err}") from None
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__} on {machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
+    calls = 2 * len(args.mode) * (args.warmup + args.reps)
+    progress = Progress(calls * len(paths), every=1)
+    results = {}
+    for i, path in enumerate(paths):
+        results[os.path.splitext(os.path.basename(path))[0]] = bench_config(path, args, device, progress, i * calls)
+    report(results, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
