@@ -176,17 +176,28 @@ def test_bad_detector_args_are_one_line_naming_the_key(opts, message):
         build_detector(atss_config(*opts), num_classes=3)
 
 
-def test_fpn_width_must_suit_the_group_norms():
+@pytest.mark.parametrize("opts, message", [
+    (["MODEL.FPN_CHANNELS", "48"], r"MODEL.FPN_CHANNELS must be a multiple of 32 for fcos and atss"),
+    # 32 channels in 32 groups: a 1x1 P7 (images of 128 pixels) is one value per group, which GroupNorm refuses
+    # with a traceback; at 160 pixels P7 is 2x2 (padded to 160, ceil(160 / 128) = 2).
+    (["MODEL.FPN_CHANNELS", "32"], r"MODEL.FPN_CHANNELS must be at least 64 for atss with a min_size of 128 or less"),
+    (["MODEL.FPN_CHANNELS", "32", "MODEL.DETECTOR_ARGS.min_size", "[160]", "MODEL.DETECTOR_ARGS.max_size", "160"],
+     None),
+])
+def test_fpn_width_must_suit_the_group_norms(opts, message):
     args = task_args(CFG)
-    args.opts = ["MODEL.FPN_CHANNELS", "48"]
-    with pytest.raises(UsageError, match=r"MODEL.FPN_CHANNELS must be a multiple of 32 for fcos and atss"):
+    args.opts = opts
+    if message is None:
+        get_task_config(args, detection_defaults(), DETECTION_RULES)
+        return
+    with pytest.raises(UsageError, match=message):
         get_task_config(args, detection_defaults(), DETECTION_RULES)
 
 
 @pytest.mark.slow
 def test_atss_trains_evaluates_and_resumes(tmp_path):
     data = generate_detection(str(tmp_path / "data"), size=64, train=4, val=2)
-    opts = ["DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0", "MODEL.FPN_CHANNELS", "32", "TRAIN.WARMUP_ITERS", "0",
+    opts = ["DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0", "MODEL.FPN_CHANNELS", "64", "TRAIN.WARMUP_ITERS", "0",
             "PRINT_FREQ", "1", "EVAL_FREQ", "1", "MODEL.DETECTOR_ARGS.min_size", "[64]",
             "MODEL.DETECTOR_ARGS.max_size", "64", "MODEL.DETECTOR_ARGS.score_thresh", "0.0", *BACKBONE_OPTS]
     args = ["--cfg", CFG, "--data-path", data, "--output", str(tmp_path / "out"), "--opts", *opts]
