@@ -23,9 +23,9 @@ def detection_defaults() -> CN:
     c.MODEL.FPN_CHANNELS = 256
     c.MODEL.BOX_HEAD_DIM = 1024  # Mask R-CNN's two-layer box head
     c.MODEL.MASK_HEAD_CHANNELS = 256  # Mask R-CNN's four mask-head convolutions
-    # Keyword arguments of torchvision's MaskRCNN / RetinaNet / FCOS or of detection.atss.ATSS: min_size (a list: one drawn per training
-    # batch, the last one for evaluation), max_size, box_batch_size_per_image, box_detections_per_img, ... Others
-    # are refused, naming the accepted ones.
+    # Keyword arguments of torchvision's MaskRCNN / RetinaNet / FCOS or of detection.atss.ATSS: min_size (a list:
+    # one drawn per training batch, the last one for evaluation), max_size, box_batch_size_per_image,
+    # box_detections_per_img, topk, ... Others are refused, naming the accepted ones.
     c.MODEL.DETECTOR_ARGS = CN(new_allowed=True)
     c.MODEL.DETECTOR_ARGS.min_size = [800]
     c.MODEL.DETECTOR_ARGS.max_size = 1333
