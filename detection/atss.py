@@ -153,7 +153,9 @@ class ATSSHead(nn.Module):
             pos_anchors.append(anchors[i][positive])
             pos_centerness.append(centerness_logits[i, positive, 0])
         pred, gt, pos_anchors, pos_centerness = (torch.cat(t) for t in (pred, gt, pos_anchors, pos_centerness))
-        num_positive = mean_over_processes(logits.new_tensor(float(len(gt)))).clamp(min=1)
+        # mmdetection's count: each image's positives, at least 1, summed, then averaged over processes
+        num_positive = mean_over_processes(torch.stack([(m >= 0).sum().clamp(min=1) for m in matched_idxs])
+                                           .sum().float())
         loss_cls = sigmoid_focal_loss(logits, class_targets, self.focal_alpha, self.focal_gamma, reduction="sum")
         centerness = centerness_targets(pos_anchors, gt)
         boxes = self.box_coder.decode_single(pred, pos_anchors)

@@ -88,7 +88,8 @@ def test_centerness_targets():
     torch.testing.assert_close(centerness_targets(anchors, boxes), torch.tensor([math.sqrt(2 / 9), 1.0]))
 
 
-def test_head_losses_on_a_trivial_case():
+@pytest.mark.parametrize("empty_image", [False, True])
+def test_head_losses_on_a_trivial_case(empty_image):
     # Two anchors, two classes, every output 0. Anchor 0 = [0, 0, 10, 10] learns box [0, 0, 10, 12] of label 2
     # (output 1); anchor 1 is background.
     # Classification: p = 0.5 everywhere. The positive (anchor 0, output 1): 0.25 x 0.5^2 x ln 2; the three
@@ -97,16 +98,21 @@ def test_head_losses_on_a_trivial_case():
     #   5/6 and its loss 1/6; weighted by the centerness target c = sqrt(5/5 x 5/7) = 0.8452 and divided by the
     #   weights' sum clamped at 1 (c < 1): 2 x c / 6 = 0.2817.
     # Centerness: BCE of logit 0 against any target is ln 2, over 1 positive.
+    # A second image without objects adds four negatives (4 x 0.1875 ln 2) and counts as one positive, as in
+    # mmdetection (each image's count is at least 1): classification 1.375 ln 2 / 2, centerness ln 2 / 2, box alike.
+    images = 2 if empty_image else 1
     head = ATSSHead(in_channels=32, num_classes=2, num_levels=1)
-    outputs = {"cls_logits": torch.zeros(1, 2, 2), "bbox_regression": torch.zeros(1, 2, 4),
-               "bbox_ctrness": torch.zeros(1, 2, 1)}
-    targets = [{"boxes": torch.tensor([[0.0, 0, 10, 12]]), "labels": torch.tensor([2])}]
-    anchors = [torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]])]
-    losses = head.compute_loss(targets, outputs, anchors, [torch.tensor([0, -1])])
+    outputs = {"cls_logits": torch.zeros(images, 2, 2), "bbox_regression": torch.zeros(images, 2, 4),
+               "bbox_ctrness": torch.zeros(images, 2, 1)}
+    targets = [{"boxes": torch.tensor([[0.0, 0, 10, 12]]), "labels": torch.tensor([2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}][:images]
+    anchors = [torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]])] * images
+    losses = head.compute_loss(targets, outputs, anchors, [torch.tensor([0, -1]), torch.tensor([-1, -1])][:images])
     c = math.sqrt(5 / 7)
-    assert losses["classification"].item() == pytest.approx(0.625 * math.log(2), rel=1e-5)
+    classification, centerness = (1.375 / 2, 1 / 2) if empty_image else (0.625, 1)
+    assert losses["classification"].item() == pytest.approx(classification * math.log(2), rel=1e-5)
     assert losses["bbox_regression"].item() == pytest.approx(2 * c / 6, rel=1e-5)
-    assert losses["bbox_ctrness"].item() == pytest.approx(math.log(2), rel=1e-5)
+    assert losses["bbox_ctrness"].item() == pytest.approx(centerness * math.log(2), rel=1e-5)
 
 
 class Features(nn.Module):
