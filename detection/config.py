@@ -7,7 +7,9 @@ from yacs.config import CfgNode as CN
 from config import Rule, at_least, one_of
 from dense.config import DENSE_RULES, dense_defaults
 
-DETECTORS = ("mask_rcnn", "retinanet", "fcos")
+DETECTORS = ("mask_rcnn", "retinanet", "fcos", "atss")
+# The detectors whose heads have group norms of 32 groups.
+GROUP_NORM_DETECTORS = ("fcos", "atss")
 # The detectors that predict instance masks: their data carries mask annotations and they are scored by mask AP too.
 MASK_DETECTORS = ("mask_rcnn",)
 FCOS_MIN_SIZE = 256
@@ -21,9 +23,9 @@ def detection_defaults() -> CN:
     c.MODEL.FPN_CHANNELS = 256
     c.MODEL.BOX_HEAD_DIM = 1024  # Mask R-CNN's two-layer box head
     c.MODEL.MASK_HEAD_CHANNELS = 256  # Mask R-CNN's four mask-head convolutions
-    # Keyword arguments of torchvision's MaskRCNN / RetinaNet / FCOS: min_size (a list: one drawn per training
-    # batch, the last one for evaluation), max_size, box_batch_size_per_image, box_detections_per_img, ... Others
-    # are refused, naming the accepted ones.
+    # Keyword arguments of torchvision's MaskRCNN / RetinaNet / FCOS or of detection.atss.ATSS: min_size (a list:
+    # one drawn per training batch, the last one for evaluation), max_size, box_batch_size_per_image,
+    # box_detections_per_img, topk, ... Others are refused, naming the accepted ones.
     c.MODEL.DETECTOR_ARGS = CN(new_allowed=True)
     c.MODEL.DETECTOR_ARGS.min_size = [800]
     c.MODEL.DETECTOR_ARGS.max_size = 1333
@@ -33,8 +35,13 @@ def detection_defaults() -> CN:
 DETECTION_RULES = DENSE_RULES + (
     Rule("MODEL.DETECTOR", one_of(DETECTORS), f"must be one of {DETECTORS}"),
     Rule("MODEL.FPN_CHANNELS", at_least(1), "must be at least 1"),
-    Rule("MODEL.FPN_CHANNELS", lambda value, c: c.MODEL.DETECTOR != "fcos" or value % 32 == 0,
-         "must be a multiple of 32 for FCOS (its head's group norms have 32 groups)"),
+    Rule("MODEL.FPN_CHANNELS", lambda value, c: c.MODEL.DETECTOR not in GROUP_NORM_DETECTORS or value % 32 == 0,
+         f"must be a multiple of 32 for {' and '.join(GROUP_NORM_DETECTORS)} (their heads' group norms have 32 "
+         "groups)"),
+    Rule("MODEL.FPN_CHANNELS", lambda value, c: c.MODEL.DETECTOR != "atss" or value >= 64
+         or min(c.MODEL.DETECTOR_ARGS.min_size) > 128,
+         "must be at least 64 for atss with a min_size of 128 or less: P7 (stride 128) can then be 1x1, one value "
+         "per group of its head's group norms, which they refuse"),
     Rule("MODEL.BOX_HEAD_DIM", at_least(1), "must be at least 1"),
     Rule("MODEL.MASK_HEAD_CHANNELS", at_least(1), "must be at least 1"),
     Rule("MODEL.DETECTOR_ARGS.min_size", lambda value, _: len(value) >= 1 and min(value) >= 32,

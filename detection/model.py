@@ -1,5 +1,6 @@
-"""torchvision's Mask R-CNN, RetinaNet or FCOS on a Focal Transformer: the timm ``features_only`` backbone's stage
-maps through torchvision's FPN, the heads and losses torchvision's own."""
+"""torchvision's Mask R-CNN, RetinaNet or FCOS, or ATSS from torchvision's parts (detection/atss.py), on a Focal
+Transformer: the timm ``features_only`` backbone's stage maps through torchvision's FPN, the heads and losses
+torchvision's own."""
 from __future__ import annotations
 
 import inspect
@@ -17,7 +18,9 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 from dense.backbone import DenseBackbone, build_backbone
 from errors import UsageError
 
-DETECTOR_CLASSES = {"mask_rcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS}
+from .atss import ATSS
+
+DETECTOR_CLASSES = {"mask_rcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS, "atss": ATSS}
 # Arguments this module builds itself, or that take modules rather than values a config can hold.
 BUILT_HERE = frozenset({
     "self", "backbone", "num_classes", "box_head", "box_predictor", "mask_head", "mask_predictor", "rpn", "roi_heads",
@@ -27,14 +30,15 @@ BUILT_HERE = frozenset({
 
 def accepted_args(detector: type) -> FrozenSet[str]:
     """The keyword arguments ``MODEL.DETECTOR_ARGS`` may set: those of the detector's constructor and of the
-    constructors it passes ``**kwargs`` on to (torchvision's Faster R-CNN, and the image transform)."""
+    constructors it passes ``**kwargs`` on to (torchvision's Faster R-CNN, and the image transform), less those a
+    subclass inherits but does not use (its ``UNUSED_ARGS``)."""
     names = set()
     for cls in (*detector.__mro__, GeneralizedRCNNTransform):
         if "__init__" not in vars(cls) or cls in (nn.Module, object):
             continue
         names |= {name for name, p in inspect.signature(cls.__init__).parameters.items()
                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return frozenset(names - BUILT_HERE)
+    return frozenset(names - BUILT_HERE - getattr(detector, "UNUSED_ARGS", frozenset()))
 
 
 def detector_args(config: Any) -> Dict[str, Any]:
@@ -52,8 +56,8 @@ def detector_args(config: Any) -> Dict[str, Any]:
 
 class FocalFPN(nn.Module):
     """Stage maps -> FPN levels named "0", "1", ... plus the extra levels, as the seed's mmdetection necks (and
-    mmdetection's FCOS) had them: a max-pooled P6 for Mask R-CNN (P2-P6); P6/P7 from the last stage for RetinaNet
-    (mmdetection's ``add_extra_convs='on_input'``) and from the P5 output for FCOS (P3-P7)."""
+    mmdetection's FCOS and ATSS) had them: a max-pooled P6 for Mask R-CNN (P2-P6); P6/P7 from the last stage for
+    RetinaNet (mmdetection's ``add_extra_convs='on_input'``) and from the P5 output for FCOS and ATSS (P3-P7)."""
 
     def __init__(self, body: nn.Module, out_channels: int, detector: str):
         super().__init__()
@@ -80,7 +84,10 @@ def build_detector(config: Any, num_classes: int) -> nn.Module:
     backbone = FocalFPN(body, config.MODEL.FPN_CHANNELS, detector)
     args = detector_args(config)
     if detector != "mask_rcnn":
-        return DETECTOR_CLASSES[detector](backbone, num_classes=num_classes + 1, **args)
+        try:
+            return DETECTOR_CLASSES[detector](backbone, num_classes=num_classes + 1, **args)
+        except ValueError as err:  # a value the constructor refuses (ATSS checks its own)
+            raise UsageError(f"MODEL.DETECTOR_ARGS of {detector}: {err}") from None
     # torchvision's heads at the configured widths (its defaults: 1024 and 256)
     box_dim, mask_dim, fpn_dim = config.MODEL.BOX_HEAD_DIM, config.MODEL.MASK_HEAD_CHANNELS, backbone.out_channels
     return MaskRCNN(backbone, box_head=TwoMLPHead(fpn_dim * 7 * 7, box_dim),
