@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -20,6 +21,7 @@ import torch.nn as nn
 
 from config import load_config
 from models import build_model
+from utils import CHECKSUM_KEY, content_digest
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -251,3 +253,28 @@ def task_args(cfg: str, **flags) -> argparse.Namespace:
     from dense.run import parse_args
     args = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in flags.items()]
     return parse_args("test", ["--cfg", cfg, "--data-path", "data", *args])
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+
+def poisoned_copy(source: Path, target: Path, name: str = "layers.1.blocks.0.attn.qkv.weight") -> Path:
+    """``source`` with one NaN in tensor ``name`` of its weights, re-checksummed as our saver would have written it
+    (weights that went bad before a save pass the checksum)."""
+    state = load(source)
+    state.pop(CHECKSUM_KEY)
+    state["model"][name].view(-1)[3] = float("nan")
+    state[CHECKSUM_KEY] = content_digest(state)
+    torch.save(state, target)
+    return target
+
+
+def flip_bytes_inside_largest_tensor(path: Path) -> None:
+    """Damage the stored bytes of the largest tensor, leaving the zip structure and the pickle intact."""
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    middle = info.header_offset + 30 + name_length + extra_length + info.file_size // 2
+    data[middle:middle + 4] = bytes(b ^ 0xFF for b in data[middle:middle + 4])
+    path.write_bytes(bytes(data))

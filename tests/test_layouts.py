@@ -61,6 +61,7 @@ def test_layouts_grow_linearly_with_the_number_of_windows():
     assert per_window_bytes(large, 16 * 30) < 1.1 * per_window_bytes(small, 64)
 
 
+@pytest.mark.slow
 def test_byte_bound_of_the_cache_holds_over_twenty_random_input_sizes(monkeypatch):
     """Multi-scale input through a small focalv2 model: the cache never holds more than its bound, evicts the
     least recently used layouts, and a size seen again gives the same output as the first time."""

@@ -13,22 +13,11 @@ import torch
 from errors import TrainingError, UsageError
 from main import main
 from segmentation.data import SegmentationFolder, read_labels
-from utils import CHECKSUM_KEY, content_digest
 
-from tests.helpers import REPO, assert_intact, demo_args, eval_summary, first_image, load, read_log, run_dir
+from tests.helpers import (REPO, assert_intact, demo_args, eval_summary, first_image, load, poisoned_copy, read_log,
+                           run_dir)
 
 CHECKPOINT = "ckpt_epoch_0.pth"
-
-
-def poisoned_copy(source: Path, target: Path, name: str = "layers.1.blocks.0.attn.qkv.weight") -> Path:
-    """``source`` with one NaN in tensor ``name`` of its weights, re-checksummed as our saver would have written it
-    (weights that went bad before a save pass the checksum)."""
-    state = load(source)
-    state.pop(CHECKSUM_KEY)
-    state["model"][name].view(-1)[3] = float("nan")
-    state[CHECKSUM_KEY] = content_digest(state)
-    torch.save(state, target)
-    return target
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--pretrained"])
@@ -40,17 +29,6 @@ def test_evaluating_or_fine_tuning_from_nan_weights_is_refused_by_tensor_name(fl
                                              r"model.layers.1.blocks.0.attn.qkv.weight"):
             main(demo_args(demo_data, tmp_path / "out", *mode, flag, str(bad)))
     assert not (tmp_path / "out").exists()
-
-
-def test_auto_resume_passes_over_a_newest_checkpoint_with_nan_weights(copy_of, data):
-    output, _ = copy_of
-    folder = run_dir(output)
-    poisoned_copy(folder / CHECKPOINT, folder / "ckpt_epoch_1.pth")
-    main(demo_args(data, output, opts=("TRAIN.EPOCHS", "3")))
-    log = read_log(output)
-    assert "auto-resume skips" in log and "ckpt_epoch_1.pth holds non-finite values" in log
-    assert f"auto-resuming from {folder / CHECKPOINT}" in log
-    assert load(folder / "ckpt_epoch_2.pth")["epoch"] == 2
 
 
 def test_predict_and_export_refuse_nan_weights(previous_run, tmp_path):

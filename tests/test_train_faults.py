@@ -19,8 +19,9 @@ from main import main
 from models import ConfigError
 from utils import latest_checkpoint, read_checkpoint
 
-from tests.helpers import (LOG, REPO, assert_intact, check, demo_args, eval_summary, first_image, load, read_log,
-                           run_dir, run_main, start_main, this_run, wait_for_line)
+from tests.helpers import (LOG, REPO, assert_intact, check, demo_args, eval_summary, first_image,
+                           flip_bytes_inside_largest_tensor, load, poisoned_copy, read_log, run_dir, run_main,
+                           start_main, this_run, wait_for_line)
 
 # Every random stream in play: augmentation in a DataLoader worker, random erasing, Mixup, drop-path.
 RANDOM_OPTS = ("SAVE_FREQ", "1", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "1", "AUG.MIXUP", "0.8",
@@ -175,20 +176,43 @@ def test_malicious_checkpoint_is_refused_unless_explicitly_allowed(previous_run,
     assert marker.exists() and "--unsafe-load: fully unpickling" in read_log(output)
 
 
-def test_auto_resume_skips_truncated_and_empty_newest_checkpoints(copy_of, data):
+DAMAGE = {  # what happens to a newest checkpoint, and how auto-resume names it as it passes over it
+    "killed mid-copy": (lambda good, path: path.write_bytes(good[: len(good) // 2]), "cannot read checkpoint"),
+    "disk full": (lambda good, path: path.write_bytes(b""), "cannot read checkpoint"),
+    "a text file": (lambda good, path: path.write_text("not a checkpoint"), "it is not a PyTorch checkpoint"),
+    "flipped bytes": (lambda good, path: (path.write_bytes(good), flip_bytes_inside_largest_tensor(path)),
+                      "is damaged: its content does not match"),
+    "NaN weights": (lambda good, path: poisoned_copy(good, path), "holds non-finite values"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_auto_resume_passes_over_a_damaged_newest_checkpoint(damage, previous_run, tmp_path, caplog):
+    good = run_dir(previous_run) / "ckpt_epoch_0.pth"
+    shutil.copy(good, tmp_path / "ckpt_epoch_0.pth")
+    make, reason = DAMAGE[damage]
+    make(good if damage == "NaN weights" else good.read_bytes(), tmp_path / "ckpt_epoch_1.pth")
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        assert latest_checkpoint(str(tmp_path), LOG).path == str(tmp_path / "ckpt_epoch_0.pth")
+    assert f"auto-resume skips {tmp_path / 'ckpt_epoch_1.pth'}" in caplog.text and reason in caplog.text
+
+
+def test_auto_resume_goes_back_to_a_good_checkpoint_and_rewrites_the_damaged_ones(copy_of, data):
+    """A run whose newest checkpoints are damaged resumes from the newest good one, writes the later epochs whole
+    again, and removes what a save killed mid-write left."""
     output, _ = copy_of
     folder = run_dir(output)
     good = (folder / "ckpt_epoch_0.pth").read_bytes()
-    (folder / "ckpt_epoch_1.pth").write_bytes(good[: len(good) // 2])  # killed mid-copy
-    (folder / "ckpt_epoch_2.pth").write_bytes(b"")  # disk full
-    assert latest_checkpoint(str(folder), LOG).path == str(folder / "ckpt_epoch_0.pth")
+    (folder / "ckpt_epoch_1.pth").write_bytes(good[: len(good) // 2])
+    (folder / "ckpt_epoch_2.pth").write_bytes(b"")
+    stale = folder / ".ckpt_epoch_1.pth.4242.0123abcd.tmp"
+    stale.write_bytes(b"x" * 1000)
     main(demo_args(data, output, opts=("TRAIN.EPOCHS", "2")))
     log = this_run(read_log(output))
-    assert f"auto-resume skips {folder / 'ckpt_epoch_2.pth'}: cannot read checkpoint" in log
-    assert f"auto-resume skips {folder / 'ckpt_epoch_1.pth'}: cannot read checkpoint" in log and "truncated" in log
     assert f"auto-resuming from {folder / 'ckpt_epoch_0.pth'}" in log and "Train: [1/2]" in log
-    assert load(folder / "ckpt_epoch_1.pth")["epoch"] == 1  # rewritten whole
-    assert (folder / "ckpt_epoch_0.pth").read_bytes() == good
+    assert load(folder / "ckpt_epoch_1.pth")["epoch"] == 1  # rewritten whole: the empty epoch 2 is passed over
+    assert latest_checkpoint(str(folder), LOG).path == str(folder / "ckpt_epoch_1.pth")
+    assert (folder / "ckpt_epoch_0.pth").read_bytes() == good and not stale.exists() and f"removed {stale}" in log
 
 
 # How a full disk reaches torch.save: an OSError from a plain write, or (torch's zip writer, as measured on a 2 MB
