@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -13,17 +14,15 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tu
 import torch
 import torch.nn as nn
 from timm.scheduler.scheduler import Scheduler
-from timm.utils import AverageMeter, ModelEmaV3
+from timm.utils import AverageMeter, ModelEmaV3, distribute_bn
 from torch.utils.data import DataLoader
 
 from choices import AMP_MODES, APEX_LEVELS
 from distributed import DistEnv, all_reduce_sum, wrap_ddp
-from errors import TrainingError, UsageError
-from logger import create_tensorboard_writer, scalars_to
-from progress import Progress, duration
-from run_parts import (BestScore, check_classes, create_ema, keep_unevaluated_epoch, save_epoch,
-                       sync_batchnorm_buffers, use_sync_batchnorm)
-from utils import diverged, resume_checkpoint, restore_checkpoint, save_config, training_epochs, training_state
+from errors import TrainingError, UsageError, user_message
+from logger import Progress, create_tensorboard_writer, duration, scalars_to
+from utils import (BEST_CHECKPOINT, LAST_CHECKPOINT, Checkpoint, check_classes, diverged, restore_checkpoint,
+                   resume_checkpoint, save_checkpoint, save_config, training_epochs, training_state)
 
 logger = logging.getLogger("focal.engine")
 
@@ -264,9 +263,89 @@ def throughput(model: nn.Module, images: torch.Tensor, precision: Precision, pas
     return rate
 
 
+def create_ema(config: Any, model: nn.Module, checkpoint: Optional[Checkpoint]) -> Optional[ModelEmaV3]:
+    """With ``MODEL_EMA``: timm's weight average of ``model``, from the checkpoint's average when it holds one (a
+    checkpoint from before EMA was turned on starts it at the resumed weights). Call it after the DDP wrap, whose
+    construction broadcasts rank 0's weights, so every process averages from the same start: a copy taken before
+    holds each rank's own random initialisation (timm's first update happens to overwrite it)."""
+    if not config.MODEL_EMA:
+        return None
+    ema = ModelEmaV3(model, decay=config.MODEL_EMA_DECAY)
+    if checkpoint is not None and "model_ema" in checkpoint.state:
+        ema.module.load_state_dict(checkpoint.state["model_ema"])
+    return ema
+
+
+def use_sync_batchnorm(model: nn.Module, config: Any, env: DistEnv, logger: logging.Logger) -> nn.Module:
+    """With more than one process and ``MODEL.SYNC_BN``: batch norms become SyncBatchNorm, which normalises with
+    the statistics of the whole batch across processes (torch implements it for GPUs only; on CPUs the running
+    statistics are still averaged after every epoch by :func:`sync_batchnorm_buffers`)."""
+    if not (env.distributed and has_batchnorm(model) and config.MODEL.SYNC_BN):
+        return model
+    if env.device.type != "cuda":
+        logger.info(f"MODEL.SYNC_BN: SyncBatchNorm needs GPUs; on {env.device.type} each process normalises its "
+                    f"own batch and the running statistics are averaged over processes after every epoch")
+        return model
+    logger.info("MODEL.SYNC_BN: batch norms converted to SyncBatchNorm")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def sync_batchnorm_buffers(model: nn.Module, env: DistEnv) -> None:
+    """Average batch-norm running statistics over processes (timm's ``distribute_bn``), so every rank evaluates
+    and saves the same model. A no-op for one process or a model without batch norms."""
+    if env.distributed and has_batchnorm(model):
+        distribute_bn(model, env.world_size, reduce=True)
+
+
+@dataclass
+class BestScore:
+    """The best validation score so far: ``update`` says whether a new one beats it."""
+    value: float = float("-inf")
+
+    def update(self, score: float) -> bool:
+        improved = score > self.value
+        self.value = max(self.value, score)
+        return improved
+
+
+def save_epoch(config: Any, env: DistEnv, epoch: int, improved: bool, state: Callable[[], Dict[str, Any]],
+               logger: logging.Logger) -> Optional[str]:
+    """On the main process: the epoch checkpoint every ``SAVE_FREQ`` epochs and after the last (older ones
+    rotated out by ``KEEP_CHECKPOINTS``), else ``ckpt_last.pth`` in its place, so a stop loses no finished epoch;
+    and ``ckpt_best.pth`` when the score ``improved``. Returns the path of the resumable checkpoint written."""
+    if not env.is_main:
+        return None
+    content = state()
+    last = os.path.join(config.OUTPUT, LAST_CHECKPOINT)
+    if (epoch + 1) % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
+        path = save_checkpoint(config, content, logger)
+        if os.path.exists(last):
+            os.remove(last)  # older than the epoch file just written
+    else:
+        path = save_checkpoint(config, content, logger, name=LAST_CHECKPOINT)
+    if improved:
+        save_checkpoint(config, content, logger, name=BEST_CHECKPOINT)
+    return path
+
+
+def keep_unevaluated_epoch(err: UsageError, config: Any, env: DistEnv, epoch: int,
+                           state: Callable[[], Dict[str, Any]], logger: logging.Logger) -> UsageError:
+    """An unreadable validation image shows up only after a whole epoch of training: the main process saves that
+    epoch before the run stops, so that fixing the image loses no training. Returns the error to stop with."""
+    if not env.is_main:
+        return err
+    saved = save_checkpoint(config, state(), logger)
+    return UsageError(f"{user_message(err)}. Epoch {epoch}'s training is saved in {saved}: once the image is fixed, "
+                      f"the same command resumes after it (that epoch stays unevaluated)")
+
+
 class DatasetClasses(NamedTuple):
     """What a data set's classes are, for its checkpoints to record and a resume or ``--eval`` to compare (see
-    ``run_parts.check_classes``): their ``names`` (with their COCO category ``ids`` in detection), the file or
+    ``utils.check_classes``): their ``names`` (with their COCO category ``ids`` in detection), the file or
     folder that gives them (``source``) and what messages call them (``kind``), and the output of the first class
     (``first_output``: a detector's output 0 is the background)."""
     source: str

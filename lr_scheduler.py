@@ -44,3 +44,20 @@ def build_dense_scheduler(config: Any, optimizer: torch.optim.Optimizer, updates
                                     decay_rate=train.DECAY_RATE, **common)
     return PolyLRScheduler(optimizer, t_initial=train.EPOCHS * updates_per_epoch, power=train.POWER,
                            lr_min=train.MIN_LR, **common)
+
+
+# The rates a config scales with the total batch (those of its TRAIN node that it has).
+SCALED_RATES = ("BASE_LR", "WARMUP_LR", "MIN_LR")
+
+
+def scale_rates(config: Any, total_batch: int) -> None:
+    """The linear rule (Swin, mmdetection's auto_scale_lr): the configured rates hold for ``TRAIN.LR_BATCH`` images
+    per optimizer update and scale to ``total_batch``, which then becomes ``TRAIN.LR_BATCH``: the saved config
+    holds the rates this run trained with, and re-running it scales them only by a change of batch."""
+    factor = total_batch / config.TRAIN.LR_BATCH
+    config.defrost()
+    for key in SCALED_RATES:
+        if key in config.TRAIN:
+            config.TRAIN[key] *= factor
+    config.TRAIN.LR_BATCH = total_batch
+    config.freeze()

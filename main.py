@@ -21,7 +21,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DataLoader
 
 from choices import CACHE_MODES
-from cli import run_parser
+from config import run_parser
 from config import get_config
 from data import build_mixup, build_train_loader, build_val_loader
 from data.class_map import checkpoint_classes, logit_indices
@@ -35,7 +35,7 @@ from models import ConfigError, build_model, head_classes
 from models.kernels import optimize_for
 from optimizer import build_optimizer
 from run_lock import leaving, locked_run, stop_on_signals
-from run_parts import scale_rates
+from lr_scheduler import scale_rates
 from utils import load_pretrained, restore_checkpoint, resume_checkpoint, seed_everything
 
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from cli import HelpFormatter
+from config import HelpFormatter
 from config import load_config
 from data.datasets import PIL_ERRORS, hidden, load_rgb
 from data.transforms import build_transform

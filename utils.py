@@ -21,7 +21,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ import yaml
 from timm.scheduler.scheduler import Scheduler
 
 from errors import TrainingError, UsageError
-from progress import duration
+from logger import duration
 from models import load_weights
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_epoch_(\d+)\.pth$")
@@ -311,7 +311,7 @@ def training_state(config: Any, epoch: int, step: int, model: nn.Module, max_acc
                    category_ids: Optional[List[int]] = None) -> Dict[str, Any]:
     """Everything a checkpoint holds: the released layout (``model``, ``epoch``, ``max_accuracy``) plus what
     resuming and prediction need (optimizer, scaler, update count, config, EMA weights, class names, and the COCO
-    category ids of a detector's classes: what each output means, see ``run_parts.check_classes``)."""
+    category ids of a detector's classes: what each output means, see ``check_classes``)."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -390,7 +390,7 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging
                        optimizer: Optional[torch.optim.Optimizer] = None, scaler: Optional[torch.amp.GradScaler] = None,
                        config: Any = None) -> Tuple[int, int, float]:
     """Restore weights and, when given and present, the optimizer and scaler state (the weight average is
-    ``run_parts.create_ema``'s); returns (next epoch, updates done, best accuracy). Weights must fit the model
+    ``engine.create_ema``'s); returns (next epoch, updates done, best accuracy). Weights must fit the model
     exactly. A weights-only file (a released checkpoint) starts at 0.
 
     The config is the truth: the optimizer keeps its moments but takes its hyper-parameters (rates, decay, betas)
@@ -547,3 +547,45 @@ def diverged(err: TrainingError, last_good: Optional[str]) -> TrainingError:
                              f"TRAIN.BASE_LR or TRAIN.CLIP_GRAD")
     return TrainingError(f"{err}: stopping. No checkpoint was saved yet; start again with a lower TRAIN.BASE_LR or "
                          f"TRAIN.CLIP_GRAD")
+
+
+# What one output of a model means: a class name, or (category id, name) for a detector on COCO annotations.
+ClassIdentity = Union[str, Tuple[int, str]]
+
+
+def class_identities(names: Optional[Sequence[str]], ids: Optional[Sequence[int]] = None) -> List[ClassIdentity]:
+    """The names, each paired with its category id when there are ids: a renamed and a re-id'ed category both
+    count as another class."""
+    if not names:
+        return []
+    return list(names) if ids is None else [(int(i), str(name)) for i, name in zip(ids, names)]
+
+
+def describe_class(identity: ClassIdentity) -> str:
+    """As a refusal names it: the quoted name, and the category id when there is one."""
+    return f"'{identity[1]}' (category id {identity[0]})" if isinstance(identity, tuple) else f"'{identity}'"
+
+
+def check_classes(checkpoint: Checkpoint, names: Optional[Sequence[str]], kind: str, source: str,
+                  ids: Optional[Sequence[int]] = None, evaluating: bool = False, first_output: int = 0) -> None:
+    """Labels are positions in a list of classes (sorted class folders, sorted category ids, label values), so
+    resuming on other classes than those the checkpoint records would go on teaching each output another class
+    from the first difference on, and evaluating would score it as one: refused, naming the difference (``kind``
+    of classes ``source`` holds; output numbers start at ``first_output``). Checkpoints that record no classes
+    (older or released ones) and data that names none (the zip layout, a segmentation set without class names)
+    have nothing to compare."""
+    stored = class_identities(checkpoint.state.get("class_names"), checkpoint.state.get("category_ids"))
+    current = class_identities(names, ids)
+    if not stored or not current or stored == current:
+        return
+    index = next((i for i, (old, new) in enumerate(zip(stored, current)) if old != new), min(len(stored), len(current)))
+    there, here = (describe_class(found[index]) if index < len(found) else "none" for found in (stored, current))
+    if evaluating:
+        outcome = "evaluating would score its outputs as other classes. Evaluate it on the classes it was trained on"
+    else:
+        weights = f"--pretrained {checkpoint.path}"
+        hint = (f"Start a new run under another --tag or --output ({weights} there starts from its weights)"
+                if checkpoint.auto else f"{weights} starts from its weights in a new run")
+        outcome = f"resuming would train its outputs on other classes. {hint}"
+    raise UsageError(f"{checkpoint.source}: it was trained on other {kind} than {source} holds: output "
+                     f"{index + first_output} is {there} there and {here} here; {outcome}")

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from cli import HelpFormatter
+from config import HelpFormatter
 
 MARKER = ".focal_demo.json"
 SUPERSAMPLE = 2  # draw at twice the size and downsample, for anti-aliased edges

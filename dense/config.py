@@ -48,7 +48,7 @@ def dense_defaults() -> CN:
     c.TRAIN.EPOCHS = 12
     c.TRAIN.BASE_LR = 1e-4
     # The total batch the rates are stated for (8 GPUs x 2 in the seed's runs); they scale linearly to this run's,
-    # as mmdetection's auto_scale_lr does, and the saved config records the run's (see run_parts.scale_rates).
+    # as mmdetection's auto_scale_lr does, and the saved config records the run's (see lr_scheduler.scale_rates).
     c.TRAIN.LR_BATCH = 16
     c.TRAIN.WEIGHT_DECAY = 0.05
     c.TRAIN.BETAS = (0.9, 0.999)

@@ -20,7 +20,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cli import HelpFormatter
+from config import HelpFormatter
 
 SHAPES = ("circle", "square", "triangle")
 CATEGORY_IDS = {"circle": 1, "square": 2, "triangle": 4}

@@ -15,19 +15,18 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import engine
-from cli import run_parser
+from config import run_parser
 from data.build import worker_count
 from data.samplers import ShardSampler
 from distributed import DistEnv, init_distributed, shutdown
 from engine import DatasetClasses, Precision, Scores, TaskData, build_precision, fit
 from errors import TrainingError, UsageError, user_message
-from lr_scheduler import build_dense_scheduler
+from lr_scheduler import build_dense_scheduler, scale_rates
 from models import ConfigError
 from models.checkpoint import extract_state_dict, load_weights
 from optimizer import param_groups
 from run_lock import leaving, locked_run, quiet_worker_teardown, stop_on_signals
-from run_parts import check_classes, scale_rates
-from utils import read_checkpoint, restore_checkpoint, resume_checkpoint, seed_everything
+from utils import check_classes, read_checkpoint, restore_checkpoint, resume_checkpoint, seed_everything
 
 from .backbone import DenseBackbone
 from .config import get_task_config

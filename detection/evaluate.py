@@ -18,7 +18,7 @@ from pycocotools.cocoeval import COCOeval
 from dense.run import loader
 from distributed import DistEnv, all_reduce_sum
 from engine import Precision
-from progress import Progress
+from logger import Progress
 
 from .config import MASK_DETECTORS
 from .data import collate

@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from dense.run import loader
 from distributed import DistEnv
 from engine import Precision
-from progress import Progress
+from logger import Progress
 
 from .data import IGNORE, class_names, fit_size, normalize
 

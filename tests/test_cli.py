@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cli import HelpFormatter
+from config import HelpFormatter
 
 # program name -> (module, how its parser is reached)
 ENTRY_POINTS = {

@@ -20,7 +20,7 @@ from dense.demo import generate_segmentation
 from dense.run import parse_args, training_task
 from engine import fit
 from distributed import DistEnv
-from run_parts import use_sync_batchnorm
+from engine import use_sync_batchnorm
 from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
 from segmentation.train import TASK
 from tests.helpers import BACKBONE_OPTS, REPO, demo_args

@@ -29,7 +29,7 @@ from errors import UsageError
 from models import extract_state_dict
 from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, assert_intact, check, finished_dense_run, load,
                            private_copy, run_task, task_args, this_run)
-from run_parts import scale_rates
+from lr_scheduler import scale_rates
 from utils import CHECKSUM_KEY
 
 CFG = str(REPO / "configs" / "detection" / "demo.yaml")

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import engine
-import progress
+import logger as progress  # the module whose REPORT_SECONDS the loops read
 from engine import build_precision, evaluate
 from tests.helpers import CPU, DEMO_CFG, read_log, tiny_config
 

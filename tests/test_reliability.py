@@ -25,7 +25,7 @@ from lr_scheduler import build_scheduler
 from main import main
 from models import build_model
 from optimizer import build_optimizer
-from run_parts import scale_rates
+from lr_scheduler import scale_rates
 
 from tests.helpers import (DEMO_CFG, MAIN_ENV, REPO, TINY_OPTS, assert_intact, demo_args, eval_summary,
                            first_image, load, read_log, run_dir, run_main, snapshot, start_main, this_run,

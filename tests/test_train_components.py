@@ -14,7 +14,7 @@ from lr_scheduler import build_scheduler
 from main import load_run_config, main, parse_args
 from models import build_model
 from optimizer import build_optimizer
-from run_parts import scale_rates
+from lr_scheduler import scale_rates
 from utils import (latest_checkpoint, load_pretrained, read_checkpoint, restore_checkpoint, save_checkpoint,
                    training_state)
 

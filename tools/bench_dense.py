@@ -48,13 +48,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cli import HelpFormatter  # noqa: E402
+from config import HelpFormatter  # noqa: E402
 from config import check_values, load_config  # noqa: E402
 from dense.config import merge_task_opts  # noqa: E402
 from detection.config import DETECTION_RULES, DETECTORS, MASK_DETECTORS, detection_defaults  # noqa: E402
 from detection.model import build_detector  # noqa: E402
 from engine import synchronize  # noqa: E402
-from progress import Progress  # noqa: E402
+from logger import Progress  # noqa: E402
 from tools.benchmark import machine, parse_size, pick_device, print_table  # noqa: E402
 
 FOCAL_T = "focal_tiny_patch4_window7_224"

@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cli import HelpFormatter  # noqa: E402
+from config import HelpFormatter  # noqa: E402
 from config import load_config  # noqa: E402
 from engine import AMP_MODES, build_precision, synchronize  # noqa: E402
 from errors import UsageError  # noqa: E402

@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cli import HelpFormatter  # noqa: E402
+from config import HelpFormatter  # noqa: E402
 from config import load_config  # noqa: E402
 from detection.config import detection_defaults  # noqa: E402
 from detection.model import build_detector  # noqa: E402

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cli import HelpFormatter  # noqa: E402
+from config import HelpFormatter  # noqa: E402
 from errors import UsageError  # noqa: E402
 from predict import load_model  # noqa: E402
 from utils import atomic_write, ensure_writable_folder  # noqa: E402

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cli import HelpFormatter  # noqa: E402
+from config import HelpFormatter  # noqa: E402
 
 DEMO_CFG = ROOT / "configs" / "demo" / "focal_demo.yaml"
 STEPS = 20
