@@ -7,9 +7,9 @@ from yacs.config import CfgNode as CN
 from config import Rule, at_least, one_of
 from dense.config import DENSE_RULES, dense_defaults
 
-DETECTORS = ("mask_rcnn", "retinanet", "fcos")
+DETECTORS = ("mask_rcnn", "retinanet", "fcos", "cascade_mask_rcnn")
 # The detectors that predict instance masks: their data carries mask annotations and they are scored by mask AP too.
-MASK_DETECTORS = ("mask_rcnn",)
+MASK_DETECTORS = ("mask_rcnn", "cascade_mask_rcnn")
 FCOS_MIN_SIZE = 256
 
 
@@ -19,8 +19,8 @@ def detection_defaults() -> CN:
     c.DATA.VAL_SPLIT = "val2017"
     c.MODEL.DETECTOR = "mask_rcnn"
     c.MODEL.FPN_CHANNELS = 256
-    c.MODEL.BOX_HEAD_DIM = 1024  # Mask R-CNN's two-layer box head
-    c.MODEL.MASK_HEAD_CHANNELS = 256  # Mask R-CNN's four mask-head convolutions
+    c.MODEL.BOX_HEAD_DIM = 1024  # Mask R-CNN's two-layer box head; the linear layer of each Cascade box head
+    c.MODEL.MASK_HEAD_CHANNELS = 256  # Mask R-CNN's four mask-head convolutions (Cascade: in each stage's)
     # Keyword arguments of torchvision's MaskRCNN / RetinaNet / FCOS: min_size (a list: one drawn per training
     # batch, the last one for evaluation), max_size, box_batch_size_per_image, box_detections_per_img, ... Others
     # are refused, naming the accepted ones.
