@@ -60,8 +60,10 @@ class CascadeStage(RoIHeads):
 
     def predict(self, features: Dict[str, Tensor], boxes: List[Tensor],
                 image_sizes: List[Tuple[int, int]]) -> Tuple[Tensor, Tensor]:
-        """Class logits (N, classes) and box deltas (N, classes * 4) of the boxes of all images, in order."""
-        return self.box_predictor(self.box_head(self.box_roi_pool(features, boxes, image_sizes)))
+        """Class logits (N, classes) and box deltas (N, classes * 4) of the boxes of all images, in order; in float32
+        under autocast, since the coder decodes in the deltas' type (bfloat16 would round 1000-pixel boxes to 8)."""
+        logits, deltas = self.box_predictor(self.box_head(self.box_roi_pool(features, boxes, image_sizes)))
+        return logits.float(), deltas.float()
 
     def predict_masks(self, features: Dict[str, Tensor], boxes: List[Tensor],
                       image_sizes: List[Tuple[int, int]]) -> Tensor:
@@ -69,7 +71,7 @@ class CascadeStage(RoIHeads):
 
     def decode(self, deltas: Tensor, labels: Tensor, boxes: List[Tensor]) -> List[Tensor]:
         """Each box moved by the deltas of its label's class."""
-        chosen = deltas.reshape(len(labels), -1, 4)[torch.arange(len(labels), device=labels.device), labels]
+        chosen = deltas.unflatten(1, (-1, 4))[torch.arange(len(labels), device=labels.device), labels]
         return list(self.box_coder.decode_single(chosen, torch.cat(boxes)).split([len(b) for b in boxes]))
 
     def refine(self, logits: Tensor, deltas: Tensor, boxes: List[Tensor], image_sizes: List[Tuple[int, int]],

@@ -21,7 +21,8 @@ def detection_defaults() -> CN:
     c.MODEL.FPN_CHANNELS = 256
     c.MODEL.BOX_HEAD_DIM = 1024  # Mask R-CNN's two-layer box head; the linear layer of each Cascade box head
     c.MODEL.MASK_HEAD_CHANNELS = 256  # Mask R-CNN's four mask-head convolutions (Cascade: in each stage's)
-    # Keyword arguments of torchvision's MaskRCNN / RetinaNet / FCOS: min_size (a list: one drawn per training
+    # Keyword arguments of torchvision's MaskRCNN / RetinaNet / FCOS (or of detection/cascade_rcnn.py's
+    # CascadeMaskRCNN, which also takes the stage_* lists): min_size (a list: one drawn per training
     # batch, the last one for evaluation), max_size, box_batch_size_per_image, box_detections_per_img, ... Others
     # are refused, naming the accepted ones.
     c.MODEL.DETECTOR_ARGS = CN(new_allowed=True)

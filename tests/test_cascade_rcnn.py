@@ -147,6 +147,19 @@ def test_stage_losses_are_weighted_and_every_head_gets_gradients():
                 assert p.grad is not None and p.grad.abs().sum() > 0, f"stage {k} {part}.{name}"
 
 
+def test_a_batch_without_objects_trains_on_background_only():
+    """No ground truth: every sampled box is background, so the box and mask losses are exactly 0 (no positives)
+    and the classification losses are finite; the boxes still pass from stage to stage."""
+    heads = cascade().train()
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+              "masks": torch.zeros(0, SIZE, SIZE, dtype=torch.uint8)}]
+    proposals = torch.tensor([[8.0, 8.0, 40.0, 40.0], [20.0, 30.0, 50.0, 60.0]])
+    _, losses = heads(features(), [proposals], [(SIZE, SIZE)], empty)
+    for k in range(3):
+        assert losses[f"loss_box_giou_s{k}"] == 0 and losses[f"loss_mask_s{k}"] == 0
+        assert torch.isfinite(losses[f"loss_classifier_s{k}"])
+
+
 def constant(logits, deltas):
     """A stage prediction of fixed logits and deltas for the single box."""
     return lambda features, boxes, image_sizes: (torch.tensor([logits]), torch.tensor([deltas]))
