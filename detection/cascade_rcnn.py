@@ -45,7 +45,9 @@ class CascadeStage(RoIHeads):
     """One stage: its own box head, predictor, mask head and mask predictor; torchvision's matcher at its IoU
     threshold with no low-quality matches (foreground and background thresholds equal), its 512-box sampler at 1/4
     positives and its box coder weights. Regression is class-specific and trained with the GIoU loss of the decoded
-    boxes, as the Swin/Focal Cascade config sets it (``reg_class_agnostic=False, reg_decoded_bbox=True``)."""
+    boxes, as the Swin/Focal 4conv1f GIoU Cascade config sets it (``reg_class_agnostic=False,
+    reg_decoded_bbox=True``; its base file's 2fc heads are class-agnostic with smooth L1). RoIHeads' ``forward``
+    is not used: :class:`CascadeRoIHeads` drives the stages through the methods below."""
 
     def sample(self, proposals: List[Tensor], targets: List[Dict[str, Tensor]]) -> Sample:
         """RoIHeads' own steps (ground truth added to the proposals, matched, sampled), keeping which sampled boxes
@@ -138,7 +140,8 @@ class CascadeRoIHeads(nn.Module):
                image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
         """Boxes pass through every stage; the stages' class logits are averaged (as mmdetection's cascade does,
         before the softmax) and decoded with the last stage's regression by torchvision's post-processing (score
-        threshold, per-class NMS, top detections); the last stage's mask head predicts the final boxes' masks."""
+        threshold, per-class NMS, top detections); the last stage's mask head predicts the final boxes' masks
+        (mmdetection averages the three mask heads' probabilities there)."""
         all_logits = []
         for index, stage in enumerate(self.stages):
             logits, deltas = stage.predict(features, proposals, image_sizes)

@@ -169,10 +169,10 @@ def test_inference_averages_the_stages_logits_and_decodes_with_the_last_stage(mo
     """One proposal [8, 8, 40, 40] (32x32) and 2 classes. Stage logits (background, class 1, class 2):
     (0, 2, 0), (0, 0, 2), (0, 0, 5); their mean (0, 2/3, 7/3), whose softmax gives class 2
     e^(7/3) / (1 + e^(2/3) + e^(7/3)) = 10.312 / 13.260 = 0.7777 and class 1 1.948 / 13.260 = 0.1469 (averaging
-    the stages' probabilities would give class 1 (0.787 + 0.107 + 0.007) / 3 = 0.300). Stage 1 is most sure of class 1 and moves the box by its class-1
-    deltas: dy 2.5 / weight 10 = 0.25 of 32 px down to [8, 16, 40, 48] (its class-2 deltas, -5, are not used);
-    stage 2 leaves it; stage 3's class-2 deltas dx 3 / weight 30 = 0.1 of 32 px move that class's box right
-    3.2 px: [11.2, 16, 43.2, 48], class 1's stays [8, 16, 40, 48]."""
+    the stages' probabilities would give class 1 (0.787 + 0.107 + 0.007) / 3 = 0.300). Stage 1 is most sure of
+    class 1 and moves the box by its class-1 deltas: dy 2.5 / weight 10 = 0.25 of 32 px down to [8, 16, 40, 48]
+    (its class-2 deltas, -5, are not used); stage 2 leaves it; stage 3's class-2 deltas dx 3 / weight 30 = 0.1 of
+    32 px move that class's box right 3.2 px: [11.2, 16, 43.2, 48], class 1's stays [8, 16, 40, 48]."""
     heads = cascade().eval()
     zeros = [0.0] * 12
     predictions = [constant([0.0, 2.0, 0.0], [0.0] * 4 + [0.0, 2.5, 0.0, 0.0] + [0.0, -5.0, 0.0, 0.0]),
