@@ -7,11 +7,11 @@ from yacs.config import CfgNode as CN
 from config import Rule, at_least, one_of
 from dense.config import DENSE_RULES, dense_defaults
 
-DETECTORS = ("mask_rcnn", "retinanet", "fcos", "atss")
+DETECTORS = ("mask_rcnn", "retinanet", "fcos", "atss", "cascade_mask_rcnn")
 # The detectors whose heads have group norms of 32 groups.
 GROUP_NORM_DETECTORS = ("fcos", "atss")
 # The detectors that predict instance masks: their data carries mask annotations and they are scored by mask AP too.
-MASK_DETECTORS = ("mask_rcnn",)
+MASK_DETECTORS = ("mask_rcnn", "cascade_mask_rcnn")
 FCOS_MIN_SIZE = 256
 
 
@@ -21,11 +21,12 @@ def detection_defaults() -> CN:
     c.DATA.VAL_SPLIT = "val2017"
     c.MODEL.DETECTOR = "mask_rcnn"
     c.MODEL.FPN_CHANNELS = 256
-    c.MODEL.BOX_HEAD_DIM = 1024  # Mask R-CNN's two-layer box head
-    c.MODEL.MASK_HEAD_CHANNELS = 256  # Mask R-CNN's four mask-head convolutions
-    # Keyword arguments of torchvision's MaskRCNN / RetinaNet / FCOS or of detection.atss.ATSS: min_size (a list:
-    # one drawn per training batch, the last one for evaluation), max_size, box_batch_size_per_image,
-    # box_detections_per_img, topk, ... Others are refused, naming the accepted ones.
+    c.MODEL.BOX_HEAD_DIM = 1024  # Mask R-CNN's two-layer box head; the linear layer of each Cascade box head
+    c.MODEL.MASK_HEAD_CHANNELS = 256  # Mask R-CNN's four mask-head convolutions (Cascade: in each stage's)
+    # Keyword arguments of the detector's class: torchvision's MaskRCNN / RetinaNet / FCOS, or detection.atss.ATSS,
+    # detection.cascade_rcnn.CascadeMaskRCNN (also the stage_* lists): min_size (a list: one drawn per training
+    # batch, the last one for evaluation), max_size, box_batch_size_per_image, box_detections_per_img, topk, ...
+    # Others are refused, naming the accepted ones.
     c.MODEL.DETECTOR_ARGS = CN(new_allowed=True)
     c.MODEL.DETECTOR_ARGS.min_size = [800]
     c.MODEL.DETECTOR_ARGS.max_size = 1333

@@ -19,13 +19,17 @@ from dense.backbone import DenseBackbone, build_backbone
 from errors import UsageError
 
 from .atss import ATSS
+from .cascade_rcnn import CascadeMaskRCNN
 
-DETECTOR_CLASSES = {"mask_rcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS, "atss": ATSS}
+DETECTOR_CLASSES = {"mask_rcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS, "atss": ATSS,
+                    "cascade_mask_rcnn": CascadeMaskRCNN}
+# The detectors on P2-P6 (a max-pooled P6) with RoI heads on P2-P5; the others read P3-P7.
+RCNN_DETECTORS = ("mask_rcnn", "cascade_mask_rcnn")
 # Arguments this module builds itself, or that take modules rather than values a config can hold.
 BUILT_HERE = frozenset({
     "self", "backbone", "num_classes", "box_head", "box_predictor", "mask_head", "mask_predictor", "rpn", "roi_heads",
     "transform", "rpn_anchor_generator", "rpn_head", "box_roi_pool", "mask_roi_pool", "anchor_generator", "head",
-    "proposal_matcher"})
+    "proposal_matcher", "box_head_dim", "mask_head_channels"})
 
 
 def accepted_args(detector: type) -> FrozenSet[str]:
@@ -63,7 +67,7 @@ class FocalFPN(nn.Module):
         super().__init__()
         self.body = body
         channels = body.feature_info.channels()
-        if detector == "mask_rcnn":
+        if detector in RCNN_DETECTORS:
             extra = LastLevelMaxPool()
         else:
             extra = LastLevelP6P7(channels[-1] if detector == "retinanet" else out_channels, out_channels)
@@ -80,9 +84,12 @@ class FocalFPN(nn.Module):
 def build_detector(config: Any, num_classes: int) -> nn.Module:
     """``num_classes`` object classes plus background; no weights downloaded (``--pretrained`` is local)."""
     detector = config.MODEL.DETECTOR
-    body = build_backbone(config, (0, 1, 2, 3) if detector == "mask_rcnn" else (1, 2, 3))
+    body = build_backbone(config, (0, 1, 2, 3) if detector in RCNN_DETECTORS else (1, 2, 3))
     backbone = FocalFPN(body, config.MODEL.FPN_CHANNELS, detector)
     args = detector_args(config)
+    if detector == "cascade_mask_rcnn":
+        return CascadeMaskRCNN(backbone, num_classes + 1, box_head_dim=config.MODEL.BOX_HEAD_DIM,
+                               mask_head_channels=config.MODEL.MASK_HEAD_CHANNELS, **args)
     if detector != "mask_rcnn":
         try:
             return DETECTOR_CLASSES[detector](backbone, num_classes=num_classes + 1, **args)
