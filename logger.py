@@ -49,8 +49,15 @@ class HoldsNestedRecords(logging.Handler):
                 super().emit(nested)
 
 
+# ``logger.error(..., extra=FILE_ONLY)``: a line for the log file alone, e.g. the error an entry point prints itself.
+FILE_ONLY = {"file_only": True}
+
+
 class ConsoleHandler(HoldsNestedRecords, logging.StreamHandler):
-    """Rank 0's console lines."""
+    """Rank 0's console lines (all but those logged with :data:`FILE_ONLY`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False) and super().filter(record)
 
 
 class LogFileHandler(HoldsNestedRecords, logging.FileHandler):

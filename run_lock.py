@@ -16,7 +16,7 @@ from typing import Any, Iterator, List, Optional
 
 from distributed import lost_peer_message
 from errors import TrainingError, UsageError, user_message
-from logger import LOGGER_NAME, close_log_files, create_logger
+from logger import FILE_ONLY, LOGGER_NAME, close_log_files, create_logger
 from models import ConfigError
 from utils import ensure_writable_folder, missing_folders
 
@@ -169,13 +169,14 @@ def locked_run(folder: str, rank: int) -> Iterator[logging.Logger]:
             except BaseException as err:
                 leaving()
                 lost = lost_peer_message(err)  # None unless a collective broke because another rank died
+                # The entry point prints the error itself (one line on stderr): the log file keeps its copy.
                 if lost is not None:
-                    logger.error(f"stopped: {lost}")
+                    logger.error(f"stopped: {lost}", extra=FILE_ONLY)
                     raise TrainingError(lost) from None
                 if not isinstance(err, (UsageError, ConfigError, TrainingError, SystemExit)):
                     logger.exception("failed")
                     raise
-                logger.error(f"stopped: {user_message(err)}")
+                logger.error(f"stopped: {user_message(err)}", extra=FILE_ONLY)
                 refused = isinstance(err, (UsageError, ConfigError))
                 raise
     finally:
