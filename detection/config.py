@@ -7,7 +7,7 @@ from yacs.config import CfgNode as CN
 from config import Rule, at_least, one_of
 from dense.config import DENSE_RULES, dense_defaults
 
-DETECTORS = ("mask_rcnn", "retinanet", "fcos")
+DETECTORS = ("mask_rcnn", "retinanet", "fcos", "sparse_rcnn")
 # The detectors that predict instance masks: their data carries mask annotations and they are scored by mask AP too.
 MASK_DETECTORS = ("mask_rcnn",)
 FCOS_MIN_SIZE = 256

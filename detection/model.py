@@ -17,7 +17,9 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 from dense.backbone import DenseBackbone, build_backbone
 from errors import UsageError
 
-DETECTOR_CLASSES = {"mask_rcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS}
+from .sparse_rcnn import SparseRCNN
+
+DETECTOR_CLASSES = {"mask_rcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS, "sparse_rcnn": SparseRCNN}
 # Arguments this module builds itself, or that take modules rather than values a config can hold.
 BUILT_HERE = frozenset({
     "self", "backbone", "num_classes", "box_head", "box_predictor", "mask_head", "mask_predictor", "rpn", "roi_heads",
@@ -52,8 +54,8 @@ def detector_args(config: Any) -> Dict[str, Any]:
 
 class FocalFPN(nn.Module):
     """Stage maps -> FPN levels named "0", "1", ... plus the extra levels, as the seed's mmdetection necks (and
-    mmdetection's FCOS) had them: a max-pooled P6 for Mask R-CNN (P2-P6); P6/P7 from the last stage for RetinaNet
-    and from the P5 output for FCOS (P3-P7)."""
+    mmdetection's FCOS) had them: a max-pooled P6 for Mask R-CNN (P2-P6); none for Sparse R-CNN (P2-P5); P6/P7
+    from the last stage for RetinaNet and from the P5 output for FCOS (P3-P7)."""
 
     def __init__(self, body: nn.Module, out_channels: int, detector: str):
         super().__init__()
@@ -61,6 +63,8 @@ class FocalFPN(nn.Module):
         channels = body.feature_info.channels()
         if detector == "mask_rcnn":
             extra = LastLevelMaxPool()
+        elif detector == "sparse_rcnn":
+            extra = None
         else:  # torchvision's P6P7 reads P5 when its input width equals its output width
             extra = LastLevelP6P7(channels[-1] if detector == "retinanet" else out_channels, out_channels)
         self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=extra)
@@ -73,7 +77,7 @@ class FocalFPN(nn.Module):
 def build_detector(config: Any, num_classes: int) -> nn.Module:
     """``num_classes`` object classes plus background; no weights downloaded (``--pretrained`` is local)."""
     detector = config.MODEL.DETECTOR
-    body = build_backbone(config, (0, 1, 2, 3) if detector == "mask_rcnn" else (1, 2, 3))
+    body = build_backbone(config, (0, 1, 2, 3) if detector in ("mask_rcnn", "sparse_rcnn") else (1, 2, 3))
     backbone = FocalFPN(body, config.MODEL.FPN_CHANNELS, detector)
     args = detector_args(config)
     if detector != "mask_rcnn":
