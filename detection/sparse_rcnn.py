@@ -140,8 +140,8 @@ class SetCriterion:
             labels = target["labels"] - 1  # torchvision's label 0 is the background, which has no logit here
             with torch.no_grad():
                 cost = self.costs(logits[i], boxes[i], labels, target["boxes"], whwh[i])
-            queries, objects = hungarian_match(cost)
-            onehot[i, queries.to(logits.device), labels[objects]] = 1
+            queries, objects = (index.to(logits.device) for index in hungarian_match(cost))
+            onehot[i, queries, labels[objects]] = 1
             matched.append(boxes[i, queries])
             truth.append(target["boxes"][objects])
             scale.append(whwh[i].expand(len(queries), 4))
@@ -160,7 +160,7 @@ def objects_per_process(targets: Sequence[Dict[str, torch.Tensor]], device: torc
     return (all_reduce_sum(count) / world).clamp(min=1.0)
 
 
-def at_least(name: str, value: int, low: int) -> None:
+def check_count(name: str, value: int, low: int) -> None:
     if not isinstance(value, int) or value < low:
         raise UsageError(f"MODEL.DETECTOR_ARGS.{name} must be an integer of at least {low} for sparse_rcnn, "
                          f"got {value!r}")
@@ -189,7 +189,7 @@ class SparseRCNN(nn.Module):
                                  ("feedforward_channels", feedforward_channels, 1), ("num_cls_fcs", num_cls_fcs, 0),
                                  ("num_reg_fcs", num_reg_fcs, 0), ("pooled_size", pooled_size, 1),
                                  ("sampling_ratio", sampling_ratio, 0), ("detections_per_img", detections_per_img, 1)]:
-            at_least(name, value, low)
+            check_count(name, value, low)
         channels = backbone.out_channels
         if channels % num_heads:
             raise UsageError(f"MODEL.DETECTOR_ARGS.num_heads must divide MODEL.FPN_CHANNELS ({channels}) for "
@@ -234,7 +234,8 @@ class SparseRCNN(nn.Module):
         for stage in self.stages:
             rois = self.roi_align(features, list(boxes.detach()), image_sizes)
             logits, deltas, state = stage(state, rois)
-            boxes = self.box_coder.decode_single(deltas.reshape(-1, 4), boxes.reshape(-1, 4)).view(b, n, 4)
+            # in float32 whatever the autocast: half precision steps a whole pixel between 1024 and 2048
+            boxes = self.box_coder.decode_single(deltas.float().reshape(-1, 4), boxes.reshape(-1, 4)).view(b, n, 4)
             outputs.append((logits, boxes))
             boxes = boxes.detach()
         return outputs

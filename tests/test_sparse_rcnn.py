@@ -62,17 +62,19 @@ def test_matching_costs_of_a_hand_made_case():
 
 
 def test_set_losses_of_a_hand_made_case():
-    """Two queries (one class, logits 0: p = 1/2), one object (label 1) equal to query 0's box; query 1's box is
-    elsewhere, so the matching takes query 0. L1 and GIoU losses are 0. The focal loss sums, over both queries'
-    one logit, alpha (1-p)^2 (-ln p) for the matched one, 1/4 x 1/4 x ln 2, and (1-alpha) p^2 (-ln(1-p)) for the
-    other, 3/4 x 1/4 x ln 2: ln(2) / 4, x 2 = ln(2) / 2, divided by the number of objects (1, then 2)."""
-    logits = torch.zeros(1, 2, 1, requires_grad=True)
-    boxes = torch.tensor([[[0.0, 0, 20, 20], [40, 40, 60, 60]]], requires_grad=True)
-    targets = [{"boxes": torch.tensor([[0.0, 0, 20, 20]]), "labels": torch.tensor([1])}]
-    whwh = torch.tensor([[64.0, 64, 64, 64]])
+    """Two images of two queries, one class, all logits 0 (p = 1/2). The first image has one object (label 1),
+    equal to query 0's box; query 1's box is elsewhere, so the matching takes query 0: L1 and GIoU losses 0. The
+    second image has no object. The focal loss sums alpha (1-p)^2 (-ln p) = 1/4 x 1/4 x ln 2 for the matched
+    query and (1-alpha) p^2 (-ln(1-p)) = 3/4 x 1/4 x ln 2 for each of the three others: 10/16 ln 2, x 2 = 5/4 ln 2,
+    divided by the number of objects (1, then 2)."""
+    logits = torch.zeros(2, 2, 1, requires_grad=True)
+    boxes = torch.tensor([[[0.0, 0, 20, 20], [40, 40, 60, 60]], [[0, 0, 10, 10], [5, 5, 30, 30]]], requires_grad=True)
+    targets = [{"boxes": torch.tensor([[0.0, 0, 20, 20]]), "labels": torch.tensor([1])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    whwh = torch.tensor([[64.0, 64, 64, 64], [64, 48, 64, 48]])
     for count in (1.0, 2.0):
         losses = SetCriterion()(logits, boxes, targets, whwh, torch.tensor(count))
-        torch.testing.assert_close(losses["loss_cls"], torch.tensor(math.log(2) / 2 / count))
+        torch.testing.assert_close(losses["loss_cls"], torch.tensor(5 / 4 * math.log(2) / count))
         assert losses["loss_bbox"].item() == 0 and abs(losses["loss_giou"].item()) < 1e-6
     sum(losses.values()).backward()
     assert logits.grad.abs().sum() > 0 and boxes.grad is not None
@@ -150,7 +152,8 @@ def test_focal_tiny_parameter_count_is_the_seeds():
 def test_sparse_rcnn_trains_evaluates_and_resumes(tmp_path):
     data = generate_detection(str(tmp_path / "data"), size=64, train=4, val=2)
     opts = ["DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_ITERS", "0",
-            "PRINT_FREQ", "1", "EVAL_FREQ", "1", *BACKBONE_OPTS, *map(str, SMALL)]
+            "PRINT_FREQ", "1", "EVAL_FREQ", "1", "MODEL.DETECTOR_ARGS.num_proposals", "50", *BACKBONE_OPTS,
+            *map(str, SMALL)]
     args = ["--cfg", str(REPO / "configs" / "detection" / "sparse_rcnn_demo.yaml"), "--data-path", data,
             "--output", str(tmp_path / "out"), "--opts", *opts]
     trained = check(run_task("detection.train", args))
