@@ -7,7 +7,7 @@ from yacs.config import CfgNode as CN
 from config import Rule, at_least, one_of
 from dense.config import DENSE_RULES, dense_defaults
 
-DETECTORS = ("mask_rcnn", "retinanet", "fcos", "atss", "cascade_mask_rcnn")
+DETECTORS = ("mask_rcnn", "retinanet", "fcos", "atss", "cascade_mask_rcnn", "sparse_rcnn")
 # The detectors whose heads have group norms of 32 groups.
 GROUP_NORM_DETECTORS = ("fcos", "atss")
 # The detectors that predict instance masks: their data carries mask annotations and they are scored by mask AP too.

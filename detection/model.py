@@ -1,6 +1,6 @@
-"""torchvision's Mask R-CNN, RetinaNet or FCOS, or ATSS from torchvision's parts (detection/atss.py), on a Focal
-Transformer: the timm ``features_only`` backbone's stage maps through torchvision's FPN, the heads and losses
-torchvision's own."""
+"""The detectors of the task on a Focal Transformer: torchvision's Mask R-CNN, RetinaNet and FCOS, and those composed
+here from torchvision's parts (ATSS, Cascade Mask R-CNN, Sparse R-CNN). The timm ``features_only`` backbone's stage
+maps go through torchvision's FPN with the extra levels each detector's recipe has."""
 from __future__ import annotations
 
 import inspect
@@ -20,10 +20,11 @@ from errors import UsageError
 
 from .atss import ATSS
 from .cascade_rcnn import CascadeMaskRCNN
+from .sparse_rcnn import SparseRCNN
 
 DETECTOR_CLASSES = {"mask_rcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS, "atss": ATSS,
-                    "cascade_mask_rcnn": CascadeMaskRCNN}
-# The detectors on P2-P6 (a max-pooled P6) with RoI heads on P2-P5; the others read P3-P7.
+                    "cascade_mask_rcnn": CascadeMaskRCNN, "sparse_rcnn": SparseRCNN}
+# The detectors on P2-P6 (a max-pooled P6) with RoI heads on P2-P5; Sparse R-CNN reads P2-P5; the others P3-P7.
 RCNN_DETECTORS = ("mask_rcnn", "cascade_mask_rcnn")
 # Arguments this module builds itself, or that take modules rather than values a config can hold.
 BUILT_HERE = frozenset({
@@ -60,8 +61,9 @@ def detector_args(config: Any) -> Dict[str, Any]:
 
 class FocalFPN(nn.Module):
     """Stage maps -> FPN levels named "0", "1", ... plus the extra levels, as the seed's mmdetection necks (and
-    mmdetection's FCOS and ATSS) had them: a max-pooled P6 for Mask R-CNN (P2-P6); P6/P7 from the last stage for
-    RetinaNet (mmdetection's ``add_extra_convs='on_input'``) and from the P5 output for FCOS and ATSS (P3-P7)."""
+    mmdetection's FCOS and ATSS) had them: a max-pooled P6 for Mask R-CNN and Cascade Mask R-CNN (P2-P6); none for
+    Sparse R-CNN (P2-P5); P6/P7 from the last stage for RetinaNet (mmdetection's ``add_extra_convs='on_input'``)
+    and from the P5 output for FCOS and ATSS (P3-P7)."""
 
     def __init__(self, body: nn.Module, out_channels: int, detector: str):
         super().__init__()
@@ -69,6 +71,8 @@ class FocalFPN(nn.Module):
         channels = body.feature_info.channels()
         if detector in RCNN_DETECTORS:
             extra = LastLevelMaxPool()
+        elif detector == "sparse_rcnn":
+            extra = None
         else:
             extra = LastLevelP6P7(channels[-1] if detector == "retinanet" else out_channels, out_channels)
             # torchvision guesses the source from the widths (P5 when they are equal); a backbone whose last stage
@@ -84,7 +88,7 @@ class FocalFPN(nn.Module):
 def build_detector(config: Any, num_classes: int) -> nn.Module:
     """``num_classes`` object classes plus background; no weights downloaded (``--pretrained`` is local)."""
     detector = config.MODEL.DETECTOR
-    body = build_backbone(config, (0, 1, 2, 3) if detector in RCNN_DETECTORS else (1, 2, 3))
+    body = build_backbone(config, (0, 1, 2, 3) if detector in (*RCNN_DETECTORS, "sparse_rcnn") else (1, 2, 3))
     backbone = FocalFPN(body, config.MODEL.FPN_CHANNELS, detector)
     args = detector_args(config)
     if detector == "cascade_mask_rcnn":

@@ -18,7 +18,7 @@ from dense.config import merge_task_opts
 from dense.demo import generate_detection
 from dense.run import load_backbone, run
 from dense.config import get_task_config
-from detection.config import DETECTION_RULES, detection_defaults
+from detection.config import DETECTION_RULES, DETECTORS, detection_defaults
 from detection.data import CocoDetection, build_data, load_coco, rle_runs
 from detection.evaluate import coco_ap, evaluate
 from detection.model import backbone, build_detector
@@ -298,7 +298,7 @@ def test_validation_categories_other_than_the_training_ones_are_refused(tmp_path
         build_data(config, None, LOG)
 
 
-@pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet", "fcos"])
+@pytest.mark.parametrize("detector", DETECTORS)
 def test_official_checkpoint_loads_into_the_backbone(detector):
     config = detection_defaults()
     merge_task_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR", detector, "MODEL.FPN_CHANNELS", 32])
