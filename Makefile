@@ -45,10 +45,15 @@ clean:
 	rm -rf $(VENV) output demo_data demo_detection demo_segmentation
 
 # Dense tasks on generated shapes, trained from scratch on the CPU in a few minutes: box/mask AP and mIoU.
+# `make demo-detection DETECTOR=atss` (or fcos, cascade_mask_rcnn, sparse_rcnn) runs that detector's demo config;
+# the default is Mask R-CNN's configs/detection/demo.yaml.
+DETECTOR ?=
+DETECTION_DEMO := configs/detection/$(if $(DETECTOR),$(DETECTOR)_demo,demo).yaml
 demo-detection: venv
+	@test -f $(DETECTION_DEMO) || { echo "DETECTOR=$(DETECTOR): no demo config $(DETECTION_DEMO)"; exit 2; }
 	$(PY) -m dense.demo --task detection --out demo_detection
 	rm -rf output/demo_detection
-	$(PY) -m detection.train --cfg configs/detection/demo.yaml --data-path demo_detection --output output/demo_detection --device cpu
+	$(PY) -m detection.train --cfg $(DETECTION_DEMO) --data-path demo_detection --output output/demo_detection --device cpu
 
 demo-segmentation: venv
 	$(PY) -m dense.demo --task segmentation --out demo_segmentation
