@@ -142,8 +142,11 @@ class TopKFocalAttention(WindowedAttention):
     def bias_table(self, layout: TopKLayout) -> torch.Tensor:
         """(nH, codes): each level's MLP run once per relative coordinate of its box (the cached float32
         coordinates in the MLP's dtype, so a model cast to bfloat16 or float64 runs)."""
-        mlps = [item(self.coord2rpb_all, level) for level in range(len(layout.coords))]
-        return torch.cat([mlp.forward(c.to(item(mlp, 0).weight.dtype)) for mlp, c in zip(mlps, layout.coords)]).t()
+        tables = []
+        for level, coords in enumerate(layout.coords):
+            mlp = item(self.coord2rpb_all, level)  # .forward: TorchScript's compiled view of a Sequential has no ()
+            tables.append(mlp.forward(coords.to(item(mlp, 0).weight.dtype)))
+        return torch.cat(tables).t()
 
     @torch.jit.ignore
     def attention_bias(self, layout: TopKLayout) -> torch.Tensor:

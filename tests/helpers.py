@@ -53,7 +53,8 @@ def randomise(model: nn.Module, std: float = 0.2, seed: int = 1) -> nn.Module:
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     """RMS of the difference over RMS of the reference: one number for a whole output, steadier than its largest
     entry."""
-    return float((got.double() - want.double()).norm() / want.double().norm())
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).norm() / want.norm())
 
 
 def roundoff(model: nn.Module, dtype: torch.dtype, dot: int = 1) -> float:
