@@ -14,7 +14,19 @@ from timm.layers import trunc_normal_
 
 from .focal_layout import FocalLayout, FocalLayoutSpec, outside_mask, pooled_levels, shift_mask
 from .layers import relative_position_index
-from .window_attention import WindowedAttention, key_value_table, layout_cache, merge_windows, queries_by_window
+from .window_attention import (WindowedAttention, item, key_value_table, layout_cache, merge_windows,
+                               queries_by_window)
+
+
+# Every layout spec an attention module was built with, by number. A TorchScript-compiled module keeps only plain
+# attributes, so its layout calls (Python, see WindowedAttention.index_and_bias) find the spec by its number.
+LAYOUT_SPECS: List[FocalLayoutSpec] = []
+
+
+def spec_number(spec: FocalLayoutSpec) -> int:
+    if spec not in LAYOUT_SPECS:
+        LAYOUT_SPECS.append(spec)
+    return LAYOUT_SPECS.index(spec)
 
 
 @layout_cache
@@ -35,6 +47,7 @@ class FocalWindowAttention(WindowedAttention):
         super().__init__()
         self.spec = layout_spec or FocalLayoutSpec(window_size, expand_size if focal_level > 0 else 0, shift_size,
                                                    focal_window, pooled_levels(focal_level, pool_method))
+        self.spec_number = spec_number(self.spec)
         self.dim = dim
         self.num_heads = num_heads
         self.window_size = self.spec.window_size
@@ -66,9 +79,11 @@ class FocalWindowAttention(WindowedAttention):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    @torch.jit.ignore
     def layout(self, height: int, width: int, device: torch.device) -> FocalLayout:
-        return focal_layout(self.spec, height, width, device)
+        return focal_layout(LAYOUT_SPECS[self.spec_number], height, width, device)
 
+    @torch.jit.ignore
     def relative_bias(self) -> torch.Tensor:
         """(nH, ws*ws, L): the three position-bias tables laid out along the key order."""
         n = self.window_size ** 2
@@ -79,10 +94,11 @@ class FocalWindowAttention(WindowedAttention):
             parts.append(torch.logsumexp(table[..., self.surrounding_columns], dim=-1))
         for level in range(self.num_pooled):
             index = getattr(self, f"pooled_bias_index_{level}")
-            table = self.relative_position_bias_table_to_windows[level]
+            table = item(self.relative_position_bias_table_to_windows, level)
             parts.append(table[:, index.view(-1)].view(self.num_heads, n, -1))
         return torch.cat(parts, dim=-1)
 
+    @torch.jit.ignore
     def attention_bias(self, layout: FocalLayout) -> torch.Tensor:
         """(1, nH*nW, ws*ws, L): position biases plus the shift and out-of-map masks, which touch only the
         window's own keys and the pooled keys respectively."""
@@ -103,12 +119,12 @@ class FocalWindowAttention(WindowedAttention):
 
     def forward(self, x: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:
         b, h, w, c = x.shape
-        layout = self.layout(h, w, x.device)
+        index, bias = self.index_and_bias(h, w, x.device)
         qkv = self.qkv(x)
         q = queries_by_window(qkv[..., :c], self.window_size, self.num_heads)
         k, v = key_value_table([qkv[..., c:]] + [self.project_kv(p) for p in pooled], self.num_heads,
                                zero_token=True)
-        out = self.attend(q, k, v, layout.index, self.attention_bias(layout))
+        out = self.attend(q, k, v, index, bias)
         return self.proj_drop(self.proj(merge_windows(out, h, w, self.window_size, self.num_heads)))
 
     def flops(self, n: int) -> float:

@@ -3,8 +3,6 @@
 The two variants differ only in their attention module; blocks, stages, embeddings and the head are common,
 and parameter names follow the released checkpoints.
 """
-from __future__ import annotations
-
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -108,7 +106,7 @@ class FocalStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Runs the blocks only; the caller applies ``downsample`` so it can read the stage output first."""
         for block in self.blocks:
-            if self.grad_checkpointing and self.training:
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
@@ -138,15 +136,18 @@ class FocalTransformer(nn.Module):
                  focal_windows: Sequence[int] = (7, 5, 3, 1), focal_pool: str = "none", focal_topk: int = 128,
                  expand_stages: Sequence[int] = (0, 1, 2, 3), expand_sizes: Sequence[int] = (3, 3, 3, 3),
                  expand_layer: str = "all", use_conv_embed: bool = False, use_layerscale: bool = False,
-                 layerscale_value: float = 1e-4, use_pre_norm: bool = False, global_pool: str = "avg"):
+                 layerscale_value: float = 1e-4, use_pre_norm: bool = False, global_pool: str = "avg",
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.variant = variant
         self.num_classes = num_classes
         self.global_pool = _check_pool(global_pool)
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
-        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (self.num_layers - 1))  # no pre-logits layer
         self.img_size = img_size
+        self.in_chans = in_chans
+        self.output_fmt = "NHWC"  # of forward_features, as timm's swin
         self.patches_resolution = tuple(side // patch_size for side in to_2tuple(img_size))
         self.feature_info = []
 
@@ -188,6 +189,8 @@ class FocalTransformer(nn.Module):
             if isinstance(module, WindowPool):
                 module.reset_to_mean()
         self.set_grad_checkpointing(use_checkpoint)
+        if device is not None or dtype is not None:  # timm's factory arguments: built as usual, then moved
+            self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -226,7 +229,7 @@ class FocalTransformer(nn.Module):
             self.global_pool = _check_pool(global_pool)
         like = self.patch_embed.proj.weight
         self.head = (nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
-                     if num_classes > 0 else nn.Identity())
+                     if num_classes > 0 else nn.Identity()).train(self.training)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
@@ -269,7 +272,7 @@ class FocalTransformer(nn.Module):
         self.layers = self.layers[:max_index + 1]
         self.layers[-1].downsample = None
         if prune_end:  # features now end at the last kept stage; the head, sized for the final ones, goes too
-            self.num_features = self.feature_info[max_index]["num_chs"]
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
         if prune_head or prune_end:
             self.reset_classifier(0)
         return take

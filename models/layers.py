@@ -11,10 +11,12 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 
 POOL_METHODS = ("none", "fc", "conv", "mean", "max")
 
 
+@register_notrace_function  # shape-dependent padding: one node for torch.fx (timm's feature extraction)
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad a ``(B, H, W, C)`` map at the bottom and right so both sides are multiples of ``multiple``."""
     pad_h = -x.shape[1] % multiple
@@ -42,14 +44,17 @@ def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
     return rel[0] * (query_size + key_size - 1) + rel[1]
 
 
+def _split(diff: int) -> Tuple[int, int]:
+    """A size change as its two sides, the odd row or column on the second."""
+    first = diff // 2 if diff >= 0 else -((-diff) // 2)
+    return first, diff - first
+
+
+@register_notrace_function  # shape-dependent padding: one node for torch.fx
 def centre_fit(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Crop or zero-pad a ``(B, H, W, C)`` map symmetrically (extra row/column at the bottom/right) to a size."""
-    def split(diff: int) -> Tuple[int, int]:
-        first = diff // 2 if diff >= 0 else -((-diff) // 2)
-        return first, diff - first
-
-    top, bottom = split(height - x.shape[1])
-    left, right = split(width - x.shape[2])
+    top, bottom = _split(height - x.shape[1])
+    left, right = _split(width - x.shape[2])
     if top or bottom or left or right:
         x = F.pad(x, (0, 0, left, right, top, bottom))
     return x
@@ -67,7 +72,8 @@ class WindowPool(nn.Module):
         self.window_size = window_size
         self.level = level
         self.method = method
-        self.pool_size = window_size // 2 ** level
+        self.per_window = 2 ** level  # sub-windows across an attention window
+        self.pool_size = window_size // self.per_window
         if method == "fc":
             self.weight = nn.Parameter(torch.full((1, self.pool_size ** 2), 1.0 / self.pool_size ** 2))
             self.bias = nn.Parameter(torch.zeros(1))
@@ -90,8 +96,8 @@ class WindowPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, Hp, Wp, C)`` with sides multiple of the window -> ``(B, Hp/ws * 2**k, Wp/ws * 2**k, C)``."""
-        grid_h = x.shape[1] // self.window_size * 2 ** self.level
-        grid_w = x.shape[2] // self.window_size * 2 ** self.level
+        grid_h = x.shape[1] // self.window_size * self.per_window
+        grid_w = x.shape[2] // self.window_size * self.per_window
         p = self.pool_size
         x = centre_fit(x, grid_h * p, grid_w * p)
         if self.method == "fc":
@@ -110,6 +116,17 @@ class WindowPool(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method}, level={self.level}, pool_size={self.pool_size}"
+
+
+@register_notrace_function  # shape-dependent padding: one node for torch.fx
+def pad_nchw(x: torch.Tensor, multiple: int, least: int) -> torch.Tensor:
+    """Zero-pad a ``(B, C, H, W)`` map at the bottom and right to sides that are multiples of ``multiple`` and
+    at least ``least`` long."""
+    pad_h = max(-x.shape[2] % multiple, least - x.shape[2])
+    pad_w = max(-x.shape[3] % multiple, least - x.shape[3])
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h))
+    return x
 
 
 class PatchEmbed(nn.Module):
@@ -139,14 +156,10 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels-last in, channels-last out: the convolution kernels are faster and the result is already NHWC
         if self.is_stem:
-            x = x.contiguous(memory_format=torch.channels_last)
-            pad_h, pad_w = -x.shape[2] % self.stride, -x.shape[3] % self.stride
+            x = pad_nchw(x.contiguous(memory_format=torch.channels_last), self.stride, 0)
         else:
-            x = x.permute(0, 3, 1, 2)
             reach = self.kernel_size - 2 * self.proj.padding[0]  # the narrowest map the convolution accepts
-            pad_h, pad_w = max(0, reach - x.shape[2]), max(0, reach - x.shape[3])
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+            x = pad_nchw(x.permute(0, 3, 1, 2), 1, reach)
         if self.pre_norm is not None:
             x = self.pre_norm(x)
         x = self.proj(x).permute(0, 2, 3, 1)
@@ -162,6 +175,7 @@ class PatchEmbed(nn.Module):
         return flops
 
 
+@register_notrace_function  # shape-dependent resampling: one node for torch.fx
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], new_grid: Tuple[int, int]) -> torch.Tensor:
     """Resample a ``(1, H*W, C)`` absolute position embedding to another grid (bicubic)."""
     if tuple(grid) == tuple(new_grid):

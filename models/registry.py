@@ -7,6 +7,7 @@ model is created with ``pretrained=True`` and no local ``file`` overlay.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 from typing import Any, Dict, Mapping
 
@@ -38,13 +39,16 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
 
 
 def _create(name: str, arch: str, pretrained: bool, model_args: Dict[str, Any], **kwargs: Any) -> FocalTransformer:
-    # ``variant`` is also build_model_with_cfg's name for the registry name, so the architecture is bound here.
-    return build_model_with_cfg(
-        partial(FocalTransformer, variant=arch), name, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        # Stages downsample outside their forward, so features come from forward_intermediates, not hooks.
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
-        **{**_FOCAL_ARGS, **model_args, **kwargs})
+    # timm's ``device`` argument: parameters are made there (on "meta", no memory and no initialisation time)
+    device = kwargs.get("device")
+    with torch.device(device) if device is not None else nullcontext():
+        # ``variant`` is also build_model_with_cfg's name for the registry name, so the architecture is bound here.
+        return build_model_with_cfg(
+            partial(FocalTransformer, variant=arch), name, pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            # Stages downsample outside their forward, so features come from forward_intermediates, not hooks.
+            feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+            **{**_FOCAL_ARGS, **model_args, **kwargs})
 
 
 def _cfg(file: str, **kwargs: Any) -> Dict[str, Any]:

@@ -13,7 +13,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .window_attention import WindowedAttention, key_value_table, layout_cache, merge_windows, queries_by_window
+from .window_attention import (WindowedAttention, item, key_value_table, layout_cache, merge_windows,
+                               queries_by_window)
 
 MAX_LEVELS = 2
 # Squared distances below this are compared as they are: their square roots (what the reference ranks) are
@@ -133,14 +134,21 @@ class TopKFocalAttention(WindowedAttention):
             nn.Sequential(nn.Linear(2, head_dim), nn.ReLU(inplace=True), nn.Linear(head_dim, num_heads))
             for _ in range(focal_level))
 
+    @torch.jit.ignore
     def layout(self, height: int, width: int, device: torch.device) -> TopKLayout:
         return topk_layout(height, width, self.window_size, self.focal_level, self.top_k, device)
 
+    @torch.jit.ignore
     def bias_table(self, layout: TopKLayout) -> torch.Tensor:
         """(nH, codes): each level's MLP run once per relative coordinate of its box (the cached float32
         coordinates in the MLP's dtype, so a model cast to bfloat16 or float64 runs)."""
-        return torch.cat([mlp(c.to(mlp[0].weight.dtype)) for mlp, c in zip(self.coord2rpb_all, layout.coords)]).t()
+        tables = []
+        for level, coords in enumerate(layout.coords):
+            mlp = item(self.coord2rpb_all, level)  # .forward: TorchScript's compiled view of a Sequential has no ()
+            tables.append(mlp.forward(coords.to(item(mlp, 0).weight.dtype)))
+        return torch.cat(tables).t()
 
+    @torch.jit.ignore
     def attention_bias(self, layout: TopKLayout) -> torch.Tensor:
         """(1, nH*nW, ws*ws, K): the table indexed straight into the attention layout."""
         codes = layout.key_code[:, None, :] + layout.query_code  # nW, ws*ws, K
@@ -150,12 +158,12 @@ class TopKFocalAttention(WindowedAttention):
 
     def forward(self, x: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:
         b, h, w, c = x.shape
-        layout = self.layout(h, w, x.device)
+        index, bias = self.index_and_bias(h, w, x.device)
         qkv = self.qkv(x)
         q = queries_by_window(qkv[..., :c], self.window_size, self.num_heads)
         pooled_kv = [self.project_kv(p) for p in pooled[: self.focal_level - 1]]
         k, v = key_value_table([qkv[..., c:]] + pooled_kv, self.num_heads, zero_token=False)
-        out = self.attend(q, k, v, layout.index, self.attention_bias(layout))
+        out = self.attend(q, k, v, index, bias)
         return self.proj_drop(self.proj(merge_windows(out, h, w, self.window_size, self.num_heads)))
 
     def flops(self, n: int, height: int, width: int) -> float:

@@ -5,10 +5,10 @@ Queries are laid out as ``(B, nH*nW, ws*ws, hd)``. Keys and values live in compa
 ``(1, nH*nW, ws*ws, L)`` broadcasts over the batch and nothing is copied between the gather and the attention
 kernel. Keys and values are kept apart (not one stacked tensor), so their gradients need no stacking copy.
 """
-from __future__ import annotations
-
 import functools
+import inspect
 import os
+import types
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Tuple, TypeVar
@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 
 LayoutT = TypeVar("LayoutT")
 _BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="focal-layout")
@@ -100,6 +101,12 @@ def layout_cache(build: Callable[..., LayoutT]) -> Callable[..., LayoutT]:
     return cached
 
 
+def item(container: nn.Module, i: int) -> nn.Module:
+    """``container[i]`` of a ``ModuleList`` or ``ParameterList``, also on the compiled view of one that TorchScript
+    hands to Python code (see :meth:`WindowedAttention.index_and_bias`), which has no ``[]``."""
+    return getattr(container, str(i))
+
+
 def queries_by_window(q: torch.Tensor, window_size: int, num_heads: int) -> torch.Tensor:
     """``(B, H, W, C)`` -> ``(B, nH*nW, ws*ws, hd)``."""
     b, h, w, c = q.shape
@@ -146,6 +153,7 @@ def gather_windows(table: torch.Tensor, index: Optional[torch.Tensor], n_keys: i
     return table.reshape(table.shape[0], -1, n_keys, table.shape[-1])
 
 
+@register_notrace_module  # its layout depends on the map size: one node (a leaf) for torch.fx
 class WindowedAttention(nn.Module):
     """What both attention variants share: the key/value-only projection of pooled tokens and the attention
     itself, :meth:`attend`, which device kernels (``models.kernels``) may replace with a faster equivalent."""
@@ -153,7 +161,19 @@ class WindowedAttention(nn.Module):
     num_heads: int
     scale: float
     attn_drop: float
-    qkv: nn.Linear
+
+    @torch.jit.ignore
+    def index_and_bias(self, height: int, width: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The key index and attention bias on a padded ``height x width`` map (see :meth:`attend`), from the
+        subclass's ``layout`` and ``attention_bias``. Layouts are cached Python objects, so TorchScript leaves this
+        call to Python: a scripted model runs, and ``torch.export`` is the way to a saved graph."""
+        if isinstance(self, torch.jit.RecursiveScriptModule):
+            # TorchScript calls this on a compiled view that holds the class's ignored methods unbound
+            for name, fn in list(vars(self).items()):
+                if inspect.isfunction(fn):
+                    setattr(self, name, types.MethodType(fn, self))
+        layout = self.layout(height, width, device)
+        return layout.index, self.attention_bias(layout)
 
     def project_kv(self, x: torch.Tensor) -> torch.Tensor:
         """Keys and values only, for pooled tokens whose queries are never used."""

@@ -4,9 +4,11 @@ constants are in tests/helpers.py."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +22,16 @@ def pytest_configure(config):
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+@pytest.fixture(autouse=True)
+def seeded_random_state():
+    """Every test starts from the same random state, whichever tests its pytest-xdist worker ran before (work
+    stealing hands them out in a varying order): what a test draws without its own generator (model
+    initialisation, ``torch.randn``) is then the same on every run and every machine."""
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
 
 
 @pytest.fixture(scope="session")

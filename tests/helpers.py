@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import subprocess
@@ -49,6 +50,24 @@ def randomise(model: nn.Module, std: float = 0.2, seed: int = 1) -> nn.Module:
         for p in model.parameters():
             p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return model
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """RMS of the difference over RMS of the reference: one number for a whole output, steadier than its largest
+    entry."""
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).norm() / want.norm())
+
+
+def roundoff(model: nn.Module, dtype: torch.dtype, dot: int = 1) -> float:
+    """How far (as :func:`relative_error`) a Focal model's output computed in ``dtype`` may lie from the exact one:
+    ``dtype``'s unit roundoff (half its eps) twice per layer the signal passes (a layer's input and its weights are
+    each rounded once; the patch embeddings, the blocks and the head count), added up over the layers, times
+    sqrt(``dot``) where a layer also sums a dot product of ``dot`` terms in ``dtype`` (rounding errors of random
+    sign grow as its square root). LayerNorm keeps every layer's input at unit scale, so no layer is taken to
+    amplify the error it receives. This depends on the dtype and the model only, not on the CPU's kernels."""
+    layers = len(model.layers) + sum(len(stage.blocks) for stage in model.layers) + 1
+    return 2 * layers * torch.finfo(dtype).eps / 2 * math.sqrt(dot)
 
 
 def outputs_and_gradients(model: nn.Module, x: torch.Tensor) -> List[Optional[torch.Tensor]]:

@@ -18,7 +18,7 @@ from models.kernels import KERNELS, cpu_attention, optimize_for, requested, sele
 from models.kernels.cpu_attention import CpuKernels, attention_blocks, blocked_attend
 from models.kernels.onednn_linear import OneDnnLinear, onednn_available
 from models.topk_attention import TopKFocalAttention
-from tests.helpers import outputs_and_gradients, randomise, small_model
+from tests.helpers import outputs_and_gradients, randomise, relative_error, roundoff, small_model
 
 ALL = [k for k in KERNELS if k != "onednn_linear" or onednn_available()]
 
@@ -185,7 +185,9 @@ def test_small_configs_are_refused_by_the_broken_key_or_train_alike_with_cpu_ker
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("model_type", ["focal", "focalv2"])
 def test_generic_path_trains_under_autocast(model_type, dtype):
-    """The path accelerators take, under the mixed precisions they train in; the CPU kernels agree with it."""
+    """The path accelerators take, under the mixed precisions they train in; the CPU kernels agree with it: each
+    path lies within ``roundoff`` of the exact output (its matmuls round to ``dtype`` and sum in float32), so the
+    two lie within twice that (0.20 for bfloat16, 0.025 for float16; measured 0.004 and 0.0004, AMD EPYC)."""
     plain = small_model(model_type=model_type).train()
     fast = optimize_for_copy(plain, ALL)
     x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(5))
@@ -197,7 +199,7 @@ def test_generic_path_trains_under_autocast(model_type, dtype):
         out.float().logsumexp(-1).sum().backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
         results.append(out.float())
-    torch.testing.assert_close(results[1], results[0], atol=0.05, rtol=0.05)
+    assert relative_error(results[1], results[0]) <= 2 * roundoff(plain, dtype)
 
 
 def optimize_for_copy(model, kernels):
