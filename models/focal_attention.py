@@ -12,9 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from .focal_layout import FocalLayout, FocalLayoutSpec, outside_mask, pooled_levels, shift_mask
+from .focal_layout import FocalLayout, FocalLayoutSpec, layout_cache, outside_mask, pooled_levels, shift_mask
 from .layers import relative_position_index
-from .window_attention import (WindowedAttention, item, key_value_table, layout_cache, merge_windows,
+from .window_attention import (WindowedAttention, item, key_value_table, merge_windows,
                                queries_by_window)
 
 

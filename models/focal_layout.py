@@ -20,8 +20,12 @@ form (the shift mask as region labels per window token, the out-of-map mask per 
 """
 from __future__ import annotations
 
+import functools
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 
@@ -163,3 +167,87 @@ def shift_regions(height: int, width: int, window_size: int, shift_size: int) ->
             labels[:, h0:h1, w0:w1] = region
             region += 1
     return window_partition(labels, window_size)[0, :, :, 0].contiguous()
+
+
+# --- The layout cache -----------------------------------------------------------------------------------------
+
+LayoutT = TypeVar("LayoutT")
+_BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="focal-layout")
+CACHE_ENV = "FOCAL_LAYOUT_CACHE_BYTES"
+# The compact layouts of all stages take 2.9 MB (Focal-T) and 6.0 MB (Focal-fast-T) at 800x1216: the default
+# keeps 20-40 such sizes, enough for multi-scale detection training to reuse its layouts.
+DEFAULT_CACHE_BYTES = 128 << 20
+
+
+def cache_limit() -> int:
+    """The byte bound of the layout cache: ``FOCAL_LAYOUT_CACHE_BYTES`` or the default (0 keeps nothing)."""
+    raw = os.environ.get(CACHE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_CACHE_BYTES
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise ValueError(f"{CACHE_ENV}: expected a number of bytes >= 0, got {raw!r}")
+    return limit
+
+
+class LayoutCache:
+    """Layouts by their arguments, least recently used first out, holding at most :func:`cache_limit` bytes of
+    tensors in all (a layout larger than the bound is returned but not kept). Shared by every layout builder."""
+
+    def __init__(self) -> None:
+        self.entries: "OrderedDict[tuple, object]" = OrderedDict()
+        self.sizes: Dict[tuple, int] = {}
+
+    def nbytes(self) -> int:
+        return sum(self.sizes.values())
+
+    def get(self, key: tuple, build: Callable[[], LayoutT]) -> LayoutT:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        layout = build()
+        size, limit = layout.nbytes(), cache_limit()
+        if size <= limit:
+            while self.entries and self.nbytes() + size > limit:
+                old, _ = self.entries.popitem(last=False)
+                del self.sizes[old]
+            self.entries[key], self.sizes[key] = layout, size
+        return layout
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.sizes.clear()
+
+
+LAYOUTS = LayoutCache()
+
+
+def _single_threaded(build: Callable[..., LayoutT], *args) -> LayoutT:
+    """``build(*args)`` with one intra-op thread (the caller waits meanwhile): a layout is many small tensor
+    operations, which thread hand-offs only slow down (BENCHMARKS.md, "Layout building")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def layout_cache(build: Callable[..., LayoutT]) -> Callable[..., LayoutT]:
+    """Memoise a layout builder in :data:`LAYOUTS`; layouts depend only on their arguments (geometry and device),
+    so every block of the same geometry shares one, and ``torch.compile`` evaluates the call once at trace time
+    and keeps the result as a constant (the index arithmetic inside would otherwise break the graph)."""
+
+    @torch.compiler.assume_constant_result
+    @functools.wraps(build)
+    def cached(*args):
+        # Built on a worker thread: inference mode and tracing modes (non-strict torch.export's fake tensors) are
+        # per thread, so the layout is made of ordinary tensors that serve training too and enter an exported
+        # graph as constants.
+        return LAYOUTS.get((build.__qualname__,) + args,
+                           lambda: _BUILDER.submit(_single_threaded, build, *args).result())
+    cached.cache_clear = LAYOUTS.clear
+    return cached

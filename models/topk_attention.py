@@ -13,7 +13,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .window_attention import (WindowedAttention, item, key_value_table, layout_cache, merge_windows,
+from .focal_layout import layout_cache
+from .window_attention import (WindowedAttention, item, key_value_table, merge_windows,
                                queries_by_window)
 
 MAX_LEVELS = 2

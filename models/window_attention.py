@@ -5,100 +5,14 @@ Queries are laid out as ``(B, nH*nW, ws*ws, hd)``. Keys and values live in compa
 ``(1, nH*nW, ws*ws, L)`` broadcasts over the batch and nothing is copied between the gather and the attention
 kernel. Keys and values are kept apart (not one stacked tensor), so their gradients need no stacking copy.
 """
-import functools
 import inspect
-import os
 import types
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import register_notrace_module
-
-LayoutT = TypeVar("LayoutT")
-_BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="focal-layout")
-CACHE_ENV = "FOCAL_LAYOUT_CACHE_BYTES"
-# The compact layouts of all stages take 2.9 MB (Focal-T) and 6.0 MB (Focal-fast-T) at 800x1216: the default
-# keeps 20-40 such sizes, enough for multi-scale detection training to reuse its layouts.
-DEFAULT_CACHE_BYTES = 128 << 20
-
-
-def cache_limit() -> int:
-    """The byte bound of the layout cache: ``FOCAL_LAYOUT_CACHE_BYTES`` or the default (0 keeps nothing)."""
-    raw = os.environ.get(CACHE_ENV, "").strip()
-    if not raw:
-        return DEFAULT_CACHE_BYTES
-    try:
-        limit = int(raw)
-    except ValueError:
-        limit = -1
-    if limit < 0:
-        raise ValueError(f"{CACHE_ENV}: expected a number of bytes >= 0, got {raw!r}")
-    return limit
-
-
-class LayoutCache:
-    """Layouts by their arguments, least recently used first out, holding at most :func:`cache_limit` bytes of
-    tensors in all (a layout larger than the bound is returned but not kept). Shared by every layout builder."""
-
-    def __init__(self) -> None:
-        self.entries: "OrderedDict[tuple, object]" = OrderedDict()
-        self.sizes: Dict[tuple, int] = {}
-
-    def nbytes(self) -> int:
-        return sum(self.sizes.values())
-
-    def get(self, key: tuple, build: Callable[[], LayoutT]) -> LayoutT:
-        if key in self.entries:
-            self.entries.move_to_end(key)
-            return self.entries[key]
-        layout = build()
-        size, limit = layout.nbytes(), cache_limit()
-        if size <= limit:
-            while self.entries and self.nbytes() + size > limit:
-                old, _ = self.entries.popitem(last=False)
-                del self.sizes[old]
-            self.entries[key], self.sizes[key] = layout, size
-        return layout
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.sizes.clear()
-
-
-LAYOUTS = LayoutCache()
-
-
-def _single_threaded(build: Callable[..., LayoutT], *args) -> LayoutT:
-    """``build(*args)`` with one intra-op thread (the caller waits meanwhile). A layout is many small tensor
-    operations: on a busy 2-core machine, two threads made building the 800x1216 focalv2 layouts 3-5x slower
-    than one (thread hand-offs); an idle machine was not available to measure."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return build(*args)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def layout_cache(build: Callable[..., LayoutT]) -> Callable[..., LayoutT]:
-    """Memoise a layout builder in :data:`LAYOUTS`; layouts depend only on their arguments (geometry and device),
-    so every block of the same geometry shares one, and ``torch.compile`` evaluates the call once at trace time
-    and keeps the result as a constant (the index arithmetic inside would otherwise break the graph)."""
-
-    @torch.compiler.assume_constant_result
-    @functools.wraps(build)
-    def cached(*args):
-        # Built on a worker thread: inference mode and tracing modes (non-strict torch.export's fake tensors) are
-        # per thread, so the layout is made of ordinary tensors that serve training too and enter an exported
-        # graph as constants.
-        return LAYOUTS.get((build.__qualname__,) + args,
-                           lambda: _BUILDER.submit(_single_threaded, build, *args).result())
-    cached.cache_clear = LAYOUTS.clear
-    return cached
+from timm.layers import register_notrace_module, use_fused_attn
 
 
 def item(container: nn.Module, i: int) -> nn.Module:
@@ -161,6 +75,13 @@ class WindowedAttention(nn.Module):
     num_heads: int
     scale: float
     attn_drop: float
+    fused_attn: bool
+
+    def __init__(self) -> None:
+        super().__init__()
+        # False: attend's plain path, the attention written out step by step (timm's ``fused_attn``; the
+        # TIMM_FUSED_ATTN environment variable picks it, as for timm's own attention modules)
+        self.fused_attn = use_fused_attn()
 
     @torch.jit.ignore
     def index_and_bias(self, height: int, width: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -187,5 +108,9 @@ class WindowedAttention(nn.Module):
         over each window's keys and values, gathered from the ``(B, nH, N, hd)`` tables by ``index`` ``(nW, L)``."""
         k, v = gather_windows(k, index, bias.shape[-1]), gather_windows(v, index, bias.shape[-1])
         dropout = self.attn_drop if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout,
-                                              scale=self.scale)
+        if self.fused_attn:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout,
+                                                  scale=self.scale)
+        attn = (q * self.scale) @ k.transpose(-2, -1) + bias.to(q.dtype)  # (B, nH*nW, n, L): every query, every key
+        attn = F.dropout(attn.softmax(dim=-1), dropout)
+        return attn @ v

@@ -385,3 +385,29 @@ def test_released_model_has_only_plain_linears():
         model = build_model(load_config("configs/focal_tiny_patch4_window7_224.yaml"))
     kinds = [type(m) for m in model.modules() if isinstance(m, nn.Linear)]
     assert len(kinds) == 49 and set(kinds) == {nn.Linear}
+
+
+@pytest.mark.parametrize("model_type", ["focal", "focalv2"])
+def test_plain_attention_path_computes_what_the_fused_one_does(model_type, monkeypatch):
+    """attend's plain path (``fused_attn`` False, timm's switch: the softmax over each window's gathered keys
+    written out) gives the fused kernel's outputs and every gradient. Both sum each query's dot products over the
+    same keys in float32, in another order: the bound is float32's roundoff for the longest key list seen, and
+    for the gradients, which also sum over every image and every position of the first stage, for that many more
+    terms."""
+    from models.window_attention import WindowedAttention
+    fused = randomise(small_model("MODEL.FOCAL.USE_SHIFT", True, model_type=model_type))
+    plain = copy.deepcopy(fused)
+    for module in plain.modules():
+        if isinstance(module, WindowedAttention):
+            module.fused_attn = False
+    keys = []
+    attend = WindowedAttention.attend
+    monkeypatch.setattr(WindowedAttention, "attend", lambda self, q, k, v, index, bias: keys.append(
+        bias.shape[-1]) or attend(self, q, k, v, index, bias))
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    want, got = outputs_and_gradients(fused, x), outputs_and_gradients(plain, x)
+    positions = x.shape[0] * x.shape[2] * x.shape[3] // 16  # the first stage's tokens (4x4 patches), all images
+    assert relative_error(got[0], want[0]) <= roundoff(fused, torch.float32, dot=max(keys))
+    for g, w in zip(got[1:], want[1:]):
+        if w is not None:
+            assert relative_error(g, w) <= roundoff(fused, torch.float32, dot=max(keys) * positions)

@@ -14,7 +14,7 @@ from models.focal_layout import FocalLayoutSpec
 from models.kernels import optimize_for
 from models.resize import resize_neighbour_table
 from models.topk_attention import build_topk_layout, nearest_tokens
-from models.window_attention import CACHE_ENV, LAYOUTS, cache_limit
+from models.focal_layout import CACHE_ENV, LAYOUTS, cache_limit
 from tests.helpers import randomise, small_model
 from tests.oracles import GATHERS, gathered_keys_values, index_keys_values, oracle_gather
 

@@ -50,7 +50,8 @@ from config import load_config  # noqa: E402
 from engine import AMP_MODES, build_precision, synchronize  # noqa: E402
 from errors import UsageError  # noqa: E402
 from models import ConfigError, build_model, validate_model_config  # noqa: E402
-from models.window_attention import LAYOUTS, WindowedAttention, gather_windows  # noqa: E402
+from models.focal_layout import LAYOUTS  # noqa: E402
+from models.window_attention import WindowedAttention, gather_windows  # noqa: E402
 from models.kernels import optimize_for, select_kernels  # noqa: E402
 from models.kernels import onednn_linear  # noqa: E402
 
