@@ -27,7 +27,8 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 
-# On a machine with a CUDA GPU: golden fixtures, fp16/bf16 training steps, 1- vs 2-GPU evaluation, benchmark
+# On a machine with a CUDA GPU: golden fixtures, fp16/bf16 training steps, 1- vs 2-GPU evaluation, every detector's
+# training step and inference, benchmark
 # (tools/gpu_check.py). Fails with one line and exit status 2 where there is no GPU.
 gpu-check: venv
 	$(PY) -m tools.gpu_check

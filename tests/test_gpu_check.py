@@ -1,5 +1,5 @@
-"""``make gpu-check`` on a machine without a GPU: one clear line and a non-zero exit, nothing else; and its log
-parser on the lines a real CPU epoch prints."""
+"""``make gpu-check`` on a machine without a GPU: one clear line and a non-zero exit, nothing else; its log parser
+on the lines a real CPU epoch prints; and its detector step, run on the CPU."""
 import logging
 import os
 import subprocess
@@ -47,3 +47,14 @@ def test_log_patterns_parse_what_the_engine_prints(caplog):
     assert len(losses) == 3 and float(losses[-1]) == pytest.approx(stats.loss, abs=5e-5)
     assert [tuple(map(float, m)) for m in EVAL.findall(caplog.text)] == \
         [pytest.approx((result.acc1, result.acc5, result.loss), abs=5e-4)]
+
+
+@pytest.mark.slow
+def test_detector_check_runs_every_detector_on_the_given_device(capsys):
+    """make gpu-check's detector step, here on the CPU with each detector's demo config: it trains a step and
+    detects with every one, and names the detectors."""
+    from tools.gpu_check import check_detectors
+    demos = sorted(str(p) for p in (REPO / "configs" / "detection").glob("*demo.yaml"))
+    assert check_detectors(torch.device("cpu"), (256, 320), demos)
+    assert f"PASS  detectors: {len(demos)}/{len(demos)} detectors trained a step and detected on cpu" in \
+        capsys.readouterr().out

@@ -4,7 +4,8 @@
 2. 20 training steps of the demo model on generated demo data (``main.py``), under fp16 autocast with a gradient
    scaler and under bf16 autocast: the runs must finish with a finite loss.
 3. With two or more GPUs: evaluation of the trained checkpoint by one process equals ``torchrun`` on two GPUs.
-4. The benchmark against timm's Swin-T (``tools.benchmark``), whose table can go into BENCHMARKS.md.
+4. Every detector's training step (bf16) and inference on the GPU at 512x640 (``check_detectors``).
+5. The benchmark against timm's Swin-T (``tools.benchmark``), whose table can go into BENCHMARKS.md.
 
 Without a GPU it prints one line and exits with status 2. Each step prints PASS or FAIL; the exit status is 1
 if any failed.
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -95,6 +96,32 @@ def check_distributed_eval(data: Path, output: Path, checkpoint: Path) -> bool:
     return report("evaluation, 1 GPU vs torchrun on 2 GPUs", ok, f"Acc@1, Acc@5, loss {single} vs {double}")
 
 
+def check_detectors(device: torch.device, size: Tuple[int, int] = (512, 640), configs: Sequence[str] = ()) -> bool:
+    """Each detector's Focal-T config (``configs``: all of them) on ``device``: a bf16 training step whose losses
+    are finite, and inference whose boxes stay on the device, so RoIAlign, NMS, anchor matching and Hungarian
+    matching all run where the model runs."""
+    from detection.config import MASK_DETECTORS
+    from detection.model import build_detector
+    from tools.bench_dense import NUM_CLASSES, default_configs, detector_config, synthetic_batch
+    generator, failed, names = torch.Generator().manual_seed(0), [], []
+    for path in configs or default_configs():
+        config = detector_config(path, size)
+        detector = config.MODEL.DETECTOR
+        names.append(detector)
+        model = build_detector(config, NUM_CLASSES).to(device).train()
+        images, targets = synthetic_batch(size, 2, detector in MASK_DETECTORS, generator, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        loss.backward()
+        with torch.inference_mode():
+            outputs = model.eval()(images)
+        if not (torch.isfinite(loss).item() and all(o["boxes"].device.type == device.type for o in outputs)):
+            failed.append(f"{detector} (loss {loss.item():.4g})")
+    detail = f"{len(names) - len(failed)}/{len(names)} detectors trained a step and detected on {device.type}"
+    return report("detectors", not failed, detail + (f"; failed: {', '.join(failed)}" if failed else ""))
+
+
 def check_benchmark(extra: List[str]) -> bool:
     proc = subprocess.run([sys.executable, "-m", "tools.benchmark", "--device", "cuda", *extra], cwd=ROOT,
                           capture_output=True, text=True)
@@ -127,6 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results.append(check_distributed_eval(data, Path(tmp), checkpoints[0]))
         elif count < 2:
             print("skip  evaluation, 1 GPU vs torchrun on 2 GPUs: needs 2 GPUs", flush=True)
+    results.append(check_detectors(torch.device("cuda")))
     if not args.skip_benchmark:
         results.append(check_benchmark(args.benchmark_args))
     print(f"gpu-check: {sum(results)}/{len(results)} checks passed", flush=True)
