@@ -519,8 +519,14 @@ def seed_everything(seed: int, rank: int, stage: int) -> None:
 
 
 def save_config(config: Any, logger: logging.Logger) -> None:
+    """``config.yaml`` in the run's folder, with ``OUTPUT`` as the output root it was run under: re-run with
+    ``--cfg``, it writes to (and resumes) this run's folder again, ``<OUTPUT>/<MODEL.NAME>/<TAG>``, instead of one
+    nested inside it."""
     path = os.path.join(config.OUTPUT, "config.yaml")
-    text = config.dump()
+    saved = config.clone()
+    saved.defrost()
+    saved.OUTPUT = os.path.dirname(os.path.dirname(config.OUTPUT))
+    text = saved.dump()
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     logger.info(f"full config saved to {path}")
 

@@ -478,6 +478,7 @@ def test_a_saved_config_reruns_at_the_rate_it_trained_with(finished_run):
     every re-run (ADE20K's 6e-5 became 7.5e-6 at batch 2, then 9.4e-7)."""
     saved = str(finished_run / "out" / DETECTION_RUN / "config.yaml")
     trained = get_task_config(task_args(saved), detection_defaults(), DETECTION_RULES)
+    assert trained.OUTPUT == str(finished_run / "out" / DETECTION_RUN)  # its own folder again, not one inside it
     assert trained.TRAIN.LR_BATCH == trained.DATA.BATCH_SIZE == 2  # one process: TINY's batch of 2
     assert trained.TRAIN.BASE_LR == pytest.approx(2e-3 * 2 / 16)  # demo.yaml's rate for 16 images, at 2
     for processes in (1, 2):

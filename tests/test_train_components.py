@@ -1,6 +1,7 @@
 """Optimisation, schedules, precision, the training step and checkpoints, in process on tiny models."""
 from __future__ import annotations
 
+import argparse
 import logging
 
 import pytest
@@ -80,6 +81,15 @@ def test_saved_config_reruns_at_the_rates_it_trained_with(previous_run):
         (trained.TRAIN.BASE_LR, trained.TRAIN.WARMUP_LR, trained.TRAIN.MIN_LR)
     scale_rates(again, 2 * again.DATA.BATCH_SIZE)
     assert again.TRAIN.BASE_LR == pytest.approx(2 * trained.TRAIN.BASE_LR)
+
+
+def test_a_saved_config_reruns_in_its_own_run_folder(previous_run):
+    """--cfg <run>/config.yaml without --output writes to (and auto-resumes) that run's folder: the saved OUTPUT
+    was the run folder, to which the name and tag were joined again, nesting a fresh run inside the old one."""
+    from config import get_config
+    saved = run_dir(previous_run) / "config.yaml"
+    rerun = get_config(argparse.Namespace(cfg=str(saved), opts=None))
+    assert rerun.OUTPUT == str(run_dir(previous_run))
 
 
 def test_accumulation_updates_once_per_group_and_matches_a_big_batch():
