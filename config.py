@@ -476,10 +476,11 @@ def name_for_geometry(config: CN) -> str:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends ``(default: X)`` to a flag's help where the default is a value; flags whose default is unset (the
-    config's value applies, named in their help) or off show none."""
+    config's value applies, named in their help), and switches (``store_true``/``store_false``: the flag's name
+    says what it does) show none."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, []) or action.default is argparse.SUPPRESS:
+        if action.default in (None, False, []) or action.default is argparse.SUPPRESS or action.nargs == 0:
             return action.help or ""
         return super()._get_help_string(action)
 

@@ -137,13 +137,14 @@ def _jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _prepare(out: str) -> None:
-    """Refuse to write over a folder that was not made by this generator; clear one that was."""
+def claim_folder(out: str, names: Sequence[str], tool: str) -> None:
+    """Make ``out`` ready for a generator writing ``names`` there: refuse a folder holding any of them that the
+    generator did not make (no :data:`MARKER`: a user's own data), clear those of a previous run that it did.
+    The caller writes the marker once done."""
     owned = os.path.isfile(os.path.join(out, MARKER))
-    ours = ("train", "val", "train.zip", "val.zip", "train_map.txt", "val_map.txt")
-    present = [name for name in ours if os.path.exists(os.path.join(out, name))]
+    present = [name for name in names if os.path.exists(os.path.join(out, name))]
     if present and not owned:
-        raise FileExistsError(f"{out} already holds {', '.join(present)} and was not made by data.demo; "
+        raise FileExistsError(f"{out} already holds {', '.join(present)} and was not made by {tool}; "
                               f"choose another --out")
     for name in present:
         path = os.path.join(out, name)
@@ -159,7 +160,7 @@ def generate(out: str, size: int = 64, train_per_class: int = 40, val_per_class:
         raise ValueError(f"--classes must be between 1 and {len(CLASSES)}, got {num_classes}")
     if size < 8 or train_per_class < 1 or val_per_class < 1:
         raise ValueError("--size must be >= 8 and --train-per-class / --val-per-class >= 1")
-    _prepare(out)
+    claim_folder(out, ("train", "val", "train.zip", "val.zip", "train_map.txt", "val_map.txt"), "data.demo")
     # Labels follow the sorted folder names, as torchvision's ImageFolder numbers them.
     names = sorted(list(CLASSES)[:num_classes])
     for split_index, (split, per_class) in enumerate((("train", train_per_class), ("val", val_per_class))):

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from config import HelpFormatter
+from data.demo import MARKER, claim_folder
 
 SHAPES = ("circle", "square", "triangle")
 CATEGORY_IDS = {"circle": 1, "square": 2, "triangle": 4}
@@ -74,6 +75,7 @@ def draw_scene(seed: int, size: int) -> Tuple[Image.Image, List[Tuple[str, List[
 
 def generate_detection(out: str, size: int = 128, train: int = 300, val: int = 60) -> str:
     """``train2017/``, ``val2017/`` and ``annotations/instances_{train,val}2017.json``."""
+    claim_folder(out, ("train2017", "val2017", "annotations"), "dense.demo")
     os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
     categories = [{"id": i, "name": name, "supercategory": "shape"} for name, i in CATEGORY_IDS.items()]
     for split, count, offset in (("train2017", train, 0), ("val2017", val, 10 ** 6)):
@@ -95,12 +97,14 @@ def generate_detection(out: str, size: int = 128, train: int = 300, val: int = 6
                     "area": float(np.asarray(mask).sum()), "iscrowd": 0})
         with open(os.path.join(out, "annotations", f"instances_{split}.json"), "w") as f:
             json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    mark_as_generated(out, "detection", size)
     return out
 
 
 def generate_segmentation(out: str, size: int = 128, train: int = 300, val: int = 60) -> str:
     """``images/{training,validation}/*.jpg``, ``annotations/{training,validation}/*.png`` and the class names in
     ``objectInfo150.csv``, as in ADE20K."""
+    claim_folder(out, ("images", "annotations", "objectInfo150.csv"), "dense.demo")
     for split, count, offset in (("training", train, 0), ("validation", val, 10 ** 6)):
         for folder in ("images", "annotations"):
             os.makedirs(os.path.join(out, folder, split), exist_ok=True)
@@ -117,7 +121,14 @@ def generate_segmentation(out: str, size: int = 128, train: int = 300, val: int 
         writer = csv.writer(f)
         writer.writerow(["Idx", "Name"])
         writer.writerows(sorted((value, name) for name, value in LABEL_VALUES.items()))
+    mark_as_generated(out, "segmentation", size)
     return out
+
+
+def mark_as_generated(out: str, task: str, size: int) -> None:
+    """The marker that lets a later run regenerate this folder (and refuse any other, see ``claim_folder``)."""
+    with open(os.path.join(out, MARKER), "w") as f:
+        json.dump({"task": task, "size": size}, f)
 
 
 GENERATORS: Dict[str, object] = {"detection": generate_detection, "segmentation": generate_segmentation}
@@ -134,7 +145,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.size < 32 or args.train < 1 or args.val < 1:
         parser.error("--size must be at least 32, --train and --val at least 1")
-    GENERATORS[args.task](args.out, args.size, args.train, args.val)
+    try:
+        GENERATORS[args.task](args.out, args.size, args.train, args.val)
+    except FileExistsError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(f"wrote the {args.task} demo dataset ({args.train} training, {args.val} validation images of "
           f"{args.size}x{args.size}) to {args.out}")
 

@@ -50,7 +50,7 @@ def test_help_names_the_program_and_documents_every_flag(prog, monkeypatch):
         if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
             continue
         assert action.help, f"{prog} {action.option_strings or action.dest} has no help text"
-        if action.default not in (None, False, [], argparse.SUPPRESS):
+        if action.default not in (None, False, [], argparse.SUPPRESS) and action.nargs != 0:
             assert f"(default: {action.default})" in " ".join(text.split()), (prog, action.dest)
 
 
@@ -59,8 +59,10 @@ def test_help_formatter_shows_only_defaults_that_are_values():
     parser.add_argument("--size", type=int, default=64, help="side")
     parser.add_argument("--seed", type=int, help="seed (SEED)")
     parser.add_argument("--zip", action="store_true", help="zip layout")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory probes")
     text = parser.format_help()
     assert "side (default: 64)" in text and "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: True)" not in text  # --no-memory's help read "(default: True)"
 
 
 def test_data_workers_are_capped_at_the_usable_cpus_with_one_line(monkeypatch, caplog):

@@ -133,3 +133,22 @@ def test_demo_generator_is_deterministic_and_guards_other_folders(tmp_path):
     (tmp_path / "imagenet" / "train").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="not made by data.demo"):
         generate(str(tmp_path / "imagenet"), size=16, log=None)
+
+
+@pytest.mark.parametrize("task, theirs", [("detection", "annotations/instances_val2017.json"),
+                                          ("segmentation", "objectInfo150.csv")])
+def test_the_dense_demo_generators_never_write_over_a_users_dataset(task, theirs, tmp_path):
+    """python -m dense.demo --out <a folder with data>: it overwrote the user's annotation files and mixed its
+    images into theirs. A folder it made itself is regenerated as before."""
+    from dense.demo import GENERATORS
+    user = tmp_path / "mine"
+    (user / theirs).parent.mkdir(parents=True, exist_ok=True)
+    (user / theirs).write_text("the user's own")
+    with pytest.raises(FileExistsError, match=f"{user} already holds .* not made by dense.demo"):
+        GENERATORS[task](str(user), 32, 1, 1)
+    assert (user / theirs).read_text() == "the user's own" and len(list(user.rglob("*"))) <= 2
+    ours = tmp_path / "demo"
+    GENERATORS[task](str(ours), 32, 2, 1)
+    first = _digest(ours)
+    GENERATORS[task](str(ours), 32, 2, 1)
+    assert _digest(ours) == first
