@@ -36,7 +36,7 @@ from models.kernels import optimize_for
 from optimizer import build_optimizer
 from run_lock import leaving, locked_run, stop_on_signals
 from lr_scheduler import scale_rates
-from utils import load_pretrained, restore_checkpoint, resume_checkpoint, seed_everything
+from utils import load_pretrained, restore_checkpoint, resume_checkpoint, seed_everything, stored_ema
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -109,10 +109,10 @@ def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Preci
     """Weights from ``--resume``, else ``--pretrained``, else the newest checkpoint of this run's output folder;
     a checkpoint holding EMA weights has them evaluated too. Class folders are matched to the checkpoint's classes
     by name, so a folder of some of them (ImageNet-A, -R) is scored on those logits only (``data.class_map``)."""
-    ema_weights = None
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
         stored_classes = load_pretrained(config.MODEL.PRETRAINED, model, logger, unsafe_load, evaluating=True,
                                          min_loaded=config.MODEL.PRETRAINED_MIN_LOADED)
+        ema_weights = stored_ema(None, f"--pretrained {config.MODEL.PRETRAINED}", config, logger)
     else:
         checkpoint = resume_checkpoint(config, logger, unsafe_load)
         if not checkpoint:
@@ -123,7 +123,7 @@ def run_evaluation(config: Any, env: DistEnv, model: nn.Module, precision: Preci
             raise UsageError(f"{checkpoint.source}: it classifies {held} classes and MODEL.NUM_CLASSES is "
                              f"{config.MODEL.NUM_CLASSES}; evaluate it with --opts MODEL.NUM_CLASSES {held}")
         restore_checkpoint(checkpoint, model, logger, config=config)
-        ema_weights = checkpoint.state.get("model_ema")
+        ema_weights = stored_ema(checkpoint.state, checkpoint.source, config, logger)
         stored_classes = checkpoint.state.get("class_names")
     dataset, loader = build_val_loader(config, env, by_name=True)
     folders = getattr(dataset.dataset, "classes", None)  # the folder layout's; zip labels are class indices

@@ -454,6 +454,15 @@ def resume_checkpoint(config: Any, logger: logging.Logger, unsafe: bool) -> Opti
     return checkpoint
 
 
+def stored_ema(state: Optional[Dict[str, Any]], source: str, config: Any, logger: logging.Logger) -> Optional[Dict]:
+    """The EMA weights a checkpoint holds, which ``--eval`` scores after the model's; ``--model-ema`` on weights
+    without them (``state`` None: not a checkpoint of ours) is said, not ignored."""
+    weights = state.get("model_ema") if state else None
+    if weights is None and config.MODEL_EMA:
+        logger.warning(f"--model-ema (MODEL_EMA): {source} holds no EMA weights; only the model is evaluated")
+    return weights
+
+
 def warn_of_later_checkpoints(output_dir: str, epoch: int, logger: logging.Logger) -> None:
     """Auto-resume takes the highest epoch in the output folder: a run resumed from an older epoch (``--resume``)
     into a folder holding later epochs of an abandoned run would, after a stop, go on from the abandoned run's

@@ -26,7 +26,8 @@ from models import ConfigError
 from models.checkpoint import extract_state_dict, load_weights
 from optimizer import param_groups
 from run_lock import leaving, locked_run, quiet_worker_teardown, stop_on_signals
-from utils import check_classes, read_checkpoint, restore_checkpoint, resume_checkpoint, seed_everything
+from utils import (check_classes, read_checkpoint, restore_checkpoint, resume_checkpoint, seed_everything,
+                   stored_ema)
 
 from .backbone import DenseBackbone
 from .config import get_task_config
@@ -157,7 +158,7 @@ def build_dense_model(task: Task, config: Any, num_classes: int, env: DistEnv, l
 
 def evaluate_checkpoint(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: bool) -> None:
     """``--eval``: the weights of ``--resume`` (or the newest checkpoint of the run) on the validation set, which
-    must hold the classes the checkpoint records."""
+    must hold the classes the checkpoint records; then its EMA weights, if it holds them."""
     precision = build_precision(config.AMP_OPT_LEVEL, env.device)
     _, val_set, num_classes = task.build_data(config, env, logger)
     model = build_dense_model(task, config, num_classes, env, logger)
@@ -170,6 +171,11 @@ def evaluate_checkpoint(task: Task, config: Any, env: DistEnv, logger: logging.L
         check_classes(checkpoint, classes.names, classes.kind, classes.source, classes.ids, True, classes.first_output)
     restore_checkpoint(checkpoint, model, logger)
     task.evaluate(config, model, val_set, env, precision, logger)
+    ema_weights = stored_ema(checkpoint.state, checkpoint.source, config, logger)
+    if ema_weights is not None:  # scored as main.py --eval scores them
+        model.load_state_dict(ema_weights)
+        logger.info("EMA model:")
+        task.evaluate(config, model, val_set, env, precision, logger)
 
 
 def run(task: Task, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> None:

@@ -30,7 +30,7 @@ from models import extract_state_dict
 from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, assert_intact, check, finished_dense_run, load,
                            private_copy, run_task, task_args, this_run)
 from lr_scheduler import scale_rates
-from utils import CHECKSUM_KEY
+from utils import CHECKSUM_KEY, content_digest
 
 CFG = str(REPO / "configs" / "detection" / "demo.yaml")
 TINY = ["DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0", "MODEL.FPN_CHANNELS", "16", "MODEL.BOX_HEAD_DIM", "32",
@@ -502,3 +502,24 @@ def test_p6_reads_the_last_stage_for_retinanet_and_p5_for_fcos(detector):
         expected = neck.fpn.extra_blocks.p6(source)
     assert c5.shape[1] == 128
     torch.testing.assert_close(levels["p6"], expected)
+
+
+@pytest.mark.slow
+def test_eval_scores_the_stored_ema_weights_and_says_when_there_are_none(copied_run):
+    """--eval scores a checkpoint's EMA weights after the model's, as main.py --eval does (they were ignored);
+    --model-ema on a checkpoint without them says so instead of passing in silence."""
+    data, out, _ = copied_run
+    checkpoint = out / DETECTION_RUN / "ckpt_epoch_0.pth"
+    args = ["--cfg", CFG, "--data-path", str(data), "--output", str(out), "--device", "cpu", "--eval", "--resume",
+            str(checkpoint), "--opts", *TINY]
+    run(TASK, args + ["--model-ema"])
+    log = this_run((out / DETECTION_RUN / "log_rank0.txt").read_text())
+    assert "--model-ema (MODEL_EMA): --resume" in log and "holds no EMA weights; only the model is evaluated" in log
+    assert len(re.findall(r"box AP [\d.]+ mask AP", log)) == 1
+    state = {k: v for k, v in load(checkpoint).items() if k != CHECKSUM_KEY}
+    state["model_ema"] = state["model"]
+    torch.save({**state, CHECKSUM_KEY: content_digest(state)}, checkpoint)
+    run(TASK, args)
+    log = this_run((out / DETECTION_RUN / "log_rank0.txt").read_text())
+    assert "EMA model:" in log and len(set(re.findall(r"box AP ([\d.]+) mask AP", log))) == 1  # the same weights
+    assert len(re.findall(r"box AP [\d.]+ mask AP", log)) == 2

@@ -396,3 +396,12 @@ def test_a_usage_error_reaches_the_console_once(entry, tmp_path):
     lines = (done.stdout + done.stderr).splitlines()
     assert done.returncode == 1 and sum(str(missing) in line for line in lines) == 1, lines
     assert done.stderr.strip().splitlines()[-1].startswith(f"{'main.py' if entry == 'main.py' else 'detection.train'}")
+
+
+def test_eval_with_model_ema_on_weights_without_an_average_says_so(previous_run, demo_data, tmp_path):
+    """--eval --model-ema on a checkpoint trained without EMA evaluated the model alone without a word."""
+    checkpoint = run_dir(previous_run) / CHECKPOINT
+    main(demo_args(demo_data, tmp_path, "--eval", "--model-ema", "--resume", str(checkpoint)))
+    log = read_log(tmp_path)
+    assert f"--model-ema (MODEL_EMA): --resume {checkpoint} holds no EMA weights; only the model is evaluated" in log
+    assert "Accuracy of the network" in log and "Accuracy of the EMA model" not in log
