@@ -418,7 +418,13 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
                           first_output=classes.first_output)
         start_epoch, step, saved_best = restore_checkpoint(checkpoint, model, logger, optimizer, precision.scaler,
                                                            config)
-        best.update(saved_best)
+        scored, scoring = ("EMA model" if "model_ema" in checkpoint.state else "network",
+                           "EMA model" if config.MODEL_EMA else "network")
+        if scored == scoring:  # the best so far is a score of the same model: it carries over
+            best.update(saved_best)
+        else:
+            logger.info(f"{checkpoint.path}'s best score is its {scored}'s; this run's best is its {scoring}'s, "
+                        f"which starts afresh (ckpt_best.pth is replaced at its first evaluation)")
         if step and step != start_epoch * updates_per_epoch:
             logger.warning(f"{checkpoint.path} was saved after {step} updates, but {start_epoch} epochs of this run "
                            f"make {start_epoch * updates_per_epoch}: batch size, accumulation or data changed, "

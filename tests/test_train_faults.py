@@ -313,3 +313,16 @@ def test_a_dead_rank_stops_the_others_and_the_same_command_resumes(demo_data, tm
         log = this_run(read_log(tmp_path, rank))
         assert "auto-resuming from" in log and "ckpt_epoch_0.pth" in log and "Train: [1/3]" in log
     assert load(run_dir(tmp_path) / "ckpt_epoch_2.pth")["epoch"] == 2
+
+
+def test_resuming_with_model_ema_added_tracks_the_best_of_the_ema_model(copy_of, data):
+    """A run resumed with --model-ema added reported "Max accuracy (EMA)" as the plain model's earlier best and
+    kept ckpt_best.pth on the plain model's epoch: the best is now tracked per model it names."""
+    output, _ = copy_of
+    main(demo_args(data, output, "--model-ema", opts=("TRAIN.EPOCHS", "2")))
+    log = this_run(read_log(output))
+    assert "best score is its network's; this run's best is its EMA model's, which starts afresh" in log
+    ema = [float(a) for a in re.findall(r"Accuracy of the EMA model on the \d+ test images: ([\d.]+)%", log)]
+    best = [float(a) for a in re.findall(r"Max accuracy \(EMA\): ([\d.]+)%", log)]
+    assert len(ema) == len(best) == 1 and best[0] == pytest.approx(ema[0], abs=0.05)  # logged to 0.1 and 0.01
+    assert load(run_dir(output) / "ckpt_best.pth")["epoch"] == 1
