@@ -119,14 +119,16 @@ def train_one_epoch(config: Any, model: nn.Module, losses: LossFn, loader: Itera
     The losses and gradient norms stay on the device and are read once per progress line (every ``PRINT_FREQ``
     steps and at least every 10 s): no step waits for the device. A non-finite loss then raises ``TrainingError``
     naming its step and each named loss, before the epoch's weights are evaluated or saved. fp16 overflows are
-    different: the scaler skips those updates and they are only counted. ``report(update, {"train/loss", ...,
-    "train/lr", "train/grad_norm"})`` receives every update's values (TensorBoard).
+    different: the scaler skips those updates and they are only counted. The gradient norm is measured at every
+    update when ``TRAIN.CLIP_GRAD`` clips or ``report`` is given, else only for the updates that are reported.
+    ``report(update, {"train/loss", ..., "train/lr", "train/grad_norm"})`` receives every update's values
+    (TensorBoard).
     """
     model.train()
     accum = config.TRAIN.ACCUMULATION_STEPS
     clip = config.TRAIN.CLIP_GRAD or float("inf")  # an infinite bound measures the norm without clipping
     num_steps = updates_per_epoch * accum
-    norm = torch.full((), float("nan"), device=device)  # the last update's gradient norm
+    norm = torch.full((), float("nan"), device=device)  # the last measured gradient norm
     pending: List[Tuple[torch.Tensor, Optional[int], float]] = []  # per step: its values, its update, the rate
     sums = torch.zeros(0)
     overflow_skips = 0
@@ -136,6 +138,7 @@ def train_one_epoch(config: Any, model: nn.Module, losses: LossFn, loader: Itera
     last_idx = -1
     for idx, batch in enumerate(itertools.islice(loader, num_steps)):
         update = (idx + 1) % accum == 0
+        reported = progress.due(idx)
         sync = contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with precision.autocast():
@@ -145,7 +148,8 @@ def train_one_epoch(config: Any, model: nn.Module, losses: LossFn, loader: Itera
         update_count = None
         if update:
             precision.scaler.unscale_(optimizer)
-            norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if config.TRAIN.CLIP_GRAD or reported or report is not None:  # only where it is used
+                norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
             overflow_skips += step_optimizer(optimizer, precision.scaler)
             optimizer.zero_grad(set_to_none=True)
             update_count = epoch * updates_per_epoch + (idx + 1) // accum
@@ -156,7 +160,7 @@ def train_one_epoch(config: Any, model: nn.Module, losses: LossFn, loader: Itera
         names = ["loss", *parts, "grad_norm"]
         pending.append((torch.stack([loss.detach().float(), *(named[k].detach().float() for k in parts),
                                      norm.detach().float()]), update_count, optimizer.param_groups[0]["lr"]))
-        if not progress.due(idx):
+        if not reported:
             continue
         rows = torch.stack([values for values, _, _ in pending]).cpu()  # the interval's one read from the device
         bad = (~torch.isfinite(rows[:, :-1])).any(1).nonzero()
@@ -442,7 +446,8 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
     # by SyncBatchNorm (GPUs) and averaged after every epoch (sync_batchnorm_buffers).
     wrapped = wrap_ddp(model, env) if env.distributed else model
     ema = create_ema(config, model, checkpoint)  # after the wrap: from rank 0's broadcast weights
-    train_model, eval_model = compiled(wrapped, config), compiled(model, config)
+    train_model = compiled(wrapped, config)
+    eval_model = compiled(model, config) if env.distributed else train_model  # one compilation without DDP
     losses = task.losses(config, data)
 
     def state_after(epoch: int) -> dict:
