@@ -74,39 +74,12 @@ def validate_model_config(config: Any) -> None:
 
 
 def build_model(config: Any) -> FocalTransformer:
-    """The model selected by ``MODEL.TYPE`` with every ``MODEL.FOCAL`` setting applied."""
+    """The model selected by ``MODEL.TYPE``; every ``MODEL.FOCAL`` key is the constructor argument of its name."""
     validate_model_config(config)
-    f = config.MODEL.FOCAL
-    return FocalTransformer(
-        variant=config.MODEL.TYPE,
-        img_size=config.DATA.IMG_SIZE,
-        patch_size=f.PATCH_SIZE,
-        in_chans=f.IN_CHANS,
-        num_classes=config.MODEL.NUM_CLASSES,
-        embed_dim=f.EMBED_DIM,
-        depths=list(f.DEPTHS),
-        num_heads=list(f.NUM_HEADS),
-        window_size=f.WINDOW_SIZE,
-        mlp_ratio=f.MLP_RATIO,
-        qkv_bias=f.QKV_BIAS,
-        qk_scale=f.QK_SCALE or None,
-        drop_rate=config.MODEL.DROP_RATE,
-        attn_drop_rate=config.MODEL.ATTN_DROP_RATE,
-        drop_path_rate=config.MODEL.DROP_PATH_RATE,
-        ape=f.APE,
-        patch_norm=f.PATCH_NORM,
-        use_checkpoint=config.TRAIN.USE_CHECKPOINT,
-        use_shift=f.USE_SHIFT,
-        focal_stages=list(f.FOCAL_STAGES),
-        focal_levels=list(f.FOCAL_LEVELS),
-        focal_windows=list(f.FOCAL_WINDOWS),
-        focal_pool=f.FOCAL_POOL,
-        focal_topk=f.FOCAL_TOPK,
-        expand_stages=list(f.EXPAND_STAGES),
-        expand_sizes=list(f.EXPAND_SIZES),
-        expand_layer=f.EXPAND_LAYER,
-        use_conv_embed=f.USE_CONV_EMBED,
-        use_layerscale=f.USE_LAYERSCALE,
-        layerscale_value=f.LAYERSCALE_VALUE,
-        use_pre_norm=f.USE_PRE_NORM,
-    )
+    focal = {key.lower(): list(value) if isinstance(value, (list, tuple)) else value
+             for key, value in config.MODEL.FOCAL.items()}
+    focal["qk_scale"] = focal["qk_scale"] or None
+    m = config.MODEL
+    return FocalTransformer(variant=m.TYPE, img_size=config.DATA.IMG_SIZE, num_classes=m.NUM_CLASSES,
+                            drop_rate=m.DROP_RATE, attn_drop_rate=m.ATTN_DROP_RATE, drop_path_rate=m.DROP_PATH_RATE,
+                            use_checkpoint=config.TRAIN.USE_CHECKPOINT, **focal)

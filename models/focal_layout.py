@@ -88,11 +88,6 @@ class FocalLayoutSpec:
         span = self.pooled_span(level)
         return [(start + u, start + v) for u in range(span) for v in range(span)]
 
-    def num_keys(self) -> int:
-        """Keys per window: own tokens, distinct surroundings, pooled tokens of every level."""
-        n_sur = len(self.surrounding_cells()[0]) if self.shifts() else 0
-        return self.window_size ** 2 + n_sur + sum(self.pooled_span(k) ** 2 for k in range(self.num_pooled))
-
     def build(self, height: int, width: int) -> "FocalLayout":
         """Where every key of every window comes from on a padded ``height x width`` map."""
         ws = self.window_size
@@ -181,16 +176,10 @@ DEFAULT_CACHE_BYTES = 128 << 20
 
 def cache_limit() -> int:
     """The byte bound of the layout cache: ``FOCAL_LAYOUT_CACHE_BYTES`` or the default (0 keeps nothing)."""
-    raw = os.environ.get(CACHE_ENV, "").strip()
-    if not raw:
-        return DEFAULT_CACHE_BYTES
-    try:
-        limit = int(raw)
-    except ValueError:
-        limit = -1
-    if limit < 0:
+    raw = os.environ.get(CACHE_ENV, "").strip() or str(DEFAULT_CACHE_BYTES)
+    if not raw.isdecimal():
         raise ValueError(f"{CACHE_ENV}: expected a number of bytes >= 0, got {raw!r}")
-    return limit
+    return int(raw)
 
 
 class LayoutCache:

@@ -52,13 +52,6 @@ def key_value_table(maps: List[torch.Tensor], num_heads: int, zero_token: bool) 
     return tables[0], tables[1]
 
 
-def windows_to_heads(windows: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(B, nW, L, 2C)`` key/value windows -> already gathered tables ``(B, nH, nW*L, hd)``."""
-    b, n_win, n_keys, c2 = windows.shape
-    kv = windows.view(b, n_win * n_keys, 2, num_heads, c2 // 2 // num_heads)
-    return kv[:, :, 0].transpose(1, 2).contiguous(), kv[:, :, 1].transpose(1, 2).contiguous()
-
-
 def gather_windows(table: torch.Tensor, index: Optional[torch.Tensor], n_keys: int) -> torch.Tensor:
     """The keys (or values) ``(B, nH*nW, L, hd)`` of every window: picked from the ``(B, nH, N, hd)`` table by
     the ``(nW, L)`` index, or (without an index) a view of a table that is already gathered (``N = nW*L``)."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from models.focal_attention import FocalWindowAttention
 from models.focal_layout import FocalLayoutSpec
 from models.layers import window_partition
-from models.window_attention import key_value_table, merge_windows, queries_by_window, windows_to_heads
+from models.window_attention import key_value_table, merge_windows, queries_by_window
 
 GATHERS = ("roll", "unfold")
 
@@ -68,6 +68,13 @@ def pooled_by_unfold(pooled_kv: List[torch.Tensor], spec: FocalLayoutSpec) -> Li
         patches = F.unfold(p.permute(0, 3, 1, 2), kernel, stride=stride, padding=kernel // 2)
         out.append(patches.view(b, c, kernel * kernel, -1)[:, :, keep].permute(0, 3, 2, 1))
     return out
+
+
+def windows_to_heads(windows: torch.Tensor, num_heads: int) -> tuple:
+    """``(B, nW, L, 2C)`` key/value windows -> already gathered tables ``(B, nH, nW*L, hd)``."""
+    b, n_win, n_keys, c2 = windows.shape
+    kv = windows.view(b, n_win * n_keys, 2, num_heads, c2 // 2 // num_heads)
+    return kv[:, :, 0].transpose(1, 2).contiguous(), kv[:, :, 1].transpose(1, 2).contiguous()
 
 
 def gathered_keys_values(attn: FocalWindowAttention, kv: torch.Tensor, pooled_kv: List[torch.Tensor],
