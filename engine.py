@@ -39,15 +39,14 @@ class Precision:
 
 
 def default_amp(device: torch.device) -> str:
-    """bf16 on GPUs that compute in it (Ampere and later: fp16's range without a gradient scaler), else fp16 on
-    CUDA; none on the CPU, where autocast is slower than float32 on most processors."""
+    """bf16 where the GPU computes in it (no gradient scaler needed), else fp16 on CUDA; none on the CPU, where
+    autocast is slower than float32 on most processors."""
     if device.type != "cuda":
         return "none"
     return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def build_precision(amp: str, device: torch.device) -> Precision:
-    """``AMP_OPT_LEVEL`` (``--amp``): bf16, fp16 (CUDA only), none; unset means :func:`default_amp`."""
     mode = APEX_LEVELS.get(amp, amp) or default_amp(device)
     if mode not in AMP_MODES:
         raise UsageError(f"--amp (AMP_OPT_LEVEL) must be one of {AMP_MODES}, got {amp!r}")
@@ -65,7 +64,6 @@ def memory_mb(device: torch.device) -> float:
 
 
 def compiled(model: nn.Module, config: Any) -> nn.Module:
-    """``torch.compile(model)`` with the ``COMPILE`` backend, or the model itself when it is empty."""
     return torch.compile(model, backend=config.COMPILE) if config.COMPILE else model
 
 
@@ -80,8 +78,7 @@ class TrainStats:
     lr: float  # at the end of the epoch
 
 
-# ``losses(model, batch, device)``: the named losses of one batch, summed for the update ("loss" alone when a task
-# has one).
+# ``losses(model, batch, device)``: the named losses of one batch, summed for the update.
 LossFn = Callable[[nn.Module, Any, torch.device], Dict[str, torch.Tensor]]
 
 
@@ -111,17 +108,12 @@ def train_one_epoch(config: Any, model: nn.Module, losses: LossFn, loader: Itera
                     optimizer: torch.optim.Optimizer, scheduler: Scheduler, precision: Precision, epoch: int,
                     device: torch.device, ema: Optional[ModelEmaV3] = None, ema_source: Optional[nn.Module] = None,
                     report: Optional[Callable[[int, Dict[str, float]], None]] = None) -> TrainStats:
-    """``updates_per_epoch`` optimizer steps of ``TRAIN.ACCUMULATION_STEPS`` batches each, for every task; leftover
-    batches that cannot fill an update are skipped. Under DDP, gradients are synchronised only on the last batch
-    of each update. ``ema`` (if given) averages ``ema_source`` (the model without DDP or compile wrappers) after
-    every update.
+    """``updates_per_epoch`` optimizer steps of ``TRAIN.ACCUMULATION_STEPS`` batches each (leftover batches are
+    skipped; DDP synchronises on the last batch of an update); ``ema`` averages ``ema_source`` after each update.
 
-    The losses and gradient norms stay on the device and are read once per progress line (every ``PRINT_FREQ``
-    steps and at least every 10 s): no step waits for the device. A non-finite loss then raises ``TrainingError``
-    naming its step and each named loss, before the epoch's weights are evaluated or saved. fp16 overflows are
-    different: the scaler skips those updates and they are only counted. The gradient norm is measured at every
-    update when ``TRAIN.CLIP_GRAD`` clips or ``report`` is given, else only for the updates that are reported.
-    ``report(update, {"train/loss", ..., "train/lr", "train/grad_norm"})`` receives every update's values
+    Losses and gradient norms stay on the device and are read once per progress line, so no step waits for the
+    device; a non-finite loss then raises ``TrainingError`` naming its step, before the epoch is evaluated or saved
+    (fp16 overflows are only counted: the scaler skips them). ``report(update, values)`` gets every update's values
     (TensorBoard).
     """
     model.train()
@@ -198,12 +190,9 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(config, model: nn.Module, loader: Iterable, precision: Precision, device: torch.device,
              class_indices: Optional[torch.Tensor] = None) -> EvalResult:
-    """Top-1/top-5 accuracy (%) and mean cross-entropy over the whole validation set; with ``class_indices``
-    (label ``i`` is the model's class ``class_indices[i]``, see ``data.class_map``) only those logits compete.
-
-    Each rank evaluates its own images; correct counts and loss sums (not per-rank averages) are summed across
-    ranks, so the result is the same for any number of processes. Top-5 is reported only for more than 5 classes.
-    """
+    """Top-1/top-5 accuracy (%) and mean cross-entropy; with ``class_indices`` (label ``i`` is the model's class
+    ``class_indices[i]``) only those logits compete. Counts and sums, not per-rank averages, are summed across
+    ranks, so the result does not depend on the number of processes. Top-5 only for more than 5 classes."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, loss sum, images
@@ -246,8 +235,8 @@ def evaluate(config, model: nn.Module, loader: Iterable, precision: Precision, d
 @torch.no_grad()
 def throughput(model: nn.Module, images: torch.Tensor, precision: Precision, passes: int = 30,
                print_freq: int = 10) -> float:
-    """Images per second over ``passes`` timed forward passes of one batch, after as many untimed ones (at most
-    50: the first passes pay for allocation, autotuning and compilation). Long runs report their progress."""
+    """Images per second over ``passes`` timed forward passes of one batch, after as many (at most 50) untimed
+    ones that pay for allocation, autotuning and compilation."""
     model.eval()
     device = images.device
     warmup = min(passes, 50)
@@ -268,10 +257,8 @@ def throughput(model: nn.Module, images: torch.Tensor, precision: Precision, pas
 
 
 def create_ema(config: Any, model: nn.Module, checkpoint: Optional[Checkpoint]) -> Optional[ModelEmaV3]:
-    """With ``MODEL_EMA``: timm's weight average of ``model``, from the checkpoint's average when it holds one (a
-    checkpoint from before EMA was turned on starts it at the resumed weights). Call it after the DDP wrap, whose
-    construction broadcasts rank 0's weights, so every process averages from the same start: a copy taken before
-    holds each rank's own random initialisation (timm's first update happens to overwrite it)."""
+    """With ``MODEL_EMA``: timm's weight average of ``model``, from the checkpoint's average when it holds one.
+    Call it after the DDP wrap has broadcast rank 0's weights, so every process averages from the same start."""
     if not config.MODEL_EMA:
         return None
     ema = ModelEmaV3(model, decay=config.MODEL_EMA_DECAY)
@@ -281,9 +268,8 @@ def create_ema(config: Any, model: nn.Module, checkpoint: Optional[Checkpoint]) 
 
 
 def use_sync_batchnorm(model: nn.Module, config: Any, env: DistEnv, logger: logging.Logger) -> nn.Module:
-    """With more than one process and ``MODEL.SYNC_BN``: batch norms become SyncBatchNorm, which normalises with
-    the statistics of the whole batch across processes (torch implements it for GPUs only; on CPUs the running
-    statistics are still averaged after every epoch by :func:`sync_batchnorm_buffers`)."""
+    """With more than one process and ``MODEL.SYNC_BN``: SyncBatchNorm (GPUs only; elsewhere the running
+    statistics are averaged after every epoch by :func:`sync_batchnorm_buffers`)."""
     if not (env.distributed and has_batchnorm(model) and config.MODEL.SYNC_BN):
         return model
     if env.device.type != "cuda":
@@ -299,8 +285,7 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 def sync_batchnorm_buffers(model: nn.Module, env: DistEnv) -> None:
-    """Average batch-norm running statistics over processes (timm's ``distribute_bn``), so every rank evaluates
-    and saves the same model. A no-op for one process or a model without batch norms."""
+    """Average batch-norm running statistics over processes, so every rank evaluates and saves the same model."""
     if env.distributed and has_batchnorm(model):
         distribute_bn(model, env.world_size, reduce=True)
 
@@ -318,9 +303,9 @@ class BestScore:
 
 def save_epoch(config: Any, env: DistEnv, epoch: int, improved: bool, state: Callable[[], Dict[str, Any]],
                logger: logging.Logger) -> Optional[str]:
-    """On the main process: the epoch checkpoint every ``SAVE_FREQ`` epochs and after the last (older ones
-    rotated out by ``KEEP_CHECKPOINTS``), else ``ckpt_last.pth`` in its place, so a stop loses no finished epoch;
-    and ``ckpt_best.pth`` when the score ``improved``. Returns the path of the resumable checkpoint written."""
+    """On the main process: the epoch checkpoint every ``SAVE_FREQ`` epochs and after the last, else
+    ``ckpt_last.pth`` (a stop loses no finished epoch); ``ckpt_best.pth`` when ``improved``. Returns the path of
+    the resumable checkpoint written."""
     if not env.is_main:
         return None
     content = state()
@@ -338,8 +323,8 @@ def save_epoch(config: Any, env: DistEnv, epoch: int, improved: bool, state: Cal
 
 def keep_unevaluated_epoch(err: UsageError, config: Any, env: DistEnv, epoch: int,
                            state: Callable[[], Dict[str, Any]], logger: logging.Logger) -> UsageError:
-    """An unreadable validation image shows up only after a whole epoch of training: the main process saves that
-    epoch before the run stops, so that fixing the image loses no training. Returns the error to stop with."""
+    """An unreadable validation image shows up after a whole epoch of training: the main process saves that epoch
+    before the run stops, so fixing the image loses no training. Returns the error to stop with."""
     if not env.is_main:
         return err
     saved = save_checkpoint(config, state(), logger)
@@ -348,10 +333,9 @@ def keep_unevaluated_epoch(err: UsageError, config: Any, env: DistEnv, epoch: in
 
 
 class DatasetClasses(NamedTuple):
-    """What a data set's classes are, for its checkpoints to record and a resume or ``--eval`` to compare (see
-    ``utils.check_classes``): their ``names`` (with their COCO category ``ids`` in detection), the file or
-    folder that gives them (``source``) and what messages call them (``kind``), and the output of the first class
-    (``first_output``: a detector's output 0 is the background)."""
+    """A data set's classes, which checkpoints record and a resume or ``--eval`` compares (``utils.check_classes``):
+    ``names`` (and COCO ``ids``), the file or folder giving them, what messages call them, and the output of the
+    first class (a detector's output 0 is the background)."""
     source: str
     kind: str
     names: List[str]
@@ -360,8 +344,7 @@ class DatasetClasses(NamedTuple):
 
 
 class TaskData(NamedTuple):
-    """What a task's ``build_data`` gives :func:`fit`: the training loader, whatever its ``evaluate`` takes (a
-    loader or a data set), the number of classes, and their record (None where the data names none)."""
+    """A task's data for :func:`fit`: the training loader, what its ``evaluate`` takes, and the classes."""
     train: DataLoader
     val: Any
     num_classes: int
@@ -376,11 +359,8 @@ class Scores(NamedTuple):
 
 @dataclass
 class Task:
-    """What a task (classification, detection, segmentation) supplies to :func:`fit`: ``build_data(config, env,
-    logger)``; ``build_model(config, num_classes, env, logger)``, on the device; the optimizer and its per-update
-    schedule; ``losses(config, data)`` (see :data:`LossFn`); ``evaluate(config, model, data, env, precision,
-    logger, which)``, ``which`` naming the model ("network" or "EMA model"); ``load_pretrained(config, model,
-    logger, unsafe)`` for ``MODEL.PRETRAINED``; and how the best score is named in the log."""
+    """What a task (classification, detection, segmentation) supplies to :func:`fit`. ``evaluate(config, model,
+    data, env, precision, logger, which)``: ``which`` names the model ("network" or "EMA model")."""
     name: str
     build_data: Callable[[Any, DistEnv, logging.Logger], TaskData]
     build_model: Callable[[Any, int, DistEnv, logging.Logger], nn.Module]
@@ -395,14 +375,10 @@ class Task:
 
 def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: bool) -> Tuple[nn.Module,
                                                                                                Optional[ModelEmaV3]]:
-    """Train the task's model from ``TRAIN.START_EPOCH``, or from where a resumed checkpoint left off, evaluating
-    every ``EVAL_FREQ`` epochs; returns the model (without wrappers) and its weight average.
-
-    Data, weights and TensorBoard are all checked before the run writes anything besides its log, and the config
-    file is written only once the first epoch is done, so a run refused for bad input leaves an earlier run's
-    files as they were. An unreadable validation image shows up only after an epoch of training; that epoch is
-    saved before the run stops, so fixing the image loses no training.
-    """
+    """Train the task's model from ``TRAIN.START_EPOCH`` or a resumed checkpoint, evaluating every ``EVAL_FREQ``
+    epochs; returns the model (without wrappers) and its weight average. Everything is checked before the run
+    writes more than its log, and the config only after the first epoch, so a refused run leaves an earlier run's
+    files as they were."""
     precision = build_precision(config.AMP_OPT_LEVEL, env.device)
     data = task.build_data(config, env, logger)
     model = use_sync_batchnorm(task.build_model(config, data.num_classes, env, logger), config, env, logger)

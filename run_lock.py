@@ -1,9 +1,5 @@
-"""How a run holds its output folder and how it stops.
-
-One run per output folder: a second run started on the same ``--output``/``--tag`` would overwrite the first
-one's checkpoints and config and interleave its log, so it is refused instead. SIGTERM (torchrun stopping the
-ranks) and SIGINT (Ctrl-C) end a run through Python, logged in one line. ``main.py`` and ``dense/run.py`` share
-both."""
+"""How a run holds its output folder (one run per folder: a second would overwrite the first one's checkpoints and
+interleave its log) and how it stops (SIGTERM and SIGINT end it through Python, logged in one line)."""
 from __future__ import annotations
 
 import contextlib
@@ -24,12 +20,9 @@ from utils import ensure_writable_folder, missing_folders
 class OutputLock:
     """An exclusive POSIX record lock (``lockf``) on ``<folder>/.lock_rank<rank>``, held while the run lives.
 
-    The lock belongs to the process, not to the file descriptor, so DataLoader workers forked from the run do not
-    inherit it (an orphaned worker of a killed run would otherwise hold an ``flock`` for a while). The kernel
-    drops it when the process ends, however it ends, so a crashed or killed run never leaves the folder locked: a
-    lock file left behind by a killed run is simply locked anew. A run that ends normally removes the file (while
-    still holding the lock), so finished output folders hold no trace of it. The file holds the owner's pid, for
-    the message.
+    A ``lockf`` lock belongs to the process, so forked DataLoader workers do not inherit it, and the kernel drops
+    it however the process ends: a killed run's lock file is simply locked anew. A run that ends normally removes
+    the file. It holds the owner's pid, for the message.
     """
 
     def __init__(self, folder: str, rank: int):
@@ -67,8 +60,7 @@ class OutputLock:
 
 
 class Terminated(SystemExit):
-    """SIGTERM or SIGINT, turned into an exception by :func:`exit_on_signal`, which has logged it already; the
-    exit status is 128 + the signal number, as a shell reports a process killed by it."""
+    """SIGTERM or SIGINT, logged already by :func:`exit_on_signal`; exit status 128 + the signal number."""
 
 
 # The process that installed the handlers; DataLoader workers fork from it and inherit them.
@@ -76,18 +68,12 @@ MAIN_PID = os.getpid()
 
 
 def exit_on_signal(signum: int, frame: Any) -> None:
-    """torchrun stops every rank with SIGTERM when one fails, and Ctrl-C sends SIGINT: either way the process
-    exits through Python (clean-up runs) after logging one line. Waiting for the other ranks is interruptible
-    too (see ``distributed.init_distributed``).
-
-    The reason is logged here rather than where the exception is caught: the signal often lands just as a
-    collective fails on the lost rank, and Python runs the handler at its next call, which may be the logging
-    call for that failure; the exception raised there would skip both log lines.
-    """
+    """Exit through Python (clean-up runs) after logging one line. The reason is logged here, not where the
+    exception is caught: the signal often lands as a collective fails, and the handler may run inside the logging
+    call for that failure, whose exception would skip both lines."""
     if os.getpid() != MAIN_PID:
-        # A DataLoader worker. Ctrl-C reaches the whole process group: the main process stops the run and then its
-        # workers, so a worker ignores it (raising here, in a worker still starting up, printed a traceback).
-        # SIGTERM (multiprocessing stopping its children as the main process exits) ends the worker at once.
+        # A DataLoader worker: Ctrl-C reaches the whole process group and the main process stops its workers, so
+        # a worker ignores it; SIGTERM (multiprocessing stopping its children) ends the worker at once.
         if signum != signal.SIGINT:
             os._exit(128 + signum)
         return
@@ -104,9 +90,8 @@ def exit_on_signal(signum: int, frame: Any) -> None:
 
 
 def quiet_worker_teardown(worker_id: int) -> None:
-    """A DataLoader ``worker_init_fn``. A main process that stops (Ctrl-C, SIGTERM) while a worker hands it a batch
-    closes the connection mid-handshake, and the worker's sharing thread would print the broken pipe as a
-    traceback after the run's one-line stop message; such errors are that stop, not news."""
+    """A DataLoader ``worker_init_fn``: a main process that stops while a worker hands it a batch breaks the pipe,
+    which the worker would print as a traceback after the run's one-line stop message."""
     report = sys.excepthook
 
     def excepthook(kind, value, traceback) -> None:
@@ -116,16 +101,15 @@ def quiet_worker_teardown(worker_id: int) -> None:
 
 
 def stop_on_signals() -> None:
-    """Route SIGTERM and SIGINT to :func:`exit_on_signal`; called once by an entry point, before anything runs."""
+    """Route SIGTERM and SIGINT to :func:`exit_on_signal`; called once by an entry point."""
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, exit_on_signal)
 
 
 def leaving() -> None:
-    """Once a process run by an entry point is on its way out (a stop logged, or exiting): a SIGTERM landing now
-    (torchrun stopping the ranks after this one failed) is what is happening anyway, so it is ignored instead of
-    raising inside clean-up or exit handlers and printing their traceback; Ctrl-C still ends the process at once.
-    A no-op where :func:`stop_on_signals` did not install the handlers (a test calling ``main`` in process)."""
+    """Once a process is on its way out, a SIGTERM (torchrun stopping the ranks after this one failed) is ignored
+    instead of raising inside clean-up and printing a traceback; Ctrl-C still ends it at once. A no-op where
+    :func:`stop_on_signals` did not install the handlers."""
     if signal.getsignal(signal.SIGTERM) is not exit_on_signal:
         return
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -133,9 +117,8 @@ def leaving() -> None:
 
 
 def remove_failed_start(folder: str, log_file: str, created: List[str], logger: logging.Logger) -> None:
-    """Undo what a run refused for bad input created: its new log, and the folders it made for it, when nothing
-    else was written there (other ranks' logs aside). An earlier run's folder keeps its log, with the
-    ``stopped:`` line appended."""
+    """Undo what a run refused for bad input created (its new log and folders) when nothing else was written
+    there; an earlier run's folder keeps its log, with the ``stopped:`` line appended."""
     if any(not name.startswith(("log_rank", ".lock_rank")) for name in os.listdir(folder)):
         return
     close_log_files(logger)
@@ -148,12 +131,9 @@ def remove_failed_start(folder: str, log_file: str, created: List[str], logger: 
 
 @contextlib.contextmanager
 def locked_run(folder: str, rank: int) -> Iterator[logging.Logger]:
-    """The output folder of one process of a run: checked writable, locked, and logged to; a failure inside ends
-    in the log as one ``stopped:`` line (errors the user can act on) or a traceback (anything else); a
-    :class:`Terminated` passes through, its handler has logged it already.
-
-    A run refused for bad input (a usage or config error) before it wrote anything but its log leaves no trace:
-    the log and folders it created are removed again, the error having gone to the console."""
+    """One process's output folder: checked writable, locked, and logged to. A failure ends in the log as one
+    ``stopped:`` line (errors the user can act on) or a traceback; a run refused for bad input before it wrote
+    anything but its log leaves no trace (the error has gone to the console)."""
     created = missing_folders(folder)
     ensure_writable_folder(folder, "--output")
     log_file = os.path.join(folder, f"log_rank{rank}.txt")

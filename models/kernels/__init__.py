@@ -1,18 +1,11 @@
-"""Device speed-ups for a built model, behind one call: ``optimize_for(model, device)``.
+"""CPU speed-ups for a built model that do not change its results, behind one call: ``optimize_for(model, device)``.
 
-The model definitions (``models/``) use standard PyTorch only and run as they are on any device; on accelerators
-training goes through ``F.scaled_dot_product_attention`` and its own autograd. This package holds what is faster
-on some machines without changing results (tests compare every kernel with the plain model):
-
-* ``attention``: CPU attention in cache-sized blocks, with a backward that keeps only the compact key/value table
-  and recomputes probabilities per block (``cpu_attention.py``).
-* ``bias_cache``: without autograd, each attention module reuses the bias it last built (``cpu_attention.py``).
+* ``attention``: attention in cache-sized blocks, with a backward that keeps only the compact key/value table;
+* ``bias_cache``: without autograd, each attention module reuses the bias it last built (both ``cpu_attention.py``);
 * ``onednn_linear``: float32 linear layers through oneDNN (``onednn_linear.py``).
 
-Which apply is decided per machine: the first two on CPUs (both measured faster there, BENCHMARKS.md), oneDNN
-on CPUs with AVX-512 whose BLAS is MKL on a non-Intel CPU (``onednn_linear.onednn_helps``: measured 2x per layer
-there, within noise elsewhere). The environment variable ``FOCAL_KERNELS`` (or the ``kernels`` argument)
-overrides that: ``auto`` (default), ``none``, or a comma-separated list of names, each then used on CPU.
+By default the first two apply on CPUs, oneDNN where ``onednn_linear.onednn_helps`` (measurements: BENCHMARKS.md).
+``FOCAL_KERNELS`` (or the ``kernels`` argument) overrides that: ``auto``, ``none``, or a comma-separated list.
 """
 from __future__ import annotations
 
@@ -62,13 +55,9 @@ def select_kernels(device: Union[str, torch.device], kernels: Optional[Union[str
 
 def optimize_for(model: nn.Module, device: Union[str, torch.device],
                  kernels: Optional[Union[str, Iterable[str]]] = None) -> List[str]:
-    """Switch ``model`` (in place) to the kernels that help on ``device``; returns their names.
-
-    Only module classes change (parameters, buffers, hooks and state dict are untouched), so this can be called
-    before or after loading weights, and again with another choice (``kernels="none"`` restores the plain
-    model). Call it on the plain model for tools that look for ``nn.Linear`` by type (quantization, pruning):
-    ``OneDnnLinear`` is a subclass, but such tools usually match the exact type.
-    """
+    """Switch ``model`` (in place) to the kernels that help on ``device``; returns their names. Only module classes
+    change (not parameters, buffers, hooks or state dict), so it can be called at any time, and again
+    (``kernels="none"`` restores the plain model, e.g. for tools that match ``nn.Linear`` by exact type)."""
     chosen = select_kernels(device, kernels)
     attention = frozenset(k for k in chosen if k in ("attention", "bias_cache"))
     plain = {cpu: base for base, cpu in CPU_CLASSES.items()}

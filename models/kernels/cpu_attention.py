@@ -1,8 +1,6 @@
-"""CPU attention kernels: blocked attention with a lean backward, and an inference cache of attention biases.
-
-Both compute what ``WindowedAttention.attend`` and ``attention_bias`` compute (tests compare them); they are
-applied to a model by :func:`models.kernels.optimize_for`, which swaps each attention module's class for one
-of the subclasses at the bottom of this file (parameters, buffers and state dict are untouched).
+"""CPU attention kernels: blocked attention with a lean backward, and an inference cache of attention biases, as
+the subclasses at the bottom that :func:`models.kernels.optimize_for` swaps in (tests compare them with the plain
+``WindowedAttention.attend`` and ``attention_bias``).
 """
 from __future__ import annotations
 
@@ -16,16 +14,12 @@ import torch.nn.functional as F
 from ..focal_attention import FocalWindowAttention
 from ..topk_attention import TopKFocalAttention
 
-# The attention runs in blocks of images, heads or windows whose attention probabilities take at most about
-# this many bytes: a block's working set stays in cache, and the allocator reuses its buffers instead of mapping
-# and page-faulting fresh ones. At 224 this made Focal-T's training attention about 1.3x faster. 0: one block.
+# Attention runs in blocks of images, heads or windows whose probabilities take at most about this many bytes, so
+# a block's working set stays in cache and the allocator reuses its buffers. 0: one block.
 CPU_BLOCK_BYTES = 4 << 20
 
-# Without autograd, each attention module keeps the last full attention bias it built, while all kept biases
-# together stay within this many bytes: first come, first kept, and a module's new bias replaces its own old one,
-# so a model holds at most the biases of one input size. Rebuilding a bias costs one large, freshly allocated
-# write per block: Focal-fast-T at batch 1 ran ~25% faster on CPU with the cache at 224. The Tiny models hold
-# 27-35 MB at 224 and about 160 MB at 448 (all of them), and at 896 the first ones built up to the bound.
+# Without autograd, each attention module keeps the last bias it built, while all kept biases stay within this
+# many bytes (first come, first kept; a module's new bias replaces its old one).
 BIAS_CACHE_BYTES = 256 << 20
 _KEPT: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()  # bytes kept per module
 
@@ -38,12 +32,8 @@ def forget_bias(module: nn.Module) -> None:
 
 def cached_bias(module: nn.Module, layout: object, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``build()``, or the bias ``module`` built last time for the same ``layout`` from the same parameters and
-    buffers.
-
-    A tensor counts as the same while its object, storage and version counter are: optimizer steps,
-    ``load_state_dict`` (copying or assigning) and ``.to()`` all invalidate the entry. The cache is skipped
-    whenever autograd is recording (the bias must then be part of the graph) and under ``torch.compile`` / export.
-    """
+    buffers (same object, storage and version counter: optimizer steps, loading and ``.to()`` all invalidate it).
+    Skipped while autograd records and under compile / export."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or BIAS_CACHE_BYTES <= 0:
         return build()
     tensors = tuple(module.parameters()) + tuple(module.buffers())
@@ -109,11 +99,7 @@ def token_range(windows: slice, n_keys: int) -> slice:
 def block_keys_values(k: torch.Tensor, v: torch.Tensor, index: Optional[torch.Tensor], n_keys: int,
                       block: Block) -> Tuple[torch.Tensor, torch.Tensor]:
     """Keys and values ``(b, h*w, L, hd)`` of one block, gathered from the ``(B, nH, N, hd)`` tables by
-    ``index`` if given.
-
-    Blocks are whole images, or heads or windows of one image, so each key or value slice of a table is
-    contiguous: the gather's fast path.
-    """
+    ``index`` if given (a block's table slice is contiguous: the gather's fast path)."""
     out = []
     for table in (k, v):
         if index is None:
@@ -141,23 +127,17 @@ def blocked_attention(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Ten
 
 
 def scatter_add_tokens(table: torch.Tensor, index: torch.Tensor, grad: torch.Tensor) -> None:
-    """``table (b, h, N, hd) += grad (b, h, nW*L, hd)`` scattered along the token axis by a ``(nW, L)`` index.
-
-    The table slice of a block is contiguous (see :func:`block_keys_values`), so this is one 2-D row scatter,
-    PyTorch's fast path: 6x faster than scattering along dim 2 of the 4-D view, which loops over the index with
-    one small strided add each."""
+    """``table (b, h, N, hd) += grad (b, h, nW*L, hd)`` scattered along the token axis by a ``(nW, L)`` index, as
+    one 2-D row scatter (PyTorch's fast path, 6x faster than along dim 2 of the 4-D view)."""
     b, h, n_tokens, hd = table.shape
     offsets = torch.arange(b * h, device=table.device).mul_(n_tokens).unsqueeze(1)
     table.view(-1, hd).index_add_(0, (offsets + index.reshape(1, -1)).reshape(-1), grad.reshape(-1, hd))
 
 
 class _BlockedAttention(torch.autograd.Function):
-    """Softmax attention with a learned additive bias over gathered keys, lean in time and memory in training.
-
-    PyTorch's fused kernels give no gradient for the bias on CPU, and the plain formulation keeps the gathered
-    keys/values and the attention probabilities for backward: with focal attention's wide key sets those are the
-    largest activations of the model. Here only the compact key/value table is kept; backward re-gathers each
-    block and recomputes its probabilities from q, k and the bias.
+    """Softmax attention with a learned bias over gathered keys. PyTorch's fused CPU kernels give no gradient for
+    the bias, and the plain path keeps the gathered keys/values and probabilities (the model's largest
+    activations); here backward re-gathers each block from the compact tables and recomputes its probabilities.
     """
 
     @staticmethod

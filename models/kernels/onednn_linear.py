@@ -1,13 +1,6 @@
-"""Float32 fully connected layers through oneDNN.
-
-PyTorch computes a float32 ``F.linear`` on the CPU with its BLAS (MKL's sgemm in the official builds). On some
-CPUs the oneDNN matmul that ships inside PyTorch is much faster: on an AMD EPYC with AVX-512, MKL runs its AVX2
-code and reached ~220 GFLOP/s on the Tiny models' layer shapes against oneDNN's ~450; on an AMD EPYC without
-AVX-512 the two were within 0.9x-1.6x per layer (BENCHMARKS.md). Whether it is used is therefore decided by the
-CPU's features (:func:`onednn_helps`). Both libraries compute in float32; results differ only in summation order.
-
-:class:`OneDnnLinear` falls back to ``F.linear`` for other devices and dtypes, under autocast, and under
-``torch.compile`` / export / tracing, whose compilers pick their own kernels.
+"""Float32 fully connected layers through the oneDNN matmul inside PyTorch, which on some CPUs is much faster than
+its BLAS (MKL) for ``F.linear`` (BENCHMARKS.md); results differ only in summation order. :class:`OneDnnLinear`
+falls back to ``F.linear`` for other devices and dtypes, under autocast, and under compile / export / tracing.
 """
 from __future__ import annotations
 
@@ -103,19 +96,15 @@ def _cpu_vendor() -> str:
 
 @functools.lru_cache(maxsize=None)
 def onednn_helps() -> bool:
-    """Whether this machine is one where oneDNN's float32 matmul was measured clearly faster than ``F.linear``:
-    the CPU has AVX-512 (PyTorch's own capability check) while PyTorch's BLAS is MKL on a non-Intel CPU, where
-    MKL keeps to its AVX2 code (2x there). With AVX2 only, both libraries run AVX2 code and measured within
-    noise end to end; on Intel CPUs MKL uses AVX-512 itself. A timing probe was tried instead and was not
-    stable on a shared 2-core machine."""
+    """Where oneDNN was measured clearly faster: AVX-512 with MKL on a non-Intel CPU, where MKL keeps to its AVX2
+    code (2x). A timing probe was tried instead and was not stable on a shared machine."""
     return (onednn_available() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
             and torch.backends.mkl.is_available() and "Intel" not in _cpu_vendor())
 
 
 def convert_linears(module: nn.Module, onednn: bool = True) -> nn.Module:
-    """Switch every plain ``nn.Linear`` in ``module`` to :class:`OneDnnLinear` (or back, with ``onednn=False``)
-    in place. Only the class changes, so parameters, hooks and checkpoints are untouched; this also works on
-    other models, e.g. timm's Swin for a like-for-like comparison."""
+    """Switch every plain ``nn.Linear`` in ``module`` to :class:`OneDnnLinear` (or back) in place; only the class
+    changes, so this works on any model (timm's Swin, for a like-for-like comparison)."""
     source, target = (nn.Linear, OneDnnLinear) if onednn else (OneDnnLinear, nn.Linear)
     for layer in module.modules():
         if type(layer) is source:
