@@ -1,7 +1,5 @@
-"""Focal self-attention (v1): each window attends to itself, to its fine-grained surroundings and to pooled
-coarse tokens around it. What a window attends to is defined once, by :class:`~models.focal_layout.FocalLayoutSpec`
-(key order and masks are documented there); this module gathers the keys by the spec's index and lays the
-position-bias tables out along the spec's key order.
+"""Focal self-attention (v1): each window attends to itself, its fine surroundings and pooled coarse tokens
+around it, as :class:`~models.focal_layout.FocalLayoutSpec` defines (key order and masks are documented there).
 """
 from __future__ import annotations
 
@@ -18,8 +16,8 @@ from .window_attention import (WindowedAttention, item, key_value_table, merge_w
                                queries_by_window)
 
 
-# Every layout spec an attention module was built with, by number. A TorchScript-compiled module keeps only plain
-# attributes, so its layout calls (Python, see WindowedAttention.index_and_bias) find the spec by its number.
+# Every layout spec a module was built with: a TorchScript-compiled module keeps only plain attributes, so its
+# layout calls find the spec by number.
 LAYOUT_SPECS: List[FocalLayoutSpec] = []
 
 
@@ -35,10 +33,8 @@ def focal_layout(spec: FocalLayoutSpec, height: int, width: int, device: torch.d
 
 
 class FocalWindowAttention(WindowedAttention):
-    """Multi-head focal attention for one block; input and output are padded, shifted ``(B, Hp, Wp, C)`` maps.
-
-    ``layout_spec`` replaces the attention pattern derived from the other arguments (the bias tables follow it).
-    """
+    """Multi-head focal attention on padded, shifted ``(B, Hp, Wp, C)`` maps; ``layout_spec`` replaces the pattern
+    derived from the other arguments."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, expand_size: int, shift_size: int,
                  focal_level: int, focal_window: int, pool_method: str, qkv_bias: bool = True,
@@ -100,8 +96,7 @@ class FocalWindowAttention(WindowedAttention):
 
     @torch.jit.ignore
     def attention_bias(self, layout: FocalLayout) -> torch.Tensor:
-        """(1, nH*nW, ws*ws, L): position biases plus the shift and out-of-map masks, which touch only the
-        window's own keys and the pooled keys respectively."""
+        """(1, nH*nW, ws*ws, L): position biases plus the shift mask (own keys) and out-of-map mask (pooled keys)."""
         bias = self.relative_bias().unsqueeze(1)  # nH, 1, n, L
         n_heads, _, n, n_keys = bias.shape
         n_win = layout.grid[0] * layout.grid[1]

@@ -1,10 +1,6 @@
-"""What a v1 focal window attends to, defined once.
-
-:class:`FocalLayoutSpec` is the single definition of the key set of a window, as translation-invariant offsets
-from the window's corner. Everything that depends on the pattern is derived from it: the key index of every
-window at a given map size (:meth:`FocalLayoutSpec.build`), its masks, the columns of the position-bias tables
-(``FocalWindowAttention``) and the resampling of those tables to another geometry (``models/resize.py``). To
-change what a window attends to, change (or subclass) the spec.
+"""What a v1 focal window attends to, defined once by :class:`FocalLayoutSpec` as offsets from the window's corner.
+The key index of every window at a map size, its masks, the columns of the bias tables and their resampling
+(``models/resize.py``) all derive from it: to change what a window attends to, change (or subclass) the spec.
 
 Key order per window, which the bias tables of released checkpoints are laid out for:
   1. the window's own ``ws*ws`` tokens, row-major;
@@ -15,8 +11,7 @@ Key order per window, which the bias tables of released checkpoints are laid out
   3. per coarse level ``k``: the pooled tokens under a ``focal_window + 2**k - 1`` square anchored at the window,
      row-major; positions beyond the pooled map are a zero key/value with a -100 logit penalty.
 
-A layout at one map size is linear in the number of windows: an index ``(nW, L)`` and masks in their compact
-form (the shift mask as region labels per window token, the out-of-map mask per window and pooled key).
+A layout at one map size is an index ``(nW, L)`` and masks in compact form, linear in the number of windows.
 """
 from __future__ import annotations
 
@@ -54,16 +49,14 @@ class FocalLayoutSpec:
         return [(e, e), (e, -e), (-e, e), (-e, -e)] if e > 0 else []
 
     def released_surroundings(self) -> List[Tuple[int, int, int, int]]:
-        """``(a, b, dy, dx)`` for every surrounding key of the released layout (the columns of its neighbour bias
-        table): query-window cell (a, b) read at offset (dy, dx)."""
+        """``(a, b, dy, dx)`` for every column of the released neighbour bias table: cell (a, b) read at (dy, dx)."""
         ws = self.window_size
         return [(a, b, dy, dx) for dy, dx in self.shifts() for a in range(ws) for b in range(ws)
                 if not (0 <= a + dy < ws and 0 <= b + dx < ws)]
 
     def surrounding_cells(self) -> Tuple[List[Tuple[int, int]], torch.Tensor]:
-        """The distinct surrounding keys as cells relative to the window corner (first occurrences, in released
-        order) and, for each, the released bias-table columns that refer to it, as a ``(U, m)`` index padded with
-        one past the last column."""
+        """The distinct surrounding cells relative to the window corner (in released order) and, for each, the
+        released bias-table columns that list it, as a ``(U, m)`` index padded with one past the last column."""
         released = self.released_surroundings()
         position: Dict[Tuple[int, int], int] = {}
         cells, columns = [], []
@@ -82,8 +75,7 @@ class FocalLayoutSpec:
         return self.focal_window + 2 ** level - 1
 
     def pooled_cells(self, level: int) -> List[Tuple[int, int]]:
-        """The pooled tokens read at ``level``, as (row, column) offsets on the pooled map from the window's own
-        first pooled token, row-major."""
+        """The pooled tokens read at ``level``, as offsets from the window's own first pooled token, row-major."""
         start = -(self.focal_window // 2)
         span = self.pooled_span(level)
         return [(start + u, start + v) for u in range(span) for v in range(span)]
@@ -136,24 +128,21 @@ class FocalLayout:
 
 
 def shift_mask(labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """(nW, ws*ws, ws*ws) additive mask between tokens of different shift regions (``FocalLayout.shift_labels``),
-    or None."""
+    """(nW, ws*ws, ws*ws) additive mask between tokens of different shift regions, or None."""
     if labels is None:
         return None
     return (labels[:, :, None] != labels[:, None, :]).float() * MASK_VALUE
 
 
 def outside_mask(outside: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """(nW, 1, n_pooled) additive mask of the pooled keys beyond the pooled map (``FocalLayout.pooled_outside``),
-    or None."""
+    """(nW, 1, n_pooled) additive mask of the pooled keys beyond the pooled map, or None."""
     if outside is None:
         return None
     return outside.float().unsqueeze(1) * MASK_VALUE
 
 
 def shift_regions(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor:
-    """Swin's regions of a cyclically shifted map, per window token ``(nW, ws*ws)``: tokens of different regions
-    must not attend to each other."""
+    """Swin's regions of a cyclically shifted map per window token ``(nW, ws*ws)``, which must not mix."""
     labels = torch.zeros(1, height, width, 1, dtype=torch.uint8)
     bounds = lambda n: ((0, n - window_size), (n - window_size, n - shift_size), (n - shift_size, n))
     region = 0
@@ -169,8 +158,7 @@ def shift_regions(height: int, width: int, window_size: int, shift_size: int) ->
 LayoutT = TypeVar("LayoutT")
 _BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="focal-layout")
 CACHE_ENV = "FOCAL_LAYOUT_CACHE_BYTES"
-# The compact layouts of all stages take 2.9 MB (Focal-T) and 6.0 MB (Focal-fast-T) at 800x1216: the default
-# keeps 20-40 such sizes, enough for multi-scale detection training to reuse its layouts.
+# Enough for multi-scale detection training to reuse its layouts (all of Focal-T's stages: 2.9 MB at 800x1216).
 DEFAULT_CACHE_BYTES = 128 << 20
 
 
@@ -183,8 +171,7 @@ def cache_limit() -> int:
 
 
 class LayoutCache:
-    """Layouts by their arguments, least recently used first out, holding at most :func:`cache_limit` bytes of
-    tensors in all (a layout larger than the bound is returned but not kept). Shared by every layout builder."""
+    """Layouts by their arguments, least recently used first out, within :func:`cache_limit` bytes in all."""
 
     def __init__(self) -> None:
         self.entries: "OrderedDict[tuple, object]" = OrderedDict()
@@ -215,8 +202,7 @@ LAYOUTS = LayoutCache()
 
 
 def _single_threaded(build: Callable[..., LayoutT], *args) -> LayoutT:
-    """``build(*args)`` with one intra-op thread (the caller waits meanwhile): a layout is many small tensor
-    operations, which thread hand-offs only slow down (BENCHMARKS.md, "Layout building")."""
+    """``build(*args)`` with one intra-op thread: a layout is many small operations that thread hand-offs slow."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -226,16 +212,14 @@ def _single_threaded(build: Callable[..., LayoutT], *args) -> LayoutT:
 
 
 def layout_cache(build: Callable[..., LayoutT]) -> Callable[..., LayoutT]:
-    """Memoise a layout builder in :data:`LAYOUTS`; layouts depend only on their arguments (geometry and device),
-    so every block of the same geometry shares one, and ``torch.compile`` evaluates the call once at trace time
-    and keeps the result as a constant (the index arithmetic inside would otherwise break the graph)."""
+    """Memoise a layout builder in :data:`LAYOUTS`: blocks of one geometry share a layout, and ``torch.compile``
+    keeps it as a constant (its index arithmetic would otherwise break the graph)."""
 
     @torch.compiler.assume_constant_result
     @functools.wraps(build)
     def cached(*args):
-        # Built on a worker thread: inference mode and tracing modes (non-strict torch.export's fake tensors) are
-        # per thread, so the layout is made of ordinary tensors that serve training too and enter an exported
-        # graph as constants.
+        # Built on a worker thread, where no inference or tracing mode applies: ordinary tensors serve training
+        # too and enter an exported graph as constants.
         return LAYOUTS.get((build.__qualname__,) + args,
                            lambda: _BUILDER.submit(_single_threaded, build, *args).result())
     cached.cache_clear = LAYOUTS.clear

@@ -1,7 +1,5 @@
-"""The Focal Transformer backbone and classifier, shared by v1 (``focal``) and the fast variant (``focalv2``).
-
-The two variants differ only in their attention module; blocks, stages, embeddings and the head are common,
-and parameter names follow the released checkpoints.
+"""The Focal Transformer classifier and backbone: v1 (``focal``) and the fast variant (``focalv2``) differ only in
+their attention module. Parameter names follow the released checkpoints.
 """
 import math
 from typing import List, Optional, Sequence, Tuple, Union
@@ -21,11 +19,8 @@ GLOBAL_POOLS = ("avg", "")  # timm's names: mean over the map, or none (the head
 
 
 class FocalBlock(nn.Module):
-    """Pre-norm transformer block with focal attention; maps ``(B, H, W, C)`` to the same shape.
-
-    ``resolution`` is the map size the model was configured for: like the reference, a stage whose map is no
-    larger than the window uses one window of that size and no surroundings. Other sizes are padded.
-    """
+    """Pre-norm transformer block with focal attention on ``(B, H, W, C)`` maps. As in the reference, a stage whose
+    configured ``resolution`` is no larger than the window uses one window of that size and no surroundings."""
 
     def __init__(self, dim: int, resolution: Tuple[int, int], num_heads: int, window_size: int, shift: bool,
                  expand_size: int, focal_level: int, focal_window: int, pool_method: str, variant: str,
@@ -120,11 +115,8 @@ class FocalStage(nn.Module):
 
 
 class FocalTransformer(nn.Module):
-    """Focal Transformer classifier (``variant`` ``focal`` or ``focalv2``) that takes images of any size.
-
-    ``img_size`` (a side or ``(H, W)``) fixes the window geometry of the released models (and the ``flops()``
-    count); other input sizes run with the same parameters, padding each stage to whole windows.
-    """
+    """Focal Transformer classifier (``variant`` ``focal`` or ``focalv2``) for images of any size: ``img_size``
+    fixes the window geometry (and ``flops()``); other sizes pad each stage to whole windows."""
 
     def __init__(self, variant: str = "focal", img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4,
                  in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
@@ -185,9 +177,6 @@ class FocalTransformer(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
-        for module in self.modules():
-            if isinstance(module, WindowPool):
-                module.reset_to_mean()
         self.set_grad_checkpointing(use_checkpoint)
         if device is not None or dtype is not None:  # timm's factory arguments: built as usual, then moved
             self.to(device=device, dtype=dtype)
@@ -199,8 +188,7 @@ class FocalTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        """Exact names, which timm's optimizer factory reads: the position embedding and every parameter that
-        ``no_weight_decay_keywords`` names (timm does not read those)."""
+        """Exact names (timm's optimizer factory reads these, not the keywords)."""
         keywords = self.no_weight_decay_keywords()
         return {"absolute_pos_embed"} | {n for n, _ in self.named_parameters() if any(k in n for k in keywords)}
 
@@ -209,8 +197,8 @@ class FocalTransformer(nn.Module):
         return {"relative_position_bias_table"} if self.variant == "focal" else set()
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """Parameter groups by depth, as timm numbers them (layer-wise learning-rate decay): the stem, each block
-        in order (each stage's patch merging after its blocks), then the final norm; the head ranks last."""
+        """Parameter groups by depth for layer-wise learning-rate decay: the stem, each block in order (a stage's
+        patch merging after its blocks), the final norm; the head ranks last."""
         return dict(
             stem=r"^(?:patch_embed|absolute_pos_embed)",
             blocks=r"^layers\.(\d+)" if coarse else [
@@ -264,7 +252,7 @@ class FocalTransformer(nn.Module):
     def prune_intermediate_layers(self, indices: Optional[Union[int, List[int]]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
         """timm's backbone API: drop the stages, final norm and head that ``forward_intermediates(indices)`` does
-        not need (``features_only`` models call it), so a backbone carries no unused parameters."""
+        not need."""
         take, max_index = feature_take_indices(len(self.layers), indices)
         prune_end = max_index < len(self.layers) - 1
         if prune_norm or prune_end:

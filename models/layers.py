@@ -1,7 +1,5 @@
-"""Building blocks shared by both Focal Transformer variants: patch embedding, windowing and window pooling.
-
-Token maps travel between modules as channels-last ``(B, H, W, C)`` tensors, so the spatial size is always
-carried by the tensor itself and any input size works.
+"""Building blocks of both Focal Transformer variants: patch embedding, windowing and window pooling. Token maps
+travel between modules as channels-last ``(B, H, W, C)`` tensors, which carry their own size.
 """
 from __future__ import annotations
 
@@ -34,10 +32,8 @@ def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
 
 
 def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
-    """Index into a ``(query_size + key_size - 1)**2`` bias table for every (query, key) pair of two square grids.
-
-    Both grids start at the same corner; with equal sizes this is the Swin window table.
-    """
+    """Index into a ``(query_size + key_size - 1)**2`` bias table for every (query, key) pair of two square grids
+    that start at the same corner (with equal sizes, Swin's window table)."""
     q = torch.stack(torch.meshgrid(torch.arange(query_size), torch.arange(query_size), indexing="ij")).flatten(1)
     k = torch.stack(torch.meshgrid(torch.arange(key_size), torch.arange(key_size), indexing="ij")).flatten(1)
     rel = q[:, :, None] - k[:, None, :] + (key_size - 1)
@@ -61,11 +57,8 @@ def centre_fit(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 class WindowPool(nn.Module):
-    """Summarises each sub-window of a map into one token: the coarse levels of focal attention.
-
-    Level ``k`` uses sub-windows of ``window_size // 2**k`` tokens, ``2**k`` of them across each attention window;
-    the map is centre-cropped or padded to a whole number of them first.
-    """
+    """Summarises each sub-window of a map into one token: level ``k`` of focal attention pools sub-windows of
+    ``window_size // 2**k`` tokens, after centre-cropping or padding the map to a whole number of them."""
 
     def __init__(self, dim: int, window_size: int, level: int, method: str):
         super().__init__()
@@ -80,19 +73,8 @@ class WindowPool(nn.Module):
         elif method == "conv":
             self.weight = nn.Parameter(torch.empty(dim, 1, self.pool_size, self.pool_size))
             self.bias = nn.Parameter(torch.empty(dim))
-            self._init_conv()
-
-    def _init_conv(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        bound = 1 / math.sqrt(self.pool_size ** 2)
-        nn.init.uniform_(self.bias, -bound, bound)
-
-    def reset_to_mean(self) -> None:
-        """fc pooling starts as the plain window mean."""
-        if self.method == "fc":
-            with torch.no_grad():
-                self.weight.fill_(1.0 / self.pool_size ** 2)
-                self.bias.zero_()
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv2d's initialisation
+            nn.init.uniform_(self.bias, -1 / self.pool_size, 1 / self.pool_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, Hp, Wp, C)`` with sides multiple of the window -> ``(B, Hp/ws * 2**k, Wp/ws * 2**k, C)``."""
@@ -132,10 +114,9 @@ def pad_nchw(x: torch.Tensor, multiple: int, least: int) -> torch.Tensor:
 class PatchEmbed(nn.Module):
     """Strided (or overlapping, with ``use_conv_embed``) convolution from an NCHW image or a token map.
 
-    The stem takes ``(B, C, H, W)`` images, zero-padded at the bottom/right to whole patches. The stage-to-stage
-    downsampling takes ``(B, H, W, C)`` maps and is the reference's convolution as it is: on a side of odd length
-    the 2x2 merging drops the last row/column, the overlapping 3x3 one keeps it (its own zero padding). Only a
-    map one token wide is zero-padded to two, so that no input is too small.
+    The stem zero-pads ``(B, C, H, W)`` images at the bottom/right to whole patches. The downsampling between
+    stages takes ``(B, H, W, C)`` maps as the reference does: on an odd side the 2x2 merging drops the last
+    row/column, the overlapping 3x3 one keeps it; only a map one token wide is padded to two.
     """
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, use_conv_embed: bool = False,

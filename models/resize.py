@@ -1,9 +1,6 @@
-"""Carrying learned geometry-dependent tensors over to another window, focal window or image size.
-
-A block's window follows the image size (a stage whose map is no larger than the window attends within the map),
-so fine-tuning at another resolution changes parameter shapes even at the same configured window. Every such
-tensor is resampled from its trained counterpart, or, where the trained model had none, derived from the
-block's own relative-position table, so fine-tuning starts from everything the checkpoint learned.
+"""Carrying learned geometry-dependent tensors over to another window, focal window or image size (a block's window
+follows the image size, so fine-tuning at another resolution changes shapes): each is resampled from its trained
+counterpart or, where there is none, derived from the block's own relative-position table.
 """
 from __future__ import annotations
 
@@ -33,8 +30,8 @@ def resize_square_table(table: torch.Tensor, side: int, heads_first: bool) -> to
 
 
 def resize_pool_weight(weight: torch.Tensor, target: torch.Size) -> torch.Tensor:
-    """A window-pooling kernel (fc: ``(1, p*p)``; conv: ``(C, 1, p, p)``) resampled to another sub-window size,
-    rescaled so that it still sums to what it summed to (a pooled token keeps its scale)."""
+    """A window-pooling kernel (fc: ``(1, p*p)``; conv: ``(C, 1, p, p)``) resampled to another sub-window size and
+    rescaled to keep its sum (a pooled token keeps its scale)."""
     old_side = math.isqrt(weight.shape[-1]) if weight.ndim == 2 else weight.shape[-1]
     new_side = math.isqrt(target[-1]) if len(target) == 2 else target[-1]
     grid = weight.reshape(-1, 1, old_side, old_side).float()
@@ -65,9 +62,8 @@ def _nearest(points: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
 
 
 def resize_neighbour_table(table: torch.Tensor, target: torch.Size) -> torch.Tensor:
-    """Each (query cell, surrounding key) bias of the new geometry takes the value of the nearest pair of the old
-    one, positions scaled by the ratio of the windows. Queries and keys form a full grid of pairs, so the nearest
-    pair is the nearest query with the nearest key."""
+    """Each (query cell, surrounding key) bias takes the value of the nearest old pair, positions scaled by the ratio
+    of the windows (pairs form a full grid: the nearest query with the nearest key)."""
     old_window, old_expand = _window_and_expand(table.shape)
     new_window, new_expand = _window_and_expand(target)
     old_q, old_k = _cells(old_window, old_expand)
@@ -79,8 +75,8 @@ def resize_neighbour_table(table: torch.Tensor, target: torch.Size) -> torch.Ten
 
 
 def neighbour_table_from_window_table(window_table: torch.Tensor, target: torch.Size) -> torch.Tensor:
-    """A neighbour table for a block trained without one: the bias of each (query, key) pair is the window
-    table's bias for their offset, scaled to the trained window and clamped to the offsets it knows."""
+    """A neighbour table for a block trained without one: the window table's bias for each pair's offset, scaled to
+    the trained window and clamped to the offsets it knows."""
     old_window = (math.isqrt(window_table.shape[0]) + 1) // 2
     new_window, new_expand = _window_and_expand(target)
     queries, keys = _cells(new_window, new_expand)
@@ -92,9 +88,8 @@ def neighbour_table_from_window_table(window_table: torch.Tensor, target: torch.
 
 def adapt_geometry(name: str, value: Optional[torch.Tensor], target: torch.Tensor, checkpoint: Dict[str, torch.Tensor],
                    grid: Optional[Tuple[int, int]] = None) -> Optional[torch.Tensor]:
-    """``value`` (the checkpoint's tensor called ``name``, or None if it has none) reshaped for ``target``, or
-    None when ``name`` is no geometry-dependent tensor this module knows how to carry over. ``grid`` is the model's
-    patch grid, to which an absolute position embedding (of a square grid) is resampled as the forward does."""
+    """``value`` (the checkpoint's ``name``, or None) reshaped for ``target``, or None when ``name`` is no tensor
+    this module carries over; an absolute position embedding is resampled to the model's patch ``grid``."""
     if value is not None and value.shape == target.shape:
         return value
     if name.endswith(NEIGHBOURS):

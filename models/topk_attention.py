@@ -1,9 +1,6 @@
-"""Top-K focal attention (the fast variant, ``focalv2``): each window attends to the K tokens nearest its centre
-at every focal level, with a position bias predicted from relative coordinates by a small MLP per level.
-
-Level 0 draws from the full-resolution map, level 1 from one pooled token per window. The nearest-token sets
-depend only on the map size and are computed once per size (:class:`TopKLayout`); the biases are looked up from
-one small table per level, indexed by each key's relative coordinate plus the query's place in its window.
+"""Top-K focal attention (``focalv2``): each window attends to the K tokens nearest its centre at every level
+(level 0: the map, level 1: one pooled token per window), with a position bias from relative coordinates by a small
+MLP per level. The key sets depend only on the map size and are computed once per size (:class:`TopKLayout`).
 """
 from __future__ import annotations
 
@@ -24,14 +21,10 @@ EXACT_SQUARES = 1 << 20
 
 
 def nearest_tokens(grid: Tuple[int, int], key_grid: Tuple[int, int], top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """For each cell of ``grid`` (placed at the centre of its stretch of ``key_grid``), the ``top_k`` nearest
-    ``key_grid`` cells: their flat indices (nW, K) and the (cell - key) offsets in key units (nW, K, 2), int64.
-
-    This is the reference's rule, ``torch.topk`` over each cell's Euclidean distances to every key on the CPU,
-    with its tie-breaking: which of several equidistant keys it keeps depends on the selection algorithm's pass
-    over the whole row, so the rows are ranked as the reference ranks them. They are built from separable
-    squared distances one row of cells at a time, so memory stays at one row of cells and nothing else of size
-    cells x keys is made.
+    """For each cell of ``grid`` (at the centre of its stretch of ``key_grid``), the ``top_k`` nearest ``key_grid``
+    cells: flat indices (nW, K) and (cell - key) offsets (nW, K, 2). The reference's rule, ``torch.topk`` over
+    Euclidean distances on the CPU, whose tie-breaking depends on the whole row, so rows are ranked as it ranks
+    them, one row of cells at a time (memory: one row, never cells x keys).
     """
     factor = key_grid[0] // grid[0] if grid[0] != key_grid[0] else 1
     qy = torch.arange(grid[0]) * factor + factor // 2
@@ -61,11 +54,9 @@ def level_sizes(height: int, width: int, window_size: int, focal_level: int, top
 
 @dataclass
 class TopKLayout:
-    """Every window's keys on one padded map size, and where their position biases sit in the bias table.
-
-    The bias of query token ``i`` of window ``w`` for key ``k`` is column ``key_code[w, k] + query_code[i, k]`` of
-    the table built by :meth:`TopKFocalAttention.bias_table` on ``coords``: the table covers, per level, the box
-    of every relative coordinate that occurs, so both codes stay small (linear in windows and keys).
+    """Every window's keys on one padded map size. The bias of query ``i`` of window ``w`` for key ``k`` is column
+    ``key_code[w, k] + query_code[i, k]`` of :meth:`TopKFocalAttention.bias_table`, which covers per level the box
+    of relative coordinates that occur, so the codes stay linear in windows and keys.
     """
     index: torch.Tensor       # (nW, K) into [map tokens, pooled tokens], levels concatenated along K
     key_code: torch.Tensor    # (nW, K) int32: the key's relative coordinate, in its level's box
@@ -141,8 +132,7 @@ class TopKFocalAttention(WindowedAttention):
 
     @torch.jit.ignore
     def bias_table(self, layout: TopKLayout) -> torch.Tensor:
-        """(nH, codes): each level's MLP run once per relative coordinate of its box (the cached float32
-        coordinates in the MLP's dtype, so a model cast to bfloat16 or float64 runs)."""
+        """(nH, codes): each level's MLP run once per relative coordinate of its box, in the MLP's dtype."""
         tables = []
         for level, coords in enumerate(layout.coords):
             mlp = item(self.coord2rpb_all, level)  # .forward: TorchScript's compiled view of a Sequential has no ()

@@ -1,9 +1,6 @@
-"""Head-major window attention shared by both variants.
-
-Queries are laid out as ``(B, nH*nW, ws*ws, hd)``. Keys and values live in compact per-head token tables
-``(B, nH, N, hd)`` and are gathered straight into ``(B, nH*nW, L, hd)`` blocks, so one additive bias of shape
-``(1, nH*nW, ws*ws, L)`` broadcasts over the batch and nothing is copied between the gather and the attention
-kernel. Keys and values are kept apart (not one stacked tensor), so their gradients need no stacking copy.
+"""Head-major window attention shared by both variants: queries ``(B, nH*nW, ws*ws, hd)``; keys and values in
+separate per-head token tables ``(B, nH, N, hd)``, gathered straight into ``(B, nH*nW, L, hd)`` blocks so that
+one bias ``(1, nH*nW, ws*ws, L)`` broadcasts over the batch and nothing is copied before the attention kernel.
 """
 import inspect
 import types
@@ -16,8 +13,8 @@ from timm.layers import register_notrace_module, use_fused_attn
 
 
 def item(container: nn.Module, i: int) -> nn.Module:
-    """``container[i]`` of a ``ModuleList`` or ``ParameterList``, also on the compiled view of one that TorchScript
-    hands to Python code (see :meth:`WindowedAttention.index_and_bias`), which has no ``[]``."""
+    """``container[i]``, also on TorchScript's compiled view of a ``ModuleList``/``ParameterList``, which has no
+    ``[]``."""
     return getattr(container, str(i))
 
 
@@ -38,8 +35,7 @@ def merge_windows(out: torch.Tensor, height: int, width: int, window_size: int, 
 
 
 def key_value_table(maps: List[torch.Tensor], num_heads: int, zero_token: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Key and value tokens of several ``(B, h, w, 2C)`` maps as two ``(B, nH, N, hd)`` tables (plus a zero
-    token)."""
+    """Key and value tokens of several ``(B, h, w, 2C)`` maps as two ``(B, nH, N, hd)`` tables."""
     b, c2 = maps[0].shape[0], maps[0].shape[-1]
     hd = c2 // 2 // num_heads
     parts = [m.reshape(b, -1, 2, num_heads, hd) for m in maps]
@@ -62,8 +58,7 @@ def gather_windows(table: torch.Tensor, index: Optional[torch.Tensor], n_keys: i
 
 @register_notrace_module  # its layout depends on the map size: one node (a leaf) for torch.fx
 class WindowedAttention(nn.Module):
-    """What both attention variants share: the key/value-only projection of pooled tokens and the attention
-    itself, :meth:`attend`, which device kernels (``models.kernels``) may replace with a faster equivalent."""
+    """What both variants share: the key/value projection of pooled tokens and :meth:`attend`."""
 
     num_heads: int
     scale: float
@@ -72,15 +67,13 @@ class WindowedAttention(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        # False: attend's plain path, the attention written out step by step (timm's ``fused_attn``; the
-        # TIMM_FUSED_ATTN environment variable picks it, as for timm's own attention modules)
+        # False: attend's written-out path (timm's ``fused_attn``, set by TIMM_FUSED_ATTN as for timm's modules)
         self.fused_attn = use_fused_attn()
 
     @torch.jit.ignore
     def index_and_bias(self, height: int, width: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The key index and attention bias on a padded ``height x width`` map (see :meth:`attend`), from the
-        subclass's ``layout`` and ``attention_bias``. Layouts are cached Python objects, so TorchScript leaves this
-        call to Python: a scripted model runs, and ``torch.export`` is the way to a saved graph."""
+        """The key index and attention bias on a padded ``height x width`` map. Layouts are cached Python objects,
+        so TorchScript leaves this call to Python (``torch.export`` is the way to a saved graph)."""
         if isinstance(self, torch.jit.RecursiveScriptModule):
             # TorchScript calls this on a compiled view that holds the class's ignored methods unbound
             for name, fn in list(vars(self).items()):
