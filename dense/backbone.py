@@ -1,7 +1,6 @@
-"""The backbone of the dense tasks, with the options Swin's and Focal's detection backbones have: the stages whose
-maps leave it (``out_indices``), a LayerNorm on each of them (``norm0``..``norm3``), frozen early stages, and
-gradient checkpointing. The network itself is the timm ``features_only`` model of ``MODEL.BACKBONE``, so a
-classification checkpoint loads into it unchanged; the norms belong to the dense side."""
+"""The backbone of the dense tasks, with the options of Swin's and Focal's detection backbones (``out_indices``, a
+LayerNorm on each output, frozen stages, checkpointing) around the timm ``features_only`` model of
+``MODEL.BACKBONE``, into which a classification checkpoint loads unchanged."""
 from __future__ import annotations
 
 from typing import Any, List, Sequence
@@ -14,20 +13,16 @@ import models  # noqa: F401  registers the Focal Transformers with timm
 
 
 class DenseBackbone(nn.Module):
-    """Stage maps (NCHW) of ``out_indices``, each through its own LayerNorm over channels (``norms``; without
-    them, the raw stage maps as timm's ``features_only`` gives them).
-
-    ``frozen_stages``: -1 trains everything; 0 freezes the patch embedding (and absolute position embedding);
-    k >= 1 also stages 0..k-1 (mmdetection's meaning for ResNets). Frozen parts get no gradients and stay in eval
-    mode whatever ``train()`` is called with.
+    """Stage maps (NCHW) of ``out_indices``, each through its own LayerNorm ``norm<i>`` (with ``norms``).
+    ``frozen_stages``: -1 trains everything, 0 freezes the patch (and position) embedding, k also stages 0..k-1;
+    frozen parts get no gradients and stay in eval mode.
     """
 
     def __init__(self, name: str, out_indices: Sequence[int], frozen_stages: int = -1,
                  grad_checkpointing: bool = False, norms: bool = True, **kwargs: Any):
         super().__init__()
         self.out_indices = tuple(out_indices)
-        # timm's "getter" wrapper keeps the whole network (``.model``) and asks it for NCHW maps, for our models
-        # and timm's alike (its default for Swin flattens the network and returns NHWC maps).
+        # timm's "getter" wrapper keeps the whole network (``.model``) and returns NCHW maps, for timm's Swin too
         self.body = timm.create_model(name, features_only=True, feature_cls="getter", out_indices=self.out_indices,
                                       **kwargs)
         self.feature_info = self.body.feature_info
@@ -64,8 +59,7 @@ class DenseBackbone(nn.Module):
 
 
 def build_backbone(config: Any, default_indices: Sequence[int]) -> DenseBackbone:
-    """``MODEL.BACKBONE`` with ``MODEL.BACKBONE_ARGS``, ``MODEL.OUT_INDICES`` (``default_indices`` when empty),
-    ``MODEL.FROZEN_STAGES``, ``TRAIN.USE_CHECKPOINT``, ``MODEL.OUT_NORMS`` and ``MODEL.DROP_PATH_RATE``."""
+    """``MODEL.BACKBONE`` with its options (``default_indices`` when ``MODEL.OUT_INDICES`` is empty)."""
     return DenseBackbone(config.MODEL.BACKBONE, list(config.MODEL.OUT_INDICES) or list(default_indices),
                          config.MODEL.FROZEN_STAGES, config.TRAIN.USE_CHECKPOINT, config.MODEL.OUT_NORMS,
                          drop_path_rate=config.MODEL.DROP_PATH_RATE, **config.MODEL.BACKBONE_ARGS)

@@ -1,10 +1,8 @@
-"""ATSS (Zhang et al., CVPR 2020, "Bridging the Gap Between Anchor-based and Anchor-free Detection via Adaptive
-Training Sample Selection") from torchvision's parts, configured as mmdetection's ``atss_r50_fpn_1x_coco``.
+"""ATSS (Zhang et al., CVPR 2020, adaptive training sample selection) as mmdetection's ``atss_r50_fpn_1x_coco``.
 
-torchvision's FCOS is the same kind of detector (P3-P7, one square anchor per location, a GroupNorm head with a
-centerness branch, GIoU box loss), so :class:`ATSS` keeps its forward pass and image transform and replaces what
-differs: the training targets (adaptive sample selection instead of scale ranges and centre sampling), box deltas
-coded against the anchors with a learnable scale per level, and mmdetection's scoring at inference.
+torchvision's FCOS is the same kind of detector (P3-P7, one anchor per location, GroupNorm head with centerness,
+GIoU loss), so :class:`ATSS` keeps its forward and transform and replaces the targets, the box deltas (coded against
+the anchors, a learnable scale per level) and the scoring at inference.
 """
 from __future__ import annotations
 
@@ -34,13 +32,10 @@ INSIDE_MARGIN = 0.01
 
 
 def atss_assign(anchors: Tensor, boxes: Tensor, num_anchors_per_level: Sequence[int], topk: int = 9) -> Tensor:
-    """The index of the box each anchor learns (-1: background), by adaptive training sample selection.
-
-    Per box, the ``topk`` anchors of each level whose centres lie nearest the box centre are candidates; those
-    whose IoU with the box reaches the mean plus the (unbiased, as ``torch.std``) standard deviation of the
-    candidates' IoUs, and whose centre lies inside the box (:data:`INSIDE_MARGIN`), are positive. An anchor positive
-    for several boxes learns the one it overlaps most.
-    """
+    """The index of the box each anchor learns (-1: background). Per box, the ``topk`` anchors of each level nearest
+    its centre are candidates; those whose IoU reaches the candidates' mean plus (unbiased) standard deviation and
+    whose centre lies inside the box are positive. An anchor positive for several boxes learns the one it overlaps
+    most."""
     matched = torch.full((len(anchors),), -1, dtype=torch.int64, device=anchors.device)
     if len(boxes) == 0:
         return matched
@@ -68,8 +63,7 @@ def atss_assign(anchors: Tensor, boxes: Tensor, num_anchors_per_level: Sequence[
 
 
 def centerness_targets(anchors: Tensor, boxes: Tensor) -> Tensor:
-    """FCOS's centerness of each anchor centre in its box: sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)),
-    with l, t, r, b the distances from the centre to the box sides (the centre must lie inside the box)."""
+    """FCOS's centerness of each anchor centre in its box: sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))."""
     centres = (anchors[:, :2] + anchors[:, 2:]) / 2
     near, far = centres - boxes[:, :2], boxes[:, 2:] - centres  # (l, t), (r, b)
     ratios = torch.minimum(near, far) / torch.maximum(near, far)
@@ -77,17 +71,15 @@ def centerness_targets(anchors: Tensor, boxes: Tensor) -> Tensor:
 
 
 def mean_over_processes(value: Tensor) -> Tensor:
-    """``value`` averaged over the processes of a distributed run (as mmdetection's ``reduce_mean``), so that
-    every process divides its loss by the same count."""
+    """``value`` averaged over processes (mmdetection's ``reduce_mean``): every process divides by the same count."""
     if dist.is_available() and dist.is_initialized():
         return all_reduce_sum(value.clone()) / dist.get_world_size()
     return value
 
 
 class LevelAnchorGenerator(AnchorGenerator):
-    """torchvision's anchor generator with each level's stride given, as mmdetection's is: torchvision derives it
-    as padded image size // map size, which is wrong where the padded image does not divide by a coarse level's
-    stride (a 1344-pixel side gives P7 11 cells and a stride of 122 instead of 128)."""
+    """torchvision's anchor generator with each level's stride given, as mmdetection's: torchvision's image size //
+    map size is wrong where the image does not divide by it (1344 pixels: P7 stride 122 instead of 128)."""
 
     def __init__(self, strides: Sequence[int], octave_scale: float = 8.0):
         super().__init__(tuple((octave_scale * s,) for s in strides), ((1.0,),) * len(strides))
@@ -102,8 +94,7 @@ class LevelAnchorGenerator(AnchorGenerator):
 
 
 class ATSSRegressionHead(FCOSRegressionHead):
-    """FCOS's regression tower with box deltas (no ReLU: they are signed) times a learnable scale per level,
-    and the centerness logit from the same tower."""
+    """FCOS's regression tower: signed box deltas (no ReLU) times a learnable scale per level, and centerness."""
 
     def __init__(self, in_channels: int, num_levels: int, num_convs: int = 4):
         super().__init__(in_channels, num_anchors=1, num_convs=num_convs)
@@ -120,8 +111,7 @@ class ATSSRegressionHead(FCOSRegressionHead):
 
 
 class ATSSHead(nn.Module):
-    """Classification (FCOS's GroupNorm tower) and regression/centerness branches, and the ATSS losses:
-    sigmoid focal loss over every anchor and class, GIoU of the decoded positive boxes weighted by their
+    """FCOS's towers and the ATSS losses: sigmoid focal loss, GIoU of the decoded positives weighted by their
     centerness targets, and the centerness BCE, the first and last averaged over positives."""
 
     def __init__(self, in_channels: int, num_classes: int, num_levels: int, num_convs: int = 4,
@@ -138,8 +128,6 @@ class ATSSHead(nn.Module):
 
     def compute_loss(self, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor], anchors: List[Tensor],
                      matched_idxs: List[Tensor]) -> Dict[str, Tensor]:
-        """``targets``' labels count from 1 (0 is background, which has no output); ``matched_idxs`` as
-        :func:`atss_assign` gives them."""
         # in float32 under mixed precision, as mmdetection's force_fp32
         logits, deltas, centerness_logits = (head_outputs[k].float() for k in
                                              ("cls_logits", "bbox_regression", "bbox_ctrness"))
@@ -169,14 +157,10 @@ class ATSSHead(nn.Module):
 
 
 class ATSS(FCOS):
-    """torchvision's FCOS detector with the ATSS head, targets and scoring (see the module docstring).
-
-    ``num_classes`` includes the background, as for torchvision's detectors; the classifier has one sigmoid
-    output per object class (label k is output k - 1). Inference as mmdetection's: per level, the
-    ``topk_candidates`` (anchor, class) pairs whose classification probability exceeds ``score_thresh``, scored
-    by that probability times the centerness probability, then class-wise NMS at ``nms_thresh`` and the
-    ``detections_per_img`` best. ``anchor_strides``: the pyramid levels' strides (P3-P7), each anchor
-    ``octave_scale`` strides wide.
+    """torchvision's FCOS with the ATSS head, targets and scoring. ``num_classes`` includes the background (label k
+    is sigmoid output k - 1). Inference as mmdetection's: per level, the ``topk_candidates`` (anchor, class) pairs
+    above ``score_thresh``, scored by class times centerness probability, then class-wise NMS. ``anchor_strides``:
+    P3-P7's strides, each anchor ``octave_scale`` strides wide.
     """
 
     # FCOS's own target rule, which ATSS replaces: refused as a MODEL.DETECTOR_ARGS key (detection/model.py).

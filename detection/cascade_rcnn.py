@@ -1,10 +1,9 @@
-"""Cascade Mask R-CNN (Cai and Vasconcelos, 2018) composed from torchvision's Mask R-CNN parts, with the stage
-settings of the Swin/Focal mmdetection recipe (``cascade_mask_rcnn_swin_tiny_..._giou_4conv1f_adamw_3x_coco``).
+"""Cascade Mask R-CNN (Cai and Vasconcelos, 2018) from torchvision's Mask R-CNN parts, with the stage settings of
+the Swin/Focal mmdetection recipe (``cascade_mask_rcnn_swin_tiny_..._giou_4conv1f_adamw_3x_coco``).
 
-Three detection stages read the same FPN RoI features (one ``MultiScaleRoIAlign`` on P2-P5). Each stage matches its
-input boxes to the ground truth at a higher IoU threshold (0.5, 0.6, 0.7) and regresses with finer coder weights,
-so each is trained on the better boxes the stage before it produced. A stage is a torchvision ``RoIHeads`` with its
-own heads, matcher, sampler and box coder; this module adds only what the cascade does between and across stages.
+Three stages read the same RoI features; each matches its input boxes at a higher IoU threshold with finer coder
+weights, so it trains on the better boxes of the stage before. A stage is a torchvision ``RoIHeads``; this module
+adds only what the cascade does between and across stages.
 """
 from __future__ import annotations
 
@@ -33,8 +32,8 @@ BOX_HEAD_CONVS = 4  # "4conv1fc": four 3x3 convolutions with batch norm at the F
 
 
 class Sample(NamedTuple):
-    """A stage's training boxes per image: the boxes, the index of the ground truth each is matched to, its label
-    (0: background), and whether it is one of the ground-truth boxes added to the proposals."""
+    """A stage's training boxes per image, their matched ground truth, labels (0: background), and which are the
+    ground-truth boxes added to the proposals."""
     boxes: List[Tensor]
     matched: List[Tensor]
     labels: List[Tensor]
@@ -42,16 +41,13 @@ class Sample(NamedTuple):
 
 
 class CascadeStage(RoIHeads):
-    """One stage: its own box head, predictor, mask head and mask predictor; torchvision's matcher at its IoU
-    threshold with no low-quality matches (foreground and background thresholds equal), its 512-box sampler at 1/4
-    positives and its box coder weights. Regression is class-specific and trained with the GIoU loss of the decoded
-    boxes, as the Swin/Focal 4conv1f GIoU Cascade config sets it (``reg_class_agnostic=False,
-    reg_decoded_bbox=True``; its base file's 2fc heads are class-agnostic with smooth L1). RoIHeads' ``forward``
-    is not used: :class:`CascadeRoIHeads` drives the stages through the methods below."""
+    """One stage with its own heads, matcher (foreground and background thresholds equal), sampler and coder.
+    Regression is class-specific with the GIoU loss of the decoded boxes, as the 4conv1f GIoU config sets it
+    (``reg_class_agnostic=False, reg_decoded_bbox=True``). :class:`CascadeRoIHeads` drives the methods below."""
 
     def sample(self, proposals: List[Tensor], targets: List[Dict[str, Tensor]]) -> Sample:
-        """RoIHeads' own steps (ground truth added to the proposals, matched, sampled), keeping which sampled boxes
-        are the added ground truth: those are not refined and passed on, since the next stage adds them again."""
+        """RoIHeads' own steps (ground truth added, matched, sampled), noting which sampled boxes are the added
+        ground truth: the next stage adds those again, so they are not passed on."""
         gt_boxes = [t["boxes"].to(proposals[0].dtype) for t in targets]
         counts = [len(p) for p in proposals]
         proposals = self.add_gt_proposals(proposals, gt_boxes)
@@ -62,8 +58,8 @@ class CascadeStage(RoIHeads):
 
     def predict(self, features: Dict[str, Tensor], boxes: List[Tensor],
                 image_sizes: List[Tuple[int, int]]) -> Tuple[Tensor, Tensor]:
-        """Class logits (N, classes) and box deltas (N, classes * 4) of the boxes of all images, in order; in float32
-        under autocast, since the coder decodes in the deltas' type (bfloat16 would round 1000-pixel boxes to 8)."""
+        """Class logits (N, classes) and box deltas (N, classes * 4), in float32: the coder decodes in the deltas'
+        type (bfloat16 would round 1000-pixel boxes to 8)."""
         logits, deltas = self.box_predictor(self.box_head(self.box_roi_pool(features, boxes, image_sizes)))
         return logits.float(), deltas.float()
 
@@ -78,9 +74,8 @@ class CascadeStage(RoIHeads):
 
     def refine(self, logits: Tensor, deltas: Tensor, boxes: List[Tensor], image_sizes: List[Tuple[int, int]],
                labels: Optional[Tensor] = None) -> List[Tensor]:
-        """The next stage's proposals: every box moved by its regression, clipped to its image and detached. Boxes
-        without a label (inference, or background in training) use their most likely object class, as mmdetection
-        does."""
+        """The next stage's proposals: every box moved by its regression and clipped, detached. Boxes without a
+        label (inference, background) use their most likely object class, as mmdetection does."""
         likely = logits[:, 1:].argmax(1) + 1
         labels = likely if labels is None else torch.where(labels > 0, labels, likely)
         moved = self.decode(deltas.detach(), labels, boxes)
@@ -88,9 +83,8 @@ class CascadeStage(RoIHeads):
 
     def losses(self, features: Dict[str, Tensor], image_sizes: List[Tuple[int, int]], sample: Sample,
                logits: Tensor, deltas: Tensor, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
-        """Cross-entropy over all sampled boxes; GIoU of the positives' decoded boxes with their ground truth,
-        summed and divided by the number of sampled boxes (mmdetection's average); the mask loss of the positives
-        with this stage's own mask head (torchvision's ``maskrcnn_loss``)."""
+        """Cross-entropy over the sampled boxes; GIoU of the positives' decoded boxes, summed over the number of
+        sampled boxes (mmdetection's average); the positives' mask loss with this stage's mask head."""
         labels = torch.cat(sample.labels)
         positive = [lab > 0 for lab in sample.labels]
         pos_boxes = [b[p] for b, p in zip(sample.boxes, positive)]
@@ -106,8 +100,7 @@ class CascadeStage(RoIHeads):
 
 
 class CascadeRoIHeads(nn.Module):
-    """The stages in sequence, with RoIHeads' contract: ``(features, proposals, image_sizes, targets)`` gives
-    ``(detections, losses)``."""
+    """The stages in sequence, with RoIHeads' contract: ``(detections, losses)``."""
 
     def __init__(self, stages: Sequence[CascadeStage], loss_weights: Sequence[float]):
         super().__init__()
@@ -123,8 +116,7 @@ class CascadeRoIHeads(nn.Module):
 
     def losses(self, features: Dict[str, Tensor], proposals: List[Tensor], image_sizes: List[Tuple[int, int]],
                targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
-        """Each stage samples from the boxes the stage before refined (plus the ground truth again), and its losses
-        are scaled by its stage weight."""
+        """Each stage samples from the boxes the one before refined; its losses are scaled by its weight."""
         named = {}
         for index, (stage, weight) in enumerate(zip(self.stages, self.loss_weights)):
             sample = stage.sample(proposals, targets)
@@ -138,10 +130,9 @@ class CascadeRoIHeads(nn.Module):
 
     def detect(self, features: Dict[str, Tensor], proposals: List[Tensor],
                image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
-        """Boxes pass through every stage; the stages' class logits are averaged (as mmdetection's cascade does,
-        before the softmax) and decoded with the last stage's regression by torchvision's post-processing (score
-        threshold, per-class NMS, top detections); the last stage's mask head predicts the final boxes' masks
-        (mmdetection averages the three mask heads' probabilities there)."""
+        """Boxes pass through every stage; the stages' class logits are averaged (as mmdetection does) and decoded
+        with the last stage's regression by torchvision's post-processing; the last mask head predicts the masks
+        (mmdetection averages the three heads' probabilities there)."""
         all_logits = []
         for index, stage in enumerate(self.stages):
             logits, deltas = stage.predict(features, proposals, image_sizes)
@@ -174,12 +165,8 @@ def check_stages(iou_thresholds: Sequence[float], box_weights: Sequence[Sequence
 
 
 class CascadeMaskRCNN(GeneralizedRCNN):
-    """torchvision's GeneralizedRCNN with Mask R-CNN's transform and RPN and :class:`CascadeRoIHeads`.
-
-    ``num_classes`` includes the background. The RPN and transform arguments are Faster R-CNN's, with its defaults
-    (which are mmdetection's); the stage lists set the number of stages. ``box_head_dim`` is the width of each box
-    head's linear layer and ``mask_head_channels`` that of each mask head's convolutions.
-    """
+    """torchvision's GeneralizedRCNN with Mask R-CNN's transform and RPN (Faster R-CNN's arguments and defaults)
+    and :class:`CascadeRoIHeads`; ``num_classes`` includes the background, the stage lists set the stages."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, box_head_dim: int = 1024, mask_head_channels: int = 256,
                  min_size: Any = 800, max_size: int = 1333, image_mean: Optional[List[float]] = None,

@@ -1,5 +1,4 @@
-"""COCO evaluation with pycocotools: every process detects on its shard of the validation images, rank 0 gathers
-the detections, runs COCOeval for boxes (and masks) and logs the standard summary, then ``box AP X mask AP Y``."""
+"""COCO evaluation: every process detects on its shard of the images, rank 0 gathers and runs pycocotools."""
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +45,7 @@ def to_coco(output: Dict[str, torch.Tensor], image_id: int, category_ids: Sequen
 
 def coco_ap(coco: COCO, results: List[Dict[str, Any]], iou_types: Sequence[str],
             logger: logging.Logger) -> Dict[str, float]:
-    """AP@[.5:.95] in percent per IoU type ("bbox", "segm"), logging pycocotools' summary of each; 0 when there
-    are no detections at all."""
+    """AP@[.5:.95] in percent per IoU type, logging pycocotools' summary; 0 without detections."""
     scores = {}
     for iou_type in iou_types:
         if not results:

@@ -1,6 +1,5 @@
-"""The detectors of the task on a Focal Transformer: torchvision's Mask R-CNN, RetinaNet and FCOS, and those composed
-here from torchvision's parts (ATSS, Cascade Mask R-CNN, Sparse R-CNN). The timm ``features_only`` backbone's stage
-maps go through torchvision's FPN with the extra levels each detector's recipe has."""
+"""The detectors on a Focal Transformer: torchvision's Mask R-CNN, RetinaNet and FCOS, and those composed from its
+parts (ATSS, Cascade Mask R-CNN, Sparse R-CNN), behind torchvision's FPN with each recipe's extra levels."""
 from __future__ import annotations
 
 import inspect
@@ -34,9 +33,8 @@ BUILT_HERE = frozenset({
 
 
 def accepted_args(detector: type) -> FrozenSet[str]:
-    """The keyword arguments ``MODEL.DETECTOR_ARGS`` may set: those of the detector's constructor and of the
-    constructors it passes ``**kwargs`` on to (torchvision's Faster R-CNN, and the image transform), less those a
-    subclass inherits but does not use (its ``UNUSED_ARGS``)."""
+    """The keyword arguments ``MODEL.DETECTOR_ARGS`` may set: the detector's constructors' (through the MRO, and the
+    image transform's), less those a subclass does not use (its ``UNUSED_ARGS``)."""
     names = set()
     for cls in (*detector.__mro__, GeneralizedRCNNTransform):
         if "__init__" not in vars(cls) or cls in (nn.Module, object):
@@ -60,10 +58,9 @@ def detector_args(config: Any) -> Dict[str, Any]:
 
 
 class FocalFPN(nn.Module):
-    """Stage maps -> FPN levels named "0", "1", ... plus the extra levels, as the seed's mmdetection necks (and
-    mmdetection's FCOS and ATSS) had them: a max-pooled P6 for Mask R-CNN and Cascade Mask R-CNN (P2-P6); none for
-    Sparse R-CNN (P2-P5); P6/P7 from the last stage for RetinaNet (mmdetection's ``add_extra_convs='on_input'``)
-    and from the P5 output for FCOS and ATSS (P3-P7)."""
+    """Stage maps -> FPN levels "0", "1", ... plus mmdetection's extra levels: a max-pooled P6 for the R-CNNs; none
+    for Sparse R-CNN; P6/P7 from the last stage for RetinaNet (``add_extra_convs='on_input'``) and from P5 for FCOS
+    and ATSS."""
 
     def __init__(self, body: nn.Module, out_channels: int, detector: str):
         super().__init__()

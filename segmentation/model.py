@@ -14,9 +14,8 @@ from dense.backbone import DenseBackbone, build_backbone
 
 
 class AuxiliaryHead(nn.Sequential):
-    """mmsegmentation's FCNHead as the seed's UPerNet configs put it on stage 3: one 3x3 convolution with batch norm
-    and ReLU to ``channels``, dropout, and a 1x1 classifier. Its loss (weight ``loss_weight``) gives the middle of
-    the backbone a direct training signal; inference does not run it."""
+    """mmsegmentation's FCNHead (3x3 conv-BN-ReLU, dropout, 1x1 classifier), as the seed's UPerNet configs put it on
+    stage 3: its loss gives the middle of the backbone a direct training signal; inference does not run it."""
 
     def __init__(self, in_channels: int, channels: int, num_classes: int, loss_weight: float, dropout: float = 0.1):
         super().__init__(Conv2dNormActivation(in_channels, channels, 3), nn.Dropout2d(dropout),
@@ -25,8 +24,7 @@ class AuxiliaryHead(nn.Sequential):
 
 
 class AuxiliaryOutput:
-    """smp's forward, which in training with an ``aux_head`` also returns that head's logits on encoder stage
-    ``aux_stage``: ``(logits, aux_logits)``. In eval mode, or without the head, the logits alone, as smp's."""
+    """smp's forward; in training with an ``aux_head``, ``(logits, aux_logits)`` on encoder stage ``aux_stage``."""
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         if self.aux_head is None or not self.training:
@@ -46,9 +44,8 @@ class FPN(AuxiliaryOutput, smp.FPN):
 
 
 def build_segmenter(config: Any, num_classes: int) -> nn.Module:
-    """No weights are downloaded (``encoder_weights=None``): ``--pretrained`` loads a local checkpoint instead.
-    smp's encoder wrapper gets our :class:`DenseBackbone` (output norms, frozen stages, checkpointing) in place
-    of the plain timm model it builds."""
+    """No weights are downloaded (``--pretrained`` loads a local checkpoint); smp's encoder wrapper gets our
+    :class:`DenseBackbone` in place of the plain timm model it builds."""
     common = dict(encoder_name=f"tu-{config.MODEL.BACKBONE}", encoder_weights=None, classes=num_classes,
                   **config.MODEL.BACKBONE_ARGS)
     if config.MODEL.ARCH == "upernet":
