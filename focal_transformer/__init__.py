@@ -4,8 +4,8 @@
     import focal_transformer  # registers the nine released models with timm
     model = timm.create_model("focal_tiny_patch4_window7_224", num_classes=10)
 
-This is a thin layer over the repository's ``models/`` tree, which the package installs as
-``focal_transformer.models`` (see pyproject.toml), so it does not claim the generic top-level name ``models``.
+A thin layer over the repository's ``models/`` tree, installed as ``focal_transformer.models`` (pyproject.toml),
+so that the package does not claim the generic top-level name ``models``.
 """
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ from typing import Optional
 
 
 def _share_loaded_tree() -> None:
-    """Use the repository's ``models`` modules when they are the ones this package stands for: inside a checkout
-    that was not installed (the tree is importable only as ``models``), or where ``models`` is already imported
-    under its own name (main.py, the tests). A second copy would register every timm name twice. Another
+    """Share the repository's ``models`` modules where they are already importable or imported under that name (an
+    uninstalled checkout, main.py, the tests): a second copy would register every timm name twice. Another
     project's ``models`` is never taken for ours: the files must be the same."""
     installed = importlib.util.find_spec(f"{__name__}.models")
     ours = installed.origin if installed else str(Path(__file__).resolve().parents[1] / "models" / "__init__.py")

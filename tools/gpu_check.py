@@ -44,17 +44,15 @@ def report(name: str, ok: bool, detail: str) -> bool:
 
 def check_golden() -> bool:
     from tools.golden import CASE_FILES, build_filled, case_input, load_case
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     worst, failed = 0.0, []
     for path in CASE_FILES:
         case = load_case(path)
-        model = build_filled(case).cuda()
         with torch.no_grad():
-            got = model(case_input(case).cuda()).cpu()
-        diff = (got - torch.tensor(case["output"])).abs().max().item()
-        worst = max(worst, diff)
-        if not diff <= 1e-4 + 1e-4 * torch.tensor(case["output"]).abs().max().item():
+            got = build_filled(case).cuda()(case_input(case).cuda()).cpu()
+        want = torch.tensor(case["output"])
+        worst = max(worst, (got - want).abs().max().item())
+        if not (got - want).abs().max().item() <= 1e-4 + 1e-4 * want.abs().max().item():
             failed.append(path.stem)
     detail = f"{len(CASE_FILES) - len(failed)}/{len(CASE_FILES)} fixtures, largest |difference| {worst:.2e}"
     if failed:
@@ -97,9 +95,8 @@ def check_distributed_eval(data: Path, output: Path, checkpoint: Path) -> bool:
 
 
 def check_detectors(device: torch.device, size: Tuple[int, int] = (512, 640), configs: Sequence[str] = ()) -> bool:
-    """Each detector's Focal-T config (``configs``: all of them) on ``device``: a bf16 training step whose losses
-    are finite, and inference whose boxes stay on the device, so RoIAlign, NMS, anchor matching and Hungarian
-    matching all run where the model runs."""
+    """Each detector's Focal-T config (default: all) on ``device``: a bf16 training step with finite losses, and
+    inference whose boxes stay on the device (RoIAlign, NMS and matching run where the model runs)."""
     from detection.config import MASK_DETECTORS
     from detection.model import build_detector
     from tools.bench_dense import NUM_CLASSES, default_configs, detector_config, synthetic_batch

@@ -4,15 +4,10 @@
         --cfg configs/focal_tiny_patch4_window7_224.yaml --opts MODEL.NUM_CLASSES 10 MODEL.FOCAL.EMBED_DIM 16 \
         --output tests/fixtures/my_case.json
 
-The reference (microsoft/Focal-Transformer, a checkout given by path, never bundled) is imported as it is: the only
-shim is the ``timm.data.transforms._pil_interp`` name it imports and current timm no longer has. Its parameters are
-filled by the recipe of tests/fixtures/README.md, it runs on the seeded input in float32 on the CPU, and the file
-records what the models of this project must reproduce: parameter and buffer names and shapes, FLOPs and logits.
-
-One key is translated: the reference takes ``EXPAND_STAGES`` but ignores it (every stage gets its ``EXPAND_SIZES``
-entry), while our models honour it. A non-default ``EXPAND_STAGES`` therefore reaches the reference as
-``EXPAND_SIZES`` with the entries of the stages it leaves out set to 0 (no expanded keys there, in both); the
-fixture records the keys as given, so our models build from ``EXPAND_STAGES`` itself.
+The reference (a microsoft/Focal-Transformer checkout, never bundled) is imported as it is, with one shim for a
+name current timm no longer has; its parameters are filled by the recipe of tests/fixtures/README.md and the file
+records parameter and buffer names and shapes, FLOPs and logits on the seeded input (float32, CPU). The reference
+ignores ``EXPAND_STAGES``, so it gets that key folded into ``EXPAND_SIZES``; the fixture records the keys as given.
 """
 from __future__ import annotations
 
