@@ -298,10 +298,8 @@ def _check_pool(global_pool: str) -> str:
 
 
 def _init_weights(module: nn.Module) -> None:
+    """timm's ViT initialisation of linear layers (layer norms are made with ones and zeros already)."""
     if isinstance(module, nn.Linear):
         trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)

@@ -40,19 +40,12 @@ def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
     return rel[0] * (query_size + key_size - 1) + rel[1]
 
 
-def _split(diff: int) -> Tuple[int, int]:
-    """A size change as its two sides, the odd row or column on the second."""
-    first = diff // 2 if diff >= 0 else -((-diff) // 2)
-    return first, diff - first
-
-
 @register_notrace_function  # shape-dependent padding: one node for torch.fx
 def centre_fit(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Crop or zero-pad a ``(B, H, W, C)`` map symmetrically (extra row/column at the bottom/right) to a size."""
-    top, bottom = _split(height - x.shape[1])
-    left, right = _split(width - x.shape[2])
-    if top or bottom or left or right:
-        x = F.pad(x, (0, 0, left, right, top, bottom))
+    dh, dw = height - x.shape[1], width - x.shape[2]
+    if dh or dw:  # int(d / 2) rounds towards zero: the odd row or column goes to the bottom or right
+        x = F.pad(x, (0, 0, int(dw / 2), dw - int(dw / 2), int(dh / 2), dh - int(dh / 2)))
     return x
 
 
