@@ -1,9 +1,6 @@
 """timm registrations of the nine released models: ``timm.create_model(name, pretrained=..., features_only=...)``.
-
-The architectures repeat ``configs/<name>.yaml`` (tests/test_models_behaviour.py checks that both build the same
-model). Weights go through the same unwrapping and adaptation as :func:`models.checkpoint.load_weights`, so
-released checkpoints load as they are. Registering only records functions and configs; nothing is downloaded until a
-model is created with ``pretrained=True`` and no local ``file`` overlay.
+The architectures repeat ``configs/<name>.yaml`` (a test checks both build the same model); released weights load
+through the adaptation of :func:`models.checkpoint.load_weights`. Nothing is downloaded until ``pretrained=True``.
 """
 from __future__ import annotations
 
@@ -30,10 +27,8 @@ SIZES = {"tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """timm's hook between reading and loading weights: unwrap (``model``/``state_dict`` keys, ``module.``
-    prefixes), drop the reference's index buffers and resize position tables to the model's window size; at
-    another ``img_size``, derive the neighbour tables of a stage that outgrows its window and drop those of a stage
-    that now fits in one."""
+    """timm's hook between reading and loading weights: unwrap, drop the reference's index buffers, and fit the
+    position tables to the model's geometry (:func:`models.checkpoint.adapt_state_dict`)."""
     adapted, _ = adapt_state_dict(model, extract_state_dict(state_dict), fit_geometry=True)
     return adapted
 
