@@ -83,8 +83,8 @@ class CascadeStage(RoIHeads):
 
     def losses(self, features: Dict[str, Tensor], image_sizes: List[Tuple[int, int]], sample: Sample,
                logits: Tensor, deltas: Tensor, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
-        """Cross-entropy over the sampled boxes; GIoU of the positives' decoded boxes, summed over the number of
-        sampled boxes (mmdetection's average); the positives' mask loss with this stage's mask head."""
+        """Cross-entropy over the sampled boxes; the positives' GIoU summed and divided by the number of sampled
+        boxes (mmdetection's average); the positives' mask loss with this stage's mask head."""
         labels = torch.cat(sample.labels)
         positive = [lab > 0 for lab in sample.labels]
         pos_boxes = [b[p] for b, p in zip(sample.boxes, positive)]
