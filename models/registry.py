@@ -21,9 +21,9 @@ __all__ = ["checkpoint_filter_fn"]
 RELEASE_URL = "https://projects4jw.blob.core.windows.net/model/focal-transformer/imagenet1k/"
 # What every release shares beyond the constructor defaults: two focal levels pooled by a linear map.
 _FOCAL_ARGS = dict(focal_pool="fc", focal_levels=(2, 2, 2, 2))
-SIZES = {"tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
-         "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
-         "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5)}
+_TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2)
+_SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3)
+_BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5)
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -55,41 +55,74 @@ def _cfg(file: str) -> Dict[str, Any]:
         "classifier": "head", "license": "mit", "paper_ids": "arXiv:2107.00641"}
 
 
-# The nine releases: architecture, size, convolutional patch embedding, and the paper's figures (Focal-fast is
-# focalv2, top-k surroundings). Each is registered as "<arch>_<size>[_useconv]_patch4_window7_224".
-RELEASES = [
-    ("focal", "tiny", False, "28.9M parameters, 82.2% ImageNet-1K top-1"),
-    ("focal", "small", False, "51.1M parameters, 83.6% top-1"),
-    ("focal", "base", False, "89.8M parameters, 84.0% top-1"),
-    ("focal", "tiny", True, "30.8M parameters, 82.7% top-1"),
-    ("focal", "small", True, "53.1M parameters, 83.8% top-1"),
-    ("focal", "base", True, "93.3M parameters, 84.2% top-1"),
-    ("focalv2", "tiny", True, "30.2M parameters, 82.4% top-1"),
-    ("focalv2", "small", True, "51.5M parameters, 83.6% top-1"),
-    ("focalv2", "base", True, "91.2M parameters, 84.0% top-1"),
-]
-
-
-def _release_name(arch: str, size: str, conv: bool) -> str:
-    return f"{arch}_{size}{'_useconv' if conv else ''}_patch4_window7_224"
-
-
 default_cfgs = generate_default_cfgs({
-    f"{_release_name(arch, size, conv)}.ms_in1k": _cfg(f"{arch}-{size}{'-useconv' if conv else ''}-is224-ws7.pth")
-    for arch, size, conv, _ in RELEASES})
+    "focal_tiny_patch4_window7_224.ms_in1k": _cfg("focal-tiny-is224-ws7.pth"),
+    "focal_small_patch4_window7_224.ms_in1k": _cfg("focal-small-is224-ws7.pth"),
+    "focal_base_patch4_window7_224.ms_in1k": _cfg("focal-base-is224-ws7.pth"),
+    "focal_tiny_useconv_patch4_window7_224.ms_in1k": _cfg("focal-tiny-useconv-is224-ws7.pth"),
+    "focal_small_useconv_patch4_window7_224.ms_in1k": _cfg("focal-small-useconv-is224-ws7.pth"),
+    "focal_base_useconv_patch4_window7_224.ms_in1k": _cfg("focal-base-useconv-is224-ws7.pth"),
+    "focalv2_tiny_useconv_patch4_window7_224.ms_in1k": _cfg("focalv2-tiny-useconv-is224-ws7.pth"),
+    "focalv2_small_useconv_patch4_window7_224.ms_in1k": _cfg("focalv2-small-useconv-is224-ws7.pth"),
+    "focalv2_base_useconv_patch4_window7_224.ms_in1k": _cfg("focalv2-base-useconv-is224-ws7.pth"),
+})
 
 
-def _register(arch: str, size: str, conv: bool, figures: str) -> None:
-    """A timm entry point ``<name>(pretrained=False, **kwargs)`` for one release, bound in this module."""
-    name = _release_name(arch, size, conv)
-
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> FocalTransformer:
-        return _create(name, arch, pretrained, dict(SIZES[size], use_conv_embed=conv), **kwargs)
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    paper_name = f"Focal{'-fast' if arch == 'focalv2' else ''}-{size[0].upper()}"
-    entrypoint.__doc__ = f"{paper_name}{' with convolutional patch embeddings' if conv else ''}: {figures}."
-    globals()[name] = register_model(entrypoint)
+@register_model
+def focal_tiny_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> FocalTransformer:
+    """Focal-T: 28.9M parameters, 82.2% ImageNet-1K top-1."""
+    return _create("focal_tiny_patch4_window7_224", "focal", pretrained, _TINY, **kwargs)
 
 
-for _release in RELEASES:
-    _register(*_release)
+@register_model
+def focal_small_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> FocalTransformer:
+    """Focal-S: 51.1M parameters, 83.6% top-1."""
+    return _create("focal_small_patch4_window7_224", "focal", pretrained, _SMALL, **kwargs)
+
+
+@register_model
+def focal_base_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> FocalTransformer:
+    """Focal-B: 89.8M parameters, 84.0% top-1."""
+    return _create("focal_base_patch4_window7_224", "focal", pretrained, _BASE, **kwargs)
+
+
+@register_model
+def focal_tiny_useconv_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> FocalTransformer:
+    """Focal-T with overlapping convolutional patch embeddings: 30.8M parameters, 82.7% top-1."""
+    return _create("focal_tiny_useconv_patch4_window7_224", "focal", pretrained,
+                   dict(_TINY, use_conv_embed=True), **kwargs)
+
+
+@register_model
+def focal_small_useconv_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> FocalTransformer:
+    """Focal-S with convolutional embeddings: 53.1M parameters, 83.8% top-1."""
+    return _create("focal_small_useconv_patch4_window7_224", "focal", pretrained,
+                   dict(_SMALL, use_conv_embed=True), **kwargs)
+
+
+@register_model
+def focal_base_useconv_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> FocalTransformer:
+    """Focal-B with convolutional embeddings: 93.3M parameters, 84.2% top-1."""
+    return _create("focal_base_useconv_patch4_window7_224", "focal", pretrained,
+                   dict(_BASE, use_conv_embed=True), **kwargs)
+
+
+@register_model
+def focalv2_tiny_useconv_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> FocalTransformer:
+    """Focal-fast-T (top-k surroundings): 30.2M parameters, 82.4% top-1."""
+    return _create("focalv2_tiny_useconv_patch4_window7_224", "focalv2", pretrained,
+                   dict(_TINY, use_conv_embed=True), **kwargs)
+
+
+@register_model
+def focalv2_small_useconv_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> FocalTransformer:
+    """Focal-fast-S: 51.5M parameters, 83.6% top-1."""
+    return _create("focalv2_small_useconv_patch4_window7_224", "focalv2", pretrained,
+                   dict(_SMALL, use_conv_embed=True), **kwargs)
+
+
+@register_model
+def focalv2_base_useconv_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> FocalTransformer:
+    """Focal-fast-B: 91.2M parameters, 84.0% top-1."""
+    return _create("focalv2_base_useconv_patch4_window7_224", "focalv2", pretrained,
+                   dict(_BASE, use_conv_embed=True), **kwargs)
