@@ -26,7 +26,7 @@ from models import ConfigError
 from models.checkpoint import extract_state_dict, load_weights
 from optimizer import param_groups
 from run_lock import leaving, locked_run, quiet_worker_teardown, stop_on_signals
-from utils import (check_classes, read_checkpoint, restore_checkpoint, resume_checkpoint, seed_everything,
+from utils import (check_classes, log_load, read_checkpoint, restore_checkpoint, resume_checkpoint, seed_everything,
                    stored_ema)
 
 from .backbone import DenseBackbone
@@ -91,19 +91,18 @@ def load_backbone(path: str, backbone: DenseBackbone, logger: logging.Logger, un
             report = load_weights(backbone, dense)
         except ValueError as err:
             raise UsageError(f"--pretrained {path}: its backbone ({prefix}*) does not fit: {err}") from None
-        left_out = f"; left out (stages this backbone does not output): {', '.join(unused)}" if unused else ""
-        logger.info(f"loaded backbone weights and output norms from the dense checkpoint {path}: "
-                    f"{report.summary()}{left_out}")
+        left_out = f" (left out: {', '.join(unused)}, stages this backbone does not output)" if unused else ""
+        log_load(logger, f"pretrained backbone and output norms{left_out} from the dense checkpoint {path}", report,
+                 len(weights), len(own))
         return
     report = load_weights(backbone.network, weights, strict=False)
     report.unexpected = [k for k in report.unexpected if not k.startswith(CLASSIFIER_KEYS)]
     if not report.clean:
         raise UsageError(f"--pretrained {path} does not fit the backbone ({report.summary()}); is it a checkpoint "
                          f"of MODEL.BACKBONE with these MODEL.BACKBONE_ARGS?")
-    fresh = [name for name, module in backbone.named_children()
-             if name != "body" and next(module.parameters(), None) is not None]
-    logger.info(f"loaded backbone weights from {path}: {report.summary()}; created fresh (a classification "
-                f"checkpoint has no such layers): {', '.join(fresh) or 'none'}")
+    fresh = [name for name in own if not name.startswith("body.")]  # a classification checkpoint has no such layers
+    log_load(logger, f"pretrained backbone from {path}", report, len(weights), len(backbone.network.state_dict()),
+             fresh)
 
 
 def loader(dataset: Dataset, config: Any, env: DistEnv, collate: Callable, train: bool) -> DataLoader:

@@ -225,7 +225,7 @@ def test_training_and_one_vs_two_process_evaluation(tmp_path):
     data = generate_segmentation(str(tmp_path / "data"), size=64, train=8, val=4)
     common = ["--cfg", CFG, "--data-path", data, "--output", str(tmp_path / "out")]
     trained = check(run_task("segmentation.train", [*common, "--pretrained", CHECKPOINT, "--opts", *TINY]))
-    assert "loaded backbone weights from" in trained.stdout
+    assert "pretrained backbone from" in trained.stdout
     assert "Train: [0/1][1/2]" in trained.stdout  # two updates of 4 images
     assert re.search(r"mIoU [\d.]+% \([^)]*\) over 4 classes \(4 images\)", trained.stdout)
     assert [line.split(":")[0] for line in scores(trained.stdout)[:4]] == \

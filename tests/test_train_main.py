@@ -114,8 +114,8 @@ def test_pretrained_starts_a_new_run_from_the_weights(trained, demo_data, tmp_pa
     checkpoint = str(run_dir(trained) / "ckpt_epoch_0.pth")
     main(demo_args(demo_data, tmp_path / "finetune", "--pretrained", checkpoint))
     log = read_log(tmp_path / "finetune")
-    assert re.search(r"pretrained \S+ckpt_epoch_0.pth: \d+ tensors loaded \(0 resized\), 0 left at initial values: "
-                     r"none", log)
+    assert re.search(r"pretrained \S+ckpt_epoch_0.pth: (\d+) of its \1 tensors loaded; 0 resized; 0 derived from its "
+                     r"tables; 0 left at initial values: none", log)
     assert "Train: [0/1]" in log and "auto-resuming" not in log
     main(demo_args(demo_data, tmp_path / "eval", "--eval", "--pretrained", checkpoint))
     assert eval_summary(read_log(tmp_path / "eval"))["acc1"] == eval_summary(read_log(trained))["acc1"]
