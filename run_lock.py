@@ -125,10 +125,16 @@ def leaving() -> None:
     """Once a process run by an entry point is on its way out (a stop logged, or exiting): a SIGTERM landing now
     (torchrun stopping the ranks after this one failed) is what is happening anyway, so it is ignored instead of
     raising inside clean-up or exit handlers and printing their traceback; Ctrl-C still ends the process at once.
-    A no-op where :func:`stop_on_signals` did not install the handlers (a test calling ``main`` in process)."""
+    A no-op where :func:`stop_on_signals` did not install the handlers (a test calling ``main`` in process).
+
+    torchrun stops a rank's whole process group: its DataLoader workers die with it, and the SIGCHLD handler the
+    DataLoader installed would raise for each of them inside the loader's ``__del__``, printing one traceback per
+    worker after the stop line. A dead worker is no news once the process leaves: SIGCHLD is ignored from then on
+    (by a handler that does nothing: ``SIG_DFL`` with a SIGCHLD pending makes Python raise)."""
     if signal.getsignal(signal.SIGTERM) is not exit_on_signal:
         return
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
 
 
