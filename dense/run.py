@@ -21,6 +21,7 @@ from data.samplers import ShardSampler
 from distributed import DistEnv, init_distributed, shutdown
 from engine import DatasetClasses, Precision, Scores, TaskData, build_precision, fit
 from errors import TrainingError, UsageError, user_message
+from logger import Progress
 from lr_scheduler import build_dense_scheduler, scale_rates
 from models import ConfigError
 from models.checkpoint import extract_state_dict, load_weights
@@ -119,6 +120,14 @@ def loader(dataset: Dataset, config: Any, env: DistEnv, collate: Callable, train
                       collate_fn=collate, worker_init_fn=quiet_worker_teardown)
 
 
+def progress_line(progress: Progress, idx: int, done: int, batches: DataLoader, env: DistEnv) -> str:
+    """A progress line of a dense evaluation, ``done`` images into this process's shard. With several processes
+    the loop is this process's share while the result counts every process's images: the line says both."""
+    shares = (f"; {done} of this process's {len(batches.sampler)} images, {len(batches.dataset)} on all "
+              f"{env.world_size} processes" if env.distributed else "")
+    return f"Test: {progress.position(idx)}{shares}"
+
+
 def training_task(task: Task) -> engine.Task:
     """The dense task as :func:`engine.fit` drives it: its data through :func:`loader`, AdamW over the parameter
     groups, mmdetection's schedules, and the backbone as what ``--pretrained`` loads."""
@@ -185,8 +194,9 @@ def run(task: Task, argv: Optional[Sequence[str]] = None, prog: Optional[str] = 
     try:
         scale_rates(config, config.DATA.BATCH_SIZE * env.world_size * config.TRAIN.ACCUMULATION_STEPS)
         with locked_run(config.OUTPUT, env.rank) as logger:
-            logger.info(f"rank {env.rank} of {env.world_size} on {env.device}, pid {os.getpid()}; learning rate "
-                        f"{config.TRAIN.BASE_LR:.3g} for a total batch of {config.TRAIN.LR_BATCH}")
+            rate = "" if config.EVAL_MODE else (f"; learning rate {config.TRAIN.BASE_LR:.3g} for a total batch of "
+                                                f"{config.TRAIN.LR_BATCH}")
+            logger.info(f"rank {env.rank} of {env.world_size} on {env.device}, pid {os.getpid()}{rate}")
             seed_everything(config.SEED, env.rank, 0)
             if config.EVAL_MODE:
                 evaluate_checkpoint(task, config, env, logger, args.unsafe_load)

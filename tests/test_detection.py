@@ -326,6 +326,10 @@ def test_training_and_one_vs_two_process_evaluation(tmp_path):
                                              "--opts", *TINY], nproc=2))
     assert summary(two.stdout) == summary(trained.stdout) and len(summary(two.stdout)) == 25
     assert not re.search(r"\(3 images, 0 detections\)", two.stdout)
+    # the progress names both counts where the result counts every process's images; --eval logs no training facts
+    tests = [line for line in two.stdout.splitlines() if "Test: [" in line]
+    assert tests[-1].endswith("; 2 of this process's 2 images, 3 on all 2 processes"), tests
+    assert "learning rate" not in two.stdout
 
 
 @pytest.mark.slow
