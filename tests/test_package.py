@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -150,3 +151,15 @@ def test_the_readme_s_offline_loading_calls_load_the_file_s_weights(tmp_path):
             fresh = ("head.",) if "pretrained_cfg_overlay" in source else ()
             assert all(torch.equal(got[k], v) for k, v in want.state_dict().items() if not k.startswith(fresh)), \
                 (source, path)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("index", ["", "https://download.pytorch.org/whl/cpu"])
+def test_make_venv_takes_torch_from_the_index_named(index):
+    """``TORCH_INDEX`` names the index of torch and torchvision (PyTorch's CPU-only wheels for a machine without
+    a GPU); by default pip's own, which on the project's machines holds the wheels locally."""
+    run = subprocess.run(["make", "-n", "-B", "venv", f"TORCH_INDEX={index}"], cwd=REPO, capture_output=True,
+                         text=True, check=True)
+    words = next(line for line in run.stdout.splitlines() if "pip install" in line and "torch==" in line).split()
+    assert words[words.index("install") + 1:-2] == ["--quiet", *(["--index-url", index] if index else [])]
+    assert [word.split("==")[0] for word in words[-2:]] == ["torch", "torchvision"]
