@@ -80,7 +80,7 @@ def predict(model: nn.Module, image: torch.Tensor, out_size: Sequence[int], conf
             logits = torch.stack([logits[0], logits[1].flip(-1)])
         probs = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False).softmax(1).sum(0)
         total = probs if total is None else total + probs
-    return total / (len(test.SCALES) * (2 if test.FLIP else 1))
+    return total / (len(test.SCALES) * len(views))
 
 
 def describe(test: Any) -> str:
