@@ -43,7 +43,7 @@ demo: venv
 	rm -rf output/demo
 	$(PY) main.py $(DEMO) --data-path demo_data
 	$(PY) main.py $(DEMO) --data-path demo_data --eval
-	$(PY) main.py $(DEMO) --throughput 10
+	$(PY) main.py $(DEMO) --throughput 5
 
 clean:
 	rm -rf $(VENV) output demo_data demo_detection demo_segmentation
