@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # These two versions are the ones the project's machines hold locally; requirements.txt states the real ranges.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+# The wheel index torch and torchvision come from; empty: pip's own (PyPI, or what pip.conf names). PyPI's Linux
+# torch brings CUDA: `make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu` is the CPU-only install.
+TORCH_INDEX ?=
 
 .PHONY: demo demo-detection demo-segmentation test test-fast gpu-check venv clean
 
@@ -12,7 +15,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_PIN)
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt $(TORCH_PIN)
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
@@ -40,7 +43,7 @@ demo: venv
 	rm -rf output/demo
 	$(PY) main.py $(DEMO) --data-path demo_data
 	$(PY) main.py $(DEMO) --data-path demo_data --eval
-	$(PY) main.py $(DEMO) --throughput
+	$(PY) main.py $(DEMO) --throughput 5
 
 clean:
 	rm -rf $(VENV) output demo_data demo_detection demo_segmentation

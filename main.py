@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any, NamedTuple, Optional, Sequence
 
+import timm
 import torch
 import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -37,6 +38,10 @@ from optimizer import build_optimizer
 from run_lock import leaving, locked_run, stop_on_signals
 from lr_scheduler import scale_rates
 from utils import load_pretrained, restore_checkpoint, resume_checkpoint, seed_everything, stored_ema
+
+
+# What --throughput times beside the model: the released models' usual point of comparison (BENCHMARKS.md).
+PEER = "swin_tiny_patch4_window7_224"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -82,14 +87,20 @@ def build_criterion(config: Any, mixup: bool) -> nn.Module:
 
 def run_throughput(config: Any, env: DistEnv, model: nn.Module, precision: Precision,
                    logger: logging.Logger) -> None:
-    """Time one batch: the first validation batch, or random images when there is no ``--data-path``."""
+    """Time one batch: the first validation batch, or random images when there is no ``--data-path``; then the
+    same for timm's Swin-T (:data:`PEER`), so that the figure has something to be read against on this machine."""
     if config.DATA.DATA_PATH:
         images = next(iter(build_val_loader(config, env)[1]))[0]
     else:
         size = config.DATA.IMG_SIZE
         logger.info(f"no --data-path: timing random {size}x{size} input")
         images = torch.randn(config.DATA.BATCH_SIZE, config.MODEL.FOCAL.IN_CHANS, size, size)
-    throughput(model, images.to(env.device), precision, config.THROUGHPUT_PASSES, config.PRINT_FREQ)
+    images = images.to(env.device)
+    rate = throughput(model, images, precision, config.THROUGHPUT_PASSES, config.PRINT_FREQ)
+    logger.info(f"the same for timm's {PEER} at this batch and size:")
+    peer = timm.create_model(PEER, img_size=tuple(images.shape[-2:]), in_chans=images.shape[1]).to(env.device)
+    peer_rate = throughput(peer, images, precision, config.THROUGHPUT_PASSES, config.PRINT_FREQ)
+    logger.info(f"{config.MODEL.NAME}: {rate / peer_rate:.2f}x the throughput of {PEER}")
 
 
 def log_accuracy(logger: logging.Logger, result: EvalResult, which: str = "network") -> None:

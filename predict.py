@@ -1,7 +1,7 @@
 """Top-k classes of image files with a trained or released model.
 
     python predict.py --cfg configs/focal_tiny_patch4_window7_224.yaml --checkpoint focal-tiny-is224-ws7.pth \
-        photos/ cat.jpg
+        photos/ cat.jpg [--json]
 
 Images are resized and centre-cropped as in evaluation (``DATA.IMG_SIZE``, ``TEST.CROP``) and classified in
 batches. The class count is the checkpoint's (its classifier's rows; ``--opts MODEL.NUM_CLASSES`` overrides it).
@@ -11,6 +11,7 @@ ImageNet-1K's names for a 1000-class model, else by index.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
@@ -49,6 +50,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--topk", type=int, default=5, help="classes printed per image, most probable first")
     parser.add_argument("--ema", action="store_true",
                         help="use the checkpoint's EMA weights (trained with --model-ema)")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per image and line: file, classes (indices), labels (names, null where "
+                             "the classes have none), scores")
     args = parser.parse_args(argv)
     if not args.images:
         parser.error("no images given (--opts takes every value up to the next flag: put the images before --opts, "
@@ -129,11 +133,11 @@ def read_image(path: Path) -> Image.Image:
         raise UsageError(f"cannot read image {path}: {err}") from None
 
 
-def class_label(index: int, names: Optional[List[str]], num_classes: int, info: ImageNetInfo) -> str:
-    """The index with the training folder's name, else ImageNet's for a 1000-class model, else nothing more."""
+def class_name(index: int, names: Optional[List[str]], num_classes: int, info: ImageNetInfo) -> Optional[str]:
+    """The training folder's name, else ImageNet's for a 1000-class model, else none."""
     if names:
-        return f"{index:4d} {names[index]}"
-    return f"{index:4d} {info.index_to_description(index)}" if num_classes == info.num_classes() else f"{index:4d}"
+        return names[index]
+    return info.index_to_description(index) if num_classes == info.num_classes() else None
 
 
 @torch.no_grad()
@@ -149,9 +153,13 @@ def predict(args: argparse.Namespace) -> None:
         images = torch.stack([transform(read_image(p)) for p in group]).to(device)
         probs, indices = model(images).float().softmax(dim=-1).topk(topk, dim=-1)
         for path, p_row, i_row in zip(group, probs.tolist(), indices.tolist()):
+            labels = [class_name(i, names, config.MODEL.NUM_CLASSES, info) for i in i_row]
+            if args.json:
+                print(json.dumps({"file": str(path), "classes": i_row, "labels": labels, "scores": p_row}))
+                continue
             print(path)
-            for p, i in zip(p_row, i_row):
-                print(f"  {p:.4f}  {class_label(i, names, config.MODEL.NUM_CLASSES, info)}")
+            for p, i, label in zip(p_row, i_row, labels):
+                print(f"  {p:.4f}  {i:4d}" + (f" {label}" if label else ""))
 
 
 if __name__ == "__main__":

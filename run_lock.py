@@ -109,10 +109,13 @@ def stop_on_signals() -> None:
 def leaving() -> None:
     """Once a process is on its way out, a SIGTERM (torchrun stopping the ranks after this one failed) is ignored
     instead of raising inside clean-up and printing a traceback; Ctrl-C still ends it at once. A no-op where
-    :func:`stop_on_signals` did not install the handlers."""
+    :func:`stop_on_signals` did not install the handlers. torchrun stops a rank's whole process group, so its
+    DataLoader workers die too and the loader's SIGCHLD handler would print a traceback per worker: SIGCHLD gets a
+    handler that does nothing (``SIG_DFL`` with a SIGCHLD pending makes Python raise)."""
     if signal.getsignal(signal.SIGTERM) is not exit_on_signal:
         return
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
 
 

@@ -30,8 +30,8 @@ import yaml
 from timm.scheduler.scheduler import Scheduler
 
 from errors import TrainingError, UsageError
-from logger import duration
-from models import load_weights
+from logger import FILE_ONLY, duration
+from models import LoadReport, extract_state_dict, load_weights
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_epoch_(\d+)\.pth$")
 # The checkpoint of the epoch with the best validation top-1 (of the EMA model when MODEL_EMA is on).
@@ -480,8 +480,7 @@ def load_pretrained(path: str, model: nn.Module, logger: logging.Logger, unsafe:
                     evaluating: bool = False, min_loaded: float = 0.5) -> Optional[List[str]]:
     """Weights only, for fine-tuning: a head of another class count is dropped (left freshly initialised), and
     position tables and pooling kernels are carried over to this model's windows (another image, window or
-    focal-window size). Ends with one line tools may parse:
-    ``pretrained <file>: <N> tensors loaded (<R> resized), <K> left at initial values: <names or none>``.
+    focal-window size). Ends with the lines of :func:`log_load`.
 
     Refused: weights that fill less than ``min_loaded`` of the model's tensors (``MODEL.PRETRAINED_MIN_LOADED``:
     most likely a checkpoint of another architecture, which would train a mostly random model), and, for
@@ -490,6 +489,7 @@ def load_pretrained(path: str, model: nn.Module, logger: logging.Logger, unsafe:
     """
     state = read_checkpoint(path, logger, unsafe).state
     try:
+        size = len(extract_state_dict(state))
         report = load_weights(model, state, strict=False, drop_mismatched_head=True)
     except ValueError as err:
         raise UsageError(f"--pretrained {path}: {err}") from None
@@ -505,11 +505,37 @@ def load_pretrained(path: str, model: nn.Module, logger: logging.Logger, unsafe:
     if report.unexpected:
         logger.info(f"--pretrained {path}: ignored {len(report.unexpected)} tensors this model has no place for: "
                     f"{', '.join(report.unexpected)}")
-    initial = report.missing + [name for name, _, _ in report.mismatched]
-    (logger.warning if initial else logger.info)(
-        f"pretrained {path}: {loaded} tensors loaded ({len(report.resized)} resized), {len(initial)} left at "
-        f"initial values: {', '.join(initial) or 'none'}")
+    log_load(logger, f"pretrained {path}", report, size, total)
     return state.get("class_names") if isinstance(state, dict) else None
+
+
+def log_load(logger: logging.Logger, source: str, report: LoadReport, checkpoint_size: int, model_size: int,
+             fresh: Sequence[str] = (), limit: int = 3) -> None:
+    """What a weights-only load did, counted in the checkpoint's tensors (``checkpoint_size``; tensors the model
+    derives from them are not among its loaded ones) into a model of ``model_size`` tensors, and naming the
+    resized, the derived and those left at initial values (``fresh``: parts outside the loaded model), at most
+    ``limit`` of each on the console; a line for the log file alone names them all. Tools may parse the first:
+    ``<source>: <N> of its <C> tensors loaded; <R> resized[: names]; <D> derived from its tables[: names]; <K> left
+    at initial values: <names or none>[; <B> index tables not loaded (...)]``."""
+    initial = report.missing + [name for name, _, _ in report.mismatched] + list(fresh)
+    loaded = model_size - len(report.missing) - len(report.mismatched) - len(report.derived)
+
+    def named(items: List[str], cap: Optional[int]) -> str:
+        shown = items if cap is None else items[:cap]
+        return ", ".join(shown) + (f" and {len(items) - len(shown)} more" if len(shown) < len(items) else "")
+
+    def line(cap: Optional[int]) -> str:
+        parts = [f"{loaded} of its {checkpoint_size} tensors loaded"]
+        parts += [f"{len(items)} {what}" + (f": {named(items, cap)}" if items else "")
+                  for what, items in (("resized", report.resized), ("derived from its tables", report.derived))]
+        parts.append(f"{len(initial)} left at initial values: {named(initial, cap) or 'none'}")
+        if report.dropped_reference_buffers:
+            parts.append(f"{report.dropped_reference_buffers} index tables not loaded (this model builds its own)")
+        return "; ".join(parts)
+    short, full = line(limit), line(None)
+    (logger.warning if report.missing or report.mismatched else logger.info)(f"{source}: {short}")
+    if full != short:
+        logger.info(f"{source} (every name): {full}", extra=FILE_ONLY)
 
 
 def seed_everything(seed: int, rank: int, stage: int) -> None:

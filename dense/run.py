@@ -21,12 +21,13 @@ from data.samplers import ShardSampler
 from distributed import DistEnv, init_distributed, shutdown
 from engine import DatasetClasses, Precision, Scores, TaskData, build_precision, fit
 from errors import TrainingError, UsageError, user_message
+from logger import Progress
 from lr_scheduler import build_dense_scheduler, scale_rates
 from models import ConfigError
 from models.checkpoint import extract_state_dict, load_weights
 from optimizer import param_groups
 from run_lock import leaving, locked_run, quiet_worker_teardown, stop_on_signals
-from utils import (check_classes, read_checkpoint, restore_checkpoint, resume_checkpoint, seed_everything,
+from utils import (check_classes, log_load, read_checkpoint, restore_checkpoint, resume_checkpoint, seed_everything,
                    stored_ema)
 
 from .backbone import DenseBackbone
@@ -91,19 +92,18 @@ def load_backbone(path: str, backbone: DenseBackbone, logger: logging.Logger, un
             report = load_weights(backbone, dense)
         except ValueError as err:
             raise UsageError(f"--pretrained {path}: its backbone ({prefix}*) does not fit: {err}") from None
-        left_out = f"; left out (stages this backbone does not output): {', '.join(unused)}" if unused else ""
-        logger.info(f"loaded backbone weights and output norms from the dense checkpoint {path}: "
-                    f"{report.summary()}{left_out}")
+        left_out = f" (left out: {', '.join(unused)}, stages this backbone does not output)" if unused else ""
+        log_load(logger, f"pretrained backbone and output norms{left_out} from the dense checkpoint {path}", report,
+                 len(weights), len(own))
         return
     report = load_weights(backbone.network, weights, strict=False)
     report.unexpected = [k for k in report.unexpected if not k.startswith(CLASSIFIER_KEYS)]
     if not report.clean:
         raise UsageError(f"--pretrained {path} does not fit the backbone ({report.summary()}); is it a checkpoint "
                          f"of MODEL.BACKBONE with these MODEL.BACKBONE_ARGS?")
-    fresh = [name for name, module in backbone.named_children()
-             if name != "body" and next(module.parameters(), None) is not None]
-    logger.info(f"loaded backbone weights from {path}: {report.summary()}; created fresh (a classification "
-                f"checkpoint has no such layers): {', '.join(fresh) or 'none'}")
+    fresh = [name for name in own if not name.startswith("body.")]  # a classification checkpoint has no such layers
+    log_load(logger, f"pretrained backbone from {path}", report, len(weights), len(backbone.network.state_dict()),
+             fresh)
 
 
 def loader(dataset: Dataset, config: Any, env: DistEnv, collate: Callable, train: bool) -> DataLoader:
@@ -118,6 +118,14 @@ def loader(dataset: Dataset, config: Any, env: DistEnv, collate: Callable, train
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=worker_count(config.DATA.NUM_WORKERS),
                       pin_memory=config.DATA.PIN_MEMORY and env.device.type == "cuda", drop_last=train,
                       collate_fn=collate, worker_init_fn=quiet_worker_teardown)
+
+
+def progress_line(progress: Progress, idx: int, done: int, batches: DataLoader, env: DistEnv) -> str:
+    """A progress line of a dense evaluation, ``done`` images into this process's shard. With several processes
+    the loop is this process's share while the result counts every process's images: the line says both."""
+    shares = (f"; {done} of this process's {len(batches.sampler)} images, {len(batches.dataset)} on all "
+              f"{env.world_size} processes" if env.distributed else "")
+    return f"Test: {progress.position(idx)}{shares}"
 
 
 def training_task(task: Task) -> engine.Task:
@@ -186,8 +194,9 @@ def run(task: Task, argv: Optional[Sequence[str]] = None, prog: Optional[str] = 
     try:
         scale_rates(config, config.DATA.BATCH_SIZE * env.world_size * config.TRAIN.ACCUMULATION_STEPS)
         with locked_run(config.OUTPUT, env.rank) as logger:
-            logger.info(f"rank {env.rank} of {env.world_size} on {env.device}, pid {os.getpid()}; learning rate "
-                        f"{config.TRAIN.BASE_LR:.3g} for a total batch of {config.TRAIN.LR_BATCH}")
+            rate = "" if config.EVAL_MODE else (f"; learning rate {config.TRAIN.BASE_LR:.3g} for a total batch of "
+                                                f"{config.TRAIN.LR_BATCH}")
+            logger.info(f"rank {env.rank} of {env.world_size} on {env.device}, pid {os.getpid()}{rate}")
             seed_everything(config.SEED, env.rank, 0)
             if config.EVAL_MODE:
                 evaluate_checkpoint(task, config, env, logger, args.unsafe_load)

@@ -14,7 +14,7 @@ import torch.nn as nn
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from dense.run import loader
+from dense.run import loader, progress_line
 from distributed import DistEnv, all_reduce_sum
 from engine import Precision
 from logger import Progress
@@ -72,14 +72,15 @@ def evaluate(config: Any, model: nn.Module, dataset: Any, env: DistEnv, precisio
     model.eval()
     batches = loader(dataset, config, env, collate, train=False)
     results: List[Dict[str, Any]] = []
-    progress = Progress(len(batches), config.PRINT_FREQ)
+    progress, done = Progress(len(batches), config.PRINT_FREQ), 0
     for idx, (images, targets) in enumerate(batches):
         with precision.autocast():
             outputs = model([image.to(env.device) for image in images])
         for output, target in zip(outputs, targets):
             results += to_coco(output, int(target["image_id"]), dataset.category_ids)
+        done += len(images)
         if progress.due(idx):
-            logger.info(f"Test: {progress.position(idx)}")
+            logger.info(progress_line(progress, idx, done, batches, env))
     if env.distributed:
         gathered: List[Any] = [None] * env.world_size
         dist.all_gather_object(gathered, results)

@@ -28,6 +28,7 @@ class LoadReport:
     mismatched: List[Tuple[str, tuple, tuple]] = field(default_factory=list)
     dropped_reference_buffers: int = 0
     resized: List[str] = field(default_factory=list)
+    derived: List[str] = field(default_factory=list)  # this model's tensors computed from the checkpoint's tables
 
     @property
     def clean(self) -> bool:
@@ -47,6 +48,8 @@ class LoadReport:
             lines.append(f"mismatched shapes for {len(self.mismatched)} keys: {head(shown)}")
         if self.resized:
             lines.append(f"resized {len(self.resized)} tensors to this model's windows")
+        if self.derived:
+            lines.append(f"derived {len(self.derived)} tensors from its tables")
         return "; ".join(lines) if lines else "all keys matched"
 
 
@@ -98,7 +101,7 @@ def adapt_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], d
             derived = adapt_geometry(name, None, own[name], state_dict)
             if derived is not None:
                 adapted[name] = derived
-                report.resized.append(name)
+                report.derived.append(name)
     for name, value in adapted.items():
         if name not in own:
             report.unexpected.append(name)

@@ -266,7 +266,8 @@ def build_data(config: Any, env: Any, logger: Any) -> Tuple[SegmentationFolder, 
     convention = ("label 0 ignored, value v is class v-1 (DATA.REDUCE_ZERO_LABEL True, ADE20K's convention)"
                   if config.DATA.REDUCE_ZERO_LABEL else "value v is class v, 0 included (DATA.REDUCE_ZERO_LABEL "
                   "False)")
+    augmentation = "" if config.EVAL_MODE else (f"; flip probability {config.DATA.FLIP_PROB}; photometric distortion "
+                                                 f"{'on' if config.DATA.PHOTOMETRIC_DISTORTION else 'off'}")
     logger.info(f"{root}: {len(train)} training and {len(val)} validation images, {train.num_classes} classes "
-                f"(from {source}); {convention}; 255 ignored; flip probability {config.DATA.FLIP_PROB}; "
-                f"photometric distortion {'on' if config.DATA.PHOTOMETRIC_DISTORTION else 'off'}")
+                f"(from {source}); {convention}; 255 ignored{augmentation}")
     return train, val, train.num_classes

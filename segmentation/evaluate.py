@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from dense.run import loader
+from dense.run import loader, progress_line
 from distributed import DistEnv
 from engine import Precision
 from logger import Progress
@@ -38,14 +38,14 @@ def mean_iou(confmat: torch.Tensor) -> Tuple[float, torch.Tensor]:
 
 
 def whole(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
-    """Logits of a (1, 3, h, w) image in one pass: padded to a multiple of 32, predicted, cropped back."""
+    """Logits of (n, 3, h, w) images in one pass: padded to a multiple of 32, predicted, cropped back."""
     h, w = image.shape[-2:]
     pad_h, pad_w = -h % SIZE_DIVISOR, -w % SIZE_DIVISOR
     return model(F.pad(image, (0, pad_w, 0, pad_h)))[..., :h, :w].float()
 
 
 def slide(model: nn.Module, image: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
-    """Logits of a (1, 3, h, w) image from ``crop``-sized windows every ``stride`` pixels (the last one in each
+    """Logits of (n, 3, h, w) images from ``crop``-sized windows every ``stride`` pixels (the last one in each
     direction moved back to end at the border), averaged where windows overlap: mmsegmentation's slide mode."""
     h, w = image.shape[-2:]
     rows, cols = (max(size - crop + stride - 1, 0) // stride + 1 for size in (h, w))
@@ -56,7 +56,7 @@ def slide(model: nn.Module, image: torch.Tensor, crop: int, stride: int) -> torc
             y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
             logits = whole(model, image[..., y1:y2, x1:x2])
             if total is None:
-                total = logits.new_zeros(1, logits.shape[1], h, w)
+                total = logits.new_zeros(len(image), logits.shape[1], h, w)
             total[..., y1:y2, x1:x2] += logits
             count[..., y1:y2, x1:x2] += 1
     return total / count
@@ -67,21 +67,20 @@ def predict(model: nn.Module, image: torch.Tensor, out_size: Sequence[int], conf
     """Class probabilities (K, H, W) of a uint8 image at the label's size ``out_size``: the mean over the views
     ``TEST.SCALES`` x (with ``TEST.FLIP``) unflipped and flipped, each resized to fit ``DATA.SCALE`` x its ratio,
     predicted (``TEST.MODE``), flipped back, and brought to the label's size before the softmax, as
-    mmsegmentation's aug_test averages them."""
+    mmsegmentation's aug_test averages them. A scale's two views share one batch, so the mirrored one costs no
+    pass of its own."""
     test = config.TEST
-    total, views = None, 0
+    total = None
     for ratio in test.SCALES:
         size = fit_size(image.shape[-2:], [s * ratio for s in config.DATA.SCALE])
         view = normalize(TF.resize(image, size, antialias=True))[None]
-        for flip in ((False, True) if test.FLIP else (False,)):
-            x = view.flip(-1) if flip else view
-            logits = slide(model, x, test.CROP, test.STRIDE) if test.MODE == "slide" else whole(model, x)
-            if flip:
-                logits = logits.flip(-1)
-            probs = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False).softmax(1)[0]
-            total = probs if total is None else total + probs
-            views += 1
-    return total / views
+        views = torch.cat([view, view.flip(-1)]) if test.FLIP else view
+        logits = slide(model, views, test.CROP, test.STRIDE) if test.MODE == "slide" else whole(model, views)
+        if test.FLIP:
+            logits = torch.stack([logits[0], logits[1].flip(-1)])
+        probs = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False).softmax(1).sum(0)
+        total = probs if total is None else total + probs
+    return total / (len(test.SCALES) * len(views))
 
 
 def describe(test: Any) -> str:
@@ -106,14 +105,15 @@ def evaluate(config: Any, model: nn.Module, dataset: Any, env: DistEnv, precisio
     model.eval()
     metric = MulticlassConfusionMatrix(dataset.num_classes, ignore_index=IGNORE).to(env.device)
     batches = loader(dataset, config, env, collate_list, train=False)
-    progress = Progress(len(batches), config.PRINT_FREQ)
+    progress, done = Progress(len(batches), config.PRINT_FREQ), 0
     for idx, (images, targets) in enumerate(batches):
         for image, target in zip(images, targets):
             with precision.autocast():
                 pred = predict(model, image.to(env.device), target.shape, config).argmax(0)
             metric.update(pred.flatten(), target.to(env.device).flatten())
+        done += len(images)
         if progress.due(idx):
-            logger.info(f"Test: {progress.position(idx)}")
+            logger.info(progress_line(progress, idx, done, batches, env))
     miou, ious = mean_iou(metric.compute().cpu())  # torchmetrics sums the matrices of all processes
     names = class_names(config.DATA.DATA_PATH, dataset.num_classes, dataset.reduce_zero_label)
     for name, iou in zip(names, ious.tolist()):

@@ -4,6 +4,7 @@ norms created fresh, and said so) or from a dense one (the norms too)."""
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -78,9 +79,14 @@ def test_classification_checkpoint_loads_and_the_norms_are_named_fresh(caplog):
     net = backbone(detector())
     with caplog.at_level(logging.INFO, logger=LOG.name):
         load_backbone(CHECKPOINT, net, LOG)
-    assert "created fresh (a classification checkpoint has no such layers): norm0, norm1, norm2, norm3" \
-        in caplog.text
     weights = extract_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
+    # counted in the checkpoint's tensors: all but its classifier's (final norm and head, 2 tensors each) and the
+    # released file's 22 index tables load; the 4 output norms (2 tensors each) are named fresh
+    network = len(net.network.state_dict())
+    assert len(weights) == network + 4 + 22
+    assert (f"pretrained backbone from {CHECKPOINT}: {network} of its {network + 26} tensors loaded; 0 resized; 0 "
+            f"derived from its tables; 8 left at initial values: norm0.weight, norm0.bias, norm1.weight and 5 more; "
+            f"22 index tables not loaded") in caplog.text
     for name, value in net.network.state_dict().items():
         torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
 
@@ -95,7 +101,8 @@ def test_dense_checkpoint_loads_with_its_norms(tmp_path, caplog):
     fresh = backbone(detector())
     with caplog.at_level(logging.INFO, logger=LOG.name):
         load_backbone(str(path), fresh, LOG)
-    assert "output norms from the dense checkpoint" in caplog.text
+    assert re.search(rf"pretrained backbone and output norms from the dense checkpoint {path}: (\d+) of its \d+ "
+                     rf"tensors loaded; 0 resized; 0 derived from its tables; 0 left at initial values: none", caplog.text)
     torch.testing.assert_close(fresh.state_dict(), backbone(trained).state_dict(), rtol=0, atol=0)
     smaller = DenseBackbone(NAME, (0, 1, 2, 3), **{**ARGS, "embed_dim": 8})
     with pytest.raises(UsageError, match="does not fit"):
@@ -116,7 +123,7 @@ def test_a_dense_checkpoint_with_more_stages_loads_into_a_backbone_with_fewer(tm
     fewer = DenseBackbone(NAME, (1, 2, 3), **ARGS)
     with caplog.at_level(logging.INFO, logger=LOG.name):
         load_backbone(str(path), fewer, LOG)
-    assert "left out (stages this backbone does not output): norm0" in caplog.text
+    assert "(left out: norm0, stages this backbone does not output)" in caplog.text
     expected = backbone(trained).state_dict()
     for name, value in fewer.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0)

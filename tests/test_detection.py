@@ -319,13 +319,17 @@ def test_training_and_one_vs_two_process_evaluation(tmp_path):
     data = generate_detection(str(tmp_path / "data"), size=64, train=4, val=3)
     common = ["--cfg", CFG, "--data-path", data, "--output", str(tmp_path / "out")]
     trained = check(run_task("detection.train", [*common, "--pretrained", CHECKPOINT, "--opts", *TINY]))
-    assert "loaded backbone weights from" in trained.stdout
+    assert "pretrained backbone from" in trained.stdout
     assert "Train: [0/1][1/2]" in trained.stdout and "loss_mask" in trained.stdout
     checkpoint = tmp_path / "out" / "mask_rcnn_focal_demo" / "default" / "ckpt_epoch_0.pth"
     two = check(run_task("detection.train", [*common, "--eval", "--resume", str(checkpoint), "--tag", "two",
                                              "--opts", *TINY], nproc=2))
     assert summary(two.stdout) == summary(trained.stdout) and len(summary(two.stdout)) == 25
     assert not re.search(r"\(3 images, 0 detections\)", two.stdout)
+    # the progress names both counts where the result counts every process's images; --eval logs no training facts
+    tests = [line for line in two.stdout.splitlines() if "Test: [" in line]
+    assert tests[-1].endswith("; 2 of this process's 2 images, 3 on all 2 processes"), tests
+    assert "learning rate" not in two.stdout
 
 
 @pytest.mark.slow

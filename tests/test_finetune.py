@@ -21,7 +21,9 @@ from utils import load_pretrained
 
 from tests.helpers import DEMO_CFG, LOG, MAIN_ENV, REPO, demo_args, eval_summary, randomise, read_log, run_dir
 
-LOAD_LINE = re.compile(r"pretrained (\S+): (\d+) tensors loaded \((\d+) resized\), (\d+) left at initial values: (.*)")
+# utils.log_load's first line: loaded of the checkpoint's tensors, resized, derived, left at initial values (names)
+LOAD_LINE = re.compile(r"pretrained (\S+): (\d+) of its (\d+) tensors loaded; (\d+) resized(?:: [^;]*)?; (\d+) derived from "
+                       r"its tables(?:: ([^;]*))?; (\d+) left at initial values: ([^;\n]*)")
 
 
 def demo_model(*opts):
@@ -52,9 +54,13 @@ def test_every_pretrained_tensor_reaches_a_model_of_another_geometry(change, tmp
         load_pretrained(str(tmp_path / "source.pth"), target, LOG)
     lines = [m for m in map(LOAD_LINE.search, caplog.text.splitlines()) if m]
     assert len(lines) == 1, caplog.text
-    loaded, resized, left, names = int(lines[0][2]), int(lines[0][3]), int(lines[0][4]), lines[0][5]
-    assert (left, names) == (0, "none") and resized > 0 and loaded == len(initial)
+    loaded, size, resized, derived, derived_names, left, names = lines[0].group(2, 3, 4, 5, 6, 7, 8)
     own, trained = target.state_dict(), source.state_dict()
+    # counted in the checkpoint's tensors: every one of them loads, and the model's tensors the checkpoint lacks
+    # (neighbour tables of a window the map outgrew) are derived, not loaded
+    assert (left, names) == ("0", "none") and int(resized) > 0 and int(loaded) == int(size) == len(trained)
+    assert int(loaded) + int(derived) == len(own)
+    assert (derived_names or "").split(", ")[:int(derived)] == [name for name in own if name not in trained][:3]
     for name, value in own.items():
         if name in trained and trained[name].shape == value.shape:
             assert torch.equal(value, trained[name]), name
@@ -67,7 +73,7 @@ def test_a_head_of_another_class_count_is_the_only_thing_left_at_initial_values(
     torch.save({"model": demo_model().state_dict()}, tmp_path / "source.pth")
     with caplog.at_level(logging.INFO, logger="focal.test"):
         load_pretrained(str(tmp_path / "source.pth"), demo_model("MODEL.NUM_CLASSES", 5), LOG)
-    assert LOAD_LINE.search(caplog.text).group(4, 5) == ("2", "head.weight, head.bias")
+    assert LOAD_LINE.search(caplog.text).group(2, 7, 8) == ("100", "2", "head.weight, head.bias")  # 102 - the head
 
 
 def test_neighbour_table_derived_from_a_window_table_takes_the_bias_of_each_offset():
@@ -180,4 +186,4 @@ def test_finetune_configs_take_every_tensor_of_their_released_224_model(name, tm
     assert (config.DATA.IMG_SIZE, config.MODEL.FOCAL.WINDOW_SIZE, config.TRAIN.LAYER_DECAY) == (384, 12, 0.9)
     with caplog.at_level(logging.INFO, logger="focal.test"):
         load_pretrained(str(tmp_path / "released.pth"), build_model(config), LOG)
-    assert LOAD_LINE.search(caplog.text).group(4, 5) == ("0", "none")
+    assert LOAD_LINE.search(caplog.text).group(7, 8) == ("0", "none")  # left at initial values

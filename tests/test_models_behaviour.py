@@ -394,7 +394,7 @@ def test_pretrained_at_another_image_size_derives_the_tables_fine_tuning_derives
     expected = timm.create_model("focal_tiny_patch4_window7_224", img_size=288, **small_case_kwargs())
     report = load_weights(expected, torch.load(FIXTURE, map_location="cpu", weights_only=True), strict=False,
                           drop_mismatched_head=True)
-    assert report.clean and any(n.startswith("layers.3.") for n in report.resized)
+    assert report.clean and any(n.startswith("layers.3.") for n in report.derived)
     for name, value in expected.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, atol=0, rtol=0, msg=name)
 

@@ -1,7 +1,11 @@
 """The installable package: after ``pip install -e .`` a script outside the repository creates Focal models
-through timm by importing ``focal_transformer`` alone, and the generic name ``models`` stays unclaimed."""
+through timm by importing ``focal_transformer`` alone, and the generic name ``models`` stays unclaimed; the
+README's offline ways of loading weights through timm work."""
 from __future__ import annotations
 
+import ast
+import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -11,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, randomise
 
 USER_SCRIPT = """
 import timm, torch
@@ -101,3 +105,61 @@ def test_no_product_module_imports_the_tests():
                      else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] == "tests"]
     assert offenders == []
+
+
+def readme_loading_calls() -> list:
+    """The ``timm.create_model`` calls of the README's code that load weights from a file."""
+    code = "\n".join(re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S))
+    return [node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call)
+            and ast.unparse(node.func) == "timm.create_model"
+            and {k.arg for k in node.keywords} & {"checkpoint_path", "pretrained_cfg_overlay"}]
+
+
+def test_the_readme_s_offline_loading_calls_load_the_file_s_weights(tmp_path):
+    """Each call as the README writes it, with its file name replaced by a file of the fixture's small
+    architecture: the released layout (index tables and all) through ``pretrained_cfg_overlay``, a checkpoint of
+    main.py through both forms."""
+    import timm
+    import torch
+
+    from models import FocalTransformer, load_weights
+    from tools.golden import FIXTURES, load_case
+
+    case = load_case(FIXTURES / "small_fc_224.json")
+    small = dict({k.lower(): v for k, v in case["focal"].items()}, num_classes=case["num_classes"])
+    released = FIXTURES / "small_fc_224.pth"
+    ours = randomise(timm.create_model("focal_tiny_patch4_window7_224", **small), std=0.1)
+    torch.save({"model": ours.state_dict(), "epoch": 299}, tmp_path / "ckpt.pth")
+    expected = timm.create_model("focal_tiny_patch4_window7_224", **small)
+    load_weights(expected, torch.load(released, weights_only=True))
+    calls = readme_loading_calls()
+    assert sorted(k.arg for call in calls for k in call.keywords) == ["checkpoint_path", "pretrained",
+                                                                      "pretrained_cfg_overlay"]
+    for call in calls:
+        files = [(tmp_path / "ckpt.pth", ours)]
+        if any(k.arg == "pretrained_cfg_overlay" for k in call.keywords):
+            files.append((released, expected))
+        for path, want in files:
+            source = re.sub(r"'[^']+\.pth'", repr(str(path)), ast.unparse(call))
+            def create(*args, **kwargs):  # the README's call at the fixture's size
+                return timm.create_model(*args, **kwargs, **small)
+            model = eval(source.replace("timm.create_model(", "create("), {"dict": dict, "create": create})
+            assert isinstance(model, FocalTransformer)
+            got = model.state_dict()
+            # timm starts the classifier afresh where the model's class count (the fixture's 10) is not the
+            # pretrained config's (1000), as for its own models; the README says how to keep it
+            fresh = ("head.",) if "pretrained_cfg_overlay" in source else ()
+            assert all(torch.equal(got[k], v) for k, v in want.state_dict().items() if not k.startswith(fresh)), \
+                (source, path)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("index", ["", "https://download.pytorch.org/whl/cpu"])
+def test_make_venv_takes_torch_from_the_index_named(index):
+    """``TORCH_INDEX`` names the index of torch and torchvision (PyTorch's CPU-only wheels for a machine without
+    a GPU); by default pip's own, which on the project's machines holds the wheels locally."""
+    run = subprocess.run(["make", "-n", "-B", "venv", f"TORCH_INDEX={index}"], cwd=REPO, capture_output=True,
+                         text=True, check=True)
+    words = next(line for line in run.stdout.splitlines() if "pip install" in line and "torch==" in line).split()
+    assert words[words.index("install") + 1:-2] == ["--quiet", *(["--index-url", index] if index else [])]
+    assert [word.split("==")[0] for word in words[-2:]] == ["torch", "torchvision"]

@@ -1,5 +1,6 @@
 """predict.py end to end: generated images through a real subprocess, whose printed classes and probabilities are
 the model's own softmax for each image, and the errors that name the bad input."""
+import json
 import subprocess
 import sys
 
@@ -94,7 +95,7 @@ def test_imagenet_model_prints_top5_names_in_batches(images, tmp_path):
 
 
 @pytest.mark.slow
-def test_released_layout_checkpoint_with_other_class_count_prints_indices(images):
+def test_released_layout_checkpoint_with_other_class_count_prints_indices(images, capsys):
     result = run_predict("--cfg", CFG, "--opts", *SMALL_OPTS, "--checkpoint", FIXTURE, str(images / "a.jpg"),
                          str(images / "b.png"))
     assert result.returncode == 0, result.stderr
@@ -106,6 +107,14 @@ def test_released_layout_checkpoint_with_other_class_count_prints_indices(images
     for path, rows in printed.items():
         assert all(label.isdigit() for _, label in rows)
         check_ranked(rows, 5, model_probabilities(model, config, path))
+    # --json: the same classes and probabilities, one object per image and line; the classes have no names
+    predict(parse_args(["--cfg", CFG, "--checkpoint", FIXTURE, "--json", str(images / "a.jpg"), str(images / "b.png"),
+                        "--opts", *SMALL_OPTS]))
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["file"] for line in lines] == list(printed)
+    for line, rows in zip(lines, printed.values()):
+        assert line["classes"] == [int(label) for _, label in rows] and line["labels"] == [None] * 5
+        assert [round(score, 4) for score in line["scores"]] == [p for p, _ in rows]
 
 
 @pytest.mark.slow

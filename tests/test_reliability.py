@@ -165,8 +165,8 @@ def test_pretrained_weights_that_fit_little_or_leave_the_head_random_in_eval_are
     assert not (tmp_path / "out").exists()  # refused before anything was written
     main(demo_args(demo_data, tmp_path / "forced", "--pretrained", str(tmp_path / "stem.pth"),
                    opts=("MODEL.PRETRAINED_MIN_LOADED", "0.2")))
-    assert re.search(rf"pretrained .*stem.pth: {len(stem)} tensors loaded \(0 resized\), {101 - len(stem)} left at "
-                     r"initial values: ", read_log(tmp_path / "forced"))
+    assert re.search(rf"pretrained .*stem.pth: {len(stem)} of its {len(stem)} tensors loaded; 0 resized; 0 derived from "
+                     rf"its tables; {101 - len(stem)} left at initial values: ", read_log(tmp_path / "forced"))
 
     weights["head.weight"], weights["head.bias"] = weights["head.weight"][:7], weights["head.bias"][:7]
     torch.save({"model": weights}, tmp_path / "seven_classes.pth")

@@ -225,7 +225,7 @@ def test_training_and_one_vs_two_process_evaluation(tmp_path):
     data = generate_segmentation(str(tmp_path / "data"), size=64, train=8, val=4)
     common = ["--cfg", CFG, "--data-path", data, "--output", str(tmp_path / "out")]
     trained = check(run_task("segmentation.train", [*common, "--pretrained", CHECKPOINT, "--opts", *TINY]))
-    assert "loaded backbone weights from" in trained.stdout
+    assert "pretrained backbone from" in trained.stdout
     assert "Train: [0/1][1/2]" in trained.stdout  # two updates of 4 images
     assert re.search(r"mIoU [\d.]+% \([^)]*\) over 4 classes \(4 images\)", trained.stdout)
     assert [line.split(":")[0] for line in scores(trained.stdout)[:4]] == \
@@ -237,6 +237,11 @@ def test_training_and_one_vs_two_process_evaluation(tmp_path):
     two = check(run_task("segmentation.train", [*common, "--eval", "--resume", str(checkpoint), "--tag", "two",
                                                  "--opts", *TINY], nproc=2))
     assert scores(two.stdout) == scores(trained.stdout) and len(scores(two.stdout)) == 5
+    # the progress names both counts where the result counts every process's images; --eval logs no training facts
+    tests = [line for line in two.stdout.splitlines() if "Test: [" in line]
+    assert tests[-1].endswith("; 2 of this process's 2 images, 4 on all 2 processes"), tests
+    assert "learning rate" not in two.stdout and "flip probability" not in two.stdout
+    assert "learning rate" in trained.stdout and "flip probability" in trained.stdout
 
 
 @pytest.mark.slow
@@ -342,9 +347,14 @@ class WidthVote(nn.Module):
 
 class ColumnRamp(nn.Module):
     """Class 0's logit is the column index within the input, class 1's is 0: the output depends on where the input
-    window starts and on flips."""
+    window starts and on flips. Records the batch size of each pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.passes = []
 
     def forward(self, x):
+        self.passes.append(len(x))
         logits = torch.zeros(x.shape[0], 2, *x.shape[-2:])
         logits[:, 0] = torch.arange(x.shape[-1], dtype=torch.float32)
         return logits
@@ -369,10 +379,19 @@ def test_flip_averages_the_mirrored_view_flipped_back():
     # probabilities for class 0, sigmoid(j) and sigmoid(31 - j), averaged.
     image = torch.zeros((3, 8, 32), dtype=torch.uint8)
     config = config_with(["DATA.SCALE", "[32, 8]", "TEST.FLIP", True])
-    probs = predict(ColumnRamp(), image, (8, 32), config)
+    model = ColumnRamp()
+    probs = predict(model, image, (8, 32), config)
     j = torch.arange(32, dtype=torch.float32)
     torch.testing.assert_close(probs[0, 0], (torch.sigmoid(j) + torch.sigmoid(31 - j)) / 2)
     torch.testing.assert_close(probs.sum(0), torch.ones(8, 32))
+    assert model.passes == [2]  # both views in one batch: the mirror costs no pass of its own
+    # slide mode over 2 scales: each window of a scale (32x8 at 1.0: 3 windows of 16 every 8; 16x4 at 0.5: 1) is
+    # one pass over both views
+    model = ColumnRamp()
+    config = config_with(["DATA.SCALE", "[32, 8]", "TEST.FLIP", True, "TEST.SCALES", "[1.0, 0.5]", "TEST.MODE",
+                          "slide", "TEST.CROP", 16, "TEST.STRIDE", 8])
+    predict(model, image, (8, 32), config)
+    assert model.passes == [2, 2, 2, 2]
 
 
 def test_slide_averages_overlapping_windows():

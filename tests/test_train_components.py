@@ -11,6 +11,7 @@ import torch.nn as nn
 from config import load_config
 from engine import build_precision, default_amp, evaluate
 from errors import UsageError
+from logger import close_log_files, create_logger
 from lr_scheduler import build_scheduler
 from main import load_run_config, main, parse_args
 from models import build_model
@@ -245,24 +246,37 @@ def test_pretrained_drops_another_head(caplog):
     model = build_model(load_config(None, FIXTURE_OPTS + ["MODEL.NUM_CLASSES", 5]))
     with caplog.at_level(logging.INFO, logger="focal.test"):
         load_pretrained(fixture, model, LOG)
-    assert "152 tensors loaded (0 resized), 2 left at initial values: head.weight, head.bias" in caplog.text
+    # the released file's 176 tensors: 152 load, the 2 of its 1000-class head do not, and 22 are index tables
+    assert ("152 of its 176 tensors loaded; 0 resized; 0 derived from its tables; 2 left at initial values: "
+            "head.weight, head.bias; 22 index tables not loaded (this model builds its own)") in caplog.text
     state = model.state_dict()
     assert state["head.weight"].shape == (5, 128)
     assert all(torch.equal(state[k], weights[k]) for k in state if not k.startswith("head."))
 
 
-def test_pretrained_at_another_window_size_resizes_every_window_tensor(caplog):
+def test_pretrained_at_another_window_size_resizes_every_window_tensor(tmp_path, capsys):
+    """The console names a few of the resized and derived tensors; the log file names them all."""
     fixture = str(REPO / "tests" / "fixtures" / "small_fc_224.pth")
     weights = torch.load(fixture, weights_only=True)["model"]
     model = build_model(load_config(None, FIXTURE_OPTS + ["MODEL.FOCAL.WINDOW_SIZE", 5,
                                                           "MODEL.FOCAL.EXPAND_SIZES", "[2,2,2,2]"]))
-    with caplog.at_level(logging.INFO, logger="focal.test"):
-        load_pretrained(fixture, model, LOG)
+    logger = create_logger(str(tmp_path), name="focal.test.load")
+    load_pretrained(fixture, model, logger)
+    close_log_files(logger)
     state = model.state_dict()
     table = "layers.0.blocks.0.attn.relative_position_bias_table"
     assert weights[table].shape == (169, 2) and state[table].shape == (81, 2)
-    # window, neighbour and pooled position tables and the fc pooling kernels all follow the window: 32 tensors
-    assert "156 tensors loaded (32 resized), 0 left at initial values: none" in caplog.text
+    # window, neighbour and pooled position tables and the fc pooling kernels all follow the window: 30 of the
+    # file's tensors resized; the last stage's 2 blocks now need neighbour tables (7x7 map, 5x5 window) the file
+    # lacks, derived from their window tables: 154 of its 176 loaded (22 index tables), 156 in the model
+    resized = [name for name in weights if name in state and state[name].shape != weights[name].shape]
+    derived = sorted(set(state) - set(weights))
+    assert len(resized) == 30 and len(derived) == 2
+    console, log = capsys.readouterr().out, (tmp_path / "log_rank0.txt").read_text()
+    assert (f"154 of its 176 tensors loaded; 30 resized: {', '.join(resized[:3])} and 27 more; 2 derived from its "
+            f"tables: {', '.join(derived)}; 0 left at initial values: none") in console
+    assert "(every name)" not in console and f"(every name): 154 of its 176 tensors loaded; 30 resized: " \
+        f"{', '.join(resized)}; 2 derived" in log
     assert state["layers.0.blocks.0.pool_layers.0.weight"].shape == (1, 25)
     assert torch.equal(state["head.weight"], weights["head.weight"])
 

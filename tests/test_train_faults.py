@@ -292,7 +292,9 @@ def test_a_sigterm_landing_while_a_failure_is_logged_is_still_logged(demo_data, 
 
 @pytest.mark.slow
 def test_a_dead_rank_stops_the_others_and_the_same_command_resumes(demo_data, tmp_path):
-    args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "3", *RANDOM_OPTS[:4]))
+    """A rank killed, then torchrun itself stopped (SIGTERM, as a scheduler or ``kill`` does), and the same command
+    resumes after each."""
+    args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "3", *RANDOM_OPTS[:6]))
     proc = start_main(args, nproc=2)
     wait_for_line(proc, "Train: [1/3][0/5]")
     pid = int(read_log(tmp_path, rank=1).split("pid ")[1].split()[0])
@@ -307,6 +309,18 @@ def test_a_dead_rank_stops_the_others_and_the_same_command_resumes(demo_data, tm
                      r"by SIGTERM \(torchrun stops all ranks)", rank0), rank0
     # The one traceback left is torchrun's own report (ChildFailedError), which names the killed rank.
     assert "Traceback" not in rank0 and stderr.count("Traceback") <= stderr.count("ChildFailedError:"), stderr
+
+    # torchrun stops each rank's process group: the DataLoader workers die with their rank, which printed a
+    # traceback per worker ("Exception ignored in ... __del__") after its stop line
+    proc = start_main(args, nproc=2)
+    wait_for_line(proc, "Train: [1/3][0/5]")
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=90)
+    assert stdout.strip().splitlines()[-1].endswith("stopped: terminated by SIGTERM (torchrun stops all ranks when "
+                                                    "one fails or is stopped)"), stdout[-2000:]
+    assert "DataLoader" not in stderr and "Exception ignored" not in stderr, stderr
+    assert read_log(tmp_path, rank=1).strip().endswith("stopped: terminated by SIGTERM (torchrun stops all ranks "
+                                                       "when one fails or is stopped)")
 
     check(run_main(args, nproc=2))
     for rank in (0, 1):

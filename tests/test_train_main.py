@@ -93,11 +93,15 @@ def test_eval_resume_of_official_layout_checkpoint(demo_data_224, tmp_path):
     assert summary["images"] == summary["counted"] == 10
 
 
-def test_throughput_runs_without_data(tmp_path):
-    proc = check(run_main(["--cfg", DEMO_CFG, "--throughput", "--batch-size", "4", "--output", str(tmp_path),
+def test_throughput_runs_without_data_and_times_swin_t_alike(tmp_path):
+    proc = check(run_main(["--cfg", DEMO_CFG, "--throughput", "3", "--batch-size", "4", "--output", str(tmp_path),
                            "--opts", "DATA.IMG_SIZE", "32"]))
     assert "no --data-path: timing random 32x32 input" in proc.stdout
-    assert "batch_size 4 throughput" in proc.stdout and "images/s" in proc.stdout
+    rates = [float(r) for r in re.findall(r"batch_size 4 throughput ([\d.]+) images/s", proc.stdout)]
+    assert len(rates) == 2 and "the same for timm's swin_tiny_patch4_window7_224 at this batch and size" in proc.stdout
+    ratio = float(re.search(r"focal_demo_patch4_window4_32: ([\d.]+)x the throughput of "
+                            r"swin_tiny_patch4_window7_224", proc.stdout)[1])
+    assert ratio == pytest.approx(rates[0] / rates[1], rel=0.01)  # the figures are printed to 0.01
 
 
 def test_usage_errors_are_short_messages(tmp_path):
@@ -114,8 +118,8 @@ def test_pretrained_starts_a_new_run_from_the_weights(trained, demo_data, tmp_pa
     checkpoint = str(run_dir(trained) / "ckpt_epoch_0.pth")
     main(demo_args(demo_data, tmp_path / "finetune", "--pretrained", checkpoint))
     log = read_log(tmp_path / "finetune")
-    assert re.search(r"pretrained \S+ckpt_epoch_0.pth: \d+ tensors loaded \(0 resized\), 0 left at initial values: "
-                     r"none", log)
+    assert re.search(r"pretrained \S+ckpt_epoch_0.pth: (\d+) of its \1 tensors loaded; 0 resized; 0 derived from its "
+                     r"tables; 0 left at initial values: none", log)
     assert "Train: [0/1]" in log and "auto-resuming" not in log
     main(demo_args(demo_data, tmp_path / "eval", "--eval", "--pretrained", checkpoint))
     assert eval_summary(read_log(tmp_path / "eval"))["acc1"] == eval_summary(read_log(trained))["acc1"]
