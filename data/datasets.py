@@ -15,7 +15,7 @@ import zipfile
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
@@ -25,27 +25,58 @@ from errors import UsageError
 logger = logging.getLogger("focal.data")
 
 
+class UnsupportedImage(ValueError):
+    """Pixel values without a known scale to 8 bits: refused by name rather than read black or white."""
+
+
 # What PIL raises for unreadable, truncated, corrupt (e.g. "broken PNG file") and oversized (its decompression-bomb
-# guard) files, when a file is opened on its own (a dataset item also runs transforms: see CheckedImages).
+# guard) files, when a file is opened on its own (a dataset item also runs transforms: see CheckedImages); and
+# UnsupportedImage, a ValueError.
 PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 # 16-bit grey images (PNG, TIFF): Pillow's conversion to RGB clips every value above 255 to white.
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# EXIF orientations that turn the picture by a quarter: its displayed width is the stored height.
+QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def check_mode(image: Image.Image) -> None:
+    """Refuse a float image (mode F): 0..1 and 0..255 are both common, and RGB conversion reads the first black."""
+    if image.mode == "F":
+        raise UnsupportedImage("holds floating-point values (mode F), whose range is unknown (0..1 or 0..255); save "
+                               "it as 8- or 16-bit")
+
+
+def displayed_size(image: Image.Image) -> Tuple[int, int]:
+    """(width, height) as shown, after the EXIF orientation (read from the header; a phone photo held upright is
+    stored on its side)."""
+    width, height = image.size
+    turned = image.getexif().get(ExifTags.Base.Orientation) in QUARTER_TURNS
+    return (height, width) if turned else (width, height)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """``image`` as 8-bit RGB, scaling 16-bit grey values to 8 bits instead of clipping them."""
+    """``image`` as 8-bit RGB. Grey of more than 8 bits is scaled, not clipped to white: 16-bit modes by 255/65535;
+    32-bit integers (mode I) by the range their values use: 0..255 as they are, up to 65535 as 16-bit, beyond that
+    (or below 0) refused, as float images are (:func:`check_mode`)."""
+    check_mode(image)
     if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
         values = np.asarray(image)
-        if image.mode != "I" or values.max() > 255:  # 32-bit "I" images from 16-bit files hold 0..65535
+        if image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise UnsupportedImage(f"holds 32-bit integer values from {values.min()} to {values.max()} (mode I), "
+                                   f"beyond 16 bits, whose range is unknown; save it as 8- or 16-bit")
+        if image.mode != "I" or values.max(initial=0) > 255:  # "I" images from 16-bit files hold 0..65535
             values = values.astype(np.float64) / 257.0
         image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
     return image.convert("RGB")
 
 
 def load_rgb(source: Any) -> Image.Image:
-    """Open an image file (a path or a file object) as RGB."""
+    """Open an image file (a path or a file object) as RGB, turned as its EXIF orientation says (as it is shown:
+    a phone photo held upright is stored on its side with a tag to turn it)."""
     with Image.open(source) as image:
+        check_mode(image)
+        ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
 
 
@@ -289,8 +320,9 @@ def image_sources(dataset: Dataset) -> List[str]:
 
 
 class CheckedImages(Dataset):
-    """``dataset`` where an image that cannot be decoded (truncated, corrupt, not an image) is an error naming its
-    file, or, with ``skip`` (``DATA.SKIP_BAD_IMAGES``), becomes ``None`` (left out of the batch) and is counted.
+    """``dataset`` where an image that cannot be decoded (truncated, corrupt, not an image, of unknown range) is an
+    error naming its file, or, with ``skip`` (``DATA.SKIP_BAD_IMAGES``), becomes ``None`` (left out of the batch)
+    and is counted.
     The count sits in shared memory so that skips in DataLoader workers add up in the main process."""
 
     def __init__(self, dataset: Dataset, sources: Sequence[str], skip: bool):
@@ -306,7 +338,7 @@ class CheckedImages(Dataset):
         try:
             return self.dataset[index]
         # PIL's errors for unreadable, truncated and unidentified files, and for images over its pixel limit
-        except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+        except (OSError, SyntaxError, Image.DecompressionBombError, UnsupportedImage) as err:
             if not self.skip:
                 raise UsageError(f"cannot read image {self.sources[index]}: {err}; replace the file, or set "
                                  f"DATA.SKIP_BAD_IMAGES True to leave unreadable images out") from None
