@@ -100,10 +100,31 @@ def image_files(files: Sequence[str], extensions: Tuple[str, ...] = IMG_EXTENSIO
     return sorted(f for f in files if not hidden(f) and has_file_allowed_extension(f, extensions))
 
 
+def inside(path: str, folder: str) -> bool:
+    """Whether the real ``path`` is the real ``folder`` or lies under it."""
+    return os.path.commonpath([path, folder]) == folder
+
+
+def folder_link_stays(path: str, class_folder: str) -> bool:
+    """A folder inside a class folder is read unless it is a link leading out of that class folder (to a parent,
+    another class, elsewhere): that would label every image there as this class. Such a link is skipped with a
+    warning naming it. File links are followed wherever they lead: each adds one image (a dataset of links into a
+    pool of images is common)."""
+    if not os.path.islink(path):
+        return True
+    target, own = os.path.realpath(path), os.path.realpath(class_folder)
+    if inside(target, own):
+        return True
+    logger.warning(f"skipping {path}: a link to {target}, outside its class folder {class_folder}, whose images "
+                   f"would all be labelled as this class")
+    return False
+
+
 class ImageTree(ImageFolder):
     """``ImageFolder`` that enters every directory once: followed links stay allowed (datasets are often linked
-    together), but a link back up the tree would otherwise repeat a class's images until the path got too long.
-    Hidden files and folders (:func:`hidden`) are left out. Images load through :func:`load_rgb`."""
+    together), but a link back up the tree would otherwise repeat a class's images until the path got too long,
+    and a folder link out of the class folder is skipped (:func:`folder_link_stays`). Hidden files and folders
+    (:func:`hidden`) are left out. Images load through :func:`load_rgb`."""
 
     def __init__(self, root: str, transform: Optional[Callable] = None, allow_empty: bool = False):
         super().__init__(root, transform=transform, loader=load_rgb, allow_empty=allow_empty)
@@ -119,13 +140,14 @@ class ImageTree(ImageFolder):
         samples = []
         for name in sorted(class_to_idx):
             found, visited = [], set()
-            for root, dirs, files in os.walk(os.path.join(directory, name), followlinks=True):
+            class_folder = os.path.join(directory, name)
+            for root, dirs, files in os.walk(class_folder, followlinks=True):
                 real = os.path.realpath(root)
                 if real in visited:
                     dirs[:] = []
                     continue
                 visited.add(real)
-                dirs[:] = [d for d in dirs if not hidden(d)]
+                dirs[:] = [d for d in dirs if not hidden(d) and folder_link_stays(os.path.join(root, d), class_folder)]
                 found.append((root, image_files(files, extensions)))
             class_samples = [(os.path.join(root, f), class_to_idx[name])
                              for root, files in sorted(found) for f in files]
