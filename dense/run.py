@@ -169,7 +169,7 @@ def evaluate_checkpoint(task: Task, config: Any, env: DistEnv, logger: logging.L
     classes = task.class_record(config, val_set)
     if classes:
         check_classes(checkpoint, classes.names, classes.kind, classes.source, classes.ids, True, classes.first_output)
-    restore_checkpoint(checkpoint, model, logger)
+    restore_checkpoint(checkpoint, model, logger, config=config)
     task.evaluate(config, model, val_set, env, precision, logger)
     ema_weights = stored_ema(checkpoint.state, checkpoint.source, config, logger)
     if ema_weights is not None:  # scored as main.py --eval scores them
