@@ -101,7 +101,8 @@ def _fits(value: Any, default: Any, annotation: Any) -> bool:
 
 
 def _kind(default: Any) -> str:
-    kinds = ((bool, "True or False"), (int, "an integer"), (float, "a number"), (str, "text"), ((list, tuple), "a list"))
+    kinds = ((bool, "True or False"), (int, "an integer"), (float, "a number"), (str, "text"),
+             ((list, tuple), "a list"))
     return next((name for types, name in kinds if isinstance(default, types)), f"a {type(default).__name__}")
 
 

@@ -16,18 +16,18 @@ GROUP_NORM_DETECTORS = ("fcos", "atss")
 MASK_DETECTORS = ("mask_rcnn", "cascade_mask_rcnn")
 FCOS_MIN_SIZE = 256
 # The levels each detector adds to its backbone stages' (a max-pooled P6; P6 and P7), which together must match its
-# anchor sizes, one per level: five (torchvision's defaults), or ATSS's anchor_strides. Sparse R-CNN has no anchors.
+# anchor sizes, one per level: five (torchvision's defaults, which its default stages meet), or ATSS's
+# anchor_strides. Sparse R-CNN has no anchors.
 EXTRA_LEVELS = {"mask_rcnn": 1, "cascade_mask_rcnn": 1, "retinanet": 2, "fcos": 2, "atss": 2}
-DEFAULT_STAGES = {"mask_rcnn": 4, "cascade_mask_rcnn": 4, "retinanet": 3, "fcos": 3, "atss": 3}
 ANCHOR_LEVELS = 5
 
 
 def levels_fit(out_indices: Any, config: CN) -> bool:
-    detector = config.MODEL.DETECTOR
-    if detector not in EXTRA_LEVELS:
+    extra = EXTRA_LEVELS.get(config.MODEL.DETECTOR)
+    if extra is None:
         return True
     anchors = len(config.MODEL.DETECTOR_ARGS.get("anchor_strides", ())) or ANCHOR_LEVELS
-    return len(out_indices or range(DEFAULT_STAGES[detector])) + EXTRA_LEVELS[detector] == anchors
+    return (len(out_indices) or ANCHOR_LEVELS - extra) + extra == anchors
 
 
 def detector_args_fit(_: Any, config: CN) -> bool:

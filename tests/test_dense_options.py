@@ -37,7 +37,8 @@ LEVELS = r"MODEL.OUT_INDICES must give the detector one level per anchor size"
     (DETECTION, "sparse_rcnn_demo.yaml", ["MODEL.DETECTOR_ARGS.size_divisible", "-32"],
      r"^MODEL.DETECTOR_ARGS.size_divisible must be at least 1 for sparse_rcnn"),
     (DETECTION, "atss_demo.yaml", ["MODEL.DETECTOR_ARGS.topk_candidate", "500"],
-     r"^MODEL.DETECTOR_ARGS.topk_candidate is not an argument of atss \(MODEL.DETECTOR\); it accepts: .*topk_candidates"),
+     r"^MODEL.DETECTOR_ARGS.topk_candidate is not an argument of atss \(MODEL.DETECTOR\); it accepts: "
+     r".*topk_candidates"),
     (DETECTION, "demo.yaml", ["MODEL.BACKBONE_ARGS.embed_dims", "32"],
      r"^MODEL.BACKBONE_ARGS.embed_dims is not an argument of focal_tiny_patch4_window7_224 \(MODEL.BACKBONE\); it "
      r"accepts: .*embed_dim, "),

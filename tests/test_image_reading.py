@@ -59,7 +59,7 @@ def test_every_reader_turns_a_photo_as_its_exif_orientation_says(reader, orienta
     shown = photo(path, orientation)
     got = READERS[reader](path)
     assert got.shape == shown.shape
-    assert np.abs(got.astype(int) - shown).max() <= 6  # JPEG at quality 100, no chroma subsampling, flat 8-aligned blocks
+    assert np.abs(got.astype(int) - shown).max() <= 6  # JPEG at quality 100 without chroma subsampling, flat blocks
     assert image_size(str(path)) == (shown.shape[1], shown.shape[0])  # dense tasks check sizes from headers
 
 
