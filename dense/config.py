@@ -125,26 +125,40 @@ def check_arguments(node: str, values: Mapping[str, Any], params: Mapping[str, i
 
 
 def backbone_fits(args: Any, config: CN) -> bool:
-    """``MODEL.BACKBONE_ARGS`` are arguments of the Focal Transformer's constructor (:func:`check_arguments`),
-    less those the dense backbone sets (``drop_path_rate``: ``MODEL.DROP_PATH_RATE``)."""
+    """``MODEL.BACKBONE_ARGS`` are arguments of the backbone's constructor: for the Focal Transformers, keys and
+    kinds of value against its signature (:func:`check_arguments`), less those the dense backbone sets
+    (``drop_path_rate``: ``MODEL.DROP_PATH_RATE``); another timm model is built on the meta device to find out."""
+    import timm
+    import torch
+
     from models import FocalTransformer  # not at the top: the config tree imports nothing it configures
-    params = {name: p for name, p in inspect.signature(FocalTransformer).parameters.items()
-              if name not in BACKBONE_SETS}
-    check_arguments("MODEL.BACKBONE_ARGS", args, params, f"{config.MODEL.BACKBONE} (MODEL.BACKBONE)")
+    from models.registry import default_cfgs
+    name = config.MODEL.BACKBONE
+    if name in default_cfgs:
+        params = {key: p for key, p in inspect.signature(FocalTransformer).parameters.items() if key not in SETS}
+        check_arguments("MODEL.BACKBONE_ARGS", args, params, f"{name} (MODEL.BACKBONE)")
+        return True
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, **args)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise UsageError(f"MODEL.BACKBONE_ARGS do not build {name} (MODEL.BACKBONE): {err}") from None
     return True
 
 
-def registered_backbone(name: str, _: Any) -> bool:
-    from models.registry import default_cfgs
-    return name in default_cfgs
+def timm_model(name: str, _: Any) -> bool:
+    import timm
+
+    import models  # noqa: F401  registers the Focal Transformers with timm
+    return timm.is_model(name)
 
 
 # Arguments of the Focal Transformer that the dense backbone sets itself, or that name no setting.
-BACKBONE_SETS = ("variant", "drop_path_rate", "device", "dtype")
+SETS = ("variant", "drop_path_rate", "device", "dtype")
 
 DENSE_RULES = (
-    Rule("MODEL.BACKBONE", registered_backbone, "must name a model registered by models/registry.py, such as "
-         "focal_tiny_patch4_window7_224 or focalv2_small_useconv_patch4_window7_224"),
+    Rule("MODEL.BACKBONE", timm_model, "must name a timm model: the Focal Transformers of models/registry.py (such as "
+         "focal_tiny_patch4_window7_224) or timm's own (such as swin_tiny_patch4_window7_224)"),
     Rule("MODEL.BACKBONE_ARGS", backbone_fits, "must be arguments of MODEL.BACKBONE"),
     Rule("DATA.BATCH_SIZE", at_least(1), "must be at least 1"),
     Rule("DATA.TEST_BATCH_SIZE", at_least(1), "must be at least 1"),

@@ -45,13 +45,17 @@ LEVELS = r"MODEL.OUT_INDICES must give the detector one level per anchor size"
     (SEGMENTATION, SEG, ["MODEL.BACKBONE_ARGS.window", "4"], r"^MODEL.BACKBONE_ARGS.window is not an argument of"),
     (SEGMENTATION, SEG, ["MODEL.BACKBONE_ARGS.use_conv_embed", "1"],
      r"^MODEL.BACKBONE_ARGS.use_conv_embed must be True or False"),
-    (SEGMENTATION, SEG, ["MODEL.BACKBONE", "focal_tiny"], r"MODEL.BACKBONE must name a model registered by "
-                                                          r"models/registry.py.*got 'focal_tiny'"),
-    (DETECTION, "retinanet_1x.yaml", ["MODEL.BACKBONE", "swin_tiny_patch4_window7_224"], r"MODEL.BACKBONE must name"),
+    (SEGMENTATION, SEG, ["MODEL.BACKBONE", "focal_tiny"], r"MODEL.BACKBONE must name a timm model: the Focal "
+                                                          r"Transformers of models/registry.py.*got 'focal_tiny'"),
+    (DETECTION, "retinanet_1x.yaml", ["MODEL.BACKBONE", "swin_tiny_patch4_window7", "MODEL.BACKBONE_ARGS.embed_dim",
+                                      "32"], r"MODEL.BACKBONE must name a timm model.*got 'swin_tiny_patch4_window7'"),
+    (DETECTION, "retinanet_1x.yaml", ["MODEL.BACKBONE", "swin_tiny_patch4_window7_224",
+                                      "MODEL.BACKBONE_ARGS.strict_img_sise", "False"],
+     r"^MODEL.BACKBONE_ARGS do not build swin_tiny_patch4_window7_224 \(MODEL.BACKBONE\): .*'strict_img_sise'"),
 ], ids=["retinanet-4-stages", "fcos-2-stages", "cascade-3-stages", "atss-4-strides", "float-count",
         "list-count", "number-for-list", "size-divisible-0", "size-divisible-negative", "misspelt-detector-arg",
         "misspelt-backbone-arg", "misspelt-backbone-arg-seg", "int-for-bool", "unknown-backbone",
-        "timm-backbone-not-ours"])
+        "unknown-timm-name", "misspelt-timm-arg"])
 def test_options_that_cannot_work_are_refused_before_the_run_folder(task, cfg, opts, message, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(UsageError, match=message) as refused:
@@ -78,7 +82,9 @@ def test_a_config_file_s_detector_argument_of_the_wrong_type_is_refused_before_t
     ("sparse_rcnn_demo.yaml", ["MODEL.OUT_INDICES", "[1, 2, 3]"]),  # no anchors: any stages
     ("demo.yaml", ["MODEL.DETECTOR_ARGS.box_score_thresh", "1", "MODEL.DETECTOR_ARGS.image_mean", "[0.5, 0.5, 0.5]",
                    "MODEL.BACKBONE_ARGS.img_size", "[256, 256]", "MODEL.DETECTOR_ARGS.size_divisible", "1"]),
-], ids=["atss-matching-strides", "sparse-3-stages", "int-for-float-list-for-union"])
+    ("retinanet_1x.yaml", ["MODEL.BACKBONE", "swin_tiny_patch4_window7_224", "MODEL.BACKBONE_ARGS.strict_img_size",
+                           "False"]),  # timm's own model, as get_started_for_object_detection.md shows
+], ids=["atss-matching-strides", "sparse-3-stages", "int-for-float-list-for-union", "timm-swin"])
 def test_options_that_work_are_accepted(cfg, opts):
     args = task_args(str(DET / cfg))
     args.opts = opts
