@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import unicodedata
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from timm.data import ImageNetInfo
@@ -69,6 +69,8 @@ def logit_indices(folders: Sequence[str], classes: Optional[Sequence[str]], num_
     folders: a label shifted without a word would score the wrong classes."""
     if classes is not None and list(folders) == list(classes):
         return None
+    texts: Dict[str, str] = {}  # one name in two Unicode forms is one class, whatever the checkpoint knows
+    alike = [(texts[key], name) for name in folders if texts.setdefault(key := _canonical(name), name) != name]
     named = _by_name(folders, classes or ())
     numbers = [name for name in folders if is_class_index(name) and name not in named]
     others = [name for name in folders if name not in named and name not in numbers]
@@ -77,6 +79,11 @@ def logit_indices(folders: Sequence[str], classes: Optional[Sequence[str]], num_
         return UsageError(f"--eval: {where} {problem}; name every class folder by the checkpoint's class name "
                           f"(WordNet ids such as n01440764 for ImageNet) or every one by class index")
 
+    def twins(pairs: List[Tuple[str, str]]) -> UsageError:
+        return refuse(f"has class folders that name one class twice: {', '.join(_pair(a, b) for a, b in pairs[:3])}")
+
+    if alike:
+        raise twins(alike)
     folded = {_canonical(name).casefold(): name for name in classes or ()}
     cased = [(name, folded[key]) for name in others if (key := _canonical(name).casefold()) in folded]
     if cased:
@@ -105,10 +112,9 @@ def logit_indices(folders: Sequence[str], classes: Optional[Sequence[str]], num_
                  f"class names: the checkpoint stores none, and only a 1000-class one is taken to have ImageNet's")
         raise refuse(f"has {some} not among {known}")
     first: Dict[int, str] = {}
-    twins = [(first[index], name) for name, index in zip(folders, indices) if first.setdefault(index, name) != name]
-    if twins:
-        raise refuse(f"has class folders that name one class twice: "
-                     f"{', '.join(_pair(a, b) for a, b in twins[:3])}")
+    same = [(first[index], name) for name, index in zip(folders, indices) if first.setdefault(index, name) != name]
+    if same:
+        raise twins(same)
     if indices == list(range(num_classes)):
         return None
     logger.info(f"evaluating {len(folders)} of the checkpoint's {num_classes} classes: the folders of {where} are "

@@ -51,8 +51,9 @@ def displayed_size(image: Image.Image) -> Tuple[int, int]:
     """(width, height) as shown, after the EXIF orientation (read from the header; a phone photo held upright is
     stored on its side)."""
     width, height = image.size
-    turned = image.getexif().get(ExifTags.Base.Orientation) in QUARTER_TURNS
-    return (height, width) if turned else (width, height)
+    # Pillow decodes a whole PNG to look for EXIF after its pixels; one written before them is read with the header.
+    exif = image.getexif() if image.format != "PNG" or "exif" in image.info else {}
+    return (height, width) if exif.get(ExifTags.Base.Orientation) in QUARTER_TURNS else (width, height)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

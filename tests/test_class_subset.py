@@ -65,6 +65,8 @@ def test_folders_matched_exactly(folders, classes, num_classes, expected):
     (["APPLE", "Birke", "cafe\u0301", "dog", "eel", "fig", "gnu"], NAMES, 7, r"only in letter case: APPLE"),
     (["caf\u00e9", "cafe\u0301"], NAMES, 7, r"name one class twice: 'cafe\\u0301' and 'caf\\xe9'"),
     (["02", "2", "3"], None, 5, r"name one class twice: 02 and 2"),
+    # as many folders as classes and no names to go by: still one name twice, not two classes in sorted order
+    (["Kl\u00e4ger", "Kla\u0308ger"], None, 2, r"name one class twice: 'Kla\\u0308ger' and 'Kl\\xe4ger'"),
     # 1-based numbers on a 5-class checkpoint: as many folders as classes, yet "5" is no index (sorted order would
     # have made "5" class 4 and every folder after "1" another class)
     (["1", "2", "3", "4", "5"], None, 5, r"numbers that are no class index of the 5-class checkpoint \(0-4\): 5"),
@@ -76,7 +78,7 @@ def test_folders_matched_exactly(folders, classes, num_classes, expected):
     # as many as the classes, but digits all the same: no sorted-order guess
     (["\u00b2", "\u00b3"], None, 2, r"2 class folders \(\u00b2, \u00b3\) that are not among class names"),
     (["gnu", "yak", "zebu"], NAMES, 7, r"2 class folders \(yak, zebu\) that are not among"),
-], ids=["case", "case-all-classes", "unicode-twins", "zero-padded-twins", "one-based", "index-too-high",
+], ids=["case", "case-all-classes", "unicode-twins", "zero-padded-twins", "unicode-twins-unnamed", "one-based", "index-too-high",
         "superscript-mixed", "index-among-names", "superscripts", "unknown-names"])
 def test_folders_that_cannot_be_matched_exactly_are_refused_in_one_line(folders, classes, num_classes, message):
     with pytest.raises(UsageError, match=message) as refused:

@@ -32,11 +32,12 @@ def stored_pixels() -> np.ndarray:
 
 
 def photo(path: Path, orientation: int) -> np.ndarray:
-    """A JPEG stored as :func:`stored_pixels` with an EXIF orientation tag; returns the pixels as shown."""
+    """A JPEG (or PNG) stored as :func:`stored_pixels` with an EXIF orientation tag; returns the pixels as shown."""
     exif = Image.Exif()
     exif[ExifTags.Base.Orientation] = orientation
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(stored_pixels()).save(path, quality=100, subsampling=0, exif=exif)
+    quality = dict(quality=100, subsampling=0) if path.suffix == ".jpg" else {}
+    Image.fromarray(stored_pixels()).save(path, exif=exif, **quality)
     return np.ascontiguousarray(SHOWN[orientation](stored_pixels()))
 
 
@@ -53,9 +54,9 @@ READERS = {
 
 
 @pytest.mark.parametrize("reader", READERS)
-@pytest.mark.parametrize("orientation", [6, 8, 3, 2])
-def test_every_reader_turns_a_photo_as_its_exif_orientation_says(reader, orientation, tmp_path):
-    path = tmp_path / "train" / "cls" / "phone.jpg"
+@pytest.mark.parametrize("orientation, suffix", [(6, "jpg"), (8, "jpg"), (3, "jpg"), (2, "jpg"), (6, "png")])
+def test_every_reader_turns_a_photo_as_its_exif_orientation_says(reader, orientation, suffix, tmp_path):
+    path = tmp_path / "train" / "cls" / f"phone.{suffix}"
     shown = photo(path, orientation)
     got = READERS[reader](path)
     assert got.shape == shown.shape
