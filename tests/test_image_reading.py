@@ -15,9 +15,11 @@ from data.datasets import CheckedImages, ImageTree, image_sources
 from dense.images import image_size, read_rgb
 from detection.data import CocoDetection
 from errors import UsageError
+from main import main
 from predict import read_image
 from segmentation.config import segmentation_defaults
 from segmentation.data import SegmentationFolder
+from tests.helpers import demo_args
 
 # Four flat quadrants of a 32x16 (width x height) picture, 8-pixel aligned so that JPEG keeps them flat.
 COLOURS = [[(200, 30, 30), (30, 200, 30)], [(30, 30, 200), (220, 220, 30)]]  # [top, bottom][left, right]
@@ -148,3 +150,12 @@ def test_detection_boxes_are_taken_on_the_image_as_shown(width, height, tmp_path
     assert image.shape == (3, 32, 16)
     assert target["boxes"].tolist() == [[2.0, 4.0, 12.0, 13.0]]
     torch.testing.assert_close(image.permute(1, 2, 0) * 255, torch.tensor(shown).float(), atol=6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["float-0-1", "int32-beyond-16-bits"])
+def test_training_stops_at_an_image_of_unknown_range_naming_it(kind, data, tmp_path):
+    """Through main.py's loader (DataLoader, CheckedImages): the float scan trained as a black picture, silently."""
+    scan = data / "train" / sorted(p.name for p in (data / "train").iterdir())[3] / "scan.tif"
+    wide_grey(scan, kind)
+    with pytest.raises(UsageError, match=rf"cannot read image {scan}: holds .*; replace the file"):
+        main(demo_args(data, tmp_path / "out"))
