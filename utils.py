@@ -382,13 +382,15 @@ def shape_changes(saved: Any, config: Any) -> str:
 MEANING_KEYS = ("DATA.REDUCE_ZERO_LABEL",)
 
 
+def meaning_changes(saved: Any, config: Any) -> List[Tuple[str, Any, Any]]:
+    """``(KEY, old, new)`` for the :data:`MEANING_KEYS` a checkpoint's config (``saved``) has otherwise; none for a
+    checkpoint without one (not ours)."""
+    return [(key, old, new) for key, old, new in _changed(saved, config) if key in MEANING_KEYS]
+
+
 def check_meaning(checkpoint: Checkpoint, config: Any) -> None:
-    """Refuse a checkpoint whose :data:`MEANING_KEYS` differ from this run's, naming the key and its value; one
-    without a saved config (not ours) says nothing."""
-    changed = [(key, old, new) for key, old, new in _changed(checkpoint.state.get("config"), config)
-               if key in MEANING_KEYS]
-    if changed:
-        key, old, new = changed[0]
+    """Refuse a checkpoint whose :data:`MEANING_KEYS` differ from this run's, naming the key and its value."""
+    for key, old, new in meaning_changes(checkpoint.state.get("config"), config)[:1]:
         raise UsageError(f"{checkpoint.source}: it was trained with {key} {old} and this run has {new}, so every "
                          f"output would mean another class; pass --opts {key} {old}")
 

@@ -26,8 +26,8 @@ from models import ConfigError
 from models.checkpoint import extract_state_dict, load_weights
 from optimizer import param_groups
 from run_lock import leaving, locked_run, quiet_worker_teardown, stop_on_signals
-from utils import (check_classes, read_checkpoint, restore_checkpoint, resume_checkpoint, seed_everything,
-                   stored_ema)
+from utils import (check_classes, meaning_changes, read_checkpoint, restore_checkpoint, resume_checkpoint,
+                   seed_everything, stored_ema)
 
 from .backbone import DenseBackbone
 from .config import get_task_config
@@ -68,16 +68,22 @@ class Task:
     score_name: str = "score"
 
 
-def load_backbone(path: str, backbone: DenseBackbone, logger: logging.Logger, unsafe: bool = False) -> None:
+def load_backbone(path: str, backbone: DenseBackbone, logger: logging.Logger, unsafe: bool = False,
+                  config: Any = None) -> None:
     """Backbone weights from ``path``: a dense checkpoint of this backbone (the network and its output norms,
     found under whatever prefix the task's model gives them) or a classification checkpoint (ours or a released
     one) for the network alone, position tables resized to the window size and the classifier's head and final
     norm left out; the output norms then start fresh, as the log line says. Anything else is refused: a partly
-    random backbone is a silent mistake."""
+    random backbone is a silent mistake. A label convention of the checkpoint other than this run's (``config``)
+    is said, and concerns only the decoder or heads, which are not loaded."""
     try:
-        weights = extract_state_dict(read_checkpoint(path, logger, unsafe).state)
+        state = read_checkpoint(path, logger, unsafe).state
+        weights = extract_state_dict(state)
     except ValueError as err:
         raise UsageError(f"--pretrained {path}: {err}") from None
+    for key, old, new in meaning_changes(state.get("config"), config) if config is not None else []:
+        logger.info(f"--pretrained {path} was trained with {key} {old} (this run: {new}): only its backbone is "
+                    f"loaded, so its outputs' meaning does not carry over")
     own = list(backbone.state_dict())
     prefix = next((key[:-len(own[0])] for key in weights if key.endswith(own[0])), None)
     if prefix is not None and f"{prefix}{own[-1]}" in weights:
@@ -143,7 +149,8 @@ def training_task(task: Task) -> engine.Task:
                                                                 betas=tuple(config.TRAIN.BETAS)),
         build_scheduler=build_dense_scheduler, losses=lambda config, data: task.losses, evaluate=evaluate,
         load_pretrained=lambda config, model, logger, unsafe: load_backbone(config.MODEL.PRETRAINED,
-                                                                            task.backbone(model), logger, unsafe),
+                                                                            task.backbone(model), logger, unsafe,
+                                                                            config),
         score_name=task.score_name)
 
 

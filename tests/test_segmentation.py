@@ -641,3 +641,19 @@ def test_a_checkpoint_without_a_saved_config_is_evaluated_as_before(copied_run):
                "--resume", str(checkpoint), "--opts", *TINY])
     log = this_run((out / SEGMENTATION_RUN / "log_rank0.txt").read_text())
     assert f"resumed weights from {checkpoint}" in log and "mIoU" in log
+
+
+@pytest.mark.slow
+def test_pretrained_weights_of_the_other_label_convention_give_their_backbone_and_say_so(copied_run, caplog):
+    _, out, _ = copied_run
+    checkpoint = out / SEGMENTATION_RUN / "ckpt_epoch_0.pth"
+    with_convention(checkpoint, False)
+    args = task_args(CFG)
+    args.opts = TINY
+    config = get_task_config(args, segmentation_defaults(), SEGMENTATION_RULES)
+    model = build_segmenter(config, num_classes=4)
+    with caplog.at_level(logging.INFO, LOG.name):
+        load_backbone(str(checkpoint), backbone(model), LOG, config=config)
+    assert (f"--pretrained {checkpoint} was trained with DATA.REDUCE_ZERO_LABEL False (this run: True): only its "
+            f"backbone is loaded") in caplog.text
+    assert "loaded backbone weights and output norms from the dense checkpoint" in caplog.text
