@@ -155,7 +155,14 @@ def training_task(task: Task) -> engine.Task:
 
 
 def build_dense_model(task: Task, config: Any, num_classes: int, env: DistEnv, logger: logging.Logger) -> nn.Module:
-    model = task.build_model(config, num_classes).to(env.device)
+    """The task's model; backbone arguments of the right kinds that do not go together (two depths and four head
+    counts) are one line, not the model's traceback (the config rules have checked each on its own)."""
+    try:
+        model = task.build_model(config, num_classes).to(env.device)
+    except (TypeError, ValueError, IndexError, AssertionError, ArithmeticError) as err:
+        raise UsageError(f"the model cannot be built from MODEL.BACKBONE {config.MODEL.BACKBONE} with "
+                         f"MODEL.BACKBONE_ARGS {dict(config.MODEL.BACKBONE_ARGS)} and MODEL.OUT_INDICES "
+                         f"{list(config.MODEL.OUT_INDICES)}: {err}") from None
     changed = ", ".join(f"{key} {value}" for key, value in config.MODEL.BACKBONE_ARGS.items())
     logger.info(f"model {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters())} parameters, "
                 f"{num_classes} classes, backbone {config.MODEL.BACKBONE}{f' with {changed}' if changed else ''} "

@@ -89,3 +89,17 @@ def test_options_that_work_are_accepted(cfg, opts):
     args = task_args(str(DET / cfg))
     args.opts = opts
     get_task_config(args, detection_defaults(), DETECTION_RULES)
+
+
+def test_backbone_arguments_that_do_not_go_together_are_one_line_leaving_nothing(tmp_path):
+    """Right kinds, wrong together (two depths, four head counts): the model's IndexError/AssertionError traceback
+    is one line naming the key, and the refused start leaves no run folder."""
+    from dense.demo import generate_segmentation
+    data = generate_segmentation(str(tmp_path / "data"), size=64, train=4, val=1)
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match=r"^the model cannot be built from MODEL.BACKBONE focal_tiny_patch4_window7_"
+                                         r"224 with MODEL.BACKBONE_ARGS \{.*'depths': \[1, 1\].*\} and "
+                                         r"MODEL.OUT_INDICES \[\]: "):
+        run(SEGMENTATION, ["--cfg", SEG, "--data-path", data, "--output", str(out), "--device", "cpu", "--opts",
+                           "MODEL.BACKBONE_ARGS.depths", "[1, 1]", "DATA.NUM_WORKERS", "0", "DATA.NUM_CLASSES", "4"])
+    assert not out.exists()
