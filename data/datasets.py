@@ -76,7 +76,6 @@ def load_rgb(source: Any) -> Image.Image:
     """Open an image file (a path or a file object) as RGB, turned as its EXIF orientation says (as it is shown:
     a phone photo held upright is stored on its side with a tag to turn it)."""
     with Image.open(source) as image:
-        check_mode(image)
         ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
 
@@ -101,11 +100,6 @@ def image_files(files: Sequence[str], extensions: Tuple[str, ...] = IMG_EXTENSIO
     return sorted(f for f in files if not hidden(f) and has_file_allowed_extension(f, extensions))
 
 
-def inside(path: str, folder: str) -> bool:
-    """Whether the real ``path`` is the real ``folder`` or lies under it."""
-    return os.path.commonpath([path, folder]) == folder
-
-
 def folder_link_stays(path: str, class_folder: str) -> bool:
     """A folder inside a class folder is read unless it is a link leading out of that class folder (to a parent,
     another class, elsewhere): that would label every image there as this class. Such a link is skipped with a
@@ -114,7 +108,7 @@ def folder_link_stays(path: str, class_folder: str) -> bool:
     if not os.path.islink(path):
         return True
     target, own = os.path.realpath(path), os.path.realpath(class_folder)
-    if inside(target, own):
+    if os.path.commonpath([target, own]) == own:
         return True
     logger.warning(f"skipping {path}: a link to {target}, outside its class folder {class_folder}, whose images "
                    f"would all be labelled as this class")
@@ -345,8 +339,8 @@ def image_sources(dataset: Dataset) -> List[str]:
 class CheckedImages(Dataset):
     """``dataset`` where an image that cannot be decoded (truncated, corrupt, not an image, of unknown range) is an
     error naming its file, or, with ``skip`` (``DATA.SKIP_BAD_IMAGES``), becomes ``None`` (left out of the batch)
-    and is counted.
-    The count sits in shared memory so that skips in DataLoader workers add up in the main process."""
+    and is counted. The count sits in shared memory so that skips in DataLoader workers add up in the main
+    process."""
 
     def __init__(self, dataset: Dataset, sources: Sequence[str], skip: bool):
         self.dataset = dataset
