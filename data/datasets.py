@@ -100,26 +100,45 @@ def image_files(files: Sequence[str], extensions: Tuple[str, ...] = IMG_EXTENSIO
     return sorted(f for f in files if not hidden(f) and has_file_allowed_extension(f, extensions))
 
 
-def folder_link_stays(path: str, class_folder: str) -> bool:
-    """A folder inside a class folder is read unless it is a link leading out of that class folder (to a parent,
-    another class, elsewhere): that would label every image there as this class. Such a link is skipped with a
-    warning naming it. File links are followed wherever they lead: each adds one image (a dataset of links into a
-    pool of images is common)."""
-    if not os.path.islink(path):
-        return True
-    target, own = os.path.realpath(path), os.path.realpath(class_folder)
+def link_stays(path: str, own: str) -> bool:
+    """Whether the link ``path`` leads inside the class folder whose real path is ``own``. One that leads out of it
+    (to a parent, another class, another split, elsewhere) is skipped with a warning naming it: what is there would
+    be labelled as this class. A class folder may itself be a link (to bring in images from elsewhere)."""
+    target = os.path.realpath(path)
     if os.path.commonpath([target, own]) == own:
         return True
-    logger.warning(f"skipping {path}: a link to {target}, outside its class folder {class_folder}, whose images "
-                   f"would all be labelled as this class")
+    logger.warning(f"skipping {path}: a link to {target}, outside its class folder, would label what is there as "
+                   f"this class")
     return False
 
 
+def class_images(class_folder: str, extensions: Tuple[str, ...]) -> List[str]:
+    """The image files under ``class_folder``, by folder and name. Every folder is entered once (a link back up the
+    tree would repeat its images until the path got too long); hidden files and folders (:func:`hidden`) and links
+    leaving the class folder (:func:`link_stays`) are left out."""
+    own, visited, found = os.path.realpath(class_folder), set(), []
+
+    def visit(root: str) -> None:
+        real = os.path.realpath(root)
+        if real in visited:
+            return
+        visited.add(real)
+        with os.scandir(root) as listing:
+            entries = [e for e in sorted(listing, key=lambda e: e.name)
+                       if not hidden(e.name) and (not e.is_symlink() or link_stays(e.path, own))]
+        found.append((root, image_files([e.name for e in entries if not e.is_dir()], extensions)))
+        for entry in entries:
+            if entry.is_dir():
+                visit(entry.path)
+
+    visit(class_folder)
+    return [os.path.join(root, name) for root, names in sorted(found) for name in names]
+
+
 class ImageTree(ImageFolder):
-    """``ImageFolder`` that enters every directory once: followed links stay allowed (datasets are often linked
-    together), but a link back up the tree would otherwise repeat a class's images until the path got too long,
-    and a folder link out of the class folder is skipped (:func:`folder_link_stays`). Hidden files and folders
-    (:func:`hidden`) are left out. Images load through :func:`load_rgb`."""
+    """``ImageFolder`` whose classes are read by :func:`class_images`: links are followed while they stay inside
+    their class folder, every folder once, hidden files and folders left out. Images load through
+    :func:`load_rgb`."""
 
     def __init__(self, root: str, transform: Optional[Callable] = None, allow_empty: bool = False):
         super().__init__(root, transform=transform, loader=load_rgb, allow_empty=allow_empty)
@@ -134,18 +153,8 @@ class ImageTree(ImageFolder):
         extensions = extensions or IMG_EXTENSIONS
         samples = []
         for name in sorted(class_to_idx):
-            found, visited = [], set()
-            class_folder = os.path.join(directory, name)
-            for root, dirs, files in os.walk(class_folder, followlinks=True):
-                real = os.path.realpath(root)
-                if real in visited:
-                    dirs[:] = []
-                    continue
-                visited.add(real)
-                dirs[:] = [d for d in dirs if not hidden(d) and folder_link_stays(os.path.join(root, d), class_folder)]
-                found.append((root, image_files(files, extensions)))
-            class_samples = [(os.path.join(root, f), class_to_idx[name])
-                             for root, files in sorted(found) for f in files]
+            class_samples = [(path, class_to_idx[name]) for path in class_images(os.path.join(directory, name),
+                                                                                 extensions)]
             if not class_samples and not allow_empty:
                 raise FileNotFoundError(f"Found no valid file for the class {name}")
             samples += class_samples

@@ -168,8 +168,10 @@ def class_tree(root: Path) -> Path:
 @pytest.mark.parametrize("link, target", [
     ("cat/up", ".."), ("cat/sub/up", "../../.."), ("cat/dogs", "../dog"), ("cat/sub/dogs", "../../dog"),
     ("cat/extra", "{root}/elsewhere"), ("cat/split", "{root}/train"),
-], ids=["parent", "dataset-root", "sibling-class", "sibling-class-nested", "outside", "absolute-split"])
-def test_a_folder_link_leaving_its_class_folder_is_skipped_with_one_warning(link, target, tmp_path, caplog):
+    ("cat/d.png", "../dog/d.png"), ("cat/sub/e.png", "{root}/elsewhere/e.png"),
+], ids=["parent", "dataset-root", "sibling-class", "sibling-class-nested", "outside", "absolute-split",
+        "file-of-another-class", "file-outside"])
+def test_a_link_leaving_its_class_folder_is_skipped_with_one_warning(link, target, tmp_path, caplog):
     train = class_tree(tmp_path)
     os.symlink(target.format(root=tmp_path), train / link)
     os.symlink("sub", train / "cat" / "alias")  # stays inside the class folder: read, its image once
@@ -190,6 +192,6 @@ def test_a_linked_class_folder_and_its_inner_links_still_work(tmp_path):
     (tmp_path / "linked").mkdir()
     os.symlink(pool / "cat", tmp_path / "linked" / "cat")  # the class folder itself lives elsewhere
     os.symlink("sub", pool / "cat" / "alias")
-    os.symlink(tmp_path / "elsewhere" / "e.png", pool / "cat" / "e.png")  # a file link adds that one image
+    os.symlink("sub/c.png", pool / "cat" / "c-again.png")  # a file link inside: one more sample of that image
     samples = ImageTree(str(tmp_path / "linked")).samples
-    assert sorted(Path(path).name for path, _ in samples) == ["a.png", "b.png", "c.png", "e.png"]
+    assert sorted(Path(path).name for path, _ in samples) == ["a.png", "b.png", "c-again.png", "c.png"]
