@@ -127,7 +127,8 @@ def check_arguments(node: str, values: Mapping[str, Any], params: Mapping[str, i
 def backbone_fits(args: Any, config: CN) -> bool:
     """``MODEL.BACKBONE_ARGS`` are arguments of the backbone's constructor: for the Focal Transformers, keys and
     kinds of value against its signature (:func:`check_arguments`), less those the dense backbone sets
-    (``drop_path_rate``: ``MODEL.DROP_PATH_RATE``); another timm model is built on the meta device to find out."""
+    (``drop_path_rate``: ``MODEL.DROP_PATH_RATE``); another timm model is built on the meta device to find out.
+    True, or a UsageError naming the key."""
     import timm
     import torch
 

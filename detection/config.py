@@ -23,6 +23,7 @@ ANCHOR_LEVELS = 5
 
 
 def levels_fit(out_indices: Any, config: CN) -> bool:
+    """Too few levels fail at the first step (torchvision's anchor generator), too many too, or in the RoI pools."""
     extra = EXTRA_LEVELS.get(config.MODEL.DETECTOR)
     if extra is None:
         return True
@@ -31,6 +32,7 @@ def levels_fit(out_indices: Any, config: CN) -> bool:
 
 
 def detector_args_fit(_: Any, config: CN) -> bool:
+    """True, or the error of :func:`detection.model.detector_args`, which names the key itself."""
     from .model import detector_args  # not at the top: the config tree imports nothing it configures
     return bool(detector_args(config))
 
