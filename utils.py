@@ -377,6 +377,24 @@ def shape_changes(saved: Any, config: Any) -> str:
     return f"; it was trained with {', '.join(changes)}" if changes else ""
 
 
+# Settings that decide what each output of a model means (segmentation's label convention, which every checkpoint
+# records in its config): another value would score or train each output on another class's pixels, silently.
+MEANING_KEYS = ("DATA.REDUCE_ZERO_LABEL",)
+
+
+def meaning_changes(saved: Any, config: Any) -> List[Tuple[str, Any, Any]]:
+    """``(KEY, old, new)`` for the :data:`MEANING_KEYS` a checkpoint's config (``saved``) has otherwise; none for a
+    checkpoint without one (not ours)."""
+    return [(key, old, new) for key, old, new in _changed(saved, config) if key in MEANING_KEYS]
+
+
+def check_meaning(checkpoint: Checkpoint, config: Any) -> None:
+    """Refuse a checkpoint whose :data:`MEANING_KEYS` differ from this run's, naming the key and its value."""
+    for key, old, new in meaning_changes(checkpoint.state.get("config"), config)[:1]:
+        raise UsageError(f"{checkpoint.source}: it was trained with {key} {old} and this run has {new}, so every "
+                         f"output would mean another class; pass --opts {key} {old}")
+
+
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
@@ -393,11 +411,14 @@ def restore_checkpoint(checkpoint: Checkpoint, model: nn.Module, logger: logging
     ``engine.create_ema``'s); returns (next epoch, updates done, best accuracy). Weights must fit the model
     exactly. A weights-only file (a released checkpoint) starts at 0.
 
-    The config is the truth: the optimizer keeps its moments but takes its hyper-parameters (rates, decay, betas)
+    Settings that decide what the outputs mean must be the checkpoint's (:func:`check_meaning`). Otherwise the
+    config is the truth: the optimizer keeps its moments but takes its hyper-parameters (rates, decay, betas)
     from this run's, and the caller rebuilds the learning-rate schedule from this run's config rather than loading
     the saved one. Changed settings are logged; a change of optimizer type is refused.
     """
     state, path = checkpoint.state, checkpoint.path
+    if config is not None:
+        check_meaning(checkpoint, config)
     training = optimizer is not None and all(k in state for k in ("optimizer", "epoch"))
     try:
         report = load_weights(model, state, strict=True, resize=not training)

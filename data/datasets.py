@@ -15,7 +15,7 @@ import zipfile
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
@@ -25,27 +25,58 @@ from errors import UsageError
 logger = logging.getLogger("focal.data")
 
 
+class UnsupportedImage(ValueError):
+    """Pixel values without a known scale to 8 bits: refused by name rather than read black or white."""
+
+
 # What PIL raises for unreadable, truncated, corrupt (e.g. "broken PNG file") and oversized (its decompression-bomb
-# guard) files, when a file is opened on its own (a dataset item also runs transforms: see CheckedImages).
+# guard) files, when a file is opened on its own (a dataset item also runs transforms: see CheckedImages); and
+# UnsupportedImage, a ValueError.
 PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 # 16-bit grey images (PNG, TIFF): Pillow's conversion to RGB clips every value above 255 to white.
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# EXIF orientations that turn the picture by a quarter: its displayed width is the stored height.
+QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def check_mode(image: Image.Image) -> None:
+    """Refuse a float image (mode F): 0..1 and 0..255 are both common, and RGB conversion reads the first black."""
+    if image.mode == "F":
+        raise UnsupportedImage("holds floating-point values (mode F), whose range is unknown (0..1 or 0..255); save "
+                               "it as 8- or 16-bit")
+
+
+def displayed_size(image: Image.Image) -> Tuple[int, int]:
+    """(width, height) as shown, after the EXIF orientation (read from the header; a phone photo held upright is
+    stored on its side)."""
+    width, height = image.size
+    # Pillow decodes a whole PNG to look for EXIF after its pixels; one written before them is read with the header.
+    exif = image.getexif() if image.format != "PNG" or "exif" in image.info else {}
+    return (height, width) if exif.get(ExifTags.Base.Orientation) in QUARTER_TURNS else (width, height)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """``image`` as 8-bit RGB, scaling 16-bit grey values to 8 bits instead of clipping them."""
+    """``image`` as 8-bit RGB. Grey of more than 8 bits is scaled, not clipped to white: 16-bit modes by 255/65535;
+    32-bit integers (mode I) by the range their values use: 0..255 as they are, up to 65535 as 16-bit, beyond that
+    (or below 0) refused, as float images are (:func:`check_mode`)."""
+    check_mode(image)
     if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
         values = np.asarray(image)
-        if image.mode != "I" or values.max() > 255:  # 32-bit "I" images from 16-bit files hold 0..65535
+        if image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise UnsupportedImage(f"holds 32-bit integer values from {values.min()} to {values.max()} (mode I), "
+                                   f"beyond 16 bits, whose range is unknown; save it as 8- or 16-bit")
+        if image.mode != "I" or values.max(initial=0) > 255:  # "I" images from 16-bit files hold 0..65535
             values = values.astype(np.float64) / 257.0
         image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
     return image.convert("RGB")
 
 
 def load_rgb(source: Any) -> Image.Image:
-    """Open an image file (a path or a file object) as RGB."""
+    """Open an image file (a path or a file object) as RGB, turned as its EXIF orientation says (as it is shown:
+    a phone photo held upright is stored on its side with a tag to turn it)."""
     with Image.open(source) as image:
+        ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
 
 
@@ -69,10 +100,46 @@ def image_files(files: Sequence[str], extensions: Tuple[str, ...] = IMG_EXTENSIO
     return sorted(f for f in files if not hidden(f) and has_file_allowed_extension(f, extensions))
 
 
+def link_stays(path: str, own: str) -> bool:
+    """Whether the folder link ``path`` leads inside the class folder whose real path is ``own``. One that leads out
+    of it (to a parent, another class, another split, elsewhere) is skipped with a warning naming it: everything
+    there would be labelled as this class. A class folder may itself be a link, and a file link may lead anywhere
+    (a split made of links into a pool of images labels each file by where its link is)."""
+    target = os.path.realpath(path)
+    if os.path.commonpath([target, own]) == own:
+        return True
+    logger.warning(f"skipping {path}: a link to {target}, outside its class folder, would label what is there as "
+                   f"this class")
+    return False
+
+
+def class_images(class_folder: str, extensions: Tuple[str, ...]) -> List[str]:
+    """The image files under ``class_folder``, by folder and name. Every folder is entered once (a link back up the
+    tree would repeat its images until the path got too long); hidden files and folders (:func:`hidden`) and folder
+    links leaving the class folder (:func:`link_stays`) are left out."""
+    own, visited, found = os.path.realpath(class_folder), set(), []
+
+    def visit(root: str) -> None:
+        real = os.path.realpath(root)
+        if real in visited:
+            return
+        visited.add(real)
+        with os.scandir(root) as listing:
+            entries = [e for e in sorted(listing, key=lambda e: e.name)
+                       if not hidden(e.name) and not (e.is_symlink() and e.is_dir() and not link_stays(e.path, own))]
+        found.append((root, image_files([e.name for e in entries if not e.is_dir()], extensions)))
+        for entry in entries:
+            if entry.is_dir():
+                visit(entry.path)
+
+    visit(class_folder)
+    return [os.path.join(root, name) for root, names in sorted(found) for name in names]
+
+
 class ImageTree(ImageFolder):
-    """``ImageFolder`` that enters every directory once: followed links stay allowed (datasets are often linked
-    together), but a link back up the tree would otherwise repeat a class's images until the path got too long.
-    Hidden files and folders (:func:`hidden`) are left out. Images load through :func:`load_rgb`."""
+    """``ImageFolder`` whose classes are read by :func:`class_images`: links are followed while they stay inside
+    their class folder, every folder once, hidden files and folders left out. Images load through
+    :func:`load_rgb`."""
 
     def __init__(self, root: str, transform: Optional[Callable] = None, allow_empty: bool = False):
         super().__init__(root, transform=transform, loader=load_rgb, allow_empty=allow_empty)
@@ -87,17 +154,8 @@ class ImageTree(ImageFolder):
         extensions = extensions or IMG_EXTENSIONS
         samples = []
         for name in sorted(class_to_idx):
-            found, visited = [], set()
-            for root, dirs, files in os.walk(os.path.join(directory, name), followlinks=True):
-                real = os.path.realpath(root)
-                if real in visited:
-                    dirs[:] = []
-                    continue
-                visited.add(real)
-                dirs[:] = [d for d in dirs if not hidden(d)]
-                found.append((root, image_files(files, extensions)))
-            class_samples = [(os.path.join(root, f), class_to_idx[name])
-                             for root, files in sorted(found) for f in files]
+            class_samples = [(path, class_to_idx[name]) for path in class_images(os.path.join(directory, name),
+                                                                                 extensions)]
             if not class_samples and not allow_empty:
                 raise FileNotFoundError(f"Found no valid file for the class {name}")
             samples += class_samples
@@ -289,9 +347,10 @@ def image_sources(dataset: Dataset) -> List[str]:
 
 
 class CheckedImages(Dataset):
-    """``dataset`` where an image that cannot be decoded (truncated, corrupt, not an image) is an error naming its
-    file, or, with ``skip`` (``DATA.SKIP_BAD_IMAGES``), becomes ``None`` (left out of the batch) and is counted.
-    The count sits in shared memory so that skips in DataLoader workers add up in the main process."""
+    """``dataset`` where an image that cannot be decoded (truncated, corrupt, not an image, of unknown range) is an
+    error naming its file, or, with ``skip`` (``DATA.SKIP_BAD_IMAGES``), becomes ``None`` (left out of the batch)
+    and is counted. The count sits in shared memory so that skips in DataLoader workers add up in the main
+    process."""
 
     def __init__(self, dataset: Dataset, sources: Sequence[str], skip: bool):
         self.dataset = dataset
@@ -306,7 +365,7 @@ class CheckedImages(Dataset):
         try:
             return self.dataset[index]
         # PIL's errors for unreadable, truncated and unidentified files, and for images over its pixel limit
-        except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+        except (OSError, SyntaxError, Image.DecompressionBombError, UnsupportedImage) as err:
             if not self.skip:
                 raise UsageError(f"cannot read image {self.sources[index]}: {err}; replace the file, or set "
                                  f"DATA.SKIP_BAD_IMAGES True to leave unreadable images out") from None

@@ -2,8 +2,9 @@
 rules): each task starts from :func:`dense_defaults` and adds its own keys, so classification is untouched."""
 from __future__ import annotations
 
+import inspect
 import os
-from typing import Any, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from yacs.config import CfgNode as CN
 
@@ -81,7 +82,85 @@ def dense_defaults() -> CN:
     return c
 
 
+def _fits(value: Any, default: Any, annotation: Any) -> bool:
+    """Whether ``value`` is of the kind of ``default``: an int for an int (``100.0`` is no count), a number for a
+    float, a bool for a bool, text for text, a list of such for a list, or for a single value whose annotation
+    allows a sequence (``Union[int, Tuple[int, int]]``). A default of None says nothing."""
+    if default is None or default is inspect.Parameter.empty:
+        return True
+    many = isinstance(default, (list, tuple))
+    if isinstance(value, (list, tuple)):
+        item = default[0] if many and default else None if many else default
+        allowed = many or any(word in str(annotation).lower() for word in ("tuple", "sequence", "list"))
+        return allowed and all(_fits(v, item, "") for v in value)
+    if many or isinstance(value, bool) != isinstance(default, bool):
+        return False
+    if isinstance(default, (int, float)):
+        return isinstance(value, int) if isinstance(default, int) else isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def _kind(default: Any) -> str:
+    kinds = ((bool, "True or False"), (int, "an integer"), (float, "a number"), (str, "text"),
+             ((list, tuple), "a list"))
+    return next((name for types, name in kinds if isinstance(default, types)), f"a {type(default).__name__}")
+
+
+def check_arguments(node: str, values: Mapping[str, Any], params: Mapping[str, inspect.Parameter], owner: str,
+                    own_rules: Collection[str] = (), positive: Collection[str] = ()) -> None:
+    """Keyword arguments from a config node (``MODEL.BACKBONE_ARGS``, ``MODEL.DETECTOR_ARGS``) against the
+    parameters of what takes them (``owner``): an unknown key, a value of another kind than its default
+    (:func:`_fits`; keys in ``own_rules`` have config rules of their own) or a ``positive`` one below 1 is a
+    one-line error naming the key, before a run folder is made."""
+    unknown = sorted(set(values) - set(params))
+    if unknown:
+        raise UsageError(f"{node}.{unknown[0]} is not an argument of {owner}; it accepts: {', '.join(sorted(params))}")
+    for key, value in values.items():
+        default = params[key].default
+        if key not in own_rules and not _fits(value, default, params[key].annotation):
+            raise UsageError(f"{node}.{key} must be {_kind(default)} for {owner} (default {default!r}), got "
+                             f"{value!r}")
+        if key in positive and value < 1:
+            raise UsageError(f"{node}.{key} must be at least 1 for {owner}, got {value!r}")
+
+
+def backbone_fits(args: Any, config: CN) -> bool:
+    """``MODEL.BACKBONE_ARGS`` are arguments of the backbone's constructor: for the Focal Transformers, keys and
+    kinds of value against its signature (:func:`check_arguments`), less those the dense backbone sets
+    (``drop_path_rate``: ``MODEL.DROP_PATH_RATE``); another timm model is built on the meta device to find out.
+    True, or a UsageError naming the key."""
+    import timm
+    import torch
+
+    from models import FocalTransformer  # not at the top: the config tree imports nothing it configures
+    from models.registry import default_cfgs
+    name = config.MODEL.BACKBONE
+    if name in default_cfgs:
+        params = {key: p for key, p in inspect.signature(FocalTransformer).parameters.items() if key not in SETS}
+        check_arguments("MODEL.BACKBONE_ARGS", args, params, f"{name} (MODEL.BACKBONE)")
+        return True
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, **args)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise UsageError(f"MODEL.BACKBONE_ARGS do not build {name} (MODEL.BACKBONE): {err}") from None
+    return True
+
+
+def timm_model(name: str, _: Any) -> bool:
+    import timm
+
+    import models  # noqa: F401  registers the Focal Transformers with timm
+    return timm.is_model(name)
+
+
+# Arguments of the Focal Transformer that the dense backbone sets itself, or that name no setting.
+SETS = ("variant", "drop_path_rate", "device", "dtype")
+
 DENSE_RULES = (
+    Rule("MODEL.BACKBONE", timm_model, "must name a timm model: the Focal Transformers of models/registry.py (such as "
+         "focal_tiny_patch4_window7_224) or timm's own (such as swin_tiny_patch4_window7_224)"),
+    Rule("MODEL.BACKBONE_ARGS", backbone_fits, "must be arguments of MODEL.BACKBONE"),
     Rule("DATA.BATCH_SIZE", at_least(1), "must be at least 1"),
     Rule("DATA.TEST_BATCH_SIZE", at_least(1), "must be at least 1"),
     Rule("DATA.NUM_WORKERS", at_least(0), "must be 0 (load in the main process) or more"),

@@ -1,6 +1,7 @@
-"""Reading the dense tasks' image files as classification reads them (``data.datasets.to_rgb``: 16-bit grey scaled
-to 8 bits), with every failure one line naming the file; a float image, whose scale is unknown, is refused before a
-run trains on it."""
+"""Reading the dense tasks' image files as classification reads them (``data.datasets.load_rgb``: turned as their
+EXIF orientation says, 16-bit grey scaled to 8 bits, float refused), with every failure one line naming the file.
+Sizes are those shown, after the orientation: COCO boxes and segmentation labels are drawn on the picture as shown
+(a label PNG carries no orientation of its own and is used as stored)."""
 from __future__ import annotations
 
 from typing import Tuple
@@ -9,30 +10,35 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 
-from data.datasets import PIL_ERRORS, to_rgb
+from data.datasets import PIL_ERRORS, UnsupportedImage, check_mode, displayed_size, load_rgb
 from errors import UsageError
-
-# PIL's float mode: values in 0..1 or in 0..255 alike, which RGB conversion would clip or make black.
-FLOAT_MODE = "F"
 
 
 def image_size(path: str, what: str = "image") -> Tuple[int, int]:
-    """(width, height) from the file's header, or a one-line error naming the ``what`` (image or annotation); so
-    is a float image."""
+    """(width, height) as shown, from the file's header, or a one-line error naming the ``what`` (image or
+    annotation); so is a float image, before a run trains on it."""
     try:
         with Image.open(path) as img:
-            if what == "image" and img.mode == FLOAT_MODE:
-                raise UsageError(f"image {path} holds floating-point values (mode F), whose range is unknown; save "
-                                 f"it as 8- or 16-bit")
-            return img.size
+            if what != "image":
+                return img.size
+            check_mode(img)
+            return displayed_size(img)
+    except UnsupportedImage as err:
+        raise UsageError(f"{what} {path} {err}") from None
     except PIL_ERRORS as err:
         raise UsageError(f"cannot read {what} {path}: {err}") from None
 
 
 def read_rgb(path: str) -> torch.Tensor:
-    """The image as a uint8 (3, H, W) tensor."""
+    """The image as a uint8 (3, H, W) tensor, as shown."""
     try:
-        with Image.open(path) as img:
-            return F.pil_to_tensor(to_rgb(img))
+        return F.pil_to_tensor(load_rgb(path))
+    except UnsupportedImage as err:
+        raise UsageError(f"image {path} {err}") from None
     except PIL_ERRORS as err:
         raise UsageError(f"cannot read image {path}: {err}") from None
+
+
+def as_shown(size: Tuple[int, int], expected: Tuple[int, int]) -> str:
+    """For a size mismatch message: where the sizes are each other turned, the image's EXIF orientation turned it."""
+    return " as shown (its EXIF orientation turns the stored picture)" if tuple(size) == tuple(expected)[::-1] else ""

@@ -27,8 +27,8 @@ from models import ConfigError
 from models.checkpoint import extract_state_dict, load_weights
 from optimizer import param_groups
 from run_lock import leaving, locked_run, quiet_worker_teardown, stop_on_signals
-from utils import (check_classes, log_load, read_checkpoint, restore_checkpoint, resume_checkpoint, seed_everything,
-                   stored_ema)
+from utils import (check_classes, log_load, meaning_changes, read_checkpoint, restore_checkpoint, resume_checkpoint,
+                   seed_everything, stored_ema)
 
 from .backbone import DenseBackbone
 from .config import get_task_config
@@ -69,16 +69,22 @@ class Task:
     score_name: str = "score"
 
 
-def load_backbone(path: str, backbone: DenseBackbone, logger: logging.Logger, unsafe: bool = False) -> None:
+def load_backbone(path: str, backbone: DenseBackbone, logger: logging.Logger, unsafe: bool = False,
+                  config: Any = None) -> None:
     """Backbone weights from ``path``: a dense checkpoint of this backbone (the network and its output norms,
     found under whatever prefix the task's model gives them) or a classification checkpoint (ours or a released
     one) for the network alone, position tables resized to the window size and the classifier's head and final
     norm left out; the output norms then start fresh, as the log line says. Anything else is refused: a partly
-    random backbone is a silent mistake."""
+    random backbone is a silent mistake. A label convention of the checkpoint other than this run's (``config``)
+    is said, and concerns only the decoder or heads, which are not loaded."""
     try:
-        weights = extract_state_dict(read_checkpoint(path, logger, unsafe).state)
+        state = read_checkpoint(path, logger, unsafe).state
+        weights = extract_state_dict(state)
     except ValueError as err:
         raise UsageError(f"--pretrained {path}: {err}") from None
+    for key, old, new in meaning_changes(state.get("config"), config) if config is not None else []:
+        logger.info(f"--pretrained {path} was trained with {key} {old} (this run: {new}): only its backbone is "
+                    f"loaded, so its outputs' meaning does not carry over")
     own = list(backbone.state_dict())
     prefix = next((key[:-len(own[0])] for key in weights if key.endswith(own[0])), None)
     if prefix is not None and f"{prefix}{own[-1]}" in weights:
@@ -151,12 +157,20 @@ def training_task(task: Task) -> engine.Task:
                                                                 betas=tuple(config.TRAIN.BETAS)),
         build_scheduler=build_dense_scheduler, losses=lambda config, data: task.losses, evaluate=evaluate,
         load_pretrained=lambda config, model, logger, unsafe: load_backbone(config.MODEL.PRETRAINED,
-                                                                            task.backbone(model), logger, unsafe),
+                                                                            task.backbone(model), logger, unsafe,
+                                                                            config),
         score_name=task.score_name)
 
 
 def build_dense_model(task: Task, config: Any, num_classes: int, env: DistEnv, logger: logging.Logger) -> nn.Module:
-    model = task.build_model(config, num_classes).to(env.device)
+    """The task's model; backbone arguments of the right kinds that do not go together (two depths and four head
+    counts) are one line, not the model's traceback (the config rules have checked each on its own)."""
+    try:
+        model = task.build_model(config, num_classes).to(env.device)
+    except (TypeError, ValueError, IndexError, AssertionError, ArithmeticError) as err:
+        raise UsageError(f"the model cannot be built from MODEL.BACKBONE {config.MODEL.BACKBONE} with "
+                         f"MODEL.BACKBONE_ARGS {dict(config.MODEL.BACKBONE_ARGS)} and MODEL.OUT_INDICES "
+                         f"{list(config.MODEL.OUT_INDICES)}: {err}") from None
     changed = ", ".join(f"{key} {value}" for key, value in config.MODEL.BACKBONE_ARGS.items())
     logger.info(f"model {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters())} parameters, "
                 f"{num_classes} classes, backbone {config.MODEL.BACKBONE}{f' with {changed}' if changed else ''} "
@@ -177,7 +191,7 @@ def evaluate_checkpoint(task: Task, config: Any, env: DistEnv, logger: logging.L
     classes = task.class_record(config, val_set)
     if classes:
         check_classes(checkpoint, classes.names, classes.kind, classes.source, classes.ids, True, classes.first_output)
-    restore_checkpoint(checkpoint, model, logger)
+    restore_checkpoint(checkpoint, model, logger, config=config)
     task.evaluate(config, model, val_set, env, precision, logger)
     ema_weights = stored_ema(checkpoint.state, checkpoint.source, config, logger)
     if ema_weights is not None:  # scored as main.py --eval scores them

@@ -2,6 +2,8 @@
 Mask R-CNN 1x recipe on COCO (see configs/detection/)."""
 from __future__ import annotations
 
+from typing import Any
+
 from yacs.config import CfgNode as CN
 
 from config import Rule, at_least, one_of
@@ -13,6 +15,26 @@ GROUP_NORM_DETECTORS = ("fcos", "atss")
 # The detectors that predict instance masks: their data carries mask annotations and they are scored by mask AP too.
 MASK_DETECTORS = ("mask_rcnn", "cascade_mask_rcnn")
 FCOS_MIN_SIZE = 256
+# The levels each detector adds to its backbone stages' (a max-pooled P6; P6 and P7), which together must match its
+# anchor sizes, one per level: five (torchvision's defaults, which its default stages meet), or ATSS's
+# anchor_strides. Sparse R-CNN has no anchors.
+EXTRA_LEVELS = {"mask_rcnn": 1, "cascade_mask_rcnn": 1, "retinanet": 2, "fcos": 2, "atss": 2}
+ANCHOR_LEVELS = 5
+
+
+def levels_fit(out_indices: Any, config: CN) -> bool:
+    """Too few levels fail at the first step (torchvision's anchor generator), too many too, or in the RoI pools."""
+    extra = EXTRA_LEVELS.get(config.MODEL.DETECTOR)
+    if extra is None:
+        return True
+    anchors = len(config.MODEL.DETECTOR_ARGS.get("anchor_strides", ())) or ANCHOR_LEVELS
+    return (len(out_indices) or ANCHOR_LEVELS - extra) + extra == anchors
+
+
+def detector_args_fit(_: Any, config: CN) -> bool:
+    """True, or the error of :func:`detection.model.detector_args`, which names the key itself."""
+    from .model import detector_args  # not at the top: the config tree imports nothing it configures
+    return bool(detector_args(config))
 
 
 def detection_defaults() -> CN:
@@ -50,4 +72,8 @@ DETECTION_RULES = DENSE_RULES + (
     Rule("MODEL.DETECTOR_ARGS.max_size", at_least(32), "must be at least 32"),
     Rule("MODEL.DETECTOR_ARGS.min_size", lambda value, c: c.MODEL.DETECTOR != "fcos" or min(value) >= FCOS_MIN_SIZE,
          f"must be at least {FCOS_MIN_SIZE} for FCOS: its head's group norms need P7 (stride 128) above 1x1"),
+    Rule("MODEL.DETECTOR_ARGS", detector_args_fit, "must be arguments of MODEL.DETECTOR"),
+    Rule("MODEL.OUT_INDICES", levels_fit, "must give the detector one level per anchor size: 4 stages for mask_rcnn "
+         "and cascade_mask_rcnn (P2-P5, and a pooled P6), 3 for retinanet, fcos and atss (P3-P5, and P6-P7; for "
+         "atss, two fewer than its anchor_strides); [] takes those"),
 )

@@ -16,7 +16,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 from pycocotools.coco import COCO
 
-from dense.images import image_size, read_rgb
+from dense.images import as_shown, image_size, read_rgb
 from detection.config import MASK_DETECTORS
 from errors import UsageError
 
@@ -182,8 +182,9 @@ class CocoDetection(torch.utils.data.Dataset):
         """``size`` (width, height) of the image file must be its entry's."""
         info = self.coco.imgs[image_id]
         if size != (info["width"], info["height"]):
-            raise UsageError(f"image {os.path.join(self.folder, info['file_name'])} is {size[0]}x{size[1]} but "
-                             f"{self.ann_file} says {info['width']}x{info['height']}")
+            raise UsageError(f"image {os.path.join(self.folder, info['file_name'])} is {size[0]}x{size[1]}"
+                             f"{as_shown(size, (info['width'], info['height']))} but {self.ann_file} says "
+                             f"{info['width']}x{info['height']}")
 
     def _objects(self, image_id: int) -> List[Dict[str, Any]]:
         return [a for a in self.coco.imgToAnns[image_id]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
-from typing import Any, Dict, FrozenSet
+from typing import Any, Dict
 
 import torch
 import torch.nn as nn
@@ -15,6 +15,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
 from dense.backbone import DenseBackbone, build_backbone
+from dense.config import check_arguments
 from errors import UsageError
 
 from .atss import ATSS
@@ -32,27 +33,28 @@ BUILT_HERE = frozenset({
     "proposal_matcher", "box_head_dim", "mask_head_channels"})
 
 
-def accepted_args(detector: type) -> FrozenSet[str]:
-    """The keyword arguments ``MODEL.DETECTOR_ARGS`` may set: the detector's constructors' (through the MRO, and the
-    image transform's), less those a subclass does not use (its ``UNUSED_ARGS``)."""
-    names = set()
+def detector_parameters(detector: type) -> Dict[str, inspect.Parameter]:
+    """The keyword arguments ``MODEL.DETECTOR_ARGS`` may set, with their defaults: the detector's constructors'
+    (through the MRO, the nearest class's first, and the image transform's), less those a subclass does not use
+    (its ``UNUSED_ARGS``)."""
+    params: Dict[str, inspect.Parameter] = {}
     for cls in (*detector.__mro__, GeneralizedRCNNTransform):
         if "__init__" not in vars(cls) or cls in (nn.Module, object):
             continue
-        names |= {name for name, p in inspect.signature(cls.__init__).parameters.items()
-                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return frozenset(names - BUILT_HERE - getattr(detector, "UNUSED_ARGS", frozenset()))
+        for name, p in inspect.signature(cls.__init__).parameters.items():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                params.setdefault(name, p)
+    left_out = BUILT_HERE | getattr(detector, "UNUSED_ARGS", frozenset())
+    return {name: p for name, p in params.items() if name not in left_out}
 
 
 def detector_args(config: Any) -> Dict[str, Any]:
-    """``MODEL.DETECTOR_ARGS`` as keyword arguments; a key the detector does not take is refused by name, since
-    torchvision would otherwise swallow it (e.g. a misspelt ``min_sise``) and train with its default."""
+    """``MODEL.DETECTOR_ARGS`` as keyword arguments, checked by :func:`dense.config.check_arguments`: torchvision
+    would swallow a misspelt key (``min_sise``) and train with its default, and a value of the wrong type (a float
+    ``box_detections_per_img``) would fail only in the first evaluation, after an epoch of training."""
     args = dict(config.MODEL.DETECTOR_ARGS)
-    accepted = accepted_args(DETECTOR_CLASSES[config.MODEL.DETECTOR])
-    unknown = sorted(set(args) - accepted)
-    if unknown:
-        raise UsageError(f"MODEL.DETECTOR_ARGS.{unknown[0]} is not an argument of {config.MODEL.DETECTOR} "
-                         f"(MODEL.DETECTOR); it accepts: {', '.join(sorted(accepted))}")
+    check_arguments("MODEL.DETECTOR_ARGS", args, detector_parameters(DETECTOR_CLASSES[config.MODEL.DETECTOR]),
+                    f"{config.MODEL.DETECTOR} (MODEL.DETECTOR)", own_rules=("min_size",), positive=("size_divisible",))
     args["min_size"] = tuple(args["min_size"])
     return args
 

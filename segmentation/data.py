@@ -2,7 +2,8 @@
 hidden files left out) with ``annotations/<split>/*.png`` of the same name, one label value per pixel.
 ``DATA.REDUCE_ZERO_LABEL`` says what the values mean: ADE20K's convention (0 is "other", ignored; value v is class
 v - 1) or plain classes (value v is class v). Value 255 is always ignored. Pairs and sizes are checked when the set
-is opened, and so are the validation label values (training ones as each image is read).
+is opened, and so are the validation label values (training ones as each image is read). An image is turned as its
+EXIF orientation says and its label PNG is used as stored: labels are drawn on the picture as shown.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from data.datasets import PIL_ERRORS, image_files
-from dense.images import image_size, read_rgb
+from dense.images import as_shown, image_size, read_rgb
 from errors import UsageError
 
 IGNORE = 255  # ignored pixels: the value 255, and 0 under REDUCE_ZERO_LABEL
@@ -151,7 +152,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
             image_wh, label_wh = image_size(image, "image"), image_size(label, "annotation")
             if image_wh != label_wh:
                 raise UsageError(f"annotation {label} is {label_wh[0]}x{label_wh[1]} but its image is "
-                                 f"{image_wh[0]}x{image_wh[1]}")
+                                 f"{image_wh[0]}x{image_wh[1]}{as_shown(image_wh, label_wh)}")
             self.samples.append((image, label))
         self.reduce_zero_label = config.DATA.REDUCE_ZERO_LABEL
         self.num_classes = num_classes or count_classes([label for _, label in self.samples],

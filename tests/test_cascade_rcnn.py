@@ -16,7 +16,7 @@ from dense.config import merge_task_opts
 from dense.demo import generate_detection
 from detection.cascade_rcnn import CascadeMaskRCNN, CascadeRoIHeads
 from detection.config import detection_defaults
-from detection.model import accepted_args, build_detector
+from detection.model import build_detector, detector_parameters
 from errors import UsageError
 from tests.helpers import BACKBONE_OPTS, REPO, check, run_task
 
@@ -212,7 +212,7 @@ def test_bad_stage_settings_are_one_line_naming_the_key(key, value, message):
 def test_the_detector_args_are_the_cascades():
     """Faster R-CNN's single-stage settings (box_fg_iou_thresh, bbox_reg_weights) have no meaning here and are
     refused; the stage lists, the RPN's and the transform's are accepted."""
-    accepted = accepted_args(CascadeMaskRCNN)
+    accepted = set(detector_parameters(CascadeMaskRCNN))
     assert {"stage_iou_thresholds", "stage_box_weights", "stage_loss_weights", "rpn_nms_thresh",
             "box_batch_size_per_image", "min_size", "size_divisible"} <= accepted
     assert not {"box_fg_iou_thresh", "bbox_reg_weights", "box_head_dim", "mask_head_channels"} & accepted

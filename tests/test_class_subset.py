@@ -44,6 +44,58 @@ def test_folders_map_to_logits_by_name_or_index(caplog):
         logit_indices(["a", "e", "f", "g", "h"], ["a", "b", "c", "d"], 4, "x/val", LOG)
 
 
+NAMES = ["Birke", "apple", "caf\u00e9", "dog", "eel", "fig", "gnu"]  # a 7-class checkpoint's (sorted) folders
+
+
+@pytest.mark.parametrize("folders, classes, num_classes, expected", [
+    # macOS writes folder names decomposed: "cafe\u0301" is the stored "caf\u00e9"; sorted, it still lands 3rd
+    (["apple", "cafe\u0301", "gnu"], NAMES, 7, [1, 2, 6]),
+    (sorted(["apple", "Birke", "cafe\u0301", "dog", "eel", "fig", "gnu"]), NAMES, 7, None),
+    # numbered folders with names stored: indices below the class count (none of them is called a stranger)
+    (["2", "5"], NAMES, 7, [2, 5]),
+    (["004", "6"], None, 7, [4, 6]),  # leading zeros are still the index
+], ids=["unicode-form", "all-unicode-forms", "indices-of-named", "zero-padded"])
+def test_folders_matched_exactly(folders, classes, num_classes, expected):
+    got = logit_indices(folders, classes, num_classes, "v/val", LOG)
+    assert (got if got is None else got.tolist()) == expected
+
+
+@pytest.mark.parametrize("folders, classes, num_classes, message", [
+    (["birke", "dog"], NAMES, 7, r"only in letter case: birke \(class Birke\)"),
+    (["APPLE", "Birke", "cafe\u0301", "dog", "eel", "fig", "gnu"], NAMES, 7, r"only in letter case: APPLE"),
+    (["caf\u00e9", "cafe\u0301"], NAMES, 7, r"name one class twice: 'cafe\\u0301' and 'caf\\xe9'"),
+    (["02", "2", "3"], None, 5, r"name one class twice: 02 and 2"),
+    # as many folders as classes and no names to go by: still one name twice, not two classes in sorted order
+    (["Kl\u00e4ger", "Kla\u0308ger"], None, 2, r"name one class twice: 'Kla\\u0308ger' and 'Kl\\xe4ger'"),
+    # 1-based numbers on a 5-class checkpoint: as many folders as classes, yet "5" is no index (sorted order would
+    # have made "5" class 4 and every folder after "1" another class)
+    (["1", "2", "3", "4", "5"], None, 5, r"numbers that are no class index of the 5-class checkpoint \(0-4\): 5"),
+    (["1", "12", "3"], NAMES, 7, r"no class index of the 7-class checkpoint \(0-6\): 12"),
+    # "\u00b3" passes str.isdigit but int() refuses it: a name, mixed here with an index
+    (["3", "\u00b3"], None, 2, r"mixes class folders named by class index \(3\) with folders named otherwise"),
+    (["4", "dog", "eel"], NAMES, 7, r"mixes class folders named by class index \(4\) with folders named otherwise "
+                                    r"\(dog, eel\)"),
+    # as many as the classes, but digits all the same: no sorted-order guess
+    (["\u00b2", "\u00b3"], None, 2, r"2 class folders \(\u00b2, \u00b3\) that are not among class names"),
+    (["gnu", "yak", "zebu"], NAMES, 7, r"2 class folders \(yak, zebu\) that are not among"),
+], ids=["case", "case-all-classes", "unicode-twins", "zero-padded-twins", "unicode-twins-unnamed", "one-based", "index-too-high",
+        "superscript-mixed", "index-among-names", "superscripts", "unknown-names"])
+def test_folders_that_cannot_be_matched_exactly_are_refused_in_one_line(folders, classes, num_classes, message):
+    with pytest.raises(UsageError, match=message) as refused:
+        logit_indices(sorted(folders), classes, num_classes, "v/val", LOG)
+    assert str(refused.value).startswith("--eval: v/val ") and "\n" not in str(refused.value)
+    assert "not among" not in str(refused.value) or not any(f.isdigit() and f.isascii() for f in folders)
+
+
+def test_the_sorted_order_is_kept_only_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, "focal.test"):
+        assert logit_indices(["p", "q", "r"], ["a", "b", "c"], 3, "v/val", LOG) is None
+        assert logit_indices(["p", "q"], None, 2, "v/val", LOG) is None
+    assert [r.message.split(":")[0] for r in caplog.records] == [
+        "the class folders of v/val are not the checkpoint's class names (a, b, c, ...)",
+        "the class folders of v/val cannot be matched by name (the checkpoint stores no class names)"]
+
+
 @pytest.mark.slow
 def test_eval_of_1000_class_checkpoint_on_three_named_classes(demo_data, tmp_path):
     """A stand-in released checkpoint (1000 classes, no names) whose constant logits favour class 999 overall and

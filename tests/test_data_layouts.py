@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from config import load_config
 from data import build_train_loader, build_val_loader
-from data.datasets import ZipImageDataset, build_dataset
+from data.datasets import ImageTree, ZipImageDataset, build_dataset
 from data.demo import generate
 from data.samplers import ShardSampler
 from data.transforms import build_transform
@@ -152,3 +155,56 @@ def test_the_dense_demo_generators_never_write_over_a_users_dataset(task, theirs
     first = _digest(ours)
     GENERATORS[task](str(ours), 32, 2, 1)
     assert _digest(ours) == first
+
+
+def class_tree(root: Path) -> Path:
+    """train/cat/{a,b}.png, train/cat/sub/c.png, train/dog/d.png, and elsewhere/e.png outside the dataset."""
+    for name in ("train/cat/a.png", "train/cat/b.png", "train/cat/sub/c.png", "train/dog/d.png", "elsewhere/e.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (4, 4), 9).save(root / name)
+    return root / "train"
+
+
+@pytest.mark.parametrize("link, target", [
+    ("cat/up", ".."), ("cat/sub/up", "../../.."), ("cat/dogs", "../dog"), ("cat/sub/dogs", "../../dog"),
+    ("cat/extra", "{root}/elsewhere"), ("cat/split", "{root}/train"),
+], ids=["parent", "dataset-root", "sibling-class", "sibling-class-nested", "outside", "absolute-split"])
+def test_a_folder_link_leaving_its_class_folder_is_skipped_with_one_warning(link, target, tmp_path, caplog):
+    train = class_tree(tmp_path)
+    os.symlink(target.format(root=tmp_path), train / link)
+    os.symlink("sub", train / "cat" / "alias")  # stays inside the class folder: read, its image once
+    with caplog.at_level(logging.WARNING, "focal.data"):
+        samples = ImageTree(str(train)).samples
+    cat = {str(train / "cat" / name) for name in ("a.png", "b.png")}
+    assert {path for path, label in samples if label == 0} - cat in ({str(train / "cat/sub/c.png")},
+                                                                      {str(train / "cat/alias/c.png")})
+    assert [(path, label) for path, label in samples if label == 1] == [(str(train / "dog" / "d.png"), 1)]
+    assert len(samples) == 4
+    (warning,) = [record.getMessage() for record in caplog.records]  # named by the path it was found at
+    named = Path(warning.split(":")[0].removeprefix("skipping "))
+    assert named.name == Path(link).name and named.parent.resolve() == (train / link).parent.resolve()
+
+
+def test_a_linked_class_folder_and_its_inner_links_still_work(tmp_path):
+    pool = class_tree(tmp_path)
+    (tmp_path / "linked").mkdir()
+    os.symlink(pool / "cat", tmp_path / "linked" / "cat")  # the class folder itself lives elsewhere
+    os.symlink("sub", pool / "cat" / "alias")
+    os.symlink("sub/c.png", pool / "cat" / "c-again.png")  # a file link inside: one more sample of that image
+    samples = ImageTree(str(tmp_path / "linked")).samples
+    assert sorted(Path(path).name for path, _ in samples) == ["a.png", "b.png", "c-again.png", "c.png"]
+
+
+def test_file_links_into_a_pool_of_images_are_labelled_by_where_they_are(tmp_path, caplog):
+    """A split made of file links (a common way to carve a subset out of one image pool) loads every link."""
+    pool = class_tree(tmp_path)
+    split = tmp_path / "subset"
+    for link, target in (("dog/a.png", pool / "cat/a.png"), ("dog/e.png", tmp_path / "elsewhere/e.png"),
+                         ("cat/d.png", pool / "dog/d.png")):
+        (split / link).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, split / link)
+    with caplog.at_level(logging.WARNING, "focal.data"):
+        samples = ImageTree(str(split)).samples
+    assert [(Path(path).relative_to(split).as_posix(), label) for path, label in samples] == [
+        ("cat/d.png", 0), ("dog/a.png", 1), ("dog/e.png", 1)]
+    assert not caplog.records

@@ -32,8 +32,8 @@ from segmentation.evaluate import evaluate, predict, slide
 from segmentation.model import backbone, build_segmenter
 from segmentation.train import TASK
 from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, assert_intact, check, finished_dense_run, load,
-                           private_copy, run_task, start_task, task_args, this_run, wait_for_line)
-from utils import CHECKSUM_KEY
+                           private_copy, run_task, snapshot, start_task, task_args, this_run, wait_for_line)
+from utils import CHECKSUM_KEY, content_digest
 
 CFG = str(REPO / "configs" / "segmentation" / "demo.yaml")
 TINY = ["DATA.SCALE", "[64, 64]", "DATA.CROP_SIZE", "64", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0",
@@ -611,3 +611,68 @@ def test_padding_stays_black_under_photometric_distortion(tmp_path, monkeypatch,
     plain = normalize(torch.tensor([128, 64, 32], dtype=torch.uint8).view(3, 1, 1))  # write_pair's colour
     assert torch.allclose(image[:, 8, 8], plain.flatten(), atol=0.05) != distortion
     assert (target[16:] == 255).all() and (target[:16, :16] == 0).all()
+
+
+def with_convention(checkpoint, reduce_zero_label) -> None:
+    """Rewrite ``checkpoint`` as if trained under ``reduce_zero_label`` (``None``: a checkpoint without a saved
+    config, as foreign ones are), re-checksummed as our saver writes it."""
+    import yaml
+    state = {k: v for k, v in load(checkpoint).items() if k != CHECKSUM_KEY}
+    saved = yaml.safe_load(state.pop("config"))
+    if reduce_zero_label is not None:
+        saved["DATA"]["REDUCE_ZERO_LABEL"] = reduce_zero_label
+        state["config"] = yaml.safe_dump(saved)
+    state[CHECKSUM_KEY] = content_digest(state)
+    torch.save(state, checkpoint)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stored, given, flags", [
+    (False, [], ["--eval"]),  # auto-resumed from the run folder; the default (True) against a False checkpoint
+    # the demo's values 1-4 are classes 0-3, or under False classes 1-4 of 5 (the checkpoint has 4 outputs)
+    (True, ["DATA.REDUCE_ZERO_LABEL", "False", "DATA.NUM_CLASSES", "5"], ["--eval", "--resume"]),
+    (False, [], ["--resume"]),  # going on training
+], ids=["eval-auto", "eval-resume", "train-resume"])
+def test_a_checkpoint_is_used_only_under_its_label_convention(stored, given, flags, copied_run):
+    """Under the other DATA.REDUCE_ZERO_LABEL every label value means the neighbouring class: --eval scored the
+    checkpoint against shifted labels without a word (the demo's mIoU fell to a few per cent). The convention is
+    in the config every checkpoint stores; another one is refused naming the key, before anything is written."""
+    data, out, _ = copied_run
+    checkpoint = out / SEGMENTATION_RUN / "ckpt_epoch_0.pth"
+    with_convention(checkpoint, stored)
+    before = snapshot(out)
+    args = [*flags, str(checkpoint)] if flags[-1] == "--resume" else flags
+    with pytest.raises(UsageError, match=rf"ckpt_epoch_0.pth( \(TRAIN.AUTO_RESUME\))?: it was trained with "
+                                         rf"DATA.REDUCE_ZERO_LABEL {stored} "
+                                         rf"and this run has {not stored}, so every output would mean another "
+                                         rf"class; pass --opts DATA.REDUCE_ZERO_LABEL {stored}$"):
+        run(TASK, ["--cfg", CFG, "--data-path", str(data), "--output", str(out), "--device", "cpu", *args,
+                   "--opts", *TINY, "TRAIN.EPOCHS", "2", *given])
+    assert_intact(out, before)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_a_saved_config_is_evaluated_as_before(copied_run):
+    data, out, _ = copied_run
+    checkpoint = out / SEGMENTATION_RUN / "ckpt_epoch_0.pth"
+    with_convention(checkpoint, None)
+    run(TASK, ["--cfg", CFG, "--data-path", str(data), "--output", str(out), "--device", "cpu", "--eval",
+               "--resume", str(checkpoint), "--opts", *TINY])
+    log = this_run((out / SEGMENTATION_RUN / "log_rank0.txt").read_text())
+    assert f"resumed weights from {checkpoint}" in log and "mIoU" in log
+
+
+@pytest.mark.slow
+def test_pretrained_weights_of_the_other_label_convention_give_their_backbone_and_say_so(copied_run, caplog):
+    _, out, _ = copied_run
+    checkpoint = out / SEGMENTATION_RUN / "ckpt_epoch_0.pth"
+    with_convention(checkpoint, False)
+    args = task_args(CFG)
+    args.opts = TINY
+    config = get_task_config(args, segmentation_defaults(), SEGMENTATION_RULES)
+    model = build_segmenter(config, num_classes=4)
+    with caplog.at_level(logging.INFO, LOG.name):
+        load_backbone(str(checkpoint), backbone(model), LOG, config=config)
+    assert (f"--pretrained {checkpoint} was trained with DATA.REDUCE_ZERO_LABEL False (this run: True): only its "
+            f"backbone is loaded") in caplog.text
+    assert "loaded backbone weights and output norms from the dense checkpoint" in caplog.text
