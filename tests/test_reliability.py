@@ -198,18 +198,35 @@ def test_a_signal_ends_a_process_waiting_for_missing_ranks_at_once(demo_data, tm
     assert stderr.strip().startswith(f"stopped: {reason}") and len(stderr.strip().splitlines()) == 1, stderr
 
 
+@pytest.mark.parametrize("stop, reason, opts", [
+    # what torchrun sends the surviving ranks, to the process alone (not under torchrun: no word of other ranks)
+    (signal.SIGTERM, "terminated by SIGTERM", ("SAVE_FREQ", "1")),
+    # a terminal's Ctrl-C, to the whole foreground process group: main.py and its DataLoader workers
+    (signal.SIGINT, "interrupted (Ctrl-C)", ("DATA.NUM_WORKERS", "2")),
+], ids=["sigterm", "ctrl-c"])
 @pytest.mark.slow
-def test_ctrl_c_during_training_is_one_log_line_and_no_traceback(demo_data, tmp_path):
-    """A terminal's Ctrl-C signals the whole foreground process group: main.py and its DataLoader workers."""
-    args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "50", "DATA.NUM_WORKERS", "2"))
+def test_a_signal_during_training_is_one_log_line_no_traceback_and_whole_checkpoints(demo_data, tmp_path, stop,
+                                                                                    reason, opts):
+    """The process exits through Python with 128 + the signal, says why exactly once (the signal handler logs it,
+    wherever the exception then surfaces), prints no traceback and leaves only complete checkpoints."""
+    args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "50", *opts))
     proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, env=MAIN_ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for_line(proc, "Train: [1/50]")
-    os.killpg(proc.pid, signal.SIGINT)
+    wait_for_line(proc, "Train: [1/50][1/")  # epoch 0 is saved
+    if stop == signal.SIGINT:
+        os.killpg(proc.pid, stop)
+    else:
+        proc.send_signal(stop)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGINT
+    assert proc.returncode == 128 + stop
     assert "Traceback" not in stdout + stderr and stderr.strip() == "", stderr
-    assert read_log(tmp_path).count("stopped: interrupted (Ctrl-C)") == 1
+    log = read_log(tmp_path)
+    assert log.count(f"stopped: {reason}\n") == 1 and "ERROR failed" not in log
+    files = sorted(p.name for p in run_dir(tmp_path).iterdir())
+    assert "ckpt_epoch_0.pth" in files and not any(name.endswith(".tmp") for name in files)
+    for name in files:
+        if name.startswith("ckpt_epoch_"):
+            assert load(run_dir(tmp_path) / name)["epoch"] == int(name[len("ckpt_epoch_"):-4])
 
 
 def test_distributed_environment_without_a_master_address_is_named(demo_data, tmp_path, monkeypatch):
