@@ -110,7 +110,8 @@ def assert_agree(got: torch.Tensor, want: torch.Tensor, bound: float, msg: Optio
     ``|got - want| <= bound * (|want| + scale)``, where ``scale`` (the RMS of ``want`` unless given) is the size of
     the terms a sum adds up, so that entries it cancelled to near zero are judged against that size, not their own."""
     scale = rms([want]) if scale is None else scale
-    torch.testing.assert_close(got, want, rtol=bound, atol=bound * scale, msg=msg)
+    torch.testing.assert_close(got, want, rtol=bound, atol=bound * scale,
+                               msg=None if msg is None else lambda m: f"{msg}: {m}")
 
 
 def assert_outputs_and_gradients_agree(got: list, want: list, model: nn.Module, x: torch.Tensor) -> None:
