@@ -120,15 +120,20 @@ def assert_outputs_and_gradients_agree(got: list, want: list, model: nn.Module, 
     gradient also sums over every image and every position of the first stage (4x4 patches), so its bound grows by
     the square root of that many terms. Every parameter the reference gives a gradient must get one."""
     assert len(got) == len(want)
-    keys = longest_sum(model, x)
-    positions = x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4)
-    assert_agree(got[0], want[0], 2 * roundoff(model, torch.float32, dot=keys), "output")
+    assert_agree(got[0], want[0], 2 * roundoff(model, torch.float32, dot=longest_sum(model, x)), "output")
+    assert_gradients_agree(got[1:], want[1:], model, x)
+
+
+def assert_gradients_agree(got: list, want: list, model: nn.Module, x: torch.Tensor) -> None:
+    """The gradients part of :func:`assert_outputs_and_gradients_agree`, None where a parameter got none."""
+    bound = 2 * roundoff(model, torch.float32, dot=longest_sum(model, x) * x.shape[0] * -(-x.shape[2] // 4) *
+                         -(-x.shape[3] // 4))
     # A gradient that cancels to zero (softmax over one key) still sums terms of the model's gradient size.
-    scale = rms([w for w in want[1:] if w is not None])
-    for i, (g, w) in enumerate(zip(got[1:], want[1:])):
+    scale = rms([w for w in want if w is not None])
+    for i, (g, w) in enumerate(zip(got, want)):
         assert (g is None) == (w is None), f"parameter {i}"
         if w is not None:
-            assert_agree(g, w, 2 * roundoff(model, torch.float32, dot=keys * positions), f"parameter {i}", scale)
+            assert_agree(g, w, bound, f"parameter {i}", scale)
 
 
 def outputs_and_gradients(model: nn.Module, x: torch.Tensor) -> List[Optional[torch.Tensor]]:
