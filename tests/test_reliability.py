@@ -198,18 +198,18 @@ def test_a_signal_ends_a_process_waiting_for_missing_ranks_at_once(demo_data, tm
     assert stderr.strip().startswith(f"stopped: {reason}") and len(stderr.strip().splitlines()) == 1, stderr
 
 
-@pytest.mark.parametrize("stop, reason, opts", [
+@pytest.mark.parametrize("stop, reason, workers", [
     # what torchrun sends the surviving ranks, to the process alone (not under torchrun: no word of other ranks)
-    (signal.SIGTERM, "terminated by SIGTERM", ("SAVE_FREQ", "1")),
+    (signal.SIGTERM, "terminated by SIGTERM", "0"),
     # a terminal's Ctrl-C, to the whole foreground process group: main.py and its DataLoader workers
-    (signal.SIGINT, "interrupted (Ctrl-C)", ("DATA.NUM_WORKERS", "2")),
+    (signal.SIGINT, "interrupted (Ctrl-C)", "2"),
 ], ids=["sigterm", "ctrl-c"])
 @pytest.mark.slow
 def test_a_signal_during_training_is_one_log_line_no_traceback_and_whole_checkpoints(demo_data, tmp_path, stop,
-                                                                                    reason, opts):
+                                                                                    reason, workers):
     """The process exits through Python with 128 + the signal, says why exactly once (the signal handler logs it,
     wherever the exception then surfaces), prints no traceback and leaves only complete checkpoints."""
-    args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "50", *opts))
+    args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "50", "SAVE_FREQ", "1", "DATA.NUM_WORKERS", workers))
     proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, env=MAIN_ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for_line(proc, "Train: [1/50][1/")  # epoch 0 is saved
