@@ -61,7 +61,7 @@ def test_resume_follows_the_schedule_of_the_new_config(demo_data, tmp_path):
     for epoch in (2, 3):
         rates = logged_rates(log, epoch)
         expected = [schedule_rate(changed, epoch * 5 + step + 1, 5) for step in range(len(rates))]  # after it
-        assert rates == pytest.approx(expected, rel=1e-3, abs=1e-6), epoch
+        assert rates == pytest.approx(expected, rel=5e-4), epoch  # printed with 4 digits: half the last one
     assert load(run_dir(tmp_path) / "ckpt_epoch_3.pth")["optimizer"]["param_groups"][0]["initial_lr"] == \
         pytest.approx(2.5e-05)
 
@@ -319,5 +319,5 @@ def test_16_bit_images_keep_their_tones():
     ramp = (np.arange(256 * 4, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
     rgb = np.asarray(to_rgb(Image.fromarray(ramp)))
     assert rgb.shape == (32, 32, 3) and (rgb[..., 0] == rgb[..., 2]).all()
-    np.testing.assert_allclose(rgb[..., 0], ramp / 257.0, atol=0.5)
+    np.testing.assert_allclose(rgb[..., 0], ramp / 257.0, atol=0.5)  # 16 bits to 8: rounded, half a level at most
     assert np.asarray(Image.fromarray(ramp).convert("RGB")).mean() > 250  # what plain conversion makes of it
