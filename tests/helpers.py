@@ -114,20 +114,24 @@ def assert_agree(got: torch.Tensor, want: torch.Tensor, bound: float, msg: Optio
                                msg=None if msg is None else lambda m: f"{msg}: {m}")
 
 
-def assert_outputs_and_gradients_agree(got: list, want: list, model: nn.Module, x: torch.Tensor) -> None:
+def assert_outputs_and_gradients_agree(got: list, want: list, model: nn.Module, x: torch.Tensor,
+                                       keys: Optional[int] = None) -> None:
     """Two float32 computations of :func:`outputs_and_gradients` (other kernels, a compiled graph) agree entry by
     entry within twice ``roundoff`` (both sides rounded) for the longest sum of the forward pass; a weight's
     gradient also sums over every image and every position of the first stage (4x4 patches), so its bound grows by
-    the square root of that many terms. Every parameter the reference gives a gradient must get one."""
+    the square root of that many terms. Every parameter the reference gives a gradient must get one. ``keys``:
+    :func:`longest_sum` where the caller has it."""
     assert len(got) == len(want)
-    assert_agree(got[0], want[0], 2 * roundoff(model, torch.float32, dot=longest_sum(model, x)), "output")
-    assert_gradients_agree(got[1:], want[1:], model, x)
+    keys = longest_sum(model, x) if keys is None else keys
+    assert_agree(got[0], want[0], 2 * roundoff(model, torch.float32, dot=keys), "output")
+    assert_gradients_agree(got[1:], want[1:], model, x, keys)
 
 
-def assert_gradients_agree(got: list, want: list, model: nn.Module, x: torch.Tensor) -> None:
+def assert_gradients_agree(got: list, want: list, model: nn.Module, x: torch.Tensor,
+                           keys: Optional[int] = None) -> None:
     """The gradients part of :func:`assert_outputs_and_gradients_agree`, None where a parameter got none."""
-    bound = 2 * roundoff(model, torch.float32, dot=longest_sum(model, x) * x.shape[0] * -(-x.shape[2] // 4) *
-                         -(-x.shape[3] // 4))
+    keys = longest_sum(model, x) if keys is None else keys
+    bound = 2 * roundoff(model, torch.float32, dot=keys * x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4))
     # A gradient that cancels to zero (softmax over one key) still sums terms of the model's gradient size.
     scale = rms([w for w in want if w is not None])
     for i, (g, w) in enumerate(zip(got, want)):

@@ -164,8 +164,9 @@ def test_small_configs_are_refused_by_the_broken_key_or_train_alike_with_cpu_ker
         with monkeypatch.context() as patch:
             patch.setattr(cpu_attention, "CPU_BLOCK_BYTES", block_bytes)
             got = same_drop_paths(outputs_and_gradients, fast.train(), x)
-            assert_outputs_and_gradients_agree(got, want, model, x)
-            bound = 2 * roundoff(model, torch.float32, dot=longest_sum(model, x))
+            keys = longest_sum(model, x)
+            assert_outputs_and_gradients_agree(got, want, model, x, keys)
+            bound = 2 * roundoff(model, torch.float32, dot=keys)
             with torch.inference_mode():
                 plain = model.eval()(x)
                 for _ in range(2):
