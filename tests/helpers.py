@@ -14,9 +14,9 @@ import re
 import subprocess
 import sys
 import zipfile
-from unittest import mock
 from pathlib import Path
 from typing import List, Optional, Sequence
+from unittest import mock
 
 import torch
 import torch.nn as nn
