@@ -98,12 +98,12 @@ def test_accumulation_updates_once_per_group_and_matches_a_big_batch():
     precision = build_precision("none", CPU)
     # SGD: its update is linear in the gradient, so equal gradients give equal weights (Adam's first step is not).
     base = ("MODEL.DROP_PATH_RATE", 0.0, "TRAIN.WARMUP_EPOCHS", 0, "TRAIN.CLIP_GRAD", 0.0,
-            "TRAIN.OPTIMIZER.NAME", "sgd", "TRAIN.BASE_LR", 0.1)
+            "TRAIN.OPTIMIZER.NAME", "sgd", "TRAIN.BASE_LR", 0.1, "TRAIN.WEIGHT_DECAY", 0.0)
     # the fifth batch cannot fill an update and is left out
     assert run_epoch(tiny_config("TRAIN.ACCUMULATION_STEPS", 2, *base), batches, precision)[2] == 2
     # Two accumulated micro-batches of 4 make the same update as one batch of 8: one step each, from the same
-    # gradient (weight decay included), which SGD's first step keeps as its momentum. The two sum the batch in
-    # another order: within float32's roundoff (helpers.assert_gradients_agree).
+    # gradient, which SGD's first step keeps as its momentum (no weight decay: the buffer is the gradient alone).
+    # The two sum the batch in another order: within float32's roundoff (helpers.assert_gradients_agree).
     accumulated = run_epoch(tiny_config("TRAIN.ACCUMULATION_STEPS", 2, *base), batches[:2], precision)
     merged = [(torch.cat([batches[0][0], batches[1][0]]), torch.cat([batches[0][1], batches[1][1]]))]
     single = run_epoch(tiny_config(*base), merged, precision)
