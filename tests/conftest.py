@@ -24,14 +24,26 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def seed_all() -> None:
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+
+
 @pytest.fixture(autouse=True)
 def seeded_random_state():
     """Every test starts from the same random state, whichever tests its pytest-xdist worker ran before (work
     stealing hands them out in a varying order): what a test draws without its own generator (model
     initialisation, ``torch.randn``) is then the same on every run and every machine."""
-    torch.manual_seed(0)
-    random.seed(0)
-    np.random.seed(0)
+    seed_all()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(fixturedef, request):
+    """Fixtures made once per module or session (generated data, finished runs) start from the same state too:
+    they are set up before the test's own seeding, by whichever test first asks for them."""
+    if fixturedef.scope != "function":
+        seed_all()
 
 
 @pytest.fixture(scope="session")

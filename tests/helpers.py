@@ -16,6 +16,7 @@ import sys
 import zipfile
 from pathlib import Path
 from typing import List, Optional, Sequence
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -35,6 +36,11 @@ LOG = logging.getLogger("focal.test")
 SMALL = ["MODEL.NUM_CLASSES", 10, "MODEL.DROP_PATH_RATE", 0.0, "MODEL.FOCAL.EMBED_DIM", 16,
          "MODEL.FOCAL.DEPTHS", [2, 2, 2, 2], "MODEL.FOCAL.NUM_HEADS", [2, 2, 4, 8],
          "MODEL.FOCAL.FOCAL_POOL", "fc", "MODEL.FOCAL.FOCAL_LEVELS", [2, 2, 2, 2]]
+
+
+# The golden fixtures' contract (tests/fixtures/README.md, "Deterministic weights and input"): a faithful model
+# agrees with the reference's logits to about 1e-6; the tests allow 1e-4, absolute and relative.
+GOLDEN = dict(atol=1e-4, rtol=1e-4)
 
 
 def small_model(*opts, model_type: str = "focal") -> nn.Module:
@@ -59,15 +65,79 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
+def sum_roundoff(dtype: torch.dtype, terms: int = 1, steps: int = 1) -> float:
+    """How far (as :func:`relative_error`) a result computed in ``dtype`` may lie from the exact one after ``steps``
+    operations in a row: ``dtype``'s unit roundoff (half its eps) twice per step (its input and its operand are each
+    rounded once), added up over the steps, times sqrt(``terms``) where a step sums that many products in ``dtype``
+    (rounding errors of random sign grow as its square root). Two computations of the same thing in another order
+    (another kernel, a compiled or exported graph) each lie within it, so they lie within twice it of each other."""
+    return 2 * steps * torch.finfo(dtype).eps / 2 * math.sqrt(terms)
+
+
 def roundoff(model: nn.Module, dtype: torch.dtype, dot: int = 1) -> float:
-    """How far (as :func:`relative_error`) a Focal model's output computed in ``dtype`` may lie from the exact one:
-    ``dtype``'s unit roundoff (half its eps) twice per layer the signal passes (a layer's input and its weights are
-    each rounded once; the patch embeddings, the blocks and the head count), added up over the layers, times
-    sqrt(``dot``) where a layer also sums a dot product of ``dot`` terms in ``dtype`` (rounding errors of random
-    sign grow as its square root). LayerNorm keeps every layer's input at unit scale, so no layer is taken to
-    amplify the error it receives. This depends on the dtype and the model only, not on the CPU's kernels."""
+    """:func:`sum_roundoff` over the layers of a Focal model: the patch embeddings, the blocks and the head each
+    count as one step, with ``dot`` terms in the longest sum of a step (:func:`longest_sum`). LayerNorm keeps every
+    layer's input at unit scale, so no layer is taken to amplify the error it receives. This depends on the dtype
+    and the model only, not on the CPU's kernels."""
     layers = len(model.layers) + sum(len(stage.blocks) for stage in model.layers) + 1
-    return 2 * layers * torch.finfo(dtype).eps / 2 * math.sqrt(dot)
+    return sum_roundoff(dtype, dot, layers)
+
+
+def longest_sum(model: nn.Module, x: torch.Tensor) -> int:
+    """The longest dot product of a plain model's forward pass on ``x``: the widest input of a linear layer or
+    convolution (an MLP's hidden width), or the longest list of keys a window's queries attend, read from one
+    pass that leaves the model and the random state as they were."""
+    from models.window_attention import WindowedAttention
+    widths = [m.in_features if isinstance(m, nn.Linear) else m.weight[0].numel()
+              for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    attend = WindowedAttention.attend
+
+    def recording(self, q, k, v, index, bias):
+        widths.append(bias.shape[-1])
+        return attend(self, q, k, v, index, bias)
+    with mock.patch.object(WindowedAttention, "attend", recording), torch.random.fork_rng(), torch.no_grad():
+        model(x)
+    return max(widths)
+
+
+def rms(tensors: Sequence[torch.Tensor]) -> float:
+    return float(torch.cat([t.detach().double().flatten() for t in tensors]).square().mean().sqrt())
+
+
+def assert_agree(got: torch.Tensor, want: torch.Tensor, bound: float, msg: Optional[str] = None,
+                 scale: Optional[float] = None) -> None:
+    """Entry by entry within ``bound`` (a relative rounding bound such as :func:`roundoff`) of the reference:
+    ``|got - want| <= bound * (|want| + scale)``, where ``scale`` (the RMS of ``want`` unless given) is the size of
+    the terms a sum adds up, so that entries it cancelled to near zero are judged against that size, not their own."""
+    scale = rms([want]) if scale is None else scale
+    torch.testing.assert_close(got, want, rtol=bound, atol=bound * scale,
+                               msg=None if msg is None else lambda m: f"{msg}: {m}")
+
+
+def assert_outputs_and_gradients_agree(got: list, want: list, model: nn.Module, x: torch.Tensor,
+                                       keys: Optional[int] = None) -> None:
+    """Two float32 computations of :func:`outputs_and_gradients` (other kernels, a compiled graph) agree entry by
+    entry within twice ``roundoff`` (both sides rounded) for the longest sum of the forward pass; a weight's
+    gradient also sums over every image and every position of the first stage (4x4 patches), so its bound grows by
+    the square root of that many terms. Every parameter the reference gives a gradient must get one. ``keys``:
+    :func:`longest_sum` where the caller has it."""
+    assert len(got) == len(want)
+    keys = longest_sum(model, x) if keys is None else keys
+    assert_agree(got[0], want[0], 2 * roundoff(model, torch.float32, dot=keys), "output")
+    assert_gradients_agree(got[1:], want[1:], model, x, keys)
+
+
+def assert_gradients_agree(got: list, want: list, model: nn.Module, x: torch.Tensor,
+                           keys: Optional[int] = None) -> None:
+    """The gradients part of :func:`assert_outputs_and_gradients_agree`, None where a parameter got none."""
+    keys = longest_sum(model, x) if keys is None else keys
+    bound = 2 * roundoff(model, torch.float32, dot=keys * x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4))
+    # A gradient that cancels to zero (softmax over one key) still sums terms of the model's gradient size.
+    scale = rms([w for w in want if w is not None])
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert (g is None) == (w is None), f"parameter {i}"
+        if w is not None:
+            assert_agree(g, w, bound, f"parameter {i}", scale)
 
 
 def outputs_and_gradients(model: nn.Module, x: torch.Tensor) -> List[Optional[torch.Tensor]]:

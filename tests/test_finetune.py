@@ -19,7 +19,8 @@ from models.resize import adapt_geometry, neighbour_table_from_window_table, res
 from optimizer import build_optimizer
 from utils import load_pretrained
 
-from tests.helpers import DEMO_CFG, LOG, MAIN_ENV, REPO, demo_args, eval_summary, randomise, read_log, run_dir
+from tests.helpers import (DEMO_CFG, LOG, MAIN_ENV, REPO, demo_args, eval_summary, randomise, read_log, run_dir,
+                           sum_roundoff)
 
 # utils.log_load's first line: loaded of the checkpoint's tensors, resized, derived, left at initial values (names)
 LOAD_LINE = re.compile(r"pretrained (\S+): (\d+) of its (\d+) tensors loaded; (\d+) resized(?:: [^;]*)?; (\d+) derived from "
@@ -118,8 +119,11 @@ def test_pooling_kernels_keep_their_sum_when_resized():
     grown = resize_pool_weight(mean, torch.Size((1, 9)))
     torch.testing.assert_close(grown, torch.full((1, 9), 1 / 9))
     conv = torch.randn(8, 1, 2, 2)
-    assert torch.allclose(resize_pool_weight(conv, torch.Size((8, 1, 3, 3))).sum((1, 2, 3)), conv.sum((1, 2, 3)),
-                          atol=1e-5)
+    # float32 rounding of the bilinear resampling (two steps of two terms), the rescaling and the two sums (up to 9
+    # terms), relative to the largest sum of absolute weights
+    bound = sum_roundoff(torch.float32, terms=9, steps=4) * float(conv.abs().sum((1, 2, 3)).max())
+    torch.testing.assert_close(resize_pool_weight(conv, torch.Size((8, 1, 3, 3))).sum((1, 2, 3)), conv.sum((1, 2, 3)),
+                               atol=bound, rtol=0)
 
 
 def test_layer_decay_scales_each_depth_and_keeps_the_no_decay_rules():
@@ -156,7 +160,7 @@ def test_ema_best_checkpoint_compile_and_class_names_end_to_end(demo_data, tmp_p
     best = run_dir(tmp_path) / "ckpt_best.pth"
     state = torch.load(best, weights_only=True)
     ema_scores = [float(s) for s in re.findall(r"Accuracy of the EMA model on the 20 test images: ([\d.]+)%", log)]
-    assert state["max_accuracy"] == pytest.approx(max(ema_scores), abs=0.05)
+    assert state["max_accuracy"] == pytest.approx(max(ema_scores), abs=0.05)  # logged to 0.1: half of it
     assert state["class_names"] == sorted(p.name for p in (demo_data / "train").iterdir())
     assert not torch.equal(state["model_ema"]["head.weight"], state["model"]["head.weight"])
 

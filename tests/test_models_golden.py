@@ -9,6 +9,7 @@ from models import build_model, load_weights
 from models.kernels import KERNELS, optimize_for
 from models.kernels.onednn_linear import onednn_available
 from tools.golden import CASE_FILES, FIXTURES, build_filled, case_input, case_opts, load_case
+from tests.helpers import GOLDEN
 from tests.oracles import GATHERS, oracle_gather
 
 RELEASED_PARAMS_M = {  # the released model zoo table, in millions
@@ -37,29 +38,30 @@ def test_every_fixture_is_documented_with_its_recipe():
 CASES = [pytest.param(p, marks=pytest.mark.slow) if p.stem in RELEASED_PARAMS_M else p for p in CASE_FILES]
 
 
-@pytest.mark.parametrize("kernels", ["plain", "all-cpu-kernels"])
 @pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
-def test_parameters_logits_and_flops_match_reference(path, kernels):
-    """The plain model (what accelerators run) and the model with every CPU kernel of models/kernels, whichever
-    of them this CPU would choose, must both reproduce the fixtures; so must v1 with its keys gathered by the
-    roll and unfold oracles instead of the layout index."""
+def test_parameters_logits_and_flops_match_reference(path):
+    """The plain model (what accelerators run), then the same model switched to every CPU kernel of
+    models/kernels (whichever of them this CPU would choose), must both reproduce the fixtures; so must v1 with its
+    keys gathered by the roll and unfold oracles instead of the layout index. One model serves both: building and
+    filling a released size takes longer than its forward passes."""
     case = load_case(path)
     model = build_filled(case)
-    if kernels != "plain":
-        optimize_for(model, "cpu", [k for k in KERNELS if k != "onednn_linear" or onednn_available()])
-    assert [[n, list(p.shape)] for n, p in model.named_parameters()] == case["parameters"]
-    assert sum(p.numel() for p in model.parameters()) == case["n_parameters"]
-    assert int(model.flops()) == case["flops"]
     want = torch.tensor(case["output"])
     x = case_input(case)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), want, atol=1e-4, rtol=1e-4)
-    if case["model_type"] == "focal":
-        for method in GATHERS:
-            with oracle_gather(model, method) as n_modules, torch.no_grad():
-                assert n_modules > 0
-                got = model(x)
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"{method}: {m}")
+    for kernels in ("plain", "all-cpu-kernels"):
+        if kernels != "plain":
+            optimize_for(model, "cpu", [k for k in KERNELS if k != "onednn_linear" or onednn_available()])
+        assert [[n, list(p.shape)] for n, p in model.named_parameters()] == case["parameters"]
+        assert sum(p.numel() for p in model.parameters()) == case["n_parameters"]
+        assert int(model.flops()) == case["flops"]
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), want, **GOLDEN, msg=lambda m: f"{kernels}: {m}")
+        if case["model_type"] == "focal":
+            for method in GATHERS:
+                with oracle_gather(model, method) as n_modules, torch.no_grad():
+                    assert n_modules > 0
+                    got = model(x)
+                torch.testing.assert_close(got, want, **GOLDEN, msg=lambda m: f"{kernels}, {method}: {m}")
 
 
 SMALL_CASES = [p for p in CASE_FILES if p.stem not in RELEASED_PARAMS_M]
@@ -78,7 +80,7 @@ def test_training_graph_reproduces_the_fixture_logits(path, kernels):
     assert torch.is_grad_enabled()
     out = model(case_input(case))
     assert out.requires_grad
-    torch.testing.assert_close(out.detach(), torch.tensor(case["output"]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.detach(), torch.tensor(case["output"]), **GOLDEN)
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED_PARAMS_M))
@@ -101,25 +103,32 @@ def test_official_checkpoint_layout_reproduces_logits():
     assert report.dropped_reference_buffers == len(case["buffers"])
     with torch.no_grad():
         got = model(case_input(case))
-    torch.testing.assert_close(got, torch.tensor(case["output"]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, torch.tensor(case["output"]), **GOLDEN)
 
 
 @pytest.mark.parametrize("problem, message", [
     ("no checkout", r"--reference .*: no classification/__init__.py"),
     ("unknown key", r"config \(--cfg .* / --opts\): .*MODEL.FOCAL.NOPE"),
 ])
-def test_make_fixtures_names_a_bad_reference_or_key_in_one_line(problem, message, tmp_path):
-    """A wrong --reference path or --opts key of the fixture writer ended in a traceback; nothing is written."""
-    import subprocess
+def test_make_fixtures_names_a_bad_reference_or_key_in_one_line(problem, message, tmp_path, capsys, monkeypatch):
+    """A wrong --reference path or --opts key of the fixture writer ended in a traceback; nothing is written. Its
+    ``main`` in this process (``python -m tools.make_fixtures`` calls it alone): exit status 2 and one line, as
+    argparse's own errors; any other exception would fail the test."""
     import sys
-    from tests.helpers import REPO
+
+    import timm.data.transforms as timm_transforms
+
+    from tools import make_fixtures
+    # what importing the (empty) reference leaves behind goes with the test
+    monkeypatch.setitem(sys.modules, "focal_reference", None)
+    monkeypatch.setattr(timm_transforms, "_pil_interp", timm_transforms.str_to_pil_interp, raising=False)
     (tmp_path / "ref" / "classification").mkdir(parents=True)
     if problem == "unknown key":
         (tmp_path / "ref" / "classification" / "__init__.py").write_text("")
-    done = subprocess.run([sys.executable, "-m", "tools.make_fixtures", "--reference", str(tmp_path / "ref"),
-                           "--cfg", "configs/demo/focal_demo.yaml", "--opts", "MODEL.FOCAL.NOPE", "1",
-                           "--output", str(tmp_path / "case.json")], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert re.search(message, done.stderr.strip().splitlines()[-1]), done.stderr
+    with pytest.raises(SystemExit) as stop:
+        make_fixtures.main(["--reference", str(tmp_path / "ref"), "--cfg", "configs/demo/focal_demo.yaml", "--opts",
+                            "MODEL.FOCAL.NOPE", "1", "--output", str(tmp_path / "case.json")])
+    stderr = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in stderr, stderr
+    assert re.search(message, stderr.strip().splitlines()[-1]), stderr
     assert not (tmp_path / "case.json").exists()

@@ -20,6 +20,7 @@ from tests.helpers import REPO, randomise
 USER_SCRIPT = """
 import timm, torch
 import focal_transformer
+torch.manual_seed(0)
 assert "focal_tiny_patch4_window7_224" in timm.list_models("focal*")
 small = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
 model = timm.create_model("focal_tiny_patch4_window7_224", num_classes=3, **small).eval()

@@ -61,7 +61,7 @@ def test_resume_follows_the_schedule_of_the_new_config(demo_data, tmp_path):
     for epoch in (2, 3):
         rates = logged_rates(log, epoch)
         expected = [schedule_rate(changed, epoch * 5 + step + 1, 5) for step in range(len(rates))]  # after it
-        assert rates == pytest.approx(expected, rel=1e-3, abs=1e-6), epoch
+        assert rates == pytest.approx(expected, rel=5e-4), epoch  # printed with 4 digits: half the last one
     assert load(run_dir(tmp_path) / "ckpt_epoch_3.pth")["optimizer"]["param_groups"][0]["initial_lr"] == \
         pytest.approx(2.5e-05)
 
@@ -198,18 +198,35 @@ def test_a_signal_ends_a_process_waiting_for_missing_ranks_at_once(demo_data, tm
     assert stderr.strip().startswith(f"stopped: {reason}") and len(stderr.strip().splitlines()) == 1, stderr
 
 
+@pytest.mark.parametrize("stop, reason, workers", [
+    # what torchrun sends the surviving ranks, to the process alone (not under torchrun: no word of other ranks)
+    (signal.SIGTERM, "terminated by SIGTERM", "0"),
+    # a terminal's Ctrl-C, to the whole foreground process group: main.py and its DataLoader workers
+    (signal.SIGINT, "interrupted (Ctrl-C)", "2"),
+], ids=["sigterm", "ctrl-c"])
 @pytest.mark.slow
-def test_ctrl_c_during_training_is_one_log_line_and_no_traceback(demo_data, tmp_path):
-    """A terminal's Ctrl-C signals the whole foreground process group: main.py and its DataLoader workers."""
-    args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "50", "DATA.NUM_WORKERS", "2"))
+def test_a_signal_during_training_is_one_log_line_no_traceback_and_whole_checkpoints(demo_data, tmp_path, stop,
+                                                                                    reason, workers):
+    """The process exits through Python with 128 + the signal, says why exactly once (the signal handler logs it,
+    wherever the exception then surfaces), prints no traceback and leaves only complete checkpoints."""
+    args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "50", "SAVE_FREQ", "1", "DATA.NUM_WORKERS", workers))
     proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, env=MAIN_ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for_line(proc, "Train: [1/50]")
-    os.killpg(proc.pid, signal.SIGINT)
+    wait_for_line(proc, "Train: [1/50][1/")  # epoch 0 is saved
+    if stop == signal.SIGINT:
+        os.killpg(proc.pid, stop)
+    else:
+        proc.send_signal(stop)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGINT
+    assert proc.returncode == 128 + stop
     assert "Traceback" not in stdout + stderr and stderr.strip() == "", stderr
-    assert read_log(tmp_path).count("stopped: interrupted (Ctrl-C)") == 1
+    log = read_log(tmp_path)
+    assert log.count(f"stopped: {reason}\n") == 1 and "ERROR failed" not in log
+    files = sorted(p.name for p in run_dir(tmp_path).iterdir())
+    assert "ckpt_epoch_0.pth" in files and not any(name.endswith(".tmp") for name in files)
+    for name in files:
+        if name.startswith("ckpt_epoch_"):
+            assert load(run_dir(tmp_path) / name)["epoch"] == int(name[len("ckpt_epoch_"):-4])
 
 
 def test_distributed_environment_without_a_master_address_is_named(demo_data, tmp_path, monkeypatch):
@@ -302,5 +319,5 @@ def test_16_bit_images_keep_their_tones():
     ramp = (np.arange(256 * 4, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
     rgb = np.asarray(to_rgb(Image.fromarray(ramp)))
     assert rgb.shape == (32, 32, 3) and (rgb[..., 0] == rgb[..., 2]).all()
-    np.testing.assert_allclose(rgb[..., 0], ramp / 257.0, atol=0.5)
+    np.testing.assert_allclose(rgb[..., 0], ramp / 257.0, atol=0.5)  # 16 bits to 8: rounded, half a level at most
     assert np.asarray(Image.fromarray(ramp).convert("RGB")).mean() > 250  # what plain conversion makes of it

@@ -11,7 +11,7 @@ import torch
 from config import load_config
 from errors import UsageError
 from models import build_model
-from tests.helpers import REPO, randomise
+from tests.helpers import REPO, assert_agree, longest_sum, randomise, roundoff
 from tools import export as export_tool
 
 CFG = "configs/demo/focal_demo.yaml"
@@ -49,7 +49,7 @@ def test_pt2_with_dynamic_batch_equals_eager(model_and_checkpoint, tmp_path):
     for batch in (1, 3):
         x = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
-            torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
+            assert_agree(program.module()(x), model(x), 2 * roundoff(model, torch.float32, dot=longest_sum(model, x)))
 
 
 @pytest.mark.slow
@@ -65,8 +65,8 @@ def test_onnx_at_another_size_with_dynamic_batch_equals_eager(model_and_checkpoi
     for batch in (1, 3):
         x = torch.randn(batch, 3, 48, 80, generator=torch.Generator().manual_seed(batch))
         (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-        with torch.no_grad():
-            torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-4, rtol=1e-4)
+        with torch.no_grad():  # onnxruntime's own float32 kernels: another summation order
+            assert_agree(torch.from_numpy(got), model(x), 2 * roundoff(model, torch.float32, dot=longest_sum(model, x)))
 
 
 @pytest.mark.parametrize("args,message", [

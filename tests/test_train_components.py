@@ -20,7 +20,8 @@ from lr_scheduler import scale_rates
 from utils import (latest_checkpoint, load_pretrained, read_checkpoint, restore_checkpoint, save_checkpoint,
                    training_state)
 
-from tests.helpers import CPU, DEMO_CFG, LOG, REPO, SMALL, fake_batches, run_dir, run_epoch, tiny_config
+from tests.helpers import (CPU, DEMO_CFG, LOG, REPO, SMALL, assert_gradients_agree, fake_batches, run_dir, run_epoch,
+                           tiny_config)
 
 FIXTURE_OPTS = SMALL  # the architecture of tests/fixtures/small_fc_224.pth
 
@@ -98,15 +99,19 @@ def test_accumulation_updates_once_per_group_and_matches_a_big_batch():
     precision = build_precision("none", CPU)
     # SGD: its update is linear in the gradient, so equal gradients give equal weights (Adam's first step is not).
     base = ("MODEL.DROP_PATH_RATE", 0.0, "TRAIN.WARMUP_EPOCHS", 0, "TRAIN.CLIP_GRAD", 0.0,
-            "TRAIN.OPTIMIZER.NAME", "sgd", "TRAIN.BASE_LR", 0.1)
+            "TRAIN.OPTIMIZER.NAME", "sgd", "TRAIN.BASE_LR", 0.1, "TRAIN.WEIGHT_DECAY", 0.0)
     # the fifth batch cannot fill an update and is left out
     assert run_epoch(tiny_config("TRAIN.ACCUMULATION_STEPS", 2, *base), batches, precision)[2] == 2
-    # Two accumulated micro-batches of 4 make the same update as one batch of 8.
-    accumulated, _, _ = run_epoch(tiny_config("TRAIN.ACCUMULATION_STEPS", 2, *base), batches[:2], precision)
+    # Two accumulated micro-batches of 4 make the same update as one batch of 8: one step each, from the same
+    # gradient, which SGD's first step keeps as its momentum (no weight decay: the buffer is the gradient alone).
+    # The two sum the batch in another order: within float32's roundoff (helpers.assert_gradients_agree).
+    accumulated = run_epoch(tiny_config("TRAIN.ACCUMULATION_STEPS", 2, *base), batches[:2], precision)
     merged = [(torch.cat([batches[0][0], batches[1][0]]), torch.cat([batches[0][1], batches[1][1]]))]
-    single, _, _ = run_epoch(tiny_config(*base), merged, precision)
-    for (name, a), b in zip(accumulated.named_parameters(), single.parameters()):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    single = run_epoch(tiny_config(*base), merged, precision)
+    assert accumulated[2] == single[2] == 1
+    got, want = ([optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+                 for model, optimizer, _ in (accumulated, single))
+    assert_gradients_agree(got, want, single[0], merged[0][0])
 
 
 def test_bf16_autocast_trains_on_cpu_and_fp16_needs_cuda():

@@ -250,26 +250,6 @@ def test_a_failed_save_with_room_left_gives_the_writer_s_reason(copy_of, data, m
         main(demo_args(data, output, opts=("TRAIN.EPOCHS", "2")))
 
 
-@pytest.mark.slow
-def test_sigterm_is_logged_once_and_keeps_the_checkpoints(demo_data, tmp_path):
-    """What torchrun sends the surviving ranks: the process exits through Python, says why exactly once (the
-    signal handler logs it, wherever the exception then surfaces) and leaves only complete checkpoints."""
-    args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "20", *RANDOM_OPTS[:2]))
-    proc = start_main(args)
-    wait_for_line(proc, "Train: [1/20][1/")  # epoch 0 is saved
-    os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=60) != 0
-    proc.stdout.close(), proc.stderr.close()
-    log = read_log(tmp_path)
-    assert log.count("stopped: terminated by SIGTERM\n") == 1  # not under torchrun: no word of other ranks
-    assert "ERROR failed" not in log
-    files = sorted(p.name for p in run_dir(tmp_path).iterdir())
-    assert "ckpt_epoch_0.pth" in files and not any(name.endswith(".tmp") for name in files)
-    for name in files:
-        if name.startswith("ckpt_epoch_"):
-            assert load(run_dir(tmp_path) / name)["epoch"] == int(name[len("ckpt_epoch_"):-4])
-
-
 def test_a_sigterm_landing_while_a_failure_is_logged_is_still_logged(demo_data, tmp_path, monkeypatch):
     """The race behind a dead rank: its collective fails on rank 0 as torchrun's SIGTERM arrives, and Python may
     run the handler at the first call of the failure's own logging, whose exception then replaces it."""

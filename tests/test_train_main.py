@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import DEMO_CFG, REPO, check, demo_args, eval_summary, read_log, run_dir, run_main
+from tests.helpers import DEMO_CFG, REPO, check, demo_args, eval_summary, read_log, run_dir, run_main, sum_roundoff
 
 pytestmark = pytest.mark.slow  # every test runs main.py as a subprocess, or uses a run made so
 
@@ -51,7 +51,10 @@ def test_two_and_three_process_eval_equal_single_process(trained, demo_data, tmp
     assert single["counted"] == double["counted"] == triple["counted"] == 20
     for multi in (double, triple):
         assert (single["acc1"], single["acc5"]) == (multi["acc1"], multi["acc5"])
-        assert multi["loss"] == pytest.approx(single["loss"], abs=2e-4)
+        # two values printed to 4 decimals (half the last digit each), from float32 sums over the 20 images
+        # grouped by rank instead of by batch
+        assert multi["loss"] == pytest.approx(single["loss"], abs=2 * 5e-5 + sum_roundoff(torch.float32, 20) *
+                                              single["loss"])
 
 
 def test_torchrun_trains_from_zip_with_part_cache(demo_data, tmp_path):
