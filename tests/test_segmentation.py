@@ -679,4 +679,4 @@ def test_pretrained_weights_of_the_other_label_convention_give_their_backbone_an
         load_backbone(str(checkpoint), backbone(model), LOG, config=config)
     assert (f"--pretrained {checkpoint} was trained with DATA.REDUCE_ZERO_LABEL False (this run: True): only its "
             f"backbone is loaded") in caplog.text
-    assert "loaded backbone weights and output norms from the dense checkpoint" in caplog.text
+    assert f"pretrained backbone and output norms from the dense checkpoint {checkpoint}: " in caplog.text
