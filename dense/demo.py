@@ -20,8 +20,9 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from config import HelpFormatter
+from config import HelpFormatter, path_arg
 from data.demo import MARKER, claim_folder
+from errors import UsageError
 
 SHAPES = ("circle", "square", "triangle")
 CATEGORY_IDS = {"circle": 1, "square": 2, "triangle": 4}
@@ -138,7 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m dense.demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--task", choices=sorted(GENERATORS), required=True, help="which dataset to draw")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, type=path_arg, help="output folder")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--train", type=int, default=300, help="training images")
     parser.add_argument("--val", type=int, default=60, help="validation images")
@@ -147,7 +148,7 @@ def main() -> None:
         parser.error("--size must be at least 32, --train and --val at least 1")
     try:
         GENERATORS[args.task](args.out, args.size, args.train, args.val)
-    except FileExistsError as err:
+    except (FileExistsError, UsageError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(f"wrote the {args.task} demo dataset ({args.train} training, {args.val} validation images of "
           f"{args.size}x{args.size}) to {args.out}")

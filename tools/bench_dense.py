@@ -48,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from config import HelpFormatter  # noqa: E402
+from config import HelpFormatter, path_arg  # noqa: E402
 from config import check_values, load_config  # noqa: E402
 from dense.config import merge_task_opts  # noqa: E402
 from detection.config import DETECTION_RULES, DETECTORS, MASK_DETECTORS, detection_defaults  # noqa: E402
@@ -240,7 +240,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=2, help="timed calls of each model and mode; the table gives medians")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls of each model and mode first")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--json", help="write the figures to this file")
+    p.add_argument("--json", type=path_arg, help="write the figures to this file")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.reps < 1 or args.warmup < 0:
         p.error("--batch-size and --reps must be >= 1, --warmup >= 0")

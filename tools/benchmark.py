@@ -45,8 +45,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from config import HelpFormatter  # noqa: E402
-from config import load_config  # noqa: E402
+from config import HelpFormatter, path_arg  # noqa: E402
+from config import RULES, load_config  # noqa: E402
 from engine import AMP_MODES, build_precision, synchronize  # noqa: E402
 from errors import UsageError  # noqa: E402
 from models import ConfigError, build_model, validate_model_config  # noqa: E402
@@ -58,6 +58,7 @@ from models.kernels import onednn_linear  # noqa: E402
 DEFAULT_MODELS = ("focal_tiny_patch4_window7_224", "focalv2_tiny_useconv_patch4_window7_224")
 DEFAULT_PEER = "timm:swin_tiny_patch4_window7_224"
 SUFFIXES = {"+kernels": None, "+onednn": ["onednn_linear"]}  # -> the kernels argument of optimize_for
+COMPILE_RULE = next(rule for rule in RULES if rule.key == "COMPILE")  # main.py's check of --compile
 
 
 REFERENCE_PATH: Optional[str] = None  # set by --reference
@@ -545,12 +546,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sizes", nargs="+", type=parse_size, metavar="SIZE",
                    help="inference per input size (SIDE or HEIGHTxWIDTH, e.g. 224 448 896 800x1216) instead: images/s "
                         "against the peer built for that size, and the first call on a new size over a cached call")
-    p.add_argument("--plot", help="write a PNG of inference images/s against image size")
-    p.add_argument("--json", help="write the raw figures to this file")
+    p.add_argument("--plot", type=path_arg, help="write a PNG of inference images/s against image size")
+    p.add_argument("--json", type=path_arg, help="write the raw figures to this file")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 1 if args.sizes else 8
+    if args.compile and not COMPILE_RULE.valid(args.compile, None):
+        p.error(f"--compile {COMPILE_RULE.requirement}, got {args.compile!r}")
     if args.batch_size < 1 or args.reps < 1 or args.warmup < 0:
         p.error("--batch-size and --reps must be >= 1, --warmup >= 0")
     if min(args.img_size) < 1:

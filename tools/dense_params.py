@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from config import HelpFormatter  # noqa: E402
+from config import HelpFormatter, path_arg  # noqa: E402
 from config import load_config  # noqa: E402
 from detection.config import detection_defaults  # noqa: E402
 from detection.model import build_detector  # noqa: E402
@@ -102,7 +102,7 @@ def report(counts: Sequence[Count]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> List[Count]:
     p = argparse.ArgumentParser(prog="python -m tools.dense_params", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--json", help="also write the counts to this file")
+    p.add_argument("--json", type=path_arg, help="also write the counts to this file")
     args = p.parse_args(argv)
     counts = count_all()
     report(counts)
