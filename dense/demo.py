@@ -15,7 +15,7 @@ import csv
 import json
 import math
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -135,7 +135,7 @@ def mark_as_generated(out: str, task: str, size: int) -> None:
 GENERATORS: Dict[str, object] = {"detection": generate_detection, "segmentation": generate_segmentation}
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dense.demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--task", choices=sorted(GENERATORS), required=True, help="which dataset to draw")
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--train", type=int, default=300, help="training images")
     parser.add_argument("--val", type=int, default=60, help="validation images")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.size < 32 or args.train < 1 or args.val < 1:
         parser.error("--size must be at least 32, --train and --val at least 1")
     try:
