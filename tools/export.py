@@ -58,10 +58,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1, help="batch size to trace and check with; at least 2 "
                         "is used with --dynamic-batch, as torch.export would fix a batch of 1 as a constant")
     args = parser.parse_args(argv)
-    if os.path.splitext(args.output)[1].lower() not in FORMATS:
-        parser.error(f"--output {args.output}: the suffix must be one of {', '.join(FORMATS)}")
     if os.path.isdir(args.output):
         parser.error(f"--output {args.output} is a folder: name the file to write in it")
+    if os.path.splitext(args.output)[1].lower() not in FORMATS:
+        parser.error(f"--output {args.output}: the suffix must be one of {', '.join(FORMATS)}")
     if args.img_size is not None and (len(args.img_size) > 2 or min(args.img_size) < 1):
         parser.error("--img-size takes one or two positive sizes")
     if args.batch_size < 1:
