@@ -536,26 +536,42 @@ def default_models(peer: str, device: torch.device) -> List[str]:
     return models + ([peer + "+kernels"] if "onednn_linear" in select_kernels(device) else [])
 
 
+def timing_parser(prog: str, doc: str, peer: str, peer_help: str, batch_size: Optional[int],
+                  reps: int) -> argparse.ArgumentParser:
+    """The flags of both benchmarks; :func:`parse_timing` checks them."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--peer", default=peer, help=peer_help)
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help="images per step" + ("" if batch_size else " (default 8, or 1 with --sizes)"))
+    p.add_argument("--reps", type=int, default=reps, help="timed repetitions, alternating the models; the tables "
+                                                          "give their medians")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each step first")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--json", type=path_arg, help="write the figures to this file")
+    return p
+
+
+def parse_timing(p: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if (args.batch_size or 1) < 1 or args.reps < 1 or args.warmup < 0:
+        p.error("--batch-size and --reps must be >= 1, --warmup >= 0")
+    return args
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+    p = timing_parser("python -m tools.benchmark", __doc__, DEFAULT_PEER, "the model ratios are taken against", None,
+                      5)
     p.add_argument("--models", nargs="+", help="config names, ref:NAME, base:NAME or timm:NAME, each optionally "
                                                "ending in +kernels or +onednn (default: the Tiny models, plain and "
                                                "+kernels, and the peer +kernels where that adds oneDNN linears)")
-    p.add_argument("--peer", default=DEFAULT_PEER, help="the model ratios are taken against")
     p.add_argument("--reference", help="classification/ folder of an original Focal-Transformer checkout, for "
                                        "ref:NAME models (never bundled with this project)")
     p.add_argument("--baseline", help="another checkout of this project, for base:NAME models (before/after)")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="both",
                    help="time inference (forward passes), training steps, or both")
-    p.add_argument("--batch-size", type=int, help="images per step (default 8, or 1 with --sizes)")
     p.add_argument("--img-size", type=int, nargs="+", default=[224], help="square input sizes, one table row each")
-    p.add_argument("--reps", type=int, default=5,
-                   help="alternating repetitions; the tables give their medians")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each step first")
     p.add_argument("--min-seconds", type=float, default=0.5,
                    help="each repetition repeats a fast step until it lasts this long")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--amp", choices=AMP_MODES, default="none",
                    help="autocast precision of every model (none: float32); fp16 trains with a gradient "
                         "scaler, as main.py does")
@@ -572,15 +588,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="inference per input size (SIDE or HEIGHTxWIDTH, e.g. 224 448 896 800x1216) instead: images/s "
                         "against the peer built for that size, and the first call on a new size over a cached call")
     p.add_argument("--plot", type=path_arg, help="write a PNG of inference images/s against image size")
-    p.add_argument("--json", type=path_arg, help="write the raw figures to this file")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.batch_size is None:
-        args.batch_size = 1 if args.sizes else 8
+    args = parse_timing(p, argv)
+    args.batch_size = args.batch_size or (1 if args.sizes else 8)
     if args.compile and not COMPILE_RULE.valid(args.compile, None):
         p.error(f"--compile {COMPILE_RULE.requirement}, got {args.compile!r}")
-    if args.batch_size < 1 or args.reps < 1 or args.warmup < 0:
-        p.error("--batch-size and --reps must be >= 1, --warmup >= 0")
     if min(args.img_size) < 1:
         p.error(f"--img-size takes positive sizes, got {min(args.img_size)}")
     if args.sizes and (args.ceiling or args.kernels):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import sys
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence
@@ -31,7 +30,7 @@ from detection.config import detection_defaults  # noqa: E402
 from detection.model import build_detector  # noqa: E402
 from segmentation.config import segmentation_defaults  # noqa: E402
 from segmentation.model import build_segmenter  # noqa: E402
-from tools.benchmark import print_table  # noqa: E402
+from tools.benchmark import print_table, write_json  # noqa: E402
 
 T, S, B = (f"focal_{size}_patch4_window7_224" for size in ("tiny", "small", "base"))
 # The seed README's #params in millions, by (MODEL.DETECTOR or MODEL.ARCH, MODEL.BACKBONE).
@@ -106,9 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Count]:
     args = p.parse_args(argv)
     counts = count_all()
     report(counts)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([dict(c._asdict(), ratio=c.ratio) for c in counts], f, indent=2)
+    write_json(args.json, [dict(c._asdict(), ratio=c.ratio) for c in counts])
     return counts
 
 
