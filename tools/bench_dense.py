@@ -36,22 +36,17 @@ import ctypes.util
 import glob
 import os
 import statistics
-import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from config import check_values, load_config  # noqa: E402
-from dense.config import merge_task_opts  # noqa: E402
-from detection.config import DETECTION_RULES, DETECTORS, MASK_DETECTORS, detection_defaults  # noqa: E402
-from detection.model import build_detector  # noqa: E402
-from tools.benchmark import (Calls, announce, machine, parse_size, parse_timing, pick_device, print_table,  # noqa: E402
-                             status_mb, timed, timing_parser, write_json)
+from config import check_values, load_config
+from dense.config import merge_task_opts
+from detection.config import DETECTION_RULES, DETECTORS, MASK_DETECTORS, detection_defaults
+from detection.model import build_detector
+from tools.benchmark import (Calls, announce, machine, parse_size, parse_timing, pick_device, print_table,
+                             ROOT, status_mb, timed, timing_parser, write_json)
 
 FOCAL_T = "focal_tiny_patch4_window7_224"
 DEFAULT_PEER = "swin_tiny_patch4_window7_224"

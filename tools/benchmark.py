@@ -10,18 +10,7 @@ the suffix. ``+onednn`` applies only the oneDNN linear layers, to any model (tim
 holds both Tiny models plain and with ``+kernels``, and the peer with ``+kernels`` where the kernels include
 oneDNN linears (the only one of them that applies to Swin-T).
 
-Examples::
-
-    python -m tools.benchmark                                  # inference + training step at 224, batch 8
-    python -m tools.benchmark --mode infer --img-size 224 448 896 --batch-size 1 --plot throughput.png
-    python -m tools.benchmark --sizes 224 448 896 800x1216      # per size: vs Swin-T built for it, first call
-    python -m tools.benchmark --kernels                         # F.linear against oneDNN, per layer shape
-    python -m tools.benchmark --ceiling                         # what the attention design costs, by ablation
-    python -m tools.benchmark --amp bf16 --batch-size 64        # under autocast (float32 by default)
-    python -m tools.benchmark --baseline ../old-checkout \
-        --models focal_tiny_patch4_window7_224 base:focal_tiny_patch4_window7_224  # against another checkout
-    python -m tools.benchmark --reference ../Focal-Transformer/classification \
-        --models focal_tiny_patch4_window7_224 ref:focal_tiny_patch4_window7_224   # against the original code
+BENCHMARKS.md gives the command behind each of its tables; ``--help`` lists the modes.
 """
 from __future__ import annotations
 
@@ -41,20 +30,18 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from config import HelpFormatter, path_arg
+from config import RULES, load_config
+from engine import AMP_MODES, build_precision, synchronize
+from errors import UsageError
+from logger import Progress
+from models import ConfigError, build_model, validate_model_config
+from models.focal_layout import LAYOUTS
+from models.window_attention import WindowedAttention, gather_windows
+from models.kernels import optimize_for, select_kernels
+from models.kernels import onednn_linear
 
-from config import HelpFormatter, path_arg  # noqa: E402
-from config import RULES, load_config  # noqa: E402
-from engine import AMP_MODES, build_precision, synchronize  # noqa: E402
-from errors import UsageError  # noqa: E402
-from logger import Progress  # noqa: E402
-from models import ConfigError, build_model, validate_model_config  # noqa: E402
-from models.focal_layout import LAYOUTS  # noqa: E402
-from models.window_attention import WindowedAttention, gather_windows  # noqa: E402
-from models.kernels import optimize_for, select_kernels  # noqa: E402
-from models.kernels import onednn_linear  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_MODELS = ("focal_tiny_patch4_window7_224", "focalv2_tiny_useconv_patch4_window7_224")
 DEFAULT_PEER = "timm:swin_tiny_patch4_window7_224"

@@ -20,16 +20,13 @@ import torch
 import torch.nn as nn
 from torch.export import Dim, ExportedProgram
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-from config import HelpFormatter, path_arg  # noqa: E402
-from data.transforms import build_transform, eval_crop  # noqa: E402
-from errors import UsageError  # noqa: E402
-from logger import Progress, duration  # noqa: E402
-from predict import load_model  # noqa: E402
-from utils import atomic_write, ensure_writable_folder  # noqa: E402
+from config import HelpFormatter, path_arg
+from data.transforms import build_transform, eval_crop
+from errors import UsageError
+from logger import Progress, duration
+from predict import load_model
+from utils import atomic_write, ensure_writable_folder
 
 FORMATS = {".pt2": "torch.export", ".onnx": "ONNX"}
 TOLERANCE = 1e-4  # the largest |difference| from the eager logits that is accepted
