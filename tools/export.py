@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 from torch.export import Dim, ExportedProgram
 
-
 from config import HelpFormatter, path_arg
 from data.transforms import build_transform, eval_crop
 from errors import UsageError
