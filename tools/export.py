@@ -6,7 +6,8 @@
 The format follows the output's suffix. The program is traced at one image size (``--img-size``, by default the
 config's ``DATA.IMG_SIZE``): the focal layouts for that size become constants of the graph, so other sizes need
 another export. Before anything is written, the exported program is run on a random batch and compared with the
-eager model; the file is written atomically, so a failed export never leaves a partial file behind.
+eager model; the file is written atomically, so a failed export never leaves a partial file behind. The file
+carries what a user needs to feed it (``preprocessing.json``) and the checkpoint's class names.
 """
 from __future__ import annotations
 
