@@ -45,8 +45,8 @@ from config import check_values, load_config
 from dense.config import merge_task_opts
 from detection.config import DETECTION_RULES, DETECTORS, MASK_DETECTORS, detection_defaults
 from detection.model import build_detector
-from tools.benchmark import (Calls, announce, machine, parse_size, parse_timing, pick_device, print_table,
-                             ROOT, status_mb, timed, timing_parser, write_json)
+from tools.benchmark import (Calls, announce, check_writable, machine, parse_size, parse_timing, pick_device,
+                             print_table, ROOT, status_mb, timed, timing_parser, write_json)
 
 FOCAL_T = "focal_tiny_patch4_window7_224"
 DEFAULT_PEER = "swin_tiny_patch4_window7_224"
@@ -225,6 +225,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
     args = parse_args(argv)
     device = pick_device(args.device)
+    check_writable("--json", args.json)
     paths = args.cfg or default_configs()
     for path in paths:  # before minutes of timing: every config builds its two detectors' configs
         for backbone in (None, args.peer):

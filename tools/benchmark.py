@@ -605,9 +605,18 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def check_writable(flag: str, path: Optional[str]) -> None:
+    """That the file ``path`` (if given) can be written, checked before the timing without creating it."""
+    folder = os.path.dirname(os.path.abspath(path or "."))
+    writable = os.access(path, os.W_OK) if path and os.path.exists(path) else os.access(folder, os.W_OK)
+    if path and (not os.path.isdir(folder) or os.path.isdir(path) or not writable):
+        raise SystemExit(f"benchmark: {flag} {path}: cannot write there (missing folder, a folder in the way, or no "
+                         f"permission)")
+
+
 def check_names_and_paths(args: argparse.Namespace) -> None:
     """What would otherwise fail only after minutes of timing: unknown models, sizes a model cannot be built for,
-    output files that cannot be written (checked without creating them), and a --plot type Pillow cannot write."""
+    output files that cannot be written, and a --plot type Pillow cannot write."""
     for name in (args.models or []) + [args.peer]:
         base = split_suffix(name)[0]
         if base.startswith("timm:"):
@@ -620,14 +629,8 @@ def check_names_and_paths(args: argparse.Namespace) -> None:
                     validate_model_config(config_for(base, size))
                 except ConfigError as error:
                     raise SystemExit(f"benchmark: --img-size {size}: {name}: {error}") from None
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if not path:
-            continue
-        folder = os.path.dirname(os.path.abspath(path))
-        writable = os.access(path, os.W_OK) if os.path.exists(path) else os.access(folder, os.W_OK)
-        if not os.path.isdir(folder) or os.path.isdir(path) or not writable:
-            raise SystemExit(f"benchmark: {flag} {path}: cannot write there (missing folder, a folder in the way, "
-                             f"or no permission)")
+    check_writable("--json", args.json)
+    check_writable("--plot", args.plot)
     if args.plot:
         from PIL import Image
         if Image.registered_extensions().get(os.path.splitext(args.plot)[1].lower()) not in Image.SAVE:
