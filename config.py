@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import stat
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Tuple
 
 import yaml
@@ -343,6 +344,30 @@ def one_path_component(value: Any, _: Any = None) -> bool:
 PATH_COMPONENT = "must be one folder name (no '/' or '\\', not '.' or '..'): the run writes to <output>/<model>/<tag>"
 
 
+def plain_path(value: str, _: Any = None) -> bool:
+    """False where ``value``, or the nearest part of it that exists, is a FIFO, socket or device: opening a FIFO
+    waits for a writer forever, a socket cannot be opened at all. A missing path passes, to be refused where it
+    is opened, with its own reason."""
+    path = os.path.abspath(value) if value else os.sep
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    mode = os.stat(path).st_mode
+    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+
+
+PLAIN_PATH = "must be a file or a folder, not a FIFO, socket or device"
+# Every key naming a path, in every task's tree.
+PATH_RULES = tuple(Rule(key, plain_path, PLAIN_PATH) for key in ("DATA.DATA_PATH", "MODEL.PRETRAINED", "MODEL.RESUME",
+                                                                  "OUTPUT"))
+
+
+def path_arg(text: str) -> str:
+    """The argparse ``type`` of a tool's path flag, refused by :func:`plain_path` with the flag's name."""
+    if not plain_path(text):
+        raise argparse.ArgumentTypeError(f"{text} {PLAIN_PATH}")
+    return text
+
+
 def compile_backend(value: str, _: Any) -> bool:
     if not value:
         return True
@@ -418,7 +443,7 @@ RULES = (
     Rule("THROUGHPUT_PASSES", at_least(1), "must be at least 1"),
     Rule("KEEP_CHECKPOINTS", at_least(0), "must be 0 (keep all) or more"),
     Rule("SEED", at_least(0), "must be 0 or more"),
-)
+) + PATH_RULES
 
 
 def _lookup(config: CN, key: str) -> Any:

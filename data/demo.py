@@ -20,7 +20,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from config import HelpFormatter
+from config import HelpFormatter, path_arg
+from errors import UsageError
+from utils import ensure_writable_folder
 
 MARKER = ".focal_demo.json"
 SUPERSAMPLE = 2  # draw at twice the size and downsample, for anti-aliased edges
@@ -140,7 +142,8 @@ def _jpeg(image: Image.Image) -> bytes:
 def claim_folder(out: str, names: Sequence[str], tool: str) -> None:
     """Make ``out`` ready for a generator writing ``names`` there: refuse a folder holding any of them that the
     generator did not make (no :data:`MARKER`: a user's own data), clear those of a previous run that it did.
-    The caller writes the marker once done."""
+    A folder that cannot be written to is refused first (``UsageError``). The caller writes the marker once done."""
+    ensure_writable_folder(out, "--out")
     owned = os.path.isfile(os.path.join(out, MARKER))
     present = [name for name in names if os.path.exists(os.path.join(out, name))]
     if present and not owned:
@@ -149,7 +152,6 @@ def claim_folder(out: str, names: Sequence[str], tool: str) -> None:
     for name in present:
         path = os.path.join(out, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    os.makedirs(out, exist_ok=True)
 
 
 def generate(out: str, size: int = 64, train_per_class: int = 40, val_per_class: int = 10,
@@ -199,7 +201,8 @@ def _write_zip(out: str, split: str, entries: Sequence[tuple]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m data.demo", formatter_class=HelpFormatter,
                                      description="Generate the Focal Transformer demo dataset (ImageNet layouts).")
-    parser.add_argument("--out", required=True, help="output folder (created; regenerated if made by this tool)")
+    parser.add_argument("--out", required=True, type=path_arg,
+                        help="output folder (created; regenerated if made by this tool)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--train-per-class", type=int, default=40, help="training images per class")
     parser.add_argument("--val-per-class", type=int, default=10, help="validation images per class")
@@ -210,7 +213,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         generate(args.out, args.size, args.train_per_class, args.val_per_class, args.classes, args.seed,
                  zip_layout=not args.no_zip)
-    except (ValueError, FileExistsError) as err:
+    except (ValueError, FileExistsError, UsageError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 

@@ -1,7 +1,7 @@
 """Image transforms: timm's ImageNet training recipe, and resize + centre crop for evaluation."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Tuple
 
 from PIL import Image
 from timm.data import auto_augment, create_transform
@@ -56,6 +56,10 @@ def build_transform(is_train: bool, config: Any) -> Callable:
             if op.aug_fn is auto_augment.posterize:
                 op.aug_fn = posterize
         return transform
-    if config.TEST.CROP:
-        return create_transform(size, is_training=False, interpolation=interp, crop_pct=CENTER_CROP_PCT)
-    return create_transform(size, is_training=False, interpolation=interp, crop_pct=1.0, crop_mode="squash")
+    crop_pct, crop_mode = eval_crop(config)
+    return create_transform(size, is_training=False, interpolation=interp, crop_pct=crop_pct, crop_mode=crop_mode)
+
+
+def eval_crop(config: Any) -> Tuple[float, str]:
+    """timm's ``crop_pct`` and ``crop_mode`` of the evaluation transform."""
+    return (CENTER_CROP_PCT, "center") if config.TEST.CROP else (1.0, "squash")

@@ -8,8 +8,8 @@ from typing import Any, Collection, Mapping, Sequence
 
 from yacs.config import CfgNode as CN
 
-from config import (AMP_LEVELS, PATH_COMPONENT, Rule, apply_flags, at_least, between, check_values, compile_backend,
-                    load_config, merge_opts, one_of, one_path_component)
+from config import (AMP_LEVELS, PATH_COMPONENT, PATH_RULES, Rule, apply_flags, at_least, between, check_values,
+                    compile_backend, load_config, merge_opts, one_of, one_path_component)
 from errors import UsageError, error_text
 
 SCHEDULES = ("multistep", "poly")
@@ -198,7 +198,7 @@ DENSE_RULES = (
     Rule("SEED", at_least(0), "must be 0 or more"),
     Rule("MODEL.NAME", one_path_component, PATH_COMPONENT),
     Rule("TAG", one_path_component, PATH_COMPONENT),
-)
+) + PATH_RULES
 
 
 def merge_task_opts(config: CN, opts: Sequence[Any]) -> None:

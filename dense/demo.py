@@ -15,13 +15,14 @@ import csv
 import json
 import math
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from config import HelpFormatter
+from config import HelpFormatter, path_arg
 from data.demo import MARKER, claim_folder
+from errors import UsageError
 
 SHAPES = ("circle", "square", "triangle")
 CATEGORY_IDS = {"circle": 1, "square": 2, "triangle": 4}
@@ -134,20 +135,20 @@ def mark_as_generated(out: str, task: str, size: int) -> None:
 GENERATORS: Dict[str, object] = {"detection": generate_detection, "segmentation": generate_segmentation}
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dense.demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--task", choices=sorted(GENERATORS), required=True, help="which dataset to draw")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, type=path_arg, help="output folder")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--train", type=int, default=300, help="training images")
     parser.add_argument("--val", type=int, default=60, help="validation images")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.size < 32 or args.train < 1 or args.val < 1:
         parser.error("--size must be at least 32, --train and --val at least 1")
     try:
         GENERATORS[args.task](args.out, args.size, args.train, args.val)
-    except FileExistsError as err:
+    except (FileExistsError, UsageError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(f"wrote the {args.task} demo dataset ({args.train} training, {args.val} validation images of "
           f"{args.size}x{args.size}) to {args.out}")

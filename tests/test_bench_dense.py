@@ -89,3 +89,11 @@ def test_bad_flags_are_refused_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit):
         bench_dense.parse_args(argv)
     assert flag in capsys.readouterr().err
+
+
+def test_a_json_file_that_cannot_be_written_is_refused_before_timing(tmp_path, monkeypatch):
+    """As the classification benchmark does: not after minutes of timing."""
+    monkeypatch.setattr(bench_dense, "bench_config", lambda *a: pytest.fail("timed before checking --json"))
+    for path in (tmp_path / "missing" / "figures.json", tmp_path):
+        with pytest.raises(SystemExit, match=f"--json {path}: cannot write there"):
+            bench_dense.main(["--cfg", str(REPO / "configs" / "detection" / "demo.yaml"), "--json", str(path)])

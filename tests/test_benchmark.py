@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import REPO
+import logger
 from tools import benchmark
 
 PEER = "configs/demo/focal_demo.yaml"
@@ -170,3 +171,33 @@ def test_training_step_runs_under_the_requested_autocast():
     for amp, dtype in (("bf16", torch.bfloat16), ("none", torch.float32)):
         benchmark.training_step(model, torch.randn(2, 3, 64, 64), amp=amp)()
         assert dtypes[-1] == dtype
+
+
+@pytest.mark.parametrize("backend", ["inductr", "no_such_backend"])
+def test_compile_with_an_unknown_backend_is_refused_before_any_timing(backend, capsys):
+    """main.py's rule for COMPILE, in one line; the default and a known backend pass."""
+    with pytest.raises(SystemExit) as stop:
+        benchmark.parse_args(["--compile", backend])
+    assert stop.value.code == 2
+    assert f"--compile must name a torch.compile backend (torch._dynamo.list_backends(), e.g. inductor, aot_eager or " \
+           f"eager), got {backend!r}" in capsys.readouterr().err
+    assert benchmark.parse_args(["--compile"]).compile == "inductor"
+    assert benchmark.parse_args(["--compile", "aot_eager"]).compile == "aot_eager"
+
+
+@pytest.mark.parametrize("args, steps, label", [
+    (["--mode", "infer"], 2, "infer 64px"),  # the model and the peer
+    (["--mode", "train", "--no-memory"], 2, "train 64px"),
+    (["--sizes", "64", "96x64"], 2 * 2 * 2, "infer 96x64"),  # 2 sizes, each model cached and on a first call
+    (["--ceiling", "--mode", "infer"], 3 + 1, "infer 64px"),  # the model's 3 variants and the peer
+])
+def test_progress_lines_count_every_timed_call_and_name_it(args, steps, label, capsys, monkeypatch):
+    """With a report due at every call, the lines number them all, 1 to the run's total: per step one warm-up
+    call, one that sizes the repetitions and --reps 2 repetitions, so 4 a step."""
+    monkeypatch.setattr(logger, "REPORT_SECONDS", 0.0)
+    out = run_here(capsys, *DEMO, *args)
+    lines = re.findall(r"^\[(\d+)/(\d+)\] eta \d+:\d\d:\d\d  (.+)$", out, re.M)
+    total = 4 * steps
+    assert [(int(k), int(n)) for k, n, _ in lines] == [(k, total) for k in range(1, total + 1)]
+    assert any(what.startswith(f"{label} {MODEL}") for _, _, what in lines)
+    assert any(what.startswith(f"{label} {PEER}") for _, _, what in lines)

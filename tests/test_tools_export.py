@@ -1,4 +1,6 @@
-"""tools/export.py: a checkpoint becomes a .pt2 or .onnx file that computes what the eager model computes."""
+"""tools/export.py: a checkpoint becomes a .pt2 or .onnx file that computes what the eager model computes, named
+and described for a user feeding it (the batch axis, the preprocessing), with a progress line per stage."""
+import json
 import re
 import subprocess
 import sys
@@ -7,6 +9,7 @@ from typing import Tuple
 
 import pytest
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from config import load_config
 from errors import UsageError
@@ -38,14 +41,33 @@ def run_export(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+def preprocessing(shape, interpolation="bicubic", crop_pct=224 / 256, crop_mode="center"):
+    """What the tool must record: timm's ImageNet normalisation (the evaluation transform's), the config's
+    interpolation, and the centre crop of 224 in 256 (``TEST.CROP``) or a squash to size (without it)."""
+    return {"input_shape": shape, "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD),
+            "interpolation": interpolation, "crop_pct": crop_pct, "crop_mode": crop_mode}
+
+
+def stage_lines(out: str, *stages: str) -> None:
+    """A line as each stage starts, the second on with the time left."""
+    for k, stage in enumerate(stages, 1):
+        eta = r", eta \d+:\d\d:\d\d" if k > 1 else ""
+        assert re.search(rf"^\[{k}/{len(stages)}\] {stage}{eta}$", out, re.M), (stage, out)
+
+
 @pytest.mark.slow
 def test_pt2_with_dynamic_batch_equals_eager(model_and_checkpoint, tmp_path):
     model, ckpt = model_and_checkpoint
     out = tmp_path / "demo.pt2"
-    done = run_export("--checkpoint", ckpt, "--output", out, "--dynamic-batch")
+    done = run_export("--checkpoint", ckpt, "--output", out, "--dynamic-batch", "--opts", "DATA.INTERPOLATION",
+                      "bilinear", "TEST.CROP", "False")
     assert done.returncode == 0, done.stderr
     assert "max |difference| from the eager model" in done.stdout
-    program = torch.export.load(str(out))
+    stage_lines(done.stdout, "tracing", "checking the program", "writing")
+    extra = {"preprocessing.json": "", "class_names.json": ""}
+    program = torch.export.load(str(out), extra_files=extra)
+    assert json.loads(extra["preprocessing.json"]) == preprocessing(["batch", 3, 64, 64], "bilinear", 1.0, "squash")
+    assert extra["class_names.json"] == ""  # the checkpoint has none
     for batch in (1, 3):
         x = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
@@ -61,7 +83,13 @@ def test_onnx_at_another_size_with_dynamic_batch_equals_eager(model_and_checkpoi
     out = tmp_path / "demo.onnx"
     done = run_export("--checkpoint", ckpt, "--output", out, "--img-size", 48, 80, "--dynamic-batch")
     assert done.returncode == 0, done.stderr
+    stage_lines(done.stdout, "tracing", "checking the program", "converting to ONNX",
+                "checking the ONNX file with onnxruntime")
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (given,), (returned,) = session.get_inputs(), session.get_outputs()
+    assert given.shape == ["batch", 3, 48, 80] and returned.shape == ["batch", 10]
+    metadata = session.get_modelmeta().custom_metadata_map
+    assert json.loads(metadata["preprocessing.json"]) == preprocessing(["batch", 3, 48, 80])
     for batch in (1, 3):
         x = torch.randn(batch, 3, 48, 80, generator=torch.Generator().manual_seed(batch))
         (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
@@ -72,6 +100,10 @@ def test_onnx_at_another_size_with_dynamic_batch_equals_eager(model_and_checkpoi
 @pytest.mark.parametrize("args,message", [
     (["--output", "{tmp}/m.tflite"], "--output"),
     (["--output", "{tmp}/m.pt2", "--img-size", "1", "2", "3"], "--img-size"),
+    (["--output", "{tmp}/m.pt2", "--dynamic-batch", "--batch-size", "1025"], "--batch-size 1025: the dynamic batch"),
+    (["--output", "{tmp}/m.onnx", "--batch-size", "4096", "--dynamic-batch"], "--batch-size 4096: the dynamic batch"),
+    (["--output", "{tmp}"], "is a folder"),
+    (["--output", "{tmp}/", "--dynamic-batch"], "is a folder"),
 ])
 def test_bad_flags_are_refused_by_name(model_and_checkpoint, tmp_path, capsys, args, message):
     """argparse's usage error (exit status 2) naming the flag, in process (test_reliability runs the tool as a
@@ -81,6 +113,13 @@ def test_bad_flags_are_refused_by_name(model_and_checkpoint, tmp_path, capsys, a
         export_tool.parse_args(["--cfg", CFG, "--checkpoint", str(ckpt), *[a.format(tmp=tmp_path) for a in args]])
     assert stop.value.code == 2 and message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_static_batch_may_exceed_the_dynamic_bound(model_and_checkpoint, tmp_path):
+    _, ckpt = model_and_checkpoint
+    args = export_tool.parse_args(["--cfg", CFG, "--checkpoint", str(ckpt), "--output", str(tmp_path / "m.pt2"),
+                                   "--batch-size", "2048"])
+    assert args.batch_size == 2048
 
 
 def test_unreadable_checkpoint_is_named_and_nothing_is_written(tmp_path):

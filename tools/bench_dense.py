@@ -34,28 +34,19 @@ import argparse
 import ctypes
 import ctypes.util
 import glob
-import json
 import os
 import statistics
-import sys
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from config import HelpFormatter  # noqa: E402
-from config import check_values, load_config  # noqa: E402
-from dense.config import merge_task_opts  # noqa: E402
-from detection.config import DETECTION_RULES, DETECTORS, MASK_DETECTORS, detection_defaults  # noqa: E402
-from detection.model import build_detector  # noqa: E402
-from engine import synchronize  # noqa: E402
-from logger import Progress  # noqa: E402
-from tools.benchmark import machine, parse_size, pick_device, print_table  # noqa: E402
+from config import check_values, load_config
+from dense.config import merge_task_opts
+from detection.config import DETECTION_RULES, DETECTORS, MASK_DETECTORS, detection_defaults
+from detection.model import build_detector
+from tools.benchmark import (Calls, announce, check_writable, machine, parse_size, parse_timing, pick_device,
+                             print_table, ROOT, status_mb, timed, timing_parser, write_json)
 
 FOCAL_T = "focal_tiny_patch4_window7_224"
 DEFAULT_PEER = "swin_tiny_patch4_window7_224"
@@ -135,17 +126,11 @@ def inference_step(model: nn.Module) -> Callable[[Batch], None]:
     return step
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
-
-
 LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 
 
 def measured(step: Callable[[Batch], None], batch: Batch, device: torch.device) -> Tuple[float, Optional[float]]:
     """Seconds of one call and the memory it added at its peak (MB; None where it cannot be read)."""
-    synchronize(device)
     peak: Optional[float] = None
     if device.type == "cuda":
         before = torch.cuda.memory_allocated(device)
@@ -155,21 +140,17 @@ def measured(step: Callable[[Batch], None], batch: Batch, device: torch.device) 
             LIBC.malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident size
-        before = _status_mb("VmRSS")
-    start = time.perf_counter()
-    step(batch)
-    synchronize(device)
-    seconds = time.perf_counter() - start
+        before = status_mb("VmRSS")
+    seconds = timed(lambda: step(batch), 1, device)
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
     elif os.path.exists("/proc/self/clear_refs"):
-        peak = _status_mb("VmHWM") - before
+        peak = status_mb("VmHWM") - before
     return seconds, peak
 
 
-def bench_config(path: str, args: argparse.Namespace, device: torch.device, progress: Progress,
-                 done: int) -> Dict[str, Any]:
-    """Both backbones' figures for one config; ``done`` counts the calls before it, for the progress lines."""
+def bench_config(path: str, args: argparse.Namespace, device: torch.device, calls: Calls) -> Dict[str, Any]:
+    """Both backbones' figures for one config."""
     sizes = [args.size, (args.size[0], round(args.size[1] * 0.9))]
     configs = {"focal": detector_config(path, args.size), "peer": detector_config(path, args.size, args.peer)}
     detector = configs["focal"].MODEL.DETECTOR
@@ -189,11 +170,9 @@ def bench_config(path: str, args: argparse.Namespace, device: torch.device, prog
                 times[(kind, mode)].append(seconds)
                 if peak is not None:
                     peaks[(kind, mode)].append(peak)
-            if progress.due(done):
-                size = "x".join(str(s) for s in batch[0][0].shape[-2:])
-                print(f"{progress.position(done)}  {name} {configs[kind].MODEL.BACKBONE} {mode} {size}: "
-                      f"{seconds:.2f} s{' (warm-up)' if call < args.warmup else ''}", flush=True)
-            done += 1
+            size = "x".join(str(s) for s in batch[0][0].shape[-2:])
+            calls(f"{name} {configs[kind].MODEL.BACKBONE} {mode} {size}: {seconds:.2f} s"
+                  f"{' (warm-up)' if call < args.warmup else ''}")
     figures: Dict[str, Any] = {"detector": detector, "backbones": {}}
     for kind, model in models.items():
         row = {"backbone": configs[kind].MODEL.BACKBONE, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
@@ -227,23 +206,15 @@ def report(results: Dict[str, Dict[str, Any]], args: argparse.Namespace) -> None
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tools.bench_dense", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+    p = timing_parser("python -m tools.bench_dense", __doc__, DEFAULT_PEER,
+                      "timm model (Swin family) timed in the Focal backbone's place", 2, 2)
     p.add_argument("--cfg", nargs="+", metavar="FILE",
                    help="detection configs to time (default: a Focal-T config per MODEL.DETECTOR value)")
-    p.add_argument("--peer", default=DEFAULT_PEER, help="timm model (Swin family) timed in the Focal backbone's place")
     p.add_argument("--size", type=parse_size, default=(800, 1333), metavar="HxW",
                    help="the largest input (the detector's min_size and max_size); calls alternate with Hx(0.9 W)")
-    p.add_argument("--batch-size", type=int, default=2, help="images per call")
     p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES),
                    help="time training steps, inference, or both")
-    p.add_argument("--reps", type=int, default=2, help="timed calls of each model and mode; the table gives medians")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each model and mode first")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--json", help="write the figures to this file")
-    args = p.parse_args(argv)
-    if args.batch_size < 1 or args.reps < 1 or args.warmup < 0:
-        p.error("--batch-size and --reps must be >= 1, --warmup >= 0")
+    args = parse_timing(p, argv)
     for path in args.cfg or []:
         if not os.path.isfile(path):
             p.error(f"--cfg {path}: no such file")
@@ -254,6 +225,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
     args = parse_args(argv)
     device = pick_device(args.device)
+    check_writable("--json", args.json)
     paths = args.cfg or default_configs()
     for path in paths:  # before minutes of timing: every config builds its two detectors' configs
         for backbone in (None, args.peer):
@@ -262,16 +234,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
             except (KeyError, ValueError) as err:
                 raise SystemExit(f"bench_dense: --cfg {path}: {err}") from None
     torch.manual_seed(0)
-    print(f"torch {torch.__version__} on {machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
-    calls = 2 * len(args.mode) * (args.warmup + args.reps)
-    progress = Progress(calls * len(paths), every=1)
-    results = {}
-    for i, path in enumerate(paths):
-        results[os.path.splitext(os.path.basename(path))[0]] = bench_config(path, args, device, progress, i * calls)
+    announce()
+    calls = Calls(len(paths) * 2 * len(args.mode) * (args.warmup + args.reps), every=1)  # 2 backbones
+    results = {os.path.splitext(os.path.basename(path))[0]: bench_config(path, args, device, calls) for path in paths}
     report(results, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return results
 
 

@@ -10,18 +10,7 @@ the suffix. ``+onednn`` applies only the oneDNN linear layers, to any model (tim
 holds both Tiny models plain and with ``+kernels``, and the peer with ``+kernels`` where the kernels include
 oneDNN linears (the only one of them that applies to Swin-T).
 
-Examples::
-
-    python -m tools.benchmark                                  # inference + training step at 224, batch 8
-    python -m tools.benchmark --mode infer --img-size 224 448 896 --batch-size 1 --plot throughput.png
-    python -m tools.benchmark --sizes 224 448 896 800x1216      # per size: vs Swin-T built for it, first call
-    python -m tools.benchmark --kernels                         # F.linear against oneDNN, per layer shape
-    python -m tools.benchmark --ceiling                         # what the attention design costs, by ablation
-    python -m tools.benchmark --amp bf16 --batch-size 64        # under autocast (float32 by default)
-    python -m tools.benchmark --baseline ../old-checkout \
-        --models focal_tiny_patch4_window7_224 base:focal_tiny_patch4_window7_224  # against another checkout
-    python -m tools.benchmark --reference ../Focal-Transformer/classification \
-        --models focal_tiny_patch4_window7_224 ref:focal_tiny_patch4_window7_224   # against the original code
+BENCHMARKS.md gives the command behind each of its tables; ``--help`` lists the modes.
 """
 from __future__ import annotations
 
@@ -36,28 +25,28 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from config import HelpFormatter, path_arg
+from config import RULES, load_config
+from engine import AMP_MODES, build_precision, synchronize
+from errors import UsageError
+from logger import Progress
+from models import ConfigError, build_model, validate_model_config
+from models.focal_layout import LAYOUTS
+from models.window_attention import WindowedAttention, gather_windows
+from models.kernels import optimize_for, select_kernels
+from models.kernels import onednn_linear
 
-from config import HelpFormatter  # noqa: E402
-from config import load_config  # noqa: E402
-from engine import AMP_MODES, build_precision, synchronize  # noqa: E402
-from errors import UsageError  # noqa: E402
-from models import ConfigError, build_model, validate_model_config  # noqa: E402
-from models.focal_layout import LAYOUTS  # noqa: E402
-from models.window_attention import WindowedAttention, gather_windows  # noqa: E402
-from models.kernels import optimize_for, select_kernels  # noqa: E402
-from models.kernels import onednn_linear  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_MODELS = ("focal_tiny_patch4_window7_224", "focalv2_tiny_useconv_patch4_window7_224")
 DEFAULT_PEER = "timm:swin_tiny_patch4_window7_224"
 SUFFIXES = {"+kernels": None, "+onednn": ["onednn_linear"]}  # -> the kernels argument of optimize_for
+COMPILE_RULE = next(rule for rule in RULES if rule.key == "COMPILE")  # main.py's check of --compile
 
 
 REFERENCE_PATH: Optional[str] = None  # set by --reference
@@ -171,28 +160,48 @@ def training_step(model: nn.Module, x: torch.Tensor, backend: Optional[str] = No
     return step
 
 
-def time_alternating(steps: Dict[str, Callable[[], None]], reps: int, warmup: int, device: torch.device,
-                     min_seconds: float = 0.5) -> Dict[str, float]:
-    """Median seconds per call of each step, interleaving the steps within every repetition. A repetition times
-    enough back-to-back calls of a fast step to last ``min_seconds``, so small inputs are not timer noise."""
-    calls: Dict[str, int] = {}
-    for name, step in steps.items():
-        for _ in range(warmup):
-            step()
-        synchronize(device)
-        start = time.perf_counter()
+class Calls:
+    """Progress lines over the timed calls of a whole run, with the time left (``logger.Progress``): the first, the
+    last, every ``every``-th and one at least every ``logger.REPORT_SECONDS``, each naming what it timed."""
+
+    def __init__(self, total: int, every: Optional[int] = None):
+        self.progress, self.done = Progress(total, every or total), 0
+
+    def __call__(self, what: str) -> None:
+        if self.progress.due(self.done):
+            print(f"{self.progress.position(self.done + 1)}  {what}", flush=True)
+        self.done += 1
+
+
+def timed(step: Callable[[], None], calls: int, device: torch.device) -> float:
+    """Seconds per call of ``calls`` back-to-back calls."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
         step()
-        synchronize(device)
-        calls[name] = max(1, math.ceil(min_seconds / (time.perf_counter() - start)))
+    synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
+def time_alternating(steps: Dict[str, Callable[[], None]], args: argparse.Namespace, device: torch.device,
+                     calls: Calls, what: str) -> Dict[str, float]:
+    """Median seconds per call of each step, interleaving the steps within every repetition (``--reps``, after
+    ``--warmup`` calls and one that sizes the repetitions). A repetition times enough back-to-back calls of a fast
+    step to last ``--min-seconds``, so small inputs are not timer noise. Each step costs ``warmup + 1 + reps`` of
+    ``calls``."""
+    repeat: Dict[str, int] = {}
+    for name, step in steps.items():
+        for _ in range(args.warmup):
+            step()
+            calls(f"{what} {name}: warm-up")
+        seconds = timed(step, 1, device)
+        calls(f"{what} {name}: {seconds:.3f} s")
+        repeat[name] = max(1, math.ceil(args.min_seconds / seconds))
     times: Dict[str, List[float]] = {name: [] for name in steps}
-    for _ in range(reps):
+    for _ in range(args.reps):
         for name, step in steps.items():
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(calls[name]):
-                step()
-            synchronize(device)
-            times[name].append((time.perf_counter() - start) / calls[name])
+            times[name].append(timed(step, repeat[name], device))
+            calls(f"{what} {name}: {times[name][-1]:.3f} s")
     for name, t in times.items():
         warning = timing_warning(name, t)
         if warning:
@@ -212,10 +221,10 @@ def timing_warning(name: str, times: Sequence[float], min_reps: int = 5, max_spr
     return None
 
 
-def peak_memory_mb(name: str, batch: int, img_size: int, device: str, amp: str) -> float:
+def peak_memory_mb(name: str, args: argparse.Namespace, device: torch.device) -> float:
     """Peak memory of training steps: CUDA allocator peak, or on CPU the peak RSS of a fresh process."""
-    cmd = [sys.executable, "-m", "tools.benchmark", "--memory-probe", name, "--batch-size", str(batch),
-           "--img-size", str(img_size), "--device", device, "--amp", amp]
+    cmd = [sys.executable, "-m", "tools.benchmark", "--memory-probe", name, "--batch-size", str(args.batch_size),
+           "--img-size", str(args.img_size[0]), "--device", str(device), "--amp", args.amp]
     for flag, path in (("--reference", REFERENCE_PATH), ("--baseline", BASELINE_PATH)):
         cmd += [flag, path] if path else []
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
@@ -235,21 +244,25 @@ def memory_probe(name: str, batch: int, img_size: int, device: torch.device, amp
     return peak_rss_mb()
 
 
+def status_mb(field: str) -> float:
+    """A memory figure of this process from Linux's ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory. ``ru_maxrss`` survives exec (it would report the parent's peak),
     so Linux's per-address-space high-water mark is read when available."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+        return status_mb("VmHWM")
     except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def precision(args: argparse.Namespace) -> str:
-    return "float32" if args.amp == "none" else f"{args.amp} autocast"
+def conditions(args: argparse.Namespace) -> str:
+    """The precision (and compiler) every model was timed under, for the tables' titles."""
+    compiled = f", torch.compile ({args.compile})" if args.compile else ""
+    return ("float32" if args.amp == "none" else f"{args.amp} autocast") + compiled
 
 
 def cpu_name() -> str:
@@ -270,6 +283,17 @@ def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
 
 
+def announce() -> None:
+    """The first line of a benchmark: what it runs on, and when."""
+    print(f"torch {torch.__version__} on {machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
+
+
+def write_json(path: Optional[str], figures: Any) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=2)
+
+
 def print_table(title: str, rows: List[List[str]], header: Sequence[str]) -> None:
     widths = [max(len(str(r[i])) for r in rows + [list(header)]) for i in range(len(header))]
     print(f"\n{title}")
@@ -283,53 +307,45 @@ def timed_modes(args: argparse.Namespace) -> List[str]:
     return ["infer", "train"] if args.mode == "both" else [args.mode]
 
 
+def vs_peer(value: float, peer: float, more: str = "") -> str:
+    """A table cell: the figure and its ratio to the peer's (and ``more``)."""
+    return f"{value:.2f} ({value / peer:.2f}x{more})"
+
+
 def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]:
     names = list(dict.fromkeys(list(args.models) + [args.peer]))
     results: Dict[str, Dict] = {}
     modes = timed_modes(args)
+    memory = args.memory and "train" in modes
+    calls = Calls(len(args.img_size) * len(modes) * len(names) * (args.warmup + 1 + args.reps) + memory * len(names))
     for img_size in args.img_size:
         for mode in modes:
             x = torch.randn(args.batch_size, 3, img_size, img_size, device=device)
-            models = {n: create(n, img_size, device) for n in names}
             make = inference_step if mode == "infer" else training_step
-            steps = {n: make(m, x, args.compile, args.amp) for n, m in models.items()}
-            compiled = f" under torch.compile ({args.compile})" if args.compile else ""
-            print(f"timing {mode}{compiled} at {img_size}x{img_size}, batch {args.batch_size}, {precision(args)}, "
-                  f"{args.reps} reps ...", flush=True)
-            medians = time_alternating(steps, args.reps, args.warmup, device, args.min_seconds)
-            for n, sec in medians.items():
+            steps = {n: make(create(n, img_size, device), x, args.compile, args.amp) for n in names}
+            for n, sec in time_alternating(steps, args, device, calls, f"{mode} {img_size}px").items():
                 results.setdefault(n, {})[f"{mode}_{img_size}"] = args.batch_size / sec
-            del models, steps
+            del steps
             gc.collect()
     rows = []
     for n in names:
         row = [n]
         base = split_suffix(n)[0]
-        for img_size in args.img_size:
-            for mode in modes:
-                key = f"{mode}_{img_size}"
-                ips = results[n][key]
-                gain = ""
-                if base != n and base in results:
-                    gain = f", {ips / results[base][key]:.2f}x of {base.split(':')[-1]}"
-                row.append(f"{ips:.2f} ({ips / results[args.peer][key]:.2f}x{gain})")
+        for key in (f"{mode}_{img_size}" for img_size in args.img_size for mode in modes):
+            gain = f", {results[n][key] / results[base][key]:.2f}x of {base.split(':')[-1]}" if base in results else ""
+            row.append(vs_peer(results[n][key], results[args.peer][key], gain * (base != n)))
         rows.append(row)
-    header = ["model"] + [f"{m} {s} img/s (vs peer)" for s in args.img_size for m in modes]
-    print_table(f"images/s, medians of {args.reps} alternating repetitions on {machine()}, {precision(args)}", rows,
-                header)
-    if any(split_suffix(n)[1] for n in names):
-        print(f"kernels on {device.type}: {', '.join(select_kernels(device)) or 'none'}")
-    if args.memory and "train" in modes:
-        mem_rows = []
-        peer_mb = None
+    print_table(f"images/s, medians of {args.reps} alternating repetitions on {machine()}, {conditions(args)}", rows,
+                ["model"] + [f"{m} {s} img/s (vs peer)" for s in args.img_size for m in modes])
+    if memory:
+        peaks = {}
         for n in [args.peer] + list(args.models):
-            mb = peak_memory_mb(n, args.batch_size, args.img_size[0], str(device), args.amp)
-            peer_mb = peer_mb or mb
-            results[n][f"train_peak_mb_{args.img_size[0]}"] = mb
-            mem_rows.append([n, f"{mb:.0f}", f"{mb / peer_mb:.2f}x"])
+            peaks[n] = results[n][f"train_peak_mb_{args.img_size[0]}"] = peak_memory_mb(n, args, device)
+            calls(f"memory {n}: {peaks[n]:.0f} MB")
         kind = "CUDA allocator peak" if device.type == "cuda" else "peak process RSS"
         print_table(f"training-step memory ({kind}), batch {args.batch_size}, {args.img_size[0]}px",
-                    mem_rows, ["model", "MB", "vs peer"])
+                    [[n, f"{mb:.0f}", f"{mb / peaks[args.peer]:.2f}x"] for n, mb in peaks.items()],
+                    ["model", "MB", "vs peer"])
     return results
 
 
@@ -362,6 +378,7 @@ def run_ceiling(args: argparse.Namespace, device: torch.device) -> Dict[str, Dic
     modes, size = timed_modes(args), args.img_size[0]
     x = torch.randn(args.batch_size, 3, size, size, device=device)
     figures: Dict[str, Dict[str, float]] = {}
+    calls = Calls(len(modes) * (len(CEILING_VARIANTS) * len(args.models) + 1) * (args.warmup + 1 + args.reps))
     for mode in modes:
         make = inference_step if mode == "infer" else training_step
         steps = {}
@@ -378,14 +395,11 @@ def run_ceiling(args: argparse.Namespace, device: torch.device) -> Dict[str, Dic
                         ablate_gather(attn, keys)
                 steps[f"{name}, {variant}"] = make(model, x, amp=args.amp)
         steps[args.peer] = make(create(args.peer, size, device), x, amp=args.amp)
-        print(f"timing {mode} at {size}x{size}, batch {args.batch_size}, {precision(args)}, {args.reps} reps ...",
-              flush=True)
-        for name, sec in time_alternating(steps, args.reps, args.warmup, device, args.min_seconds).items():
+        for name, sec in time_alternating(steps, args, device, calls, f"{mode} {size}px").items():
             figures.setdefault(name, {})[mode] = args.batch_size / sec
-    rows = [[name] + [f"{f[m]:.2f} ({f[m] / figures[args.peer][m]:.2f}x)" for m in modes]
-            for name, f in figures.items()]
+    rows = [[name] + [vs_peer(f[m], figures[args.peer][m]) for m in modes] for name, f in figures.items()]
     print_table(f"attention ceiling, images/s, medians of {args.reps} alternating repetitions on {machine()}, "
-                f"{precision(args)}", rows,
+                f"{conditions(args)}", rows,
                 ["model, variant"] + [f"{m} {size} img/s (vs peer)" for m in modes])
     return figures
 
@@ -417,20 +431,20 @@ def run_sizes(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
     call on a new size over a cached call (both timed alternately with the rest). Our models are built at their
     configured size (they take any input); timm models are built for each size, as Swin-T must be."""
     names = list(dict.fromkeys(list(args.models) + [args.peer]))
+    per_size = {n for n in names if split_suffix(n)[0].startswith("timm:")}  # built for one input size
     results: Dict[str, Dict] = {}
     rows = []
+    calls = Calls(len(args.sizes) * (2 * len(names) - len(per_size)) * (args.warmup + 1 + args.reps))
     for height, width in args.sizes:
         label = f"{height}x{width}"
         x = torch.randn(args.batch_size, 3, height, width, device=device)
-        per_size = {n for n in names if split_suffix(n)[0].startswith("timm:")}  # built for one input size
         steps = {}
         for n in names:
             model = create(n, (height, width) if n in per_size else None, device)
             steps[n] = inference_step(model, x, amp=args.amp)
             if n not in per_size:  # right after its cached call, which the first-call step then leaves cached
                 steps[f"{n} (first call)"] = first_call_step(model, x, args.amp)
-        print(f"timing infer at {label}, batch {args.batch_size}, {precision(args)}, {args.reps} reps ...", flush=True)
-        medians = time_alternating(steps, args.reps, args.warmup, device, args.min_seconds)
+        medians = time_alternating(steps, args, device, calls, f"infer {label}")
         for n in names:
             sec, first = medians[n], medians.get(f"{n} (first call)")
             ips = args.batch_size / sec
@@ -443,10 +457,8 @@ def run_sizes(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
         del steps
         gc.collect()
     print_table(f"inference per input size, batch {args.batch_size}, medians of {args.reps} alternating repetitions "
-                f"on {machine()}, {precision(args)}", rows,
+                f"on {machine()}, {conditions(args)}", rows,
                 ["size", "model", "images/s", "vs peer", "cached call s", "first call s", "first / cached"])
-    if any(split_suffix(n)[1] for n in names):
-        print(f"kernels on {device.type}: {', '.join(select_kernels(device)) or 'none'}")
     return results
 
 
@@ -456,6 +468,7 @@ def run_kernels(args: argparse.Namespace, device: torch.device) -> Dict[str, Dic
     if device.type != "cpu" or not onednn_linear.onednn_available():
         raise SystemExit("--kernels compares CPU kernels and needs a PyTorch build with oneDNN")
     size, rows, figures = args.img_size[0], [], {}
+    calls = Calls(4 * 4 * 2 * (args.warmup + 1 + args.reps))  # 4 layers of 4 stages, 2 kernels
     for stage, dim in enumerate((96, 192, 384, 768)):
         tokens = args.batch_size * math.ceil(size / 4 / 2 ** stage) ** 2
         for layer, (fan_in, fan_out) in {"qkv": (dim, 3 * dim), "proj": (dim, dim), "fc1": (dim, 4 * dim),
@@ -463,7 +476,7 @@ def run_kernels(args: argparse.Namespace, device: torch.device) -> Dict[str, Dic
             x, w, b = torch.randn(tokens, fan_in), torch.randn(fan_out, fan_in), torch.randn(fan_out)
             medians = time_alternating({"stock": lambda: nn.functional.linear(x, w, b),
                                         "onednn": lambda: onednn_linear.onednn_matmul(x, w, b)},
-                                       args.reps, args.warmup, device, args.min_seconds)
+                                       args, device, calls, f"stage {stage + 1} {layer}")
             gflops = {k: 2 * tokens * fan_in * fan_out / s / 1e9 for k, s in medians.items()}
             figures[f"stage {stage + 1} {layer}"] = gflops
             rows.append([f"stage {stage + 1} {layer}", f"{tokens}x{fan_in} -> {fan_out}", f"{gflops['stock']:.0f}",
@@ -510,26 +523,42 @@ def default_models(peer: str, device: torch.device) -> List[str]:
     return models + ([peer + "+kernels"] if "onednn_linear" in select_kernels(device) else [])
 
 
+def timing_parser(prog: str, doc: str, peer: str, peer_help: str, batch_size: Optional[int],
+                  reps: int) -> argparse.ArgumentParser:
+    """The flags of both benchmarks; :func:`parse_timing` checks them."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--peer", default=peer, help=peer_help)
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help="images per step" + ("" if batch_size else " (default 8, or 1 with --sizes)"))
+    p.add_argument("--reps", type=int, default=reps, help="timed repetitions, alternating the models; the tables "
+                                                          "give their medians")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each step first")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--json", type=path_arg, help="write the figures to this file")
+    return p
+
+
+def parse_timing(p: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if (args.batch_size or 1) < 1 or args.reps < 1 or args.warmup < 0:
+        p.error("--batch-size and --reps must be >= 1, --warmup >= 0")
+    return args
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+    p = timing_parser("python -m tools.benchmark", __doc__, DEFAULT_PEER, "the model ratios are taken against", None,
+                      5)
     p.add_argument("--models", nargs="+", help="config names, ref:NAME, base:NAME or timm:NAME, each optionally "
                                                "ending in +kernels or +onednn (default: the Tiny models, plain and "
                                                "+kernels, and the peer +kernels where that adds oneDNN linears)")
-    p.add_argument("--peer", default=DEFAULT_PEER, help="the model ratios are taken against")
     p.add_argument("--reference", help="classification/ folder of an original Focal-Transformer checkout, for "
                                        "ref:NAME models (never bundled with this project)")
     p.add_argument("--baseline", help="another checkout of this project, for base:NAME models (before/after)")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="both",
                    help="time inference (forward passes), training steps, or both")
-    p.add_argument("--batch-size", type=int, help="images per step (default 8, or 1 with --sizes)")
     p.add_argument("--img-size", type=int, nargs="+", default=[224], help="square input sizes, one table row each")
-    p.add_argument("--reps", type=int, default=5,
-                   help="alternating repetitions; the tables give their medians")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each step first")
     p.add_argument("--min-seconds", type=float, default=0.5,
                    help="each repetition repeats a fast step until it lasts this long")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--amp", choices=AMP_MODES, default="none",
                    help="autocast precision of every model (none: float32); fp16 trains with a gradient "
                         "scaler, as main.py does")
@@ -545,14 +574,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sizes", nargs="+", type=parse_size, metavar="SIZE",
                    help="inference per input size (SIDE or HEIGHTxWIDTH, e.g. 224 448 896 800x1216) instead: images/s "
                         "against the peer built for that size, and the first call on a new size over a cached call")
-    p.add_argument("--plot", help="write a PNG of inference images/s against image size")
-    p.add_argument("--json", help="write the raw figures to this file")
+    p.add_argument("--plot", type=path_arg, help="write a PNG of inference images/s against image size")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.batch_size is None:
-        args.batch_size = 1 if args.sizes else 8
-    if args.batch_size < 1 or args.reps < 1 or args.warmup < 0:
-        p.error("--batch-size and --reps must be >= 1, --warmup >= 0")
+    args = parse_timing(p, argv)
+    args.batch_size = args.batch_size or (1 if args.sizes else 8)
+    if args.compile and not COMPILE_RULE.valid(args.compile, None):
+        p.error(f"--compile {COMPILE_RULE.requirement}, got {args.compile!r}")
     if min(args.img_size) < 1:
         p.error(f"--img-size takes positive sizes, got {min(args.img_size)}")
     if args.sizes and (args.ceiling or args.kernels):
@@ -578,9 +605,18 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def check_writable(flag: str, path: Optional[str]) -> None:
+    """That the file ``path`` (if given) can be written, checked before the timing without creating it."""
+    folder = os.path.dirname(os.path.abspath(path or "."))
+    writable = os.access(path, os.W_OK) if path and os.path.exists(path) else os.access(folder, os.W_OK)
+    if path and (not os.path.isdir(folder) or os.path.isdir(path) or not writable):
+        raise SystemExit(f"benchmark: {flag} {path}: cannot write there (missing folder, a folder in the way, or no "
+                         f"permission)")
+
+
 def check_names_and_paths(args: argparse.Namespace) -> None:
     """What would otherwise fail only after minutes of timing: unknown models, sizes a model cannot be built for,
-    output files that cannot be written (checked without creating them), and a --plot type Pillow cannot write."""
+    output files that cannot be written, and a --plot type Pillow cannot write."""
     for name in (args.models or []) + [args.peer]:
         base = split_suffix(name)[0]
         if base.startswith("timm:"):
@@ -593,14 +629,8 @@ def check_names_and_paths(args: argparse.Namespace) -> None:
                     validate_model_config(config_for(base, size))
                 except ConfigError as error:
                     raise SystemExit(f"benchmark: --img-size {size}: {name}: {error}") from None
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if not path:
-            continue
-        folder = os.path.dirname(os.path.abspath(path))
-        writable = os.access(path, os.W_OK) if os.path.exists(path) else os.access(folder, os.W_OK)
-        if not os.path.isdir(folder) or os.path.isdir(path) or not writable:
-            raise SystemExit(f"benchmark: {flag} {path}: cannot write there (missing folder, a folder in the way, "
-                             f"or no permission)")
+    check_writable("--json", args.json)
+    check_writable("--plot", args.plot)
     if args.plot:
         from PIL import Image
         if Image.registered_extensions().get(os.path.splitext(args.plot)[1].lower()) not in Image.SAVE:
@@ -623,20 +653,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.memory_probe:
         print(memory_probe(args.memory_probe, args.batch_size, args.img_size[0], device, args.amp))
         return
-    print(f"torch {torch.__version__} on {machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
-    if args.kernels:
-        results = run_kernels(args, device)
-    elif args.ceiling:
-        results = run_ceiling(args, device)
-    elif args.sizes:
-        results = run_sizes(args, device)
-    else:
-        results = run_speed(args, device)
+    announce()
+    run = run_kernels if args.kernels else run_ceiling if args.ceiling else run_sizes if args.sizes else run_speed
+    results = run(args, device)
+    if not args.kernels and any(split_suffix(n)[1] for n in [*args.models, args.peer]):
+        print(f"kernels on {device.type}: {', '.join(select_kernels(device)) or 'none'}")
     if args.plot:
         plot(results, args.img_size, args.plot)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

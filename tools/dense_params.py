@@ -13,25 +13,19 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
-import sys
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from config import HelpFormatter  # noqa: E402
-from config import load_config  # noqa: E402
-from detection.config import detection_defaults  # noqa: E402
-from detection.model import build_detector  # noqa: E402
-from segmentation.config import segmentation_defaults  # noqa: E402
-from segmentation.model import build_segmenter  # noqa: E402
-from tools.benchmark import print_table  # noqa: E402
+from config import HelpFormatter, path_arg
+from config import load_config
+from detection.config import detection_defaults
+from detection.model import build_detector
+from segmentation.config import segmentation_defaults
+from segmentation.model import build_segmenter
+from tools.benchmark import ROOT, print_table, write_json
 
 T, S, B = (f"focal_{size}_patch4_window7_224" for size in ("tiny", "small", "base"))
 # The seed README's #params in millions, by (MODEL.DETECTOR or MODEL.ARCH, MODEL.BACKBONE).
@@ -102,13 +96,11 @@ def report(counts: Sequence[Count]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> List[Count]:
     p = argparse.ArgumentParser(prog="python -m tools.dense_params", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--json", help="also write the counts to this file")
+    p.add_argument("--json", type=path_arg, help="also write the counts to this file")
     args = p.parse_args(argv)
     counts = count_all()
     report(counts)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([dict(c._asdict(), ratio=c.ratio) for c in counts], f, indent=2)
+    write_json(args.json, [dict(c._asdict(), ratio=c.ratio) for c in counts])
     return counts
 
 
