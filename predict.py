@@ -21,8 +21,7 @@ import torch.nn as nn
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from config import HelpFormatter
-from config import load_config
+from config import HelpFormatter, load_config, path_arg
 from data.datasets import PIL_ERRORS, hidden, load_rgb
 from data.transforms import build_transform
 from distributed import DEVICES, resolve_device
@@ -43,7 +42,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--opts", nargs="+", action="extend", default=[],
                         help="config overrides: KEY VALUE ... (the class count comes from the checkpoint unless "
                              "MODEL.NUM_CLASSES is given here)")
-    parser.add_argument("--checkpoint", required=True, help="weights: ours, a released file, or a bare state dict")
+    parser.add_argument("--checkpoint", required=True, type=path_arg,
+                        help="weights: ours, a released file, or a bare state dict")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA when available, else CPU")

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import predict
 from config import get_config
 from data import demo as data_demo
 from dense import demo as dense_demo
@@ -81,7 +82,9 @@ def test_paths_that_are_files_folders_or_missing_pass_the_config(tmp_path):
     (benchmark.parse_args, ["--json"], "--json", ".json"),
     (benchmark.parse_args, ["--plot"], "--plot", ".png"),
     (bench_dense.parse_args, ["--json"], "--json", ".json"),
-], ids=["export-checkpoint", "export-output", "benchmark-json", "benchmark-plot", "bench_dense-json"])
+    (predict.parse_args, ["--cfg", "c.yaml", "--checkpoint"], "--checkpoint", ".pth"),
+], ids=["export-checkpoint", "export-output", "benchmark-json", "benchmark-plot", "bench_dense-json",
+        "predict-checkpoint"])
 def test_a_tool_path_flag_that_is_no_file_or_folder_is_refused_naming_the_flag(parse, argv, flag, suffix, kind,
                                                                                tmp_path, capsys):
     """Opening a FIFO to write the figures waited forever after minutes of timing."""
