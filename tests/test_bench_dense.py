@@ -53,11 +53,13 @@ def test_synthetic_targets_are_boxes_of_at_least_32_pixels_inside_the_image_with
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="CPU peak memory is read from Linux's /proc")
 def test_cpu_memory_column_sees_a_known_allocation():
-    # 25,000,000 float32 values of ones: 100,000,000 bytes = 95.4 MiB written at the step's peak.
+    # 25,000,000 float32 values of ones: 100,000,000 bytes = 95.4 MiB written at the step's peak, less what the
+    # allocator takes from pages already resident before the step (measured once at 94.97 under load): a tenth
+    # of it is allowed either way, far from the 0 of a column that misses the allocation.
     def step(_):
         torch.ones(25_000_000).sum()
     seconds, peak = bench_dense.measured(step, None, torch.device("cpu"))
-    assert seconds > 0 and 95 <= peak < 95.4 + 20
+    assert seconds > 0 and 0.9 * 95.4 <= peak < 95.4 + 20
 
 
 @pytest.mark.slow
