@@ -29,7 +29,6 @@ from errors import UsageError
 # mmdetection's DeltaXYWH target stds (0.5, 0.5, 1, 1) for Sparse R-CNN, as the weights torchvision's BoxCoder
 # divides the deltas by (the reference implementation's bbox_weights (2, 2, 1, 1)).
 DELTA_WEIGHTS = (2.0, 2.0, 1.0, 1.0)
-PROPOSAL_INITS = ("image", "grid")
 PRIOR_PROB = 0.01  # the initial foreground probability of every class (focal loss's bias initialisation)
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -91,13 +90,11 @@ class SparseStage(nn.Module):
         self.reg_fcs = fc_stack(channels, num_reg_fcs)
         self.reg = nn.Linear(channels, 4)
 
-    def forward(self, features: torch.Tensor, rois: torch.Tensor, groups: int = 1) -> Tuple[torch.Tensor, ...]:
+    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """``features`` (B, N, C) and their ``rois`` (B*N, C, S, S) -> logits (B, N, K), deltas (B, N, 4) and the
-        next stage's features (B, N, C). The proposals attend only within their group (``groups`` equal runs of
-        N / groups)."""
+        next stage's features (B, N, C)."""
         b, n, c = features.shape
-        grouped = features.reshape(b * groups, n // groups, c)
-        attended = self.attention(grouped, grouped, grouped, need_weights=False)[0].reshape(b, n, c)
+        attended = self.attention(features, features, features, need_weights=False)[0]
         x = self.attention_norm(features + self.dropout(attended)).reshape(b * n, c)
         x = self.interaction_norm(x + self.dropout(self.interaction(x, rois)))
         x = self.ffn_norm(x + self.dropout(self.ffn(x)))
@@ -163,20 +160,6 @@ def objects_per_process(targets: Sequence[Dict[str, torch.Tensor]], device: torc
     return (all_reduce_sum(count) / world).clamp(min=1.0)
 
 
-def initial_proposals(count: int, kind: str) -> torch.Tensor:
-    """``count`` boxes (cx, cy, w, h) as fractions of the image. ``image``: each the whole image (the paper's
-    choice). ``grid``: centred on the cells of a near-square grid of ``count`` cells (row-major, the last row
-    possibly short), each two cells wide and high, so that every object up to a cell's size lies wholly inside
-    some proposal and the first stage reads local features instead of the whole image pooled to 7x7."""
-    if kind == "image":
-        return torch.tensor([0.5, 0.5, 1.0, 1.0]).repeat(count, 1)
-    cols = math.ceil(math.sqrt(count))
-    rows = math.ceil(count / cols)
-    index = torch.arange(count, dtype=torch.float32)
-    centres = torch.stack([(index % cols + 0.5) / cols, (index // cols + 0.5) / rows], dim=1)
-    return torch.cat([centres, torch.tensor([2.0 / cols, 2.0 / rows]).expand(count, 2)], dim=1)
-
-
 def check_count(name: str, value: int, low: int) -> None:
     if not isinstance(value, int) or value < low:
         raise UsageError(f"MODEL.DETECTOR_ARGS.{name} must be an integer of at least {low} for sparse_rcnn, "
@@ -199,18 +182,14 @@ class SparseRCNN(nn.Module):
                  feedforward_channels: int = 2048, num_cls_fcs: int = 1, num_reg_fcs: int = 3, pooled_size: int = 7,
                  sampling_ratio: int = 2, dropout: float = 0.0, class_weight: float = 2.0, l1_weight: float = 5.0,
                  giou_weight: float = 2.0, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
-                 detections_per_img: int = 100, proposal_init: str = "image", num_groups: int = 1, **kwargs: Any):
+                 detections_per_img: int = 100, **kwargs: Any):
         super().__init__()
         for name, value, low in [("num_proposals", num_proposals, 1), ("num_stages", num_stages, 1),
                                  ("num_heads", num_heads, 1), ("dynamic_channels", dynamic_channels, 1),
                                  ("feedforward_channels", feedforward_channels, 1), ("num_cls_fcs", num_cls_fcs, 0),
                                  ("num_reg_fcs", num_reg_fcs, 0), ("pooled_size", pooled_size, 1),
-                                 ("sampling_ratio", sampling_ratio, 0), ("detections_per_img", detections_per_img, 1),
-                                 ("num_groups", num_groups, 1)]:
+                                 ("sampling_ratio", sampling_ratio, 0), ("detections_per_img", detections_per_img, 1)]:
             check_count(name, value, low)
-        if proposal_init not in PROPOSAL_INITS:
-            raise UsageError(f"MODEL.DETECTOR_ARGS.proposal_init must be one of {PROPOSAL_INITS} for sparse_rcnn, "
-                             f"got {proposal_init!r}")
         channels = backbone.out_channels
         if channels % num_heads:
             raise UsageError(f"MODEL.DETECTOR_ARGS.num_heads must divide MODEL.FPN_CHANNELS ({channels}) for "
@@ -221,18 +200,14 @@ class SparseRCNN(nn.Module):
         levels = [str(i) for i in range(len(backbone.fpn.inner_blocks))]
         self.roi_align = MultiScaleRoIAlign(levels, pooled_size, sampling_ratio)
         # Proposals as (cx, cy, w, h) fractions of the image, all starting as the whole image (the paper's choice).
-        # Groups past the first (Group DETR) train only: each group is matched to the objects on its own, which
-        # multiplies the positives per object; inference uses the first group alone, so it stays one-to-one.
-        self.num_proposals, self.num_groups = num_proposals, num_groups
-        self.proposal_boxes = nn.Embedding(num_proposals * num_groups, 4)
-        self.proposal_features = nn.Embedding(num_proposals * num_groups, channels)
+        self.proposal_boxes = nn.Embedding(num_proposals, 4)
+        self.proposal_features = nn.Embedding(num_proposals, channels)
         self.stages = nn.ModuleList(
             SparseStage(num_classes - 1, channels, num_heads, dynamic_channels, feedforward_channels, pooled_size,
                         num_cls_fcs, num_reg_fcs, dropout) for _ in range(num_stages))
         self.box_coder = BoxCoder(DELTA_WEIGHTS)
         self.criterion = SetCriterion(class_weight, l1_weight, giou_weight, focal_alpha, focal_gamma)
         self.detections_per_img = detections_per_img
-        self.proposal_init = proposal_init
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -244,33 +219,26 @@ class SparseRCNN(nn.Module):
         for stage in self.stages:
             nn.init.constant_(stage.cls.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
         with torch.no_grad():
-            self.proposal_boxes.weight.copy_(
-                initial_proposals(self.num_proposals, self.proposal_init).repeat(self.num_groups, 1))
+            self.proposal_boxes.weight[:, :2] = 0.5
+            self.proposal_boxes.weight[:, 2:] = 1.0
 
-    def refine(self, features: Dict[str, torch.Tensor], image_sizes: List[Tuple[int, int]], whwh: torch.Tensor,
-               groups: int = 1) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """Every stage's (logits (B, N, K), boxes (B, N, 4) in the resized image's pixels) for the proposals of
-        the first ``groups`` groups. A stage's boxes reach the next one detached, so each stage learns its own
-        correction."""
-        b, n = len(image_sizes), self.num_proposals * groups
-        boxes = box_convert(self.proposal_boxes.weight[:n], "cxcywh", "xyxy")[None] * whwh[:, None]
-        state = self.proposal_features.weight[None, :n].expand(b, -1, -1)
+    def refine(self, features: Dict[str, torch.Tensor], image_sizes: List[Tuple[int, int]],
+               whwh: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Every stage's (logits (B, N, K), boxes (B, N, 4) in the resized image's pixels). A stage's boxes
+        reach the next one detached, so each stage learns its own correction."""
+        b = len(image_sizes)
+        boxes = box_convert(self.proposal_boxes.weight, "cxcywh", "xyxy")[None] * whwh[:, None]
+        state = self.proposal_features.weight[None].expand(b, -1, -1)
+        n = boxes.shape[1]
         outputs = []
         for stage in self.stages:
             rois = self.roi_align(features, list(boxes.detach()), image_sizes)
-            logits, deltas, state = stage(state, rois, groups)
+            logits, deltas, state = stage(state, rois)
             # in float32 whatever the autocast: half precision steps a whole pixel between 1024 and 2048
             boxes = self.box_coder.decode_single(deltas.float().reshape(-1, 4), boxes.reshape(-1, 4)).view(b, n, 4)
             outputs.append((logits, boxes))
             boxes = boxes.detach()
         return outputs
-
-    def group_losses(self, logits: torch.Tensor, boxes: torch.Tensor, targets: Sequence[Dict[str, torch.Tensor]],
-                     whwh: torch.Tensor, num_objects: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """One stage's losses: each group's own set losses, averaged over the groups (one group: the paper's)."""
-        losses = [self.criterion(group_logits, group_boxes, targets, whwh, num_objects) for group_logits, group_boxes
-                  in zip(logits.split(self.num_proposals, 1), boxes.split(self.num_proposals, 1))]
-        return {name: sum(group[name] for group in losses) / len(losses) for name in losses[0]}
 
     def detect(self, logits: torch.Tensor, boxes: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
         """The ``detections_per_img`` best (proposal, class) pairs of each image by sigmoid score; no NMS: a
@@ -292,10 +260,9 @@ class SparseRCNN(nn.Module):
         # Each image's own resized size, not the padded batch's: the boxes' normalisation and initial proposals.
         whwh = torch.tensor([[w, h, w, h] for h, w in images.image_sizes], dtype=torch.float32,
                             device=images.tensors.device)
+        outputs = self.refine(features, images.image_sizes, whwh)
         if self.training:
             num_objects = objects_per_process(targets, whwh.device)
-            return {f"{name}_{k}": value for k, (logits, boxes) in enumerate(
-                        self.refine(features, images.image_sizes, whwh, self.num_groups))
-                    for name, value in self.group_losses(logits, boxes, targets, whwh, num_objects).items()}
-        outputs = self.refine(features, images.image_sizes, whwh)
+            return {f"{name}_{k}": value for k, (logits, boxes) in enumerate(outputs)
+                    for name, value in self.criterion(logits, boxes, targets, whwh, num_objects).items()}
         return self.transform.postprocess(self.detect(*outputs[-1]), images.image_sizes, original_sizes)

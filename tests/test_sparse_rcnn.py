@@ -12,7 +12,7 @@ from dense.config import get_task_config, merge_task_opts
 from dense.demo import generate_detection
 from detection.config import DETECTION_RULES, detection_defaults
 from detection.model import build_detector
-from detection.sparse_rcnn import SetCriterion, hungarian_match, initial_proposals, objects_per_process
+from detection.sparse_rcnn import SetCriterion, hungarian_match, objects_per_process
 from errors import UsageError
 from tests.helpers import BACKBONE_OPTS, REPO, check, run_task, task_args
 
@@ -80,15 +80,6 @@ def test_set_losses_of_a_hand_made_case():
     assert logits.grad.abs().sum() > 0 and boxes.grad is not None
 
 
-def test_initial_proposals_whole_image_or_grid():
-    """``image``: every proposal is the whole image, (cx, cy, w, h) = (1/2, 1/2, 1, 1). ``grid`` with 5 proposals:
-    ceil(sqrt(5)) = 3 columns and ceil(5 / 3) = 2 rows, filled row by row (the second row holds two); centres at
-    x = (i + 1/2) / 3 and y = (j + 1/2) / 2, each box two cells: 2/3 wide and 2/2 = 1 high."""
-    torch.testing.assert_close(initial_proposals(2, "image"), torch.tensor([[0.5, 0.5, 1, 1]] * 2))
-    expected = [[x / 6, y / 4, 2 / 3, 1.0] for y, x in [(1, 1), (1, 3), (1, 5), (3, 1), (3, 3)]]
-    torch.testing.assert_close(initial_proposals(5, "grid"), torch.tensor(expected))
-
-
 def test_the_loss_divisor_counts_objects_and_is_at_least_one():
     """In a world of one process, the divisor is the batch's object count (2 + 3), and 1 without objects."""
     targets = [{"boxes": torch.zeros(n, 4)} for n in (2, 3)]
@@ -135,46 +126,11 @@ def test_every_stage_and_the_proposals_get_gradients():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
-def test_groups_train_apart_and_only_the_first_detects():
-    """Three groups of 10 proposals. In training, group 0's outputs are those of a one-group model (the groups do
-    not attend to each other), and a group that copies group 0 adds the same losses, so with groups 0 and 1
-    equal and group 2 different the averaged loss is (2 x group 0's + group 2's) / 3. In eval mode only group 0
-    detects: its 10 proposals x 2 classes give 20 detections, not 60."""
-    model = small_sparse_rcnn("MODEL.DETECTOR_ARGS.num_proposals", 10, "MODEL.DETECTOR_ARGS.num_groups", 3)
-    with torch.no_grad():
-        for embedding in (model.proposal_boxes, model.proposal_features):
-            embedding.weight[10:20] = embedding.weight[:10]
-    generator = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, 64, 64, generator=generator) for _ in range(2)]
-    targets = [{"boxes": torch.tensor([[4.0, 6, 30, 40]]), "labels": torch.tensor([1])},
-               {"boxes": torch.tensor([[10.0, 10, 50, 30], [30, 30, 60, 60]]), "labels": torch.tensor([2, 1])}]
-    model.train()
-    with torch.no_grad():
-        images_, targets_ = model.transform(images, targets)
-        features = model.backbone(images_.tensors)
-        whwh = torch.tensor([[64.0] * 4] * 2)
-        one, three = (model.refine(features, images_.image_sizes, whwh, groups) for groups in (1, 3))
-        num_objects = torch.tensor(3.0)
-        for (logits, boxes), (all_logits, all_boxes) in zip(one, three):
-            torch.testing.assert_close(all_logits[:, :10], logits)
-            torch.testing.assert_close(all_boxes[:, :10], boxes)
-            first = model.criterion(logits, boxes, targets_, whwh, num_objects)
-            last = model.criterion(all_logits[:, 20:], all_boxes[:, 20:], targets_, whwh, num_objects)
-            averaged = model.group_losses(all_logits, all_boxes, targets_, whwh, num_objects)
-            for name in first:
-                torch.testing.assert_close(averaged[name], (2 * first[name] + last[name]) / 3)
-    with torch.no_grad():
-        detections = model.eval()(images)
-    assert [len(found["boxes"]) for found in detections] == [20, 20]
-
-
 @pytest.mark.parametrize("key, value, message", [
     ("num_proposals", 0, r"MODEL.DETECTOR_ARGS.num_proposals must be an integer of at least 1 for sparse_rcnn, "
                          r"got 0"),
     ("num_heads", 3, r"MODEL.DETECTOR_ARGS.num_heads must divide MODEL.FPN_CHANNELS \(16\) for sparse_rcnn's "
                      r"attention, got 3"),
-    ("proposal_init", "centre", r"MODEL.DETECTOR_ARGS.proposal_init must be one of \('image', 'grid'\) for "
-                                r"sparse_rcnn, got 'centre'"),
     ("box_batch_size_per_image", 64, r"MODEL.DETECTOR_ARGS.box_batch_size_per_image is not an argument of "
                                      r"sparse_rcnn \(MODEL.DETECTOR\); it accepts: .*min_size.*num_proposals.*"),
 ])
