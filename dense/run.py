@@ -102,7 +102,9 @@ def load_backbone(path: str, backbone: DenseBackbone, logger: logging.Logger, un
         log_load(logger, f"pretrained backbone and output norms{left_out} from the dense checkpoint {path}", report,
                  len(weights), len(own))
         return
-    report = load_weights(backbone.network, weights, strict=False)
+    # A classification checkpoint made at a smaller image size lacks the neighbour tables of stages whose maps fit
+    # in one window there but not at the dense task's sizes: they are derived from its window tables.
+    report = load_weights(backbone.network, weights, strict=False, fit_geometry=True)
     report.unexpected = [k for k in report.unexpected if not k.startswith(CLASSIFIER_KEYS)]
     if not report.clean:
         raise UsageError(f"--pretrained {path} does not fit the backbone ({report.summary()}); is it a checkpoint "

@@ -121,12 +121,12 @@ def head_classes(checkpoint: Any) -> Optional[int]:
 
 
 def load_weights(model: nn.Module, checkpoint: Any, strict: bool = True,
-                 drop_mismatched_head: bool = False, resize: bool = True) -> LoadReport:
+                 drop_mismatched_head: bool = False, resize: bool = True, fit_geometry: bool = False) -> LoadReport:
     """Load a checkpoint object's weights. With ``strict`` any missing, unexpected or mismatched key raises a
     ``ValueError`` carrying the short summary; otherwise what matches loads and the report says the rest. Without
     ``resize``, a tensor that would need resizing to this model's windows is a misfit too: optimizer moments
-    saved beside the weights keep the old shapes."""
-    state_dict, report = adapt_state_dict(model, extract_state_dict(checkpoint), drop_mismatched_head)
+    saved beside the weights keep the old shapes. ``fit_geometry``: see :func:`adapt_state_dict`."""
+    state_dict, report = adapt_state_dict(model, extract_state_dict(checkpoint), drop_mismatched_head, fit_geometry)
     if strict and not report.clean:
         raise ValueError(f"checkpoint does not fit this model: {report.summary()}")
     if not resize and report.resized:

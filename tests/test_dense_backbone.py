@@ -91,6 +91,27 @@ def test_classification_checkpoint_loads_and_the_norms_are_named_fresh(caplog):
         torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
 
 
+def test_a_classification_checkpoint_made_at_a_smaller_size_gets_its_missing_neighbour_tables_derived(tmp_path,
+                                                                                                        caplog):
+    """Trained at 64 px with window 4, stages 2 and 3 (maps of 4x4 and 2x2) fit in one window and have no neighbour
+    tables; the dense backbone's stages at detection sizes need them, and the load was refused as missing keys.
+    They are derived from the checkpoint's window tables, as ``main.py --pretrained`` does, and named."""
+    import timm
+    args = {**ARGS, "window_size": 4}
+    small = timm.create_model(NAME, img_size=64, num_classes=5, **args)
+    path = tmp_path / "classifier_64.pth"
+    torch.save({"model": small.state_dict()}, path)
+    dense = DenseBackbone(NAME, (0, 1, 2, 3), **args)
+    missing = sorted(set(dense.network.state_dict()) - set(small.state_dict()))
+    assert missing and all(name.endswith("_to_neighbors") for name in missing)
+    with caplog.at_level(logging.INFO, logger=LOG.name):
+        load_backbone(str(path), dense, LOG)
+    assert f"{len(missing)} derived from its tables: {missing[0]}" in caplog.text
+    for name, value in small.state_dict().items():
+        if name in dense.network.state_dict() and value.shape == dense.network.state_dict()[name].shape:
+            torch.testing.assert_close(dense.network.state_dict()[name], value, rtol=0, atol=0)
+
+
 def test_dense_checkpoint_loads_with_its_norms(tmp_path, caplog):
     trained = detector()
     with torch.no_grad():
