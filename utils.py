@@ -390,7 +390,9 @@ def meaning_changes(saved: Any, config: Any) -> List[Tuple[str, Any, Any]]:
 
 def check_meaning(checkpoint: Checkpoint, config: Any) -> None:
     """Refuse a checkpoint whose :data:`MEANING_KEYS` differ from this run's, naming the key and its value."""
-    for key, old, new in meaning_changes(checkpoint.state.get("config"), config)[:1]:
+    changes = meaning_changes(checkpoint.state.get("config"), config)
+    if changes:
+        key, old, new = changes[0]
         raise UsageError(f"{checkpoint.source}: it was trained with {key} {old} and this run has {new}, so every "
                          f"output would mean another class; pass --opts {key} {old}")
 

@@ -4,7 +4,8 @@ Sizes are those shown, after the orientation: COCO boxes and segmentation labels
 (a label PNG carries no orientation of its own and is used as stored)."""
 from __future__ import annotations
 
-from typing import Tuple
+import contextlib
+from typing import Iterator, Tuple
 
 import torch
 import torchvision.transforms.v2.functional as F
@@ -14,29 +15,30 @@ from data.datasets import PIL_ERRORS, UnsupportedImage, check_mode, displayed_si
 from errors import UsageError
 
 
-def image_size(path: str, what: str = "image") -> Tuple[int, int]:
-    """(width, height) as shown, from the file's header, or a one-line error naming the ``what`` (image or
-    annotation); so is a float image, before a run trains on it."""
+@contextlib.contextmanager
+def one_line(path: str, what: str) -> Iterator[None]:
+    """Reading ``path`` fails as one line naming the ``what`` (image or annotation) and the file."""
     try:
-        with Image.open(path) as img:
-            if what != "image":
-                return img.size
-            check_mode(img)
-            return displayed_size(img)
+        yield
     except UnsupportedImage as err:
         raise UsageError(f"{what} {path} {err}") from None
     except PIL_ERRORS as err:
         raise UsageError(f"cannot read {what} {path}: {err}") from None
 
 
+def image_size(path: str, what: str = "image") -> Tuple[int, int]:
+    """(width, height) as shown, from the file's header; a float image is refused here, before a run trains on it."""
+    with one_line(path, what), Image.open(path) as img:
+        if what != "image":
+            return img.size
+        check_mode(img)
+        return displayed_size(img)
+
+
 def read_rgb(path: str) -> torch.Tensor:
     """The image as a uint8 (3, H, W) tensor, as shown."""
-    try:
+    with one_line(path, "image"):
         return F.pil_to_tensor(load_rgb(path))
-    except UnsupportedImage as err:
-        raise UsageError(f"image {path} {err}") from None
-    except PIL_ERRORS as err:
-        raise UsageError(f"cannot read image {path}: {err}") from None
 
 
 def as_shown(size: Tuple[int, int], expected: Tuple[int, int]) -> str:

@@ -30,16 +30,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from config import HelpFormatter, path_arg
-from config import RULES, load_config
+from config import RULES, HelpFormatter, load_config, path_arg
 from engine import AMP_MODES, build_precision, synchronize
 from errors import UsageError
 from logger import Progress
 from models import ConfigError, build_model, validate_model_config
 from models.focal_layout import LAYOUTS
 from models.window_attention import WindowedAttention, gather_windows
-from models.kernels import optimize_for, select_kernels
-from models.kernels import onednn_linear
+from models.kernels import onednn_linear, optimize_for, select_kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
