@@ -1,8 +1,9 @@
-"""The yacs configuration tree: defaults, YAML files with ``BASE:`` inheritance, value rules, and the command lines
-that override it (the flags every training entry point shares, and their keys).
+"""The yacs configuration trees: defaults, YAML files with ``BASE:`` inheritance, value rules, and the command lines
+that override them (the flags every training entry point shares, and their keys).
 
-Key names and defaults follow the reference Focal Transformer release so that its YAML files load unchanged.
-An unknown key or a value of the wrong type raises an error that names the full key.
+Every task's tree starts from :func:`run_defaults`; classification's (``_C``) keeps the key names and defaults of
+the reference Focal Transformer release, so that its YAML files load unchanged. An unknown key or a value of the
+wrong type raises an error that names the full key.
 """
 from __future__ import annotations
 
@@ -15,38 +16,84 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Tupl
 import yaml
 from yacs.config import CfgNode as CN
 
-from choices import AMP_MODES, APEX_LEVELS, CACHE_MODES, DEVICES, OPTIMIZERS, SCHEDULERS
-from errors import error_text
+from errors import UsageError, error_text
 
-_C = CN()
-_C.BASE = [""]
+# The values some keys and flags may take, read by the rules below and by the modules acting on them.
+CACHE_MODES = ("no", "part", "full")  # DATA.CACHE_MODE
+AMP_MODES = ("bf16", "fp16", "none")  # AMP_OPT_LEVEL / --amp
+APEX_LEVELS = {"O0": "none", "O1": "fp16", "O2": "fp16"}  # the reference's apex levels and their autocast modes
+AMP_LEVELS = ("", *AMP_MODES, *APEX_LEVELS)  # "": the device's default
+SCHEDULERS = ("cosine", "linear", "step")  # TRAIN.LR_SCHEDULER.NAME
+OPTIMIZERS = ("adamw", "sgd")  # TRAIN.OPTIMIZER.NAME
+DEVICES = ("auto", "cpu", "cuda")  # --device
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 
-# Data
-_C.DATA = CN()
-_C.DATA.BATCH_SIZE = 128  # per process
-_C.DATA.DATA_PATH = ""
+
+def run_defaults() -> CN:
+    """The keys of every task's tree: data loading, the run's folder, schedule length and rates, checkpoints,
+    precision and logging. Each task sets its own defaults over these and adds its keys."""
+    c = CN()
+    c.BASE = [""]
+    c.DATA = CN()
+    c.DATA.DATA_PATH = ""
+    c.DATA.BATCH_SIZE = 128  # per process
+    c.DATA.NUM_WORKERS = 8
+    c.DATA.PIN_MEMORY = True
+    c.MODEL = CN()
+    c.MODEL.NAME = "run"  # names the output folder: <OUTPUT>/<NAME>/<TAG>
+    c.MODEL.PRETRAINED = ""  # initial weights only: a new run starts from them
+    c.MODEL.RESUME = ""
+    c.MODEL.DROP_PATH_RATE = 0.1
+    c.TRAIN = CN()
+    c.TRAIN.START_EPOCH = 0
+    c.TRAIN.EPOCHS = 300
+    c.TRAIN.BASE_LR = 5e-4
+    c.TRAIN.MIN_LR = 5e-6
+    # The total batch (images per optimizer update, all processes) the rates are stated for. They scale linearly to
+    # the run's own total batch, which is then recorded here: a saved config.yaml re-runs at the rates it trained
+    # with, and at another batch scales from them (lr_scheduler.scale_rates).
+    c.TRAIN.LR_BATCH = 512
+    c.TRAIN.WEIGHT_DECAY = 0.05
+    c.TRAIN.CLIP_GRAD = 5.0  # the largest gradient norm; 0 turns clipping off
+    c.TRAIN.ACCUMULATION_STEPS = 1  # batches per optimizer update
+    c.TRAIN.AUTO_RESUME = True
+    c.TRAIN.USE_CHECKPOINT = False  # gradient checkpointing: less memory, more time
+    # Exponential moving average of the weights (timm's ModelEmaV3), evaluated next to the model every epoch and
+    # saved in checkpoints; with it on, the best checkpoint (ckpt_best.pth) is chosen by the EMA's score.
+    c.MODEL_EMA = False
+    c.MODEL_EMA_DECAY = 0.9998
+    c.AMP_OPT_LEVEL = ""
+    c.COMPILE = ""  # torch.compile backend for training and evaluation ("" runs eagerly; --compile: inductor)
+    # Loss, learning rate, gradient norm and scores as TensorBoard events in OUTPUT (needs `pip install tensorboard`).
+    c.TENSORBOARD = False
+    c.OUTPUT = ""
+    c.TAG = "default"
+    c.SAVE_FREQ = 1  # epochs between checkpoints (the last epoch is always saved)
+    c.EVAL_FREQ = 1  # epochs between evaluations (the last epoch is always evaluated)
+    c.KEEP_CHECKPOINTS = 0  # keep only the newest N epoch checkpoints (0: keep all)
+    c.PRINT_FREQ = 100
+    c.SEED = 0
+    c.EVAL_MODE = False
+    return c
+
+
+# Classification
+_C = run_defaults()
 _C.DATA.IMG_SIZE = 224
 _C.DATA.INTERPOLATION = "bicubic"
 _C.DATA.ZIP_MODE = False
 _C.DATA.CACHE_MODE = "part"  # no | part | full (zip mode only)
-_C.DATA.PIN_MEMORY = True
-_C.DATA.NUM_WORKERS = 8
 # An image that cannot be decoded stops the run with its path; True leaves such images out and logs the count.
 _C.DATA.SKIP_BAD_IMAGES = False
 
-# Model
-_C.MODEL = CN()
 _C.MODEL.TYPE = "focal"  # focal | focalv2
 _C.MODEL.NAME = "focal_tiny_patch4_window7_224"
-_C.MODEL.PRETRAINED = ""
 # The smallest share of the model's tensors --pretrained must fill; below it the file is taken for a checkpoint of
 # another architecture and refused (0 accepts any partial transfer; the parseable summary line says what loaded).
 _C.MODEL.PRETRAINED_MIN_LOADED = 0.5
-_C.MODEL.RESUME = ""
 _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.ATTN_DROP_RATE = 0.0
-_C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
 
 _C.MODEL.FOCAL = CN()
@@ -76,23 +123,8 @@ _C.MODEL.FOCAL.LAYERSCALE_VALUE = 1e-4
 _C.MODEL.FOCAL.USE_PRE_NORM = False
 _C.MODEL.FOCAL.FOCAL_TOPK = 128
 
-# Training
-_C.TRAIN = CN()
-_C.TRAIN.START_EPOCH = 0
-_C.TRAIN.EPOCHS = 300
 _C.TRAIN.WARMUP_EPOCHS = 20
-_C.TRAIN.WEIGHT_DECAY = 0.05
-_C.TRAIN.BASE_LR = 5e-4
 _C.TRAIN.WARMUP_LR = 5e-7
-_C.TRAIN.MIN_LR = 5e-6
-# The total batch (images per optimizer update, all processes) the three rates above are stated for. main.py scales
-# them linearly to its own total batch and records that batch here, so a saved config.yaml re-runs at the rates
-# it trained with, and at another batch scales from them.
-_C.TRAIN.LR_BATCH = 512
-_C.TRAIN.CLIP_GRAD = 5.0
-_C.TRAIN.AUTO_RESUME = True
-_C.TRAIN.ACCUMULATION_STEPS = 1
-_C.TRAIN.USE_CHECKPOINT = False
 # Layer-wise learning-rate decay for fine-tuning: the rate of a block is scaled by LAYER_DECAY ** (its depth from
 # the top), the head keeping the full rate (timm's param_groups_layer_decay). 1.0 turns it off.
 _C.TRAIN.LAYER_DECAY = 1.0
@@ -126,32 +158,12 @@ _C.AUG.MIXUP_MODE = "batch"
 _C.TEST = CN()
 _C.TEST.CROP = True
 
-# Exponential moving average of the weights (timm's ModelEmaV3), evaluated next to the model every epoch and
-# saved in checkpoints; with it on, the best checkpoint (ckpt_best.pth) is chosen by the EMA's accuracy.
-_C.MODEL_EMA = False
-_C.MODEL_EMA_DECAY = 0.9998
-
-# Misc
-_C.AMP_OPT_LEVEL = ""
-# torch.compile backend for training and evaluation ("" runs eagerly); --compile sets "inductor".
-_C.COMPILE = ""
 # --channels-last: convolution weights (the patch embeddings: the only 4-D layers) in NHWC memory layout, which
 # cuDNN's tensor-core kernels prefer; attention and MLP layers are unaffected.
 _C.CHANNELS_LAST = False
 # --tf32: float32 matrix multiplications on CUDA in TF32 (Ampere and later; 10-bit mantissa), which PyTorch leaves
 # off by default. Matters only without --amp, where it speeds up nearly all the work.
 _C.TF32 = False
-_C.OUTPUT = ""
-_C.TAG = "default"
-_C.SAVE_FREQ = 1
-_C.EVAL_FREQ = 1  # epochs between evaluations (the last epoch is always evaluated)
-# Keep only the newest N epoch checkpoints (0: keep all).
-_C.KEEP_CHECKPOINTS = 0
-# Also write loss, learning rate and accuracy as TensorBoard events to OUTPUT (needs `pip install tensorboard`).
-_C.TENSORBOARD = False
-_C.PRINT_FREQ = 100
-_C.SEED = 0
-_C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
 # --throughput [PASSES]: timed forward passes, after as many untimed ones (at most 50).
 _C.THROUGHPUT_PASSES = 30
@@ -243,8 +255,9 @@ def load_config(cfg_file: Optional[str] = None, opts: Optional[Sequence[Any]] = 
 
 
 def merge_opts(config: CN, opts: Iterable[Any]) -> None:
-    """Merge a ``KEY VALUE ...`` list; string values are parsed as Python literals, as yacs does, and a whole
-    number given for a float key counts as that float (``TRAIN.CLIP_GRAD 1``), which yacs would refuse."""
+    """Merge a ``KEY VALUE ...`` list; string values are parsed as Python literals, as yacs does, a whole number
+    given for a float key counts as that float (``TRAIN.CLIP_GRAD 1``), which yacs would refuse, and nodes that
+    allow new keys take them."""
     opts = list(opts)
     if len(opts) % 2:
         raise ValueError(f"--opts needs KEY VALUE pairs, got an odd number of items: {opts}")
@@ -257,6 +270,8 @@ def merge_opts(config: CN, opts: Iterable[Any]) -> None:
             node = node.get(part) if isinstance(node, CN) else None
         if isinstance(node, CN):
             _check_sections(node, {leaf: value}, "".join(f"{part}." for part in parents))
+            if node.is_new_allowed() and leaf not in node:  # keyword arguments handed on (MODEL.BACKBONE_ARGS)
+                node[leaf] = value
         if _is_float_key(config, key) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         pairs += [key, value]
@@ -281,8 +296,6 @@ def _is_float_key(config: CN, key: Any) -> bool:
 # already enforces each key's type; these catch the values that would otherwise fail deep inside a run, or worse,
 # train silently wrong (a negative clip norm flips the gradient).
 
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
-AMP_LEVELS = ("", *AMP_MODES, *APEX_LEVELS)  # "": the device's default
 # The command-line flags that set a key (named in its error messages) and the switches that turn one on, for every
 # entry point (cli.run_parser and main.py's own): each applies those it has.
 KEY_FLAGS = {
@@ -356,9 +369,6 @@ def plain_path(value: str, _: Any = None) -> bool:
 
 
 PLAIN_PATH = "must be a file or a folder, not a FIFO, socket or device"
-# Every key naming a path, in every task's tree.
-PATH_RULES = tuple(Rule(key, plain_path, PLAIN_PATH) for key in ("DATA.DATA_PATH", "MODEL.PRETRAINED", "MODEL.RESUME",
-                                                                  "OUTPUT"))
 
 
 def path_arg(text: str) -> str:
@@ -376,45 +386,62 @@ def compile_backend(value: str, _: Any) -> bool:
 
 
 def _trains(config: CN) -> bool:
-    return not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    return not (config.EVAL_MODE or config.get("THROUGHPUT_MODE", False))
 
 
-RULES = (
+def in_unit_interval(value: Any, _: Any) -> bool:
+    return 0 <= value < 1
+
+
+# The rules of run_defaults()'s keys, which every task's rules start from.
+RUN_RULES = (
     Rule("DATA.BATCH_SIZE", at_least(1), "must be at least 1"),
-    Rule("DATA.IMG_SIZE", at_least(1), "must be at least 1"),
     Rule("DATA.NUM_WORKERS", at_least(0), "must be 0 (load in the main process) or more"),
-    Rule("DATA.INTERPOLATION", one_of(INTERPOLATIONS), f"must be one of {INTERPOLATIONS}"),
-    Rule("DATA.CACHE_MODE", one_of(CACHE_MODES), f"must be one of {CACHE_MODES}"),
-    Rule("MODEL.PRETRAINED_MIN_LOADED", between(0.0, 1.0), "must be a share of the model's tensors in [0, 1]"),
+    Rule("MODEL.NAME", one_path_component, PATH_COMPONENT),
     Rule("MODEL.RESUME", lambda value, c: not (value and c.MODEL.PRETRAINED),
          "cannot be combined with --pretrained (MODEL.PRETRAINED): --resume continues a run with its weights, "
          "optimizer and schedule; --pretrained starts a new run from weights only. Pass one of them"),
-    Rule("MODEL.LABEL_SMOOTHING", between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
-    Rule("MODEL.NUM_CLASSES", lambda value, c: value >= 2 or c.THROUGHPUT_MODE,
-         "must be at least 2 to train or evaluate (0 builds the model without a classifier head; with 1 the "
-         "softmax is always 1, so the loss is 0 and nothing is learned)"),
-    Rule("MODEL.FOCAL.IN_CHANS", at_least(1), "must be at least 1"),
-    Rule("MODEL.FOCAL.IN_CHANS", lambda value, c: value == 3 or c.THROUGHPUT_MODE,
-         "must be 3 to train or evaluate: images are read as RGB"),
+    Rule("MODEL.DROP_PATH_RATE", in_unit_interval, "must be in [0, 1)"),
     Rule("TRAIN.EPOCHS", at_least(1), "must be at least 1"),
     Rule("TRAIN.START_EPOCH", at_least(0), "must be 0 or more"),
     Rule("TRAIN.START_EPOCH", lambda value, c: value < c.TRAIN.EPOCHS or not _trains(c),
          "must be below TRAIN.EPOCHS (there would be nothing to train)"),
-    Rule("TRAIN.WARMUP_EPOCHS", at_least(0), "must be 0 or more"),
-    Rule("TRAIN.WARMUP_EPOCHS", lambda value, c: value < c.TRAIN.EPOCHS or not _trains(c),
-         "must be below TRAIN.EPOCHS: a warm-up as long as the run never reaches TRAIN.BASE_LR"),
-    Rule("MODEL.NAME", one_path_component, PATH_COMPONENT),
-    Rule("TAG", one_path_component, PATH_COMPONENT),
     Rule("TRAIN.BASE_LR", lambda value, _: value > 0, "must be above 0"),
-    Rule("TRAIN.WARMUP_LR", at_least(0), "must be 0 or more"),
     Rule("TRAIN.MIN_LR", at_least(0), "must be 0 or more"),
     Rule("TRAIN.LR_BATCH", at_least(1), "must be at least 1 (the total batch the learning rates are stated for)"),
     Rule("TRAIN.WEIGHT_DECAY", at_least(0), "must be 0 or more"),
     Rule("TRAIN.CLIP_GRAD", lambda value, _: value is None or value >= 0,
          "must be 0 or more (the largest gradient norm; 0 or None turns clipping off)"),
     Rule("TRAIN.ACCUMULATION_STEPS", at_least(1), "must be at least 1"),
+    Rule("MODEL_EMA_DECAY", in_unit_interval, "must be in [0, 1)"),
+    Rule("AMP_OPT_LEVEL", one_of(AMP_LEVELS), f"must be one of {AMP_LEVELS[1:]} (or empty: the device's default)"),
+    Rule("COMPILE", compile_backend, "must name a torch.compile backend (torch._dynamo.list_backends(), e.g. "
+         "inductor, aot_eager or eager)"),
+    Rule("TAG", one_path_component, PATH_COMPONENT),
+    Rule("SAVE_FREQ", at_least(1), "must be at least 1"),
+    Rule("EVAL_FREQ", at_least(1), "must be at least 1"),
+    Rule("KEEP_CHECKPOINTS", at_least(0), "must be 0 (keep all) or more"),
+    Rule("PRINT_FREQ", at_least(1), "must be at least 1"),
+    Rule("SEED", at_least(0), "must be 0 or more"),
+) + tuple(Rule(key, plain_path, PLAIN_PATH) for key in ("DATA.DATA_PATH", "MODEL.PRETRAINED", "MODEL.RESUME", "OUTPUT"))
+
+RULES = RUN_RULES + (
+    Rule("DATA.IMG_SIZE", at_least(1), "must be at least 1"),
+    Rule("DATA.INTERPOLATION", one_of(INTERPOLATIONS), f"must be one of {INTERPOLATIONS}"),
+    Rule("DATA.CACHE_MODE", one_of(CACHE_MODES), f"must be one of {CACHE_MODES}"),
+    Rule("MODEL.PRETRAINED_MIN_LOADED", between(0.0, 1.0), "must be a share of the model's tensors in [0, 1]"),
+    Rule("MODEL.LABEL_SMOOTHING", in_unit_interval, "must be in [0, 1)"),
+    Rule("MODEL.NUM_CLASSES", lambda value, c: value >= 2 or c.THROUGHPUT_MODE,
+         "must be at least 2 to train or evaluate (0 builds the model without a classifier head; with 1 the "
+         "softmax is always 1, so the loss is 0 and nothing is learned)"),
+    Rule("MODEL.FOCAL.IN_CHANS", at_least(1), "must be at least 1"),
+    Rule("MODEL.FOCAL.IN_CHANS", lambda value, c: value == 3 or c.THROUGHPUT_MODE,
+         "must be 3 to train or evaluate: images are read as RGB"),
+    Rule("TRAIN.WARMUP_EPOCHS", at_least(0), "must be 0 or more"),
+    Rule("TRAIN.WARMUP_EPOCHS", lambda value, c: value < c.TRAIN.EPOCHS or not _trains(c),
+         "must be below TRAIN.EPOCHS: a warm-up as long as the run never reaches TRAIN.BASE_LR"),
+    Rule("TRAIN.WARMUP_LR", at_least(0), "must be 0 or more"),
     Rule("TRAIN.LAYER_DECAY", lambda value, _: 0 < value <= 1, "must be in (0, 1] (1 turns layer decay off)"),
-    Rule("MODEL_EMA_DECAY", between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
     Rule("TRAIN.LR_SCHEDULER.NAME", one_of(SCHEDULERS), f"must be one of {SCHEDULERS}"),
     Rule("TRAIN.LR_SCHEDULER.DECAY_EPOCHS", lambda value, _: value > 0, "must be above 0"),
     Rule("TRAIN.LR_SCHEDULER.DECAY_RATE", lambda value, _: value > 0, "must be above 0"),
@@ -422,7 +449,7 @@ RULES = (
     Rule("TRAIN.OPTIMIZER.EPS", lambda value, _: value > 0, "must be above 0"),
     Rule("TRAIN.OPTIMIZER.BETAS", lambda value, _: len(value) == 2 and all(0 <= b < 1 for b in value),
          "must be two values in [0, 1)"),
-    Rule("TRAIN.OPTIMIZER.MOMENTUM", between(0.0, 1.0, high_open=True), "must be in [0, 1)"),
+    Rule("TRAIN.OPTIMIZER.MOMENTUM", in_unit_interval, "must be in [0, 1)"),
     Rule("AUG.COLOR_JITTER", at_least(0), "must be 0 (off) or more"),
     Rule("AUG.REPROB", between(0.0, 1.0), "must be a probability in [0, 1]"),
     Rule("AUG.REMODE", one_of(("pixel", "rand", "const")), "must be one of ('pixel', 'rand', 'const')"),
@@ -434,16 +461,8 @@ RULES = (
     Rule("AUG.MIXUP_PROB", between(0.0, 1.0), "must be a probability in [0, 1]"),
     Rule("AUG.MIXUP_SWITCH_PROB", between(0.0, 1.0), "must be a probability in [0, 1]"),
     Rule("AUG.MIXUP_MODE", one_of(("batch", "pair", "elem")), "must be one of ('batch', 'pair', 'elem')"),
-    Rule("AMP_OPT_LEVEL", one_of(AMP_LEVELS), f"must be one of {AMP_LEVELS[1:]} (or empty: the device's default)"),
-    Rule("COMPILE", compile_backend, "must name a torch.compile backend (torch._dynamo.list_backends(), e.g. "
-         "inductor, aot_eager or eager)"),
-    Rule("SAVE_FREQ", at_least(1), "must be at least 1"),
-    Rule("EVAL_FREQ", at_least(1), "must be at least 1"),
-    Rule("PRINT_FREQ", at_least(1), "must be at least 1"),
     Rule("THROUGHPUT_PASSES", at_least(1), "must be at least 1"),
-    Rule("KEEP_CHECKPOINTS", at_least(0), "must be 0 (keep all) or more"),
-    Rule("SEED", at_least(0), "must be 0 or more"),
-) + PATH_RULES
+)
 
 
 def _lookup(config: CN, key: str) -> Any:
@@ -453,9 +472,9 @@ def _lookup(config: CN, key: str) -> Any:
     return node
 
 
-def check_values(config: CN, rules: Sequence[Rule] = RULES, flags: Optional[dict] = None) -> None:
-    """Raise ``ValueError`` for the first value outside its rule, naming the key (and its flag, if it has one);
-    ``rules`` and ``flags`` default to the classification tree's."""
+def check_values(config: CN, rules: Sequence[Rule], flags: Optional[dict] = None) -> None:
+    """Raise ``ValueError`` for the first value outside its rule, naming the key and its flag (``flags``: the
+    entry points' :data:`KEY_FLAGS` unless a tool passes its own)."""
     flags = KEY_FLAGS if flags is None else flags
     for rule in rules:
         value = _lookup(config, rule.key)
@@ -469,17 +488,26 @@ def check_values(config: CN, rules: Sequence[Rule] = RULES, flags: Optional[dict
             raise ValueError(f"{name} {rule.requirement}, got {value!r}")
 
 
-def get_config(args: Any) -> CN:
-    """The configuration for ``main.py``: ``--cfg`` and ``--opts``, then the dedicated command-line flags; every
-    value checked against :data:`RULES`, the model settings by ``validate_model_config`` (``ConfigError``)."""
-    config = load_config(getattr(args, "cfg", None), getattr(args, "opts", None))
-    config.defrost()
-    apply_flags(config, args)
-    check_values(config)
-    from models import validate_model_config  # not at the top: the config tree imports nothing it configures
-    validate_model_config(config)  # a model that cannot be built is refused before the run writes anything
-    if "MODEL.NAME" not in list(getattr(args, "opts", None) or [])[::2]:
-        config.MODEL.NAME = name_for_geometry(config)
+def get_config(args: Any, defaults: Optional[CN] = None, rules: Sequence[Rule] = RULES) -> CN:
+    """A run's config: ``defaults`` (classification's tree unless a task passes its own), ``--cfg`` and ``--opts``,
+    then the command-line flags, every value checked against ``rules``: a bad file, key or value is a
+    ``UsageError`` naming it, before the run writes anything. A classifier's model settings are checked by
+    ``validate_model_config`` (``ConfigError``), and its ``MODEL.NAME`` states the geometry it is built at."""
+    try:
+        config = load_config(args.cfg, args.opts, defaults)
+        config.defrost()
+        apply_flags(config, args)
+        check_values(config, rules)
+    except (KeyError, ValueError, AssertionError, FileNotFoundError) as err:
+        raise UsageError(f"config (--cfg {args.cfg} / --opts): {error_text(err)}") from None
+    if "FOCAL" in config.MODEL:
+        from models import validate_model_config  # not at the top: the config tree imports nothing it configures
+        validate_model_config(config)
+        if "MODEL.NAME" not in list(args.opts or [])[::2]:
+            config.MODEL.NAME = name_for_geometry(config)
+    if not config.DATA.DATA_PATH and not config.get("THROUGHPUT_MODE", False):
+        raise UsageError("--data-path (DATA.DATA_PATH) is required for training and evaluation"
+                         + ("; only --throughput runs without data" if "THROUGHPUT_MODE" in config else ""))
     config.OUTPUT = os.path.join(config.OUTPUT or "output", config.MODEL.NAME, config.TAG)
     config.freeze()
     return config

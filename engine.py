@@ -17,7 +17,7 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils import AverageMeter, ModelEmaV3, distribute_bn
 from torch.utils.data import DataLoader
 
-from choices import AMP_MODES, APEX_LEVELS
+from config import APEX_LEVELS
 from distributed import DistEnv, all_reduce_sum, wrap_ddp
 from errors import TrainingError, UsageError, user_message
 from logger import Progress, create_tensorboard_writer, duration, scalars_to
@@ -47,9 +47,7 @@ def default_amp(device: torch.device) -> str:
 
 
 def build_precision(amp: str, device: torch.device) -> Precision:
-    mode = APEX_LEVELS.get(amp, amp) or default_amp(device)
-    if mode not in AMP_MODES:
-        raise UsageError(f"--amp (AMP_OPT_LEVEL) must be one of {AMP_MODES}, got {amp!r}")
+    mode = APEX_LEVELS.get(amp, amp) or default_amp(device)  # one of AMP_MODES (config.RULES)
     if mode == "fp16" and device.type != "cuda":
         raise UsageError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or --amp none")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]

@@ -21,16 +21,14 @@ import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DataLoader
 
-from choices import CACHE_MODES
-from config import run_parser
-from config import get_config
+from config import CACHE_MODES, get_config, run_parser
 from data import build_mixup, build_train_loader, build_val_loader
 from data.class_map import checkpoint_classes, logit_indices
 from data.datasets import CheckedImages, check_val_labels
 from distributed import DistEnv, all_reduce_sum, init_distributed, shutdown
 from engine import (EvalResult, DatasetClasses, LossFn, Precision, Scores, Task, TaskData,
                     build_precision, classification_losses, compiled, evaluate, fit, throughput)
-from errors import TrainingError, UsageError, error_text, user_message
+from errors import TrainingError, UsageError, user_message
 from lr_scheduler import build_scheduler
 from models import ConfigError, build_model, head_classes
 from models.kernels import optimize_for
@@ -60,20 +58,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        help="measure inference throughput only: PASSES timed forward passes after as many untimed "
                             "ones, at most 50 (THROUGHPUT_PASSES, default 30)")
     return parser.parse_args(argv)
-
-
-def load_run_config(args: argparse.Namespace) -> Any:
-    """The merged config, with bad files, keys or values (see ``config.RULES``) reported as usage errors."""
-    try:
-        config = get_config(args)
-    except ConfigError:  # names its key already
-        raise
-    except (KeyError, ValueError, AssertionError, FileNotFoundError) as err:
-        raise UsageError(f"config (--cfg {args.cfg} / --opts): {error_text(err)}") from None
-    if not config.DATA.DATA_PATH and not config.THROUGHPUT_MODE:
-        raise UsageError("--data-path (DATA.DATA_PATH) is required for training and evaluation; "
-                         "only --throughput runs without data")
-    return config
 
 
 def build_criterion(config: Any, mixup: bool) -> nn.Module:
@@ -241,7 +225,7 @@ def run_mode(config: Any, env: DistEnv, logger: logging.Logger, unsafe_load: boo
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    config = load_run_config(args)
+    config = get_config(args)
     env = init_distributed(args.device)
     try:
         run(config, env, args.unsafe_load)

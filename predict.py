@@ -24,7 +24,8 @@ from timm.data import ImageNetInfo
 from config import HelpFormatter, load_config, path_arg
 from data.datasets import PIL_ERRORS, hidden, load_rgb
 from data.transforms import build_transform
-from distributed import DEVICES, resolve_device
+from config import DEVICES
+from distributed import resolve_device
 from errors import UsageError, error_text
 from models import build_model, head_classes, load_weights
 from models.kernels import optimize_for

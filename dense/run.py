@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import engine
-from config import run_parser
+from config import get_config, run_parser
 from data.build import worker_count
 from data.samplers import ShardSampler
 from distributed import DistEnv, init_distributed, shutdown
@@ -31,7 +31,6 @@ from utils import (check_classes, log_load, meaning_changes, read_checkpoint, re
                    seed_everything, stored_ema)
 
 from .backbone import DenseBackbone
-from .config import get_task_config
 
 # A backbone checkpoint of a classifier carries these, which a backbone does not have.
 CLASSIFIER_KEYS = ("head.", "norm.")
@@ -205,7 +204,7 @@ def evaluate_checkpoint(task: Task, config: Any, env: DistEnv, logger: logging.L
 def run(task: Task, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> None:
     """Parse, check, join the process group, lock the output folder, log, and :func:`fit`."""
     args = parse_args(f"Focal Transformer {task.name}: training and evaluation.", argv, prog)
-    config = get_task_config(args, task.defaults, task.rules)
+    config = get_config(args, task.defaults, task.rules)
     env = init_distributed(args.device)
     try:
         scale_rates(config, config.DATA.BATCH_SIZE * env.world_size * config.TRAIN.ACCUMULATION_STEPS)

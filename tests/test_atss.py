@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torchvision.models.detection.image_list import ImageList
 
-from dense.config import get_task_config, merge_task_opts
+from config import get_config, merge_opts
 from dense.demo import generate_detection
 from detection.atss import ATSS, ATSSHead, LevelAnchorGenerator, atss_assign, centerness_targets
 from detection.config import DETECTION_RULES, detection_defaults
@@ -152,7 +152,7 @@ def test_anchors_sit_at_the_given_strides():
 
 def atss_config(*opts):
     config = detection_defaults()
-    merge_task_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR", "atss", "MODEL.FPN_CHANNELS", 64,
+    merge_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR", "atss", "MODEL.FPN_CHANNELS", 64,
                                              "MODEL.DETECTOR_ARGS.min_size", [128], "MODEL.DETECTOR_ARGS.max_size", 128,
                                              *opts])
     return config
@@ -197,10 +197,10 @@ def test_fpn_width_must_suit_the_group_norms(opts, message):
     args = task_args(CFG)
     args.opts = opts
     if message is None:
-        get_task_config(args, detection_defaults(), DETECTION_RULES)
+        get_config(args, detection_defaults(), DETECTION_RULES)
         return
     with pytest.raises(UsageError, match=message):
-        get_task_config(args, detection_defaults(), DETECTION_RULES)
+        get_config(args, detection_defaults(), DETECTION_RULES)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import box_iou
 
-from dense.config import merge_task_opts
+from config import merge_opts
 from dense.demo import generate_detection
 from detection.cascade_rcnn import CascadeMaskRCNN, CascadeRoIHeads
 from detection.config import detection_defaults
@@ -119,7 +119,7 @@ def test_stage_losses_are_weighted_and_every_head_gets_gradients():
     losses are 0.5 and 0.25 of what they are at weight 1 (same seed: the same samples); every parameter of every
     stage's box head, box predictor, mask head and mask predictor gets a non-zero gradient."""
     config = detection_defaults()
-    merge_task_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR", "cascade_mask_rcnn", "MODEL.FPN_CHANNELS", 16,
+    merge_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR", "cascade_mask_rcnn", "MODEL.FPN_CHANNELS", 16,
                                             "MODEL.BOX_HEAD_DIM", 32, "MODEL.MASK_HEAD_CHANNELS", 8,
                                             "MODEL.DETECTOR_ARGS.min_size", "[64]",
                                             "MODEL.DETECTOR_ARGS.max_size", 64])
@@ -202,7 +202,7 @@ def test_inference_averages_the_stages_logits_and_decodes_with_the_last_stage(mo
 ])
 def test_bad_stage_settings_are_one_line_naming_the_key(key, value, message):
     config = detection_defaults()
-    merge_task_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR", "cascade_mask_rcnn", "MODEL.FPN_CHANNELS", 16,
+    merge_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR", "cascade_mask_rcnn", "MODEL.FPN_CHANNELS", 16,
                                             f"MODEL.DETECTOR_ARGS.{key}", value])
     with pytest.raises(UsageError, match=f"^MODEL.DETECTOR_ARGS.{message}") as error:
         build_detector(config, num_classes=2)
@@ -222,7 +222,7 @@ def test_the_detector_args_are_the_cascades():
 def test_focal_tiny_cascade_has_the_seeds_parameter_count():
     """The seed's README: 87M parameters for Focal-T Cascade Mask R-CNN with COCO's 80 classes (within 3%)."""
     config = detection_defaults()
-    merge_task_opts(config, ["MODEL.DETECTOR", "cascade_mask_rcnn"])
+    merge_opts(config, ["MODEL.DETECTOR", "cascade_mask_rcnn"])
     count = sum(p.numel() for p in build_detector(config, num_classes=80).parameters())
     assert abs(count / 87e6 - 1) < 0.03, count
 

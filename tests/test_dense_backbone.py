@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dense.backbone import DenseBackbone
-from dense.config import merge_task_opts
+from config import merge_opts
 from dense.run import load_backbone
 from detection.config import detection_defaults
 from detection.model import backbone, build_detector
@@ -71,7 +71,7 @@ def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
 
 def detector():
     config = detection_defaults()
-    merge_task_opts(config, BACKBONE_OPTS + ["MODEL.FPN_CHANNELS", 16])
+    merge_opts(config, BACKBONE_OPTS + ["MODEL.FPN_CHANNELS", 16])
     return build_detector(config, num_classes=3)
 
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 from timm.utils import ModelEmaV3
 
-from dense.config import dense_defaults, merge_task_opts
+from config import merge_opts
+from dense.config import dense_defaults
 from engine import build_precision, train_one_epoch
 from errors import TrainingError
 from logger import scalars_to
@@ -27,7 +28,7 @@ class Recorder:
 
 def setup(steps, print_freq, bad_step=None):
     config = dense_defaults()
-    merge_task_opts(config, ["PRINT_FREQ", print_freq, "TRAIN.EPOCHS", 2, "TRAIN.WARMUP_ITERS", 0])
+    merge_opts(config, ["PRINT_FREQ", print_freq, "TRAIN.EPOCHS", 2, "TRAIN.WARMUP_ITERS", 0])
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from dense.config import get_task_config
+from config import get_config
 from dense.run import run
 from detection.config import DETECTION_RULES, detection_defaults
 from detection.train import TASK as DETECTION
@@ -88,7 +88,7 @@ def test_a_config_file_s_detector_argument_of_the_wrong_type_is_refused_before_t
 def test_options_that_work_are_accepted(cfg, opts):
     args = task_args(str(DET / cfg))
     args.opts = opts
-    get_task_config(args, detection_defaults(), DETECTION_RULES)
+    get_config(args, detection_defaults(), DETECTION_RULES)
 
 
 def test_backbone_arguments_that_do_not_go_together_are_one_line_leaving_nothing(tmp_path):

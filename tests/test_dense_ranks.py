@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dense.config import get_task_config
+from config import get_config
 from dense.demo import generate_segmentation
 from dense.run import parse_args, training_task
 from engine import fit
@@ -43,7 +43,7 @@ def train_rank(rank: int, data: str, out: str, port: int) -> None:
     try:
         args = parse_args("test", ["--cfg", CFG, "--data-path", data, "--output", out, "--model-ema",
                                    "--device", "cpu", "--opts", *OPTS])
-        config = get_task_config(args, segmentation_defaults(), SEGMENTATION_RULES)
+        config = get_config(args, segmentation_defaults(), SEGMENTATION_RULES)
         os.makedirs(config.OUTPUT, exist_ok=True)
         model, ema = fit(training_task(TASK), config, DistEnv(rank, 2, rank, torch.device("cpu")),
                          logging.getLogger(f"rank{rank}"), False)

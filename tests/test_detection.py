@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from dense.config import merge_task_opts
+from config import merge_opts
 from dense.demo import generate_detection
 from dense.run import load_backbone, run
-from dense.config import get_task_config
+from config import get_config
 from detection.config import DETECTION_RULES, DETECTORS, detection_defaults
 from detection.data import CocoDetection, build_data, load_coco, rle_runs
 from detection.evaluate import coco_ap, evaluate
@@ -102,7 +102,7 @@ class Oracle(nn.Module):
 def test_evaluate_logs_box_and_mask_ap(tmp_path, caplog):
     write_coco(tmp_path)
     config = detection_defaults()
-    merge_task_opts(config, ["DATA.NUM_WORKERS", 0])
+    merge_opts(config, ["DATA.NUM_WORKERS", 0])
     dataset = CocoDetection(str(tmp_path), "val2017", masks=True, train=False)
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     with caplog.at_level(logging.INFO, logger=LOG.name):
@@ -150,7 +150,7 @@ def test_compressed_rle_runs_are_read_as_pycocotools_writes_them():
 def evaluate_oracle(root) -> float:
     """The box AP of :class:`Oracle` (the two objects exactly) on ``root``'s validation file, as a run scores it."""
     config = detection_defaults()
-    merge_task_opts(config, ["DATA.NUM_WORKERS", 0])
+    merge_opts(config, ["DATA.NUM_WORKERS", 0])
     dataset = CocoDetection(str(root), "val2017", masks=True, train=False)
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     return evaluate(config, Oracle(), dataset, env, build_precision("none", env.device), LOG)
@@ -266,12 +266,12 @@ def test_an_image_too_elongated_for_the_resize_is_refused(tmp_path):
     content["images"].append({"id": 2, "file_name": "b.jpg", "width": 1000, "height": 5})
     path.write_text(json.dumps(content))
     config = detection_defaults()
-    merge_task_opts(config, ["DATA.DATA_PATH", str(tmp_path), "MODEL.DETECTOR_ARGS.min_size", [64],
+    merge_opts(config, ["DATA.DATA_PATH", str(tmp_path), "MODEL.DETECTOR_ARGS.min_size", [64],
                              "MODEL.DETECTOR_ARGS.max_size", 64])
     with pytest.raises(UsageError, match=r"image .*b.jpg is 1000x5: MODEL.DETECTOR_ARGS min_size 64 and max_size "
                                          r"64 would scale it to 0 pixels"):
         build_data(config, None, LOG)
-    merge_task_opts(config, ["MODEL.DETECTOR_ARGS.max_size", 256])
+    merge_opts(config, ["MODEL.DETECTOR_ARGS.max_size", 256])
     build_data(config, None, LOG)
 
 
@@ -293,7 +293,7 @@ def test_validation_categories_other_than_the_training_ones_are_refused(tmp_path
             ann["category_id"] = 3 if ann["category_id"] == 4 else ann["category_id"]
     path.write_text(json.dumps(content))
     config = detection_defaults()
-    merge_task_opts(config, ["DATA.DATA_PATH", str(tmp_path)])
+    merge_opts(config, ["DATA.DATA_PATH", str(tmp_path)])
     with pytest.raises(UsageError, match=message):
         build_data(config, None, LOG)
 
@@ -301,7 +301,7 @@ def test_validation_categories_other_than_the_training_ones_are_refused(tmp_path
 @pytest.mark.parametrize("detector", DETECTORS)
 def test_official_checkpoint_loads_into_the_backbone(detector):
     config = detection_defaults()
-    merge_task_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR", detector, "MODEL.FPN_CHANNELS", 32])
+    merge_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR", detector, "MODEL.FPN_CHANNELS", 32])
     model = build_detector(config, num_classes=3)
     load_backbone(CHECKPOINT, backbone(model), LOG)
     weights = extract_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
@@ -356,23 +356,23 @@ def test_an_unreadable_validation_image_keeps_the_epoch_it_follows(tmp_path):
 
 @pytest.mark.parametrize("cfg", sorted(str(p) for p in (REPO / "configs" / "detection").glob("*.yaml")))
 def test_every_config_loads_and_passes_the_value_rules(cfg):
-    config = get_task_config(task_args(cfg), detection_defaults(), DETECTION_RULES)
+    config = get_config(task_args(cfg), detection_defaults(), DETECTION_RULES)
     assert config.MODEL.BACKBONE.startswith("focal_")
 
 
 def test_bad_values_are_refused_naming_the_key():
     with pytest.raises(UsageError, match=r"--batch-size \(DATA.BATCH_SIZE\) must be at least 1, got 0"):
-        get_task_config(task_args(CFG, batch_size=0), detection_defaults(), DETECTION_RULES)
+        get_config(task_args(CFG, batch_size=0), detection_defaults(), DETECTION_RULES)
 
 
 def test_unknown_detector_args_are_refused_naming_the_accepted_ones():
     config = detection_defaults()
-    merge_task_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR_ARGS.min_sise", "[800]"])
+    merge_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR_ARGS.min_sise", "[800]"])
     with pytest.raises(UsageError, match=r"MODEL.DETECTOR_ARGS.min_sise is not an argument of mask_rcnn "
                                          r"\(MODEL.DETECTOR\); it accepts: .*box_batch_size_per_image.*min_size"):
         build_detector(config, num_classes=3)
     retina = detection_defaults()
-    merge_task_opts(retina, BACKBONE_OPTS + ["MODEL.DETECTOR", "retinanet",
+    merge_opts(retina, BACKBONE_OPTS + ["MODEL.DETECTOR", "retinanet",
                                             "MODEL.DETECTOR_ARGS.box_batch_size_per_image", 64])
     with pytest.raises(UsageError, match=r"box_batch_size_per_image is not an argument of retinanet"):
         build_detector(retina, num_classes=3)
@@ -481,12 +481,12 @@ def test_a_saved_config_reruns_at_the_rate_it_trained_with(finished_run):
     keeps the rate, at twice the batch it doubles it. Without the record the saved rate was scaled again on
     every re-run (ADE20K's 6e-5 became 7.5e-6 at batch 2, then 9.4e-7)."""
     saved = str(finished_run / "out" / DETECTION_RUN / "config.yaml")
-    trained = get_task_config(task_args(saved), detection_defaults(), DETECTION_RULES)
+    trained = get_config(task_args(saved), detection_defaults(), DETECTION_RULES)
     assert trained.OUTPUT == str(finished_run / "out" / DETECTION_RUN)  # its own folder again, not one inside it
     assert trained.TRAIN.LR_BATCH == trained.DATA.BATCH_SIZE == 2  # one process: TINY's batch of 2
     assert trained.TRAIN.BASE_LR == pytest.approx(2e-3 * 2 / 16)  # demo.yaml's rate for 16 images, at 2
     for processes in (1, 2):
-        again = get_task_config(task_args(saved), detection_defaults(), DETECTION_RULES)
+        again = get_config(task_args(saved), detection_defaults(), DETECTION_RULES)
         scale_rates(again, again.DATA.BATCH_SIZE * processes)
         assert again.TRAIN.BASE_LR == pytest.approx(processes * trained.TRAIN.BASE_LR)
 
@@ -497,7 +497,7 @@ def test_p6_reads_the_last_stage_for_retinanet_and_p5_for_fcos(detector):
     FCOS from the FPN's P5, also when C5 is as wide as the FPN (128 channels here: the tiny backbone's stage 3),
     where torchvision's P6P7 would pick P5 for both by comparing widths."""
     config = detection_defaults()
-    merge_task_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR", detector, "MODEL.FPN_CHANNELS", 128])
+    merge_opts(config, BACKBONE_OPTS + ["MODEL.DETECTOR", detector, "MODEL.FPN_CHANNELS", 128])
     neck = build_detector(config, num_classes=3).eval().backbone
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

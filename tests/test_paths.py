@@ -10,10 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 import predict
-from config import get_config
 from data import demo as data_demo
 from dense import demo as dense_demo
-from dense.config import get_task_config
+from config import get_config
 from detection.config import DETECTION_RULES, detection_defaults
 from errors import UsageError
 from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
@@ -55,9 +54,9 @@ def test_a_path_key_that_is_no_file_or_folder_is_refused_by_each_task_naming_it(
     builds = {
         "classification": lambda: get_config(SimpleNamespace(cfg=str(REPO / "configs/demo/focal_demo.yaml"),
                                                              opts=opts)),
-        "detection": lambda: get_task_config(SimpleNamespace(cfg=str(REPO / "configs/detection/demo.yaml"),
+        "detection": lambda: get_config(SimpleNamespace(cfg=str(REPO / "configs/detection/demo.yaml"),
                                                              opts=opts), detection_defaults(), DETECTION_RULES),
-        "segmentation": lambda: get_task_config(SimpleNamespace(cfg=str(REPO / "configs/segmentation/demo.yaml"),
+        "segmentation": lambda: get_config(SimpleNamespace(cfg=str(REPO / "configs/segmentation/demo.yaml"),
                                                                 opts=opts), segmentation_defaults(),
                                                 SEGMENTATION_RULES),
     }

@@ -98,6 +98,7 @@ BAD_VALUES = {
     "MODEL.FOCAL.IN_CHANS 1": r"MODEL.FOCAL.IN_CHANS must be 3 to train or evaluate: images are read as RGB, got 1",
     "AUG.REPROB 1.5": r"AUG.REPROB must be a probability in \[0, 1\], got 1.5",
     "TRAIN.OPTIMIZER.NAME adam": r"TRAIN.OPTIMIZER.NAME must be one of \('adamw', 'sgd'\), got 'adam'",
+    "AMP_OPT_LEVEL fp8": r"--amp \(AMP_OPT_LEVEL\) must be one of \('bf16', 'fp16', 'none', 'O0', 'O1', 'O2'\)",
 }
 
 

@@ -17,14 +17,14 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from dense.config import merge_task_opts
+from config import merge_opts
 from dense.demo import generate_segmentation
 from dense.run import load_backbone, parse_args, run
 from distributed import DistEnv
 from engine import build_precision
 from errors import UsageError
 from models import extract_state_dict
-from dense.config import get_task_config
+from config import get_config
 from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
 from segmentation.data import (SegmentationFolder, build_data, class_names, normalize, photometric_distortion,
                                scale_saturation)
@@ -44,7 +44,7 @@ TINY = ["DATA.SCALE", "[64, 64]", "DATA.CROP_SIZE", "64", "DATA.BATCH_SIZE", "4"
 
 def config_with(opts):
     config = segmentation_defaults()
-    merge_task_opts(config, opts)
+    merge_opts(config, opts)
     return config
 
 
@@ -274,16 +274,16 @@ def test_run_killed_in_epoch_three_resumes_to_the_same_weights(tmp_path):
 
 @pytest.mark.parametrize("cfg", sorted(str(p) for p in (REPO / "configs" / "segmentation").glob("*.yaml")))
 def test_every_config_loads_and_passes_the_value_rules(cfg):
-    config = get_task_config(task_args(cfg), segmentation_defaults(), SEGMENTATION_RULES)
+    config = get_config(task_args(cfg), segmentation_defaults(), SEGMENTATION_RULES)
     assert config.MODEL.BACKBONE.startswith("focal_")
 
 
 def test_bad_values_are_refused_naming_the_key():
     with pytest.raises(UsageError, match=r"--batch-size \(DATA.BATCH_SIZE\) must be at least 1, got 0"):
-        get_task_config(task_args(CFG, batch_size=0), segmentation_defaults(), SEGMENTATION_RULES)
+        get_config(task_args(CFG, batch_size=0), segmentation_defaults(), SEGMENTATION_RULES)
     with pytest.raises(UsageError, match=r"--batch-size \(DATA.BATCH_SIZE\) must be at least 2 to train UPerNet"):
-        get_task_config(task_args(CFG, batch_size=1), segmentation_defaults(), SEGMENTATION_RULES)
-    get_task_config(task_args(CFG, batch_size=1, eval=True), segmentation_defaults(), SEGMENTATION_RULES)
+        get_config(task_args(CFG, batch_size=1), segmentation_defaults(), SEGMENTATION_RULES)
+    get_config(task_args(CFG, batch_size=1, eval=True), segmentation_defaults(), SEGMENTATION_RULES)
 
 
 def test_reduce_zero_label_chooses_whether_0_is_a_class(tmp_path):
@@ -560,7 +560,7 @@ def test_auxiliary_loss_is_its_cross_entropy_at_the_labels_size_times_its_weight
 def test_bad_auxiliary_head_values_are_refused_naming_the_key(opts, key):
     args = parse_args("test", ["--cfg", CFG, "--data-path", "data", "--opts", *map(str, opts)])
     with pytest.raises(UsageError, match=key):
-        get_task_config(args, segmentation_defaults(), SEGMENTATION_RULES)
+        get_config(args, segmentation_defaults(), SEGMENTATION_RULES)
 
 
 def test_saturation_is_scaled_in_hsv_as_opencv_does():
@@ -673,7 +673,7 @@ def test_pretrained_weights_of_the_other_label_convention_give_their_backbone_an
     with_convention(checkpoint, False)
     args = task_args(CFG)
     args.opts = TINY
-    config = get_task_config(args, segmentation_defaults(), SEGMENTATION_RULES)
+    config = get_config(args, segmentation_defaults(), SEGMENTATION_RULES)
     model = build_segmenter(config, num_classes=4)
     with caplog.at_level(logging.INFO, LOG.name):
         load_backbone(str(checkpoint), backbone(model), LOG, config=config)

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from dense.config import get_task_config, merge_task_opts
+from config import get_config, merge_opts
 from dense.demo import generate_detection
 from detection.config import DETECTION_RULES, detection_defaults
 from detection.model import build_detector
@@ -25,7 +25,7 @@ SMALL = ["MODEL.DETECTOR", "sparse_rcnn", "MODEL.FPN_CHANNELS", 16, "MODEL.DETEC
 
 def small_sparse_rcnn(*opts, num_classes: int = 2) -> torch.nn.Module:
     config = detection_defaults()
-    merge_task_opts(config, [*BACKBONE_OPTS, *SMALL, *opts])
+    merge_opts(config, [*BACKBONE_OPTS, *SMALL, *opts])
     torch.manual_seed(0)
     return build_detector(config, num_classes)
 
@@ -142,7 +142,7 @@ def test_bad_arguments_are_refused_in_one_line_naming_the_key(key, value, messag
 @pytest.mark.slow
 def test_focal_tiny_parameter_count_is_the_seeds():
     """The seed reports 111M parameters for Focal-T Sparse R-CNN 3x (300 proposals, 80 COCO classes)."""
-    config = get_task_config(task_args(str(REPO / "configs/detection/sparse_rcnn_focal_tiny_patch4_window7_3x.yaml")),
+    config = get_config(task_args(str(REPO / "configs/detection/sparse_rcnn_focal_tiny_patch4_window7_3x.yaml")),
                              detection_defaults(), DETECTION_RULES)
     model = build_detector(config, 80)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(111e6, rel=0.03)

@@ -41,8 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from config import check_values, load_config
-from dense.config import merge_task_opts
+from config import check_values, load_config, merge_opts
 from detection.config import DETECTION_RULES, DETECTORS, MASK_DETECTORS, detection_defaults
 from detection.model import build_detector
 from tools.benchmark import (Calls, announce, check_writable, machine, parse_size, parse_timing, pick_device,
@@ -79,7 +78,7 @@ def detector_config(path: str, size: Tuple[int, int], backbone: Optional[str] = 
     opts = ["MODEL.DETECTOR_ARGS.min_size", [size[0]], "MODEL.DETECTOR_ARGS.max_size", size[1]]
     if backbone:
         opts += ["MODEL.BACKBONE", backbone, "MODEL.BACKBONE_ARGS.strict_img_size", False]
-    merge_task_opts(config, opts)
+    merge_opts(config, opts)
     config.freeze()
     check_values(config, DETECTION_RULES, {})
     return config

@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 
 from config import RULES, HelpFormatter, load_config, path_arg
-from engine import AMP_MODES, build_precision, synchronize
+from config import AMP_MODES
+from engine import build_precision, synchronize
 from errors import UsageError
 from logger import Progress
 from models import ConfigError, build_model, validate_model_config
