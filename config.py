@@ -16,7 +16,31 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Tupl
 import yaml
 from yacs.config import CfgNode as CN
 
-from errors import UsageError, error_text
+
+# The errors an entry point prints as one line instead of a traceback.
+class UsageError(Exception):
+    """A flag, config key or file the user supplied cannot be used; the message names it and says what to do."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. the loss became non-finite); the message says where and what to resume from."""
+
+
+def user_message(err: BaseException) -> str:
+    """The message to show. An error raised in a DataLoader worker comes back wrapped in the worker's traceback;
+    only its original last line is kept."""
+    text = str(err).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def error_text(err: BaseException) -> str:
+    """``str(err)`` without the quotes ``KeyError`` adds around its message."""
+    if isinstance(err, KeyError) and len(err.args) == 1:
+        return str(err.args[0])
+    return str(err)
+
 
 # The values some keys and flags may take, read by the rules below and by the modules acting on them.
 CACHE_MODES = ("no", "part", "full")  # DATA.CACHE_MODE
@@ -574,8 +598,8 @@ def run_parser(prog: Optional[str], description: str, data_help: str) -> Tuple[a
                              "run's output folder (TENSORBOARD; needs `pip install tensorboard`)")
     parser.add_argument("--seed", type=int, help="random seed (each process adds its rank)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else CPU")
-    # torch.distributed.launch passes --local-rank as well as setting LOCAL_RANK, which distributed.py reads: the
-    # flag is accepted so that such launches parse, and otherwise ignored.
+    # torch.distributed.launch passes --local-rank as well as setting LOCAL_RANK, which engine.init_distributed reads:
+    # the flag is accepted so that such launches parse, and otherwise ignored.
     parser.add_argument("--local-rank", "--local_rank", type=int, dest="local_rank", help=argparse.SUPPRESS)
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--eval", action="store_true", help="evaluate only")

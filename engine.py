@@ -1,30 +1,286 @@
-"""What runs on every process, for every task: the training driver (:func:`fit`) and its epoch, classification's
-distributed evaluation, and the throughput measurement."""
+"""What runs on every process, for every task: joining the process group, holding the run's output folder, the
+training driver (:func:`fit`) and its epoch, classification's distributed evaluation, and the throughput
+measurement."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import inspect
 import itertools
 import logging
 import os
 import resource
+import socket
+import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import AverageMeter, ModelEmaV3, distribute_bn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from config import APEX_LEVELS
-from distributed import DistEnv, all_reduce_sum, wrap_ddp
-from errors import TrainingError, UsageError, user_message
-from logger import Progress, create_tensorboard_writer, duration, scalars_to
-from utils import (BEST_CHECKPOINT, LAST_CHECKPOINT, Checkpoint, check_classes, diverged, restore_checkpoint,
-                   resume_checkpoint, save_checkpoint, save_config, training_epochs, training_state)
+from config import APEX_LEVELS, TrainingError, UsageError, user_message
+from logger import (FILE_ONLY, Progress, Terminated, close_log_files, create_logger, create_tensorboard_writer, duration,
+                    leaving, scalars_to, stop_on_signals)
+from lr_scheduler import scale_rates
+from models import ConfigError
+from utils import (BEST_CHECKPOINT, LAST_CHECKPOINT, Checkpoint, check_classes, diverged, ensure_writable_folder,
+                   missing_folders, restore_checkpoint, resume_checkpoint, save_checkpoint, save_config,
+                   seed_everything, training_epochs, training_state)
 
 logger = logging.getLogger("focal.engine")
+
+
+# --- The process group ------------------------------------------------------------------------------------
+# A plain ``python main.py`` is a world of one: no process group is created and every helper is a no-op, so the
+# same code path serves one process and many.
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job and which device it computes on."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; ``cuda`` fails clearly when there is none."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise UsageError(f"LOCAL_RANK {local_rank} has no GPU: only {torch.cuda.device_count()} are visible")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Read RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun) and join the process group when there are several."""
+    rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UsageError(f"environment: RANK {rank} and WORLD_SIZE {world_size} need 0 <= RANK < WORLD_SIZE")
+    env = DistEnv(rank, world_size, local_rank, resolve_device(device, local_rank))
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    if env.distributed and not dist.is_initialized():
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise UsageError(f"WORLD_SIZE={world_size} asks for a distributed run, but {' and '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not set: start it with torchrun (which sets "
+                             f"them), or set MASTER_ADDR and MASTER_PORT on every process")
+        join_process_group("nccl" if env.device.type == "cuda" else "gloo", rank, world_size)
+        gather_peers()
+    return env
+
+
+def join_process_group(backend: str, rank: int, world_size: int) -> None:
+    """``init_process_group`` in a helper thread while the main thread waits.
+
+    The rendezvous blocks in C++ until every rank has arrived (by default for 30 minutes), and Python runs signal
+    handlers only in the main thread between bytecodes: called directly, a job missing a rank could not be stopped
+    with SIGTERM or Ctrl-C. Waiting in short joins keeps the main thread able to run them.
+    """
+    if rank == 0:
+        print(f"waiting for {world_size} processes at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+              f"({backend})", flush=True)
+    failure: list = []
+
+    def join() -> None:
+        try:
+            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
+        except BaseException as err:  # handed to the main thread
+            failure.append(err)
+
+    thread = threading.Thread(target=join, name="rendezvous", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.2)
+    if failure:
+        raise failure[0]
+
+
+# (host, pid) of every rank, gathered once the group is joined: after a collective fails, which peers on this host
+# have ended tells the user which rank died (gloo only reports a reset connection to an address).
+PEERS: List[Tuple[str, int]] = []
+
+
+def gather_peers() -> None:
+    PEERS[:] = [("", 0)] * dist.get_world_size()
+    dist.all_gather_object(PEERS, (socket.gethostname(), os.getpid()))
+
+
+def _ended(pid: int) -> bool:
+    """The process is gone, or a zombie not yet reaped by torchrun."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return True
+    except OSError:
+        return False
+
+
+# How gloo and NCCL word a collective whose peer went away.
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited",
+             "Socket Timeout")
+
+
+def lost_peer_message(err: BaseException) -> Optional[str]:
+    """For a collective that failed because another rank died: one line saying which (when it ran on this host)
+    and how to go on; None for any other error."""
+    if not (dist.is_initialized() and PEERS) or not isinstance(err, RuntimeError):
+        return None
+    if not any(text in str(err) for text in PEER_LOST):
+        return None
+    rank, host = dist.get_rank(), socket.gethostname()
+    neighbours = {r: pid for r, (peer_host, pid) in enumerate(PEERS) if r != rank and peer_host == host}
+    dead: List[str] = []
+    deadline = time.monotonic() + 1.0  # a killed peer's socket can close before its process has finished ending
+    while neighbours and not dead and time.monotonic() < deadline:
+        dead = [f"rank {r} (pid {pid})" for r, pid in neighbours.items() if _ended(pid)]
+        time.sleep(0.05)
+    who = f"{', '.join(dead)} ended" if dead else "another rank ended or became unreachable"
+    return (f"rank {rank} lost its connection to the other ranks: {who}. torchrun stops the job; the same command "
+            f"resumes from the newest checkpoint in the output folder")
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over all processes in place (identity in a world of one) and return the tensor."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def wrap_ddp(model: nn.Module, env: DistEnv) -> DistributedDataParallel:
+    """DDP without syncing buffers in every forward pass (ours are the same on every rank). Newer torch spells this
+    ``forward_sync_buffers=False`` and warns (FutureWarning) about the older ``broadcast_buffers=False``."""
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    parameters = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=device_ids, **no_sync)
+
+
+# --- The run's output folder: one run per folder -----------------------------------------------------------
+
+class OutputLock:
+    """An exclusive POSIX record lock (``lockf``) on ``<folder>/.lock_rank<rank>``, held while the run lives.
+
+    A ``lockf`` lock belongs to the process, so forked DataLoader workers do not inherit it, and the kernel drops
+    it however the process ends: a killed run's lock file is simply locked anew. A run that ends normally removes
+    the file. It holds the owner's pid, for the message.
+    """
+
+    def __init__(self, folder: str, rank: int):
+        self.folder = folder
+        self.path = os.path.join(folder, f".lock_rank{rank}")
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "OutputLock":
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UsageError(f"--output: {self.folder} is in use by another run (pid {owner}); wait for it to "
+                                 f"end, or choose another --output or --tag") from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # the previous owner removed the file between our open and lock: take the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._fd is not None:
+            os.remove(self.path)
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+
+def remove_failed_start(folder: str, log_file: str, created: List[str], logger: logging.Logger) -> None:
+    """Undo what a run refused for bad input created (its new log and folders) when nothing else was written
+    there; an earlier run's folder keeps its log, with the ``stopped:`` line appended."""
+    if any(not name.startswith(("log_rank", ".lock_rank")) for name in os.listdir(folder)):
+        return
+    close_log_files(logger)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(log_file)
+    for path in created:  # deepest first; one still holding another rank's log stays
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
+@contextlib.contextmanager
+def locked_run(folder: str, rank: int) -> Iterator[logging.Logger]:
+    """One process's output folder: checked writable, locked, and logged to. A failure ends in the log as one
+    ``stopped:`` line (errors the user can act on) or a traceback; a run refused for bad input before it wrote
+    anything but its log leaves no trace (the error has gone to the console)."""
+    created = missing_folders(folder)
+    ensure_writable_folder(folder, "--output")
+    log_file = os.path.join(folder, f"log_rank{rank}.txt")
+    new_log = not os.path.exists(log_file)
+    refused = False
+    try:
+        with OutputLock(folder, rank):
+            logger = create_logger(folder, rank)
+            try:
+                yield logger
+            except Terminated:
+                raise
+            except BaseException as err:
+                leaving()
+                lost = lost_peer_message(err)  # None unless a collective broke because another rank died
+                # The entry point prints the error itself (one line on stderr): the log file keeps its copy.
+                if lost is not None:
+                    logger.error(f"stopped: {lost}", extra=FILE_ONLY)
+                    raise TrainingError(lost) from None
+                if not isinstance(err, (UsageError, ConfigError, TrainingError, SystemExit)):
+                    logger.exception("failed")
+                    raise
+                logger.error(f"stopped: {user_message(err)}", extra=FILE_ONLY)
+                refused = isinstance(err, (UsageError, ConfigError))
+                raise
+    finally:
+        if refused and new_log:  # the lock is released (its file gone) by now
+            remove_failed_start(folder, log_file, created, logger)
 
 
 @dataclass
@@ -464,3 +720,36 @@ def fit(task: Task, config: Any, env: DistEnv, logger: logging.Logger, unsafe: b
     if tensorboard is not None:
         tensorboard.close()
     return model, ema
+
+
+# --- Entry points -------------------------------------------------------------------------------------------
+
+def launch(config: Any, device: str, run: Callable[[DistEnv, logging.Logger], None]) -> None:
+    """What every entry point does around its work: join the process group, scale the rates to the run's total
+    batch (``lr_scheduler.scale_rates``), hold and log to the output folder, say where this process runs, seed the
+    model's initialisation, then ``run(env, logger)``."""
+    env = init_distributed(device)
+    try:
+        scale_rates(config, config.DATA.BATCH_SIZE * env.world_size * config.TRAIN.ACCUMULATION_STEPS)
+        with locked_run(config.OUTPUT, env.rank) as logger:
+            backend = f", backend {dist.get_backend()}" if env.distributed else ""
+            trains = not (config.EVAL_MODE or config.get("THROUGHPUT_MODE", False))
+            rate = f"; learning rate {config.TRAIN.BASE_LR:.3g} for a total batch of {config.TRAIN.LR_BATCH}"
+            logger.info(f"rank {env.rank} of {env.world_size} on {env.device}{backend}, pid {os.getpid()}"
+                        f"{rate if trains else ''}")
+            seed_everything(config.SEED, env.rank, 0)
+            run(env, logger)
+    finally:
+        shutdown()
+
+
+def command_line(prog: str, main: Callable[[], None]) -> None:
+    """An entry point's ``__main__``: a stop signal ends it in one logged line (``logger.stop_on_signals``), and an
+    error the user can act on is one line on stderr, not a traceback."""
+    stop_on_signals()
+    try:
+        main()
+    except (UsageError, ConfigError, TrainingError) as err:
+        sys.exit(f"{prog}: error: {user_message(err)}")
+    finally:
+        leaving()

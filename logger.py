@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable, Dict, Optional
 
 from termcolor import colored
 
-from errors import UsageError
+from config import UsageError
 
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 LOGGER_NAME = "focal"
@@ -29,7 +30,7 @@ class PrintableFormatter(logging.Formatter):
 
 
 class HoldsNestedRecords(logging.Handler):
-    """A stop signal's handler logs the stop line (``run_lock.exit_on_signal``), and the signal can land while this
+    """A stop signal's handler logs the stop line (:func:`exit_on_signal`), and the signal can land while this
     handler is flushing its stream: writing the line there re-enters the buffered stream, which refuses with
     "reentrant call", and logging prints a "--- Logging error ---" traceback instead of the line. A record arriving
     while this handler is writing waits until the interrupted write has unwound, and is written then."""
@@ -173,3 +174,66 @@ class Progress:
     def position(self, idx: int) -> str:
         """``[idx/total] eta 0:01:10``, the start of a progress line."""
         return f"[{idx}/{self.total}] eta {self.eta()}"
+
+
+# --- How a run stops ----------------------------------------------------------------------------------------
+# SIGTERM and SIGINT end a run through Python, logged in one line.
+
+class Terminated(SystemExit):
+    """SIGTERM or SIGINT, logged already by :func:`exit_on_signal`; exit status 128 + the signal number."""
+
+
+# The process that installed the handlers; DataLoader workers fork from it and inherit them.
+MAIN_PID = os.getpid()
+
+
+def exit_on_signal(signum: int, frame: Any) -> None:
+    """Exit through Python (clean-up runs) after logging one line. The reason is logged here, not where the
+    exception is caught: the signal often lands as a collective fails, and the handler may run inside the logging
+    call for that failure, whose exception would skip both lines."""
+    if os.getpid() != MAIN_PID:
+        # A DataLoader worker: Ctrl-C reaches the whole process group and the main process stops its workers, so
+        # a worker ignores it; SIGTERM (multiprocessing stopping its children) ends the worker at once.
+        if signum != signal.SIGINT:
+            os._exit(128 + signum)
+        return
+    name = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+        reason = "interrupted (Ctrl-C)"
+    elif os.environ.get("TORCHELASTIC_RUN_ID"):  # set by torchrun, which stops every rank when one fails
+        reason = f"terminated by {name} (torchrun stops all ranks when one fails or is stopped)"
+    else:
+        reason = f"terminated by {name}"
+    leaving()
+    logging.getLogger(LOGGER_NAME).error(f"stopped: {reason}")
+    raise Terminated(128 + signum)
+
+
+def quiet_worker_teardown(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: a main process that stops while a worker hands it a batch breaks the pipe,
+    which the worker would print as a traceback after the run's one-line stop message."""
+    report = sys.excepthook
+
+    def excepthook(kind, value, traceback) -> None:
+        if not issubclass(kind, (BrokenPipeError, ConnectionResetError, EOFError)):
+            report(kind, value, traceback)
+    sys.excepthook = excepthook
+
+
+def stop_on_signals() -> None:
+    """Route SIGTERM and SIGINT to :func:`exit_on_signal`; called once by an entry point."""
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, exit_on_signal)
+
+
+def leaving() -> None:
+    """Once a process is on its way out, a SIGTERM (torchrun stopping the ranks after this one failed) is ignored
+    instead of raising inside clean-up and printing a traceback; Ctrl-C still ends it at once. A no-op where
+    :func:`stop_on_signals` did not install the handlers. torchrun stops a rank's whole process group, so its
+    DataLoader workers die too and the loader's SIGCHLD handler would print a traceback per worker: SIGCHLD gets a
+    handler that does nothing (``SIG_DFL`` with a SIGCHLD pending makes Python raise)."""
+    if signal.getsignal(signal.SIGTERM) is not exit_on_signal:
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-import sys
 from typing import Any, NamedTuple, Optional, Sequence
 
 import timm
@@ -21,21 +19,17 @@ import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DataLoader
 
-from config import CACHE_MODES, get_config, run_parser
+from config import CACHE_MODES, TrainingError, UsageError, get_config, run_parser
 from data import build_mixup, build_train_loader, build_val_loader
 from data.class_map import checkpoint_classes, logit_indices
 from data.datasets import CheckedImages, check_val_labels
-from distributed import DistEnv, all_reduce_sum, init_distributed, shutdown
-from engine import (EvalResult, DatasetClasses, LossFn, Precision, Scores, Task, TaskData,
-                    build_precision, classification_losses, compiled, evaluate, fit, throughput)
-from errors import TrainingError, UsageError, user_message
+from engine import (DatasetClasses, DistEnv, EvalResult, LossFn, Precision, Scores, Task, TaskData, all_reduce_sum,
+                    build_precision, classification_losses, command_line, compiled, evaluate, fit, launch, throughput)
 from lr_scheduler import build_scheduler
-from models import ConfigError, build_model, head_classes
+from models import build_model, head_classes
 from models.kernels import optimize_for
 from optimizer import build_optimizer
-from run_lock import leaving, locked_run, stop_on_signals
-from lr_scheduler import scale_rates
-from utils import load_pretrained, restore_checkpoint, resume_checkpoint, seed_everything, stored_ema
+from utils import load_pretrained, restore_checkpoint, resume_checkpoint, stored_ema
 
 
 # What --throughput times beside the model: the released models' usual point of comparison (BENCHMARKS.md).
@@ -172,14 +166,6 @@ def training_losses(config: Any, data: TaskData) -> LossFn:
     return classification_losses(build_criterion(config, mixup_fn is not None), mixup_fn)
 
 
-def run(config: Any, env: DistEnv, unsafe_load: bool = False) -> None:
-    scale_rates(config, config.DATA.BATCH_SIZE * env.world_size * config.TRAIN.ACCUMULATION_STEPS)
-    with locked_run(config.OUTPUT, env.rank) as logger:
-        backend = f", backend {torch.distributed.get_backend()}" if env.distributed else ""
-        logger.info(f"rank {env.rank} of {env.world_size} on {env.device}{backend}, pid {os.getpid()}")
-        run_mode(config, env, logger, unsafe_load)
-
-
 def build_classifier(config: Any, num_classes: int, env: DistEnv, logger: logging.Logger) -> nn.Module:
     """The configured model (``num_classes`` is ``MODEL.NUM_CLASSES``) on the run's device, with the device
     kernels and memory layout asked for."""
@@ -206,7 +192,6 @@ CLASSIFICATION = Task(name="classification", build_data=build_data, build_model=
 
 def run_mode(config: Any, env: DistEnv, logger: logging.Logger, unsafe_load: bool) -> None:
     """Train, evaluate or time the model."""
-    seed_everything(config.SEED, env.rank, 0)
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         if config.TF32:
@@ -226,18 +211,8 @@ def run_mode(config: Any, env: DistEnv, logger: logging.Logger, unsafe_load: boo
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     config = get_config(args)
-    env = init_distributed(args.device)
-    try:
-        run(config, env, args.unsafe_load)
-    finally:
-        shutdown()
+    launch(config, args.device, lambda env, logger: run_mode(config, env, logger, args.unsafe_load))
 
 
 if __name__ == "__main__":
-    stop_on_signals()
-    try:
-        main()
-    except (UsageError, ConfigError, TrainingError) as err:
-        sys.exit(f"main.py: error: {user_message(err)}")
-    finally:
-        leaving()
+    command_line("main.py", main)

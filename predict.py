@@ -21,12 +21,10 @@ import torch.nn as nn
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from config import HelpFormatter, load_config, path_arg
+from config import DEVICES, HelpFormatter, UsageError, error_text, load_config, path_arg
 from data.datasets import PIL_ERRORS, hidden, load_rgb
 from data.transforms import build_transform
-from config import DEVICES
-from distributed import resolve_device
-from errors import UsageError, error_text
+from engine import resolve_device
 from models import build_model, head_classes, load_weights
 from models.kernels import optimize_for
 from utils import read_checkpoint, shape_changes

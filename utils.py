@@ -29,7 +29,7 @@ import torch.nn as nn
 import yaml
 from timm.scheduler.scheduler import Scheduler
 
-from errors import TrainingError, UsageError
+from config import TrainingError, UsageError
 from logger import FILE_ONLY, duration
 from models import LoadReport, extract_state_dict, load_weights
 

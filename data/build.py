@@ -10,9 +10,9 @@ import torch
 from timm.data import Mixup
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
-from distributed import DistEnv
-from errors import UsageError
-from run_lock import quiet_worker_teardown
+from engine import DistEnv
+from config import UsageError
+from logger import quiet_worker_teardown
 
 from .datasets import CheckedImages, build_dataset, image_sources, label_outlier
 from .samplers import ShardSampler

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from timm.data import ImageNetInfo
 
-from errors import UsageError
+from config import UsageError
 
 IMAGENET_CLASSES = 1000
 

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from errors import UsageError
+from config import UsageError
 
 logger = logging.getLogger("focal.data")
 

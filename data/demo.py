@@ -20,8 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from config import HelpFormatter, path_arg
-from errors import UsageError
+from config import HelpFormatter, UsageError, path_arg
 from utils import ensure_writable_folder
 
 MARKER = ".focal_demo.json"

@@ -7,8 +7,7 @@ from typing import Any, Collection, Mapping
 
 from yacs.config import CfgNode as CN
 
-from config import RUN_RULES, Rule, at_least, between, one_of, run_defaults
-from errors import UsageError
+from config import RUN_RULES, Rule, UsageError, at_least, between, one_of, run_defaults
 
 SCHEDULES = ("multistep", "poly")
 

@@ -20,9 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from config import HelpFormatter, path_arg
+from config import HelpFormatter, UsageError, path_arg
 from data.demo import MARKER, claim_folder
-from errors import UsageError
 
 SHAPES = ("circle", "square", "triangle")
 CATEGORY_IDS = {"circle": 1, "square": 2, "triangle": 4}

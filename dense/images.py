@@ -12,7 +12,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 
 from data.datasets import PIL_ERRORS, UnsupportedImage, check_mode, displayed_size, load_rgb
-from errors import UsageError
+from config import UsageError
 
 
 @contextlib.contextmanager

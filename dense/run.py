@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -15,20 +13,16 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import engine
-from config import get_config, run_parser
+from config import UsageError, get_config, run_parser
 from data.build import worker_count
 from data.samplers import ShardSampler
-from distributed import DistEnv, init_distributed, shutdown
-from engine import DatasetClasses, Precision, Scores, TaskData, build_precision, fit
-from errors import TrainingError, UsageError, user_message
-from logger import Progress
-from lr_scheduler import build_dense_scheduler, scale_rates
-from models import ConfigError
+from engine import DatasetClasses, DistEnv, Precision, Scores, TaskData, build_precision, command_line, fit, launch
+from logger import Progress, quiet_worker_teardown
+from lr_scheduler import build_dense_scheduler
 from models.checkpoint import extract_state_dict, load_weights
 from optimizer import param_groups
-from run_lock import leaving, locked_run, quiet_worker_teardown, stop_on_signals
 from utils import (check_classes, log_load, meaning_changes, read_checkpoint, restore_checkpoint, resume_checkpoint,
-                   seed_everything, stored_ema)
+                   stored_ema)
 
 from .backbone import DenseBackbone
 
@@ -202,31 +196,18 @@ def evaluate_checkpoint(task: Task, config: Any, env: DistEnv, logger: logging.L
 
 
 def run(task: Task, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> None:
-    """Parse, check, join the process group, lock the output folder, log, and :func:`fit`."""
+    """Train the task's model (:func:`engine.fit`), or with ``--eval`` score a checkpoint."""
     args = parse_args(f"Focal Transformer {task.name}: training and evaluation.", argv, prog)
     config = get_config(args, task.defaults, task.rules)
-    env = init_distributed(args.device)
-    try:
-        scale_rates(config, config.DATA.BATCH_SIZE * env.world_size * config.TRAIN.ACCUMULATION_STEPS)
-        with locked_run(config.OUTPUT, env.rank) as logger:
-            rate = "" if config.EVAL_MODE else (f"; learning rate {config.TRAIN.BASE_LR:.3g} for a total batch of "
-                                                f"{config.TRAIN.LR_BATCH}")
-            logger.info(f"rank {env.rank} of {env.world_size} on {env.device}, pid {os.getpid()}{rate}")
-            seed_everything(config.SEED, env.rank, 0)
-            if config.EVAL_MODE:
-                evaluate_checkpoint(task, config, env, logger, args.unsafe_load)
-            else:
-                fit(training_task(task), config, env, logger, args.unsafe_load)
-    finally:
-        shutdown()
+
+    def train_or_evaluate(env: DistEnv, logger: logging.Logger) -> None:
+        if config.EVAL_MODE:
+            evaluate_checkpoint(task, config, env, logger, args.unsafe_load)
+        else:
+            fit(training_task(task), config, env, logger, args.unsafe_load)
+    launch(config, args.device, train_or_evaluate)
 
 
 def main(task: Task, prog: str) -> None:
-    """The ``python -m <task>.train`` entry point: signals as in ``main.py``, one-line errors."""
-    stop_on_signals()
-    try:
-        run(task, prog=f"python -m {prog}")
-    except (UsageError, ConfigError, TrainingError) as err:
-        sys.exit(f"{prog}: error: {user_message(err)}")
-    finally:
-        leaving()
+    """The ``python -m <task>.train`` entry point."""
+    command_line(prog, lambda: run(task, prog=f"python -m {prog}"))

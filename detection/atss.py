@@ -22,7 +22,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import permute_and_flatten
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, generalized_box_iou_loss, sigmoid_focal_loss
 
-from distributed import all_reduce_sum
+from engine import all_reduce_sum
 
 # mmdetection's DeltaXYWHBBoxCoder with target stds (0.1, 0.1, 0.2, 0.2): torchvision's weights are their inverses.
 BOX_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)

@@ -21,7 +21,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops, generalized_box_iou_loss
 
-from errors import UsageError
+from config import UsageError
 
 # mmdetection's per-stage settings: its coder stds (0.1, 0.1, 0.2, 0.2), halved, then thirded, are these weights.
 STAGE_IOU_THRESHOLDS = (0.5, 0.6, 0.7)

@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 
 from dense.images import as_shown, image_size, read_rgb
 from detection.config import MASK_DETECTORS
-from errors import UsageError
+from config import UsageError
 
 # Boxes may pass the image border by this many pixels (rounding in real annotations) and are clipped to it.
 BORDER_TOLERANCE = 1.0

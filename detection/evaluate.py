@@ -15,8 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from dense.run import loader, progress_line
-from distributed import DistEnv, all_reduce_sum
-from engine import Precision
+from engine import DistEnv, Precision, all_reduce_sum
 from logger import Progress
 
 from .config import MASK_DETECTORS

@@ -16,7 +16,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 from dense.backbone import DenseBackbone, build_backbone
 from dense.config import check_arguments
-from errors import UsageError
+from config import UsageError
 
 from .atss import ATSS
 from .cascade_rcnn import CascadeMaskRCNN

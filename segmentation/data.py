@@ -20,7 +20,7 @@ from torchvision.transforms import InterpolationMode
 
 from data.datasets import PIL_ERRORS, image_files
 from dense.images import as_shown, image_size, read_rgb
-from errors import UsageError
+from config import UsageError
 
 IGNORE = 255  # ignored pixels: the value 255, and 0 under REDUCE_ZERO_LABEL
 SPLITS = {"train": "training", "val": "validation"}

@@ -14,8 +14,7 @@ import torchvision.transforms.v2.functional as TF
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from dense.run import loader, progress_line
-from distributed import DistEnv
-from engine import Precision
+from engine import DistEnv, Precision
 from logger import Progress
 
 from .data import IGNORE, class_names, fit_size, normalize

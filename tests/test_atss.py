@@ -11,12 +11,11 @@ import torch
 import torch.nn as nn
 from torchvision.models.detection.image_list import ImageList
 
-from config import get_config, merge_opts
+from config import UsageError, get_config, merge_opts
 from dense.demo import generate_detection
 from detection.atss import ATSS, ATSSHead, LevelAnchorGenerator, atss_assign, centerness_targets
 from detection.config import DETECTION_RULES, detection_defaults
 from detection.model import build_detector
-from errors import UsageError
 from tests.helpers import BACKBONE_OPTS, REPO, check, run_task, sum_roundoff, task_args
 
 CFG = str(REPO / "configs" / "detection" / "atss_demo.yaml")

@@ -12,12 +12,11 @@ import torch.nn as nn
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import box_iou
 
-from config import merge_opts
+from config import UsageError, merge_opts
 from dense.demo import generate_detection
 from detection.cascade_rcnn import CascadeMaskRCNN, CascadeRoIHeads
 from detection.config import detection_defaults
 from detection.model import build_detector, detector_parameters
-from errors import UsageError
 from tests.helpers import BACKBONE_OPTS, REPO, check, run_task
 
 CFG = str(REPO / "configs" / "detection" / "cascade_mask_rcnn_demo.yaml")

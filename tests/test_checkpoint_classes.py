@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from config import load_config
-from errors import UsageError
+from config import UsageError, load_config
 from models import build_model
 from predict import parse_args, predict
 from tests.helpers import DEMO_CFG, REPO, randomise

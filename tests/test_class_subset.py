@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from timm.data import ImageNetInfo
 
-from config import load_config
+from config import UsageError, load_config
 from data.class_map import checkpoint_classes, logit_indices
-from errors import UsageError
 from models import build_model
 from tests.helpers import DEMO_CFG, TINY_OPTS, demo_args, eval_summary, read_log, sum_roundoff
 

@@ -11,14 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from config import load_config
+from config import UsageError, load_config
 from data import build_train_loader, build_val_loader
 from data.datasets import ImageTree, ZipImageDataset, build_dataset
 from data.demo import generate
 from data.samplers import ShardSampler
 from data.transforms import build_transform
-from distributed import DistEnv
-from errors import UsageError
+from engine import DistEnv
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from dense.backbone import DenseBackbone
-from config import merge_opts
+from config import UsageError, merge_opts
 from dense.run import load_backbone
 from detection.config import detection_defaults
 from detection.model import backbone, build_detector
-from errors import UsageError
 from models import extract_state_dict
 from tests.helpers import BACKBONE_OPTS, CHECKPOINT, LOG
 

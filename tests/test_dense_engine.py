@@ -7,10 +7,9 @@ import torch
 import torch.nn as nn
 from timm.utils import ModelEmaV3
 
-from config import merge_opts
+from config import TrainingError, merge_opts
 from dense.config import dense_defaults
 from engine import build_precision, train_one_epoch
-from errors import TrainingError
 from logger import scalars_to
 from lr_scheduler import build_dense_scheduler
 from tests.helpers import CPU

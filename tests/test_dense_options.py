@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from config import get_config
+from config import UsageError, get_config
 from dense.run import run
 from detection.config import DETECTION_RULES, detection_defaults
 from detection.train import TASK as DETECTION
-from errors import UsageError
 from segmentation.train import TASK as SEGMENTATION
 from tests.helpers import REPO, task_args
 

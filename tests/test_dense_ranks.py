@@ -18,9 +18,7 @@ import torch.multiprocessing as mp
 from config import get_config
 from dense.demo import generate_segmentation
 from dense.run import parse_args, training_task
-from engine import fit
-from distributed import DistEnv
-from engine import use_sync_batchnorm
+from engine import DistEnv, fit, use_sync_batchnorm
 from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
 from segmentation.train import TASK
 from tests.helpers import BACKBONE_OPTS, REPO, demo_args

@@ -14,18 +14,15 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from config import merge_opts
+from config import UsageError, get_config, merge_opts
 from dense.demo import generate_detection
 from dense.run import load_backbone, run
-from config import get_config
 from detection.config import DETECTION_RULES, DETECTORS, detection_defaults
 from detection.data import CocoDetection, build_data, load_coco, rle_runs
 from detection.evaluate import coco_ap, evaluate
 from detection.model import backbone, build_detector
 from detection.train import TASK
-from distributed import DistEnv
-from engine import build_precision
-from errors import UsageError
+from engine import DistEnv, build_precision
 from models import extract_state_dict
 from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, assert_intact, check, finished_dense_run, load,
                            private_copy, run_task, task_args, this_run)

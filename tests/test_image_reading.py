@@ -14,7 +14,7 @@ from PIL import ExifTags, Image
 from data.datasets import CheckedImages, ImageTree, image_sources
 from dense.images import image_size, read_rgb
 from detection.data import CocoDetection
-from errors import UsageError
+from config import UsageError
 from main import main
 from predict import read_image
 from segmentation.config import segmentation_defaults

@@ -12,9 +12,8 @@ import pytest
 import predict
 from data import demo as data_demo
 from dense import demo as dense_demo
-from config import get_config
+from config import UsageError, get_config
 from detection.config import DETECTION_RULES, detection_defaults
-from errors import UsageError
 from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
 from tests.helpers import REPO
 from tools import bench_dense, benchmark, export

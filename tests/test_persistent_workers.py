@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data import build_train_loader
-from distributed import DistEnv
+from engine import DistEnv
 from tests.helpers import tiny_config
 from utils import seed_everything
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from config import load_config
+from config import UsageError, load_config
 from data.transforms import build_transform
-from errors import UsageError
 from models import build_model, load_weights
 from predict import parse_args, predict
 from tools.golden import FIXTURES, case_opts, load_case

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from errors import TrainingError, UsageError
+from config import TrainingError, UsageError
 from main import main
 from segmentation.data import SegmentationFolder, read_labels
 
@@ -275,9 +275,9 @@ def test_a_dataloader_worker_leaves_ctrl_c_to_the_main_process(monkeypatch):
     the DataLoader's loop and print a traceback (the flaky Ctrl-C test): workers now let the main process stop."""
     import signal
 
-    import run_lock
-    monkeypatch.setattr(run_lock, "MAIN_PID", -1)  # as seen from a forked worker
-    assert run_lock.exit_on_signal(signal.SIGINT, None) is None
+    import logger as run_logger
+    monkeypatch.setattr(run_logger, "MAIN_PID", -1)  # as seen from a forked worker
+    assert run_logger.exit_on_signal(signal.SIGINT, None) is None
 
 
 @pytest.mark.parametrize("torchrun, expected", [(False, "stopped: terminated by SIGTERM"),
@@ -286,14 +286,14 @@ def test_sigterm_mentions_torchrun_only_under_torchrun(torchrun, expected, monke
     import os
     import signal
 
-    import run_lock
-    monkeypatch.setattr(run_lock, "MAIN_PID", os.getpid())
+    import logger as run_logger
+    monkeypatch.setattr(run_logger, "MAIN_PID", os.getpid())
     if torchrun:
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
     else:
         monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    with caplog.at_level(logging.ERROR, logger="focal"), pytest.raises(run_lock.Terminated):
-        run_lock.exit_on_signal(signal.SIGTERM, None)
+    with caplog.at_level(logging.ERROR, logger="focal"), pytest.raises(run_logger.Terminated):
+        run_logger.exit_on_signal(signal.SIGTERM, None)
     assert caplog.messages[-1].startswith(expected) and (torchrun or "torchrun" not in caplog.messages[-1])
 
 
@@ -310,14 +310,14 @@ class FlushInterruptedByStop:
     def flush(self) -> None:
         import signal
 
-        import run_lock
+        import logger as run_logger
         if self.flushing:
             raise RuntimeError("reentrant call inside <_io.BufferedWriter>")
         self.flushing = True
         try:
             if self.armed:
                 self.armed = False
-                run_lock.exit_on_signal(signal.SIGINT, None)
+                run_logger.exit_on_signal(signal.SIGINT, None)
             self.stream.flush()
         finally:
             self.flushing = False
@@ -332,13 +332,13 @@ def test_a_stop_landing_while_the_log_file_flushes_is_logged_after_the_interrupt
     flushed an evaluation line, and the stop line re-entered that flush."""
     import os
 
-    import run_lock
+    import logger as run_logger
     from logger import create_logger
-    monkeypatch.setattr(run_lock, "MAIN_PID", os.getpid())
+    monkeypatch.setattr(run_logger, "MAIN_PID", os.getpid())
     logger = create_logger(str(tmp_path), rank=1)
     (log_file,) = logger.handlers
     log_file.setStream(FlushInterruptedByStop(log_file.stream))
-    with pytest.raises(run_lock.Terminated):
+    with pytest.raises(run_logger.Terminated):
         logger.info("Test: [3/50]")
     logger.info("clean-up line")
     log_file.close()
@@ -351,7 +351,7 @@ def test_a_stop_landing_while_the_log_file_flushes_is_logged_after_the_interrupt
 def test_broken_pipes_of_a_stopped_main_process_stay_out_of_a_worker_s_stderr(capsys, monkeypatch):
     import sys
 
-    from run_lock import quiet_worker_teardown
+    from logger import quiet_worker_teardown
     monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
     quiet_worker_teardown(0)
     for error in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "Connection reset by peer")):

@@ -18,9 +18,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from config import load_config
+from config import UsageError, load_config
 from data.datasets import to_rgb
-from errors import UsageError
 from lr_scheduler import build_scheduler
 from main import main
 from models import build_model

@@ -17,14 +17,11 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from config import merge_opts
+from config import UsageError, get_config, merge_opts
 from dense.demo import generate_segmentation
 from dense.run import load_backbone, parse_args, run
-from distributed import DistEnv
-from engine import build_precision
-from errors import UsageError
+from engine import DistEnv, build_precision
 from models import extract_state_dict
-from config import get_config
 from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
 from segmentation.data import (SegmentationFolder, build_data, class_names, normalize, photometric_distortion,
                                scale_saturation)

@@ -8,12 +8,11 @@ import re
 import pytest
 import torch
 
-from config import get_config, merge_opts
+from config import UsageError, get_config, merge_opts
 from dense.demo import generate_detection
 from detection.config import DETECTION_RULES, detection_defaults
 from detection.model import build_detector
 from detection.sparse_rcnn import SetCriterion, hungarian_match, objects_per_process
-from errors import UsageError
 from tests.helpers import BACKBONE_OPTS, REPO, check, run_task, task_args
 
 # A small Sparse R-CNN: the test backbone, 16-wide FPN and stages, 64-pixel images.

@@ -11,8 +11,7 @@ import pytest
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from config import load_config
-from errors import UsageError
+from config import UsageError, load_config
 from models import build_model
 from tests.helpers import REPO, assert_agree, longest_sum, randomise, roundoff
 from tools import export as export_tool

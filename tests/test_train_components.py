@@ -8,12 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from config import load_config
+from config import UsageError, get_config, load_config
 from engine import build_precision, default_amp, evaluate
-from errors import UsageError
 from logger import close_log_files, create_logger
 from lr_scheduler import build_scheduler
-from config import get_config
 from main import main, parse_args
 from models import build_model
 from optimizer import build_optimizer

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from errors import TrainingError, UsageError
+from config import TrainingError, UsageError
 from main import main
 from models import ConfigError
 from utils import latest_checkpoint, read_checkpoint
@@ -254,14 +254,14 @@ def test_a_sigterm_landing_while_a_failure_is_logged_is_still_logged(demo_data, 
     """The race behind a dead rank: its collective fails on rank 0 as torchrun's SIGTERM arrives, and Python may
     run the handler at the first call of the failure's own logging, whose exception then replaces it."""
     import main as entry
-    import run_lock
+    import logger as run_logger
 
     def lost_rank(*args):
         raise RuntimeError("Connection closed by peer")
     log_failure = logging.Logger.exception
 
     def handler_runs_first(self, *args, **kwargs):
-        run_lock.exit_on_signal(signal.SIGTERM, None)
+        run_logger.exit_on_signal(signal.SIGTERM, None)
         log_failure(self, *args, **kwargs)
     monkeypatch.setattr(entry, "run_mode", lost_rank)
     monkeypatch.setattr(logging.Logger, "exception", handler_runs_first)

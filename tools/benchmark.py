@@ -30,10 +30,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from config import RULES, HelpFormatter, load_config, path_arg
-from config import AMP_MODES
+from config import AMP_MODES, HelpFormatter, RULES, UsageError, load_config, path_arg
 from engine import build_precision, synchronize
-from errors import UsageError
 from logger import Progress
 from models import ConfigError, build_model, validate_model_config
 from models.focal_layout import LAYOUTS

@@ -19,8 +19,7 @@ from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from config import HelpFormatter, path_arg
-from config import load_config
+from config import HelpFormatter, load_config, path_arg
 from detection.config import detection_defaults
 from detection.model import build_detector
 from segmentation.config import segmentation_defaults

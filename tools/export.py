@@ -21,9 +21,8 @@ import torch
 import torch.nn as nn
 from torch.export import Dim, ExportedProgram
 
-from config import HelpFormatter, path_arg
+from config import HelpFormatter, UsageError, path_arg
 from data.transforms import build_transform, eval_crop
-from errors import UsageError
 from logger import Progress, duration
 from predict import load_model
 from utils import atomic_write, ensure_writable_folder

@@ -29,7 +29,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from config import _C, load_config  # noqa: E402
-from errors import UsageError, error_text  # noqa: E402
+from config import UsageError, error_text  # noqa: E402
 from tools.golden import case_input, fill_value  # noqa: E402
 from utils import atomic_write  # noqa: E402
 
