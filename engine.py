@@ -734,9 +734,9 @@ def launch(config: Any, device: str, run: Callable[[DistEnv, logging.Logger], No
         with locked_run(config.OUTPUT, env.rank) as logger:
             backend = f", backend {dist.get_backend()}" if env.distributed else ""
             trains = not (config.EVAL_MODE or config.get("THROUGHPUT_MODE", False))
-            rate = f"; learning rate {config.TRAIN.BASE_LR:.3g} for a total batch of {config.TRAIN.LR_BATCH}"
-            logger.info(f"rank {env.rank} of {env.world_size} on {env.device}{backend}, pid {os.getpid()}"
-                        f"{rate if trains else ''}")
+            rate = f", learning rate {config.TRAIN.BASE_LR:.3g} for a total batch of {config.TRAIN.LR_BATCH}"
+            logger.info(f"rank {env.rank} of {env.world_size} on {env.device}{backend}{rate if trains else ''}, "
+                        f"pid {os.getpid()}")
             seed_everything(config.SEED, env.rank, 0)
             run(env, logger)
     finally:
