@@ -120,3 +120,36 @@ def test_a_base_file_that_is_not_utf8_is_named(tmp_path):
     with pytest.raises(ValueError, match=rf"^config file {tmp_path / 'base.yaml'} is not UTF-8 text \(invalid "
                                          rf"continuation byte at byte 3\)$"):
         load_config(str(tmp_path / "child.yaml"))
+
+
+TREES = {
+    "classification": ("configs/demo/focal_demo.yaml", None, None),
+    "detection": ("configs/detection/demo.yaml", "detection.config:detection_defaults", "DETECTION_RULES"),
+    "segmentation": ("configs/segmentation/demo.yaml", "segmentation.config:segmentation_defaults", "SEGMENTATION_RULES"),
+}
+
+
+@pytest.mark.parametrize("task", TREES)
+@pytest.mark.parametrize("opts, message", [
+    (["TRAIN.CLIP_GRAD", -1], r"TRAIN.CLIP_GRAD must be 0 or more \(the largest gradient norm"),
+    (["TRAIN.START_EPOCH", 12], r"TRAIN.START_EPOCH must be below TRAIN.EPOCHS"),
+    (["MODEL.DROP_PATH_RATE", 1.0], r"MODEL.DROP_PATH_RATE must be in \[0, 1\)"),
+    (["TAG", "a/b"], r"--tag \(TAG\) must be one folder name"),
+    (["DATA.DATA_PATH", ""], r"--data-path \(DATA.DATA_PATH\) is required for training and evaluation"),
+])
+def test_every_task_refuses_the_shared_keys_alike(task, opts, message):
+    """The keys every task has (config.run_defaults) have one set of rules (config.RUN_RULES), read by
+    classification's and the dense tasks' one get_config: a value is refused in the same words by all three."""
+    import argparse
+    import importlib
+
+    from config import UsageError, get_config
+    cfg, defaults, rules = TREES[task]
+    extra = ()
+    if defaults:
+        module, name = defaults.split(":")
+        module = importlib.import_module(module)
+        extra = (getattr(module, name)(), getattr(module, rules))
+    args = argparse.Namespace(cfg=str(REPO / cfg), opts=["TRAIN.EPOCHS", 12, "DATA.DATA_PATH", "data", *opts])
+    with pytest.raises(UsageError, match=message):
+        get_config(args, *extra)
