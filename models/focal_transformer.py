@@ -77,11 +77,7 @@ class FocalBlock(nn.Module):
         h, w = self.resolution
         ws = self.window_size
         n_windows = h * w / ws / ws
-        if isinstance(self.attn, TopKFocalAttention):
-            attn = self.attn.flops(ws * ws, h, w)
-        else:
-            attn = self.attn.flops(ws * ws)
-        flops = 2 * self.dim * h * w + n_windows * attn
+        flops = 2 * self.dim * h * w + n_windows * self.attn.flops(ws * ws, h, w)
         for pool in self.pool_layers:
             n_pooled = n_windows * 2 ** pool.level
             flops += n_pooled * self.dim * pool.pool_size ** 2 + n_pooled * self.dim * 3 * self.dim
