@@ -101,7 +101,8 @@ def oracle_forward(attn: FocalWindowAttention, method: str):
         q = queries_by_window(qkv[..., :c], attn.window_size, attn.num_heads)
         k, v = gathered_keys_values(attn, qkv[..., c:], [attn.project_kv(p) for p in pooled], method)
         bias = attn.attention_bias(attn.layout(h, w, x.device))
-        out = attn.attend(q, k, v, None, bias)
+        in_order = torch.arange(k.shape[2], device=x.device).view(-1, bias.shape[-1])  # already gathered
+        out = attn.attend(q, k, v, in_order, bias)
         return attn.proj_drop(attn.proj(merge_windows(out, h, w, attn.window_size, attn.num_heads)))
     return forward
 
