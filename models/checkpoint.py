@@ -65,8 +65,7 @@ def extract_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
     out = {}
     for name, value in checkpoint.items():
         for prefix in WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
+            name = name.removeprefix(prefix)
         out[name] = value
     return out
 

@@ -109,11 +109,9 @@ class FocalWindowAttention(WindowedAttention):
     def flops(self, n: int, height: int, width: int) -> float:
         """The reference's multiply-add count for one window of ``n`` query tokens (any map size)."""
         hd = self.dim // self.num_heads
-        keys = n
+        keys = n + (self.window_size + 2 * self.expand_size) ** 2 - self.window_size ** 2
         if self.num_pooled:
             keys += self.spec.focal_window ** 2
-        if self.expand_size > 0:
-            keys += (self.window_size + 2 * self.expand_size) ** 2 - self.window_size ** 2
         return n * self.dim * 3 * self.dim + 2 * self.num_heads * n * hd * keys + n * self.dim * self.dim
 
     def extra_repr(self) -> str:

@@ -86,12 +86,10 @@ class OneDnnLinear(nn.Linear):
 def _cpu_vendor() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")),
+                        platform.processor())
     except OSError:
-        pass
-    return platform.processor()
+        return platform.processor()
 
 
 @functools.lru_cache(maxsize=None)
