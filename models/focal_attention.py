@@ -1,6 +1,5 @@
 """Focal self-attention (v1): each window attends to itself, its fine surroundings and pooled coarse tokens
-around it, as :class:`~models.focal_layout.FocalLayoutSpec` defines (key order and masks are documented there).
-"""
+around it, as :class:`~models.focal_layout.FocalLayoutSpec` defines (key order and masks are documented there)."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -20,12 +19,6 @@ from .window_attention import WindowedAttention, item
 LAYOUT_SPECS: List[FocalLayoutSpec] = []
 
 
-def spec_number(spec: FocalLayoutSpec) -> int:
-    if spec not in LAYOUT_SPECS:
-        LAYOUT_SPECS.append(spec)
-    return LAYOUT_SPECS.index(spec)
-
-
 @layout_cache
 def focal_layout(spec: FocalLayoutSpec, height: int, width: int, device: torch.device) -> FocalLayout:
     return spec.build(height, width).to(device)
@@ -40,7 +33,9 @@ class FocalWindowAttention(WindowedAttention):
         super().__init__(zero_token=True)
         self.spec = FocalLayoutSpec(window_size, expand_size if focal_level > 0 else 0, shift_size, focal_window,
                                     pooled_levels(focal_level, pool_method))
-        self.spec_number = spec_number(self.spec)
+        if self.spec not in LAYOUT_SPECS:
+            LAYOUT_SPECS.append(self.spec)
+        self.spec_number = LAYOUT_SPECS.index(self.spec)
         self.dim = dim
         self.num_heads = num_heads
         self.window_size = self.spec.window_size

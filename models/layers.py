@@ -1,6 +1,5 @@
 """Building blocks of both Focal Transformer variants: patch embedding, windowing and window pooling. Token maps
-travel between modules as channels-last ``(B, H, W, C)`` tensors, which carry their own size.
-"""
+travel between modules as channels-last ``(B, H, W, C)`` tensors, which carry their own size."""
 from __future__ import annotations
 
 import math
@@ -105,12 +104,9 @@ def pad_nchw(x: torch.Tensor, multiple: int, least: int) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Strided (or overlapping, with ``use_conv_embed``) convolution from an NCHW image or a token map.
-
-    The stem zero-pads ``(B, C, H, W)`` images at the bottom/right to whole patches. The downsampling between
-    stages takes ``(B, H, W, C)`` maps as the reference does: on an odd side the 2x2 merging drops the last
-    row/column, the overlapping 3x3 one keeps it; only a map one token wide is padded to two.
-    """
+    """Strided (or overlapping, with ``use_conv_embed``) convolution of an NCHW image (the stem: zero-padded to whole
+    patches) or of an NHWC map, where, as in the reference, an odd side loses its last row to the 2x2 merging and
+    keeps it in the 3x3 overlapping one (a map one token wide is padded to two)."""
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, use_conv_embed: bool = False,
                  norm: bool = True, use_pre_norm: bool = False, is_stem: bool = False):

@@ -1,7 +1,6 @@
 """timm registrations of the nine released models: ``timm.create_model(name, pretrained=..., features_only=...)``.
 The architectures repeat ``configs/<name>.yaml`` (a test checks both build the same model); released weights load
-through the adaptation of :func:`models.checkpoint.load_weights`. Nothing is downloaded until ``pretrained=True``.
-"""
+through the adaptation of :func:`models.checkpoint.load_weights`. Nothing is downloaded until ``pretrained=True``."""
 from __future__ import annotations
 
 from contextlib import nullcontext

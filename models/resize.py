@@ -1,7 +1,6 @@
 """Carrying learned geometry-dependent tensors over to another window, focal window or image size (a block's window
 follows the image size, so fine-tuning at another resolution changes shapes): each is resampled from its trained
-counterpart or, where there is none, derived from the block's own relative-position table.
-"""
+counterpart or, where there is none, derived from the block's own relative-position table."""
 from __future__ import annotations
 
 import math

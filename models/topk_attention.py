@@ -1,7 +1,6 @@
 """Top-K focal attention (``focalv2``): each window attends to the K tokens nearest its centre at every level
 (level 0: the map, level 1: one pooled token per window), with a position bias from relative coordinates by a small
-MLP per level. The key sets depend only on the map size and are computed once per size (:class:`TopKLayout`).
-"""
+MLP per level. The key sets depend only on the map size and are computed once per size (:class:`TopKLayout`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,10 +20,8 @@ EXACT_SQUARES = 1 << 20
 
 def nearest_tokens(grid: Tuple[int, int], key_grid: Tuple[int, int], top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """For each cell of ``grid`` (at the centre of its stretch of ``key_grid``), the ``top_k`` nearest ``key_grid``
-    cells: flat indices (nW, K) and (cell - key) offsets (nW, K, 2). The reference's rule, ``torch.topk`` over
-    Euclidean distances on the CPU, whose tie-breaking depends on the whole row, so rows are ranked as it ranks
-    them, one row of cells at a time (memory: one row, never cells x keys).
-    """
+    cells: flat indices (nW, K) and (cell - key) offsets (nW, K, 2). ``torch.topk``'s tie-breaking depends on the
+    whole row, so rows are ranked whole, as the reference ranks them, one row of cells at a time."""
     factor = key_grid[0] // grid[0] if grid[0] != key_grid[0] else 1
     qy = torch.arange(grid[0]) * factor + factor // 2
     qx = torch.arange(grid[1]) * factor + factor // 2
@@ -48,9 +45,8 @@ def nearest_tokens(grid: Tuple[int, int], key_grid: Tuple[int, int], top_k: int)
 @dataclass
 class TopKLayout:
     """Every window's keys on one padded map size. The bias of query ``i`` of window ``w`` for key ``k`` is column
-    ``key_code[w, k] + query_code[i, k]`` of :meth:`TopKFocalAttention.bias_table`, which covers per level the box
-    of relative coordinates that occur, so the codes stay linear in windows and keys.
-    """
+    ``key_code[w, k] + query_code[i, k]`` of :meth:`TopKFocalAttention.bias_table` (per level, the box of relative
+    coordinates that occur), so the codes stay linear in windows and keys."""
     index: torch.Tensor       # (nW, K) into [map tokens, pooled tokens], levels concatenated along K
     key_code: torch.Tensor    # (nW, K) int32: the key's relative coordinate, in its level's box
     query_code: torch.Tensor  # (ws*ws, K) int32: the query token's offset within its window, in the key's level box

@@ -1,7 +1,6 @@
 """Head-major window attention shared by both variants: queries ``(B, nH*nW, ws*ws, hd)``; keys and values in
 separate per-head token tables ``(B, nH, N, hd)``, gathered straight into ``(B, nH*nW, L, hd)`` blocks so that
-one bias ``(1, nH*nW, ws*ws, L)`` broadcasts over the batch and nothing is copied before the attention kernel.
-"""
+one bias ``(1, nH*nW, ws*ws, L)`` broadcasts over the batch and nothing is copied before the attention kernel."""
 import inspect
 import types
 from typing import List, Optional, Tuple

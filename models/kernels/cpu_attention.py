@@ -1,7 +1,5 @@
-"""CPU attention kernels: blocked attention with a lean backward, and an inference cache of attention biases, as
-the subclasses at the bottom that :func:`models.kernels.optimize_for` swaps in (tests compare them with the plain
-``WindowedAttention.attend`` and ``attention_bias``).
-"""
+"""CPU attention kernels: blocked attention with a lean backward, and an inference cache of attention biases, in
+the subclasses at the bottom that :func:`models.kernels.optimize_for` swaps in."""
 from __future__ import annotations
 
 import weakref
@@ -65,21 +63,19 @@ class Block(NamedTuple):
     rows: slice
 
 
-WHOLE = Block(slice(None), slice(None), slice(None), slice(None))
-
-
 def attention_blocks(q: torch.Tensor, num_heads: int, n_keys: int) -> List[Block]:
     """As many whole images as fit the budget per block; else one image and as many of its heads; else one head
     and as many of its windows. One block under ``torch.compile`` / export (the compiler plans memory itself)."""
+    whole = slice(None)
     if CPU_BLOCK_BYTES <= 0 or torch.compiler.is_compiling():
-        return [WHOLE]  # no size arithmetic: export keeps the batch symbolic
+        return [Block(whole, whole, whole, whole)]  # no size arithmetic: export keeps the batch symbolic
     batch, rows, n_query, _ = q.shape
     n_win = rows // num_heads
     per_window = n_query * n_keys * q.element_size()
     per_head = per_window * n_win
     if per_head * num_heads <= CPU_BLOCK_BYTES:
         images = min(batch, CPU_BLOCK_BYTES // (per_head * num_heads))
-        return [Block(slice(b, b + images), slice(None), slice(None), slice(None)) for b in range(0, batch, images)]
+        return [Block(slice(b, b + images), whole, whole, whole) for b in range(0, batch, images)]
     if per_head <= CPU_BLOCK_BYTES:
         heads = CPU_BLOCK_BYTES // per_head
         return [Block(slice(b, b + 1), slice(h, h + heads), slice(None), slice(h * n_win, (h + heads) * n_win))

@@ -1,7 +1,6 @@
 """Float32 fully connected layers through the oneDNN matmul inside PyTorch, which on some CPUs is much faster than
 its BLAS (MKL) for ``F.linear`` (BENCHMARKS.md); results differ only in summation order. :class:`OneDnnLinear`
-falls back to ``F.linear`` for other devices and dtypes, under autocast, and under compile / export / tracing.
-"""
+falls back to ``F.linear`` for other devices and dtypes, under autocast, and under compile / export / tracing."""
 from __future__ import annotations
 
 import functools
