@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 
-from .layers import window_partition
+from .window_attention import queries_by_window
 
 MASK_VALUE = -100.0  # the reference's logit penalty (not -inf: fully masked rows stay finite)
 
@@ -131,7 +131,7 @@ def shift_regions(height: int, width: int, window_size: int, shift_size: int) ->
         for w0, w1 in bounds(width):
             labels[:, h0:h1, w0:w1] = region
             region += 1
-    return window_partition(labels, window_size)[0, :, :, 0].contiguous()
+    return queries_by_window(labels, window_size, num_heads=1)[0, :, :, 0].contiguous()
 
 
 LayoutT = TypeVar("LayoutT")

@@ -159,7 +159,8 @@ class FocalTransformer(nn.Module):
                            drop=drop_rate, attn_drop=attn_drop_rate, drop_path=drop_path[sum(depths[:i]) + j],
                            use_layerscale=use_layerscale, layerscale_value=layerscale_value)
                 for j in range(depth)]
-            downsample = PatchEmbed(2, dim, 2 * dim, use_conv_embed, True, use_pre_norm) if i < len(depths) - 1 else None
+            last = i == len(depths) - 1
+            downsample = None if last else PatchEmbed(2, dim, 2 * dim, use_conv_embed, True, use_pre_norm)
             self.layers.append(FocalStage(blocks, downsample, resolution))
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}"))
 

@@ -23,13 +23,6 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x
 
 
-def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """``(B, H, W, C)`` -> ``(B, nW, window_size**2, C)``, windows in row-major order."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, -1, window_size * window_size, c)
-
-
 def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
     """Index into a ``(query_size + key_size - 1)**2`` bias table for every (query, key) pair of two square grids
     that start at the same corner (with equal sizes, Swin's window table)."""
