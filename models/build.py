@@ -23,7 +23,10 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 def validate_model_config(config: Any) -> None:
     m, f = config.MODEL, config.MODEL.FOCAL
-    _require(m.TYPE in MODEL_TYPES, "MODEL.TYPE", f"must be one of {MODEL_TYPES}, got {m.TYPE!r}")
+    choices = {"MODEL.TYPE": (m.TYPE, MODEL_TYPES), "MODEL.FOCAL.FOCAL_POOL": (f.FOCAL_POOL, POOL_METHODS),
+               "MODEL.FOCAL.EXPAND_LAYER": (f.EXPAND_LAYER, EXPAND_LAYERS)}
+    for key, (value, allowed) in choices.items():
+        _require(value in allowed, key, f"must be one of {allowed}, got {value!r}")
     n = len(f.DEPTHS)
     _require(n >= 1 and all(d >= 1 for d in f.DEPTHS), "MODEL.FOCAL.DEPTHS", f"needs positive depths, got {f.DEPTHS}")
     for key in ("NUM_HEADS", "FOCAL_LEVELS", "FOCAL_WINDOWS", "EXPAND_SIZES"):
@@ -40,10 +43,6 @@ def validate_model_config(config: Any) -> None:
              f"must be a positive multiple of MODEL.FOCAL.PATCH_SIZE ({f.PATCH_SIZE}), got {size}")
     _require(size // f.PATCH_SIZE >= 2 ** (n - 1), "DATA.IMG_SIZE",
              f"{size} is too small for {n} stages of 2x downsampling after {f.PATCH_SIZE}x{f.PATCH_SIZE} patches")
-    _require(f.FOCAL_POOL in POOL_METHODS, "MODEL.FOCAL.FOCAL_POOL",
-             f"must be one of {POOL_METHODS}, got {f.FOCAL_POOL!r}")
-    _require(f.EXPAND_LAYER in EXPAND_LAYERS, "MODEL.FOCAL.EXPAND_LAYER",
-             f"must be one of {EXPAND_LAYERS}, got {f.EXPAND_LAYER!r}")
     _require(f.MLP_RATIO > 0, "MODEL.FOCAL.MLP_RATIO", f"must be > 0, got {f.MLP_RATIO}")
     for rate in ("DROP_RATE", "ATTN_DROP_RATE", "DROP_PATH_RATE"):
         _require(0.0 <= m[rate] < 1.0, f"MODEL.{rate}", f"must be in [0, 1), got {m[rate]}")
