@@ -42,10 +42,9 @@ class DenseBackbone(nn.Module):
         return self.body.model
 
     def frozen_modules(self) -> List[nn.Module]:
-        net = self.network
         if self.frozen_stages < 0:
             return []
-        return [net.patch_embed, *net.layers[:self.frozen_stages]]
+        return [self.network.patch_embed, *self.network.layers[:self.frozen_stages]]
 
     def train(self, mode: bool = True) -> "DenseBackbone":
         super().train(mode)

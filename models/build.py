@@ -23,29 +23,26 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 def validate_model_config(config: Any) -> None:
     m, f = config.MODEL, config.MODEL.FOCAL
-    _require(m.TYPE in MODEL_TYPES, "MODEL.TYPE", f"must be one of {MODEL_TYPES}, got {m.TYPE!r}")
+    choices = {"MODEL.TYPE": (m.TYPE, MODEL_TYPES), "MODEL.FOCAL.FOCAL_POOL": (f.FOCAL_POOL, POOL_METHODS),
+               "MODEL.FOCAL.EXPAND_LAYER": (f.EXPAND_LAYER, EXPAND_LAYERS)}
+    for key, (value, allowed) in choices.items():
+        _require(value in allowed, key, f"must be one of {allowed}, got {value!r}")
     n = len(f.DEPTHS)
     _require(n >= 1 and all(d >= 1 for d in f.DEPTHS), "MODEL.FOCAL.DEPTHS", f"needs positive depths, got {f.DEPTHS}")
     for key in ("NUM_HEADS", "FOCAL_LEVELS", "FOCAL_WINDOWS", "EXPAND_SIZES"):
         _require(len(f[key]) == n, f"MODEL.FOCAL.{key}",
                  f"needs one value per stage ({n}, as MODEL.FOCAL.DEPTHS), got {list(f[key])}")
-    _require(f.PATCH_SIZE >= 1, "MODEL.FOCAL.PATCH_SIZE", f"must be >= 1, got {f.PATCH_SIZE}")
+    for key in ("PATCH_SIZE", "EMBED_DIM", "WINDOW_SIZE", "FOCAL_TOPK"):
+        _require(f[key] >= 1, f"MODEL.FOCAL.{key}", f"must be >= 1, got {f[key]}")
     _require(f.PATCH_SIZE == 4 or not f.USE_CONV_EMBED, "MODEL.FOCAL.PATCH_SIZE",
              f"must be 4 with MODEL.FOCAL.USE_CONV_EMBED (its stem is a 7x7 convolution of stride 4), "
              f"got {f.PATCH_SIZE}")
-    _require(f.EMBED_DIM >= 1, "MODEL.FOCAL.EMBED_DIM", f"must be >= 1, got {f.EMBED_DIM}")
-    _require(f.WINDOW_SIZE >= 1, "MODEL.FOCAL.WINDOW_SIZE", f"must be >= 1, got {f.WINDOW_SIZE}")
     _require(m.NUM_CLASSES >= 0, "MODEL.NUM_CLASSES", f"must be >= 0, got {m.NUM_CLASSES}")
     size = config.DATA.IMG_SIZE
     _require(size > 0 and size % f.PATCH_SIZE == 0, "DATA.IMG_SIZE",
              f"must be a positive multiple of MODEL.FOCAL.PATCH_SIZE ({f.PATCH_SIZE}), got {size}")
     _require(size // f.PATCH_SIZE >= 2 ** (n - 1), "DATA.IMG_SIZE",
              f"{size} is too small for {n} stages of 2x downsampling after {f.PATCH_SIZE}x{f.PATCH_SIZE} patches")
-    _require(f.FOCAL_POOL in POOL_METHODS, "MODEL.FOCAL.FOCAL_POOL",
-             f"must be one of {POOL_METHODS}, got {f.FOCAL_POOL!r}")
-    _require(f.EXPAND_LAYER in EXPAND_LAYERS, "MODEL.FOCAL.EXPAND_LAYER",
-             f"must be one of {EXPAND_LAYERS}, got {f.EXPAND_LAYER!r}")
-    _require(f.FOCAL_TOPK >= 1, "MODEL.FOCAL.FOCAL_TOPK", f"must be >= 1, got {f.FOCAL_TOPK}")
     _require(f.MLP_RATIO > 0, "MODEL.FOCAL.MLP_RATIO", f"must be > 0, got {f.MLP_RATIO}")
     for rate in ("DROP_RATE", "ATTN_DROP_RATE", "DROP_PATH_RATE"):
         _require(0.0 <= m[rate] < 1.0, f"MODEL.{rate}", f"must be in [0, 1), got {m[rate]}")

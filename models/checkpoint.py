@@ -1,8 +1,5 @@
-"""Loading weights into our models: released reference checkpoints, our own, and fine-tuning starts.
-
-Released checkpoints carry the reference's buffers (index tables, masks, top-k sets); our models compute those
-themselves, so such keys are recognised and dropped rather than reported as unexpected.
-"""
+"""Loading weights into our models: released reference checkpoints, our own, and fine-tuning starts. The reference's
+buffers (index tables, masks, top-k sets), which our models compute themselves, are dropped, not unexpected."""
 from __future__ import annotations
 
 import re
@@ -56,17 +53,14 @@ class LoadReport:
 def extract_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
     """The weights inside a checkpoint object (``{"model": ...}``, ``{"state_dict": ...}`` or bare), unwrapped."""
     if isinstance(checkpoint, Mapping):
-        for key in ("model", "state_dict", "model_ema"):
-            if key in checkpoint and isinstance(checkpoint[key], Mapping):
-                checkpoint = checkpoint[key]
-                break
+        checkpoint = next((checkpoint[key] for key in ("model", "state_dict", "model_ema")
+                           if isinstance(checkpoint.get(key), Mapping)), checkpoint)
     if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise ValueError("checkpoint holds no state dict of tensors (looked for 'model', 'state_dict' or a bare dict)")
     out = {}
     for name, value in checkpoint.items():
         for prefix in WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
+            name = name.removeprefix(prefix)
         out[name] = value
     return out
 

@@ -1,6 +1,5 @@
 """Focal self-attention (v1): each window attends to itself, its fine surroundings and pooled coarse tokens
-around it, as :class:`~models.focal_layout.FocalLayoutSpec` defines (key order and masks are documented there).
-"""
+around it, as :class:`~models.focal_layout.FocalLayoutSpec` defines (key order and masks are documented there)."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -10,21 +9,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from .focal_layout import FocalLayout, FocalLayoutSpec, layout_cache, outside_mask, pooled_levels, shift_mask
+from .focal_layout import MASK_VALUE, FocalLayout, FocalLayoutSpec, layout_cache, pooled_levels
 from .layers import relative_position_index
-from .window_attention import (WindowedAttention, item, key_value_table, merge_windows,
-                               queries_by_window)
+from .window_attention import WindowedAttention, item
 
 
 # Every layout spec a module was built with: a TorchScript-compiled module keeps only plain attributes, so its
 # layout calls find the spec by number.
 LAYOUT_SPECS: List[FocalLayoutSpec] = []
-
-
-def spec_number(spec: FocalLayoutSpec) -> int:
-    if spec not in LAYOUT_SPECS:
-        LAYOUT_SPECS.append(spec)
-    return LAYOUT_SPECS.index(spec)
 
 
 @layout_cache
@@ -33,17 +25,17 @@ def focal_layout(spec: FocalLayoutSpec, height: int, width: int, device: torch.d
 
 
 class FocalWindowAttention(WindowedAttention):
-    """Multi-head focal attention on padded, shifted ``(B, Hp, Wp, C)`` maps; ``layout_spec`` replaces the pattern
-    derived from the other arguments."""
+    """Multi-head focal attention on padded, shifted ``(B, Hp, Wp, C)`` maps."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, expand_size: int, shift_size: int,
                  focal_level: int, focal_window: int, pool_method: str, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 layout_spec: Optional[FocalLayoutSpec] = None):
-        super().__init__()
-        self.spec = layout_spec or FocalLayoutSpec(window_size, expand_size if focal_level > 0 else 0, shift_size,
-                                                   focal_window, pooled_levels(focal_level, pool_method))
-        self.spec_number = spec_number(self.spec)
+                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__(zero_token=True)
+        self.spec = FocalLayoutSpec(window_size, expand_size if focal_level > 0 else 0, shift_size, focal_window,
+                                    pooled_levels(focal_level, pool_method))
+        if self.spec not in LAYOUT_SPECS:
+            LAYOUT_SPECS.append(self.spec)
+        self.spec_number = LAYOUT_SPECS.index(self.spec)
         self.dim = dim
         self.num_heads = num_heads
         self.window_size = self.spec.window_size
@@ -99,37 +91,22 @@ class FocalWindowAttention(WindowedAttention):
         """(1, nH*nW, ws*ws, L): position biases plus the shift mask (own keys) and out-of-map mask (pooled keys)."""
         bias = self.relative_bias().unsqueeze(1)  # nH, 1, n, L
         n_heads, _, n, n_keys = bias.shape
-        n_win = layout.grid[0] * layout.grid[1]
-        shift, outside = shift_mask(layout.shift_labels), outside_mask(layout.pooled_outside)
-        if shift is None and outside is None:
-            return bias.expand(-1, n_win, -1, -1).reshape(1, -1, n, n_keys)
+        labels, outside = layout.shift_labels, layout.pooled_outside
         n_pooled = 0 if outside is None else outside.shape[-1]
         own, middle, pooled = bias[..., :n], bias[..., n:n_keys - n_pooled], bias[..., n_keys - n_pooled:]
-        if shift is not None:
-            own = own + shift
+        if labels is not None:  # tokens of different shift regions
+            own = own + (labels[:, :, None] != labels[:, None, :]).float() * MASK_VALUE
         if outside is not None:
-            pooled = pooled + outside
-        parts = [p.expand(n_heads, n_win, n, -1) for p in (own, middle, pooled)]
+            pooled = pooled + outside.float().unsqueeze(1) * MASK_VALUE
+        parts = [p.expand(n_heads, layout.grid[0] * layout.grid[1], n, -1) for p in (own, middle, pooled)]
         return torch.cat(parts, dim=-1).reshape(1, -1, n, n_keys)
 
-    def forward(self, x: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:
-        b, h, w, c = x.shape
-        index, bias = self.index_and_bias(h, w, x.device)
-        qkv = self.qkv(x)
-        q = queries_by_window(qkv[..., :c], self.window_size, self.num_heads)
-        k, v = key_value_table([qkv[..., c:]] + [self.project_kv(p) for p in pooled], self.num_heads,
-                               zero_token=True)
-        out = self.attend(q, k, v, index, bias)
-        return self.proj_drop(self.proj(merge_windows(out, h, w, self.window_size, self.num_heads)))
-
-    def flops(self, n: int) -> float:
-        """The reference's multiply-add count for one window of ``n`` query tokens."""
+    def flops(self, n: int, height: int, width: int) -> float:
+        """The reference's multiply-add count for one window of ``n`` query tokens (any map size)."""
         hd = self.dim // self.num_heads
-        keys = n
+        keys = n + (self.window_size + 2 * self.expand_size) ** 2 - self.window_size ** 2
         if self.num_pooled:
             keys += self.spec.focal_window ** 2
-        if self.expand_size > 0:
-            keys += (self.window_size + 2 * self.expand_size) ** 2 - self.window_size ** 2
         return n * self.dim * 3 * self.dim + 2 * self.num_heads * n * hd * keys + n * self.dim * self.dim
 
     def extra_repr(self) -> str:

@@ -1,17 +1,14 @@
-"""What a v1 focal window attends to, defined once by :class:`FocalLayoutSpec` as offsets from the window's corner.
-The key index of every window at a map size, its masks, the columns of the bias tables and their resampling
-(``models/resize.py``) all derive from it: to change what a window attends to, change (or subclass) the spec.
+"""What a v1 focal window attends to, defined once by :class:`FocalLayoutSpec` as offsets from the window's corner:
+the key index of every window, its masks, the bias-table columns and their resampling (``models/resize.py``) all
+derive from it, so a new pattern is a change (or subclass) of the spec alone.
 
-Key order per window, which the bias tables of released checkpoints are laid out for:
+Key order per window, as the bias tables of released checkpoints are laid out:
   1. the window's own ``ws*ws`` tokens, row-major;
-  2. the surroundings: the window shifted by each of :meth:`~FocalLayoutSpec.shifts` (cyclically over the padded
-     map), each row-major, keeping only the tokens that fall outside the window. Where two shifted windows
-     overlap, the released layout lists a token twice, with two biases; here it is one key whose bias is the
-     log-sum-exp of both, which gives the same softmax with fewer keys (Focal-T: 120 instead of 132);
+  2. the surroundings: the window cyclically shifted by each of :meth:`~FocalLayoutSpec.shifts`, row-major, less
+     its tokens inside the window. A token two shifted windows share is one key whose bias is the log-sum-exp of
+     the released layout's two: the same softmax with fewer keys (Focal-T: 120 instead of 132);
   3. per coarse level ``k``: the pooled tokens under a ``focal_window + 2**k - 1`` square anchored at the window,
-     row-major; positions beyond the pooled map are a zero key/value with a -100 logit penalty.
-
-A layout at one map size is an index ``(nW, L)`` and masks in compact form, linear in the number of windows.
+     row-major; those beyond the pooled map are a zero key/value with a -100 logit penalty.
 """
 from __future__ import annotations
 
@@ -20,11 +17,11 @@ import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 
-from .layers import window_partition
+from .window_attention import queries_by_window
 
 MASK_VALUE = -100.0  # the reference's logit penalty (not -inf: fully masked rows stay finite)
 
@@ -103,9 +100,7 @@ class FocalLayoutSpec:
             outside.append(out)
             offset += ph * pw
         index = torch.cat(parts, dim=1)
-        pooled_outside = torch.cat(outside, dim=1) if outside else None
-        if pooled_outside is not None and not bool(pooled_outside.any()):
-            pooled_outside = None
+        pooled_outside = torch.cat(outside, dim=1) if any(bool(out.any()) for out in outside) else None
         labels = shift_regions(height, width, ws, self.shift_size) if self.shift_size > 0 else None
         return FocalLayout((nh, nw), index, labels, pooled_outside)
 
@@ -127,20 +122,6 @@ class FocalLayout:
                    if t is not None)
 
 
-def shift_mask(labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """(nW, ws*ws, ws*ws) additive mask between tokens of different shift regions, or None."""
-    if labels is None:
-        return None
-    return (labels[:, :, None] != labels[:, None, :]).float() * MASK_VALUE
-
-
-def outside_mask(outside: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """(nW, 1, n_pooled) additive mask of the pooled keys beyond the pooled map, or None."""
-    if outside is None:
-        return None
-    return outside.float().unsqueeze(1) * MASK_VALUE
-
-
 def shift_regions(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor:
     """Swin's regions of a cyclically shifted map per window token ``(nW, ws*ws)``, which must not mix."""
     labels = torch.zeros(1, height, width, 1, dtype=torch.uint8)
@@ -150,10 +131,8 @@ def shift_regions(height: int, width: int, window_size: int, shift_size: int) ->
         for w0, w1 in bounds(width):
             labels[:, h0:h1, w0:w1] = region
             region += 1
-    return window_partition(labels, window_size)[0, :, :, 0].contiguous()
+    return queries_by_window(labels, window_size, num_heads=1)[0, :, :, 0].contiguous()
 
-
-# --- The layout cache -----------------------------------------------------------------------------------------
 
 LayoutT = TypeVar("LayoutT")
 _BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="focal-layout")
@@ -174,28 +153,24 @@ class LayoutCache:
     """Layouts by their arguments, least recently used first out, within :func:`cache_limit` bytes in all."""
 
     def __init__(self) -> None:
-        self.entries: "OrderedDict[tuple, object]" = OrderedDict()
-        self.sizes: Dict[tuple, int] = {}
+        self.entries: "OrderedDict[tuple, Any]" = OrderedDict()
 
     def nbytes(self) -> int:
-        return sum(self.sizes.values())
+        return sum(layout.nbytes() for layout in self.entries.values())
 
     def get(self, key: tuple, build: Callable[[], LayoutT]) -> LayoutT:
         if key in self.entries:
             self.entries.move_to_end(key)
             return self.entries[key]
-        layout = build()
-        size, limit = layout.nbytes(), cache_limit()
-        if size <= limit:
-            while self.entries and self.nbytes() + size > limit:
-                old, _ = self.entries.popitem(last=False)
-                del self.sizes[old]
-            self.entries[key], self.sizes[key] = layout, size
+        layout, limit = build(), cache_limit()
+        if layout.nbytes() <= limit:
+            while self.nbytes() + layout.nbytes() > limit:
+                self.entries.popitem(last=False)
+            self.entries[key] = layout
         return layout
 
     def clear(self) -> None:
         self.entries.clear()
-        self.sizes.clear()
 
 
 LAYOUTS = LayoutCache()

@@ -1,6 +1,5 @@
-"""The Focal Transformer classifier and backbone: v1 (``focal``) and the fast variant (``focalv2``) differ only in
-their attention module. Parameter names follow the released checkpoints.
-"""
+"""The Focal Transformer classifier and backbone; v1 (``focal``) and the fast variant (``focalv2``) differ only in
+their attention module. Parameter names follow the released checkpoints."""
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -47,11 +46,8 @@ class FocalBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
-        if use_layerscale:
-            self.gamma_1 = nn.Parameter(layerscale_value * torch.ones(dim))
-            self.gamma_2 = nn.Parameter(layerscale_value * torch.ones(dim))
-        else:
-            self.gamma_1 = self.gamma_2 = None
+        self.gamma_1 = nn.Parameter(layerscale_value * torch.ones(dim)) if use_layerscale else None
+        self.gamma_2 = nn.Parameter(layerscale_value * torch.ones(dim)) if use_layerscale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, h, w, _ = x.shape
@@ -77,11 +73,7 @@ class FocalBlock(nn.Module):
         h, w = self.resolution
         ws = self.window_size
         n_windows = h * w / ws / ws
-        if isinstance(self.attn, TopKFocalAttention):
-            attn = self.attn.flops(ws * ws, h, w)
-        else:
-            attn = self.attn.flops(ws * ws)
-        flops = 2 * self.dim * h * w + n_windows * attn
+        flops = 2 * self.dim * h * w + n_windows * self.attn.flops(ws * ws, h, w)
         for pool in self.pool_layers:
             n_pooled = n_windows * 2 ** pool.level
             flops += n_pooled * self.dim * pool.pool_size ** 2 + n_pooled * self.dim * 3 * self.dim
@@ -145,11 +137,10 @@ class FocalTransformer(nn.Module):
 
         # pre-norm belongs to the downsampling layers only: the reference stem has none
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, use_conv_embed, patch_norm, is_stem=True)
+        self.absolute_pos_embed = None
         if ape:
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.patches_resolution), embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=0.02)
-        else:
-            self.absolute_pos_embed = None
         self.pos_drop = nn.Dropout(drop_rate)
 
         drop_path = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
@@ -168,9 +159,8 @@ class FocalTransformer(nn.Module):
                            drop=drop_rate, attn_drop=attn_drop_rate, drop_path=drop_path[sum(depths[:i]) + j],
                            use_layerscale=use_layerscale, layerscale_value=layerscale_value)
                 for j in range(depth)]
-            downsample = None
-            if i < self.num_layers - 1:
-                downsample = PatchEmbed(2, dim, 2 * dim, use_conv_embed, True, use_pre_norm)
+            last = i == len(depths) - 1
+            downsample = None if last else PatchEmbed(2, dim, 2 * dim, use_conv_embed, True, use_pre_norm)
             self.layers.append(FocalStage(blocks, downsample, resolution))
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}"))
 

@@ -1,6 +1,5 @@
 """Building blocks of both Focal Transformer variants: patch embedding, windowing and window pooling. Token maps
-travel between modules as channels-last ``(B, H, W, C)`` tensors, which carry their own size.
-"""
+travel between modules as channels-last ``(B, H, W, C)`` tensors, which carry their own size."""
 from __future__ import annotations
 
 import math
@@ -22,13 +21,6 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     if pad_h or pad_w:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     return x
-
-
-def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """``(B, H, W, C)`` -> ``(B, nW, window_size**2, C)``, windows in row-major order."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, -1, window_size * window_size, c)
 
 
 def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
@@ -105,12 +97,9 @@ def pad_nchw(x: torch.Tensor, multiple: int, least: int) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Strided (or overlapping, with ``use_conv_embed``) convolution from an NCHW image or a token map.
-
-    The stem zero-pads ``(B, C, H, W)`` images at the bottom/right to whole patches. The downsampling between
-    stages takes ``(B, H, W, C)`` maps as the reference does: on an odd side the 2x2 merging drops the last
-    row/column, the overlapping 3x3 one keeps it; only a map one token wide is padded to two.
-    """
+    """Strided (or overlapping, with ``use_conv_embed``) convolution of an NCHW image (the stem: zero-padded to whole
+    patches) or of an NHWC map, where, as in the reference, an odd side loses its last row to the 2x2 merging and
+    keeps it in the 3x3 overlapping one (a map one token wide is padded to two)."""
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, use_conv_embed: bool = False,
                  norm: bool = True, use_pre_norm: bool = False, is_stem: bool = False):

@@ -1,7 +1,6 @@
 """timm registrations of the nine released models: ``timm.create_model(name, pretrained=..., features_only=...)``.
 The architectures repeat ``configs/<name>.yaml`` (a test checks both build the same model); released weights load
-through the adaptation of :func:`models.checkpoint.load_weights`. Nothing is downloaded until ``pretrained=True``.
-"""
+through the adaptation of :func:`models.checkpoint.load_weights`. Nothing is downloaded until ``pretrained=True``."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -46,26 +45,21 @@ def _create(name: str, arch: str, pretrained: bool, model_args: Dict[str, Any], 
             **{**_FOCAL_ARGS, **model_args, **kwargs})
 
 
-def _cfg(file: str) -> Dict[str, Any]:
+def _cfg(name: str) -> Dict[str, Any]:
     """Release weights and their evaluation recipe: bicubic resize to 256, centre crop 224, ImageNet mean/std."""
     return {
-        "url": RELEASE_URL + file, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "url": RELEASE_URL + name.replace("_patch4_window7_224", "-is224-ws7.pth").replace("_", "-"),
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
         "crop_pct": 0.875, "crop_mode": "center", "interpolation": "bicubic", "fixed_input_size": False,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj",
         "classifier": "head", "license": "mit", "paper_ids": "arXiv:2107.00641"}
 
 
-default_cfgs = generate_default_cfgs({
-    "focal_tiny_patch4_window7_224.ms_in1k": _cfg("focal-tiny-is224-ws7.pth"),
-    "focal_small_patch4_window7_224.ms_in1k": _cfg("focal-small-is224-ws7.pth"),
-    "focal_base_patch4_window7_224.ms_in1k": _cfg("focal-base-is224-ws7.pth"),
-    "focal_tiny_useconv_patch4_window7_224.ms_in1k": _cfg("focal-tiny-useconv-is224-ws7.pth"),
-    "focal_small_useconv_patch4_window7_224.ms_in1k": _cfg("focal-small-useconv-is224-ws7.pth"),
-    "focal_base_useconv_patch4_window7_224.ms_in1k": _cfg("focal-base-useconv-is224-ws7.pth"),
-    "focalv2_tiny_useconv_patch4_window7_224.ms_in1k": _cfg("focalv2-tiny-useconv-is224-ws7.pth"),
-    "focalv2_small_useconv_patch4_window7_224.ms_in1k": _cfg("focalv2-small-useconv-is224-ws7.pth"),
-    "focalv2_base_useconv_patch4_window7_224.ms_in1k": _cfg("focalv2-base-useconv-is224-ws7.pth"),
-})
+default_cfgs = generate_default_cfgs({f"{name}.ms_in1k": _cfg(name) for name in (
+    "focal_tiny_patch4_window7_224", "focal_small_patch4_window7_224", "focal_base_patch4_window7_224",
+    "focal_tiny_useconv_patch4_window7_224", "focal_small_useconv_patch4_window7_224",
+    "focal_base_useconv_patch4_window7_224", "focalv2_tiny_useconv_patch4_window7_224",
+    "focalv2_small_useconv_patch4_window7_224", "focalv2_base_useconv_patch4_window7_224")})
 
 
 @register_model

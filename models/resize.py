@@ -1,7 +1,6 @@
 """Carrying learned geometry-dependent tensors over to another window, focal window or image size (a block's window
 follows the image size, so fine-tuning at another resolution changes shapes): each is resampled from its trained
-counterpart or, where there is none, derived from the block's own relative-position table.
-"""
+counterpart or, where there is none, derived from the block's own relative-position table."""
 from __future__ import annotations
 
 import math
@@ -57,10 +56,6 @@ def _cells(window: int, expand: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return queries, keys
 
 
-def _nearest(points: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(points, candidates).argmin(dim=1)
-
-
 def resize_neighbour_table(table: torch.Tensor, target: torch.Size) -> torch.Tensor:
     """Each (query cell, surrounding key) bias takes the value of the nearest old pair, positions scaled by the ratio
     of the windows (pairs form a full grid: the nearest query with the nearest key)."""
@@ -69,8 +64,8 @@ def resize_neighbour_table(table: torch.Tensor, target: torch.Size) -> torch.Ten
     old_q, old_k = _cells(old_window, old_expand)
     new_q, new_k = _cells(new_window, new_expand)
     scale = old_window / new_window
-    rows = _nearest((new_q + 0.5) * scale - 0.5, old_q)
-    cols = _nearest((new_k + 0.5) * scale - 0.5, old_k)
+    rows = torch.cdist((new_q + 0.5) * scale - 0.5, old_q).argmin(dim=1)
+    cols = torch.cdist((new_k + 0.5) * scale - 0.5, old_k).argmin(dim=1)
     return table[:, :, rows][:, :, :, cols].clone()
 
 

@@ -1,7 +1,6 @@
 """Top-K focal attention (``focalv2``): each window attends to the K tokens nearest its centre at every level
 (level 0: the map, level 1: one pooled token per window), with a position bias from relative coordinates by a small
-MLP per level. The key sets depend only on the map size and are computed once per size (:class:`TopKLayout`).
-"""
+MLP per level. The key sets depend only on the map size and are computed once per size (:class:`TopKLayout`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,8 +10,7 @@ import torch
 import torch.nn as nn
 
 from .focal_layout import layout_cache
-from .window_attention import (WindowedAttention, item, key_value_table, merge_windows,
-                               queries_by_window)
+from .window_attention import WindowedAttention, item
 
 MAX_LEVELS = 2
 # Squared distances below this are compared as they are: their square roots (what the reference ranks) are
@@ -22,10 +20,8 @@ EXACT_SQUARES = 1 << 20
 
 def nearest_tokens(grid: Tuple[int, int], key_grid: Tuple[int, int], top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """For each cell of ``grid`` (at the centre of its stretch of ``key_grid``), the ``top_k`` nearest ``key_grid``
-    cells: flat indices (nW, K) and (cell - key) offsets (nW, K, 2). The reference's rule, ``torch.topk`` over
-    Euclidean distances on the CPU, whose tie-breaking depends on the whole row, so rows are ranked as it ranks
-    them, one row of cells at a time (memory: one row, never cells x keys).
-    """
+    cells: flat indices (nW, K) and (cell - key) offsets (nW, K, 2). ``torch.topk``'s tie-breaking depends on the
+    whole row, so rows are ranked whole, as the reference ranks them, one row of cells at a time."""
     factor = key_grid[0] // grid[0] if grid[0] != key_grid[0] else 1
     qy = torch.arange(grid[0]) * factor + factor // 2
     qx = torch.arange(grid[1]) * factor + factor // 2
@@ -46,18 +42,11 @@ def nearest_tokens(grid: Tuple[int, int], key_grid: Tuple[int, int], top_k: int)
     return index, cells - keys
 
 
-def level_sizes(height: int, width: int, window_size: int, focal_level: int, top_k: int) -> List[int]:
-    """Number of keys per level for a map of ``height x width`` tokens."""
-    grid = height // window_size * (width // window_size)
-    return [min(top_k, height * width if level == 0 else grid) for level in range(focal_level)]
-
-
 @dataclass
 class TopKLayout:
     """Every window's keys on one padded map size. The bias of query ``i`` of window ``w`` for key ``k`` is column
-    ``key_code[w, k] + query_code[i, k]`` of :meth:`TopKFocalAttention.bias_table`, which covers per level the box
-    of relative coordinates that occur, so the codes stay linear in windows and keys.
-    """
+    ``key_code[w, k] + query_code[i, k]`` of :meth:`TopKFocalAttention.bias_table` (per level, the box of relative
+    coordinates that occur), so the codes stay linear in windows and keys."""
     index: torch.Tensor       # (nW, K) into [map tokens, pooled tokens], levels concatenated along K
     key_code: torch.Tensor    # (nW, K) int32: the key's relative coordinate, in its level's box
     query_code: torch.Tensor  # (ws*ws, K) int32: the query token's offset within its window, in the key's level box
@@ -110,7 +99,7 @@ class TopKFocalAttention(WindowedAttention):
     def __init__(self, dim: int, num_heads: int, window_size: int, focal_level: int, top_k: int,
                  qkv_bias: bool = True, qk_scale: Optional[float] = None, attn_drop: float = 0.0,
                  proj_drop: float = 0.0):
-        super().__init__()
+        super().__init__(zero_token=False)
         self.dim = dim
         self.num_heads = num_heads
         self.window_size = window_size
@@ -147,21 +136,13 @@ class TopKFocalAttention(WindowedAttention):
         bias = self.bias_table(layout).index_select(1, codes.view(-1))  # nH, nW * ws*ws * K
         return bias.view(1, -1, *codes.shape[1:])
 
-    def forward(self, x: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:
-        b, h, w, c = x.shape
-        index, bias = self.index_and_bias(h, w, x.device)
-        qkv = self.qkv(x)
-        q = queries_by_window(qkv[..., :c], self.window_size, self.num_heads)
-        pooled_kv = [self.project_kv(p) for p in pooled[: self.focal_level - 1]]
-        k, v = key_value_table([qkv[..., c:]] + pooled_kv, self.num_heads, zero_token=False)
-        out = self.attend(q, k, v, index, bias)
-        return self.proj_drop(self.proj(merge_windows(out, h, w, self.window_size, self.num_heads)))
-
     def flops(self, n: int, height: int, width: int) -> float:
         """The reference's multiply-add count for one window of ``n`` query tokens on a ``height x width`` map."""
         hd = self.dim // self.num_heads
         flops = n * self.dim * 3 * self.dim + n * self.dim * self.dim
-        for level, keys in enumerate(level_sizes(height, width, self.window_size, self.focal_level, self.top_k)):
+        n_windows = height // self.window_size * (width // self.window_size)
+        for level in range(self.focal_level):
+            keys = min(self.top_k, height * width if level == 0 else n_windows)
             n_query = n if level == 0 else n // (self.window_size // 2 ** (level - 1)) ** 2
             flops += 2 * self.num_heads * n * hd * keys + n_query * keys * (2 * hd + hd * self.num_heads)
         return flops

@@ -1,7 +1,6 @@
 """Head-major window attention shared by both variants: queries ``(B, nH*nW, ws*ws, hd)``; keys and values in
 separate per-head token tables ``(B, nH, N, hd)``, gathered straight into ``(B, nH*nW, L, hd)`` blocks so that
-one bias ``(1, nH*nW, ws*ws, L)`` broadcasts over the batch and nothing is copied before the attention kernel.
-"""
+one bias ``(1, nH*nW, ws*ws, L)`` broadcasts over the batch and nothing is copied before the attention kernel."""
 import inspect
 import types
 from typing import List, Optional, Tuple
@@ -58,17 +57,30 @@ def gather_windows(table: torch.Tensor, index: Optional[torch.Tensor], n_keys: i
 
 @register_notrace_module  # its layout depends on the map size: one node (a leaf) for torch.fx
 class WindowedAttention(nn.Module):
-    """What both variants share: the key/value projection of pooled tokens and :meth:`attend`."""
+    """What both variants share: the forward over windowed queries and key tables, of which the subclasses define
+    the layout (:meth:`layout`) and its bias (:meth:`attention_bias`)."""
 
     num_heads: int
+    window_size: int
     scale: float
     attn_drop: float
     fused_attn: bool
 
-    def __init__(self) -> None:
+    def __init__(self, zero_token: bool) -> None:
         super().__init__()
+        self.zero_token = zero_token  # the key tables end with a zero token, the key of out-of-map positions
         # False: attend's written-out path (timm's ``fused_attn``, set by TIMM_FUSED_ATTN as for timm's modules)
         self.fused_attn = use_fused_attn()
+
+    def forward(self, x: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:
+        b, h, w, c = x.shape
+        index, bias = self.index_and_bias(h, w, x.device)
+        qkv = self.qkv(x)
+        q = queries_by_window(qkv[..., :c], self.window_size, self.num_heads)
+        k, v = key_value_table([qkv[..., c:]] + [self.project_kv(p) for p in pooled], self.num_heads,
+                               self.zero_token)
+        out = self.attend(q, k, v, index, bias)
+        return self.proj_drop(self.proj(merge_windows(out, h, w, self.window_size, self.num_heads)))
 
     @torch.jit.ignore
     def index_and_bias(self, height: int, width: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from models.focal_attention import FocalWindowAttention
 from models.focal_layout import FocalLayoutSpec
-from models.layers import window_partition
 from models.window_attention import key_value_table, merge_windows, queries_by_window
 
 GATHERS = ("roll", "unfold")
@@ -31,10 +30,10 @@ def local_by_roll(kv: torch.Tensor, spec: FocalLayoutSpec) -> torch.Tensor:
     """``(B, H, W, C)`` -> ``(B, nW, ws*ws + n_sur, C)``: each window, then its surroundings picked from the map
     rolled by every shift (the reference's formulation)."""
     ws = spec.window_size
-    windows = window_partition(kv, ws)
+    windows = queries_by_window(kv, ws, num_heads=1)  # (B, nW, ws*ws, C): one head holds every channel
     if not spec.shifts():
         return windows
-    shifted = torch.cat([window_partition(torch.roll(kv, shifts=(-dy, -dx), dims=(1, 2)), ws)
+    shifted = torch.cat([queries_by_window(torch.roll(kv, shifts=(-dy, -dx), dims=(1, 2)), ws, num_heads=1)
                          for dy, dx in spec.shifts()], dim=2)
     select = [spec.shifts().index((dy, dx)) * ws * ws + a * ws + b for a, b, dy, dx in _first_columns(spec)]
     return torch.cat([windows, shifted[:, :, select]], dim=2)
@@ -101,7 +100,8 @@ def oracle_forward(attn: FocalWindowAttention, method: str):
         q = queries_by_window(qkv[..., :c], attn.window_size, attn.num_heads)
         k, v = gathered_keys_values(attn, qkv[..., c:], [attn.project_kv(p) for p in pooled], method)
         bias = attn.attention_bias(attn.layout(h, w, x.device))
-        out = attn.attend(q, k, v, None, bias)
+        in_order = torch.arange(k.shape[2], device=x.device).view(-1, bias.shape[-1])  # already gathered
+        out = attn.attend(q, k, v, in_order, bias)
         return attn.proj_drop(attn.proj(merge_windows(out, h, w, attn.window_size, attn.num_heads)))
     return forward
 

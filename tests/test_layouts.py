@@ -107,8 +107,8 @@ def test_sizes_in_turn_give_what_fresh_models_give(model_type, kernels):
                 torch.testing.assert_close(model(inputs[size]), fresh[size], atol=0, rtol=0,
                                            msg=lambda m: f"turn {turn}, {size}: {m}")
             if turn == 0:
-                kept = dict(LAYOUTS.sizes)
-    assert kept and LAYOUTS.sizes == kept and LAYOUTS.nbytes() <= cache_limit()
+                kept = set(LAYOUTS.entries)
+    assert kept and set(LAYOUTS.entries) == kept and LAYOUTS.nbytes() <= cache_limit()
     LAYOUTS.clear()
 
 

@@ -285,19 +285,20 @@ def test_compiles_as_one_graph_and_matches_eager():
 
 @pytest.mark.slow
 def test_compiled_with_dynamic_shapes_matches_eager_at_two_sizes():
-    """``torch.compile(dynamic=True)``, as a multi-size (detection) run might compile it: traced with symbolic
-    sizes, then called at a second size that needs padding, it computes the eager outputs at both. It is not one
-    graph (the cached layout builder takes concrete sizes: each attention call breaks the graph), and tracing with
-    symbolic sizes is slow (20 s for one block on 2 cores), hence one stage of one shifted block, traced by
-    AOTAutograd and run eagerly (``aot_eager``) as the compiled training step below; Inductor compiles the static
-    graph above."""
+    """Compiled with a symbolic image height and width (the sizes a multi-size detection run varies; ``mark_dynamic``
+    keeps the batch static, which halves the tracing time of ``dynamic=True``), then called at a second size that
+    needs padding, the model computes the eager outputs at both. It is not one graph (the cached layout builder
+    takes concrete sizes: each attention call breaks the graph), and tracing with symbolic sizes is slow, hence one
+    stage of one shifted block, traced by AOTAutograd and run eagerly (``aot_eager``) as the compiled training
+    step below; Inductor compiles the static graph above."""
     torch.compiler.reset()
     model = randomise(small_model("MODEL.FOCAL.DEPTHS", [1], "MODEL.FOCAL.NUM_HEADS", [2], "MODEL.FOCAL.FOCAL_LEVELS",
                                   [2], "MODEL.FOCAL.EXPAND_SIZES", [3], "MODEL.FOCAL.FOCAL_WINDOWS", [3],
                                   "MODEL.FOCAL.FOCAL_STAGES", [0], "MODEL.FOCAL.USE_SHIFT", True)).eval()
-    compiled = torch.compile(model, dynamic=True, backend="aot_eager")
+    compiled = torch.compile(model, backend="aot_eager")
     for size in [(64, 96), (100, 60)]:
         x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(size[0]))
+        torch._dynamo.mark_dynamic(x, (2, 3))
         with torch.no_grad():
             assert_agree(compiled(x), model(x), 2 * roundoff(model, torch.float32, dot=longest_sum(model, x)))
     torch.compiler.reset()

@@ -1,11 +1,7 @@
-"""CPU speed-ups for a built model that do not change its results, behind one call: ``optimize_for(model, device)``.
-
-* ``attention``: attention in cache-sized blocks, with a backward that keeps only the compact key/value table;
-* ``bias_cache``: without autograd, each attention module reuses the bias it last built (both ``cpu_attention.py``);
-* ``onednn_linear``: float32 linear layers through oneDNN (``onednn_linear.py``).
-
-By default the first two apply on CPUs, oneDNN where ``onednn_linear.onednn_helps`` (measurements: BENCHMARKS.md).
-``FOCAL_KERNELS`` (or the ``kernels`` argument) overrides that: ``auto``, ``none``, or a comma-separated list.
+"""CPU speed-ups that keep a built model's results, behind ``optimize_for(model, device)``: ``attention`` (blocked,
+with a lean backward) and ``bias_cache`` (cpu_attention.py) on every CPU, ``onednn_linear`` (onednn_linear.py)
+where it helps (BENCHMARKS.md). ``FOCAL_KERNELS`` or the ``kernels`` argument overrides the choice: ``auto``,
+``none``, or a comma-separated list.
 """
 from __future__ import annotations
 
@@ -55,22 +51,18 @@ def select_kernels(device: Union[str, torch.device], kernels: Optional[Union[str
 
 def optimize_for(model: nn.Module, device: Union[str, torch.device],
                  kernels: Optional[Union[str, Iterable[str]]] = None) -> List[str]:
-    """Switch ``model`` (in place) to the kernels that help on ``device``; returns their names. Only module classes
-    change (not parameters, buffers, hooks or state dict), so it can be called at any time, and again
-    (``kernels="none"`` restores the plain model, e.g. for tools that match ``nn.Linear`` by exact type)."""
+    """Switch ``model`` in place to the kernels for ``device`` and return their names. Only module classes change,
+    so it can be called at any time, and again (``kernels="none"`` restores the plain model)."""
     chosen = select_kernels(device, kernels)
     attention = frozenset(k for k in chosen if k in ("attention", "bias_cache"))
     plain = {cpu: base for base, cpu in CPU_CLASSES.items()}
     for module in model.modules():
         base = plain.get(type(module), type(module))
-        if base not in CPU_CLASSES:
-            continue
-        forget_bias(module)
-        if attention:
-            module.__class__ = CPU_CLASSES[base]
-            module.cpu_kernels = attention
-        else:
-            module.__class__ = base
+        if base in CPU_CLASSES:
+            forget_bias(module)
+            module.__class__ = CPU_CLASSES[base] if attention else base
             module.__dict__.pop("cpu_kernels", None)
+            if attention:
+                module.cpu_kernels = attention
     convert_linears(model, onednn="onednn_linear" in chosen)
     return chosen

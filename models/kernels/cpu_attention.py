@@ -1,11 +1,9 @@
-"""CPU attention kernels: blocked attention with a lean backward, and an inference cache of attention biases, as
-the subclasses at the bottom that :func:`models.kernels.optimize_for` swaps in (tests compare them with the plain
-``WindowedAttention.attend`` and ``attention_bias``).
-"""
+"""CPU attention kernels: blocked attention with a lean backward, and an inference cache of attention biases, in
+the subclasses at the bottom that :func:`models.kernels.optimize_for` swaps in."""
 from __future__ import annotations
 
 import weakref
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Tuple
 
 import torch
 import torch.nn as nn
@@ -65,21 +63,19 @@ class Block(NamedTuple):
     rows: slice
 
 
-WHOLE = Block(slice(None), slice(None), slice(None), slice(None))
-
-
 def attention_blocks(q: torch.Tensor, num_heads: int, n_keys: int) -> List[Block]:
     """As many whole images as fit the budget per block; else one image and as many of its heads; else one head
     and as many of its windows. One block under ``torch.compile`` / export (the compiler plans memory itself)."""
+    whole = slice(None)
     if CPU_BLOCK_BYTES <= 0 or torch.compiler.is_compiling():
-        return [WHOLE]  # no size arithmetic: export keeps the batch symbolic
+        return [Block(whole, whole, whole, whole)]  # no size arithmetic: export keeps the batch symbolic
     batch, rows, n_query, _ = q.shape
     n_win = rows // num_heads
     per_window = n_query * n_keys * q.element_size()
     per_head = per_window * n_win
     if per_head * num_heads <= CPU_BLOCK_BYTES:
         images = min(batch, CPU_BLOCK_BYTES // (per_head * num_heads))
-        return [Block(slice(b, b + images), slice(None), slice(None), slice(None)) for b in range(0, batch, images)]
+        return [Block(slice(b, b + images), whole, whole, whole) for b in range(0, batch, images)]
     if per_head <= CPU_BLOCK_BYTES:
         heads = CPU_BLOCK_BYTES // per_head
         return [Block(slice(b, b + 1), slice(h, h + heads), slice(None), slice(h * n_win, (h + heads) * n_win))
@@ -90,27 +86,15 @@ def attention_blocks(q: torch.Tensor, num_heads: int, n_keys: int) -> List[Block
             for b in range(batch) for h in range(num_heads) for w in range(0, n_win, windows)]
 
 
-def token_range(windows: slice, n_keys: int) -> slice:
-    """Where a range of windows lies in an already gathered ``nW*L`` token axis."""
-    return slice(None if windows.start is None else windows.start * n_keys,
-                 None if windows.stop is None else windows.stop * n_keys)
-
-
-def block_keys_values(k: torch.Tensor, v: torch.Tensor, index: Optional[torch.Tensor], n_keys: int,
+def block_keys_values(k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, n_keys: int,
                       block: Block) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``(b, h*w, L, hd)`` of one block, gathered from the ``(B, nH, N, hd)`` tables by
-    ``index`` if given (a block's table slice is contiguous: the gather's fast path)."""
-    out = []
-    for table in (k, v):
-        if index is None:
-            table = table[block.images, block.heads, token_range(block.windows, n_keys)]
-        else:
-            table = table[block.images, block.heads].index_select(2, index[block.windows].reshape(-1))
-        out.append(table.reshape(table.shape[0], -1, n_keys, table.shape[-1]))
-    return out[0], out[1]
+    """Keys and values ``(b, h*w, L, hd)`` of one block, gathered from the ``(B, nH, N, hd)`` tables by ``index``
+    (a block's table slice is contiguous: the gather's fast path)."""
+    k, v = (t[block.images, block.heads].index_select(2, index[block.windows].reshape(-1)) for t in (k, v))
+    return k.view(k.shape[0], -1, n_keys, k.shape[-1]), v.view(v.shape[0], -1, n_keys, v.shape[-1])
 
 
-def blocked_attention(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, index: Optional[torch.Tensor],
+def blocked_attention(q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, index: torch.Tensor,
                       bias: torch.Tensor, scale: float, blocks: List[Block]) -> torch.Tensor:
     """The fused kernel block by block."""
     n_keys = bias.shape[-1]
@@ -141,7 +125,7 @@ class _BlockedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, index: Optional[torch.Tensor],
+    def forward(ctx, q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, index: torch.Tensor,
                 bias: torch.Tensor, scale: float) -> torch.Tensor:
         blocks = attention_blocks(q, k_table.shape[1], bias.shape[-1])
         # detached: the kernel choice looks at requires_grad, not at grad mode, and would take the 4x slower
@@ -172,17 +156,12 @@ class _BlockedAttention(torch.autograd.Function):
             grad_k = torch.matmul(grad_logits.transpose(-2, -1), q_block).mul_(scale)
             if grad_bias is not None:
                 grad_bias[:, rows] += grad_logits.sum_to_size(grad_bias[:, rows].shape)  # no copy for one image
-            for part, grad in ((0, grad_k), (1, grad_v)):
-                table = grad_tables[part][images, block.heads]
-                grad = grad.view(table.shape[0], table.shape[1], -1, table.shape[-1])
-                if index is None:
-                    table[:, :, token_range(block.windows, n_keys)] = grad
-                else:
-                    scatter_add_tokens(table, index[block.windows], grad)
+            for table, grad in zip(grad_tables, (grad_k, grad_v)):
+                scatter_add_tokens(table[images, block.heads], index[block.windows], grad)
         return grad_q, grad_tables[0], grad_tables[1], None, grad_bias, None
 
 
-def blocked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: Optional[torch.Tensor],
+def blocked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
                    bias: torch.Tensor, scale: float) -> torch.Tensor:
     """What ``WindowedAttention.attend`` computes (without dropout), in cache-sized blocks."""
     bias = bias.to(q.dtype)
@@ -197,7 +176,7 @@ class CpuKernels:
 
     cpu_kernels: frozenset = frozenset()
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: Optional[torch.Tensor],
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
                bias: torch.Tensor) -> torch.Tensor:
         if "attention" in self.cpu_kernels and q.device.type == "cpu" and not (self.training and self.attn_drop):
             return blocked_attend(q, k, v, index, bias, self.scale)

@@ -1,7 +1,6 @@
 """Float32 fully connected layers through the oneDNN matmul inside PyTorch, which on some CPUs is much faster than
 its BLAS (MKL) for ``F.linear`` (BENCHMARKS.md); results differ only in summation order. :class:`OneDnnLinear`
-falls back to ``F.linear`` for other devices and dtypes, under autocast, and under compile / export / tracing.
-"""
+falls back to ``F.linear`` for other devices and dtypes, under autocast, and under compile / export / tracing."""
 from __future__ import annotations
 
 import functools
@@ -86,12 +85,10 @@ class OneDnnLinear(nn.Linear):
 def _cpu_vendor() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")),
+                        platform.processor())
     except OSError:
-        pass
-    return platform.processor()
+        return platform.processor()
 
 
 @functools.lru_cache(maxsize=None)
