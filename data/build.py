@@ -14,7 +14,7 @@ from distributed import DistEnv
 from errors import UsageError
 from run_lock import quiet_worker_teardown
 
-from .datasets import CheckedImages, build_dataset, image_sources, label_outlier
+from .datasets import CheckedImages, build_dataset, label_outlier
 from .samplers import ShardSampler
 from .seeding import EpochTagged, SeededSamples
 from .transforms import build_transform
@@ -44,7 +44,7 @@ def _dataset(split: str, config: Any, env: DistEnv, by_name: bool = False) -> Ch
         raise UsageError(f"MODEL.NUM_CLASSES is {expected} but the '{split}' split of "
                          f"{config.DATA.DATA_PATH} has {found}; "
                          f"pass --opts MODEL.NUM_CLASSES {num_classes} (or use matching data)")
-    return CheckedImages(dataset, image_sources(dataset), config.DATA.SKIP_BAD_IMAGES)
+    return CheckedImages(dataset, config.DATA.SKIP_BAD_IMAGES)
 
 
 def collate_readable(batch: List[Optional[tuple]], even: bool = False) -> Any:
