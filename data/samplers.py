@@ -1,9 +1,5 @@
-"""Strided shards of a dataset: rank r of W takes indices r, r+W, r+2W, ...
-
-Evaluation uses them unpadded, so every image is counted exactly once across processes. Training in the zip
-``part`` cache mode uses them shuffled and trimmed to equal length, so each rank reads only the images it cached
-and all ranks run the same number of steps.
-"""
+"""Strided shards of a dataset: rank r of W takes indices r, r+W, r+2W, ... Evaluation uses them unpadded (each
+image counted once); the zip ``part`` cache shuffled and trimmed to equal length (each rank reads what it cached)."""
 from __future__ import annotations
 
 from typing import Iterator

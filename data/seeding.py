@@ -1,10 +1,5 @@
-"""Augmentations that depend only on (seed, epoch, image): what lets training's data workers live for the whole run
-(``persistent_workers``) while a resumed run still sees exactly the augmentations of an uninterrupted one.
-
-Workers that persist cannot take fresh seeds as each epoch starts, so the sampler tags every index with its epoch
-and the dataset seeds the worker's random generators from (seed, epoch, index) before making that sample. The
-augmentation of an image is then the same whichever worker makes it, with any number of workers.
-"""
+"""Augmentations that depend only on (seed, epoch, image), whichever persistent worker makes them: the sampler tags
+each index with its epoch and the dataset seeds the generators from both, so a resumed run sees the same ones."""
 from __future__ import annotations
 
 import random
@@ -35,8 +30,7 @@ class EpochTagged(Sampler):
 
 class SeededSamples(Dataset):
     """``dataset[index]`` made right after seeding python's, numpy's and torch's CPU generators from
-    ``(seed, epoch, index)``; it takes the ``(epoch, index)`` keys of :class:`EpochTagged`. Meant for DataLoader
-    workers, whose generators serve only the samples they make."""
+    ``(seed, epoch, index)``, for the keys of :class:`EpochTagged`."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset = dataset
