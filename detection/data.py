@@ -15,8 +15,9 @@ import pycocotools.mask as mask_utils
 import torch
 import torchvision.transforms.v2.functional as F
 from pycocotools.coco import COCO
+from torchvision.ops import box_convert, clip_boxes_to_image
 
-from dense.images import as_shown, image_size, read_rgb
+from dense.images import collate, image_size, read_rgb, shown
 from detection.config import MASK_DETECTORS
 from errors import UsageError
 
@@ -92,10 +93,8 @@ def complete_annotations(coco: COCO, masks: bool) -> None:
     for ann in annotations:
         ann.setdefault("iscrowd", 0)
         if "area" not in ann:
-            if masks and not ann["iscrowd"]:
-                ann["area"] = float(mask_utils.area(coco.annToRLE(ann)))
-            else:
-                ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+            by_mask = masks and not ann["iscrowd"]
+            ann["area"] = float(mask_utils.area(coco.annToRLE(ann)) if by_mask else ann["bbox"][2] * ann["bbox"][3])
     ids = [ann.get("id") for ann in annotations]
     if len(set(ids)) < len(ids) or any(not isinstance(i, int) or i < 1 for i in ids):
         for number, ann in enumerate(annotations, 1):
@@ -182,13 +181,12 @@ class CocoDetection(torch.utils.data.Dataset):
         """``size`` (width, height) of the image file must be its entry's."""
         info = self.coco.imgs[image_id]
         if size != (info["width"], info["height"]):
-            raise UsageError(f"image {os.path.join(self.folder, info['file_name'])} is {size[0]}x{size[1]}"
-                             f"{as_shown(size, (info['width'], info['height']))} but {self.ann_file} says "
+            raise UsageError(f"image {os.path.join(self.folder, info['file_name'])} is "
+                             f"{shown(size, (info['width'], info['height']))} but {self.ann_file} says "
                              f"{info['width']}x{info['height']}")
 
     def _objects(self, image_id: int) -> List[Dict[str, Any]]:
-        return [a for a in self.coco.imgToAnns[image_id]
-                if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1]
+        return [a for a in self.coco.imgToAnns[image_id] if not a["iscrowd"] and min(a["bbox"][2:]) >= 1]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -202,9 +200,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self._check_size(image_id, (width, height))
         objects = self._objects(image_id)
         boxes = torch.tensor([a["bbox"] for a in objects], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
-        boxes[:, 0::2].clamp_(0, width)
-        boxes[:, 1::2].clamp_(0, height)
+        boxes = clip_boxes_to_image(box_convert(boxes, "xywh", "xyxy"), (height, width))
         target = {"boxes": boxes, "image_id": torch.tensor(image_id),
                   "labels": torch.tensor([self.label_of[a["category_id"]] for a in objects], dtype=torch.int64)}
         if self.masks:
@@ -218,16 +214,9 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
-def collate(batch: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]) -> Tuple[list, list]:
-    """torchvision's detectors take lists: images of any size, one target dict each."""
-    images, targets = zip(*batch)
-    return list(images), list(targets)
-
-
 def check_resizable(dataset: CocoDetection, min_size: int, max_size: int) -> None:
-    """torchvision's transform scales an image's short side to ``min_size`` unless its long side would pass
-    ``max_size``, flooring the result: an image more elongated than that becomes 0 pixels, a RuntimeError in the
-    middle of an epoch or an evaluation. Refused here instead, naming the image and the keys."""
+    """Refuse an image so elongated that torchvision's resize (short side to ``min_size`` unless the long one passes
+    ``max_size``, floored) makes it 0 pixels: a RuntimeError in the middle of an epoch otherwise."""
     for image_id in dataset.ids:
         info = dataset.coco.imgs[image_id]
         short, long = sorted((info["width"], info["height"]))

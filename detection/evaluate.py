@@ -14,13 +14,11 @@ import torch.nn as nn
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from dense.run import loader, progress_line
+from dense.images import evaluation_batches
 from distributed import DistEnv, all_reduce_sum
 from engine import Precision
-from logger import Progress
 
 from .config import MASK_DETECTORS
-from .data import collate
 
 MASK_THRESHOLD = 0.5  # Mask R-CNN's mask probabilities become binary masks here, as torchvision's references do
 
@@ -70,17 +68,12 @@ def evaluate(config: Any, model: nn.Module, dataset: Any, env: DistEnv, precisio
              logger: logging.Logger) -> float:
     """Log the COCO summaries and ``box AP X mask AP Y``; return the box AP (the same on every process)."""
     model.eval()
-    batches = loader(dataset, config, env, collate, train=False)
     results: List[Dict[str, Any]] = []
-    progress, done = Progress(len(batches), config.PRINT_FREQ), 0
-    for idx, (images, targets) in enumerate(batches):
+    for images, targets in evaluation_batches(dataset, config, env, logger):
         with precision.autocast():
             outputs = model([image.to(env.device) for image in images])
         for output, target in zip(outputs, targets):
             results += to_coco(output, int(target["image_id"]), dataset.category_ids)
-        done += len(images)
-        if progress.due(idx):
-            logger.info(progress_line(progress, idx, done, batches, env))
     if env.distributed:
         gathered: List[Any] = [None] * env.world_size
         dist.all_gather_object(gathered, results)

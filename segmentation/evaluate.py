@@ -5,7 +5,7 @@ the labels or the predictions. Predictions come from one view of each image or f
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,10 +13,9 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from dense.run import loader, progress_line
+from dense.images import evaluation_batches
 from distributed import DistEnv
 from engine import Precision
-from logger import Progress
 
 from .data import IGNORE, class_names, fit_size, normalize
 
@@ -104,16 +103,11 @@ def evaluate(config: Any, model: nn.Module, dataset: Any, env: DistEnv, precisio
     process scores its shard of images."""
     model.eval()
     metric = MulticlassConfusionMatrix(dataset.num_classes, ignore_index=IGNORE).to(env.device)
-    batches = loader(dataset, config, env, collate_list, train=False)
-    progress, done = Progress(len(batches), config.PRINT_FREQ), 0
-    for idx, (images, targets) in enumerate(batches):
+    for images, targets in evaluation_batches(dataset, config, env, logger):
         for image, target in zip(images, targets):
             with precision.autocast():
                 pred = predict(model, image.to(env.device), target.shape, config).argmax(0)
             metric.update(pred.flatten(), target.to(env.device).flatten())
-        done += len(images)
-        if progress.due(idx):
-            logger.info(progress_line(progress, idx, done, batches, env))
     miou, ious = mean_iou(metric.compute().cpu())  # torchmetrics sums the matrices of all processes
     names = class_names(config.DATA.DATA_PATH, dataset.num_classes, dataset.reduce_zero_label)
     for name, iou in zip(names, ious.tolist()):
@@ -121,8 +115,3 @@ def evaluate(config: Any, model: nn.Module, dataset: Any, env: DistEnv, precisio
     logger.info(f"mIoU {miou:.2f}% ({describe(config.TEST)}) over {dataset.num_classes} classes "
                 f"({len(dataset)} images)")
     return miou
-
-
-def collate_list(batch: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[list, list]:
-    images, targets = zip(*batch)
-    return list(images), list(targets)
