@@ -43,11 +43,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, type=path_arg,
                         help="weights: ours, a released file, or a bare state dict")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="auto: CUDA when available, else CPU")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else CPU")
     parser.add_argument("--topk", type=int, default=5, help="classes printed per image, most probable first")
-    parser.add_argument("--ema", action="store_true",
-                        help="use the checkpoint's EMA weights (trained with --model-ema)")
+    parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (from --model-ema)")
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per image and line: file, classes (indices), labels (names, null where "
                              "the classes have none), scores")
@@ -62,8 +60,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def find_images(paths: Sequence[str]) -> List[Path]:
-    """Named files as given, folders expanded to their image files in sorted order; hidden files and folders (macOS's
-    ``._<image>`` metadata files) are left out, as main.py leaves them out of a dataset."""
+    """Named files as given, folders expanded to their image files in sorted order, hidden entries left out."""
     found = []
     for name in paths:
         path = Path(name)

@@ -25,9 +25,8 @@ class UnsupportedImage(ValueError):
     """Pixel values without a known scale to 8 bits: refused by name rather than read black or white."""
 
 
-# What PIL raises for unreadable, truncated, corrupt (e.g. "broken PNG file") and oversized (its decompression-bomb
-# guard) files, when a file is opened on its own (a dataset item also runs transforms: see CheckedImages); and
-# UnsupportedImage, a ValueError.
+# What PIL raises for unreadable, truncated, corrupt and oversized files opened on their own (with UnsupportedImage);
+# a dataset item also runs transforms, whose ValueErrors are bugs (see CheckedImages).
 PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 # 16-bit grey images (PNG, TIFF): Pillow's conversion to RGB clips every value above 255 to white.
@@ -52,9 +51,8 @@ def displayed_size(image: Image.Image) -> Tuple[int, int]:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """``image`` as 8-bit RGB. Grey of more than 8 bits is scaled, not clipped to white: 16-bit modes by 255/65535;
-    32-bit integers (mode I) by the range their values use: 0..255 as they are, up to 65535 as 16-bit, beyond that
-    (or below 0) refused, as float images are (:func:`check_mode`)."""
+    """``image`` as 8-bit RGB, grey of more than 8 bits scaled rather than clipped to white: 16-bit by 255/65535,
+    mode I by the range it uses (0..255 as is, up to 65535 as 16-bit, beyond refused)."""
     check_mode(image)
     if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
         values = np.asarray(image)
@@ -221,9 +219,8 @@ class ZipImageDataset(Dataset):
 
 def build_dataset(split: str, config: Any, transform: Optional[Callable], rank: int = 0, world_size: int = 1,
                   by_name: bool = False) -> Tuple[Dataset, int]:
-    """The ``train`` or ``val`` split under ``DATA.DATA_PATH`` in the configured layout, and its class count.
-    ``by_name``: the class folders will be matched to a model's classes by name (``data.class_map``), so they may
-    be empty and need not be those of ``train``."""
+    """The ``train`` or ``val`` split under ``DATA.DATA_PATH`` and its class count; ``by_name``: its class folders
+    will be matched to a model's classes by name (``data.class_map``), so they may be empty or differ from train's."""
     root = config.DATA.DATA_PATH
     if not os.path.isdir(root):
         raise UsageError(f"--data-path {root!r} is not a directory")

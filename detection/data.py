@@ -1,6 +1,5 @@
-"""COCO-layout data: ``<root>/<split>/`` images and ``<root>/annotations/instances_<split>.json``, read with
-pycocotools. Every annotation is checked when the set is opened, and a bad one is a one-line error naming the
-file, the annotation and the problem. Category ids map to contiguous labels 1..K in id order (0 is background)."""
+"""COCO-layout data: ``<root>/<split>/`` images and ``<root>/annotations/instances_<split>.json``, every annotation
+checked on opening (one line naming the file, the annotation and the problem); category ids become labels 1..K."""
 from __future__ import annotations
 
 import contextlib
@@ -64,9 +63,8 @@ def rle_runs(segm: Dict[str, Any]) -> Optional[List[int]]:
 
 
 def check_images(coco: COCO, path: str) -> None:
-    """Refuse image entries that would fail later or train silently wrong: an id listed twice (pycocotools keeps
-    one entry and gives it both images' annotations), a missing file name, or a missing or non-positive
-    size."""
+    """Refuse an image id listed twice (pycocotools would give one entry both images' annotations), a missing
+    file name, or a missing or non-positive size."""
     seen = set()
     for image in coco.dataset.get("images", []):
         image_id = image.get("id")
@@ -85,10 +83,8 @@ def check_images(coco: COCO, path: str) -> None:
 
 
 def complete_annotations(coco: COCO, masks: bool) -> None:
-    """What COCOeval needs of checked annotations and converters often leave out: ``iscrowd`` (0, as training
-    reads it), ``area`` (the mask's, else the box's), and ids unique and from 1 on (COCOeval looks annotations
-    up by id and takes a matched id of 0 for "no match": numbered from 0, or with an id used twice, exact
-    detections scored far below 100). Renumbers in file order where needed."""
+    """What COCOeval needs and converters often leave out: ``iscrowd`` (0), ``area`` (the mask's, else the box's),
+    and ids unique and from 1 on (COCOeval takes id 0 for "no match"), renumbered in file order where needed."""
     annotations = coco.dataset.get("annotations", [])
     for ann in annotations:
         ann.setdefault("iscrowd", 0)
@@ -145,9 +141,8 @@ def check_annotations(coco: COCO, path: str, masks: bool) -> None:
 
 
 class CocoDetection(torch.utils.data.Dataset):
-    """(image in [0, 1], target) pairs for torchvision's detectors: boxes (x1, y1, x2, y2), labels 1..K, masks,
-    image_id. Crowd regions and boxes under a pixel wide are left out of the targets, and, for training, images
-    left without any object, as torchvision's detection references do."""
+    """(image in [0, 1], target) pairs for torchvision's detectors; crowd regions and boxes under a pixel wide are
+    left out, and so, for training, are images without objects, as torchvision's references do."""
 
     def __init__(self, root: str, split: str, masks: bool, train: bool, flip_prob: float = 0.5):
         self.folder = os.path.join(root, split)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_convert
 
 from dense.images import evaluation_batches
 from distributed import DistEnv, all_reduce_sum
@@ -25,19 +26,13 @@ MASK_THRESHOLD = 0.5  # Mask R-CNN's mask probabilities become binary masks here
 
 def to_coco(output: Dict[str, torch.Tensor], image_id: int, category_ids: Sequence[int]) -> List[Dict[str, Any]]:
     """One image's detections as COCO result entries (boxes x, y, w, h; masks as RLE)."""
-    boxes = output["boxes"].float().cpu()
-    boxes[:, 2:] -= boxes[:, :2]
-    results = []
-    masks = output.get("masks")
-    if masks is not None:
-        masks = (masks[:, 0] > MASK_THRESHOLD).cpu().numpy().astype(np.uint8)
-    for k, (box, label, score) in enumerate(zip(boxes.tolist(), output["labels"].tolist(), output["scores"].tolist())):
-        entry = {"image_id": image_id, "category_id": category_ids[label - 1], "bbox": box, "score": score}
-        if masks is not None:
-            rle = mask_utils.encode(np.asfortranarray(masks[k]))
-            rle["counts"] = rle["counts"].decode("ascii")
-            entry["segmentation"] = rle
-        results.append(entry)
+    boxes = box_convert(output["boxes"].float().cpu(), "xyxy", "xywh").tolist()
+    results = [{"image_id": image_id, "category_id": category_ids[label - 1], "bbox": box, "score": score}
+               for box, label, score in zip(boxes, output["labels"].tolist(), output["scores"].tolist())]
+    if results and "masks" in output:  # encoded together: pycocotools takes (H, W, N) in Fortran order
+        masks = (output["masks"][:, 0] > MASK_THRESHOLD).cpu().numpy().astype(np.uint8)
+        for entry, rle in zip(results, mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))):
+            entry["segmentation"] = {**rle, "counts": rle["counts"].decode("ascii")}
     return results
 
 

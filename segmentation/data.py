@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
+from torch.utils.data import default_collate
 from torchvision.transforms import InterpolationMode
 
 from data.datasets import image_files
@@ -225,10 +226,7 @@ def fit_size(size: Sequence[int], scale: Sequence[float]) -> List[int]:
     return [max(int(h * factor + 0.5), 1), max(int(w * factor + 0.5), 1)]
 
 
-def collate(batch: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Training crops, all of ``DATA.CROP_SIZE``, as two tensors."""
-    images, targets = zip(*batch)
-    return torch.stack(images), torch.stack(targets)
+collate = default_collate  # training crops all have DATA.CROP_SIZE: two stacked tensors
 
 
 def build_data(config: Any, env: Any, logger: Any) -> Tuple[SegmentationFolder, SegmentationFolder, int]:
