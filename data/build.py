@@ -23,8 +23,7 @@ logger = logging.getLogger("focal.data")
 
 
 def _dataset(split: str, config: Any, env: DistEnv, by_name: bool = False) -> CheckedImages:
-    """``by_name``: folders are matched to the model's classes by name later (``data.class_map``), so their number
-    may differ from ``MODEL.NUM_CLASSES``."""
+    """``by_name``: folders are matched to the model's classes by name later, so their count may differ."""
     by_name = by_name and not config.DATA.ZIP_MODE
     dataset, num_classes = build_dataset(split, config, build_transform(split == "train", config),
                                          env.rank, env.world_size, by_name)

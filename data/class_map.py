@@ -24,11 +24,6 @@ def checkpoint_classes(stored: Optional[Sequence[str]], num_classes: int) -> Opt
     return None
 
 
-def is_class_index(name: str) -> bool:
-    """A folder named by ASCII digits only: ``str.isdigit`` also accepts ``²`` or ``٣``, which are names here."""
-    return name.isascii() and name.isdigit()
-
-
 def _canonical(name: str) -> str:
     """One spelling per name: macOS writes accented names decomposed (NFD), most other tools composed (NFC)."""
     return unicodedata.normalize("NFC", name)
@@ -36,11 +31,6 @@ def _canonical(name: str) -> str:
 
 def _shown(names: Sequence[str]) -> str:
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-
-
-def _pair(a: str, b: str) -> str:
-    """Two names for messages; escaped where they print alike (Unicode forms of one name)."""
-    return f"{ascii(a)} and {ascii(b)}" if _canonical(a) == _canonical(b) else f"{a} and {b}"
 
 
 def _by_name(folders: Sequence[str], classes: Sequence[str]) -> Dict[str, int]:
@@ -66,15 +56,17 @@ def logit_indices(folders: Sequence[str], classes: Optional[Sequence[str]], num_
     texts: Dict[str, str] = {}  # one name in two Unicode forms is one class, whatever the checkpoint knows
     alike = [(texts[key], name) for name in folders if texts.setdefault(key := _canonical(name), name) != name]
     named = _by_name(folders, classes or ())
-    numbers = [name for name in folders if is_class_index(name) and name not in named]
+    # class indices are ASCII digits: str.isdigit alone also takes "²" or "٣", which are names here
+    numbers = [name for name in folders if name.isascii() and name.isdigit() and name not in named]
     others = [name for name in folders if name not in named and name not in numbers]
 
     def refuse(problem: str) -> UsageError:
         return UsageError(f"--eval: {where} {problem}; name every class folder by the checkpoint's class name "
                           f"(WordNet ids such as n01440764 for ImageNet) or every one by class index")
 
-    def twins(pairs: List[Tuple[str, str]]) -> UsageError:
-        return refuse(f"has class folders that name one class twice: {', '.join(_pair(a, b) for a, b in pairs[:3])}")
+    def twins(pairs: List[Tuple[str, str]]) -> UsageError:  # names that print alike are escaped
+        shown = [f"{ascii(a)} and {ascii(b)}" if _canonical(a) == _canonical(b) else f"{a} and {b}" for a, b in pairs]
+        return refuse(f"has class folders that name one class twice: {', '.join(shown[:3])}")
 
     if alike:
         raise twins(alike)

@@ -11,7 +11,7 @@ import zipfile
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
@@ -31,8 +31,6 @@ PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 # 16-bit grey images (PNG, TIFF): Pillow's conversion to RGB clips every value above 255 to white.
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-# EXIF orientations that turn the picture by a quarter: its displayed width is the stored height.
-QUARTER_TURNS = (5, 6, 7, 8)
 
 
 def check_mode(image: Image.Image) -> None:
@@ -40,14 +38,6 @@ def check_mode(image: Image.Image) -> None:
     if image.mode == "F":
         raise UnsupportedImage("holds floating-point values (mode F), whose range is unknown (0..1 or 0..255); save "
                                "it as 8- or 16-bit")
-
-
-def displayed_size(image: Image.Image) -> Tuple[int, int]:
-    """(width, height) as shown after the EXIF orientation, read from the header."""
-    width, height = image.size
-    # Pillow decodes a whole PNG to look for EXIF after its pixels; one written before them is read with the header.
-    exif = image.getexif() if image.format != "PNG" or "exif" in image.info else {}
-    return (height, width) if exif.get(ExifTags.Base.Orientation) in QUARTER_TURNS else (width, height)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -176,20 +166,17 @@ class ZipImageDataset(Dataset):
             if not os.path.isfile(path):
                 raise UsageError(f"zip layout (--zip): {path} not found")
         self.zip_path, self.map_path, self.transform = zip_path, map_path, transform
-        entries = read_map_file(map_path)
-        self.samples = [(name, label) for name, label, _ in entries]
-        self.targets = [label for _, label, _ in entries]
-        self.lines = [line for _, _, line in entries]
+        names, self.targets, self.lines = map(list, zip(*read_map_file(map_path)))
+        self.samples = list(zip(names, self.targets))
         try:
             with zipfile.ZipFile(zip_path) as archive:
-                names = set(archive.namelist())
+                members = set(archive.namelist())
         except (zipfile.BadZipFile, OSError) as err:
             raise UsageError(f"zip layout (--zip): cannot read {zip_path}: {err}") from None
-        missing = [name for name, _ in self.samples if name not in names]
+        missing = [name for name in names if name not in members]
         if missing:
             raise UsageError(f"{len(missing)} images listed in {map_path} are not in {zip_path}, e.g. {missing[0]}")
-        self._archive: Optional[zipfile.ZipFile] = None
-        self._archive_pid = -1
+        self._archive: Optional[Tuple[int, zipfile.ZipFile]] = None  # with the id of the process that opened it
         self.cache = {}
         indices = {"no": [], "full": range(len(self)), "part": range(rank, len(self), world_size)}[cache_mode]
         for count, index in enumerate(indices, 1):
@@ -199,13 +186,12 @@ class ZipImageDataset(Dataset):
 
     def _read(self, index: int) -> bytes:
         # One handle per process: a ZipFile opened before DataLoader workers fork must not be shared with them.
-        if self._archive is None or self._archive_pid != os.getpid():
-            self._archive = zipfile.ZipFile(self.zip_path)
-            self._archive_pid = os.getpid()
-        return self._archive.read(self.samples[index][0])
+        if self._archive is None or self._archive[0] != os.getpid():
+            self._archive = (os.getpid(), zipfile.ZipFile(self.zip_path))
+        return self._archive[1].read(self.samples[index][0])
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_archive": None, "_archive_pid": -1}
+        return {**self.__dict__, "_archive": None}
 
     def __len__(self) -> int:
         return len(self.samples)

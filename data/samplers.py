@@ -11,8 +11,6 @@ from torch.utils.data import Sampler
 class ShardSampler(Sampler[int]):
     def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, shuffle: bool = False,
                  seed: int = 0, equal_lengths: bool = False):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside a world of {world_size}")
         self.indices = list(range(rank, num_samples, world_size))
         if equal_lengths:
             self.indices = self.indices[:num_samples // world_size]

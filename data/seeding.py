@@ -29,8 +29,7 @@ class EpochTagged(Sampler):
 
 
 class SeededSamples(Dataset):
-    """``dataset[index]`` made right after seeding python's, numpy's and torch's CPU generators from
-    ``(seed, epoch, index)``, for the keys of :class:`EpochTagged`."""
+    """``dataset[index]`` made right after seeding python's, numpy's and torch's generators from its key."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset = dataset

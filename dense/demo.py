@@ -102,8 +102,7 @@ def generate_detection(out: str, size: int = 128, train: int = 300, val: int = 6
 
 
 def generate_segmentation(out: str, size: int = 128, train: int = 300, val: int = 60) -> str:
-    """``images/{training,validation}/*.jpg``, ``annotations/{training,validation}/*.png`` and the class names in
-    ``objectInfo150.csv``, as in ADE20K."""
+    """``images/<split>/*.jpg``, ``annotations/<split>/*.png`` and ``objectInfo150.csv``, as in ADE20K."""
     claim_folder(out, ("images", "annotations", "objectInfo150.csv"), "dense.demo")
     for split, count, offset in (("training", train, 0), ("validation", val, 10 ** 6)):
         for folder in ("images", "annotations"):
@@ -118,9 +117,7 @@ def generate_segmentation(out: str, size: int = 128, train: int = 300, val: int 
             img.save(os.path.join(out, "images", split, f"{i:06d}.jpg"), quality=95)
             labels.save(os.path.join(out, "annotations", split, f"{i:06d}.png"))
     with open(os.path.join(out, "objectInfo150.csv"), "w", newline="") as f:  # class names as ADE20K states them
-        writer = csv.writer(f)
-        writer.writerow(["Idx", "Name"])
-        writer.writerows(sorted((value, name) for name, value in LABEL_VALUES.items()))
+        csv.writer(f).writerows([("Idx", "Name"), *sorted((value, name) for name, value in LABEL_VALUES.items())])
     mark_generated(out, task="segmentation", size=size)
     return out
 

@@ -9,13 +9,16 @@ from typing import Any, Iterator, Sequence, Tuple
 
 import torch
 import torchvision.transforms.v2.functional as F
-from PIL import Image
+from PIL import ExifTags, Image
 
-from data.datasets import PIL_ERRORS, UnsupportedImage, check_mode, displayed_size, load_rgb
+from data.datasets import PIL_ERRORS, UnsupportedImage, check_mode, load_rgb
 from dense.run import loader, progress_line
 from distributed import DistEnv
 from errors import UsageError
 from logger import Progress
+
+# EXIF orientations that turn the picture by a quarter: its displayed width is the stored height.
+QUARTER_TURNS = (5, 6, 7, 8)
 
 
 @contextlib.contextmanager
@@ -35,7 +38,9 @@ def image_size(path: str, what: str = "image") -> Tuple[int, int]:
         if what != "image":
             return img.size
         check_mode(img)
-        return displayed_size(img)
+        # Pillow decodes a whole PNG to look for EXIF after its pixels; one written before them comes with the header.
+        exif = img.getexif() if img.format != "PNG" or "exif" in img.info else {}
+        return img.size[::-1] if exif.get(ExifTags.Base.Orientation) in QUARTER_TURNS else img.size
 
 
 def read_rgb(path: str) -> torch.Tensor:

@@ -63,8 +63,7 @@ def rle_runs(segm: Dict[str, Any]) -> Optional[List[int]]:
 
 
 def check_images(coco: COCO, path: str) -> None:
-    """Refuse an image id listed twice (pycocotools would give one entry both images' annotations), a missing
-    file name, or a missing or non-positive size."""
+    """Refuse an id listed twice (pycocotools would merge the two), a missing file name or size."""
     seen = set()
     for image in coco.dataset.get("images", []):
         image_id = image.get("id")
@@ -100,8 +99,7 @@ def complete_annotations(coco: COCO, masks: bool) -> None:
 
 
 def check_annotations(coco: COCO, path: str, masks: bool) -> None:
-    """Refuse annotations that would train silently wrong: unknown image or category, a malformed or
-    degenerate box, a box outside its image, a missing or malformed mask."""
+    """Refuse what would train silently wrong: unknown image or category, bad boxes, missing or bad masks."""
     for ann in coco.dataset.get("annotations", []):
         where = f"{path}: annotation {ann.get('id')}"
         image = coco.imgs.get(ann.get("image_id"))

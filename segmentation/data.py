@@ -105,8 +105,7 @@ def class_names(root: str, num_classes: int, reduce_zero_label: bool = True) -> 
 
 
 class SegmentationFolder(torch.utils.data.Dataset):
-    """(image, labels) pairs of one split: augmented and normalised for training, else as read (uint8, full size:
-    evaluation resizes it to each of its scales)."""
+    """(image, labels) pairs: augmented and normalised for training, else as read (evaluation resizes them)."""
 
     def __init__(self, root: str, split: str, config: Any, train: bool, num_classes: int = 0):
         folder = SPLITS[split]
@@ -166,8 +165,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
         return normalize(image), target[0]
 
     def augment(self, image: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """mmsegmentation's ADE20K pipeline: random rescale and crop, photometric distortion, padding to the crop
-        size with "ignore" (the image with 0), horizontal flip."""
+        """mmsegmentation's ADE20K pipeline: rescale, crop, photometric distortion, pad with "ignore", flip."""
         data = self.config.DATA
         ratio = random.uniform(*data.RATIO_RANGE)
         size = fit_size(image.shape[-2:], [s * ratio for s in data.SCALE])

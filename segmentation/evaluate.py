@@ -22,8 +22,7 @@ SIZE_DIVISOR = 32  # smp's encoders need sides divisible by their output stride
 
 
 def mean_iou(confmat: torch.Tensor) -> Tuple[float, torch.Tensor]:
-    """(mIoU, IoU per class) in percent from a (target, prediction) confusion matrix; NaN for a class absent from
-    both, left out of the mean."""
+    """(mIoU, IoU per class) in percent from a confusion matrix; a class absent from both sides is NaN, unscored."""
     confmat = confmat.double()
     tp = confmat.diag()
     union = confmat.sum(0) + confmat.sum(1) - tp
