@@ -14,9 +14,7 @@ class ShardSampler(Sampler[int]):
         self.indices = list(range(rank, num_samples, world_size))
         if equal_lengths:
             self.indices = self.indices[:num_samples // world_size]
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle differently each epoch, identically on every run with the same seed."""

@@ -14,8 +14,7 @@ class EpochTagged(Sampler):
     """``sampler``'s indices as ``(epoch, index)`` pairs; ``set_epoch`` is passed on."""
 
     def __init__(self, sampler: Sampler):
-        self.sampler = sampler
-        self.epoch = 0
+        self.sampler, self.epoch = sampler, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -32,8 +31,7 @@ class SeededSamples(Dataset):
     """``dataset[index]`` made right after seeding python's, numpy's and torch's generators from its key."""
 
     def __init__(self, dataset: Dataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
