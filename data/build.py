@@ -87,8 +87,7 @@ def build_train_loader(config: Any, env: DistEnv) -> Tuple[CheckedImages, DataLo
         sampler = ShardSampler(len(dataset), env.rank, env.world_size, shuffle=True, seed=config.SEED,
                                equal_lengths=True)
     else:
-        sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                     seed=config.SEED)
+        sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=True, seed=config.SEED)
     loader = _loader(dataset, sampler, config, env, train=True)
     if len(loader) == 0:
         raise UsageError(f"the training set ({len(dataset)} images over {env.world_size} processes) gives no full "

@@ -16,7 +16,7 @@ import torchvision.transforms.v2.functional as F
 from pycocotools.coco import COCO
 from torchvision.ops import box_convert, clip_boxes_to_image
 
-from dense.images import collate, image_size, read_rgb, shown
+from dense.images import collate, image_size, read_rgb, shown  # collate: the task's, as detection/train.py takes it
 from detection.config import MASK_DETECTORS
 from errors import UsageError
 
@@ -43,8 +43,7 @@ def rle_runs(segm: Dict[str, Any]) -> Optional[List[int]]:
         return counts
     if not isinstance(counts, str):
         return None
-    runs: List[int] = []
-    pos = 0
+    runs, pos = [], 0
     while pos < len(counts):
         value, shift, more = 0, 0, True
         while more:
