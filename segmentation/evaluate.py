@@ -77,8 +77,8 @@ def predict(model: nn.Module, image: torch.Tensor, out_size: Sequence[int], conf
 def describe(test: Any) -> str:
     """The views of the evaluation in a few words, e.g. ``scales 0.5-1.75, flip``."""
     low, high = min(test.SCALES), max(test.SCALES)
-    parts = [f"scales {low:g}-{high:g}" if len(test.SCALES) > 1 else "single scale" if low == 1 else f"scale {low:g}",
-             "flip" if test.FLIP else "", f"slide {test.CROP}/{test.STRIDE}" if test.MODE == "slide" else ""]
+    scale = f"scales {low:g}-{high:g}" if len(test.SCALES) > 1 else "single scale" if low == 1 else f"scale {low:g}"
+    parts = [scale, "flip" if test.FLIP else "", f"slide {test.CROP}/{test.STRIDE}" if test.MODE == "slide" else ""]
     return ", ".join(part for part in parts if part)
 
 
