@@ -3,10 +3,8 @@
     python predict.py --cfg configs/focal_tiny_patch4_window7_224.yaml --checkpoint focal-tiny-is224-ws7.pth \
         photos/ cat.jpg [--json]
 
-Images are resized and centre-cropped as in evaluation (``DATA.IMG_SIZE``, ``TEST.CROP``) and classified in
-batches. The class count is the checkpoint's (its classifier's rows; ``--opts MODEL.NUM_CLASSES`` overrides it).
-Classes are named by the class folders a checkpoint was trained on (stored in it by main.py), else by
-ImageNet-1K's names for a 1000-class model, else by index.
+Images are preprocessed as evaluation does. Classes are named by the training folders the checkpoint stores,
+else by ImageNet-1K's names for a 1000-class model, else by index.
 """
 from __future__ import annotations
 
@@ -14,7 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -44,11 +42,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, type=path_arg,
                         help="weights: ours, a released file, or a bare state dict")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="auto: CUDA when available, else CPU")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else CPU")
     parser.add_argument("--topk", type=int, default=5, help="classes printed per image, most probable first")
-    parser.add_argument("--ema", action="store_true",
-                        help="use the checkpoint's EMA weights (trained with --model-ema)")
+    parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (from --model-ema)")
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per image and line: file, classes (indices), labels (names, null where "
                              "the classes have none), scores")
@@ -63,8 +59,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def find_images(paths: Sequence[str]) -> List[Path]:
-    """Named files as given, folders expanded to their image files in sorted order; hidden files and folders (macOS's
-    ``._<image>`` metadata files) are left out, as main.py leaves them out of a dataset."""
+    """Named files as given, folders expanded to their image files in sorted order, hidden entries left out."""
     found = []
     for name in paths:
         path = Path(name)
@@ -82,20 +77,17 @@ def find_images(paths: Sequence[str]) -> List[Path]:
 
 def load_model(cfg: str, opts: Sequence[str], checkpoint: str, device: torch.device,
                ema: bool = False) -> Tuple[nn.Module, Any, Optional[List[str]]]:
-    """The config's model in eval mode with the checkpoint's weights (its EMA weights with ``ema``), and the class
-    names the checkpoint stores (those of the training folders), if any. The class count is the checkpoint's
-    unless ``--opts`` sets ``MODEL.NUM_CLASSES``; every failure names its flag."""
-    if not Path(checkpoint).is_file():
-        raise UsageError(f"--checkpoint {checkpoint}: file not found")
+    """The config's model in eval mode with the checkpoint's (or its EMA) weights, the config, and the class names
+    the checkpoint stores. The class count is the checkpoint's unless ``--opts`` sets ``MODEL.NUM_CLASSES``."""
     try:  # the reader main.py uses: tensors only, checksummed, our and the released formats
         state = read_checkpoint(checkpoint).state
     except UsageError as err:
         raise UsageError(f"--checkpoint {checkpoint}: {err}") from None
-    saved_config = state.get("config") if isinstance(state, dict) else None
+    stored = state if isinstance(state, dict) else {}
     if ema:
-        if not isinstance(state, dict) or "model_ema" not in state:
+        if "model_ema" not in stored:
             raise UsageError(f"--ema: {checkpoint} holds no EMA weights (train with --model-ema to have them)")
-        state = {"model": state["model_ema"], "class_names": state.get("class_names")}
+        state = {"model": stored["model_ema"]}
     classes = head_classes(state)
     if classes is not None and "MODEL.NUM_CLASSES" not in list(opts)[::2]:
         opts = [*opts, "MODEL.NUM_CLASSES", str(classes)]
@@ -111,32 +103,17 @@ def load_model(cfg: str, opts: Sequence[str], checkpoint: str, device: torch.dev
     except ValueError as err:
         held = f" (the checkpoint has {classes} classes)" if classes not in (None, config.MODEL.NUM_CLASSES) else ""
         raise UsageError(f"--checkpoint {checkpoint}: cannot load into {config.MODEL.NAME}{held}: {err}"
-                         f"{shape_changes(saved_config, config)}") from None
-    names = state.get("class_names") if isinstance(state, dict) else None
-    if names is not None and len(names) != config.MODEL.NUM_CLASSES:
-        names = None
-    return model.to(device).eval(), config, names
-
-
-def batches(paths: List[Path], size: int) -> Iterator[List[Path]]:
-    for start in range(0, len(paths), size):
-        yield paths[start:start + size]
+                         f"{shape_changes(stored.get('config'), config)}") from None
+    names = stored.get("class_names")
+    return model.to(device).eval(), config, names if names and len(names) == config.MODEL.NUM_CLASSES else None
 
 
 def read_image(path: Path) -> Image.Image:
-    """RGB as main.py's loader reads it (16-bit grey scaled, not clipped to white); an unreadable file, or one over
-    Pillow's pixel limit, is a usage error naming it."""
+    """RGB as main.py's loader reads it; an unreadable file, or one over Pillow's pixel limit, is named."""
     try:
         return load_rgb(path)
     except PIL_ERRORS as err:
         raise UsageError(f"cannot read image {path}: {err}") from None
-
-
-def class_name(index: int, names: Optional[List[str]], num_classes: int, info: ImageNetInfo) -> Optional[str]:
-    """The training folder's name, else ImageNet's for a 1000-class model, else none."""
-    if names:
-        return names[index]
-    return info.index_to_description(index) if num_classes == info.num_classes() else None
 
 
 @torch.no_grad()
@@ -147,12 +124,15 @@ def predict(args: argparse.Namespace) -> None:
     optimize_for(model, device)
     transform = build_transform(False, config)
     info = ImageNetInfo()
+    if not names and config.MODEL.NUM_CLASSES == info.num_classes():
+        names = info.label_descriptions()
     topk = min(args.topk, config.MODEL.NUM_CLASSES)
-    for group in batches(paths, args.batch_size):
+    for start in range(0, len(paths), args.batch_size):
+        group = paths[start:start + args.batch_size]
         images = torch.stack([transform(read_image(p)) for p in group]).to(device)
         probs, indices = model(images).float().softmax(dim=-1).topk(topk, dim=-1)
         for path, p_row, i_row in zip(group, probs.tolist(), indices.tolist()):
-            labels = [class_name(i, names, config.MODEL.NUM_CLASSES, info) for i in i_row]
+            labels = [names[i] if names else None for i in i_row]
             if args.json:
                 print(json.dumps({"file": str(path), "classes": i_row, "labels": labels, "scores": p_row}))
                 continue

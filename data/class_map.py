@@ -1,9 +1,5 @@
-"""Evaluating a classifier on a folder of some of its classes (ImageNet-A/-R: 200 of the 1000, named by WordNet
-id; ImageNet-V2: folders named by class index): which logit each class folder is scored against.
-
-A checkpoint's classes are the class folders it was trained on (main.py stores them in its checkpoints), else,
-for a 1000-class checkpoint without names (the released ones), ImageNet-1K's WordNet ids in timm's order.
-"""
+"""Which logit each class folder is scored against when a classifier is evaluated on some of its classes
+(ImageNet-A/-R: 200 of the 1000 by WordNet id; ImageNet-V2: folders named by class index)."""
 from __future__ import annotations
 
 import logging
@@ -19,18 +15,13 @@ IMAGENET_CLASSES = 1000
 
 
 def checkpoint_classes(stored: Optional[Sequence[str]], num_classes: int) -> Optional[List[str]]:
-    """The names of a checkpoint's ``num_classes`` outputs: those it stores, ImageNet's WordNet ids for a
-    1000-class one without names, else None."""
+    """The names of a checkpoint's outputs: the training folders it stores (main.py does), ImageNet's WordNet ids
+    in timm's order for a 1000-class one without names (the released ones), else None."""
     if stored and len(stored) == num_classes:
         return list(stored)
     if num_classes == IMAGENET_CLASSES:
         return list(ImageNetInfo().label_names())
     return None
-
-
-def is_class_index(name: str) -> bool:
-    """A folder named by ASCII digits only: ``str.isdigit`` also accepts ``²`` or ``٣``, which are names here."""
-    return name.isascii() and name.isdigit()
 
 
 def _canonical(name: str) -> str:
@@ -40,11 +31,6 @@ def _canonical(name: str) -> str:
 
 def _shown(names: Sequence[str]) -> str:
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-
-
-def _pair(a: str, b: str) -> str:
-    """Two names for messages; escaped where they print alike (Unicode forms of one name)."""
-    return f"{ascii(a)} and {ascii(b)}" if _canonical(a) == _canonical(b) else f"{a} and {b}"
 
 
 def _by_name(folders: Sequence[str], classes: Sequence[str]) -> Dict[str, int]:
@@ -61,26 +47,26 @@ def _by_name(folders: Sequence[str], classes: Sequence[str]) -> Dict[str, int]:
 
 def logit_indices(folders: Sequence[str], classes: Optional[Sequence[str]], num_classes: int, where: str,
                   logger: logging.Logger) -> Optional[torch.Tensor]:
-    """For each class folder (sorted, as labelled), the index of its logit, or None when folder ``i`` is simply
-    class ``i``. Every folder is matched by name to ``classes`` (in any Unicode form), or every folder is a class
-    index below ``num_classes`` (ImageNet-V2's layout); as many folders as classes, none of which resembles a class
-    name or a number, keep their sorted order with a warning. Anything else, such as two folders for one class, a
-    name differing from a class only in letter case, or names mixed with indices, is a one-line error naming the
-    folders: a label shifted without a word would score the wrong classes."""
+    """For each class folder (sorted), the index of its logit, or None when folder ``i`` is class ``i``. Folders
+    match ``classes`` by name (any Unicode form) or are all class indices; as many folders as classes, resembling
+    neither, keep their order with a warning. Anything else is a one-line error naming the folders: a label shifted
+    without a word would score the wrong classes."""
     if classes is not None and list(folders) == list(classes):
         return None
     texts: Dict[str, str] = {}  # one name in two Unicode forms is one class, whatever the checkpoint knows
     alike = [(texts[key], name) for name in folders if texts.setdefault(key := _canonical(name), name) != name]
     named = _by_name(folders, classes or ())
-    numbers = [name for name in folders if is_class_index(name) and name not in named]
+    # class indices are ASCII digits: str.isdigit alone also takes "²" or "٣", which are names here
+    numbers = [name for name in folders if name.isascii() and name.isdigit() and name not in named]
     others = [name for name in folders if name not in named and name not in numbers]
 
     def refuse(problem: str) -> UsageError:
         return UsageError(f"--eval: {where} {problem}; name every class folder by the checkpoint's class name "
                           f"(WordNet ids such as n01440764 for ImageNet) or every one by class index")
 
-    def twins(pairs: List[Tuple[str, str]]) -> UsageError:
-        return refuse(f"has class folders that name one class twice: {', '.join(_pair(a, b) for a, b in pairs[:3])}")
+    def twins(pairs: List[Tuple[str, str]]) -> UsageError:  # names that print alike are escaped
+        shown = [f"{ascii(a)} and {ascii(b)}" if _canonical(a) == _canonical(b) else f"{a} and {b}" for a, b in pairs]
+        return refuse(f"has class folders that name one class twice: {', '.join(shown[:3])}")
 
     if alike:
         raise twins(alike)
@@ -109,7 +95,7 @@ def logit_indices(folders: Sequence[str], classes: Optional[Sequence[str]], num_
         many = len(others) > 1
         some = f"{len(others)} class folder{'s' if many else ''} ({_shown(others)}) that {'are' if many else 'is'}"
         known = (f"the checkpoint's {num_classes} class names ({', '.join(classes[:3])}, ...)" if classes else
-                 f"class names: the checkpoint stores none, and only a 1000-class one is taken to have ImageNet's")
+                 "class names: the checkpoint stores none, and only a 1000-class one is taken to have ImageNet's")
         raise refuse(f"has {some} not among {known}")
     first: Dict[int, str] = {}
     same = [(first[index], name) for name, index in zip(folders, indices) if first.setdefault(index, name) != name]

@@ -1,9 +1,5 @@
-"""The two ImageNet layouts: class folders (``<split>/<class>/*.JPEG``) and zips with a map file
-(``<split>.zip`` + ``<split>_map.txt``, one ``path<TAB>label`` line per image).
-
-The zip dataset can keep image bytes in memory: ``full`` caches every image, ``part`` only the strided shard this
-rank reads (see ``samplers.ShardSampler``).
-"""
+"""The two ImageNet layouts: class folders (``<split>/<class>/*.JPEG``) and a zip with a map file
+(``<split>.zip`` + ``<split>_map.txt``, one ``path<TAB>label`` line per image), whose bytes may be cached."""
 from __future__ import annotations
 
 import io
@@ -12,10 +8,10 @@ import multiprocessing
 import os
 import unicodedata
 import zipfile
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
@@ -29,15 +25,12 @@ class UnsupportedImage(ValueError):
     """Pixel values without a known scale to 8 bits: refused by name rather than read black or white."""
 
 
-# What PIL raises for unreadable, truncated, corrupt (e.g. "broken PNG file") and oversized (its decompression-bomb
-# guard) files, when a file is opened on its own (a dataset item also runs transforms: see CheckedImages); and
-# UnsupportedImage, a ValueError.
+# What PIL raises for unreadable, truncated, corrupt and oversized files opened on their own (with UnsupportedImage);
+# a dataset item also runs transforms, whose ValueErrors are bugs (see CheckedImages).
 PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 # 16-bit grey images (PNG, TIFF): Pillow's conversion to RGB clips every value above 255 to white.
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-# EXIF orientations that turn the picture by a quarter: its displayed width is the stored height.
-QUARTER_TURNS = (5, 6, 7, 8)
 
 
 def check_mode(image: Image.Image) -> None:
@@ -47,19 +40,9 @@ def check_mode(image: Image.Image) -> None:
                                "it as 8- or 16-bit")
 
 
-def displayed_size(image: Image.Image) -> Tuple[int, int]:
-    """(width, height) as shown, after the EXIF orientation (read from the header; a phone photo held upright is
-    stored on its side)."""
-    width, height = image.size
-    # Pillow decodes a whole PNG to look for EXIF after its pixels; one written before them is read with the header.
-    exif = image.getexif() if image.format != "PNG" or "exif" in image.info else {}
-    return (height, width) if exif.get(ExifTags.Base.Orientation) in QUARTER_TURNS else (width, height)
-
-
 def to_rgb(image: Image.Image) -> Image.Image:
-    """``image`` as 8-bit RGB. Grey of more than 8 bits is scaled, not clipped to white: 16-bit modes by 255/65535;
-    32-bit integers (mode I) by the range their values use: 0..255 as they are, up to 65535 as 16-bit, beyond that
-    (or below 0) refused, as float images are (:func:`check_mode`)."""
+    """``image`` as 8-bit RGB, grey of more than 8 bits scaled rather than clipped to white: 16-bit by 255/65535,
+    mode I by the range it uses (0..255 as is, up to 65535 as 16-bit, beyond refused)."""
     check_mode(image)
     if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
         values = np.asarray(image)
@@ -73,38 +56,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb(source: Any) -> Image.Image:
-    """Open an image file (a path or a file object) as RGB, turned as its EXIF orientation says (as it is shown:
-    a phone photo held upright is stored on its side with a tag to turn it)."""
+    """An image file (path or file object) as RGB, turned as shown: a phone photo is stored on its side."""
     with Image.open(source) as image:
         ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
 
 
 def hidden(name: str) -> bool:
-    """Names starting with a dot are no part of a dataset: macOS's ``._<image>`` AppleDouble files (metadata beside
-    every image of a folder copied from a Mac), ``.DS_Store``, Jupyter's ``.ipynb_checkpoints`` folders."""
+    """Dot names are no data: macOS's ``._<image>`` metadata files, ``.DS_Store``, ``.ipynb_checkpoints``."""
     return name.startswith(".")
 
 
-def class_folders(directory: str) -> Tuple[List[str], dict]:
-    """The sorted class-folder names under ``directory`` (hidden ones left out) and their labels, as
-    ``torchvision``'s ``find_classes`` gives them."""
-    classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not hidden(entry.name))
-    if not classes:
-        raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
-    return classes, {name: index for index, name in enumerate(classes)}
+def class_folders(directory: str) -> List[str]:
+    """The sorted class-folder names under ``directory``, hidden ones left out; none when it is missing."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not hidden(entry.name))
 
 
-def image_files(files: Sequence[str], extensions: Tuple[str, ...] = IMG_EXTENSIONS) -> List[str]:
+def image_files(files: Sequence[str]) -> List[str]:
     """The image file names among ``files`` (torchvision's extensions, hidden files left out), sorted."""
-    return sorted(f for f in files if not hidden(f) and has_file_allowed_extension(f, extensions))
+    return sorted(f for f in files if not hidden(f) and has_file_allowed_extension(f, IMG_EXTENSIONS))
 
 
 def link_stays(path: str, own: str) -> bool:
-    """Whether the folder link ``path`` leads inside the class folder whose real path is ``own``. One that leads out
-    of it (to a parent, another class, another split, elsewhere) is skipped with a warning naming it: everything
-    there would be labelled as this class. A class folder may itself be a link, and a file link may lead anywhere
-    (a split made of links into a pool of images labels each file by where its link is)."""
+    """Whether the folder link ``path`` stays inside the class folder ``own`` (a real path); one leaving it is
+    skipped with a warning, as everything there would be labelled as this class. File links may lead anywhere."""
     target = os.path.realpath(path)
     if os.path.commonpath([target, own]) == own:
         return True
@@ -113,10 +90,9 @@ def link_stays(path: str, own: str) -> bool:
     return False
 
 
-def class_images(class_folder: str, extensions: Tuple[str, ...]) -> List[str]:
-    """The image files under ``class_folder``, by folder and name. Every folder is entered once (a link back up the
-    tree would repeat its images until the path got too long); hidden files and folders (:func:`hidden`) and folder
-    links leaving the class folder (:func:`link_stays`) are left out."""
+def class_images(class_folder: str) -> List[str]:
+    """The image files under ``class_folder``, by folder and name; every folder is entered once (a link back up
+    would repeat its images until the path got too long), hidden entries and links leaving it left out."""
     own, visited, found = os.path.realpath(class_folder), set(), []
 
     def visit(root: str) -> None:
@@ -127,7 +103,7 @@ def class_images(class_folder: str, extensions: Tuple[str, ...]) -> List[str]:
         with os.scandir(root) as listing:
             entries = [e for e in sorted(listing, key=lambda e: e.name)
                        if not hidden(e.name) and not (e.is_symlink() and e.is_dir() and not link_stays(e.path, own))]
-        found.append((root, image_files([e.name for e in entries if not e.is_dir()], extensions)))
+        found.append((root, image_files([e.name for e in entries if not e.is_dir()])))
         for entry in entries:
             if entry.is_dir():
                 visit(entry.path)
@@ -137,40 +113,31 @@ def class_images(class_folder: str, extensions: Tuple[str, ...]) -> List[str]:
 
 
 class ImageTree(ImageFolder):
-    """``ImageFolder`` whose classes are read by :func:`class_images`: links are followed while they stay inside
-    their class folder, every folder once, hidden files and folders left out. Images load through
-    :func:`load_rgb`."""
+    """``ImageFolder`` reading each class by :func:`class_images` and each image by :func:`load_rgb`."""
 
     def __init__(self, root: str, transform: Optional[Callable] = None, allow_empty: bool = False):
         super().__init__(root, transform=transform, loader=load_rgb, allow_empty=allow_empty)
 
     def find_classes(self, directory: str) -> Tuple[List[str], dict]:
-        return class_folders(directory)
+        classes = class_folders(directory)
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: index for index, name in enumerate(classes)}
 
     @staticmethod
-    def make_dataset(directory: str, class_to_idx: dict, extensions: Optional[Tuple[str, ...]] = None,
-                     is_valid_file: Optional[Callable[[str], bool]] = None,
+    def make_dataset(directory: str, class_to_idx: dict, extensions: Any = None, is_valid_file: Any = None,
                      allow_empty: bool = False) -> List[Tuple[str, int]]:
-        extensions = extensions or IMG_EXTENSIONS
-        samples = []
-        for name in sorted(class_to_idx):
-            class_samples = [(path, class_to_idx[name]) for path in class_images(os.path.join(directory, name),
-                                                                                 extensions)]
-            if not class_samples and not allow_empty:
-                raise FileNotFoundError(f"Found no valid file for the class {name}")
-            samples += class_samples
-        return samples
+        images = {name: class_images(os.path.join(directory, name)) for name in sorted(class_to_idx)}
+        empty = [os.path.join(directory, name) for name, paths in images.items() if not paths]
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"{len(empty)} class folder(s) hold no image ({', '.join(IMG_EXTENSIONS)}): "
+                                    f"{', '.join(empty[:3])}; add images or remove the folder from both splits")
+        return [(path, class_to_idx[name]) for name, paths in images.items() for path in paths]
 
 
-class MapEntry(NamedTuple):
-    path: str  # inside the zip
-    label: int
-    line: int  # in the map file, for messages
-
-
-def read_map_file(path: str) -> List[MapEntry]:
-    """One entry per image; a malformed line is an error naming the file and line. UTF-8, with or without the
-    byte-order mark Windows editors write (it would otherwise become part of the first path)."""
+def read_map_file(path: str) -> List[Tuple[str, int, int]]:
+    """(path in the zip, label, line number) per image; a malformed line is an error naming it. UTF-8, with or
+    without the byte-order mark Windows editors write (it would otherwise become part of the first path)."""
     entries = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
@@ -184,7 +151,7 @@ def read_map_file(path: str) -> List[MapEntry]:
             parts = line.rstrip("\n").rsplit("\t", 1) if "\t" in line else line.split()
             if len(parts) != 2 or not parts[1].strip().isdigit():
                 raise UsageError(f"{path}:{number}: expected '<path>\\t<label>', got {line.strip()!r}")
-            entries.append(MapEntry(parts[0].strip().lstrip("/"), int(parts[1]), number))
+            entries.append((parts[0].strip().lstrip("/"), int(parts[1]), number))
     if not entries:
         raise UsageError(f"{path} lists no images")
     return entries
@@ -198,53 +165,39 @@ class ZipImageDataset(Dataset):
         for path in (zip_path, map_path):
             if not os.path.isfile(path):
                 raise UsageError(f"zip layout (--zip): {path} not found")
-        self.zip_path = zip_path
-        self.map_path = map_path
-        self.transform = transform
-        entries = read_map_file(map_path)
-        self.samples = [(entry.path, entry.label) for entry in entries]
-        self.targets = [entry.label for entry in entries]
-        self.lines = [entry.line for entry in entries]
+        self.zip_path, self.map_path, self.transform = zip_path, map_path, transform
+        names, self.targets, self.lines = map(list, zip(*read_map_file(map_path)))
+        self.samples = list(zip(names, self.targets))
         try:
             with zipfile.ZipFile(zip_path) as archive:
-                names = set(archive.namelist())
+                members = set(archive.namelist())
         except (zipfile.BadZipFile, OSError) as err:
             raise UsageError(f"zip layout (--zip): cannot read {zip_path}: {err}") from None
-        missing = [name for name, _ in self.samples if name not in names]
+        missing = [name for name in names if name not in members]
         if missing:
             raise UsageError(f"{len(missing)} images listed in {map_path} are not in {zip_path}, e.g. {missing[0]}")
-        self._archive: Optional[zipfile.ZipFile] = None
-        self._archive_pid = -1
+        self._archive: Optional[Tuple[int, zipfile.ZipFile]] = None  # with the id of the process that opened it
         self.cache = {}
-        if cache_mode != "no":
-            self._fill_cache(cache_mode, rank, world_size)
-
-    def _fill_cache(self, cache_mode: str, rank: int, world_size: int) -> None:
-        indices = range(len(self)) if cache_mode == "full" else range(rank, len(self), world_size)
-        step = max(len(indices) // 10, 1)
+        indices = {"no": [], "full": range(len(self)), "part": range(rank, len(self), world_size)}[cache_mode]
         for count, index in enumerate(indices, 1):
             self.cache[index] = self._read(index)
-            if count % step == 0 or count == len(indices):
+            if count % max(len(indices) // 10, 1) == 0 or count == len(indices):
                 logger.info(f"cached {count}/{len(indices)} images of {self.zip_path} ({cache_mode} mode)")
 
     def _read(self, index: int) -> bytes:
         # One handle per process: a ZipFile opened before DataLoader workers fork must not be shared with them.
-        if self._archive is None or self._archive_pid != os.getpid():
-            self._archive = zipfile.ZipFile(self.zip_path)
-            self._archive_pid = os.getpid()
-        return self._archive.read(self.samples[index][0])
+        if self._archive is None or self._archive[0] != os.getpid():
+            self._archive = (os.getpid(), zipfile.ZipFile(self.zip_path))
+        return self._archive[1].read(self.samples[index][0])
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_archive": None, "_archive_pid": -1}
+        return {**self.__dict__, "_archive": None}
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
-        data = self.cache.get(index)
-        if data is None:
-            data = self._read(index)
-        image = load_rgb(io.BytesIO(data))
+        image = load_rgb(io.BytesIO(self.cache.get(index) or self._read(index)))
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]
@@ -252,9 +205,8 @@ class ZipImageDataset(Dataset):
 
 def build_dataset(split: str, config: Any, transform: Optional[Callable], rank: int = 0, world_size: int = 1,
                   by_name: bool = False) -> Tuple[Dataset, int]:
-    """The ``train`` or ``val`` split under ``DATA.DATA_PATH`` in the configured layout, and its class count.
-    ``by_name``: the class folders will be matched to a model's classes by name (``data.class_map``), so they may
-    be empty and need not be those of ``train``."""
+    """The ``train`` or ``val`` split under ``DATA.DATA_PATH`` and its class count; ``by_name``: its class folders
+    will be matched to a model's classes by name (``data.class_map``), so they may be empty or differ from train's."""
     root = config.DATA.DATA_PATH
     if not os.path.isdir(root):
         raise UsageError(f"--data-path {root!r} is not a directory")
@@ -269,36 +221,17 @@ def build_dataset(split: str, config: Any, transform: Optional[Callable], rank: 
                          f"{split}/<class>/<image>{hint}")
     try:
         dataset = ImageTree(folder, transform=transform, allow_empty=by_name)
-    except (FileNotFoundError, RuntimeError) as err:
-        raise UsageError(f"cannot read images from {folder}: {_empty_class_folders(folder) or err}") from None
+    except FileNotFoundError as err:
+        raise UsageError(f"cannot read images from {folder}: {err}") from None
     if split == "val" and not by_name:
         check_same_classes(root)
     return dataset, len(dataset.classes)
 
 
-def _empty_class_folders(folder: str) -> str:
-    """Which class folders hold no image (ImageFolder only says which classes)."""
-    empty = [os.path.join(folder, name) for name in _class_names(folder)
-             if not any(image_files(files) for root, _, files in os.walk(os.path.join(folder, name))
-                        if not any(hidden(part) for part in os.path.relpath(root, folder).split(os.sep)))]
-    if not empty:
-        return ""
-    return (f"{len(empty)} class folder(s) hold no image ({', '.join(IMG_EXTENSIONS)}): {', '.join(empty[:3])}; "
-            f"add images or remove the folder from both splits")
-
-
-def _class_names(folder: str) -> List[str]:
-    """The class-folder names under ``folder``; none when it is missing or has no subfolders."""
-    try:
-        return class_folders(folder)[0]
-    except FileNotFoundError:
-        return []
-
-
 def check_same_classes(root: str) -> None:
     """In the folder layout labels are the sorted class-folder names, so ``train`` and ``val`` must have the same
     folders or every label after the first difference would silently mean another class."""
-    train, val = (set(_class_names(os.path.join(root, split))) for split in ("train", "val"))
+    train, val = (set(class_folders(os.path.join(root, split))) for split in ("train", "val"))
     composed = {unicodedata.normalize("NFC", name): name for name in val - train}
     alike = [(name, composed[key]) for name in sorted(train - val)
              if (key := unicodedata.normalize("NFC", name)) in composed]
@@ -339,23 +272,14 @@ def check_val_labels(train: Dataset, val: Dataset) -> None:
                              f"both map files must number the classes the same way")
 
 
-def image_sources(dataset: Dataset) -> List[str]:
-    """Where each sample's image comes from, for error messages: a file, or ``archive.zip/member``."""
-    if isinstance(dataset, ZipImageDataset):
-        return [f"{dataset.zip_path}/{name}" for name, _ in dataset.samples]
-    return [path for path, _ in dataset.samples]
-
-
 class CheckedImages(Dataset):
-    """``dataset`` where an image that cannot be decoded (truncated, corrupt, not an image, of unknown range) is an
-    error naming its file, or, with ``skip`` (``DATA.SKIP_BAD_IMAGES``), becomes ``None`` (left out of the batch)
-    and is counted. The count sits in shared memory so that skips in DataLoader workers add up in the main
-    process."""
+    """``dataset`` where an image that cannot be decoded is an error naming its file, or, with ``skip``
+    (``DATA.SKIP_BAD_IMAGES``), ``None`` (left out of the batch), counted in shared memory across workers."""
 
-    def __init__(self, dataset: Dataset, sources: Sequence[str], skip: bool):
-        self.dataset = dataset
-        self.sources = sources
-        self.skip = skip
+    def __init__(self, dataset: Dataset, skip: bool):
+        self.dataset, self.skip = dataset, skip
+        zipped = isinstance(dataset, ZipImageDataset)  # its images are named archive.zip/member
+        self.sources = [f"{dataset.zip_path}/{name}" if zipped else name for name, _ in dataset.samples]
         self._skipped = multiprocessing.Value("q", 0)
 
     def __len__(self) -> int:

@@ -2,9 +2,8 @@
 
     python -m data.demo --out demo_data [--size 64] [--train-per-class 40] [--val-per-class 10]
 
-It writes both ImageNet layouts side by side, with identical JPEG bytes and the same sample order:
-``train/<class>/*.JPEG`` and ``val/<class>/*.JPEG``, and ``train.zip`` + ``train_map.txt``, ``val.zip`` +
-``val_map.txt``. Every image is drawn from its own seed, so the output is the same on every run.
+Both ImageNet layouts side by side, with the same JPEG bytes and sample order: ``<split>/<class>/*.JPEG`` and
+``<split>.zip`` + ``<split>_map.txt``. Every image is drawn from its own seed: the output is the same on every run.
 """
 from __future__ import annotations
 
@@ -15,7 +14,8 @@ import os
 import shutil
 import sys
 import zipfile
-from typing import Callable, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -41,14 +41,6 @@ def _center_box(rng: np.random.RandomState, s: int) -> tuple:
     half = rng.uniform(0.2, 0.35) * s
     cx, cy = rng.uniform(0.4, 0.6, 2) * s
     return cx - half, cy - half, cx + half, cy + half
-
-
-def _circle(draw, rng, s, fg):
-    draw.ellipse(_center_box(rng, s), fill=fg)
-
-
-def _square(draw, rng, s, fg):
-    draw.rectangle(_center_box(rng, s), fill=fg)
 
 
 def _triangle(draw, rng, s, fg):
@@ -107,15 +99,10 @@ def _dots(draw, rng, s, fg):
 
 
 CLASSES: Dict[str, Callable] = {
-    "circle": _circle,
-    "square": _square,
-    "triangle": _triangle,
-    "cross": _cross,
-    "ring": _ring,
-    "horizontal_stripes": _stripes("horizontal"),
-    "vertical_stripes": _stripes("vertical"),
-    "diagonal_stripes": _stripes("diagonal"),
-    "checkerboard": _checker,
+    "circle": lambda draw, rng, s, fg: draw.ellipse(_center_box(rng, s), fill=fg),
+    "square": lambda draw, rng, s, fg: draw.rectangle(_center_box(rng, s), fill=fg),
+    "triangle": _triangle, "cross": _cross, "ring": _ring, "horizontal_stripes": _stripes("horizontal"),
+    "vertical_stripes": _stripes("vertical"), "diagonal_stripes": _stripes("diagonal"), "checkerboard": _checker,
     "dots": _dots,
 }
 
@@ -132,16 +119,9 @@ def draw_image(class_name: str, seed: int, size: int) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
 
 
-def _jpeg(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=92)
-    return buffer.getvalue()
-
-
 def claim_folder(out: str, names: Sequence[str], tool: str) -> None:
-    """Make ``out`` ready for a generator writing ``names`` there: refuse a folder holding any of them that the
-    generator did not make (no :data:`MARKER`: a user's own data), clear those of a previous run that it did.
-    A folder that cannot be written to is refused first (``UsageError``). The caller writes the marker once done."""
+    """Make ``out`` ready for a generator writing ``names`` there: refuse a folder holding any of them without
+    :data:`MARKER` (a user's own data), clear those of a previous run; :func:`mark_generated` once done."""
     ensure_writable_folder(out, "--out")
     owned = os.path.isfile(os.path.join(out, MARKER))
     present = [name for name in names if os.path.exists(os.path.join(out, name))]
@@ -151,6 +131,12 @@ def claim_folder(out: str, names: Sequence[str], tool: str) -> None:
     for name in present:
         path = os.path.join(out, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def mark_generated(out: str, **info: Any) -> None:
+    """The marker that lets a later run regenerate ``out`` (see :func:`claim_folder`)."""
+    with open(os.path.join(out, MARKER), "w") as f:
+        json.dump(info, f, indent=1)
 
 
 def generate(out: str, size: int = 64, train_per_class: int = 40, val_per_class: int = 10,
@@ -170,31 +156,24 @@ def generate(out: str, size: int = 64, train_per_class: int = 40, val_per_class:
             os.makedirs(os.path.join(out, split, name))
             for i in range(per_class):
                 image_seed = (seed * 1_000_003 + split_index * 100_003 + label * 10_007 + i) % 2 ** 32
-                data = _jpeg(draw_image(name, image_seed, size))
+                buffer = io.BytesIO()
+                draw_image(name, image_seed, size).save(buffer, format="JPEG", quality=92)
                 relative = f"{name}/{split}_{name}_{i:05d}.JPEG"
-                with open(os.path.join(out, split, relative), "wb") as f:
-                    f.write(data)
-                entries.append((relative, label, data))
+                Path(out, split, relative).write_bytes(buffer.getvalue())
+                entries.append((relative, label, buffer.getvalue()))
             if log:
                 log(f"{split}: class {label + 1}/{num_classes} ({name}): {per_class} images")
-        if zip_layout:
-            _write_zip(out, split, entries)
-    with open(os.path.join(out, MARKER), "w") as f:
-        json.dump(dict(size=size, train_per_class=train_per_class, val_per_class=val_per_class,
-                       classes=names, seed=seed, zip_layout=zip_layout), f, indent=1)
+        if zip_layout:  # the JPEG bytes stored as they are, listed in folder order
+            with zipfile.ZipFile(os.path.join(out, f"{split}.zip"), "w", zipfile.ZIP_STORED) as archive:
+                for relative, _, data in entries:
+                    archive.writestr(zipfile.ZipInfo(relative, date_time=(2021, 1, 1, 0, 0, 0)), data)
+            Path(out, f"{split}_map.txt").write_text("".join(f"{path}\t{label}\n" for path, label, _ in entries))
+    mark_generated(out, size=size, train_per_class=train_per_class, val_per_class=val_per_class, classes=names,
+                   seed=seed, zip_layout=zip_layout)
     if log:
         log(f"demo dataset ready in {out}: {num_classes} classes, {num_classes * train_per_class} train and "
             f"{num_classes * val_per_class} val images of {size}x{size}")
     return out
-
-
-def _write_zip(out: str, split: str, entries: Sequence[tuple]) -> None:
-    """``<split>.zip`` stores the JPEG bytes as they are; ``<split>_map.txt`` lists them in folder order."""
-    with zipfile.ZipFile(os.path.join(out, f"{split}.zip"), "w", zipfile.ZIP_STORED) as archive:
-        for relative, _, data in entries:
-            archive.writestr(zipfile.ZipInfo(relative, date_time=(2021, 1, 1, 0, 0, 0)), data)
-    with open(os.path.join(out, f"{split}_map.txt"), "w") as f:
-        f.writelines(f"{relative}\t{label}\n" for relative, label, _ in entries)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

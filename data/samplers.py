@@ -1,9 +1,5 @@
-"""Strided shards of a dataset: rank r of W takes indices r, r+W, r+2W, ...
-
-Evaluation uses them unpadded, so every image is counted exactly once across processes. Training in the zip
-``part`` cache mode uses them shuffled and trimmed to equal length, so each rank reads only the images it cached
-and all ranks run the same number of steps.
-"""
+"""Strided shards of a dataset: rank r of W takes indices r, r+W, r+2W, ... Evaluation uses them unpadded (each
+image counted once); the zip ``part`` cache shuffled and trimmed to equal length (each rank reads what it cached)."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -15,14 +11,10 @@ from torch.utils.data import Sampler
 class ShardSampler(Sampler[int]):
     def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, shuffle: bool = False,
                  seed: int = 0, equal_lengths: bool = False):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside a world of {world_size}")
         self.indices = list(range(rank, num_samples, world_size))
         if equal_lengths:
             self.indices = self.indices[:num_samples // world_size]
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle differently each epoch, identically on every run with the same seed."""

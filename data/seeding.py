@@ -1,10 +1,5 @@
-"""Augmentations that depend only on (seed, epoch, image): what lets training's data workers live for the whole run
-(``persistent_workers``) while a resumed run still sees exactly the augmentations of an uninterrupted one.
-
-Workers that persist cannot take fresh seeds as each epoch starts, so the sampler tags every index with its epoch
-and the dataset seeds the worker's random generators from (seed, epoch, index) before making that sample. The
-augmentation of an image is then the same whichever worker makes it, with any number of workers.
-"""
+"""Augmentations that depend only on (seed, epoch, image), whichever persistent worker makes them: the sampler tags
+each index with its epoch and the dataset seeds the generators from both, so a resumed run sees the same ones."""
 from __future__ import annotations
 
 import random
@@ -19,8 +14,7 @@ class EpochTagged(Sampler):
     """``sampler``'s indices as ``(epoch, index)`` pairs; ``set_epoch`` is passed on."""
 
     def __init__(self, sampler: Sampler):
-        self.sampler = sampler
-        self.epoch = 0
+        self.sampler, self.epoch = sampler, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -34,13 +28,10 @@ class EpochTagged(Sampler):
 
 
 class SeededSamples(Dataset):
-    """``dataset[index]`` made right after seeding python's, numpy's and torch's CPU generators from
-    ``(seed, epoch, index)``; it takes the ``(epoch, index)`` keys of :class:`EpochTagged`. Meant for DataLoader
-    workers, whose generators serve only the samples they make."""
+    """``dataset[index]`` made right after seeding python's, numpy's and torch's generators from its key."""
 
     def __init__(self, dataset: Dataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -11,13 +11,8 @@ CENTER_CROP_PCT = 224 / 256
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
-    """timm's posterize, except that keeping 0 bits (or fewer) gives a black image.
-
-    timm's ``PosterizeIncreasing`` asks for 0 bits at magnitude 10 (which ``rand-m9-mstd0.5`` reaches) and
-    ``Posterize`` below magnitude 2.5. Pillow up to 12 answered with a black image (a mask of no bits), the
-    augmentation the released models were trained with, as TensorFlow's RandAugment does; Pillow 13 raises
-    ``ValueError`` instead. Module-level, so DataLoader workers can unpickle it.
-    """
+    """timm's posterize, except that keeping 0 bits gives a black image, as Pillow up to 12 did (the released
+    models' augmentation) and Pillow 13 refuses; timm asks for 0 bits at high magnitudes."""
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size)
     return auto_augment.posterize(img, bits_to_keep, **kwargs)
@@ -34,24 +29,14 @@ def augment_ops(transform: Callable) -> Iterator[auto_augment.AugmentOp]:
 
 
 def build_transform(is_train: bool, config: Any) -> Callable:
-    """``TEST.CROP`` true: resize the short side to ``IMG_SIZE / 0.875`` and centre-crop; false: squash to size.
-
-    Training is timm's recipe with its posterize ops replaced by :func:`posterize`, in this transform only
-    (timm itself is left unchanged).
-    """
+    """timm's training recipe (with :func:`posterize`), or resize and centre-crop (``TEST.CROP``) or squash."""
     size, interp = config.DATA.IMG_SIZE, config.DATA.INTERPOLATION
     if is_train:
         aug = config.AUG
-        transform = create_transform(
-            input_size=size,
-            is_training=True,
-            color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
-            auto_augment=aug.AUTO_AUGMENT if aug.AUTO_AUGMENT not in ("", "none") else None,
-            re_prob=aug.REPROB,
-            re_mode=aug.REMODE,
-            re_count=aug.RECOUNT,
-            interpolation=interp,
-        )
+        transform = create_transform(size, is_training=True, interpolation=interp,
+                                     color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
+                                     auto_augment=aug.AUTO_AUGMENT if aug.AUTO_AUGMENT not in ("", "none") else None,
+                                     re_prob=aug.REPROB, re_mode=aug.REMODE, re_count=aug.RECOUNT)
         for op in augment_ops(transform):
             if op.aug_fn is auto_augment.posterize:
                 op.aug_fn = posterize

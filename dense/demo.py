@@ -4,9 +4,8 @@ backgrounds, in the COCO layout for detection and the ADE20K layout for segmenta
     python -m dense.demo --task detection --out demo_detection [--size 128] [--train 300] [--val 60]
     python -m dense.demo --task segmentation --out demo_segmentation
 
-Every image is drawn from its own seed, so the output is the same on every run. COCO category ids are 1, 2 and 4
-(a gap, as COCO's ids have); ADE20K label values are 1 (background), 2-4 (the shapes) and 0 ("ignore") on a
-two-pixel frame.
+Every image is drawn from its own seed. COCO category ids are 1, 2 and 4 (a gap, as COCO's have); ADE20K label
+values are 1 (background), 2-4 (the shapes) and 0 ("ignore") on a two-pixel frame.
 """
 from __future__ import annotations
 
@@ -21,10 +20,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from config import HelpFormatter, UsageError, path_arg
-from data.demo import MARKER, claim_folder
+from data.demo import claim_folder, mark_generated
 
-SHAPES = ("circle", "square", "triangle")
 CATEGORY_IDS = {"circle": 1, "square": 2, "triangle": 4}
+SHAPES = tuple(CATEGORY_IDS)
 LABEL_VALUES = {"background": 1, "circle": 2, "square": 3, "triangle": 4}
 FRAME = 2  # pixels of label 0 around segmentation images
 
@@ -97,13 +96,12 @@ def generate_detection(out: str, size: int = 128, train: int = 300, val: int = 6
                     "area": float(np.asarray(mask).sum()), "iscrowd": 0})
         with open(os.path.join(out, "annotations", f"instances_{split}.json"), "w") as f:
             json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
-    mark_as_generated(out, "detection", size)
+    mark_generated(out, task="detection", size=size)
     return out
 
 
 def generate_segmentation(out: str, size: int = 128, train: int = 300, val: int = 60) -> str:
-    """``images/{training,validation}/*.jpg``, ``annotations/{training,validation}/*.png`` and the class names in
-    ``objectInfo150.csv``, as in ADE20K."""
+    """``images/<split>/*.jpg``, ``annotations/<split>/*.png`` and ``objectInfo150.csv``, as in ADE20K."""
     claim_folder(out, ("images", "annotations", "objectInfo150.csv"), "dense.demo")
     for split, count, offset in (("training", train, 0), ("validation", val, 10 ** 6)):
         for folder in ("images", "annotations"):
@@ -118,17 +116,9 @@ def generate_segmentation(out: str, size: int = 128, train: int = 300, val: int 
             img.save(os.path.join(out, "images", split, f"{i:06d}.jpg"), quality=95)
             labels.save(os.path.join(out, "annotations", split, f"{i:06d}.png"))
     with open(os.path.join(out, "objectInfo150.csv"), "w", newline="") as f:  # class names as ADE20K states them
-        writer = csv.writer(f)
-        writer.writerow(["Idx", "Name"])
-        writer.writerows(sorted((value, name) for name, value in LABEL_VALUES.items()))
-    mark_as_generated(out, "segmentation", size)
+        csv.writer(f).writerows([("Idx", "Name"), *sorted((value, name) for name, value in LABEL_VALUES.items())])
+    mark_generated(out, task="segmentation", size=size)
     return out
-
-
-def mark_as_generated(out: str, task: str, size: int) -> None:
-    """The marker that lets a later run regenerate this folder (and refuse any other, see ``claim_folder``)."""
-    with open(os.path.join(out, MARKER), "w") as f:
-        json.dump({"task": task, "size": size}, f)
 
 
 GENERATORS: Dict[str, object] = {"detection": generate_detection, "segmentation": generate_segmentation}

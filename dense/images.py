@@ -1,18 +1,24 @@
-"""Reading the dense tasks' image files as classification reads them (``data.datasets.load_rgb``: turned as their
-EXIF orientation says, 16-bit grey scaled to 8 bits, float refused), with every failure one line naming the file.
-Sizes are those shown, after the orientation: COCO boxes and segmentation labels are drawn on the picture as shown
-(a label PNG carries no orientation of its own and is used as stored)."""
+"""What the dense tasks' data share: image files read as classification reads them (``data.datasets.load_rgb``:
+turned as shown, 16-bit grey scaled, float refused) with every failure one line naming the file, sizes as shown
+(boxes and label PNGs describe the picture as shown), and the evaluation's batches."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Tuple
+import logging
+from typing import Any, Iterator, Sequence, Tuple
 
 import torch
 import torchvision.transforms.v2.functional as F
-from PIL import Image
+from PIL import ExifTags, Image
 
-from data.datasets import PIL_ERRORS, UnsupportedImage, check_mode, displayed_size, load_rgb
 from config import UsageError
+from data.datasets import PIL_ERRORS, UnsupportedImage, check_mode, load_rgb
+from dense.run import loader, progress_line
+from engine import DistEnv
+from logger import Progress
+
+# EXIF orientations that turn the picture by a quarter: its displayed width is the stored height.
+QUARTER_TURNS = (5, 6, 7, 8)
 
 
 @contextlib.contextmanager
@@ -32,7 +38,9 @@ def image_size(path: str, what: str = "image") -> Tuple[int, int]:
         if what != "image":
             return img.size
         check_mode(img)
-        return displayed_size(img)
+        # Pillow decodes a whole PNG to look for EXIF after its pixels; one written before them comes with the header.
+        exif = img.getexif() if img.format != "PNG" or "exif" in img.info else {}
+        return img.size[::-1] if exif.get(ExifTags.Base.Orientation) in QUARTER_TURNS else img.size
 
 
 def read_rgb(path: str) -> torch.Tensor:
@@ -41,6 +49,24 @@ def read_rgb(path: str) -> torch.Tensor:
         return F.pil_to_tensor(load_rgb(path))
 
 
-def as_shown(size: Tuple[int, int], expected: Tuple[int, int]) -> str:
-    """For a size mismatch message: where the sizes are each other turned, the image's EXIF orientation turned it."""
-    return " as shown (its EXIF orientation turns the stored picture)" if tuple(size) == tuple(expected)[::-1] else ""
+def shown(size: Tuple[int, int], other: Tuple[int, int]) -> str:
+    """``WxH`` for a size mismatch message, saying so where the EXIF orientation turned the picture from ``other``."""
+    turned = " as shown (its EXIF orientation turns the stored picture)" if tuple(size) == tuple(other)[::-1] else ""
+    return f"{size[0]}x{size[1]}{turned}"
+
+
+def collate(batch: Sequence[Tuple[Any, Any]]) -> Tuple[list, list]:
+    """Images of any size and their targets, as two lists."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def evaluation_batches(dataset: Any, config: Any, env: DistEnv, logger: logging.Logger) -> Iterator[Tuple[list, list]]:
+    """This process's shard of ``dataset`` in lists, logging progress every ``PRINT_FREQ`` batches."""
+    batches = loader(dataset, config, env, collate, train=False)
+    progress, done = Progress(len(batches), config.PRINT_FREQ), 0
+    for idx, (images, targets) in enumerate(batches):
+        yield images, targets
+        done += len(images)
+        if progress.due(idx):
+            logger.info(progress_line(progress, idx, done, batches, env))

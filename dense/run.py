@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-import engine
 from config import UsageError, get_config, run_parser
 from data.build import worker_count
 from data.samplers import ShardSampler
+import engine
 from engine import DatasetClasses, DistEnv, Precision, Scores, TaskData, build_precision, command_line, fit, launch
 from logger import Progress, quiet_worker_teardown
 from lr_scheduler import build_dense_scheduler

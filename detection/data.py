@@ -1,6 +1,5 @@
-"""COCO-layout data: ``<root>/<split>/`` images and ``<root>/annotations/instances_<split>.json``, read with
-pycocotools. Every annotation is checked when the set is opened, and a bad one is a one-line error naming the
-file, the annotation and the problem. Category ids map to contiguous labels 1..K in id order (0 is background)."""
+"""COCO-layout data: ``<root>/<split>/`` images and ``<root>/annotations/instances_<split>.json``, every annotation
+checked on opening (one line naming the file, the annotation and the problem); category ids become labels 1..K."""
 from __future__ import annotations
 
 import contextlib
@@ -15,10 +14,11 @@ import pycocotools.mask as mask_utils
 import torch
 import torchvision.transforms.v2.functional as F
 from pycocotools.coco import COCO
+from torchvision.ops import box_convert, clip_boxes_to_image
 
-from dense.images import as_shown, image_size, read_rgb
-from detection.config import MASK_DETECTORS
 from config import UsageError
+from dense.images import collate, image_size, read_rgb, shown  # collate: the task's, as detection/train.py takes it
+from detection.config import MASK_DETECTORS
 
 # Boxes may pass the image border by this many pixels (rounding in real annotations) and are clipped to it.
 BORDER_TOLERANCE = 1.0
@@ -43,8 +43,7 @@ def rle_runs(segm: Dict[str, Any]) -> Optional[List[int]]:
         return counts
     if not isinstance(counts, str):
         return None
-    runs: List[int] = []
-    pos = 0
+    runs, pos = [], 0
     while pos < len(counts):
         value, shift, more = 0, 0, True
         while more:
@@ -63,9 +62,7 @@ def rle_runs(segm: Dict[str, Any]) -> Optional[List[int]]:
 
 
 def check_images(coco: COCO, path: str) -> None:
-    """Refuse image entries that would fail later or train silently wrong: an id listed twice (pycocotools keeps
-    one entry and gives it both images' annotations), a missing file name, or a missing or non-positive
-    size."""
+    """Refuse an id listed twice (pycocotools would merge the two), a missing file name or size."""
     seen = set()
     for image in coco.dataset.get("images", []):
         image_id = image.get("id")
@@ -84,18 +81,14 @@ def check_images(coco: COCO, path: str) -> None:
 
 
 def complete_annotations(coco: COCO, masks: bool) -> None:
-    """What COCOeval needs of checked annotations and converters often leave out: ``iscrowd`` (0, as training
-    reads it), ``area`` (the mask's, else the box's), and ids unique and from 1 on (COCOeval looks annotations
-    up by id and takes a matched id of 0 for "no match": numbered from 0, or with an id used twice, exact
-    detections scored far below 100). Renumbers in file order where needed."""
+    """What COCOeval needs and converters often leave out: ``iscrowd`` (0), ``area`` (the mask's, else the box's),
+    and ids unique and from 1 on (COCOeval takes id 0 for "no match"), renumbered in file order where needed."""
     annotations = coco.dataset.get("annotations", [])
     for ann in annotations:
         ann.setdefault("iscrowd", 0)
         if "area" not in ann:
-            if masks and not ann["iscrowd"]:
-                ann["area"] = float(mask_utils.area(coco.annToRLE(ann)))
-            else:
-                ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+            by_mask = masks and not ann["iscrowd"]
+            ann["area"] = float(mask_utils.area(coco.annToRLE(ann)) if by_mask else ann["bbox"][2] * ann["bbox"][3])
     ids = [ann.get("id") for ann in annotations]
     if len(set(ids)) < len(ids) or any(not isinstance(i, int) or i < 1 for i in ids):
         for number, ann in enumerate(annotations, 1):
@@ -105,8 +98,7 @@ def complete_annotations(coco: COCO, masks: bool) -> None:
 
 
 def check_annotations(coco: COCO, path: str, masks: bool) -> None:
-    """Refuse annotations that would train silently wrong: unknown image or category, a malformed or
-    degenerate box, a box outside its image, a missing or malformed mask."""
+    """Refuse what would train silently wrong: unknown image or category, bad boxes, missing or bad masks."""
     for ann in coco.dataset.get("annotations", []):
         where = f"{path}: annotation {ann.get('id')}"
         image = coco.imgs.get(ann.get("image_id"))
@@ -146,9 +138,8 @@ def check_annotations(coco: COCO, path: str, masks: bool) -> None:
 
 
 class CocoDetection(torch.utils.data.Dataset):
-    """(image in [0, 1], target) pairs for torchvision's detectors: boxes (x1, y1, x2, y2), labels 1..K, masks,
-    image_id. Crowd regions and boxes under a pixel wide are left out of the targets, and, for training, images
-    left without any object, as torchvision's detection references do."""
+    """(image in [0, 1], target) pairs for torchvision's detectors; crowd regions and boxes under a pixel wide are
+    left out, and so, for training, are images without objects, as torchvision's references do."""
 
     def __init__(self, root: str, split: str, masks: bool, train: bool, flip_prob: float = 0.5):
         self.folder = os.path.join(root, split)
@@ -182,13 +173,12 @@ class CocoDetection(torch.utils.data.Dataset):
         """``size`` (width, height) of the image file must be its entry's."""
         info = self.coco.imgs[image_id]
         if size != (info["width"], info["height"]):
-            raise UsageError(f"image {os.path.join(self.folder, info['file_name'])} is {size[0]}x{size[1]}"
-                             f"{as_shown(size, (info['width'], info['height']))} but {self.ann_file} says "
+            raise UsageError(f"image {os.path.join(self.folder, info['file_name'])} is "
+                             f"{shown(size, (info['width'], info['height']))} but {self.ann_file} says "
                              f"{info['width']}x{info['height']}")
 
     def _objects(self, image_id: int) -> List[Dict[str, Any]]:
-        return [a for a in self.coco.imgToAnns[image_id]
-                if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1]
+        return [a for a in self.coco.imgToAnns[image_id] if not a["iscrowd"] and min(a["bbox"][2:]) >= 1]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -202,9 +192,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self._check_size(image_id, (width, height))
         objects = self._objects(image_id)
         boxes = torch.tensor([a["bbox"] for a in objects], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
-        boxes[:, 0::2].clamp_(0, width)
-        boxes[:, 1::2].clamp_(0, height)
+        boxes = clip_boxes_to_image(box_convert(boxes, "xywh", "xyxy"), (height, width))
         target = {"boxes": boxes, "image_id": torch.tensor(image_id),
                   "labels": torch.tensor([self.label_of[a["category_id"]] for a in objects], dtype=torch.int64)}
         if self.masks:
@@ -218,16 +206,9 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
-def collate(batch: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]) -> Tuple[list, list]:
-    """torchvision's detectors take lists: images of any size, one target dict each."""
-    images, targets = zip(*batch)
-    return list(images), list(targets)
-
-
 def check_resizable(dataset: CocoDetection, min_size: int, max_size: int) -> None:
-    """torchvision's transform scales an image's short side to ``min_size`` unless its long side would pass
-    ``max_size``, flooring the result: an image more elongated than that becomes 0 pixels, a RuntimeError in the
-    middle of an epoch or an evaluation. Refused here instead, naming the image and the keys."""
+    """Refuse an image so elongated that torchvision's resize (short side to ``min_size`` unless the long one passes
+    ``max_size``, floored) makes it 0 pixels: a RuntimeError in the middle of an epoch otherwise."""
     for image_id in dataset.ids:
         info = dataset.coco.imgs[image_id]
         short, long = sorted((info["width"], info["height"]))

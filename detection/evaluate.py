@@ -13,32 +13,25 @@ import torch.distributed as dist
 import torch.nn as nn
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_convert
 
-from dense.run import loader, progress_line
+from dense.images import evaluation_batches
 from engine import DistEnv, Precision, all_reduce_sum
-from logger import Progress
 
 from .config import MASK_DETECTORS
-from .data import collate
 
 MASK_THRESHOLD = 0.5  # Mask R-CNN's mask probabilities become binary masks here, as torchvision's references do
 
 
 def to_coco(output: Dict[str, torch.Tensor], image_id: int, category_ids: Sequence[int]) -> List[Dict[str, Any]]:
     """One image's detections as COCO result entries (boxes x, y, w, h; masks as RLE)."""
-    boxes = output["boxes"].float().cpu()
-    boxes[:, 2:] -= boxes[:, :2]
-    results = []
-    masks = output.get("masks")
-    if masks is not None:
-        masks = (masks[:, 0] > MASK_THRESHOLD).cpu().numpy().astype(np.uint8)
-    for k, (box, label, score) in enumerate(zip(boxes.tolist(), output["labels"].tolist(), output["scores"].tolist())):
-        entry = {"image_id": image_id, "category_id": category_ids[label - 1], "bbox": box, "score": score}
-        if masks is not None:
-            rle = mask_utils.encode(np.asfortranarray(masks[k]))
-            rle["counts"] = rle["counts"].decode("ascii")
-            entry["segmentation"] = rle
-        results.append(entry)
+    boxes = box_convert(output["boxes"].float().cpu(), "xyxy", "xywh").tolist()
+    results = [{"image_id": image_id, "category_id": category_ids[label - 1], "bbox": box, "score": score}
+               for box, label, score in zip(boxes, output["labels"].tolist(), output["scores"].tolist())]
+    if results and "masks" in output:  # encoded together: pycocotools takes (H, W, N) in Fortran order
+        masks = (output["masks"][:, 0] > MASK_THRESHOLD).cpu().numpy().astype(np.uint8)
+        for entry, rle in zip(results, mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))):
+            entry["segmentation"] = {**rle, "counts": rle["counts"].decode("ascii")}
     return results
 
 
@@ -69,17 +62,12 @@ def evaluate(config: Any, model: nn.Module, dataset: Any, env: DistEnv, precisio
              logger: logging.Logger) -> float:
     """Log the COCO summaries and ``box AP X mask AP Y``; return the box AP (the same on every process)."""
     model.eval()
-    batches = loader(dataset, config, env, collate, train=False)
     results: List[Dict[str, Any]] = []
-    progress, done = Progress(len(batches), config.PRINT_FREQ), 0
-    for idx, (images, targets) in enumerate(batches):
+    for images, targets in evaluation_batches(dataset, config, env, logger):
         with precision.autocast():
             outputs = model([image.to(env.device) for image in images])
         for output, target in zip(outputs, targets):
             results += to_coco(output, int(target["image_id"]), dataset.category_ids)
-        done += len(images)
-        if progress.due(idx):
-            logger.info(progress_line(progress, idx, done, batches, env))
     if env.distributed:
         gathered: List[Any] = [None] * env.world_size
         dist.all_gather_object(gathered, results)

@@ -14,9 +14,9 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
+from config import UsageError
 from dense.backbone import DenseBackbone, build_backbone
 from dense.config import check_arguments
-from config import UsageError
 
 from .atss import ATSS
 from .cascade_rcnn import CascadeMaskRCNN

@@ -23,8 +23,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, box_convert, generalized_box_iou, generalized_box_iou_loss
 from torchvision.ops import sigmoid_focal_loss
 
-from engine import all_reduce_sum
 from config import UsageError
+from engine import all_reduce_sum
 
 # mmdetection's DeltaXYWH target stds (0.5, 0.5, 1, 1) for Sparse R-CNN, as the weights torchvision's BoxCoder
 # divides the deltas by (the reference implementation's bbox_weights (2, 2, 1, 1)).

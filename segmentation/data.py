@@ -1,10 +1,6 @@
-"""Segmentation data in the ADE20K layout: ``images/<split>/*.jpg`` (or any image type torchvision's folders read;
-hidden files left out) with ``annotations/<split>/*.png`` of the same name, one label value per pixel.
-``DATA.REDUCE_ZERO_LABEL`` says what the values mean: ADE20K's convention (0 is "other", ignored; value v is class
-v - 1) or plain classes (value v is class v). Value 255 is always ignored. Pairs and sizes are checked when the set
-is opened, and so are the validation label values (training ones as each image is read). An image is turned as its
-EXIF orientation says and its label PNG is used as stored: labels are drawn on the picture as shown.
-"""
+"""Segmentation data in the ADE20K layout: ``images/<split>/*.jpg`` with ``annotations/<split>/*.png`` of the same
+name, one label value per pixel: under ``DATA.REDUCE_ZERO_LABEL`` ADE20K's convention (0 ignored, value v is class
+v - 1), else value v is class v; 255 is always ignored. Pairs, sizes and validation labels are checked on opening."""
 from __future__ import annotations
 
 import csv
@@ -16,11 +12,12 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
+from torch.utils.data import default_collate
 from torchvision.transforms import InterpolationMode
 
-from data.datasets import PIL_ERRORS, image_files
-from dense.images import as_shown, image_size, read_rgb
 from config import UsageError
+from data.datasets import image_files
+from dense.images import image_size, one_line, read_rgb, shown
 
 IGNORE = 255  # ignored pixels: the value 255, and 0 under REDUCE_ZERO_LABEL
 SPLITS = {"train": "training", "val": "validation"}
@@ -36,13 +33,10 @@ HUE_DELTA = 18
 
 def read_labels(path: str) -> np.ndarray:
     """A single-channel PNG as an array of label values; anything else is a one-line error naming the file."""
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("1", "L", "P", "I;16", "I"):  # "1": a two-class mask, values 0 and 1
-                raise UsageError(f"annotation {path} has mode {img.mode}: label PNGs must have one channel")
-            labels = np.asarray(img).astype(np.int64)
-    except PIL_ERRORS as err:
-        raise UsageError(f"cannot read annotation {path}: {err}") from None
+    with one_line(path, "annotation"), Image.open(path) as img:
+        if img.mode not in ("1", "L", "P", "I;16", "I"):  # "1": a two-class mask, values 0 and 1
+            raise UsageError(f"annotation {path} has mode {img.mode}: label PNGs must have one channel")
+        labels = np.asarray(img).astype(np.int64)
     if labels.size and labels.min() < 0:
         raise UsageError(f"annotation {path} has label {labels.min()}: label values must be 0 or more")
     if labels.size and labels.max() > IGNORE:  # under REDUCE_ZERO_LABEL, 256 would become class 255: "ignore"
@@ -55,9 +49,7 @@ def to_classes(labels: np.ndarray, reduce_zero_label: bool) -> np.ndarray:
     """Label values as class indices, ``IGNORE`` where a pixel is not scored."""
     if not reduce_zero_label:
         return labels
-    classes = labels - 1
-    classes[(labels == 0) | (labels == IGNORE)] = IGNORE
-    return classes
+    return np.where((labels == 0) | (labels == IGNORE), IGNORE, labels - 1)
 
 
 def ignored(reduce_zero_label: bool) -> str:
@@ -67,28 +59,22 @@ def ignored(reduce_zero_label: bool) -> str:
 
 
 def count_classes(paths: Sequence[str], reduce_zero_label: bool, where: str) -> int:
-    """The class count the training annotations imply: the largest class present, plus one. Refused, naming the
-    file, when that largest value looks like a stray rather than a class: found in one file only (of several),
-    or more than twice the next largest value and more than ``FAR_GAP`` above it. ``DATA.NUM_CLASSES`` overrides
-    the count."""
+    """The class count the training annotations imply (largest class + 1), refused naming the file where that value
+    looks like a stray: found in one file of several, or over twice the next one and ``FAR_GAP`` above it."""
     files_with: Dict[int, List[str]] = {}
     for path in paths:
         classes = to_classes(read_labels(path), reduce_zero_label)
-        for value in np.flatnonzero(np.bincount(classes.ravel()[classes.ravel() != IGNORE], minlength=1)):
+        for value in np.unique(classes[classes != IGNORE]):
             files_with.setdefault(int(value), []).append(path)
     if not files_with:
         raise UsageError(f"the annotations in {where} hold no class ({ignored(reduce_zero_label)})")
-    present = sorted(files_with)
-    largest, files = present[-1], files_with[present[-1]]
-    value = largest + 1 if reduce_zero_label else largest
-    below = present[-2] if len(present) > 1 else None
+    *rest, largest = sorted(files_with)
+    files, shift, below = files_with[largest], int(reduce_zero_label), rest[-1] if rest else None
     far = below is not None and largest > 2 * below + 1 and largest - below > FAR_GAP
-    stray = (len(files) == 1 and len(paths) > 1) or far
-    if stray:
-        others = f"the other values stop at {below + 1 if reduce_zero_label else below}" if below is not None \
-            else "it is the only value"
-        raise UsageError(f"annotation {files[0]} has label {value}, found in {len(files)} of {len(paths)} files "
-                         f"({others}): a class count of {largest + 1} from the data looks wrong; if it is right, "
+    if (len(files) == 1 and len(paths) > 1) or far:
+        others = f"the other values stop at {below + shift}" if below is not None else "it is the only value"
+        raise UsageError(f"annotation {files[0]} has label {largest + shift}, found in {len(files)} of {len(paths)} "
+                         f"files ({others}): a class count of {largest + 1} from the data looks wrong; if it is right, "
                          f"set DATA.NUM_CLASSES {largest + 1}")
     return largest + 1
 
@@ -98,9 +84,7 @@ def names_file(root: str) -> str:
 
 
 def named_classes(root: str, num_classes: int) -> Optional[List[str]]:
-    """ADE20K's ``objectInfo150.csv`` names (first name of each row) when the file is there with a row for each
-    class, else None; a file without a ``Name`` column is a one-line error (:func:`build_data` reads it before
-    training)."""
+    """ADE20K's ``objectInfo150.csv`` names (the first of each row) when it has one row per class, else None."""
     path = names_file(root)
     if not os.path.isfile(path):
         return None
@@ -116,17 +100,12 @@ def named_classes(root: str, num_classes: int) -> Optional[List[str]]:
 
 def class_names(root: str, num_classes: int, reduce_zero_label: bool = True) -> List[str]:
     """:func:`named_classes`, else the label values."""
-    names = named_classes(root, num_classes)
-    if names:
-        return names
-    first = 1 if reduce_zero_label else 0
-    return [f"label {value}" for value in range(first, num_classes + first)]
+    first = int(reduce_zero_label)
+    return named_classes(root, num_classes) or [f"label {value}" for value in range(first, num_classes + first)]
 
 
 class SegmentationFolder(torch.utils.data.Dataset):
-    """(image, labels) pairs of one split; ``train`` applies the seed's augmentation (random rescale, crop,
-    flip) and normalises; otherwise the image stays as read (uint8, full size: evaluation resizes it to each of
-    its scales) and so do the labels, for scoring."""
+    """(image, labels) pairs: augmented and normalised for training, else as read (evaluation resizes them)."""
 
     def __init__(self, root: str, split: str, config: Any, train: bool, num_classes: int = 0):
         folder = SPLITS[split]
@@ -152,16 +131,15 @@ class SegmentationFolder(torch.utils.data.Dataset):
             image_wh, label_wh = image_size(image, "image"), image_size(label, "annotation")
             if image_wh != label_wh:
                 raise UsageError(f"annotation {label} is {label_wh[0]}x{label_wh[1]} but its image is "
-                                 f"{image_wh[0]}x{image_wh[1]}{as_shown(image_wh, label_wh)}")
+                                 f"{shown(image_wh, label_wh)}")
             self.samples.append((image, label))
         self.reduce_zero_label = config.DATA.REDUCE_ZERO_LABEL
         self.num_classes = num_classes or count_classes([label for _, label in self.samples],
                                                         self.reduce_zero_label, label_dir)
         self.config, self.train = config, train
-        if not train:  # now, not when the first evaluation reads them after an epoch of training
-            scored = [bool((self.classes(label) != IGNORE).any()) for _, label in self.samples]
-            if not any(scored):  # nothing to score: every evaluation would log "mIoU nan%"
-                raise UsageError(f"the annotations in {label_dir} hold no class ({ignored(self.reduce_zero_label)})")
+        # The validation labels now, not at the first evaluation; with nothing to score, each would log "mIoU nan%".
+        if not train and not any([(self.classes(label) != IGNORE).any() for _, label in self.samples]):
+            raise UsageError(f"the annotations in {label_dir} hold no class ({ignored(self.reduce_zero_label)})")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -171,7 +149,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
         classes = to_classes(read_labels(label_path), self.reduce_zero_label)
         scored = classes[classes != IGNORE]
         if scored.size and scored.max() >= self.num_classes:
-            value = scored.max() + (1 if self.reduce_zero_label else 0)
+            value = scored.max() + int(self.reduce_zero_label)
             raise UsageError(f"annotation {label_path} has label {value}, above the {self.num_classes} classes "
                              f"(DATA.NUM_CLASSES or the training annotations; DATA.REDUCE_ZERO_LABEL "
                              f"{self.reduce_zero_label})")
@@ -187,9 +165,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
         return normalize(image), target[0]
 
     def augment(self, image: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """mmsegmentation's ADE20K pipeline: random rescale, random crop, photometric distortion
-        (``DATA.PHOTOMETRIC_DISTORTION``) of the cropped pixels, padding to the crop size with "ignore" (the image
-        with 0), horizontal flip with probability ``DATA.FLIP_PROB``."""
+        """mmsegmentation's ADE20K pipeline: rescale, crop, photometric distortion, pad with "ignore", flip."""
         data = self.config.DATA
         ratio = random.uniform(*data.RATIO_RANGE)
         size = fit_size(image.shape[-2:], [s * ratio for s in data.SCALE])
@@ -210,9 +186,8 @@ class SegmentationFolder(torch.utils.data.Dataset):
 
 
 def scale_saturation(image: torch.Tensor, factor: float) -> torch.Tensor:
-    """HSV saturation x ``factor`` (at most 1), hue and value kept, as mmsegmentation's round trip through OpenCV's
-    HSV does it (torchvision's ``adjust_saturation`` blends with the grey level instead, which moves the value).
-    With V the largest channel of a pixel and S = (V - min) / V, each channel becomes V - (S' / S)(V - c)."""
+    """HSV saturation x ``factor`` (at most 1) with hue and value kept, as OpenCV's HSV round trip in mmsegmentation
+    (torchvision's blend with grey moves the value): with V the largest channel, c becomes V - (S' / S)(V - c)."""
     value = image.amax(0, keepdim=True)
     spread = value - image.amin(0, keepdim=True)  # V * S
     scale = torch.minimum(torch.full_like(value, factor), value / spread.clamp(min=1e-12))  # S' / S
@@ -220,12 +195,9 @@ def scale_saturation(image: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def photometric_distortion(image: torch.Tensor) -> torch.Tensor:
-    """mmsegmentation's PhotoMetricDistortion of a uint8 RGB image, as float values in [0, 1]: each step with
-    probability 1/2, brightness + U(-32, 32) / 255, then, the contrast step first or last at random, contrast x
-    U(0.5, 1.5), saturation x U(0.5, 1.5) (:func:`scale_saturation`) and a hue shift of U(-18, 18) of OpenCV's
-    180 units. mmsegmentation's "contrast" scales the values, which is torchvision's ``adjust_brightness``; its
-    brightness adds, which torchvision does not offer. Values are clipped after each step as there, but not rounded
-    to integers between steps."""
+    """mmsegmentation's PhotoMetricDistortion of a uint8 RGB image, as floats in [0, 1]: each step with probability
+    1/2, brightness added, then contrast (first or last), saturation and hue. Its "contrast" scales the values, which
+    is torchvision's ``adjust_brightness``. Values are clipped after each step, as there, but not rounded."""
     image = F.to_dtype(image, torch.float32, scale=True)
     if random.random() < 0.5:
         image = (image + random.uniform(-BRIGHTNESS_DELTA, BRIGHTNESS_DELTA) / 255).clamp(0, 1)
@@ -252,10 +224,7 @@ def fit_size(size: Sequence[int], scale: Sequence[float]) -> List[int]:
     return [max(int(h * factor + 0.5), 1), max(int(w * factor + 0.5), 1)]
 
 
-def collate(batch: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Training crops, all of ``DATA.CROP_SIZE``, as two tensors."""
-    images, targets = zip(*batch)
-    return torch.stack(images), torch.stack(targets)
+collate = default_collate  # training crops all have DATA.CROP_SIZE: two stacked tensors
 
 
 def build_data(config: Any, env: Any, logger: Any) -> Tuple[SegmentationFolder, SegmentationFolder, int]:

@@ -1,11 +1,10 @@
-"""mIoU as mmsegmentation computes it: one confusion matrix over every labelled pixel of the validation set
-(torchmetrics, summed over processes), IoU per class = TP / (TP + FP + FN), the mean over classes that occur in
-the labels or the predictions. Predictions come from one view of each image or from several (``TEST.SCALES``,
-``TEST.FLIP``), each predicted whole or in sliding windows (``TEST.MODE``)."""
+"""mIoU as mmsegmentation computes it: one confusion matrix over every labelled pixel (summed over processes), IoU
+per class = TP / (TP + FP + FN), averaged over the classes in the labels or the predictions; one view of each image
+or several (``TEST.SCALES``, ``TEST.FLIP``), each predicted whole or in sliding windows (``TEST.MODE``)."""
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,26 +12,20 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from dense.run import loader, progress_line
+from dense.images import evaluation_batches
 from engine import DistEnv, Precision
-from logger import Progress
 
 from .data import IGNORE, class_names, fit_size, normalize
 
 SIZE_DIVISOR = 32  # smp's encoders need sides divisible by their output stride
 
 
-def iou_per_class(confmat: torch.Tensor) -> torch.Tensor:
-    """IoU of each class from a (target, prediction) confusion matrix; NaN for a class absent from both."""
+def mean_iou(confmat: torch.Tensor) -> Tuple[float, torch.Tensor]:
+    """(mIoU, IoU per class) in percent from a confusion matrix; a class absent from both sides is NaN, unscored."""
     confmat = confmat.double()
     tp = confmat.diag()
     union = confmat.sum(0) + confmat.sum(1) - tp
-    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
-
-
-def mean_iou(confmat: torch.Tensor) -> Tuple[float, torch.Tensor]:
-    """(mIoU in percent, per-class IoU in percent)."""
-    ious = iou_per_class(confmat) * 100
+    ious = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan"))) * 100
     return ious.nanmean().item(), ious
 
 
@@ -63,11 +56,9 @@ def slide(model: nn.Module, image: torch.Tensor, crop: int, stride: int) -> torc
 
 @torch.no_grad()
 def predict(model: nn.Module, image: torch.Tensor, out_size: Sequence[int], config: Any) -> torch.Tensor:
-    """Class probabilities (K, H, W) of a uint8 image at the label's size ``out_size``: the mean over the views
-    ``TEST.SCALES`` x (with ``TEST.FLIP``) unflipped and flipped, each resized to fit ``DATA.SCALE`` x its ratio,
-    predicted (``TEST.MODE``), flipped back, and brought to the label's size before the softmax, as
-    mmsegmentation's aug_test averages them. A scale's two views share one batch, so the mirrored one costs no
-    pass of its own."""
+    """Class probabilities (K, H, W) of a uint8 image at the label's size: the mean over the views (each scale,
+    flipped too with ``TEST.FLIP``, in one batch) brought to that size before the softmax, as mmsegmentation's
+    aug_test averages them."""
     test = config.TEST
     total = None
     for ratio in test.SCALES:
@@ -84,35 +75,23 @@ def predict(model: nn.Module, image: torch.Tensor, out_size: Sequence[int], conf
 
 def describe(test: Any) -> str:
     """The views of the evaluation in a few words, e.g. ``scales 0.5-1.75, flip``."""
-    scales = sorted(test.SCALES)
-    if len(scales) > 1:
-        parts = [f"scales {scales[0]:g}-{scales[-1]:g}"]
-    else:
-        parts = ["single scale" if scales[0] == 1 else f"scale {scales[0]:g}"]
-    if test.FLIP:
-        parts.append("flip")
-    if test.MODE == "slide":
-        parts.append(f"slide {test.CROP}/{test.STRIDE}")
-    return ", ".join(parts)
+    low, high = min(test.SCALES), max(test.SCALES)
+    scale = f"scales {low:g}-{high:g}" if len(test.SCALES) > 1 else "single scale" if low == 1 else f"scale {low:g}"
+    parts = [scale, "flip" if test.FLIP else "", f"slide {test.CROP}/{test.STRIDE}" if test.MODE == "slide" else ""]
+    return ", ".join(part for part in parts if part)
 
 
 @torch.no_grad()
 def evaluate(config: Any, model: nn.Module, dataset: Any, env: DistEnv, precision: Precision,
              logger: logging.Logger) -> float:
-    """Log the IoU of every class and ``mIoU X% (views) over K classes (N images)``; return the mIoU. Every
-    process scores its shard of images."""
+    """Log the IoU of every class and ``mIoU X% (views) over K classes (N images)``; return the mIoU."""
     model.eval()
     metric = MulticlassConfusionMatrix(dataset.num_classes, ignore_index=IGNORE).to(env.device)
-    batches = loader(dataset, config, env, collate_list, train=False)
-    progress, done = Progress(len(batches), config.PRINT_FREQ), 0
-    for idx, (images, targets) in enumerate(batches):
+    for images, targets in evaluation_batches(dataset, config, env, logger):
         for image, target in zip(images, targets):
             with precision.autocast():
                 pred = predict(model, image.to(env.device), target.shape, config).argmax(0)
             metric.update(pred.flatten(), target.to(env.device).flatten())
-        done += len(images)
-        if progress.due(idx):
-            logger.info(progress_line(progress, idx, done, batches, env))
     miou, ious = mean_iou(metric.compute().cpu())  # torchmetrics sums the matrices of all processes
     names = class_names(config.DATA.DATA_PATH, dataset.num_classes, dataset.reduce_zero_label)
     for name, iou in zip(names, ious.tolist()):
@@ -120,8 +99,3 @@ def evaluate(config: Any, model: nn.Module, dataset: Any, env: DistEnv, precisio
     logger.info(f"mIoU {miou:.2f}% ({describe(config.TEST)}) over {dataset.num_classes} classes "
                 f"({len(dataset)} images)")
     return miou
-
-
-def collate_list(batch: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[list, list]:
-    images, targets = zip(*batch)
-    return list(images), list(targets)

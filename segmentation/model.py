@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 from torchvision.ops import Conv2dNormActivation
 
-import models  # noqa: F401  registers the Focal Transformers with timm, which smp's "tu-" encoders build from
 from dense.backbone import DenseBackbone, build_backbone
+import models  # noqa: F401  registers the Focal Transformers with timm, which smp's "tu-" encoders build from
 
 
 class AuxiliaryHead(nn.Sequential):

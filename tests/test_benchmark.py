@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO
 import logger
+from tests.helpers import REPO
 from tools import benchmark
 
 PEER = "configs/demo/focal_demo.yaml"

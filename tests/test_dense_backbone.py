@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-from dense.backbone import DenseBackbone
 from config import UsageError, merge_opts
+from dense.backbone import DenseBackbone
 from dense.run import load_backbone
 from detection.config import detection_defaults
 from detection.model import backbone, build_detector

@@ -23,10 +23,10 @@ from detection.evaluate import coco_ap, evaluate
 from detection.model import backbone, build_detector
 from detection.train import TASK
 from engine import DistEnv, build_precision
+from lr_scheduler import scale_rates
 from models import extract_state_dict
 from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, assert_intact, check, finished_dense_run, load,
                            private_copy, run_task, task_args, this_run)
-from lr_scheduler import scale_rates
 from utils import CHECKSUM_KEY, content_digest
 
 CFG = str(REPO / "configs" / "detection" / "demo.yaml")

@@ -11,8 +11,8 @@ from config import load_config
 from models import build_model
 from models.focal_attention import focal_layout
 from models.topk_attention import topk_layout
-from tools.golden import FIXTURES, case_opts, load_case
 from tests.helpers import REPO, assert_agree, longest_sum, randomise, roundoff
+from tools.golden import FIXTURES, case_opts, load_case
 
 pytestmark = pytest.mark.slow  # tracing, exporting and checking a model takes 2 s to 20 s
 

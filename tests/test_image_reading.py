@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import ExifTags, Image
 
-from data.datasets import CheckedImages, ImageTree, image_sources
+from config import UsageError
+from data.datasets import CheckedImages, ImageTree
 from dense.images import image_size, read_rgb
 from detection.data import CocoDetection
-from config import UsageError
 from main import main
 from predict import read_image
 from segmentation.config import segmentation_defaults
@@ -89,8 +89,8 @@ def test_values_of_unknown_range_are_refused_naming_the_file_by_every_reader(kin
     dataset = ImageTree(str(tmp_path / "train"))
     what = r"\(mode F\)" if kind.startswith("float") else r"32-bit integer values from -?\d+ to \d+ \(mode I\)"
     with pytest.raises(UsageError, match=rf"cannot read image .*scan.tiff: holds .*{what}.*DATA.SKIP_BAD_IMAGES"):
-        CheckedImages(dataset, image_sources(dataset), skip=False)[0]
-    skipping = CheckedImages(dataset, image_sources(dataset), skip=True)
+        CheckedImages(dataset, skip=False)[0]
+    skipping = CheckedImages(dataset, skip=True)
     assert skipping[0] is None and skipping.take_skipped() == 1
     with pytest.raises(UsageError, match=rf"cannot read image .*scan.tiff: holds .*{what}"):
         read_image(path)

@@ -9,11 +9,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from config import load_config
 from models import ConfigError, build_model, extract_state_dict, load_weights
 from models.registry import RELEASE_URL
-from tools.golden import FIXTURES, case_input, load_case
 from tests.helpers import (GOLDEN, REPO, SMALL, assert_agree, assert_outputs_and_gradients_agree, longest_sum,
                            outputs_and_gradients, randomise, relative_error, roundoff, small_model, sum_roundoff,
                            tiny_config)
 from tests.oracles import GATHERS, oracle_gather
+from tools.golden import FIXTURES, case_input, load_case
 
 
 @pytest.mark.parametrize("opts", [

@@ -8,9 +8,9 @@ from config import load_config
 from models import build_model, load_weights
 from models.kernels import KERNELS, optimize_for
 from models.kernels.onednn_linear import onednn_available
-from tools.golden import CASE_FILES, FIXTURES, build_filled, case_input, case_opts, load_case
 from tests.helpers import GOLDEN
 from tests.oracles import GATHERS, oracle_gather
+from tools.golden import CASE_FILES, FIXTURES, build_filled, case_input, case_opts, load_case
 
 RELEASED_PARAMS_M = {  # the released model zoo table, in millions
     "focal_tiny_patch4_window7_224": 28.9, "focal_tiny_useconv_patch4_window7_224": 30.8,

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-import predict
+from config import UsageError, get_config
 from data import demo as data_demo
 from dense import demo as dense_demo
-from config import UsageError, get_config
 from detection.config import DETECTION_RULES, detection_defaults
+import predict
 from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
 from tests.helpers import REPO
 from tools import bench_dense, benchmark, export

@@ -13,8 +13,8 @@ from config import UsageError, load_config
 from data.transforms import build_transform
 from models import build_model, load_weights
 from predict import parse_args, predict
-from tools.golden import FIXTURES, case_opts, load_case
 from tests.helpers import REPO, randomise
+from tools.golden import FIXTURES, case_opts, load_case
 
 CFG = str(REPO / "configs" / "focal_tiny_patch4_window7_224.yaml")
 FIXTURE = str(FIXTURES / "small_fc_224.pth")

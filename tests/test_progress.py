@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 import engine
-import logger as progress  # the module whose REPORT_SECONDS the loops read
 from engine import build_precision, evaluate
+import logger as progress  # the module whose REPORT_SECONDS the loops read
 from tests.helpers import CPU, DEMO_CFG, read_log, tiny_config
 
 TEST_LINE = re.compile(r"Test: \[(\d+)/10\] eta \d+:\d\d:\d\d\t")

@@ -21,10 +21,10 @@ from PIL import Image
 from config import UsageError, load_config
 from data.datasets import to_rgb
 from lr_scheduler import build_scheduler
+from lr_scheduler import scale_rates
 from main import main
 from models import build_model
 from optimizer import build_optimizer
-from lr_scheduler import scale_rates
 
 from tests.helpers import (DEMO_CFG, MAIN_ENV, REPO, TINY_OPTS, assert_intact, demo_args, eval_summary,
                            first_image, load, read_log, run_dir, run_main, snapshot, start_main, this_run,

@@ -35,8 +35,8 @@ from engine import build_precision, synchronize
 from logger import Progress
 from models import ConfigError, build_model, validate_model_config
 from models.focal_layout import LAYOUTS
-from models.window_attention import WindowedAttention, gather_windows
 from models.kernels import onednn_linear, optimize_for, select_kernels
+from models.window_attention import WindowedAttention, gather_windows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
