@@ -1,11 +1,9 @@
 """Side-by-side speed and memory of our Focal models and timm's Swin-T, measured in one run.
 
 Models are timed alternately (each repetition runs every model once) and medians are reported, so slow drifts of
-the machine hit all models alike; ratios are against the peer (``--peer``, timm's Swin-T by default). Models run
-as built, with PyTorch's stock kernels: the like-for-like comparison of the designs. A name ending in
-``+kernels`` is first passed through ``models.kernels.optimize_for`` (``FOCAL_KERNELS`` picks them by hand) and
-its row also gives the gain over the plain model; ``+onednn`` applies only the oneDNN linear layers, to any model.
-BENCHMARKS.md gives the command behind each of its tables; ``--help`` lists the modes.
+the machine hit all models alike; ratios are against the peer (``--peer``). Models run with PyTorch's stock
+kernels unless their name ends in ``+kernels`` (``models.kernels.optimize_for``) or ``+onednn`` (only the oneDNN
+linear layers). BENCHMARKS.md gives the command behind each of its tables; ``--help`` lists the modes.
 """
 from __future__ import annotations
 
@@ -63,9 +61,8 @@ def split_suffix(name: str) -> Tuple[str, str]:
 
 
 def create(name: str, img_size, device: torch.device = torch.device("cpu")) -> nn.Module:
-    """A config name under configs/ (ours), ``ref:NAME`` (the original code, see ``--reference``), ``base:NAME``
-    (another checkout, see ``--baseline``) or ``timm:NAME``, built for ``img_size`` (a side, ``(height, width)``
-    for timm models, None for a config's own size) on ``device``, with the device kernels of its suffix."""
+    """A model of ``--models`` built for ``img_size`` (a side, ``(height, width)`` for timm models, None for a
+    config's own size) on ``device``, with the device kernels of its suffix."""
     base, suffix = split_suffix(name)
     if base.startswith("timm:"):
         import timm
@@ -83,8 +80,7 @@ def create(name: str, img_size, device: torch.device = torch.device("cpu")) -> n
 
 
 def import_checkout(flag: str, folder: str, module: str) -> None:
-    """The package in ``folder`` of another checkout (``--reference``, ``--baseline``), imported once as
-    ``module``, so that it cannot shadow ours."""
+    """The package in ``folder`` of another checkout, imported once as ``module`` so that it cannot shadow ours."""
     try:
         import_package(Path(folder), module)
     except OSError as error:
@@ -137,8 +133,7 @@ def first_call_step(model: nn.Module, x: torch.Tensor, amp: str) -> Step:
 
 
 class Calls(Progress):
-    """A progress line per timed call of a whole run, with the time left: the first, the last, every ``every``-th
-    and one at least every ``logger.REPORT_SECONDS``, each naming what it timed."""
+    """Progress lines over the timed calls of a whole run (``logger.Progress``), each naming what it timed."""
 
     def __init__(self, total: int, every: Optional[int] = None):
         super().__init__(total, every or total)
@@ -198,7 +193,7 @@ def timing_warning(name: str, times: Sequence[float], min_reps: int = 5, max_spr
 
 
 def peak_memory_mb(name: str, args: argparse.Namespace, device: torch.device) -> float:
-    """Peak memory of training steps, measured in a fresh process (``--memory-probe``)."""
+    """Peak memory of training steps, measured in a fresh process (:func:`memory_probe`)."""
     cmd = [sys.executable, "-m", "tools.benchmark", "--memory-probe", name, "--batch-size", str(args.batch_size),
            "--img-size", str(args.img_size[0]), "--device", str(device), "--amp", args.amp]
     for flag, path in (("--reference", args.reference), ("--baseline", args.baseline)):
@@ -275,49 +270,67 @@ def vs_peer(value: float, peer: float, more: str = "") -> str:
     return f"{value:.2f} ({value / peer:.2f}x{more})"
 
 
+CEILING_VARIANTS = {"as built": None, "gather free": "all", "window keys only": "window"}
+
+
 def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]:
-    names = list(dict.fromkeys([*args.models, args.peer]))
-    results: Dict[str, Dict] = {n: {} for n in names}
-    memory = args.memory and "train" in args.modes
-    calls = Calls(len(args.img_size) * len(args.modes) * len(names) * (args.warmup + 1 + args.reps) +
-                  memory * len(names))
-    columns = [(mode, size) for size in args.img_size for mode in args.modes]
-    for mode, size in columns:
+    """images/s of every model against the peer, and (``--ceiling``, at the first size) of each model with its
+    key/value gather made free and attending to ``ws*ws`` keys per window: how far better gathers or fewer keys
+    could take it."""
+    sizes = args.img_size[:1] if args.ceiling else args.img_size
+    variants = CEILING_VARIANTS if args.ceiling else {"": None}
+    rows = {f"{n}, {variant}" if variant else n: (n, keys) for n in args.models for variant, keys in variants.items()}
+    rows.setdefault(args.peer, (args.peer, None))
+    results: Dict[str, Dict] = {row: {} for row in rows}
+    memory = args.memory and "train" in args.modes and not args.ceiling
+    calls = Calls(len(sizes) * len(args.modes) * len(rows) * (args.warmup + 1 + args.reps) + memory * len(rows))
+    columns = [(mode, size, mode if args.ceiling else f"{mode}_{size}") for size in sizes for mode in args.modes]
+    for mode, size, key in columns:
         x = torch.randn(args.batch_size, 3, size, size, device=device)
-        steps = {n: STEPS[mode](create(n, size, device), x, args.compile, args.amp) for n in names}
-        for n, sec in time_alternating(steps, args, device, calls, f"{mode} {size}px").items():
-            results[n][f"{mode}_{size}"] = args.batch_size / sec
+        steps = {row: STEPS[mode](ablated(create(n, size, device), keys), x, args.compile, args.amp)
+                 for row, (n, keys) in rows.items()}
+        for row, sec in time_alternating(steps, args, device, calls, f"{mode} {size}px").items():
+            results[row][key] = args.batch_size / sec
         del steps
         gc.collect()
-    keys = [f"{mode}_{size}" for mode, size in columns]
-    rows = []
-    for n in names:
-        base = split_suffix(n)[0]
-        gain = [f", {results[n][k] / results[base][k]:.2f}x of {base.split(':')[-1]}" if base in results and
-                base != n else "" for k in keys]
-        rows.append([n] + [vs_peer(results[n][k], results[args.peer][k], g) for k, g in zip(keys, gain)])
-    print_table(f"images/s, medians of {args.reps} alternating repetitions on {machine()}, {conditions(args)}", rows,
-                ["model"] + [f"{mode} {size} img/s (vs peer)" for mode, size in columns])
+    table = []
+    for row, figures in results.items():
+        base = split_suffix(row)[0]  # with a suffix: the same model plain, whose figures it also gets a ratio to
+        cells = [row]
+        plain = results.get(base) if base != row else None
+        for _, _, key in columns:
+            gain = f", {figures[key] / plain[key]:.2f}x of {base.split(':')[-1]}" if plain else ""
+            cells.append(vs_peer(figures[key], results[args.peer][key], gain))
+        table.append(cells)
+    print_table(f"{'attention ceiling, ' if args.ceiling else ''}images/s, medians of {args.reps} alternating "
+                f"repetitions on {machine()}, {conditions(args)}", table,
+                ["model, variant" if args.ceiling else "model"] + [f"{m} {s} img/s (vs peer)" for m, s, _ in columns])
     if memory:
         peaks = {}
         for n in dict.fromkeys([args.peer, *args.models]):
-            peaks[n] = results[n][f"train_peak_mb_{args.img_size[0]}"] = peak_memory_mb(n, args, device)
+            peaks[n] = results[n][f"train_peak_mb_{sizes[0]}"] = peak_memory_mb(n, args, device)
             calls(f"memory {n}: {peaks[n]:.0f} MB")
         kind = "CUDA allocator peak" if device.type == "cuda" else "peak process RSS"
-        print_table(f"training-step memory ({kind}), batch {args.batch_size}, {args.img_size[0]}px",
+        print_table(f"training-step memory ({kind}), batch {args.batch_size}, {sizes[0]}px",
                     [[n, f"{mb:.0f}", f"{mb / peaks[args.peer]:.2f}x"] for n, mb in peaks.items()],
                     ["model", "MB", "vs peer"])
     return results
 
 
-CEILING_VARIANTS = {"as built": None, "gather free": "all", "window keys only": "window"}
+def ablated(model: nn.Module, keys: Optional[str]) -> nn.Module:
+    """``model`` with every attention layer's gather ablated (:func:`ablate_gather`) when ``keys`` is given."""
+    attns = [m for m in model.modules() if isinstance(m, WindowedAttention)]
+    if keys and not attns:
+        raise SystemExit(f"benchmark: --ceiling needs Focal models, got {type(model).__name__}")
+    for attn in attns if keys else []:
+        ablate_gather(attn, keys)
+    return model
 
 
 def ablate_gather(attn: WindowedAttention, keys: str) -> None:
     """For ``--ceiling`` only: ``attn`` gathers its keys and values on its first call for each shape and reuses
-    them afterwards, so a step costs everything but the gather. With ``keys="window"`` each window then attends
-    to only its first ``ws*ws`` keys (its own tokens in v1), Swin's amount of attention. Later calls return
-    attention over stale keys and values: the timing is right, the outputs are not."""
+    them afterwards, so a step costs everything but the gather; with ``keys="window"`` each window attends to only
+    its first ``ws*ws`` keys (Swin's amount). Later calls attend to stale keys: right costs, wrong outputs."""
     stored: Dict[tuple, tuple] = {}
     plain = attn.attend
 
@@ -331,35 +344,6 @@ def ablate_gather(attn: WindowedAttention, keys: str) -> None:
         k, v = (t.detach().requires_grad_(q.requires_grad) for t in stored[shape])
         return plain(q, k, v, None, bias[..., :n_keys])
     attn.attend = attend
-
-
-def run_ceiling(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict[str, float]]:
-    """Each model as built, with its key/value gather made free, and attending to ``ws*ws`` keys per window (the
-    peer's amount), timed alternately with the peer: how far better gathers or fewer keys could take it."""
-    size = args.img_size[0]
-    x = torch.randn(args.batch_size, 3, size, size, device=device)
-    figures: Dict[str, Dict[str, float]] = {}
-    calls = Calls(len(args.modes) * (len(CEILING_VARIANTS) * len(args.models) + 1) * (args.warmup + 1 + args.reps))
-    for mode in args.modes:
-        steps = {}
-        for name in args.models:
-            if split_suffix(name)[1]:
-                raise SystemExit(f"--ceiling times plain models (stock kernels), got {name}")
-            for variant, keys in CEILING_VARIANTS.items():
-                model = create(name, size, device)
-                attns = [m for m in model.modules() if isinstance(m, WindowedAttention)]
-                if not attns:
-                    raise SystemExit(f"--ceiling needs Focal models, got {name}")
-                for attn in attns if keys else []:
-                    ablate_gather(attn, keys)
-                steps[f"{name}, {variant}"] = STEPS[mode](model, x, amp=args.amp)
-        steps[args.peer] = STEPS[mode](create(args.peer, size, device), x, amp=args.amp)
-        for name, sec in time_alternating(steps, args, device, calls, f"{mode} {size}px").items():
-            figures.setdefault(name, {})[mode] = args.batch_size / sec
-    rows = [[name] + [vs_peer(f[m], figures[args.peer][m]) for m in args.modes] for name, f in figures.items()]
-    print_table(f"attention ceiling, images/s, medians of {args.reps} alternating repetitions on {machine()}, "
-                f"{conditions(args)}", rows, ["model, variant"] + [f"{m} {size} img/s (vs peer)" for m in args.modes])
-    return figures
 
 
 def parse_size(text: str) -> tuple:
@@ -487,13 +471,12 @@ def parse_timing(p: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> a
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = timing_parser("python -m tools.benchmark", __doc__, DEFAULT_PEER, "the model ratios are taken against", None,
-                      5)
-    p.add_argument("--models", nargs="+", help="config names, ref:NAME, base:NAME or timm:NAME, each optionally "
-                                               "ending in +kernels or +onednn (default: the Tiny models, plain and "
-                                               "+kernels, and the peer +kernels where that adds oneDNN linears)")
-    p.add_argument("--reference", help="classification/ folder of an original Focal-Transformer checkout, for "
-                                       "ref:NAME models (never bundled with this project)")
+    p = timing_parser("python -m tools.benchmark", __doc__, DEFAULT_PEER, "the model ratios are taken against", None, 5)
+    p.add_argument("--models", nargs="+", help="config names, ref:NAME, base:NAME or timm:NAME, optionally ending in "
+                   "+kernels or +onednn (default: the Tiny models, plain and +kernels, and the peer +kernels where "
+                   "that adds oneDNN linears)")
+    p.add_argument("--reference", help="classification/ folder of a microsoft/Focal-Transformer checkout, for "
+                   "ref:NAME models")
     p.add_argument("--baseline", help="another checkout of this project, for base:NAME models (before/after)")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="both",
                    help="time inference (forward passes), training steps, or both")
@@ -501,20 +484,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--min-seconds", type=float, default=0.5,
                    help="each repetition repeats a fast step until it lasts this long")
     p.add_argument("--amp", choices=AMP_MODES, default="none",
-                   help="autocast precision of every model (none: float32); fp16 trains with a gradient "
-                        "scaler, as main.py does")
+                   help="autocast precision of every model (none: float32; fp16 with main.py's gradient scaler)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the training-memory probes")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
-                   help="time every model under torch.compile (default backend inductor; the first, untimed call "
-                        "compiles; memory probes stay eager)")
+                   help="time every model under torch.compile (default backend inductor; memory probes stay eager)")
     p.add_argument("--kernels", action="store_true",
                    help="compare F.linear with the oneDNN linear on the Tiny models' layer shapes instead")
     p.add_argument("--ceiling", action="store_true",
-                   help="time each model also with its key/value gather made free and with ws*ws keys per window "
-                        "(ablations: wrong outputs, right costs) instead")
+                   help="time each model also with its key/value gather made free and with ws*ws keys per window")
     p.add_argument("--sizes", nargs="+", type=parse_size, metavar="SIZE",
-                   help="inference per input size (SIDE or HEIGHTxWIDTH, e.g. 224 448 896 800x1216) instead: images/s "
-                        "against the peer built for that size, and the first call on a new size over a cached call")
+                   help="inference per input size (SIDE or HEIGHTxWIDTH, e.g. 800x1216) instead, with the first call "
+                   "on a new size")
     p.add_argument("--plot", type=path_arg, help="write a PNG of inference images/s against image size")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parse_timing(p, argv)
@@ -560,7 +540,9 @@ def check_names_and_paths(args: argparse.Namespace) -> None:
     """What would otherwise fail only after minutes of timing: unknown models, sizes a model cannot be built for,
     output files that cannot be written, and a --plot type Pillow cannot write."""
     for name in args.models + [args.peer]:
-        base = split_suffix(name)[0]
+        base, suffix = split_suffix(name)
+        if args.ceiling and suffix and name != args.peer:
+            raise SystemExit(f"benchmark: --ceiling times plain models (stock kernels), got {name}")
         checkout = next((flag for prefix, flag in CHECKOUTS.items() if base.startswith(prefix)), None)
         if checkout and not getattr(args, checkout):
             raise SystemExit(f"benchmark: {name}: pass --{checkout} (see --help)")
@@ -603,7 +585,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(memory_probe(args, device))
         return
     announce()
-    run = run_kernels if args.kernels else run_ceiling if args.ceiling else run_sizes if args.sizes else run_speed
+    run = run_kernels if args.kernels else run_sizes if args.sizes else run_speed
     results = run(args, device)
     if not args.kernels and any(split_suffix(n)[1] for n in [*args.models, args.peer]):
         print(f"kernels on {device.type}: {', '.join(select_kernels(device)) or 'none'}")
