@@ -57,6 +57,7 @@ def test_speed_and_memory_tables_with_ratios_to_the_peer(tmp_path, capsys):
 
 def test_sizes_mode_times_a_new_size_with_an_empty_layout_cache(monkeypatch):
     """The first-call step rebuilds every layout of the model; the cached step rebuilds none."""
+    benchmark.LAYOUTS.clear()  # from an earlier test of this process
     built = []
     original = benchmark.LAYOUTS.get
 

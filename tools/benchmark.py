@@ -287,7 +287,7 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
     columns = [(mode, size, mode if args.ceiling else f"{mode}_{size}") for size in sizes for mode in args.modes]
     for mode, size, key in columns:
         x = torch.randn(args.batch_size, 3, size, size, device=device)
-        steps = {row: STEPS[mode](ablated(create(n, size, device), keys), x, args.compile, args.amp)
+        steps = {row: STEPS[mode](ablated(n, create(n, size, device), keys), x, args.compile, args.amp)
                  for row, (n, keys) in rows.items()}
         for row, sec in time_alternating(steps, args, device, calls, f"{mode} {size}px").items():
             results[row][key] = args.batch_size / sec
@@ -317,12 +317,14 @@ def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
     return results
 
 
-def ablated(model: nn.Module, keys: Optional[str]) -> nn.Module:
-    """``model`` with every attention layer's gather ablated (:func:`ablate_gather`) when ``keys`` is given."""
+def ablated(name: str, model: nn.Module, keys: Optional[str]) -> nn.Module:
+    """The model ``name`` with every attention layer's gather ablated (:func:`ablate_gather`) when ``keys`` is given."""
+    if keys is None:
+        return model
     attns = [m for m in model.modules() if isinstance(m, WindowedAttention)]
-    if keys and not attns:
-        raise SystemExit(f"benchmark: --ceiling needs Focal models, got {type(model).__name__}")
-    for attn in attns if keys else []:
+    if not attns:
+        raise SystemExit(f"benchmark: --ceiling needs Focal models, got {name}")
+    for attn in attns:
         ablate_gather(attn, keys)
     return model
 
