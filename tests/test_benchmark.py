@@ -3,8 +3,6 @@ peer come from the timed figures, a new size is timed with its layouts rebuilt, 
 flags are refused by name, the ceiling's ablation starts from the model's own attention, autocast is applied."""
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,14 +16,6 @@ MODEL = "configs/demo/focalv2_demo.yaml"
 DEMO = ["--models", MODEL, "--peer", PEER, "--img-size", "64", "--batch-size", "2", "--reps", "2",
         "--min-seconds", "0.01"]
 CELL = re.compile(r"^([\d.]+) \(([\d.]+)x\)$")
-
-
-def run(*args: str) -> str:
-    """The benchmark as a subprocess (needed for its memory probes and --baseline imports)."""
-    done = subprocess.run([sys.executable, "-m", "tools.benchmark", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def run_here(capsys, *args: str) -> str:
@@ -44,10 +34,10 @@ def table(out: str, title: str) -> dict:
 
 
 @pytest.mark.slow
-def test_speed_and_memory_tables_with_ratios_to_the_peer(tmp_path):
-    """The file's one run of the tool as a process (its memory probes need fresh processes): every model's row
-    holds its timed figures, and their ratios to the peer's, the peer first in the memory table."""
-    out = run(*DEMO, "--mode", "both", "--json", str(tmp_path / "bench.json"))
+def test_speed_and_memory_tables_with_ratios_to_the_peer(tmp_path, capsys):
+    """The file's one run with memory probes (each a process of its own): every model's row holds its timed
+    figures, and their ratios to the peer's, the peer first in the memory table."""
+    out = run_here(capsys, *DEMO, "--mode", "both", "--json", str(tmp_path / "bench.json"))
     figures = json.loads((tmp_path / "bench.json").read_text())
     assert set(figures) == {MODEL, PEER}
     speed = table(out, "images/s, medians")
@@ -68,6 +58,7 @@ def test_speed_and_memory_tables_with_ratios_to_the_peer(tmp_path):
 
 def test_sizes_mode_times_a_new_size_with_an_empty_layout_cache(monkeypatch):
     """The first-call step rebuilds every layout of the model; the cached step rebuilds none."""
+    benchmark.LAYOUTS.clear()  # from an earlier test of this process
     built = []
     original = benchmark.LAYOUTS.get
 

@@ -28,10 +28,11 @@ def export(model, example, dynamic_batch=False, strict=True):
 
 @pytest.mark.parametrize("name", ["focal_tiny_patch4_window7_224", "focalv2_tiny_useconv_patch4_window7_224"])
 def test_exported_released_size_model_equals_eager(name):
+    """Traced as tools.export traces (non-strict, a quarter of TorchDynamo's time here); both tracers: below."""
     torch.manual_seed(0)
     model = randomise(build_model(load_config(str(REPO / "configs" / f"{name}.yaml"))), STD).eval()
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    program = export(model, x)
+    program = export(model, x, strict=False)
     with torch.no_grad():
         assert_agree(program.module()(x), model(x), 2 * roundoff(model, torch.float32, dot=longest_sum(model, x)))
 

@@ -1,32 +1,15 @@
 """Speed and memory of the detectors at COCO's image size, each with its Focal backbone and with timm's Swin-T in
-its place, measured in one run: images/s of a training step (forward, backward, AdamW step) and of inference, the
-memory a step takes, and the Focal/Swin ratio of each.
+its place, measured in one run: images/s of a training step and of inference, the memory a step adds at its
+peak, and the Focal/Swin ratio of each.
 
-Every detector of ``detection.config.DETECTORS`` is timed by default, each through the first config under
-configs/detection that builds it on Focal-T (a detector added there is picked up without edits here; one
-without such a config is named and left out). ``--cfg`` times given configs instead. The peer is the same config
-with ``MODEL.BACKBONE`` the ``--peer`` timm model, built with ``strict_img_size=False`` (Swin's flag for inputs
-other than 224) and the config's ``MODEL.BACKBONE_ARGS`` (the shape keys Focal and Swin share: embed_dim, depths,
-num_heads, window_size).
+Every detector of ``detection.config.DETECTORS`` is timed through the first config under configs/detection that
+builds it on Focal-T (``--cfg`` times given configs instead); the peer is the same config with ``MODEL.BACKBONE``
+the ``--peer`` timm model. Calls alternate between ``--size`` HxW and 9/10 of its width, as COCO's images vary,
+and the backbones' calls are interleaved so that slow drifts of a shared machine hit both alike. Memory is the
+peak over what the process held before the call: CUDA's allocator peak, or on the CPU the peak resident size
+(VmHWM, reset through ``/proc/self/clear_refs`` after ``malloc_trim``); without /proc the CPU column is empty.
 
-Each call runs one batch of ``--batch-size`` synthetic images with a few random boxes (and masks, for the
-detectors that predict them). COCO's images reach the network at many sizes (shorter side 800, the longer one up
-to 1333, depending on the aspect ratio), so calls alternate between ``--size`` HxW and the same height at 9/10 of
-the width; the detector's transform resizes to fit HxW (``min_size`` [H], ``max_size`` W), which leaves both sizes
-as they are. The backbones' calls are interleaved (each repetition times every model once) and the medians
-reported, so slow drifts of a shared machine hit both alike.
-
-Memory is what a call adds to what the process held before it (both models stay resident for the interleaving):
-on CUDA the allocator's peak (``max_memory_allocated``) over the allocated memory before the call; on the CPU
-the peak resident size (Linux's VmHWM, reset before each call through ``/proc/self/clear_refs``) over the resident
-size before it, after glibc's ``malloc_trim`` has returned freed heap, so that memory an earlier call left to the
-allocator is not reused unseen. Without /proc the CPU column is empty.
-
-Examples::
-
-    python -m tools.bench_dense                                 # every detector on Focal-T vs Swin-T, 800x1333
     python -m tools.bench_dense --mode infer --size 640x1066 --reps 4 --json dense.json
-    python -m tools.bench_dense --cfg configs/detection/retinanet_focal_tiny_patch4_window7_1x.yaml
 """
 from __future__ import annotations
 
@@ -44,14 +27,15 @@ import torch.nn as nn
 from config import check_values, load_config, merge_opts
 from detection.config import DETECTION_RULES, DETECTORS, MASK_DETECTORS, detection_defaults
 from detection.model import build_detector
-from tools.benchmark import (Calls, announce, check_writable, machine, parse_size, parse_timing, pick_device,
-                             print_table, ROOT, status_mb, timed, timing_parser, write_json)
+from tools.benchmark import (Calls, announce, machine, parse_size, parse_timing, print_table, ROOT, status_mb, timed,
+                             timing_parser, write_json)
 
 FOCAL_T = "focal_tiny_patch4_window7_224"
 DEFAULT_PEER = "swin_tiny_patch4_window7_224"
 NUM_CLASSES = 80  # COCO's
 BOXES = 3  # synthetic objects per image
-MODES = ("train", "infer")
+CLEAR_REFS = "/proc/self/clear_refs"
+LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 Batch = Tuple[List[torch.Tensor], List[Dict[str, torch.Tensor]]]
 
 
@@ -62,8 +46,8 @@ def default_configs(folder: str = os.path.join(ROOT, "configs", "detection")) ->
     stem = FOCAL_T.rsplit("_", 1)[0]
     for path in sorted(glob.glob(os.path.join(folder, "*.yaml")), key=lambda p: (stem not in p, p)):
         model = load_config(path, None, detection_defaults()).MODEL
-        if model.BACKBONE == FOCAL_T and not model.BACKBONE_ARGS and model.DETECTOR not in chosen:
-            chosen[model.DETECTOR] = path
+        if model.BACKBONE == FOCAL_T and not model.BACKBONE_ARGS:
+            chosen.setdefault(model.DETECTOR, path)
     for detector in DETECTORS:
         if detector not in chosen:
             print(f"bench_dense: no config in {folder} builds {detector} on {FOCAL_T}: left out", flush=True)
@@ -125,71 +109,66 @@ def inference_step(model: nn.Module) -> Callable[[Batch], None]:
     return step
 
 
-LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+STEPS = {"train": training_step, "infer": inference_step}
 
 
 def measured(step: Callable[[Batch], None], batch: Batch, device: torch.device) -> Tuple[float, Optional[float]]:
     """Seconds of one call and the memory it added at its peak (MB; None where it cannot be read)."""
-    peak: Optional[float] = None
-    if device.type == "cuda":
+    cuda, cpu = device.type == "cuda", device.type != "cuda" and os.path.exists(CLEAR_REFS)
+    if cuda:
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    elif os.path.exists("/proc/self/clear_refs"):
+    elif cpu:
         if LIBC is not None and hasattr(LIBC, "malloc_trim"):
             LIBC.malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
+        with open(CLEAR_REFS, "w") as f:
             f.write("5")  # resets VmHWM to the current resident size
         before = status_mb("VmRSS")
     seconds = timed(lambda: step(batch), 1, device)
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
-    elif os.path.exists("/proc/self/clear_refs"):
-        peak = status_mb("VmHWM") - before
-    return seconds, peak
+    if cuda:
+        return seconds, (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+    return seconds, status_mb("VmHWM") - before if cpu else None
 
 
-def bench_config(path: str, args: argparse.Namespace, device: torch.device, calls: Calls) -> Dict[str, Any]:
+def bench_config(path: str, args: argparse.Namespace, calls: Calls) -> Dict[str, Any]:
     """Both backbones' figures for one config."""
-    sizes = [args.size, (args.size[0], round(args.size[1] * 0.9))]
     configs = {"focal": detector_config(path, args.size), "peer": detector_config(path, args.size, args.peer)}
     detector = configs["focal"].MODEL.DETECTOR
-    models = {k: build_detector(c, NUM_CLASSES).to(device) for k, c in configs.items()}
-    makers = {"train": training_step, "infer": inference_step}
-    steps = {(k, mode): makers[mode](m) for k, m in models.items() for mode in args.mode}
+    models = {k: build_detector(c, NUM_CLASSES).to(args.device) for k, c in configs.items()}
+    steps = {(k, mode): STEPS[mode](m) for k, m in models.items() for mode in args.mode}
     generator = torch.Generator().manual_seed(0)
-    batches = [synthetic_batch(s, args.batch_size, detector in MASK_DETECTORS, generator, device) for s in sizes]
+    batches = [synthetic_batch(size, args.batch_size, detector in MASK_DETECTORS, generator, args.device)
+               for size in (args.size, (args.size[0], round(args.size[1] * 0.9)))]
     times: Dict[Tuple[str, str], List[float]] = {key: [] for key in steps}
     peaks: Dict[Tuple[str, str], List[float]] = {key: [] for key in steps}
     name = os.path.splitext(os.path.basename(path))[0]
     for call in range(args.warmup + args.reps):
         batch = batches[call % 2]
+        size = "x".join(str(s) for s in batch[0][0].shape[-2:])
         for (kind, mode), step in steps.items():
-            seconds, peak = measured(step, batch, device)
+            seconds, peak = measured(step, batch, args.device)
             if call >= args.warmup:
                 times[(kind, mode)].append(seconds)
                 if peak is not None:
                     peaks[(kind, mode)].append(peak)
-            size = "x".join(str(s) for s in batch[0][0].shape[-2:])
             calls(f"{name} {configs[kind].MODEL.BACKBONE} {mode} {size}: {seconds:.2f} s"
                   f"{' (warm-up)' if call < args.warmup else ''}")
     figures: Dict[str, Any] = {"detector": detector, "backbones": {}}
     for kind, model in models.items():
-        row = {"backbone": configs[kind].MODEL.BACKBONE, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+        row = figures["backbones"][kind] = {"backbone": configs[kind].MODEL.BACKBONE,
+                                            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
         for mode in args.mode:
             row[f"{mode}_images_per_s"] = args.batch_size / statistics.median(times[(kind, mode)])
-            row[f"{mode}_peak_mb"] = max(peaks[(kind, mode)]) if peaks[(kind, mode)] else None
-        figures["backbones"][kind] = row
+            row[f"{mode}_peak_mb"] = max(peaks[(kind, mode)], default=None)
     focal, peer = figures["backbones"]["focal"], figures["backbones"]["peer"]
     figures["ratios"] = {key: focal[key] / peer[key] for key in focal
-                         if key not in ("backbone",) and focal[key] is not None and peer[key]}
+                         if key != "backbone" and focal[key] is not None and peer[key]}
     return figures
 
 
 def report(results: Dict[str, Dict[str, Any]], args: argparse.Namespace) -> None:
     """One table: a row per config and backbone, then the Focal/Swin ratios of each config."""
     keys = [f"{mode}_{what}" for mode in args.mode for what in ("images_per_s", "peak_mb")]
-    header = ["config", "backbone", "params M"] + [k.replace("_images_per_s", " img/s").replace("_peak_mb", " MB")
-                                                   for k in keys]
     rows = []
     for name, figures in results.items():
         for row in figures["backbones"].values():
@@ -201,7 +180,9 @@ def report(results: Dict[str, Dict[str, Any]], args: argparse.Namespace) -> None
                      *(f"{ratios[k]:.2f}x" if k in ratios else "-" for k in keys)])
     h, w = args.size
     print_table(f"detectors at {h}x{w} and {h}x{round(w * 0.9)} alternately, batch {args.batch_size}, medians of "
-                f"{args.reps} calls on {machine()}, float32; MB: memory added at the step's peak", rows, header)
+                f"{args.reps} calls on {machine()}, float32; MB: memory added at the step's peak", rows,
+                ["config", "backbone", "params M"] + [k.replace("_images_per_s", " img/s").replace("_peak_mb", " MB")
+                                                      for k in keys])
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -211,7 +192,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="detection configs to time (default: a Focal-T config per MODEL.DETECTOR value)")
     p.add_argument("--size", type=parse_size, default=(800, 1333), metavar="HxW",
                    help="the largest input (the detector's min_size and max_size); calls alternate with Hx(0.9 W)")
-    p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES),
+    p.add_argument("--mode", nargs="+", choices=STEPS, default=list(STEPS),
                    help="time training steps, inference, or both")
     args = parse_timing(p, argv)
     for path in args.cfg or []:
@@ -223,8 +204,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
     args = parse_args(argv)
-    device = pick_device(args.device)
-    check_writable("--json", args.json)
     paths = args.cfg or default_configs()
     for path in paths:  # before minutes of timing: every config builds its two detectors' configs
         for backbone in (None, args.peer):
@@ -235,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
     torch.manual_seed(0)
     announce()
     calls = Calls(len(paths) * 2 * len(args.mode) * (args.warmup + args.reps), every=1)  # 2 backbones
-    results = {os.path.splitext(os.path.basename(path))[0]: bench_config(path, args, device, calls) for path in paths}
+    results = {os.path.splitext(os.path.basename(path))[0]: bench_config(path, args, calls) for path in paths}
     report(results, args)
     write_json(args.json, results)
     return results

@@ -1,16 +1,9 @@
 """Side-by-side speed and memory of our Focal models and timm's Swin-T, measured in one run.
 
 Models are timed alternately (each repetition runs every model once) and medians are reported, so slow drifts of
-the machine hit all models alike; ratios are against the peer (``--peer``, timm's Swin-T by default).
-
-Models run as built, with PyTorch's stock kernels: that is the like-for-like comparison of the designs. A name
-ending in ``+kernels`` is first passed through ``models.kernels.optimize_for`` (the device speed-ups this
-machine gets; ``FOCAL_KERNELS`` picks them by hand), and its row also gives the gain over the same model without
-the suffix. ``+onednn`` applies only the oneDNN linear layers, to any model (timm's Swin-T too). The default list
-holds both Tiny models plain and with ``+kernels``, and the peer with ``+kernels`` where the kernels include
-oneDNN linears (the only one of them that applies to Swin-T).
-
-BENCHMARKS.md gives the command behind each of its tables; ``--help`` lists the modes.
+the machine hit all models alike; ratios are against the peer (``--peer``). Models run with PyTorch's stock
+kernels unless their name ends in ``+kernels`` (``models.kernels.optimize_for``) or ``+onednn`` (only the oneDNN
+linear layers). BENCHMARKS.md gives the command behind each of its tables; ``--help`` lists the modes.
 """
 from __future__ import annotations
 
@@ -25,29 +18,30 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from config import AMP_MODES, HelpFormatter, RULES, UsageError, load_config, path_arg
+from config import AMP_MODES, RULES, HelpFormatter, UsageError, load_config, path_arg
 from engine import build_precision, synchronize
 from logger import Progress
 from models import ConfigError, build_model, validate_model_config
 from models.focal_layout import LAYOUTS
 from models.kernels import onednn_linear, optimize_for, select_kernels
 from models.window_attention import WindowedAttention, gather_windows
+from tools.make_fixtures import REFERENCE, build_reference, import_package
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_MODELS = ("focal_tiny_patch4_window7_224", "focalv2_tiny_useconv_patch4_window7_224")
 DEFAULT_PEER = "timm:swin_tiny_patch4_window7_224"
 SUFFIXES = {"+kernels": None, "+onednn": ["onednn_linear"]}  # -> the kernels argument of optimize_for
+CHECKOUTS = {"ref:": "reference", "base:": "baseline"}  # model prefixes built by another checkout -> its flag
+BASELINE = "baseline_models"  # the module name of --baseline's models package
 COMPILE_RULE = next(rule for rule in RULES if rule.key == "COMPILE")  # main.py's check of --compile
-
-
-REFERENCE_PATH: Optional[str] = None  # set by --reference
-BASELINE_PATH: Optional[str] = None  # set by --baseline
+Step = Callable[[], None]
 
 
 def config_for(name: str, img_size: Optional[int]):
@@ -59,73 +53,40 @@ def config_for(name: str, img_size: Optional[int]):
     return load_config(path, ["MODEL.DROP_PATH_RATE", 0.0] + ([] if img_size is None else ["DATA.IMG_SIZE", img_size]))
 
 
-def create_reference(name: str, img_size: int) -> nn.Module:
-    """The original implementation from a checkout given by ``--reference`` (its classification/ folder)."""
-    if REFERENCE_PATH is None:
-        raise SystemExit(f"{name}: pass --reference PATH_TO/Focal-Transformer/classification")
-    import importlib
-    import timm.data.transforms
-    if not hasattr(timm.data.transforms, "_pil_interp"):  # removed from timm; the v2 file still imports it
-        timm.data.transforms._pil_interp = timm.data.transforms.str_to_pil_interp
-    sys.path.insert(0, REFERENCE_PATH)
-    cfg = config_for(name, img_size)
-    f = cfg.MODEL.FOCAL
-    module = importlib.import_module("focal_transformer_v2" if cfg.MODEL.TYPE == "focalv2" else "focal_transformer")
-    extra = dict(focal_topK=f.FOCAL_TOPK) if cfg.MODEL.TYPE == "focalv2" else {}
-    return module.FocalTransformer(
-        img_size=img_size, embed_dim=f.EMBED_DIM, depths=f.DEPTHS, num_heads=f.NUM_HEADS,
-        window_size=f.WINDOW_SIZE, drop_path_rate=0.0, focal_pool=f.FOCAL_POOL, focal_stages=f.FOCAL_STAGES,
-        focal_levels=f.FOCAL_LEVELS, focal_windows=f.FOCAL_WINDOWS, expand_sizes=f.EXPAND_SIZES,
-        use_conv_embed=f.USE_CONV_EMBED, **extra)
-
-
-def create_baseline(name: str, img_size: int) -> nn.Module:
-    """Our model as another checkout of this project builds it (``--baseline``), for before/after figures."""
-    if BASELINE_PATH is None:
-        raise SystemExit(f"{name}: pass --baseline PATH_TO_ANOTHER_CHECKOUT")
-    import importlib.util
-    module = sys.modules.get("baseline_models")
-    if module is None:
-        init = os.path.join(BASELINE_PATH, "models", "__init__.py")
-        spec = importlib.util.spec_from_file_location("baseline_models", init)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["baseline_models"] = module
-        spec.loader.exec_module(module)
-    return module.build_model(config_for(name, img_size))
-
-
-def split_suffix(name: str) -> tuple:
+def split_suffix(name: str) -> Tuple[str, str]:
     """``NAME+SUFFIX`` -> (``NAME``, ``SUFFIX``); ``SUFFIX`` is empty for a plain name."""
-    for suffix in SUFFIXES:
-        if name.endswith(suffix):
-            return name[:-len(suffix)], suffix
-    return name, ""
+    suffix = next((s for s in SUFFIXES if name.endswith(s)), "")
+    return name[:len(name) - len(suffix)], suffix
 
 
 def create(name: str, img_size, device: torch.device = torch.device("cpu")) -> nn.Module:
-    """A config name under configs/ (ours), ``ref:NAME`` (the original code, see ``--reference``),
-    ``base:NAME`` (another checkout, see ``--baseline``) or ``timm:NAME`` (a timm model), built for
-    ``img_size`` (a side, ``(height, width)`` for timm models, None for a config's own size) on ``device``, with
-    the device kernels of its suffix."""
+    """A model of ``--models`` built for ``img_size`` (a side, ``(height, width)`` for timm models, None for a
+    config's own size) on ``device``, with the device kernels of its suffix."""
     base, suffix = split_suffix(name)
-    if suffix:
-        model = create(base, img_size, device)
-        optimize_for(model, device, SUFFIXES[suffix])
-        return model
-    if name.startswith("timm:"):
+    if base.startswith("timm:"):
         import timm
-        model = timm.create_model(name[5:], **({} if img_size is None else dict(img_size=img_size)))
-    elif name.startswith("ref:"):
-        model = create_reference(name[4:], img_size)
-    elif name.startswith("base:"):
-        model = create_baseline(name[5:], img_size)
+        model = timm.create_model(base[5:], **({} if img_size is None else dict(img_size=img_size)))
+    elif base.startswith("ref:"):
+        model = build_reference(sys.modules[REFERENCE], config_for(base[4:], img_size))
+    elif base.startswith("base:"):
+        model = sys.modules[BASELINE].build_model(config_for(base[5:], img_size))
     else:
-        model = build_model(config_for(name, img_size))
-    return model.to(device)
+        model = build_model(config_for(base, img_size))
+    model.to(device)
+    if suffix:
+        optimize_for(model, device, SUFFIXES[suffix])
+    return model
 
 
-def inference_step(model: nn.Module, x: torch.Tensor, backend: Optional[str] = None,
-                   amp: str = "none") -> Callable[[], None]:
+def import_checkout(flag: str, folder: str, module: str) -> None:
+    """The package in ``folder`` of another checkout, imported once as ``module`` so that it cannot shadow ours."""
+    try:
+        import_package(Path(folder), module)
+    except OSError as error:
+        raise SystemExit(f"benchmark: {flag}: cannot import {error.filename}: {error.strerror}") from None
+
+
+def inference_step(model: nn.Module, x: torch.Tensor, backend: Optional[str] = None, amp: str = "none") -> Step:
     model.eval()
     forward = torch.compile(model, backend=backend) if backend else model  # compiled by the first (warm-up) call
     precision = build_precision(amp, x.device)
@@ -136,8 +97,7 @@ def inference_step(model: nn.Module, x: torch.Tensor, backend: Optional[str] = N
     return step
 
 
-def training_step(model: nn.Module, x: torch.Tensor, backend: Optional[str] = None,
-                  amp: str = "none") -> Callable[[], None]:
+def training_step(model: nn.Module, x: torch.Tensor, backend: Optional[str] = None, amp: str = "none") -> Step:
     """One optimizer step, under ``main.py``'s precision for ``amp`` (fp16 with its gradient scaler)."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -157,20 +117,33 @@ def training_step(model: nn.Module, x: torch.Tensor, backend: Optional[str] = No
     return step
 
 
-class Calls:
-    """Progress lines over the timed calls of a whole run, with the time left (``logger.Progress``): the first, the
-    last, every ``every``-th and one at least every ``logger.REPORT_SECONDS``, each naming what it timed."""
+STEPS = {"infer": inference_step, "train": training_step}
+
+
+def first_call_step(model: nn.Module, x: torch.Tensor, amp: str) -> Step:
+    """An inference call as on a size the model has not met: the layout cache is emptied first, so the call
+    builds its layouts and, with the CPU kernels, its attention biases again (as in multi-scale training)."""
+    step = inference_step(model, x, amp=amp)
+
+    def first():
+        LAYOUTS.clear()
+        step()
+    return first
+
+
+class Calls(Progress):
+    """Progress lines over the timed calls of a whole run (``logger.Progress``), each naming what it timed."""
 
     def __init__(self, total: int, every: Optional[int] = None):
-        self.progress, self.done = Progress(total, every or total), 0
+        super().__init__(total, every or total)
 
     def __call__(self, what: str) -> None:
-        if self.progress.due(self.done):
-            print(f"{self.progress.position(self.done + 1)}  {what}", flush=True)
-        self.done += 1
+        idx = self.done
+        if self.due(idx):
+            print(f"{self.position(idx + 1)}  {what}", flush=True)
 
 
-def timed(step: Callable[[], None], calls: int, device: torch.device) -> float:
+def timed(step: Step, calls: int, device: torch.device) -> float:
     """Seconds per call of ``calls`` back-to-back calls."""
     synchronize(device)
     start = time.perf_counter()
@@ -180,8 +153,8 @@ def timed(step: Callable[[], None], calls: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def time_alternating(steps: Dict[str, Callable[[], None]], args: argparse.Namespace, device: torch.device,
-                     calls: Calls, what: str) -> Dict[str, float]:
+def time_alternating(steps: Dict[str, Step], args: argparse.Namespace, device: torch.device, calls: Calls,
+                     what: str) -> Dict[str, float]:
     """Median seconds per call of each step, interleaving the steps within every repetition (``--reps``, after
     ``--warmup`` calls and one that sizes the repetitions). A repetition times enough back-to-back calls of a fast
     step to last ``--min-seconds``, so small inputs are not timer noise. Each step costs ``warmup + 1 + reps`` of
@@ -219,26 +192,30 @@ def timing_warning(name: str, times: Sequence[float], min_reps: int = 5, max_spr
 
 
 def peak_memory_mb(name: str, args: argparse.Namespace, device: torch.device) -> float:
-    """Peak memory of training steps: CUDA allocator peak, or on CPU the peak RSS of a fresh process."""
+    """Peak memory of training steps, measured in a fresh process (:func:`memory_probe`)."""
     cmd = [sys.executable, "-m", "tools.benchmark", "--memory-probe", name, "--batch-size", str(args.batch_size),
            "--img-size", str(args.img_size[0]), "--device", str(device), "--amp", args.amp]
-    for flag, path in (("--reference", REFERENCE_PATH), ("--baseline", BASELINE_PATH)):
+    for flag, path in (("--reference", args.reference), ("--baseline", args.baseline)):
         cmd += [flag, path] if path else []
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
 
-def memory_probe(name: str, batch: int, img_size: int, device: torch.device, amp: str) -> float:
-    model = create(name, img_size, device)
-    step = training_step(model, torch.randn(batch, 3, img_size, img_size, device=device), amp=amp)
+def memory_probe(args: argparse.Namespace, device: torch.device) -> float:
+    """The CUDA allocator's peak over two training steps, or on the CPU this process's peak resident size."""
+    size = args.img_size[0]
+    model = create(args.memory_probe, size, device)
+    step = training_step(model, torch.randn(args.batch_size, 3, size, size, device=device), amp=args.amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(2):
-            step()
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
     for _ in range(2):
         step()
-    return peak_rss_mb()
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        return status_mb("VmHWM")  # not ru_maxrss: it survives exec, so it would report the parent's peak
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def status_mb(field: str) -> float:
@@ -247,42 +224,29 @@ def status_mb(field: str) -> float:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. ``ru_maxrss`` survives exec (it would report the parent's peak),
-    so Linux's per-address-space high-water mark is read when available."""
+def machine() -> str:
+    """The GPU, or the CPU's model name and whether it has AVX-512 (from Linux's /proc/cpuinfo where readable)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
     try:
-        return status_mb("VmHWM")
+        info = Path("/proc/cpuinfo").read_text()
+        name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                    platform.machine())
+        cpu = f"{name} ({'with' if ' avx512f' in info else 'without'} AVX-512)"
     except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
+
+
+def announce() -> None:
+    """The first line of a benchmark: what it runs on, and when."""
+    print(f"torch {torch.__version__} on {machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
 
 
 def conditions(args: argparse.Namespace) -> str:
     """The precision (and compiler) every model was timed under, for the tables' titles."""
     compiled = f", torch.compile ({args.compile})" if args.compile else ""
     return ("float32" if args.amp == "none" else f"{args.amp} autocast") + compiled
-
-
-def cpu_name() -> str:
-    """The CPU's model name and whether it has AVX-512 (Linux), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.machine())
-    return f"{name} ({'with' if ' avx512f' in info else 'without'} AVX-512)"
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{cpu_name()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
-
-
-def announce() -> None:
-    """The first line of a benchmark: what it runs on, and when."""
-    print(f"torch {torch.__version__} on {machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
 
 
 def write_json(path: Optional[str], figures: Any) -> None:
@@ -300,60 +264,74 @@ def print_table(title: str, rows: List[List[str]], header: Sequence[str]) -> Non
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
 
 
-def timed_modes(args: argparse.Namespace) -> List[str]:
-    return ["infer", "train"] if args.mode == "both" else [args.mode]
-
-
 def vs_peer(value: float, peer: float, more: str = "") -> str:
     """A table cell: the figure and its ratio to the peer's (and ``more``)."""
     return f"{value:.2f} ({value / peer:.2f}x{more})"
 
 
+CEILING_VARIANTS = {"as built": None, "gather free": "all", "window keys only": "window"}
+
+
 def run_speed(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]:
-    names = list(dict.fromkeys(list(args.models) + [args.peer]))
-    results: Dict[str, Dict] = {}
-    modes = timed_modes(args)
-    memory = args.memory and "train" in modes
-    calls = Calls(len(args.img_size) * len(modes) * len(names) * (args.warmup + 1 + args.reps) + memory * len(names))
-    for img_size in args.img_size:
-        for mode in modes:
-            x = torch.randn(args.batch_size, 3, img_size, img_size, device=device)
-            make = inference_step if mode == "infer" else training_step
-            steps = {n: make(create(n, img_size, device), x, args.compile, args.amp) for n in names}
-            for n, sec in time_alternating(steps, args, device, calls, f"{mode} {img_size}px").items():
-                results.setdefault(n, {})[f"{mode}_{img_size}"] = args.batch_size / sec
-            del steps
-            gc.collect()
-    rows = []
-    for n in names:
-        row = [n]
-        base = split_suffix(n)[0]
-        for key in (f"{mode}_{img_size}" for img_size in args.img_size for mode in modes):
-            gain = f", {results[n][key] / results[base][key]:.2f}x of {base.split(':')[-1]}" if base in results else ""
-            row.append(vs_peer(results[n][key], results[args.peer][key], gain * (base != n)))
-        rows.append(row)
-    print_table(f"images/s, medians of {args.reps} alternating repetitions on {machine()}, {conditions(args)}", rows,
-                ["model"] + [f"{m} {s} img/s (vs peer)" for s in args.img_size for m in modes])
+    """images/s of every model against the peer, and (``--ceiling``, at the first size) of each model with its
+    key/value gather made free and attending to ``ws*ws`` keys per window: how far better gathers or fewer keys
+    could take it."""
+    sizes = args.img_size[:1] if args.ceiling else args.img_size
+    variants = CEILING_VARIANTS if args.ceiling else {"": None}
+    rows = {f"{n}, {variant}" if variant else n: (n, keys) for n in args.models for variant, keys in variants.items()}
+    rows.setdefault(args.peer, (args.peer, None))
+    results: Dict[str, Dict] = {row: {} for row in rows}
+    memory = args.memory and "train" in args.modes and not args.ceiling
+    calls = Calls(len(sizes) * len(args.modes) * len(rows) * (args.warmup + 1 + args.reps) + memory * len(rows))
+    columns = [(mode, size, mode if args.ceiling else f"{mode}_{size}") for size in sizes for mode in args.modes]
+    for mode, size, key in columns:
+        x = torch.randn(args.batch_size, 3, size, size, device=device)
+        steps = {row: STEPS[mode](ablated(n, create(n, size, device), keys), x, args.compile, args.amp)
+                 for row, (n, keys) in rows.items()}
+        for row, sec in time_alternating(steps, args, device, calls, f"{mode} {size}px").items():
+            results[row][key] = args.batch_size / sec
+        del steps
+        gc.collect()
+    table = []
+    for row, figures in results.items():
+        base = split_suffix(row)[0]  # with a suffix: the same model plain, whose figures it also gets a ratio to
+        cells = [row]
+        plain = results.get(base) if base != row else None
+        for _, _, key in columns:
+            gain = f", {figures[key] / plain[key]:.2f}x of {base.split(':')[-1]}" if plain else ""
+            cells.append(vs_peer(figures[key], results[args.peer][key], gain))
+        table.append(cells)
+    print_table(f"{'attention ceiling, ' if args.ceiling else ''}images/s, medians of {args.reps} alternating "
+                f"repetitions on {machine()}, {conditions(args)}", table,
+                ["model, variant" if args.ceiling else "model"] + [f"{m} {s} img/s (vs peer)" for m, s, _ in columns])
     if memory:
         peaks = {}
-        for n in [args.peer] + list(args.models):
-            peaks[n] = results[n][f"train_peak_mb_{args.img_size[0]}"] = peak_memory_mb(n, args, device)
+        for n in dict.fromkeys([args.peer, *args.models]):
+            peaks[n] = results[n][f"train_peak_mb_{sizes[0]}"] = peak_memory_mb(n, args, device)
             calls(f"memory {n}: {peaks[n]:.0f} MB")
         kind = "CUDA allocator peak" if device.type == "cuda" else "peak process RSS"
-        print_table(f"training-step memory ({kind}), batch {args.batch_size}, {args.img_size[0]}px",
+        print_table(f"training-step memory ({kind}), batch {args.batch_size}, {sizes[0]}px",
                     [[n, f"{mb:.0f}", f"{mb / peaks[args.peer]:.2f}x"] for n, mb in peaks.items()],
                     ["model", "MB", "vs peer"])
     return results
 
 
-CEILING_VARIANTS = {"as built": None, "gather free": "all", "window keys only": "window"}
+def ablated(name: str, model: nn.Module, keys: Optional[str]) -> nn.Module:
+    """The model ``name`` with every attention layer's gather ablated (:func:`ablate_gather`) when ``keys`` is given."""
+    if keys is None:
+        return model
+    attns = [m for m in model.modules() if isinstance(m, WindowedAttention)]
+    if not attns:
+        raise SystemExit(f"benchmark: --ceiling needs Focal models, got {name}")
+    for attn in attns:
+        ablate_gather(attn, keys)
+    return model
 
 
 def ablate_gather(attn: WindowedAttention, keys: str) -> None:
     """For ``--ceiling`` only: ``attn`` gathers its keys and values on its first call for each shape and reuses
-    them afterwards, so a step costs everything but the gather. With ``keys="window"`` each window then attends
-    to only its first ``ws*ws`` keys (its own tokens in v1), Swin's amount of attention. Later calls return
-    attention over stale keys and values: the timing is right, the outputs are not."""
+    them afterwards, so a step costs everything but the gather; with ``keys="window"`` each window attends to only
+    its first ``ws*ws`` keys (Swin's amount). Later calls attend to stale keys: right costs, wrong outputs."""
     stored: Dict[tuple, tuple] = {}
     plain = attn.attend
 
@@ -369,38 +347,6 @@ def ablate_gather(attn: WindowedAttention, keys: str) -> None:
     attn.attend = attend
 
 
-def run_ceiling(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict[str, float]]:
-    """Each model as built, with its key/value gather made free, and attending to ``ws*ws`` keys per window (the
-    peer's amount), timed alternately with the peer: how far better gathers or fewer keys could take it."""
-    modes, size = timed_modes(args), args.img_size[0]
-    x = torch.randn(args.batch_size, 3, size, size, device=device)
-    figures: Dict[str, Dict[str, float]] = {}
-    calls = Calls(len(modes) * (len(CEILING_VARIANTS) * len(args.models) + 1) * (args.warmup + 1 + args.reps))
-    for mode in modes:
-        make = inference_step if mode == "infer" else training_step
-        steps = {}
-        for name in args.models:
-            if split_suffix(name)[1]:
-                raise SystemExit(f"--ceiling times plain models (stock kernels), got {name}")
-            for variant, keys in CEILING_VARIANTS.items():
-                model = create(name, size, device)
-                attns = [m for m in model.modules() if isinstance(m, WindowedAttention)]
-                if not attns:
-                    raise SystemExit(f"--ceiling needs Focal models, got {name}")
-                if keys:
-                    for attn in attns:
-                        ablate_gather(attn, keys)
-                steps[f"{name}, {variant}"] = make(model, x, amp=args.amp)
-        steps[args.peer] = make(create(args.peer, size, device), x, amp=args.amp)
-        for name, sec in time_alternating(steps, args, device, calls, f"{mode} {size}px").items():
-            figures.setdefault(name, {})[mode] = args.batch_size / sec
-    rows = [[name] + [vs_peer(f[m], figures[args.peer][m]) for m in modes] for name, f in figures.items()]
-    print_table(f"attention ceiling, images/s, medians of {args.reps} alternating repetitions on {machine()}, "
-                f"{conditions(args)}", rows,
-                ["model, variant"] + [f"{m} {size} img/s (vs peer)" for m in modes])
-    return figures
-
-
 def parse_size(text: str) -> tuple:
     """``"448"`` -> (448, 448); ``"800x1216"`` -> (800, 1216)."""
     try:
@@ -412,24 +358,13 @@ def parse_size(text: str) -> tuple:
     return sides * 2 if len(sides) == 1 else sides
 
 
-def first_call_step(model: nn.Module, x: torch.Tensor, amp: str) -> Callable[[], None]:
-    """An inference call as on a size the model has not met: the layout cache is emptied first, so the call
-    builds its layouts and, with the CPU kernels, its attention biases again (as in multi-scale training)."""
-    step = inference_step(model, x, amp=amp)
-
-    def first():
-        LAYOUTS.clear()
-        step()
-    return first
-
-
 def run_sizes(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]:
     """Inference per input size: images/s of each model against the peer built for that size, and each model's
     call on a new size over a cached call (both timed alternately with the rest). Our models are built at their
     configured size (they take any input); timm models are built for each size, as Swin-T must be."""
-    names = list(dict.fromkeys(list(args.models) + [args.peer]))
+    names = list(dict.fromkeys([*args.models, args.peer]))
     per_size = {n for n in names if split_suffix(n)[0].startswith("timm:")}  # built for one input size
-    results: Dict[str, Dict] = {}
+    results: Dict[str, Dict] = {n: {} for n in names}
     rows = []
     calls = Calls(len(args.sizes) * (2 * len(names) - len(per_size)) * (args.warmup + 1 + args.reps))
     for height, width in args.sizes:
@@ -444,12 +379,10 @@ def run_sizes(args: argparse.Namespace, device: torch.device) -> Dict[str, Dict]
         medians = time_alternating(steps, args, device, calls, f"infer {label}")
         for n in names:
             sec, first = medians[n], medians.get(f"{n} (first call)")
-            ips = args.batch_size / sec
-            results.setdefault(n, {})[f"infer_{label}"] = ips
-            results[n][f"cached_call_s_{label}"] = sec
+            results[n].update({f"infer_{label}": args.batch_size / sec, f"cached_call_s_{label}": sec})
             if first is not None:
                 results[n][f"first_call_s_{label}"] = first
-            rows.append([label, n, f"{ips:.2f}", f"{medians[args.peer] / sec:.2f}x", f"{sec:.3f}",
+            rows.append([label, n, f"{args.batch_size / sec:.2f}", f"{medians[args.peer] / sec:.2f}x", f"{sec:.3f}",
                          "-" if first is None else f"{first:.3f}", "-" if first is None else f"{first / sec:.2f}x"])
         del steps
         gc.collect()
@@ -496,28 +429,22 @@ def plot(results: Dict[str, Dict], sizes: Sequence[int], path: str) -> None:
     draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
     for i, s in enumerate(sizes):
         draw.text((sx(i) - 12, height - margin + 8), f"{s}px", fill="black")
-    for exp in range(math.floor(lo), math.ceil(hi) + 1):
-        for mult in (1, 2, 5):
-            v = mult * 10 ** exp
-            if lo <= math.log10(v) <= hi:
-                draw.text((8, sy(v) - 6), f"{v:g}", fill="black")
-                draw.line([margin, sy(v), width - margin, sy(v)], fill=(225, 225, 225))
+    for v in (m * 10 ** e for e in range(math.floor(lo), math.ceil(hi) + 1) for m in (1, 2, 5)):
+        if lo <= math.log10(v) <= hi:
+            draw.text((8, sy(v) - 6), f"{v:g}", fill="black")
+            draw.line([margin, sy(v), width - margin, sy(v)], fill=(225, 225, 225))
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
     for j, (name, r) in enumerate(results.items()):
+        colour = colours[j % len(colours)]
         pts = [(sx(i), sy(r[f"infer_{s}"])) for i, s in enumerate(sizes) if f"infer_{s}" in r]
-        draw.line(pts, fill=colours[j % len(colours)], width=3)
-        for p in pts:
-            draw.ellipse([p[0] - 4, p[1] - 4, p[0] + 4, p[1] + 4], fill=colours[j % len(colours)])
+        draw.line(pts, fill=colour, width=3)
+        for x, y in pts:
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
         legend_y = height - margin - 16 * (len(results) - j) - 6  # bottom left: lines fall from top left
-        draw.text((margin + 10, legend_y), name.replace("timm:", ""), fill=colours[j % len(colours)])
+        draw.text((margin + 10, legend_y), name.replace("timm:", ""), fill=colour)
     draw.text((margin, 20), "inference images/s vs image size (log scale)", fill="black")
     img.save(path)
     print(f"plot written to {path}")
-
-
-def default_models(peer: str, device: torch.device) -> List[str]:
-    models = list(DEFAULT_MODELS) + [m + "+kernels" for m in DEFAULT_MODELS]
-    return models + ([peer + "+kernels"] if "onednn_linear" in select_kernels(device) else [])
 
 
 def timing_parser(prog: str, doc: str, peer: str, peer_help: str, batch_size: Optional[int],
@@ -539,17 +466,18 @@ def parse_timing(p: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> a
     args = p.parse_args(argv)
     if (args.batch_size or 1) < 1 or args.reps < 1 or args.warmup < 0:
         p.error("--batch-size and --reps must be >= 1, --warmup >= 0")
+    args.device = pick_device(args.device)
+    check_writable("--json", args.json)
     return args
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = timing_parser("python -m tools.benchmark", __doc__, DEFAULT_PEER, "the model ratios are taken against", None,
-                      5)
-    p.add_argument("--models", nargs="+", help="config names, ref:NAME, base:NAME or timm:NAME, each optionally "
-                                               "ending in +kernels or +onednn (default: the Tiny models, plain and "
-                                               "+kernels, and the peer +kernels where that adds oneDNN linears)")
-    p.add_argument("--reference", help="classification/ folder of an original Focal-Transformer checkout, for "
-                                       "ref:NAME models (never bundled with this project)")
+    p = timing_parser("python -m tools.benchmark", __doc__, DEFAULT_PEER, "the model ratios are taken against", None, 5)
+    p.add_argument("--models", nargs="+", help="config names, ref:NAME, base:NAME or timm:NAME, optionally ending in "
+                   "+kernels or +onednn (default: the Tiny models, plain and +kernels, and the peer +kernels where "
+                   "that adds oneDNN linears)")
+    p.add_argument("--reference", help="classification/ folder of a microsoft/Focal-Transformer checkout, for "
+                   "ref:NAME models")
     p.add_argument("--baseline", help="another checkout of this project, for base:NAME models (before/after)")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="both",
                    help="time inference (forward passes), training steps, or both")
@@ -557,24 +485,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--min-seconds", type=float, default=0.5,
                    help="each repetition repeats a fast step until it lasts this long")
     p.add_argument("--amp", choices=AMP_MODES, default="none",
-                   help="autocast precision of every model (none: float32); fp16 trains with a gradient "
-                        "scaler, as main.py does")
+                   help="autocast precision of every model (none: float32; fp16 with main.py's gradient scaler)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the training-memory probes")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
-                   help="time every model under torch.compile (default backend inductor; the first, untimed call "
-                        "compiles; memory probes stay eager)")
+                   help="time every model under torch.compile (default backend inductor; memory probes stay eager)")
     p.add_argument("--kernels", action="store_true",
                    help="compare F.linear with the oneDNN linear on the Tiny models' layer shapes instead")
     p.add_argument("--ceiling", action="store_true",
-                   help="time each model also with its key/value gather made free and with ws*ws keys per window "
-                        "(ablations: wrong outputs, right costs) instead")
+                   help="time each model also with its key/value gather made free and with ws*ws keys per window")
     p.add_argument("--sizes", nargs="+", type=parse_size, metavar="SIZE",
-                   help="inference per input size (SIDE or HEIGHTxWIDTH, e.g. 224 448 896 800x1216) instead: images/s "
-                        "against the peer built for that size, and the first call on a new size over a cached call")
+                   help="inference per input size (SIDE or HEIGHTxWIDTH, e.g. 800x1216) instead, with the first call "
+                   "on a new size")
     p.add_argument("--plot", type=path_arg, help="write a PNG of inference images/s against image size")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parse_timing(p, argv)
     args.batch_size = args.batch_size or (1 if args.sizes else 8)
+    args.modes = ["infer", "train"] if args.mode == "both" else [args.mode]
     if args.compile and not COMPILE_RULE.valid(args.compile, None):
         p.error(f"--compile {COMPILE_RULE.requirement}, got {args.compile!r}")
     if min(args.img_size) < 1:
@@ -614,19 +540,23 @@ def check_writable(flag: str, path: Optional[str]) -> None:
 def check_names_and_paths(args: argparse.Namespace) -> None:
     """What would otherwise fail only after minutes of timing: unknown models, sizes a model cannot be built for,
     output files that cannot be written, and a --plot type Pillow cannot write."""
-    for name in (args.models or []) + [args.peer]:
-        base = split_suffix(name)[0]
+    for name in args.models + [args.peer]:
+        base, suffix = split_suffix(name)
+        if args.ceiling and suffix and name != args.peer:
+            raise SystemExit(f"benchmark: --ceiling times plain models (stock kernels), got {name}")
+        checkout = next((flag for prefix, flag in CHECKOUTS.items() if base.startswith(prefix)), None)
+        if checkout and not getattr(args, checkout):
+            raise SystemExit(f"benchmark: {name}: pass --{checkout} (see --help)")
         if base.startswith("timm:"):
             import timm
             if not timm.is_model(base[5:]):
                 raise SystemExit(f"benchmark: --models/--peer {name}: timm has no model {base[5:]!r}")
-        elif not base.startswith(("ref:", "base:")):
+        elif not checkout:
             for size in args.img_size:
                 try:
                     validate_model_config(config_for(base, size))
                 except ConfigError as error:
                     raise SystemExit(f"benchmark: --img-size {size}: {name}: {error}") from None
-    check_writable("--json", args.json)
     check_writable("--plot", args.plot)
     if args.plot:
         from PIL import Image
@@ -636,22 +566,27 @@ def check_names_and_paths(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    global REFERENCE_PATH, BASELINE_PATH
-    REFERENCE_PATH, BASELINE_PATH = args.reference, args.baseline
-    device = pick_device(args.device)
-    if args.models is None:
-        args.models = list(DEFAULT_MODELS) if args.ceiling else default_models(args.peer, device)
+    device = args.device
+    if args.models is None and args.ceiling:
+        args.models = list(DEFAULT_MODELS)
+    elif args.models is None:
+        peer_kernels = [args.peer + "+kernels"] if "onednn_linear" in select_kernels(device) else []
+        args.models = [*DEFAULT_MODELS, *(m + "+kernels" for m in DEFAULT_MODELS), *peer_kernels]
     check_names_and_paths(args)
     try:
         build_precision(args.amp, device)
     except UsageError as error:
         raise SystemExit(f"benchmark: {error}")
+    if args.reference:
+        import_checkout("--reference", args.reference, REFERENCE)
+    if args.baseline:
+        import_checkout("--baseline", os.path.join(args.baseline, "models"), BASELINE)
     torch.manual_seed(0)
     if args.memory_probe:
-        print(memory_probe(args.memory_probe, args.batch_size, args.img_size[0], device, args.amp))
+        print(memory_probe(args, device))
         return
     announce()
-    run = run_kernels if args.kernels else run_ceiling if args.ceiling else run_sizes if args.sizes else run_speed
+    run = run_kernels if args.kernels else run_sizes if args.sizes else run_speed
     results = run(args, device)
     if not args.kernels and any(split_suffix(n)[1] for n in [*args.models, args.peer]):
         print(f"kernels on {device.type}: {', '.join(select_kernels(device)) or 'none'}")

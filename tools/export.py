@@ -3,10 +3,8 @@
     python -m tools.export --cfg configs/focal_tiny_patch4_window7_224.yaml --checkpoint focal-tiny-is224-ws7.pth \
         --output focal_tiny.onnx --dynamic-batch
 
-The format follows the output's suffix. The program is traced at one image size (``--img-size``, by default the
-config's ``DATA.IMG_SIZE``): the focal layouts for that size become constants of the graph, so other sizes need
-another export. Before anything is written, the exported program is run on a random batch and compared with the
-eager model; the file is written atomically, so a failed export never leaves a partial file behind. The file
+The format follows the output's suffix. The program is traced at one image size (the focal layouts become
+constants of the graph) and compared with the eager model before the file is written, atomically; the file
 carries what a user needs to feed it (``preprocessing.json``) and the checkpoint's class names.
 """
 from __future__ import annotations
@@ -33,8 +31,7 @@ BATCH_AXIS, MAX_BATCH = "batch", 1024  # the dynamic batch axis: its name in the
 # What an export carries beside the program, as JSON: .pt2 extra files, ONNX metadata entries.
 CLASS_NAMES = "class_names.json"  # the checkpoint's class names, when it stores them
 PREPROCESSING = "preprocessing.json"  # see preprocessing()
-# The stages of an export and their rough shares of its time (Focal-T at 224 on one CPU thread: tracing 9 s,
-# checking 2 s, conversion to ONNX 150 s, onnxruntime 1 s), by which the progress lines estimate the time left.
+# The stages' rough shares of an export's time (Focal-T at 224 on one CPU thread), for the time left.
 STAGE_COST = {"tracing": 9, "checking the program": 2, "writing": 1, "converting to ONNX": 150,
               "checking the ONNX file with onnxruntime": 1}
 
@@ -67,19 +64,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-class Stages:
-    """A progress line as each stage of an export starts, with the time left that the stages done so far imply at
-    the shares of :data:`STAGE_COST` (``logger.Progress``)."""
+class Stages(Progress):
+    """A progress line as each stage of an export starts, with the time left at the shares of :data:`STAGE_COST`
+    of the stages done so far."""
 
     def __init__(self, names: Sequence[str]):
-        self.names, self.current, self.done = list(names), None, 0
-        self.progress = Progress(sum(STAGE_COST[name] for name in names), every=1)
+        super().__init__(sum(STAGE_COST[name] for name in names), every=1)
+        self.names, self.current = list(names), None
 
     def __call__(self, name: str) -> None:
         if self.current:
-            self.done += STAGE_COST[self.current]
-            self.progress.due(self.done - 1)
-        eta = f", eta {self.progress.eta()}" if self.done else ""
+            self.due(self.done + STAGE_COST[self.current] - 1)
+        eta = f", eta {self.eta()}" if self.done else ""
         print(f"[{self.names.index(name) + 1}/{len(self.names)}] {name}{eta}", flush=True)
         self.current = name
 
@@ -94,15 +90,15 @@ def preprocessing(config: Any, shape: List[Any]) -> Dict[str, Any]:
             "crop_pct": crop_pct, "crop_mode": crop_mode}
 
 
-def export_program(model: nn.Module, example: torch.Tensor, dynamic_batch: bool) -> ExportedProgram:
-    shapes = ({0: Dim(BATCH_AXIS, min=1, max=MAX_BATCH)},) if dynamic_batch else None
-    with torch.no_grad():
-        return torch.export.export(model, (example,), dynamic_shapes=shapes)
-
-
 def max_difference(program: ExportedProgram, model: nn.Module, example: torch.Tensor) -> float:
     with torch.no_grad():
         return (program.module()(example) - model(example)).abs().max().item()
+
+
+def checked(what: str, diff: float) -> float:
+    if not diff <= TOLERANCE:  # a NaN difference fails too
+        raise UsageError(f"{what} differs from the model by {diff:.3g} (> {TOLERANCE}); nothing written")
+    return diff
 
 
 def to_onnx(program: ExportedProgram, metadata: Dict[str, str]):
@@ -131,17 +127,7 @@ def onnx_difference(path: str, model: nn.Module, example: torch.Tensor) -> float
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {session.get_inputs()[0].name: example.numpy()})
     with torch.no_grad():
-        diff = (torch.from_numpy(logits) - model(example)).abs().max().item()
-    if not diff <= TOLERANCE:  # a NaN difference fails too
-        raise UsageError(f"onnxruntime's output differs from the model by {diff:.3g} (> {TOLERANCE}); nothing written")
-    return diff
-
-
-def save_program(program: ExportedProgram, path: str, metadata: Dict[str, str]) -> None:
-    """``torch.export.save`` through an open file (torch warns about a file name without ``.pt2``, which the
-    temporary file has), with the metadata as extra files."""
-    with open(path, "wb") as f:
-        torch.export.save(program, f, extra_files=metadata)
+        return (torch.from_numpy(logits) - model(example)).abs().max().item()
 
 
 def export(args: argparse.Namespace) -> None:
@@ -150,8 +136,8 @@ def export(args: argparse.Namespace) -> None:
     height, width = (args.img_size * 2)[:2] if args.img_size else (config.DATA.IMG_SIZE,) * 2
     batch = max(2, args.batch_size) if args.dynamic_batch else args.batch_size
     example = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(0))
-    metadata = {PREPROCESSING: json.dumps(preprocessing(config, [BATCH_AXIS if args.dynamic_batch else batch, 3,
-                                                                 height, width]))}
+    shape = [BATCH_AXIS if args.dynamic_batch else batch, 3, height, width]
+    metadata = {PREPROCESSING: json.dumps(preprocessing(config, shape))}
     if names:
         metadata[CLASS_NAMES] = json.dumps(names)
     onnx = os.path.splitext(args.output)[1].lower() == ".onnx"
@@ -159,26 +145,26 @@ def export(args: argparse.Namespace) -> None:
     stage = Stages(["tracing", "checking the program", *last])
     print(f"exporting {config.MODEL.NAME} at {height}x{width}, batch {'dynamic' if args.dynamic_batch else batch}, "
           f"to {args.output}", flush=True)
+    shapes = ({0: Dim(BATCH_AXIS, min=1, max=MAX_BATCH)},) if args.dynamic_batch else None
     stage("tracing")
-    program = export_program(model, example, args.dynamic_batch)
+    with torch.no_grad():
+        program = torch.export.export(model, (example,), dynamic_shapes=shapes)
     stage("checking the program")
-    diff = max_difference(program, model, example)
-    if not diff <= TOLERANCE:  # a NaN difference fails too
-        raise UsageError(f"the exported program differs from the model by {diff:.3g} (> {TOLERANCE}); nothing written")
-    if not onnx:
-        stage("writing")
-        atomic_write(args.output, lambda path: save_program(program, path, metadata))
-    else:
-        def save_checked(path: str) -> None:  # checked before the rename: a failing file never gets the name
+    diffs = [checked("the exported program", max_difference(program, model, example))]
+
+    def write(path: str) -> None:  # checked before the rename: a failing file never gets the name
+        if onnx:
             stage("converting to ONNX")
             to_onnx(program, metadata).save(path)
             stage("checking the ONNX file with onnxruntime")
-            diffs.append(onnx_difference(path, model, example))
-        diffs = [diff]
-        atomic_write(args.output, save_checked)
-        diff = max(diffs)
+            diffs.append(checked("onnxruntime's output", onnx_difference(path, model, example)))
+        else:
+            stage("writing")
+            with open(path, "wb") as f:  # a file object: torch warns of a name without .pt2, as the temporary's
+                torch.export.save(program, f, extra_files=metadata)
+    atomic_write(args.output, write)
     print(f"wrote {args.output} ({FORMATS[os.path.splitext(args.output)[1].lower()]}) in "
-          f"{duration(stage.progress.elapsed())}; max |difference| from the eager model: {diff:.2g}")
+          f"{duration(stage.elapsed())}; max |difference| from the eager model: {max(diffs):.2g}")
 
 
 if __name__ == "__main__":

@@ -24,12 +24,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from config import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from config import HelpFormatter  # noqa: E402
-
 DEMO_CFG = ROOT / "configs" / "demo" / "focal_demo.yaml"
 STEPS = 20
 BATCH = 32  # 20 steps of 32 images: 64 training images per class of the 10-class demo set
@@ -42,6 +39,10 @@ def report(name: str, ok: bool, detail: str) -> bool:
     return ok
 
 
+def failures(failed: List[str]) -> str:
+    return f"; failed: {', '.join(failed)}" if failed else ""
+
+
 def check_golden() -> bool:
     from tools.golden import CASE_FILES, build_filled, case_input, load_case
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -51,19 +52,17 @@ def check_golden() -> bool:
         with torch.no_grad():
             got = build_filled(case).cuda()(case_input(case).cuda()).cpu()
         want = torch.tensor(case["output"])
-        worst = max(worst, (got - want).abs().max().item())
-        if not (got - want).abs().max().item() <= 1e-4 + 1e-4 * want.abs().max().item():
+        diff = (got - want).abs().max().item()
+        worst = max(worst, diff)
+        if not diff <= 1e-4 + 1e-4 * want.abs().max().item():
             failed.append(path.stem)
     detail = f"{len(CASE_FILES) - len(failed)}/{len(CASE_FILES)} fixtures, largest |difference| {worst:.2e}"
-    if failed:
-        detail += f"; failed: {', '.join(failed)}"
-    return report("golden fixtures on the GPU", not failed, detail)
+    return report("golden fixtures on the GPU", not failed, detail + failures(failed))
 
 
 def run_main(args: Sequence[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                                   if nproc > 1 else [])
-    return subprocess.run(launcher + ["main.py", *args], cwd=ROOT, capture_output=True, text=True)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return subprocess.run([sys.executable, *launcher, "main.py", *args], cwd=ROOT, capture_output=True, text=True)
 
 
 def check_training(data: Path, output: Path, amp: str) -> Optional[Path]:
@@ -77,19 +76,17 @@ def check_training(data: Path, output: Path, amp: str) -> Optional[Path]:
     detail = (f"final average loss {losses[-1]:.4f}" if ok else
               f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
     report(f"{STEPS} training steps, {amp} autocast", ok, detail)
-    checkpoints = sorted(out.rglob("ckpt_epoch_0.pth"))
-    return checkpoints[0] if ok and checkpoints else None
-
-
-def evaluation(data: Path, output: Path, checkpoint: Path, nproc: int) -> Optional[tuple]:
-    proc = run_main(["--cfg", str(DEMO_CFG), "--data-path", str(data), "--output", str(output / f"eval{nproc}"),
-                     "--eval", "--resume", str(checkpoint), "--amp", "none"], nproc)
-    found = EVAL.findall(proc.stdout)
-    return found[-1] if proc.returncode == 0 and found else None
+    return min(out.rglob("ckpt_epoch_0.pth"), default=None) if ok else None
 
 
 def check_distributed_eval(data: Path, output: Path, checkpoint: Path) -> bool:
-    single, double = evaluation(data, output, checkpoint, 1), evaluation(data, output, checkpoint, 2)
+    results = []  # the last evaluation line's figures of each run, None where it failed
+    for nproc in (1, 2):
+        proc = run_main(["--cfg", str(DEMO_CFG), "--data-path", str(data), "--output", str(output / f"eval{nproc}"),
+                         "--eval", "--resume", str(checkpoint), "--amp", "none"], nproc)
+        found = EVAL.findall(proc.stdout) if proc.returncode == 0 else []
+        results.append(found[-1] if found else None)
+    single, double = results
     ok = single is not None and single == double
     return report("evaluation, 1 GPU vs torchrun on 2 GPUs", ok, f"Acc@1, Acc@5, loss {single} vs {double}")
 
@@ -108,15 +105,14 @@ def check_detectors(device: torch.device, size: Tuple[int, int] = (512, 640), co
         model = build_detector(config, NUM_CLASSES).to(device).train()
         images, targets = synthetic_batch(size, 2, detector in MASK_DETECTORS, generator, device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            losses = model(images, targets)
-        loss = sum(losses.values())
+            loss = sum(model(images, targets).values())
         loss.backward()
         with torch.inference_mode():
             outputs = model.eval()(images)
         if not (torch.isfinite(loss).item() and all(o["boxes"].device.type == device.type for o in outputs)):
             failed.append(f"{detector} (loss {loss.item():.4g})")
     detail = f"{len(names) - len(failed)}/{len(names)} detectors trained a step and detected on {device.type}"
-    return report("detectors", not failed, detail + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return report("detectors", not failed, detail + failures(failed))
 
 
 def check_benchmark(extra: List[str]) -> bool:

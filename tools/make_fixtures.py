@@ -4,10 +4,9 @@
         --cfg configs/focal_tiny_patch4_window7_224.yaml --opts MODEL.NUM_CLASSES 10 MODEL.FOCAL.EMBED_DIM 16 \
         --output tests/fixtures/my_case.json
 
-The reference (a microsoft/Focal-Transformer checkout, never bundled) is imported as it is, with one shim for a
-name current timm no longer has; its parameters are filled by the recipe of tests/fixtures/README.md and the file
-records parameter and buffer names and shapes, FLOPs and logits on the seeded input (float32, CPU). The reference
-ignores ``EXPAND_STAGES``, so it gets that key folded into ``EXPAND_SIZES``; the fixture records the keys as given.
+The reference (a microsoft/Focal-Transformer checkout, never bundled) is imported as it is, its parameters filled
+by the recipe of tests/fixtures/README.md; the file records parameter and buffer names and shapes, FLOPs and
+logits on the seeded input (float32, CPU).
 """
 from __future__ import annotations
 
@@ -15,7 +14,6 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -24,15 +22,11 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from yacs.config import CfgNode
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from config import UsageError, _C, error_text, load_config
+from tools.golden import case_input, fill_value
+from utils import atomic_write
 
-from config import _C, load_config  # noqa: E402
-from config import UsageError, error_text  # noqa: E402
-from tools.golden import case_input, fill_value  # noqa: E402
-from utils import atomic_write  # noqa: E402
-
+REFERENCE = "focal_reference"  # the module name the reference's classification package is imported as
 # MODEL.FOCAL keys the reference's build_model reads; the others of our tree have no counterpart there
 REFERENCE_KEYS = ("PATCH_SIZE", "IN_CHANS", "EMBED_DIM", "DEPTHS", "NUM_HEADS", "WINDOW_SIZE", "MLP_RATIO",
                   "QKV_BIAS", "QK_SCALE", "APE", "PATCH_NORM", "USE_SHIFT", "FOCAL_POOL", "FOCAL_STAGES",
@@ -40,21 +34,24 @@ REFERENCE_KEYS = ("PATCH_SIZE", "IN_CHANS", "EMBED_DIM", "DEPTHS", "NUM_HEADS", 
                   "USE_CONV_EMBED", "USE_LAYERSCALE", "USE_PRE_NORM", "FOCAL_TOPK")
 
 
-def import_reference(checkout: Path) -> ModuleType:
-    """The reference's ``classification`` package, under its own module name so it cannot shadow ours."""
-    init = checkout / "classification" / "__init__.py"
-    if not init.is_file():
-        raise UsageError(f"--reference {checkout}: no classification/__init__.py; pass the root of a "
-                         "microsoft/Focal-Transformer checkout")
+def import_package(folder: Path, name: str) -> ModuleType:
+    """The package in ``folder`` (the reference's, or another checkout's) imported as ``name``, so that it cannot
+    shadow ours; with the one name the reference imports that current timm lacks."""
     import timm.data.transforms as timm_transforms
     if not hasattr(timm_transforms, "_pil_interp"):  # renamed str_to_pil_interp in timm 0.6
         timm_transforms._pil_interp = timm_transforms.str_to_pil_interp
-    spec = importlib.util.spec_from_file_location("focal_reference", init,
-                                                  submodule_search_locations=[str(init.parent)])
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def import_reference(checkout: Path) -> ModuleType:
+    if not (checkout / "classification" / "__init__.py").is_file():
+        raise UsageError(f"--reference {checkout}: no classification/__init__.py; pass the root of a "
+                         "microsoft/Focal-Transformer checkout")
+    return import_package(checkout / "classification", REFERENCE)
 
 
 def focal_keys(config) -> Dict[str, Any]:
@@ -66,16 +63,15 @@ def focal_keys(config) -> Dict[str, Any]:
     return changed
 
 
-def reference_config(config: CfgNode) -> CfgNode:
-    """``config`` as the reference must see it: ``EXPAND_STAGES``, which it ignores, folded into ``EXPAND_SIZES``."""
+def build_reference(reference: ModuleType, config: CfgNode) -> torch.nn.Module:
+    """The reference's model of ``config`` in eval mode. The reference ignores ``EXPAND_STAGES``, so it gets that
+    key folded into ``EXPAND_SIZES``."""
     f = config.MODEL.FOCAL
-    if list(f.EXPAND_STAGES) == list(_C.MODEL.FOCAL.EXPAND_STAGES):
-        return config
     config = config.clone()
     config.defrost()
     config.MODEL.FOCAL.EXPAND_SIZES = [size if i in f.EXPAND_STAGES else 0 for i, size in enumerate(f.EXPAND_SIZES)]
-    config.freeze()
-    return config
+    with contextlib.redirect_stdout(sys.stderr):  # the reference prints "Creating model"
+        return reference.build_model(config).eval()
 
 
 def make_case(reference: ModuleType, name: str, cfg: Optional[str], opts: Sequence[Any], batch: int) -> Dict[str, Any]:
@@ -86,8 +82,7 @@ def make_case(reference: ModuleType, name: str, cfg: Optional[str], opts: Sequen
         raise UsageError(f"config (--cfg {cfg} / --opts): {error_text(err)}") from None
     case = {"name": name, "model_type": config.MODEL.TYPE, "img_size": config.DATA.IMG_SIZE,
             "num_classes": config.MODEL.NUM_CLASSES, "batch": batch, "focal": focal}
-    with contextlib.redirect_stdout(sys.stderr):  # the reference prints "Creating model"
-        model = reference.build_model(reference_config(config)).eval()
+    model = build_reference(reference, config)
     parameters = [[n, list(p.shape)] for n, p in model.named_parameters()]
     with torch.no_grad():
         for (n, shape), p in zip(parameters, model.parameters()):
