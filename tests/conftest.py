@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from data.demo import generate
-from tests.helpers import demo_args, snapshot
+from tests.helpers import EntryPoints, demo_args, snapshot
 
 
 def pytest_configure(config):
@@ -81,3 +81,11 @@ def copy_of(previous_run, tmp_path):
     output = tmp_path / "output"
     shutil.copytree(previous_run, output)
     return output, snapshot(output)
+
+
+@pytest.fixture(scope="session")
+def entry_points():
+    """The entry points run as forked processes (tests/helpers.py ``EntryPoints``), started on first use."""
+    server = EntryPoints()
+    yield server
+    server.close()
