@@ -8,6 +8,7 @@ module state our code sets at import (``run_lock.MAIN_PID``, the timm registrati
 request per line on stdin (``argv``, ``stdout``, ``stderr``: the command and the files for its output); for each, one
 line with the child's ``pid`` and, once it has ended, one with its ``returncode`` (as ``subprocess``'s: minus the
 signal that ended it)."""
+import gc
 import json
 import os
 import runpy
@@ -42,6 +43,9 @@ def run_child(request: dict, replies: int) -> None:
 
 
 def serve() -> None:
+    # What the imports made stays out of the children's garbage collections: their exit (which runs in full, as
+    # any process's) then touches far fewer inherited pages, 1.5 s instead of 5 s each on a loaded machine.
+    gc.freeze()
     replies = os.dup(1)
     for line in sys.stdin:
         request = json.loads(line)
