@@ -150,9 +150,12 @@ def test_layer_decay_scales_each_depth_and_keeps_the_no_decay_rules():
 @pytest.mark.slow
 def test_ema_best_checkpoint_compile_and_class_names_end_to_end(demo_data, tmp_path, entry_points):
     """Two epochs with EMA, layer decay and a compiled model (aot_eager: the compile path without a C++
-    toolchain's minutes); then --eval and predict.py on the best checkpoint."""
+    toolchain's minutes); then --eval and predict.py on the best checkpoint. Batches of 10 split the 40 training
+    and 20 validation images evenly: two graphs (training, evaluation), where a smaller last batch would cost a
+    third compile with a symbolic batch size (the model compiled with dynamic shapes is test_models_behaviour's)."""
     main(demo_args(demo_data, tmp_path, "--model-ema", "--compile", "aot_eager",
-                   opts=("TRAIN.EPOCHS", "2", "TRAIN.LAYER_DECAY", "0.8", "MODEL_EMA_DECAY", "0.5")))
+                   opts=("TRAIN.EPOCHS", "2", "TRAIN.LAYER_DECAY", "0.8", "MODEL_EMA_DECAY", "0.5",
+                         "DATA.BATCH_SIZE", "10")))
     log = read_log(tmp_path)
     assert log.count("Accuracy of the EMA model on the 20 test images") == 2
     best = run_dir(tmp_path) / "ckpt_best.pth"
