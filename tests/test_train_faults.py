@@ -273,11 +273,11 @@ def test_a_sigterm_landing_while_a_failure_is_logged_is_still_logged(demo_data, 
 
 @pytest.mark.slow
 def test_a_dead_rank_stops_the_others_and_the_same_command_resumes(demo_data, tmp_path, entry_points):
-    """A rank killed, then torchrun itself stopped (SIGTERM, as a scheduler or ``kill`` does), each in the second
-    and last epoch, and the same command resumes after each."""
-    args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "2", *RANDOM_OPTS[:6]))
+    """A rank killed, then torchrun itself stopped (SIGTERM, as a scheduler or ``kill`` does), and the same command
+    resumes after each."""
+    args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "3", *RANDOM_OPTS[:6]))
     proc = start_main(args, nproc=2)
-    wait_for_line(proc, "Train: [1/2][0/5]")
+    wait_for_line(proc, "Train: [1/3][0/5]")
     pid = int(read_log(tmp_path, rank=1).split("pid ")[1].split()[0])
     os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=90) != 0  # torchrun notices at once and stops rank 0: no collective timeout
@@ -294,7 +294,7 @@ def test_a_dead_rank_stops_the_others_and_the_same_command_resumes(demo_data, tm
     # torchrun stops each rank's process group: the DataLoader workers die with their rank, which printed a
     # traceback per worker ("Exception ignored in ... __del__") after its stop line
     proc = start_main(args, nproc=2)
-    wait_for_line(proc, "Train: [1/2][0/5]")
+    wait_for_line(proc, "Train: [1/3][0/5]")
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=90)
     assert stdout.strip().splitlines()[-1].endswith("stopped: terminated by SIGTERM (torchrun stops all ranks when "
@@ -306,8 +306,8 @@ def test_a_dead_rank_stops_the_others_and_the_same_command_resumes(demo_data, tm
     check(entry_points.main(args, nproc=2))
     for rank in (0, 1):
         log = this_run(read_log(tmp_path, rank))
-        assert "auto-resuming from" in log and "ckpt_epoch_0.pth" in log and "Train: [1/2]" in log
-    assert load(run_dir(tmp_path) / "ckpt_epoch_1.pth")["epoch"] == 1
+        assert "auto-resuming from" in log and "ckpt_epoch_0.pth" in log and "Train: [1/3]" in log
+    assert load(run_dir(tmp_path) / "ckpt_epoch_2.pth")["epoch"] == 2
 
 
 def test_resuming_with_model_ema_added_tracks_the_best_of_the_ema_model(copy_of, data):
