@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from data.demo import generate
-from tests.helpers import demo_args, snapshot
+from tests.helpers import EntryPoints, demo_args, snapshot
 
 
 def pytest_configure(config):
@@ -22,6 +22,27 @@ def pytest_configure(config):
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
+def pytest_collection_modifyitems(config, items):
+    """pytest-xdist's work stealing (``make test``) hands each worker a contiguous share of this list, run from its
+    front, and an idle worker steals from the back of another's: in collection order the long tests of the last
+    files (test_train_*) came last and often ran alone at the end. The slow tests go first, dealt in turn to the
+    workers' shares; the others follow in collection order, small enough to even out the end."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if workers < 2 or not slow:
+        return
+    fast = [item for item in items if not item.get_closest_marker("slow")]
+    order, left = [], len(items)
+    for worker in range(workers):
+        share = left // (workers - worker)  # xdist's split of what is left among the workers still without tests
+        dealt = slow[worker::workers]
+        order += dealt + fast[:max(0, share - len(dealt))]
+        fast = fast[max(0, share - len(dealt)):]
+        left -= share
+    items[:] = order + fast
 
 
 def seed_all() -> None:
@@ -81,3 +102,11 @@ def copy_of(previous_run, tmp_path):
     output = tmp_path / "output"
     shutil.copytree(previous_run, output)
     return output, snapshot(output)
+
+
+@pytest.fixture(scope="session")
+def entry_points():
+    """The entry points run as forked processes (tests/helpers.py ``EntryPoints``), started on first use."""
+    server = EntryPoints()
+    yield server
+    server.close()

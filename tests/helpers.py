@@ -7,12 +7,17 @@ Fixtures (the generated datasets) live in ``conftest.py``; the golden-fixture re
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import re
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -300,6 +305,81 @@ def wait_for_line(proc: subprocess.Popen, needle: str) -> str:
     proc.wait()
     raise AssertionError(f"the process ended (exit {proc.returncode}) before logging {needle!r}:\n"
                          f"{proc.stderr.read()[-3000:]}")
+
+
+class EntryPoints:
+    """``python main.py ARGS`` and ``python -m MODULE ARGS`` as forked children of ``tests/entry_server.py``, which
+    imported torch, torchvision and timm once: real processes (exit status, one line on stderr, DataLoader workers,
+    our modules imported afresh) for the price of a fork. For a single process that runs to its end; signals and
+    torchrun keep fresh processes (:func:`start_main`, :func:`run_main`). One per pytest worker (conftest.py)."""
+
+    def __init__(self) -> None:
+        self._log = tempfile.TemporaryFile()
+        self._server = subprocess.Popen([sys.executable, str(REPO / "tests" / "entry_server.py")], cwd=REPO,
+                                        env=MAIN_ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self._log)
+        self._pending = b""
+
+    def _reply(self, timeout: Optional[float]) -> dict:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self._server.stdout], [], [], left)[0]:
+                raise subprocess.TimeoutExpired("entry server", timeout)
+            chunk = os.read(self._server.stdout.fileno(), 4096)
+            if not chunk:
+                self._log.seek(0)
+                raise RuntimeError(f"tests/entry_server.py ended:\n{self._log.read().decode()[-3000:]}")
+            self._pending += chunk
+        line, self._pending = self._pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, argv: Sequence[str], timeout: float = 300) -> subprocess.CompletedProcess:
+        """``argv`` as after ``python``: ``["main.py", ...]`` or ``["-m", "tools.export", ...]``."""
+        with tempfile.TemporaryDirectory() as folder:
+            out, err = Path(folder, "stdout"), Path(folder, "stderr")
+            request = dict(argv=[str(a) for a in argv], stdout=str(out), stderr=str(err))
+            self._server.stdin.write((json.dumps(request) + "\n").encode())
+            self._server.stdin.flush()
+            pid = self._reply(60)["pid"]
+            try:
+                returncode = self._reply(timeout)["returncode"]
+            except subprocess.TimeoutExpired:
+                os.kill(pid, signal.SIGKILL)
+                self._reply(60)
+                raise
+            return subprocess.CompletedProcess([sys.executable, *argv], returncode,
+                                               out.read_text(errors="backslashreplace"),
+                                               err.read_text(errors="backslashreplace"))
+
+    def main(self, args: Sequence[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+        """``main.py ARGS``, or torchrun's ``--nproc_per_node NPROC main.py ARGS``: torchrun forked, its ranks
+        fresh processes."""
+        return self.run(launcher(nproc)[1:] + ["main.py", *args], timeout)
+
+    def close(self) -> None:
+        self._server.kill()  # it holds nothing to clean up; its interpreter's exit alone takes seconds
+        self._server.wait(timeout=60)
+        self._server.stdin.close()
+        self._server.stdout.close()
+        self._log.close()
+
+
+def two_processes(function, *args) -> None:
+    """``function(rank, *args)`` in two processes, as ``torch.multiprocessing.spawn`` runs it, forked from
+    multiprocessing's fork server, which imported the entry server's libraries once for the session: a fraction of a
+    second a process instead of a fresh interpreter each (2-4 s, ~20 s loaded). The function's module is imported
+    afresh in each process. The server runs in :data:`MAIN_ENV`: one thread a process (two processes of two
+    threads each on two cores spent most of an epoch spinning while the other waited for its collective)."""
+    import multiprocessing.forkserver
+
+    import torch.multiprocessing as mp
+
+    from tests.entry_server import PRELOAD
+    mp.get_context("forkserver").set_forkserver_preload([*PRELOAD, "pytest"])  # pytest: a test module's import
+    with mock.patch.dict(os.environ, MAIN_ENV):
+        multiprocessing.forkserver.ensure_running()
+    mp.start_processes(function, args=args, nprocs=2, start_method="forkserver")
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -3,8 +3,6 @@ with a 10-class config and no --opts, and its names come out with the prediction
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from PIL import Image
 from config import UsageError, load_config
 from models import build_model
 from predict import parse_args, predict
-from tests.helpers import DEMO_CFG, REPO, randomise
+from tests.helpers import DEMO_CFG, randomise
 
 NAMES = ["circle", "square", "triangle"]
 
@@ -43,10 +41,10 @@ def test_predict_reads_class_count_and_names_from_the_checkpoint(three_classes, 
 
 
 @pytest.mark.slow
-def test_pt2_export_carries_the_class_names_quietly(three_classes, tmp_path):
+def test_pt2_export_carries_the_class_names_quietly(three_classes, tmp_path, entry_points):
     out = tmp_path / "three.pt2"
-    done = subprocess.run([sys.executable, "-m", "tools.export", "--cfg", DEMO_CFG, "--checkpoint", str(three_classes),
-                           "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = entry_points.run(["-m", "tools.export", "--cfg", DEMO_CFG, "--checkpoint", str(three_classes), "--output",
+                             str(out)])
     assert done.returncode == 0, done.stderr
     assert "Expect archive file" not in done.stderr  # torch's warning about the temporary file's name
     extra = {"class_names.json": ""}

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from config import get_config
 from dense.demo import generate_segmentation
@@ -21,7 +20,7 @@ from dense.run import parse_args, training_task
 from engine import DistEnv, fit, use_sync_batchnorm
 from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
 from segmentation.train import TASK
-from tests.helpers import BACKBONE_OPTS, REPO, demo_args
+from tests.helpers import BACKBONE_OPTS, REPO, demo_args, two_processes
 
 CFG = str(REPO / "configs" / "segmentation" / "demo.yaml")
 OPTS = ["DATA.SCALE", "[64, 64]", "DATA.CROP_SIZE", "64", "DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0",
@@ -54,7 +53,7 @@ def train_rank(rank: int, data: str, out: str, port: int) -> None:
 @pytest.mark.slow
 def test_two_processes_end_an_epoch_with_the_same_statistics_and_average(tmp_path):
     data = generate_segmentation(str(tmp_path / "data"), size=64, train=8, val=2)
-    mp.spawn(train_rank, args=(data, str(tmp_path), free_port()), nprocs=2)
+    two_processes(train_rank, data, str(tmp_path), free_port())
     first, second = (torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1))
     assert first["buffers"] and any(v.abs().sum() > 0 for k, v in first["buffers"].items() if "mean" in k)
     for part in ("buffers", "ema"):
@@ -84,7 +83,7 @@ def train_classification_rank(rank: int, data: str, out: str, port: int) -> None
 
 @pytest.mark.slow
 def test_two_classification_processes_end_an_epoch_with_the_same_average(demo_data, tmp_path):
-    mp.spawn(train_classification_rank, args=(str(demo_data), str(tmp_path), free_port()), nprocs=2)
+    two_processes(train_classification_rank, str(demo_data), str(tmp_path), free_port())
     first, second = (torch.load(tmp_path / f"ema{rank}.pt", weights_only=True) for rank in (0, 1))
     assert first.keys() == second.keys()
     for key, value in first.items():

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from models.resize import adapt_geometry, neighbour_table_from_window_table, res
 from optimizer import build_optimizer
 from utils import load_pretrained
 
-from tests.helpers import (DEMO_CFG, LOG, MAIN_ENV, REPO, demo_args, eval_summary, randomise, read_log, run_dir,
+from tests.helpers import (DEMO_CFG, LOG, REPO, demo_args, eval_summary, randomise, read_log, run_dir,
                            sum_roundoff)
 
 # utils.log_load's first line: loaded of the checkpoint's tensors, resized, derived, left at initial values (names)
@@ -150,11 +148,14 @@ def test_layer_decay_scales_each_depth_and_keeps_the_no_decay_rules():
 
 
 @pytest.mark.slow
-def test_ema_best_checkpoint_compile_and_class_names_end_to_end(demo_data, tmp_path):
+def test_ema_best_checkpoint_compile_and_class_names_end_to_end(demo_data, tmp_path, entry_points):
     """Two epochs with EMA, layer decay and a compiled model (aot_eager: the compile path without a C++
-    toolchain's minutes); then --eval and predict.py on the best checkpoint."""
+    toolchain's minutes); then --eval and predict.py on the best checkpoint. Batches of 10 split the 40 training
+    and 20 validation images evenly: two graphs (training, evaluation), where a smaller last batch would cost a
+    third compile with a symbolic batch size (the model compiled with dynamic shapes is test_models_behaviour's)."""
     main(demo_args(demo_data, tmp_path, "--model-ema", "--compile", "aot_eager",
-                   opts=("TRAIN.EPOCHS", "2", "TRAIN.LAYER_DECAY", "0.8", "MODEL_EMA_DECAY", "0.5")))
+                   opts=("TRAIN.EPOCHS", "2", "TRAIN.LAYER_DECAY", "0.8", "MODEL_EMA_DECAY", "0.5",
+                         "DATA.BATCH_SIZE", "10")))
     log = read_log(tmp_path)
     assert log.count("Accuracy of the EMA model on the 20 test images") == 2
     best = run_dir(tmp_path) / "ckpt_best.pth"
@@ -169,9 +170,8 @@ def test_ema_best_checkpoint_compile_and_class_names_end_to_end(demo_data, tmp_p
     assert "Accuracy of the network" in eval_log and "Accuracy of the EMA model" in eval_log
 
     image = sorted((demo_data / "val" / "circle").iterdir())[0]
-    done = subprocess.run([sys.executable, "predict.py", "--cfg", DEMO_CFG, "--opts", "DATA.IMG_SIZE", "32",
-                           "--checkpoint", str(best), "--ema", "--topk", "10", str(image)], cwd=REPO, env=MAIN_ENV,
-                          capture_output=True, text=True, timeout=120)
+    done = entry_points.run(["predict.py", "--cfg", DEMO_CFG, "--opts", "DATA.IMG_SIZE", "32", "--checkpoint",
+                             str(best), "--ema", "--topk", "10", str(image)], timeout=120)
     assert done.returncode == 0, done.stderr
     printed = re.findall(r"^\s+[\d.]+\s+\d+ (\S+)$", done.stdout, re.M)
     assert sorted(printed) == state["class_names"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from main import main
 from segmentation.data import SegmentationFolder, read_labels
 
 from tests.helpers import (REPO, assert_intact, demo_args, eval_summary, first_image, load, poisoned_copy, read_log,
-                           run_command, run_dir, run_main)
+                           run_dir)
 
 CHECKPOINT = "ckpt_epoch_0.pth"
 
@@ -383,16 +382,15 @@ def test_ctrl_c_to_main_py_alone_during_an_evaluation_with_workers_prints_no_tra
 
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", ["main.py", "detection.train"])
-def test_a_usage_error_reaches_the_console_once(entry, tmp_path):
+def test_a_usage_error_reaches_the_console_once(entry, tmp_path, entry_points):
     """The entry point's one line on stderr; the log file keeps its 'stopped:' copy (it printed on stdout too)."""
     missing = tmp_path / "nowhere"
     if entry == "main.py":
-        done = run_main(["--cfg", str(REPO / "configs" / "demo" / "focal_demo.yaml"), "--data-path", str(missing),
-                         "--output", str(tmp_path / "out")])
+        done = entry_points.main(["--cfg", str(REPO / "configs" / "demo" / "focal_demo.yaml"), "--data-path",
+                                  str(missing), "--output", str(tmp_path / "out")])
     else:
-        done = run_command([sys.executable, "-m", "detection.train", "--cfg",
-                            str(REPO / "configs" / "detection" / "demo.yaml"), "--data-path", str(missing),
-                            "--output", str(tmp_path / "out"), "--device", "cpu"], timeout=300)
+        done = entry_points.run(["-m", "detection.train", "--cfg", str(REPO / "configs" / "detection" / "demo.yaml"),
+                                 "--data-path", str(missing), "--output", str(tmp_path / "out"), "--device", "cpu"])
     lines = (done.stdout + done.stderr).splitlines()
     assert done.returncode == 1 and sum(str(missing) in line for line in lines) == 1, lines
     assert done.stderr.strip().splitlines()[-1].startswith(f"{'main.py' if entry == 'main.py' else 'detection.train'}")

@@ -27,7 +27,7 @@ from models import build_model
 from optimizer import build_optimizer
 
 from tests.helpers import (DEMO_CFG, MAIN_ENV, REPO, TINY_OPTS, assert_intact, demo_args, eval_summary,
-                           first_image, load, read_log, run_dir, run_main, snapshot, start_main, this_run,
+                           first_image, load, read_log, run_dir, snapshot, start_main, this_run,
                            wait_for_line)
 
 
@@ -249,29 +249,28 @@ def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 @pytest.mark.slow
-def test_files_that_are_not_what_they_claim_give_one_line(data, tmp_path):
+def test_files_that_are_not_what_they_claim_give_one_line(data, tmp_path, entry_points):
     text = tmp_path / "notes.pth"
     text.write_text("these are my notes\n" * 20)
-    one_line_error(run_main(demo_args(data, tmp_path / "a", "--resume", str(text))),
+    one_line_error(entry_points.main(demo_args(data, tmp_path / "a", "--resume", str(text))),
                    f"cannot read checkpoint {text}: it is not a PyTorch checkpoint")
     (data / "val.zip").write_bytes(b"this is no zip archive")
-    one_line_error(run_main(demo_args(data, tmp_path / "b", "--zip")), f"cannot read {data / 'val.zip'}")
+    one_line_error(entry_points.main(demo_args(data, tmp_path / "b", "--zip")), f"cannot read {data / 'val.zip'}")
     blocker = tmp_path / "a_file"
     blocker.write_text("in the way")
-    one_line_error(run_main(demo_args(data, blocker)), "--output: cannot write to", "Not a directory")
-    export = subprocess.run([sys.executable, "-m", "tools.export", "--cfg", DEMO_CFG, "--checkpoint", str(text),
-                             "--output", str(blocker / "model.pt2")], cwd=REPO, env=MAIN_ENV, capture_output=True,
-                            text=True, timeout=300)
+    one_line_error(entry_points.main(demo_args(data, blocker)), "--output: cannot write to", "Not a directory")
+    export = entry_points.run(["-m", "tools.export", "--cfg", DEMO_CFG, "--checkpoint", str(text), "--output",
+                               str(blocker / "model.pt2")])
     assert export.returncode == 1 and len(export.stderr.strip().splitlines()) == 1, export.stderr
     assert "--output: cannot write to" in export.stderr
 
 
-def test_a_corrupt_image_with_a_non_utf8_name_is_named_in_the_log(data, tmp_path):
+def test_a_corrupt_image_with_a_non_utf8_name_is_named_in_the_log(data, tmp_path, entry_points):
     bad = os.path.join(os.fsencode(data / "val" / "circle"), b"broken-\xff.png")
     with open(bad, "wb") as f:
         f.write(b"not a png")
     before_output = tmp_path / "out"
-    proc = run_main(demo_args(data, before_output, opts=("DATA.NUM_WORKERS", "1")))
+    proc = entry_points.main(demo_args(data, before_output, opts=("DATA.NUM_WORKERS", "1")))
     line = one_line_error(proc, "cannot read image", "broken-")
     assert "Logging error" not in proc.stdout + proc.stderr
     assert "stopped: cannot read image" in read_log(before_output) and "broken-\\udcff.png" in line + read_log(

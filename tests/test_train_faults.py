@@ -20,8 +20,8 @@ from models import ConfigError
 from utils import latest_checkpoint, read_checkpoint
 
 from tests.helpers import (LOG, REPO, assert_intact, check, demo_args, eval_summary, first_image,
-                           flip_bytes_inside_largest_tensor, load, poisoned_copy, read_log, run_dir, run_main,
-                           start_main, this_run, wait_for_line)
+                           flip_bytes_inside_largest_tensor, load, poisoned_copy, read_log, run_dir, start_main,
+                           this_run, wait_for_line)
 
 # Every random stream in play: augmentation in a DataLoader worker, random erasing, Mixup, drop-path.
 RANDOM_OPTS = ("SAVE_FREQ", "1", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "1", "AUG.MIXUP", "0.8",
@@ -29,13 +29,14 @@ RANDOM_OPTS = ("SAVE_FREQ", "1", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "1"
 
 
 @pytest.mark.slow
-def test_run_killed_in_epoch_three_resumes_to_the_same_weights(demo_data, tmp_path):
+def test_run_killed_in_epoch_three_resumes_to_the_same_weights(demo_data, tmp_path, entry_points):
     """3 epochs straight == 2 epochs, SIGKILL during the third, and the same command again, bit for bit (the
     EMA of the weights included). With SAVE_FREQ 5 no epoch file holds epoch 1: ckpt_last.pth does (without it the
-    rerun started over at epoch 0, as only ckpt_best.pth was left)."""
+    rerun started over at epoch 0, as only ckpt_best.pth was left). The killed run is a fresh process; the two that
+    run to their end are forked ones (``entry_points``), in the same environment."""
     opts = ("TRAIN.EPOCHS", "3", "MODEL_EMA", "True", "MODEL_EMA_DECAY", "0.9", *RANDOM_OPTS, "SAVE_FREQ", "5")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    check(run_main(demo_args(demo_data, straight, opts=opts)))
+    check(entry_points.main(demo_args(demo_data, straight, opts=opts)))
     assert "auto-resume (TRAIN.AUTO_RESUME): no checkpoint to resume from in" in read_log(straight)
 
     args = demo_args(demo_data, killed, opts=opts)
@@ -46,7 +47,7 @@ def test_run_killed_in_epoch_three_resumes_to_the_same_weights(demo_data, tmp_pa
     proc.stdout.close(), proc.stderr.close()
     assert sorted(p.name for p in run_dir(killed).glob("*.pth")) == ["ckpt_best.pth", "ckpt_last.pth"]
 
-    check(run_main(args))
+    check(entry_points.main(args))
     log = this_run(read_log(killed))
     assert "auto-resuming from" in log and "ckpt_last.pth" in log and "Train: [1/3]" not in log
     assert sorted(p.name for p in run_dir(killed).glob("*.pth")) == ["ckpt_best.pth", "ckpt_epoch_2.pth"]
@@ -101,11 +102,11 @@ def test_bad_input_is_refused_by_name_and_damages_nothing(case, copy_of, data):
 
 
 @pytest.mark.slow
-def test_unreadable_image_in_a_worker_is_one_line_naming_the_file(copy_of, data):
+def test_unreadable_image_in_a_worker_is_one_line_naming_the_file(copy_of, data, entry_points):
     output, before = copy_of
     bad = first_image(data)
     truncate(bad)
-    proc = run_main(demo_args(data, output, opts=("TRAIN.EPOCHS", "2", "DATA.NUM_WORKERS", "1")))
+    proc = entry_points.main(demo_args(data, output, opts=("TRAIN.EPOCHS", "2", "DATA.NUM_WORKERS", "1")))
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(f"main.py: error: cannot read image {bad}: image file is truncated")
     assert proc.stderr.strip().endswith("set DATA.SKIP_BAD_IMAGES True to leave unreadable images out")
@@ -271,7 +272,7 @@ def test_a_sigterm_landing_while_a_failure_is_logged_is_still_logged(demo_data, 
 
 
 @pytest.mark.slow
-def test_a_dead_rank_stops_the_others_and_the_same_command_resumes(demo_data, tmp_path):
+def test_a_dead_rank_stops_the_others_and_the_same_command_resumes(demo_data, tmp_path, entry_points):
     """A rank killed, then torchrun itself stopped (SIGTERM, as a scheduler or ``kill`` does), and the same command
     resumes after each."""
     args = demo_args(demo_data, tmp_path, opts=("TRAIN.EPOCHS", "3", *RANDOM_OPTS[:6]))
@@ -302,7 +303,7 @@ def test_a_dead_rank_stops_the_others_and_the_same_command_resumes(demo_data, tm
     assert read_log(tmp_path, rank=1).strip().endswith("stopped: terminated by SIGTERM (torchrun stops all ranks "
                                                        "when one fails or is stopped)")
 
-    check(run_main(args, nproc=2))
+    check(entry_points.main(args, nproc=2))
     for rank in (0, 1):
         log = this_run(read_log(tmp_path, rank))
         assert "auto-resuming from" in log and "ckpt_epoch_0.pth" in log and "Train: [1/3]" in log

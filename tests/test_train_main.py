@@ -1,4 +1,6 @@
-"""``main.py`` end to end on CPU, as real subprocesses: one process, and torchrun with two (gloo)."""
+"""``main.py`` end to end on CPU, as real subprocesses: one process, and torchrun with two and three (gloo). Runs
+that go to their end are forked children of one process that imported torch once (``entry_points``); torchrun's
+ranks are fresh processes."""
 from __future__ import annotations
 
 import json
@@ -9,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import DEMO_CFG, REPO, check, demo_args, eval_summary, read_log, run_dir, run_main, sum_roundoff
+from tests.helpers import DEMO_CFG, REPO, check, demo_args, eval_summary, read_log, run_dir, sum_roundoff
 
 pytestmark = pytest.mark.slow  # every test runs main.py as a subprocess, or uses a run made so
 
 
 @pytest.fixture(scope="module")
-def trained(demo_data, tmp_path_factory) -> Path:
+def trained(demo_data, tmp_path_factory, entry_points) -> Path:
     """One process trains one epoch (folder layout, accumulation and gradient checkpointing on) and saves."""
     output = tmp_path_factory.mktemp("single")
-    check(run_main(demo_args(demo_data, output, "--accumulation-steps", "2", "--use-checkpoint")))
+    check(entry_points.main(demo_args(demo_data, output, "--accumulation-steps", "2", "--use-checkpoint")))
     return output
 
 
@@ -37,16 +39,15 @@ def test_single_process_trains_saves_and_evaluates(trained):
     assert "IMG_SIZE: 32" in (run_dir(trained) / "config.yaml").read_text()
 
 
-def test_two_and_three_process_eval_equal_single_process(trained, demo_data, tmp_path):
+def test_two_and_three_process_eval_equal_single_process(trained, demo_data, tmp_path, entry_points):
     checkpoint = str(run_dir(trained) / "ckpt_epoch_0.pth")
     flags = ("--eval", "--resume", checkpoint)
     odd_batches = ("DATA.BATCH_SIZE", "3")  # 10 images per rank: batches of 3, 3, 3, 1
-    single = eval_summary(check(run_main(demo_args(demo_data, tmp_path / "one", *flags, opts=odd_batches))).stdout)
-    double = eval_summary(check(run_main(demo_args(demo_data, tmp_path / "two", *flags, opts=odd_batches),
-                                         nproc=2)).stdout)
-    # 20 images over 3 ranks: unequal shards of 7, 7 and 6, whose counts and sums must still add up exactly
-    triple = eval_summary(check(run_main(demo_args(demo_data, tmp_path / "three", *flags, opts=odd_batches),
-                                         nproc=3)).stdout)
+    # 3 ranks: unequal shards of 7, 7 and 6 images, whose counts and sums must still add up exactly
+    single, double, triple = (
+        eval_summary(check(entry_points.main(demo_args(demo_data, tmp_path / name, *flags, opts=odd_batches),
+                                             nproc)).stdout)
+        for name, nproc in (("one", 1), ("two", 2), ("three", 3)))
     assert "backend gloo" in read_log(tmp_path / "two", rank=1)
     assert single["counted"] == double["counted"] == triple["counted"] == 20
     for multi in (double, triple):
@@ -57,8 +58,8 @@ def test_two_and_three_process_eval_equal_single_process(trained, demo_data, tmp
                                               single["loss"])
 
 
-def test_torchrun_trains_from_zip_with_part_cache(demo_data, tmp_path):
-    check(run_main(demo_args(demo_data, tmp_path, "--zip", "--cache-mode", "part"), nproc=2))
+def test_torchrun_trains_from_zip_with_part_cache(demo_data, tmp_path, entry_points):
+    check(entry_points.main(demo_args(demo_data, tmp_path, "--zip", "--cache-mode", "part"), nproc=2))
     for rank in (0, 1):
         log = read_log(tmp_path, rank)
         assert f"rank {rank} of 2 on cpu, backend gloo" in log
@@ -70,9 +71,9 @@ def test_torchrun_trains_from_zip_with_part_cache(demo_data, tmp_path):
     assert (run_dir(tmp_path) / "ckpt_epoch_0.pth").is_file()
 
 
-def test_auto_resume_continues_from_saved_epoch(trained, demo_data, tmp_path):
+def test_auto_resume_continues_from_saved_epoch(trained, demo_data, tmp_path, entry_points):
     shutil.copytree(run_dir(trained), run_dir(tmp_path))
-    check(run_main(demo_args(demo_data, tmp_path, "--accumulation-steps", "2",
+    check(entry_points.main(demo_args(demo_data, tmp_path, "--accumulation-steps", "2",
                              opts=("TRAIN.EPOCHS", "2"))))
     log = read_log(tmp_path).split("rank 0 of 1")[-1]  # this run's part of the appended log
     assert "auto-resuming from" in log and "ckpt_epoch_0.pth" in log
@@ -82,23 +83,24 @@ def test_auto_resume_continues_from_saved_epoch(trained, demo_data, tmp_path):
     assert checkpoint["optimizer"]["state"][0]["step"].item() == 4
 
 
-def test_eval_resume_of_official_layout_checkpoint(demo_data_224, tmp_path):
+def test_eval_resume_of_official_layout_checkpoint(demo_data_224, tmp_path, entry_points):
     fixture = json.loads((REPO / "tests" / "fixtures" / "small_fc_224.json").read_text())
     opts = ["MODEL.NUM_CLASSES", str(fixture["num_classes"]), "DATA.IMG_SIZE", str(fixture["img_size"]),
             "DATA.BATCH_SIZE", "5", "DATA.NUM_WORKERS", "0"]
     for key, value in fixture["focal"].items():
         opts += [f"MODEL.FOCAL.{key}", str(value)]
-    proc = check(run_main(["--cfg", str(REPO / "configs" / "focal_tiny_patch4_window7_224.yaml"),
-                           "--data-path", str(demo_data_224), "--output", str(tmp_path), "--eval",
-                           "--resume", str(REPO / "tests" / "fixtures" / "small_fc_224.pth"), "--opts", *opts]))
+    proc = check(entry_points.main(["--cfg", str(REPO / "configs" / "focal_tiny_patch4_window7_224.yaml"),
+                                    "--data-path", str(demo_data_224), "--output", str(tmp_path), "--eval",
+                                    "--resume", str(REPO / "tests" / "fixtures" / "small_fc_224.pth"), "--opts",
+                                    *opts]))
     assert "resumed weights from" in proc.stdout and "all keys matched" in proc.stdout
     summary = eval_summary(proc.stdout)
     assert summary["images"] == summary["counted"] == 10
 
 
-def test_throughput_runs_without_data_and_times_swin_t_alike(tmp_path):
-    proc = check(run_main(["--cfg", DEMO_CFG, "--throughput", "3", "--batch-size", "4", "--output", str(tmp_path),
-                           "--opts", "DATA.IMG_SIZE", "32"]))
+def test_throughput_runs_without_data_and_times_swin_t_alike(tmp_path, entry_points):
+    proc = check(entry_points.main(["--cfg", DEMO_CFG, "--throughput", "3", "--batch-size", "4", "--output",
+                                    str(tmp_path), "--opts", "DATA.IMG_SIZE", "32"]))
     assert "no --data-path: timing random 32x32 input" in proc.stdout
     rates = [float(r) for r in re.findall(r"batch_size 4 throughput ([\d.]+) images/s", proc.stdout)]
     assert len(rates) == 2 and "the same for timm's swin_tiny_patch4_window7_224 at this batch and size" in proc.stdout
@@ -107,8 +109,8 @@ def test_throughput_runs_without_data_and_times_swin_t_alike(tmp_path):
     assert ratio == pytest.approx(rates[0] / rates[1], rel=0.01)  # the figures are printed to 0.01
 
 
-def test_usage_errors_are_short_messages(tmp_path):
-    proc = run_main(["--cfg", DEMO_CFG, "--output", str(tmp_path)])
+def test_usage_errors_are_short_messages(tmp_path, entry_points):
+    proc = entry_points.main(["--cfg", DEMO_CFG, "--output", str(tmp_path)])
     assert proc.returncode != 0
     assert "main.py: error: --data-path" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -128,9 +130,9 @@ def test_pretrained_starts_a_new_run_from_the_weights(trained, demo_data, tmp_pa
     assert eval_summary(read_log(tmp_path / "eval"))["acc1"] == eval_summary(read_log(trained))["acc1"]
 
 
-def test_tensorboard_events_hold_loss_lr_and_accuracy(demo_data, tmp_path):
+def test_tensorboard_events_hold_loss_lr_and_accuracy(demo_data, tmp_path, entry_points):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    check(run_main(demo_args(demo_data, tmp_path, "--tensorboard")))
+    check(entry_points.main(demo_args(demo_data, tmp_path, "--tensorboard")))
     events = EventAccumulator(str(run_dir(tmp_path)))
     events.Reload()
     tags = set(events.Tags()["scalars"])
