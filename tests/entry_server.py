@@ -4,7 +4,7 @@ stderr and DataLoader workers, and imports our modules afresh as ``python main.p
 of torch, torchvision and timm again (2-4 s per process on 2 quiet cores, about 20 s on a loaded machine).
 
 Started by ``tests.helpers.EntryPoints`` as ``python tests/entry_server.py``. It imports nothing of this repository:
-module state our code sets at import (``run_lock.MAIN_PID``, the timm registrations) belongs to each child. One JSON
+module state our code sets at import (``logger.MAIN_PID``, the timm registrations) belongs to each child. One JSON
 request per line on stdin (``argv``, ``stdout``, ``stderr``: the command and the files for its output); for each, one
 line with the child's ``pid`` and, once it has ended, one with its ``returncode`` (as ``subprocess``'s: minus the
 signal that ended it)."""
