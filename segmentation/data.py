@@ -69,7 +69,8 @@ def count_classes(paths: Sequence[str], reduce_zero_label: bool, where: str) -> 
     if not files_with:
         raise UsageError(f"the annotations in {where} hold no class ({ignored(reduce_zero_label)})")
     *rest, largest = sorted(files_with)
-    files, shift, below = files_with[largest], int(reduce_zero_label), rest[-1] if rest else None
+    files, shift = files_with[largest], int(reduce_zero_label)
+    below = rest[-1] if rest else None
     far = below is not None and largest > 2 * below + 1 and largest - below > FAR_GAP
     if (len(files) == 1 and len(paths) > 1) or far:
         others = f"the other values stop at {below + shift}" if below is not None else "it is the only value"
