@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 from torchvision.ops import box_convert, clip_boxes_to_image
 
 from config import UsageError
-from dense.images import collate, image_size, read_rgb, shown  # collate: the task's, as detection/train.py takes it
+from dense.images import image_size, read_rgb, shown
 from detection.config import MASK_DETECTORS
 
 # Boxes may pass the image border by this many pixels (rounding in real annotations) and are clipped to it.

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
+from dense.images import collate
 from dense.run import Task, main
 from engine import DatasetClasses
 
@@ -35,7 +36,7 @@ def class_record(config: Any, dataset: data.CocoDetection) -> DatasetClasses:
 
 
 TASK = Task(name="object detection", defaults=detection_defaults(), rules=DETECTION_RULES,
-            build_data=data.build_data, build_model=model.build_detector, collate=data.collate, losses=losses,
+            build_data=data.build_data, build_model=model.build_detector, collate=collate, losses=losses,
             evaluate=evaluate.evaluate, backbone=model.backbone, class_record=class_record, score_name="box AP")
 
 if __name__ == "__main__":
