@@ -14,7 +14,6 @@ from .resize import adapt_geometry, geometry_names
 REFERENCE_BUFFER = re.compile(
     r"(^|\.)(attn_mask|relative_position_index(_\d+)?|valid_ind_rolled|valid_ind_unfold_\d+|window_coords"
     r"|topk_cloest_indice_\d+|topk_cloest_coords_\d+)$")
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclass
@@ -57,12 +56,8 @@ def extract_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
                            if isinstance(checkpoint.get(key), Mapping)), checkpoint)
     if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise ValueError("checkpoint holds no state dict of tensors (looked for 'model', 'state_dict' or a bare dict)")
-    out = {}
-    for name, value in checkpoint.items():
-        for prefix in WRAPPER_PREFIXES:
-            name = name.removeprefix(prefix)
-        out[name] = value
-    return out
+    # DistributedDataParallel's and torch.compile's wrappers, in the order they nest
+    return {name.removeprefix("module.").removeprefix("_orig_mod."): value for name, value in checkpoint.items()}
 
 
 def adapt_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], drop_mismatched_head: bool = False,

@@ -55,17 +55,13 @@ class FocalLayoutSpec:
         """The distinct surrounding cells relative to the window corner (in released order) and, for each, the
         released bias-table columns that list it, as a ``(U, m)`` index padded with one past the last column."""
         released = self.released_surroundings()
-        position: Dict[Tuple[int, int], int] = {}
-        cells, columns = [], []
+        columns: Dict[Tuple[int, int], List[int]] = {}
         for column, (a, b, dy, dx) in enumerate(released):
-            cell = (a + dy, b + dx)  # the same cell relative to the window is the same token in every window
-            if cell not in position:
-                position[cell] = len(cells)
-                cells.append(cell)
-                columns.append([])
-            columns[position[cell]].append(column)
-        width = max((len(c) for c in columns), default=1)
-        return cells, torch.tensor([c + [len(released)] * (width - len(c)) for c in columns], dtype=torch.long)
+            # the same cell relative to the window is the same token in every window
+            columns.setdefault((a + dy, b + dx), []).append(column)
+        width = max((len(c) for c in columns.values()), default=1)
+        index = [c + [len(released)] * (width - len(c)) for c in columns.values()]
+        return list(columns), torch.tensor(index, dtype=torch.long)
 
     def pooled_span(self, level: int) -> int:
         """Side of the square of pooled tokens a window reads at coarse level ``level``."""

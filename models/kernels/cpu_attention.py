@@ -78,7 +78,7 @@ def attention_blocks(q: torch.Tensor, num_heads: int, n_keys: int) -> List[Block
         return [Block(slice(b, b + images), whole, whole, whole) for b in range(0, batch, images)]
     if per_head <= CPU_BLOCK_BYTES:
         heads = CPU_BLOCK_BYTES // per_head
-        return [Block(slice(b, b + 1), slice(h, h + heads), slice(None), slice(h * n_win, (h + heads) * n_win))
+        return [Block(slice(b, b + 1), slice(h, h + heads), whole, slice(h * n_win, (h + heads) * n_win))
                 for b in range(batch) for h in range(0, num_heads, heads)]
     windows = max(1, CPU_BLOCK_BYTES // per_window)
     return [Block(slice(b, b + 1), slice(h, h + 1), slice(w, w + windows),

@@ -58,16 +58,12 @@ class _OneDnnLinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and type(x) is torch.Tensor and x.layout == torch.strided and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None)
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear``, through oneDNN where that applies (see the module docstring)."""
-    if not _use_onednn(x, weight):
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and type(x) is torch.Tensor and x.layout == torch.strided and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
