@@ -485,6 +485,10 @@ RULES = RUN_RULES + (
     Rule("AUG.MIXUP_PROB", between(0.0, 1.0), "must be a probability in [0, 1]"),
     Rule("AUG.MIXUP_SWITCH_PROB", between(0.0, 1.0), "must be a probability in [0, 1]"),
     Rule("AUG.MIXUP_MODE", one_of(("batch", "pair", "elem")), "must be one of ('batch', 'pair', 'elem')"),
+    Rule("DATA.BATCH_SIZE", lambda value, c: value % 2 == 0 or not _trains(c) or not (
+        c.AUG.MIXUP > 0 or c.AUG.CUTMIX > 0 or c.AUG.CUTMIX_MINMAX is not None),
+         "must be even to train with Mixup/CutMix (AUG.MIXUP or AUG.CUTMIX above 0): timm mixes each image with "
+         "its mirror in the batch"),
     Rule("THROUGHPUT_PASSES", at_least(1), "must be at least 1"),
 )
 

@@ -112,9 +112,6 @@ def build_mixup(config: Any) -> Optional[Mixup]:
     aug = config.AUG
     if not mixup_active(config):
         return None
-    if config.DATA.BATCH_SIZE % 2:
-        raise UsageError(f"Mixup/CutMix (AUG.MIXUP {aug.MIXUP}, AUG.CUTMIX {aug.CUTMIX}) needs an even "
-                         f"--batch-size, got {config.DATA.BATCH_SIZE}")
     return Mixup(mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX, cutmix_minmax=aug.CUTMIX_MINMAX,
                  prob=aug.MIXUP_PROB, switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
                  label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)

@@ -153,3 +153,24 @@ def test_every_task_refuses_the_shared_keys_alike(task, opts, message):
     args = argparse.Namespace(cfg=str(REPO / cfg), opts=["TRAIN.EPOCHS", 12, "DATA.DATA_PATH", "data", *opts])
     with pytest.raises(UsageError, match=message):
         get_config(args, *extra)
+
+
+@pytest.mark.parametrize("opts, refused", [
+    (["AUG.MIXUP", 0.8], True),
+    (["AUG.CUTMIX", 1.0], True),
+    ([], False),  # the demo config mixes nothing: any batch
+    (["AUG.MIXUP", 0.8, "EVAL_MODE", True], False),  # evaluation mixes nothing
+])
+def test_an_odd_batch_with_mixup_is_refused_with_the_config(opts, refused):
+    """timm's Mixup pairs each image with its mirror in the batch and fails at the first step on an odd one."""
+    import argparse
+
+    from config import UsageError, get_config
+    args = argparse.Namespace(cfg=str(REPO / "configs/demo/focal_demo.yaml"),
+                              opts=["DATA.DATA_PATH", "data", "DATA.BATCH_SIZE", 3, *opts])
+    if refused:
+        with pytest.raises(UsageError, match=r"--batch-size \(DATA.BATCH_SIZE\) must be even to train with Mixup/CutMix"
+                                             r".*got 3"):
+            get_config(args)
+    else:
+        assert get_config(args).DATA.BATCH_SIZE == 3
