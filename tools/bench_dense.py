@@ -82,10 +82,9 @@ def synthetic_batch(size: Tuple[int, int], batch: int, masks: bool, generator: t
         target = {"boxes": boxes.to(device),
                   "labels": torch.randint(1, NUM_CLASSES + 1, (BOXES,), generator=generator).to(device)}
         if masks:
-            filled = torch.zeros(BOXES, h, w, dtype=torch.uint8)
-            for mask, (x1, y1, x2, y2) in zip(filled, boxes.long().tolist()):
-                mask[y1:y2, x1:x2] = 1
-            target["masks"] = filled.to(device)
+            ys, xs = torch.arange(h)[:, None], torch.arange(w)
+            x1, y1, x2, y2 = (side[:, None, None] for side in boxes.long().unbind(1))
+            target["masks"] = ((xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)).to(torch.uint8).to(device)
         targets.append(target)
     return images, targets
 

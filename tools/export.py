@@ -140,7 +140,8 @@ def export(args: argparse.Namespace) -> None:
     metadata = {PREPROCESSING: json.dumps(preprocessing(config, shape))}
     if names:
         metadata[CLASS_NAMES] = json.dumps(names)
-    onnx = os.path.splitext(args.output)[1].lower() == ".onnx"
+    suffix = os.path.splitext(args.output)[1].lower()
+    onnx = suffix == ".onnx"
     last = ["converting to ONNX", "checking the ONNX file with onnxruntime"] if onnx else ["writing"]
     stage = Stages(["tracing", "checking the program", *last])
     print(f"exporting {config.MODEL.NAME} at {height}x{width}, batch {'dynamic' if args.dynamic_batch else batch}, "
@@ -163,8 +164,8 @@ def export(args: argparse.Namespace) -> None:
             with open(path, "wb") as f:  # a file object: torch warns of a name without .pt2, as the temporary's
                 torch.export.save(program, f, extra_files=metadata)
     atomic_write(args.output, write)
-    print(f"wrote {args.output} ({FORMATS[os.path.splitext(args.output)[1].lower()]}) in "
-          f"{duration(stage.elapsed())}; max |difference| from the eager model: {max(diffs):.2g}")
+    print(f"wrote {args.output} ({FORMATS[suffix]}) in {duration(stage.elapsed())}; max |difference| from the eager "
+          f"model: {max(diffs):.2g}")
 
 
 if __name__ == "__main__":

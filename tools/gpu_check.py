@@ -1,14 +1,9 @@
 """Check this project on a CUDA GPU, the path most users run: ``make gpu-check`` (or ``python -m tools.gpu_check``).
 
-1. The golden fixtures (tests/fixtures) reproduced on the GPU in float32 (TF32 off).
-2. 20 training steps of the demo model on generated demo data (``main.py``), under fp16 autocast with a gradient
-   scaler and under bf16 autocast: the runs must finish with a finite loss.
-3. With two or more GPUs: evaluation of the trained checkpoint by one process equals ``torchrun`` on two GPUs.
-4. Every detector's training step (bf16) and inference on the GPU at 512x640 (``check_detectors``).
-5. The benchmark against timm's Swin-T (``tools.benchmark``), whose table can go into BENCHMARKS.md.
-
-Without a GPU it prints one line and exits with status 2. Each step prints PASS or FAIL; the exit status is 1
-if any failed.
+The golden fixtures in float32 (TF32 off); 20 training steps of the demo model under fp16 autocast (with a gradient
+scaler) and bf16, with a finite loss; with two GPUs, one process's evaluation equal to ``torchrun``'s on two;
+every detector's bf16 training step and inference at 512x640; the benchmark against timm's Swin-T. Each step
+prints PASS or FAIL (exit status 1 if any failed); without a GPU, one line and exit status 2.
 """
 from __future__ import annotations
 
