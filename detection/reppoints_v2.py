@@ -4,7 +4,7 @@ its authors' recipe ``reppoints_v2_r50_fpn_giou_mstrain_2x_coco`` configures it.
 Each location of P3-P7 regresses a set of 9 points in two steps: an initial set from a convolution, then a refined
 set (and the classification) read through a deformable convolution sampling at the initial points. A box is the
 first two points taken as its top-left and bottom-right corners (the recipe's ``exact_minmax``: the corners are
-then points of the set, which the verification branch below can move). Verification: corner heatmaps and sub-stride
+then points of the set, which the verification branch below can move; see :func:`points_to_boxes`). Verification: corner heatmaps and sub-stride
 offsets for the top-left and bottom-right corners from CornerNet's corner pooling, and a per-class foreground map;
 their outputs feed the classification and refinement, and at inference the corners snap the boxes of P4-P7 to the
 heatmap peaks of P3 / P4.
@@ -80,11 +80,13 @@ class CornerPool(nn.Module):
 
 
 def points_to_boxes(points: Tensor, method: str = "exact_minmax") -> Tensor:
-    """(..., P, 2) xy points -> (..., 4) xyxy boxes: ``exact_minmax`` reads the first point as the top-left and the
-    second as the bottom-right corner (the recipe's); ``minmax`` takes the extremes of all P points (RepPoints v1)."""
-    if method == "exact_minmax":
-        return points[..., :2, :].flatten(-2)
-    return torch.cat([points.amin(-2), points.amax(-2)], -1)
+    """(..., P, 2) xy points -> (..., 4) xyxy boxes. ``exact_minmax`` (the recipe's): the box spanned by the first
+    two points, which learn to be its top-left and bottom-right corners; ``minmax``: the extremes of all P points
+    (RepPoints v1). The recipe reads the two points as (top-left, bottom-right) as they come; taking their per-axis
+    extremes is the same box once they are in that order, and keeps it a valid box before: torchvision's GIoU
+    loss, unlike mmdetection's, does not clamp the union of an inverted box, which a run then drives negative."""
+    corners = points[..., :2, :] if method == "exact_minmax" else points
+    return torch.cat([corners.amin(-2), corners.amax(-2)], -1)
 
 
 def point_assign(points: Tensor, levels: Tensor, boxes: Tensor, scale: float = 4.0, pos_num: int = 1) -> Tensor:
@@ -181,6 +183,27 @@ def balanced_focal_loss(logits: Tensor, targets: Tensor, weights: Tensor) -> Ten
     if positive.any():
         loss = loss + pos_loss[positive].sum() / weights[positive].sum()
     return loss
+
+
+def snap_to_corners(boxes: Tensor, corners: Tensor, stride: int, shape: Tuple[int, int]) -> Tensor:
+    """The recipe's test-time verification: each box corner moves to the strongest heatmap location of the 2x2
+    cells from the corner's own (floored) cell, plus that location's predicted offset. ``corners``: one level's
+    (6, H, W) heat logits and offsets of the two corners."""
+    heat = corners[[0, 3]].sigmoid()
+    width = heat.shape[-1]
+    _, peaks = F.max_pool2d_with_indices(heat, kernel_size=2, stride=1)  # (2, H - 1, W - 1), flat indices
+    snapped = []
+    for c in range(2):
+        xy = boxes[:, 2 * c:2 * c + 2] / stride
+        col = xy[:, 0].clamp(0, peaks.shape[-1] - 1).floor().long()
+        row = xy[:, 1].clamp(0, peaks.shape[-2] - 1).floor().long()
+        peak = peaks[c, row, col]
+        y, x = peak // width, peak % width
+        offset = corners[3 * c + 1:3 * c + 3, y, x].T  # (K, 2): x, y
+        snapped.append((torch.stack([x, y], 1).to(boxes.dtype) + offset) * stride)
+    snapped = torch.cat(snapped, 1)
+    limits = boxes.new_tensor([shape[1], shape[0]] * 2)
+    return torch.minimum(snapped.clamp(min=0), limits)
 
 
 class RepPointsV2Head(nn.Module):
@@ -397,26 +420,6 @@ class RepPointsV2(nn.Module):
                 "foreground": FOREGROUND_WEIGHT * balanced_focal_loss(torch.cat(fg_logits), torch.cat(fg_targets),
                                                                       torch.cat(fg_weights))}
 
-    def snap_to_corners(self, boxes: Tensor, corners: Tensor, stride: int, shape: Tuple[int, int]) -> Tensor:
-        """The recipe's test-time verification: each box corner moves to the strongest heatmap location of the 2x2
-        cells from the corner's own (floored) cell, plus that location's predicted offset. ``corners``: one level's
-        (6, H, W) heat logits and offsets of the two corners."""
-        heat = corners[[0, 3]].sigmoid()
-        width = heat.shape[-1]
-        _, peaks = F.max_pool2d_with_indices(heat, kernel_size=2, stride=1)  # (2, H - 1, W - 1), flat indices
-        snapped = []
-        for c in range(2):
-            xy = boxes[:, 2 * c:2 * c + 2] / stride
-            col = xy[:, 0].clamp(0, peaks.shape[-1] - 1).floor().long()
-            row = xy[:, 1].clamp(0, peaks.shape[-2] - 1).floor().long()
-            peak = peaks[c, row, col]
-            y, x = peak // width, peak % width
-            offset = corners[3 * c + 1:3 * c + 3, y, x].T  # (K, 2): x, y
-            snapped.append((torch.stack([x, y], 1).to(boxes.dtype) + offset) * stride)
-        snapped = torch.cat(snapped, 1)
-        limits = boxes.new_tensor([shape[1], shape[0]] * 2)
-        return torch.minimum(snapped.clamp(min=0), limits)
-
     def postprocess_detections(self, outputs: Dict[str, List[Tensor]], image_shapes: List[Tuple[int, int]]
                                ) -> List[Dict[str, Tensor]]:
         shapes = [tuple(m.shape[-2:]) for m in outputs["cls_logits"]]
@@ -435,7 +438,7 @@ class RepPointsV2(nn.Module):
                 level_boxes = torch.minimum(level_boxes.clamp(min=0), limits)
                 if level in CORNER_SOURCE:
                     source = CORNER_SOURCE[level]
-                    level_boxes = self.snap_to_corners(level_boxes, outputs["corners"][source][i],
+                    level_boxes = snap_to_corners(level_boxes, outputs["corners"][source][i],
                                                        self.strides[source], shape)
                 boxes.append(level_boxes)
                 probs.append(level_probs)
