@@ -206,6 +206,13 @@ def snap_to_corners(boxes: Tensor, corners: Tensor, stride: int, shape: Tuple[in
     return torch.minimum(snapped.clamp(min=0), limits)
 
 
+def deform(conv: DeformConv2d, x: Tensor, offsets: Tensor) -> Tensor:
+    """``conv`` in float32 under mixed precision too: torchvision's CPU kernel has no bfloat16 or half (on CUDA its
+    autocast rule casts to float32 likewise)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return conv(x.float(), offsets.float())
+
+
 class RepPointsV2Head(nn.Module):
     """The shared head of every level: classification and point towers (``stacked_convs`` GroupNorm convolutions
     each), a shared tower feeding the foreground map and the corner branches, and the deformable convolutions that
@@ -274,8 +281,9 @@ class RepPointsV2Head(nn.Module):
         scaled = self.gradient_mul * points_init + (1 - self.gradient_mul) * points_init.detach()
         offsets = scaled - self.kernel_grid.to(scaled.dtype)
         cls_in, points_in = torch.cat([cls_feat, corners], 1), torch.cat([points_feat, corners], 1)
-        cls_logits = self.cls_logits(F.relu(self.cls_deform(cls_in, offsets)))
-        points_refine = self.points_refine(F.relu(self.refine_deform(points_in, offsets))) + points_init.detach()
+        cls_logits = self.cls_logits(F.relu(deform(self.cls_deform, cls_in, offsets)))
+        points_refine = (self.points_refine(F.relu(deform(self.refine_deform, points_in, offsets)))
+                         + points_init.detach())
         return cls_logits, points_init, points_refine, corners, foreground
 
 
