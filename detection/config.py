@@ -47,8 +47,9 @@ def detection_defaults() -> CN:
     c.MODEL.BOX_HEAD_DIM = 1024  # Mask R-CNN's two-layer box head; the linear layer of each Cascade box head
     c.MODEL.MASK_HEAD_CHANNELS = 256  # Mask R-CNN's four mask-head convolutions (Cascade: in each stage's)
     # Keyword arguments of the detector's class: torchvision's MaskRCNN / RetinaNet / FCOS, or detection.atss.ATSS,
-    # detection.cascade_rcnn.CascadeMaskRCNN (also the stage_* lists), detection.reppoints_v2.RepPointsV2: min_size (a list: one drawn per training
-    # batch, the last one for evaluation), max_size, box_batch_size_per_image, box_detections_per_img, topk, ...
+    # detection.cascade_rcnn.CascadeMaskRCNN (also the stage_* lists), detection.reppoints_v2.RepPointsV2: min_size
+    # (a list: one drawn per training batch, the last one for evaluation), max_size, box_batch_size_per_image,
+    # box_detections_per_img, topk, ...
     # Others are refused, naming the accepted ones.
     c.MODEL.DETECTOR_ARGS = CN(new_allowed=True)
     c.MODEL.DETECTOR_ARGS.min_size = [800]

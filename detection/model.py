@@ -1,5 +1,6 @@
 """The detectors on a Focal Transformer: torchvision's Mask R-CNN, RetinaNet and FCOS, and those composed from its
-parts (ATSS, Cascade Mask R-CNN, Sparse R-CNN, RepPoints v2), behind torchvision's FPN with each recipe's extra levels."""
+parts (ATSS, Cascade Mask R-CNN, Sparse R-CNN, RepPoints v2), behind torchvision's FPN with each recipe's extra
+levels."""
 from __future__ import annotations
 
 import inspect

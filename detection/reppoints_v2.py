@@ -4,10 +4,10 @@ its authors' recipe ``reppoints_v2_r50_fpn_giou_mstrain_2x_coco`` configures it.
 Each location of P3-P7 regresses a set of 9 points in two steps: an initial set from a convolution, then a refined
 set (and the classification) read through a deformable convolution sampling at the initial points. A box is the
 first two points taken as its top-left and bottom-right corners (the recipe's ``exact_minmax``: the corners are
-then points of the set, which the verification branch below can move; see :func:`points_to_boxes`). Verification: corner heatmaps and sub-stride
-offsets for the top-left and bottom-right corners from CornerNet's corner pooling, and a per-class foreground map;
-their outputs feed the classification and refinement, and at inference the corners snap the boxes of P4-P7 to the
-heatmap peaks of P3 / P4.
+then points of the set, which the verification branch below can move; see :func:`points_to_boxes`).
+Verification: corner heatmaps and sub-stride offsets for the top-left and bottom-right corners from CornerNet's
+corner pooling, and a per-class foreground map; their outputs feed the classification and refinement, and at
+inference the corners snap the boxes of P4-P7 to the heatmap peaks of P3 / P4.
 
 Targets: the initial set learns the box whose centre is nearest (in box units) among the points of the box's scale
 level; the refined set and the classification learn ATSS's assignment (:func:`detection.atss.atss_assign`) of the
@@ -231,7 +231,8 @@ class RepPointsV2Head(nn.Module):
         self.shared_tower = nn.Sequential(*(conv_gn_relu(channels, channels) for _ in range(shared_convs)))
         self.foreground = nn.Conv2d(channels, num_classes, 1)
         self.foreground_embedding = conv_gn_relu(channels, channels, 1)
-        self.corner_pools = nn.ModuleList([CornerPool(channels, corner_channels, top_left) for top_left in (True, False)])
+        self.corner_pools = nn.ModuleList([CornerPool(channels, corner_channels, top_left)
+                                           for top_left in (True, False)])
         self.corner_outputs = nn.ModuleList([nn.Conv2d(channels, 3, 3, padding=1) for _ in range(2)])
         self.points_init = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
                                          nn.Conv2d(channels, 2 * num_points, 1))
