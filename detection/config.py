@@ -63,10 +63,10 @@ DETECTION_RULES = DENSE_RULES + (
     Rule("MODEL.FPN_CHANNELS", lambda value, c: c.MODEL.DETECTOR not in GROUP_NORM_DETECTORS or value % 32 == 0,
          f"must be a multiple of 32 for {' and '.join(GROUP_NORM_DETECTORS)} (their heads' group norms have 32 "
          "groups)"),
-    Rule("MODEL.FPN_CHANNELS", lambda value, c: c.MODEL.DETECTOR != "atss" or value >= 64
+    Rule("MODEL.FPN_CHANNELS", lambda value, c: c.MODEL.DETECTOR not in ("atss", "reppoints_v2") or value >= 64
          or min(c.MODEL.DETECTOR_ARGS.min_size) > 128,
-         "must be at least 64 for atss with a min_size of 128 or less: P7 (stride 128) can then be 1x1, one value "
-         "per group of its head's group norms, which they refuse"),
+         "must be at least 64 for atss with a min_size of 128 or less (reppoints_v2 likewise): P7 (stride 128) can "
+         "then be 1x1, one value per group of its head's group norms, which they refuse"),
     Rule("MODEL.BOX_HEAD_DIM", at_least(1), "must be at least 1"),
     Rule("MODEL.MASK_HEAD_CHANNELS", at_least(1), "must be at least 1"),
     Rule("MODEL.DETECTOR_ARGS.min_size", lambda value, _: len(value) >= 1 and min(value) >= 32,

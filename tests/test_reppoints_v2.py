@@ -1,7 +1,7 @@
 """detection/reppoints_v2.py: corner pooling against a loop, the conversions of points to boxes, the three assigners
 (initial points, refined points, corners) and the foreground targets on hand-made cases (arithmetic in the
 comments), the corner losses, the test-time corner snapping, gradients reaching every branch, refusals of bad
-arguments, and a real run (training, evaluation, resume) through the detection task."""
+arguments and configs, and a real run (training, evaluation, resume) through the detection task."""
 from __future__ import annotations
 
 import math
@@ -10,14 +10,16 @@ import re
 import pytest
 import torch
 
+from dense.config import get_task_config
 from dense.demo import generate_detection
 from detection.atss import atss_assign
+from detection.config import DETECTION_RULES, detection_defaults
 from detection.model import build_detector
 from detection.reppoints_v2 import (balanced_focal_loss, corner_targets, foreground_targets, gaussian_focal_loss,
                                     gaussian_radius, level_points, point_assign, points_to_boxes, running_max,
                                     snap_to_corners, to_points)
 from errors import UsageError
-from tests.helpers import BACKBONE_OPTS, REPO, check, run_task
+from tests.helpers import BACKBONE_OPTS, REPO, check, run_task, task_args
 from tests.test_atss import atss_config
 
 CFG = str(REPO / "configs" / "detection" / "reppoints_v2_demo.yaml")
@@ -231,3 +233,23 @@ def test_reppoints_v2_trains_evaluates_and_resumes(tmp_path):
     resumed = check(run_task("detection.train", [*args, "TRAIN.EPOCHS", "2"]))
     assert "auto-resuming from" in resumed.stdout and "Train: [1/2][1/2]" in resumed.stdout
     assert "Train: [0/2]" not in resumed.stdout
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["MODEL.FPN_CHANNELS", "48"], r"MODEL.FPN_CHANNELS must be a multiple of 32 for .*reppoints_v2"),
+    # 32 channels in 32 groups: P7 of a 128-pixel image is 1x1, one value per group, which GroupNorm refuses in
+    # the first step; at 160 pixels P7 is 2x2.
+    (["MODEL.FPN_CHANNELS", "32"], r"MODEL.FPN_CHANNELS must be at least 64 for atss .*\(reppoints_v2 likewise\)"),
+    (["MODEL.FPN_CHANNELS", "32", "MODEL.DETECTOR_ARGS.min_size", "[160]", "MODEL.DETECTOR_ARGS.max_size", "160"],
+     None),
+    (["MODEL.OUT_INDICES", "[2, 3]"], r"MODEL.OUT_INDICES must give the detector one level per anchor size"),
+    (["MODEL.OUT_INDICES", "[2, 3]", "MODEL.DETECTOR_ARGS.point_strides", "[16, 32, 64, 128]"], None),
+])
+def test_config_rules(opts, message):
+    args = task_args(CFG)
+    args.opts = opts
+    if message is None:
+        get_task_config(args, detection_defaults(), DETECTION_RULES)
+        return
+    with pytest.raises(UsageError, match=message):
+        get_task_config(args, detection_defaults(), DETECTION_RULES)
