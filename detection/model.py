@@ -1,5 +1,6 @@
 """The detectors on a Focal Transformer: torchvision's Mask R-CNN, RetinaNet and FCOS, and those composed from its
-parts (ATSS, Cascade Mask R-CNN, Sparse R-CNN), behind torchvision's FPN with each recipe's extra levels."""
+parts (ATSS, Cascade Mask R-CNN, Sparse R-CNN, RepPoints v2), behind torchvision's FPN with each recipe's extra
+levels."""
 from __future__ import annotations
 
 import inspect
@@ -20,12 +21,16 @@ from dense.config import check_arguments
 
 from .atss import ATSS
 from .cascade_rcnn import CascadeMaskRCNN
+from .reppoints_v2 import RepPointsV2, group_norm
 from .sparse_rcnn import SparseRCNN
 
 DETECTOR_CLASSES = {"mask_rcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS, "atss": ATSS,
-                    "cascade_mask_rcnn": CascadeMaskRCNN, "sparse_rcnn": SparseRCNN}
+                    "cascade_mask_rcnn": CascadeMaskRCNN, "sparse_rcnn": SparseRCNN,
+                    "reppoints_v2": RepPointsV2}
 # The detectors on P2-P6 (a max-pooled P6) with RoI heads on P2-P5; Sparse R-CNN reads P2-P5; the others P3-P7.
 RCNN_DETECTORS = ("mask_rcnn", "cascade_mask_rcnn")
+# The detectors whose P6 comes from the last backbone stage (mmdetection's add_extra_convs='on_input'), not from P5.
+ON_INPUT_DETECTORS = ("retinanet", "reppoints_v2")
 # Arguments this module builds itself, or that take modules rather than values a config can hold.
 BUILT_HERE = frozenset({
     "self", "backbone", "num_classes", "box_head", "box_predictor", "mask_head", "mask_predictor", "rpn", "roi_heads",
@@ -61,8 +66,8 @@ def detector_args(config: Any) -> Dict[str, Any]:
 
 class FocalFPN(nn.Module):
     """Stage maps -> FPN levels "0", "1", ... plus mmdetection's extra levels: a max-pooled P6 for the R-CNNs; none
-    for Sparse R-CNN; P6/P7 from the last stage for RetinaNet (``add_extra_convs='on_input'``) and from P5 for FCOS
-    and ATSS."""
+    for Sparse R-CNN; P6/P7 from the last stage for RetinaNet and RepPoints v2 (``add_extra_convs='on_input'``) and
+    from P5 for FCOS and ATSS. RepPoints v2's recipe puts group norms in the FPN's convolutions."""
 
     def __init__(self, body: nn.Module, out_channels: int, detector: str):
         super().__init__()
@@ -73,11 +78,13 @@ class FocalFPN(nn.Module):
         elif detector == "sparse_rcnn":
             extra = None
         else:
-            extra = LastLevelP6P7(channels[-1] if detector == "retinanet" else out_channels, out_channels)
+            on_input = detector in ON_INPUT_DETECTORS
+            extra = LastLevelP6P7(channels[-1] if on_input else out_channels, out_channels)
             # torchvision guesses the source from the widths (P5 when they are equal); a backbone whose last stage
             # is as wide as the FPN would otherwise switch RetinaNet to P5.
-            extra.use_P5 = detector != "retinanet"
-        self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=extra)
+            extra.use_P5 = not on_input
+        self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=extra,
+                                         norm_layer=group_norm if detector == "reppoints_v2" else None)
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
