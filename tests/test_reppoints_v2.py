@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from config import UsageError
 from dense.config import get_task_config
 from dense.demo import generate_detection
 from detection.atss import atss_assign
@@ -18,7 +19,6 @@ from detection.model import build_detector
 from detection.reppoints_v2 import (balanced_focal_loss, corner_targets, foreground_targets, gaussian_focal_loss,
                                     gaussian_radius, level_points, point_assign, points_to_boxes, running_max,
                                     snap_to_corners, to_points)
-from errors import UsageError
 from tests.helpers import BACKBONE_OPTS, REPO, check, run_task, task_args
 from tests.test_atss import atss_config
 
