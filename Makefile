@@ -49,8 +49,8 @@ clean:
 	rm -rf $(VENV) output demo_data demo_detection demo_segmentation
 
 # Dense tasks on generated shapes, trained from scratch on the CPU in a few minutes: box/mask AP and mIoU.
-# `make demo-detection DETECTOR=atss` (or fcos, cascade_mask_rcnn, sparse_rcnn) runs that detector's demo config;
-# the default is Mask R-CNN's configs/detection/demo.yaml.
+# `make demo-detection DETECTOR=atss` (or fcos, cascade_mask_rcnn, sparse_rcnn, reppoints_v2) runs that detector's
+# demo config; the default is Mask R-CNN's configs/detection/demo.yaml.
 DETECTOR ?=
 DETECTION_DEMO := configs/detection/$(if $(DETECTOR),$(DETECTOR)_demo,demo).yaml
 demo-detection: venv

@@ -1,5 +1,5 @@
-"""Train or evaluate a detector (Mask R-CNN, Cascade Mask R-CNN, RetinaNet, FCOS, ATSS or Sparse R-CNN) with a Focal
-Transformer backbone.
+"""Train or evaluate a detector (Mask R-CNN, Cascade Mask R-CNN, RetinaNet, FCOS, ATSS, Sparse R-CNN or RepPoints v2)
+with a Focal Transformer backbone.
 
     python -m detection.train --cfg CONFIG --data-path ROOT [--pretrained CKPT] [--eval --resume CKPT]
     torchrun --nproc_per_node N -m detection.train --cfg CONFIG --data-path ROOT ...
