@@ -310,8 +310,9 @@ def wait_for_line(proc: subprocess.Popen, needle: str) -> str:
 class EntryPoints:
     """``python main.py ARGS`` and ``python -m MODULE ARGS`` as forked children of ``tests/entry_server.py``, which
     imported torch, torchvision and timm once: real processes (exit status, one line on stderr, DataLoader workers,
-    our modules imported afresh) for the price of a fork. For a single process that runs to its end; signals and
-    torchrun keep fresh processes (:func:`start_main`, :func:`run_main`). One per pytest worker (conftest.py)."""
+    our modules imported afresh) for the price of a fork, in :data:`MAIN_ENV`. For runs that go to their end; a run
+    a test stops with a signal starts fresh (:func:`start_main`), and torchrun's ranks are fresh processes. One per
+    pytest worker (conftest.py's ``entry_points``)."""
 
     def __init__(self) -> None:
         self._log = tempfile.TemporaryFile()
