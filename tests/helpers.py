@@ -1,6 +1,7 @@
 """What the tests share, in one place: repository paths, small models with training-like weights, in-process
 training on fake batches, the demo run's arguments and output files, and the entry points (``main.py``, the
-dense tasks) run as real subprocesses, alone or under torchrun (gloo on CPU).
+dense tasks) run as real subprocesses, alone or under torchrun (gloo on CPU): fresh, or forked from a process that
+imported the libraries once (:class:`EntryPoints`, :func:`two_processes`).
 
 Fixtures (the generated datasets) live in ``conftest.py``; the golden-fixture recipe in ``golden.py``.
 """
