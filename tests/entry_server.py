@@ -20,10 +20,10 @@ import sys
 PRELOAD = ("numpy", "PIL.Image", "scipy.optimize", "yaml", "torch", "torchvision", "timm", "torchmetrics")
 
 
-def run_child(request: dict, replies: int) -> None:
-    """In the forked child: its output to the requested files, then the entry point as ``__main__``. Its end (an
-    exception, ``sys.exit``) leaves this function and ends the process as it ends ``python main.py``."""
-    os.close(replies)
+def run_child(request: dict) -> None:
+    """In the forked child: its output to the requested files (the server's pipes are no longer open in it), then
+    the entry point as ``__main__``. Its end (an exception, ``sys.exit``) leaves this function and ends the process
+    as it ends ``python main.py``."""
     for fd, target in ((0, os.devnull), (1, request["stdout"]), (2, request["stderr"])):
         opened = os.open(target, os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(opened, fd)
@@ -45,17 +45,14 @@ def serve() -> None:
     # What the imports made stays out of the children's garbage collections: their exit (which runs in full, as
     # any process's) then touches far fewer inherited pages, 1.5 s instead of 5 s each on a loaded machine.
     gc.freeze()
-    replies = os.dup(1)
     for line in sys.stdin:
-        request = json.loads(line)
-        sys.stdout.flush(), sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            run_child(request, replies)
+            run_child(json.loads(line))
             return  # the entry point returned: the child exits with status 0
-        os.write(replies, (json.dumps({"pid": pid}) + "\n").encode())
+        os.write(1, (json.dumps({"pid": pid}) + "\n").encode())
         _, status = os.waitpid(pid, 0)
-        os.write(replies, (json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n").encode())
+        os.write(1, (json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What the tests share, in one place: repository paths, small models with training-like weights, in-process
 training on fake batches, the demo run's arguments and output files, and the entry points (``main.py``, the
-dense tasks) run as real subprocesses, alone or under torchrun (gloo on CPU).
+dense tasks) run as real subprocesses, alone or under torchrun (gloo on CPU): fresh, or forked from a process that
+imported the libraries once (:class:`EntryPoints`, :func:`two_processes`).
 
 Fixtures (the generated datasets) live in ``conftest.py``; the golden-fixture recipe in ``golden.py``.
 """
@@ -310,8 +311,9 @@ def wait_for_line(proc: subprocess.Popen, needle: str) -> str:
 class EntryPoints:
     """``python main.py ARGS`` and ``python -m MODULE ARGS`` as forked children of ``tests/entry_server.py``, which
     imported torch, torchvision and timm once: real processes (exit status, one line on stderr, DataLoader workers,
-    our modules imported afresh) for the price of a fork. For a single process that runs to its end; signals and
-    torchrun keep fresh processes (:func:`start_main`, :func:`run_main`). One per pytest worker (conftest.py)."""
+    our modules imported afresh) for the price of a fork, in :data:`MAIN_ENV`. For runs that go to their end; a run
+    a test stops with a signal starts fresh (:func:`start_main`), and torchrun's ranks are fresh processes. One per
+    pytest worker (conftest.py's ``entry_points``)."""
 
     def __init__(self) -> None:
         self._log = tempfile.TemporaryFile()
