@@ -183,7 +183,7 @@ class Terminated(SystemExit):
     """SIGTERM or SIGINT, logged already by :func:`exit_on_signal`; exit status 128 + the signal number."""
 
 
-# The process that installed the handlers; DataLoader workers fork from it and inherit them.
+# The process that installed the handlers (set by stop_on_signals); DataLoader workers fork from it and inherit them.
 MAIN_PID = os.getpid()
 
 
@@ -222,6 +222,8 @@ def quiet_worker_teardown(worker_id: int) -> None:
 
 def stop_on_signals() -> None:
     """Route SIGTERM and SIGINT to :func:`exit_on_signal`; called once by an entry point."""
+    global MAIN_PID
+    MAIN_PID = os.getpid()
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, exit_on_signal)
 
