@@ -10,14 +10,12 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
-from config import UsageError, get_config, run_parser
-from data.build import worker_count
-from data.samplers import ShardSampler
 import engine
+from config import UsageError, get_config, run_parser
+from dense.images import loader
 from engine import DatasetClasses, DistEnv, Precision, Scores, TaskData, build_precision, command_line, fit, launch
-from logger import Progress, quiet_worker_teardown
 from lr_scheduler import build_dense_scheduler
 from models.checkpoint import extract_state_dict, load_weights
 from optimizer import param_groups
@@ -105,28 +103,6 @@ def load_backbone(path: str, backbone: DenseBackbone, logger: logging.Logger, un
     fresh = [name for name in own if not name.startswith("body.")]  # a classification checkpoint has no such layers
     log_load(logger, f"pretrained backbone from {path}", report, len(weights), len(backbone.network.state_dict()),
              fresh)
-
-
-def loader(dataset: Dataset, config: Any, env: DistEnv, collate: Callable, train: bool) -> DataLoader:
-    """Training: the whole set reshuffled every epoch (``sampler.set_epoch``) and split evenly between processes;
-    evaluation: strided shards (see ``data.samplers``), every image exactly once across processes."""
-    if train:
-        sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=True, seed=config.SEED,
-                                     drop_last=True)
-    else:
-        sampler = ShardSampler(len(dataset), env.rank, env.world_size)
-    batch = config.DATA.BATCH_SIZE if train else config.DATA.TEST_BATCH_SIZE
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=worker_count(config.DATA.NUM_WORKERS),
-                      pin_memory=config.DATA.PIN_MEMORY and env.device.type == "cuda", drop_last=train,
-                      collate_fn=collate, worker_init_fn=quiet_worker_teardown)
-
-
-def progress_line(progress: Progress, idx: int, done: int, batches: DataLoader, env: DistEnv) -> str:
-    """A progress line of a dense evaluation, ``done`` images into this process's shard. With several processes
-    the loop is this process's share while the result counts every process's images: the line says both."""
-    shares = (f"; {done} of this process's {len(batches.sampler)} images, {len(batches.dataset)} on all "
-              f"{env.world_size} processes" if env.distributed else "")
-    return f"Test: {progress.position(idx)}{shares}"
 
 
 def training_task(task: Task) -> engine.Task:
