@@ -10,8 +10,7 @@ import re
 import pytest
 import torch
 
-from config import UsageError
-from dense.config import get_task_config
+from config import UsageError, get_config
 from dense.demo import generate_detection
 from detection.atss import atss_assign
 from detection.config import DETECTION_RULES, detection_defaults
@@ -249,7 +248,7 @@ def test_config_rules(opts, message):
     args = task_args(CFG)
     args.opts = opts
     if message is None:
-        get_task_config(args, detection_defaults(), DETECTION_RULES)
+        get_config(args, detection_defaults(), DETECTION_RULES)
         return
     with pytest.raises(UsageError, match=message):
-        get_task_config(args, detection_defaults(), DETECTION_RULES)
+        get_config(args, detection_defaults(), DETECTION_RULES)
