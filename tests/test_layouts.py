@@ -10,8 +10,7 @@ import torch
 from config import load_config
 from models import build_model
 from models.focal_attention import FocalWindowAttention, focal_layout
-from models.focal_layout import FocalLayoutSpec
-from models.focal_layout import CACHE_ENV, LAYOUTS, cache_limit
+from models.focal_layout import CACHE_ENV, LAYOUTS, FocalLayoutSpec, cache_limit
 from models.kernels import optimize_for
 from models.resize import resize_neighbour_table
 from models.topk_attention import build_topk_layout, nearest_tokens

@@ -20,8 +20,7 @@ from PIL import Image
 
 from config import UsageError, load_config
 from data.datasets import to_rgb
-from lr_scheduler import build_scheduler
-from lr_scheduler import scale_rates
+from lr_scheduler import build_scheduler, scale_rates
 from main import main
 from models import build_model
 from optimizer import build_optimizer

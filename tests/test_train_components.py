@@ -11,8 +11,7 @@ import torch.nn as nn
 from config import UsageError, get_config, load_config
 from engine import build_precision, default_amp, evaluate
 from logger import close_log_files, create_logger
-from lr_scheduler import build_scheduler
-from lr_scheduler import scale_rates
+from lr_scheduler import build_scheduler, scale_rates
 from main import main, parse_args
 from models import build_model
 from optimizer import build_optimizer
