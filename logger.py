@@ -1,5 +1,6 @@
 """Logging for one run: coloured console output on rank 0 only, a plain log file for every rank, optional
-TensorBoard events, and the progress lines of long loops (:class:`Progress`)."""
+TensorBoard events, the progress lines of long loops (:class:`Progress`), and the one line a run stopped by
+SIGTERM or Ctrl-C ends with (:func:`stop_on_signals`)."""
 from __future__ import annotations
 
 import datetime

@@ -1,5 +1,5 @@
-"""Config trees for the dense-prediction tasks, on ``config.py``'s machinery (YAML with ``BASE:``, ``--opts``, value
-rules): each task starts from :func:`dense_defaults` and adds its own keys, so classification is untouched."""
+"""The dense tasks' part of the config trees: :func:`dense_defaults` (``config.run_defaults`` with the keys detection
+and segmentation share), their rules, and the checks of the keyword arguments handed on to timm and torchvision."""
 from __future__ import annotations
 
 import inspect

@@ -1,6 +1,6 @@
 """The command line and the run of a dense-prediction task: the task supplies its data, model, loss and evaluation
 as a :class:`Task`, which :func:`training_task` hands to the one training driver (``engine.fit``) that
-classification uses too; the config machinery, output lock, logger, signals and process group are main.py's."""
+classification uses too, started by the same ``engine.launch`` and ``engine.command_line`` as ``main.py``."""
 from __future__ import annotations
 
 import argparse
