@@ -26,8 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from config import APEX_LEVELS, TrainingError, UsageError, user_message
-from logger import (FILE_ONLY, Progress, Terminated, close_log_files, create_logger, create_tensorboard_writer, duration,
-                    leaving, scalars_to, stop_on_signals)
+from logger import (FILE_ONLY, Progress, Terminated, close_log_files, create_logger, create_tensorboard_writer,
+                    duration, leaving, scalars_to, stop_on_signals)
 from lr_scheduler import scale_rates
 from models import ConfigError
 from utils import (BEST_CHECKPOINT, LAST_CHECKPOINT, Checkpoint, check_classes, diverged, ensure_writable_folder,

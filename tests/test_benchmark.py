@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import logger
-from tests.helpers import REPO
 from tools import benchmark
 
 PEER = "configs/demo/focal_demo.yaml"

@@ -79,10 +79,12 @@ def test_data_workers_are_capped_at_the_usable_cpus_with_one_line(monkeypatch, c
 def test_a_config_run_at_another_geometry_is_named_for_it():
     from config import get_config
     cfg = "configs/focal_tiny_patch4_window7_224.yaml"
-    finetune = get_config(argparse.Namespace(cfg=cfg, data_path="data", opts=["DATA.IMG_SIZE", "384", "MODEL.FOCAL.WINDOW_SIZE", "12"]))
+    opts = ["DATA.IMG_SIZE", "384", "MODEL.FOCAL.WINDOW_SIZE", "12"]
+    finetune = get_config(argparse.Namespace(cfg=cfg, data_path="data", opts=opts))
     assert finetune.MODEL.NAME == "focal_tiny_patch4_window12_384"
     assert finetune.OUTPUT == "output/focal_tiny_patch4_window12_384/default"
-    assert get_config(argparse.Namespace(cfg=cfg, data_path="data", opts=None)).MODEL.NAME == "focal_tiny_patch4_window7_224"
+    released = get_config(argparse.Namespace(cfg=cfg, data_path="data", opts=None))
+    assert released.MODEL.NAME == "focal_tiny_patch4_window7_224"
     opts = ["DATA.IMG_SIZE", "384", "MODEL.NAME", "mine_patch4_window7_224"]
     named = get_config(argparse.Namespace(cfg=cfg, data_path="data", opts=opts))
     assert named.MODEL.NAME == "mine_patch4_window7_224"  # a name given on the command line is kept

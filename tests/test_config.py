@@ -125,7 +125,8 @@ def test_a_base_file_that_is_not_utf8_is_named(tmp_path):
 TREES = {
     "classification": ("configs/demo/focal_demo.yaml", None, None),
     "detection": ("configs/detection/demo.yaml", "detection.config:detection_defaults", "DETECTION_RULES"),
-    "segmentation": ("configs/segmentation/demo.yaml", "segmentation.config:segmentation_defaults", "SEGMENTATION_RULES"),
+    "segmentation": ("configs/segmentation/demo.yaml", "segmentation.config:segmentation_defaults",
+                     "SEGMENTATION_RULES"),
 }
 
 
