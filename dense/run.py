@@ -17,16 +17,10 @@ from config import UsageError, get_config, run_parser
 from dense.images import loader
 from engine import DatasetClasses, DistEnv, Precision, Scores, TaskData, build_precision, command_line, fit, launch
 from lr_scheduler import build_dense_scheduler
-from models.checkpoint import extract_state_dict, load_weights
 from optimizer import param_groups
-from utils import (check_classes, log_load, meaning_changes, read_checkpoint, restore_checkpoint, resume_checkpoint,
-                   stored_ema)
+from utils import check_classes, load_backbone, restore_checkpoint, resume_checkpoint, stored_ema
 
 from .backbone import DenseBackbone
-
-# A backbone checkpoint of a classifier carries these, which a backbone does not have.
-CLASSIFIER_KEYS = ("head.", "norm.")
-
 
 def parse_args(description: str, argv: Optional[Sequence[str]] = None,
                prog: Optional[str] = None) -> argparse.Namespace:
@@ -58,51 +52,6 @@ class Task:
     backbone: Callable[[nn.Module], DenseBackbone]
     class_record: Callable[[Any, Dataset], Optional[DatasetClasses]] = unnamed_classes
     score_name: str = "score"
-
-
-def load_backbone(path: str, backbone: DenseBackbone, logger: logging.Logger, unsafe: bool = False,
-                  config: Any = None) -> None:
-    """Backbone weights from ``path``: a dense checkpoint of this backbone (the network and its output norms,
-    found under whatever prefix the task's model gives them) or a classification checkpoint (ours or a released
-    one) for the network alone, position tables resized to the window size and the classifier's head and final
-    norm left out; the output norms then start fresh, as the log line says. Anything else is refused: a partly
-    random backbone is a silent mistake. A label convention of the checkpoint other than this run's (``config``)
-    is said, and concerns only the decoder or heads, which are not loaded."""
-    try:
-        state = read_checkpoint(path, logger, unsafe).state
-        weights = extract_state_dict(state)
-    except ValueError as err:
-        raise UsageError(f"--pretrained {path}: {err}") from None
-    for key, old, new in meaning_changes(state.get("config"), config) if config is not None else []:
-        logger.info(f"--pretrained {path} was trained with {key} {old} (this run: {new}): only its backbone is "
-                    f"loaded, so its outputs' meaning does not carry over")
-    own = list(backbone.state_dict())
-    prefix = next((key[:-len(own[0])] for key in weights if key.endswith(own[0])), None)
-    if prefix is not None and f"{prefix}{own[-1]}" in weights:
-        dense = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        # A checkpoint whose model took more stages (Mask R-CNN, segmentation: norm0..3) than this one (RetinaNet,
-        # FCOS: norm1..3) carries norms this backbone has no use for: left out, not a misfit.
-        unused = [f"norm{i}" for i in range(len(backbone.network.layers)) if i not in backbone.out_indices
-                  and f"norm{i}.weight" in dense]
-        dense = {k: v for k, v in dense.items() if k.split(".", 1)[0] not in unused}
-        try:
-            report = load_weights(backbone, dense)
-        except ValueError as err:
-            raise UsageError(f"--pretrained {path}: its backbone ({prefix}*) does not fit: {err}") from None
-        left_out = f" (left out: {', '.join(unused)}, stages this backbone does not output)" if unused else ""
-        log_load(logger, f"pretrained backbone and output norms{left_out} from the dense checkpoint {path}", report,
-                 len(weights), len(own))
-        return
-    # A classification checkpoint made at a smaller image size lacks the neighbour tables of stages whose maps fit
-    # in one window there but not at the dense task's sizes: they are derived from its window tables.
-    report = load_weights(backbone.network, weights, strict=False, fit_geometry=True)
-    report.unexpected = [k for k in report.unexpected if not k.startswith(CLASSIFIER_KEYS)]
-    if not report.clean:
-        raise UsageError(f"--pretrained {path} does not fit the backbone ({report.summary()}); is it a checkpoint "
-                         f"of MODEL.BACKBONE with these MODEL.BACKBONE_ARGS?")
-    fresh = [name for name in own if not name.startswith("body.")]  # a classification checkpoint has no such layers
-    log_load(logger, f"pretrained backbone from {path}", report, len(weights), len(backbone.network.state_dict()),
-             fresh)
 
 
 def training_task(task: Task) -> engine.Task:

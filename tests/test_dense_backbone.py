@@ -11,11 +11,11 @@ import torch
 
 from config import UsageError, merge_opts
 from dense.backbone import DenseBackbone
-from dense.run import load_backbone
 from detection.config import detection_defaults
 from detection.model import backbone, build_detector
 from models import extract_state_dict
 from tests.helpers import BACKBONE_OPTS, CHECKPOINT, LOG
+from utils import load_backbone
 
 ARGS = dict(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[2, 2, 4, 8], window_size=7, drop_path_rate=0.0)
 NAME = "focal_tiny_patch4_window7_224"

@@ -16,7 +16,7 @@ from PIL import Image
 
 from config import UsageError, get_config, merge_opts
 from dense.demo import generate_detection
-from dense.run import load_backbone, run
+from dense.run import run
 from detection.config import DETECTION_RULES, DETECTORS, detection_defaults
 from detection.data import CocoDetection, build_data, load_coco, rle_runs
 from detection.evaluate import coco_ap, evaluate
@@ -27,7 +27,7 @@ from lr_scheduler import scale_rates
 from models import extract_state_dict
 from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, assert_intact, check, finished_dense_run, load,
                            private_copy, run_task, task_args, this_run)
-from utils import CHECKSUM_KEY, content_digest
+from utils import CHECKSUM_KEY, content_digest, load_backbone
 
 CFG = str(REPO / "configs" / "detection" / "demo.yaml")
 TINY = ["DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0", "MODEL.FPN_CHANNELS", "16", "MODEL.BOX_HEAD_DIM", "32",

@@ -19,7 +19,7 @@ from PIL import Image
 
 from config import UsageError, get_config, merge_opts
 from dense.demo import generate_segmentation
-from dense.run import load_backbone, parse_args, run
+from dense.run import parse_args, run
 from engine import DistEnv, build_precision
 from models import extract_state_dict
 from segmentation.config import SEGMENTATION_RULES, segmentation_defaults
@@ -31,7 +31,7 @@ from segmentation.train import TASK
 from tests.helpers import (BACKBONE_OPTS, CHECKPOINT, LOG, REPO, assert_intact, check, finished_dense_run, load,
                            private_copy, run_task, snapshot, start_task, sum_roundoff, task_args, this_run,
                            wait_for_line)
-from utils import CHECKSUM_KEY, content_digest
+from utils import CHECKSUM_KEY, content_digest, load_backbone
 
 CFG = str(REPO / "configs" / "segmentation" / "demo.yaml")
 TINY = ["DATA.SCALE", "[64, 64]", "DATA.CROP_SIZE", "64", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0",
