@@ -409,8 +409,15 @@ def compile_backend(value: str, _: Any) -> bool:
     return value in torch._dynamo.list_backends(exclude_tags=())
 
 
-def _trains(config: CN) -> bool:
+def trains(config: CN) -> bool:
+    """The run trains (not ``--eval`` or ``--throughput``)."""
     return not (config.EVAL_MODE or config.get("THROUGHPUT_MODE", False))
+
+
+def mixup_active(config: CN) -> bool:
+    """timm's Mixup/CutMix is on (classification's AUG keys)."""
+    aug = config.AUG
+    return aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None
 
 
 def in_unit_interval(value: Any, _: Any) -> bool:
@@ -428,7 +435,7 @@ RUN_RULES = (
     Rule("MODEL.DROP_PATH_RATE", in_unit_interval, "must be in [0, 1)"),
     Rule("TRAIN.EPOCHS", at_least(1), "must be at least 1"),
     Rule("TRAIN.START_EPOCH", at_least(0), "must be 0 or more"),
-    Rule("TRAIN.START_EPOCH", lambda value, c: value < c.TRAIN.EPOCHS or not _trains(c),
+    Rule("TRAIN.START_EPOCH", lambda value, c: value < c.TRAIN.EPOCHS or not trains(c),
          "must be below TRAIN.EPOCHS (there would be nothing to train)"),
     Rule("TRAIN.BASE_LR", lambda value, _: value > 0, "must be above 0"),
     Rule("TRAIN.MIN_LR", at_least(0), "must be 0 or more"),
@@ -462,7 +469,7 @@ RULES = RUN_RULES + (
     Rule("MODEL.FOCAL.IN_CHANS", lambda value, c: value == 3 or c.THROUGHPUT_MODE,
          "must be 3 to train or evaluate: images are read as RGB"),
     Rule("TRAIN.WARMUP_EPOCHS", at_least(0), "must be 0 or more"),
-    Rule("TRAIN.WARMUP_EPOCHS", lambda value, c: value < c.TRAIN.EPOCHS or not _trains(c),
+    Rule("TRAIN.WARMUP_EPOCHS", lambda value, c: value < c.TRAIN.EPOCHS or not trains(c),
          "must be below TRAIN.EPOCHS: a warm-up as long as the run never reaches TRAIN.BASE_LR"),
     Rule("TRAIN.WARMUP_LR", at_least(0), "must be 0 or more"),
     Rule("TRAIN.LAYER_DECAY", lambda value, _: 0 < value <= 1, "must be in (0, 1] (1 turns layer decay off)"),
@@ -485,8 +492,7 @@ RULES = RUN_RULES + (
     Rule("AUG.MIXUP_PROB", between(0.0, 1.0), "must be a probability in [0, 1]"),
     Rule("AUG.MIXUP_SWITCH_PROB", between(0.0, 1.0), "must be a probability in [0, 1]"),
     Rule("AUG.MIXUP_MODE", one_of(("batch", "pair", "elem")), "must be one of ('batch', 'pair', 'elem')"),
-    Rule("DATA.BATCH_SIZE", lambda value, c: value % 2 == 0 or not _trains(c) or not (
-        c.AUG.MIXUP > 0 or c.AUG.CUTMIX > 0 or c.AUG.CUTMIX_MINMAX is not None),
+    Rule("DATA.BATCH_SIZE", lambda value, c: value % 2 == 0 or not trains(c) or not mixup_active(c),
          "must be even to train with Mixup/CutMix (AUG.MIXUP or AUG.CUTMIX above 0): timm mixes each image with "
          "its mirror in the batch"),
     Rule("THROUGHPUT_PASSES", at_least(1), "must be at least 1"),

@@ -25,7 +25,7 @@ from timm.utils import AverageMeter, ModelEmaV3, distribute_bn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from config import APEX_LEVELS, TrainingError, UsageError, user_message
+from config import APEX_LEVELS, TrainingError, UsageError, trains, user_message
 from logger import (FILE_ONLY, Progress, Terminated, close_log_files, create_logger, create_tensorboard_writer,
                     duration, leaving, scalars_to, stop_on_signals)
 from lr_scheduler import scale_rates
@@ -733,10 +733,9 @@ def launch(config: Any, device: str, run: Callable[[DistEnv, logging.Logger], No
         scale_rates(config, config.DATA.BATCH_SIZE * env.world_size * config.TRAIN.ACCUMULATION_STEPS)
         with locked_run(config.OUTPUT, env.rank) as logger:
             backend = f", backend {dist.get_backend()}" if env.distributed else ""
-            trains = not (config.EVAL_MODE or config.get("THROUGHPUT_MODE", False))
-            rate = f", learning rate {config.TRAIN.BASE_LR:.3g} for a total batch of {config.TRAIN.LR_BATCH}"
-            logger.info(f"rank {env.rank} of {env.world_size} on {env.device}{backend}{rate if trains else ''}, "
-                        f"pid {os.getpid()}")
+            rate = (f", learning rate {config.TRAIN.BASE_LR:.3g} for a total batch of {config.TRAIN.LR_BATCH}"
+                    if trains(config) else "")
+            logger.info(f"rank {env.rank} of {env.world_size} on {env.device}{backend}{rate}, pid {os.getpid()}")
             seed_everything(config.SEED, env.rank, 0)
             run(env, logger)
     finally:

@@ -10,7 +10,7 @@ import torch
 from timm.data import Mixup
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
-from config import UsageError
+from config import UsageError, mixup_active
 from engine import DistEnv
 from logger import quiet_worker_teardown
 
@@ -100,11 +100,6 @@ def build_val_loader(config: Any, env: DistEnv, by_name: bool = False) -> Tuple[
     dataset = _dataset("val", config, env, by_name)
     return dataset, _loader(dataset, ShardSampler(len(dataset), env.rank, env.world_size), config, env,
                             train=False)
-
-
-def mixup_active(config: Any) -> bool:
-    aug = config.AUG
-    return aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None
 
 
 def build_mixup(config: Any) -> Optional[Mixup]:

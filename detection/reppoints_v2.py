@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import DeformConv2d, batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import DeformConv2d, batched_nms, clip_boxes_to_image, generalized_box_iou_loss, sigmoid_focal_loss
 from torchvision.ops.misc import Conv2dNormActivation
 
 from .atss import atss_assign
@@ -201,9 +201,7 @@ def snap_to_corners(boxes: Tensor, corners: Tensor, stride: int, shape: Tuple[in
         y, x = peak // width, peak % width
         offset = corners[3 * c + 1:3 * c + 3, y, x].T  # (K, 2): x, y
         snapped.append((torch.stack([x, y], 1).to(boxes.dtype) + offset) * stride)
-    snapped = torch.cat(snapped, 1)
-    limits = boxes.new_tensor([shape[1], shape[0]] * 2)
-    return torch.minimum(snapped.clamp(min=0), limits)
+    return clip_boxes_to_image(torch.cat(snapped, 1), shape)
 
 
 def deform(conv: DeformConv2d, x: Tensor, offsets: Tensor) -> Tensor:
@@ -367,8 +365,6 @@ class RepPointsV2(nn.Module):
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         images, targets = self.transform(images, targets)
         features = list(self.backbone(images.tensors).values())
-        if len(features) != len(self.strides):
-            raise ValueError(f"the backbone gives {len(features)} levels for {len(self.strides)} point_strides")
         outputs = self.head(features)
         if self.training:
             return self.compute_loss(outputs, targets)
@@ -435,20 +431,20 @@ class RepPointsV2(nn.Module):
         points, _ = level_points(shapes, self.strides, outputs["cls_logits"][0].device)
         boxes_all = points_to_boxes(to_points(outputs["points_refine"], self.strides, points), self.box_method)
         probs_all = flatten(outputs["cls_logits"]).sigmoid()
+        counts = [h * w for h, w in shapes]
         detections = []
         for i, shape in enumerate(image_shapes):
-            limits = boxes_all.new_tensor([shape[1], shape[0]] * 2)
             boxes, probs = [], []
-            for level, (level_boxes, level_probs) in enumerate(zip(boxes_all[i].split([h * w for h, w in shapes]),
-                                                                   probs_all[i].split([h * w for h, w in shapes]))):
+            for level, (level_boxes, level_probs) in enumerate(zip(boxes_all[i].split(counts),
+                                                                   probs_all[i].split(counts))):
                 if len(level_probs) > self.topk_candidates:
                     keep = level_probs.amax(1).topk(self.topk_candidates).indices
                     level_boxes, level_probs = level_boxes[keep], level_probs[keep]
-                level_boxes = torch.minimum(level_boxes.clamp(min=0), limits)
+                level_boxes = clip_boxes_to_image(level_boxes, shape)
                 if level in CORNER_SOURCE:
                     source = CORNER_SOURCE[level]
                     level_boxes = snap_to_corners(level_boxes, outputs["corners"][source][i],
-                                                       self.strides[source], shape)
+                                                  self.strides[source], shape)
                 boxes.append(level_boxes)
                 probs.append(level_probs)
             boxes, probs = torch.cat(boxes), torch.cat(probs)

@@ -410,6 +410,23 @@ def start_task(module: str, args: Sequence[str]) -> subprocess.Popen:
     return start_command(task_command(module, args))
 
 
+def detector_trains_and_resumes(tmp_path: Path, cfg: str, opts: Sequence[str]):
+    """A detector's config through the detection task's run on 4 generated 64-pixel images (2 per step): one epoch,
+    then the same command at two epochs, which must resume after the first without training epoch 0 again.
+    Returns both runs for the detector's own checks of its losses and detections."""
+    from dense.demo import generate_detection
+    data = generate_detection(str(tmp_path / "data"), size=64, train=4, val=2)
+    args = ["--cfg", cfg, "--data-path", data, "--output", str(tmp_path / "out"), "--opts", "DATA.BATCH_SIZE", "2",
+            "DATA.NUM_WORKERS", "0", "TRAIN.WARMUP_ITERS", "0", "PRINT_FREQ", "1", "EVAL_FREQ", "1", *BACKBONE_OPTS,
+            *map(str, opts)]
+    trained = check(run_task("detection.train", [*args, "TRAIN.EPOCHS", "1"]))
+    assert "Train: [0/1][1/2]" in trained.stdout
+    resumed = check(run_task("detection.train", [*args, "TRAIN.EPOCHS", "2"]))
+    assert "auto-resuming from" in resumed.stdout and "Train: [1/2][1/2]" in resumed.stdout
+    assert "Train: [0/2]" not in resumed.stdout
+    return trained, resumed
+
+
 def finished_dense_run(root: Path, task, cfg: str, generate, opts: Sequence[str]) -> Path:
     """``root`` after a one-epoch run of a dense ``task`` (in process) on demo data that ``generate`` draws in
     ``root/data``, into ``root/out``."""

@@ -12,13 +12,15 @@ import torch.nn as nn
 from torchvision.models.detection.image_list import ImageList
 
 from config import UsageError, get_config, merge_opts
-from dense.demo import generate_detection
 from detection.atss import ATSS, ATSSHead, LevelAnchorGenerator, atss_assign, centerness_targets
 from detection.config import DETECTION_RULES, detection_defaults
 from detection.model import build_detector
-from tests.helpers import BACKBONE_OPTS, REPO, check, run_task, sum_roundoff, task_args
+from tests.helpers import BACKBONE_OPTS, REPO, detector_trains_and_resumes, sum_roundoff, task_args
 
 CFG = str(REPO / "configs" / "detection" / "atss_demo.yaml")
+# A 64-wide FPN on 64-pixel images, every detection kept: the end-to-end runs of the one-stage detectors.
+SMALL_HEAD = ["MODEL.FPN_CHANNELS", "64", "MODEL.DETECTOR_ARGS.min_size", "[64]", "MODEL.DETECTOR_ARGS.max_size", "64",
+              "MODEL.DETECTOR_ARGS.score_thresh", "0.0"]
 BOX = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
 
 
@@ -193,7 +195,12 @@ def test_bad_detector_args_are_one_line_naming_the_key(opts, message):
      None),
 ])
 def test_fpn_width_must_suit_the_group_norms(opts, message):
-    args = task_args(CFG)
+    check_rules(CFG, opts, message)
+
+
+def check_rules(cfg: str, opts, message) -> None:
+    """The detection config rules on ``cfg`` with ``opts``: refused with ``message``, or (None) accepted."""
+    args = task_args(cfg)
     args.opts = opts
     if message is None:
         get_config(args, detection_defaults(), DETECTION_RULES)
@@ -204,15 +211,6 @@ def test_fpn_width_must_suit_the_group_norms(opts, message):
 
 @pytest.mark.slow
 def test_atss_trains_evaluates_and_resumes(tmp_path):
-    data = generate_detection(str(tmp_path / "data"), size=64, train=4, val=2)
-    opts = ["DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0", "MODEL.FPN_CHANNELS", "64", "TRAIN.WARMUP_ITERS", "0",
-            "PRINT_FREQ", "1", "EVAL_FREQ", "1", "MODEL.DETECTOR_ARGS.min_size", "[64]",
-            "MODEL.DETECTOR_ARGS.max_size", "64", "MODEL.DETECTOR_ARGS.score_thresh", "0.0", *BACKBONE_OPTS]
-    args = ["--cfg", CFG, "--data-path", data, "--output", str(tmp_path / "out"), "--opts", *opts]
-    trained = check(run_task("detection.train", [*args, "TRAIN.EPOCHS", "1"]))
-    assert "Train: [0/1][1/2]" in trained.stdout
+    trained, _ = detector_trains_and_resumes(tmp_path, CFG, SMALL_HEAD)
     assert all(name in trained.stdout for name in ("classification", "bbox_regression", "bbox_ctrness"))
     assert re.search(r"box AP [\d.]+ \(2 images, [1-9]\d* detections\)", trained.stdout)
-    resumed = check(run_task("detection.train", [*args, "TRAIN.EPOCHS", "2"]))
-    assert "auto-resuming from" in resumed.stdout and "Train: [1/2][1/2]" in resumed.stdout
-    assert "Train: [0/2]" not in resumed.stdout

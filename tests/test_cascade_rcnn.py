@@ -13,11 +13,10 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import box_iou
 
 from config import UsageError, merge_opts
-from dense.demo import generate_detection
 from detection.cascade_rcnn import CascadeMaskRCNN, CascadeRoIHeads
 from detection.config import detection_defaults
 from detection.model import build_detector, detector_parameters
-from tests.helpers import BACKBONE_OPTS, REPO, check, run_task
+from tests.helpers import BACKBONE_OPTS, REPO, detector_trains_and_resumes
 
 CFG = str(REPO / "configs" / "detection" / "cascade_mask_rcnn_demo.yaml")
 WIDTH = 8  # FPN width of the hand-built cascades
@@ -230,15 +229,9 @@ def test_focal_tiny_cascade_has_the_seeds_parameter_count():
 def test_cascade_trains_evaluates_and_resumes(tmp_path):
     """One epoch through the detection task's run (box and mask AP scored), then the same command at two epochs
     resumes after the first."""
-    data = generate_detection(str(tmp_path / "data"), size=64, train=4, val=2)
-    opts = ["DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0", "MODEL.FPN_CHANNELS", "16", "MODEL.BOX_HEAD_DIM", "32",
-            "MODEL.MASK_HEAD_CHANNELS", "8", "MODEL.DETECTOR_ARGS.min_size", "[64]", "MODEL.DETECTOR_ARGS.max_size",
-            "64", "MODEL.DETECTOR_ARGS.box_score_thresh", "0.0", "TRAIN.WARMUP_ITERS", "0", "PRINT_FREQ", "1",
-            "EVAL_FREQ", "1", *BACKBONE_OPTS]
-    args = ["--cfg", CFG, "--data-path", data, "--output", str(tmp_path / "out"), "--opts", *opts]
-    trained = check(run_task("detection.train", [*args, "TRAIN.EPOCHS", "1"]))
-    assert "Train: [0/1][1/2]" in trained.stdout and "loss_box_giou_s2" in trained.stdout
+    opts = ["MODEL.FPN_CHANNELS", "16", "MODEL.BOX_HEAD_DIM", "32", "MODEL.MASK_HEAD_CHANNELS", "8",
+            "MODEL.DETECTOR_ARGS.min_size", "[64]", "MODEL.DETECTOR_ARGS.max_size", "64",
+            "MODEL.DETECTOR_ARGS.box_score_thresh", "0.0"]
+    trained, _ = detector_trains_and_resumes(tmp_path, CFG, opts)
+    assert "loss_box_giou_s2" in trained.stdout
     assert re.search(r"box AP [\d.]+ mask AP [\d.]+ \(2 images, [1-9]\d* detections\)", trained.stdout)
-    resumed = check(run_task("detection.train", [*args, "TRAIN.EPOCHS", "2"]))
-    assert "auto-resuming from" in resumed.stdout and "Train: [1/2][0/" in resumed.stdout
-    assert "Train: [0/2]" not in resumed.stdout

@@ -10,16 +10,14 @@ import re
 import pytest
 import torch
 
-from config import UsageError, get_config
-from dense.demo import generate_detection
+from config import UsageError
 from detection.atss import atss_assign
-from detection.config import DETECTION_RULES, detection_defaults
 from detection.model import build_detector
 from detection.reppoints_v2 import (balanced_focal_loss, corner_targets, foreground_targets, gaussian_focal_loss,
                                     gaussian_radius, level_points, point_assign, points_to_boxes, running_max,
                                     snap_to_corners, to_points)
-from tests.helpers import BACKBONE_OPTS, REPO, check, run_task, task_args
-from tests.test_atss import atss_config
+from tests.helpers import REPO, detector_trains_and_resumes
+from tests.test_atss import SMALL_HEAD, atss_config, check_rules
 
 CFG = str(REPO / "configs" / "detection" / "reppoints_v2_demo.yaml")
 
@@ -220,18 +218,9 @@ def test_bad_detector_args_are_one_line_naming_the_key(opts, message):
 
 @pytest.mark.slow
 def test_reppoints_v2_trains_evaluates_and_resumes(tmp_path):
-    data = generate_detection(str(tmp_path / "data"), size=64, train=4, val=2)
-    opts = ["DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0", "MODEL.FPN_CHANNELS", "64", "TRAIN.WARMUP_ITERS", "0",
-            "PRINT_FREQ", "1", "EVAL_FREQ", "1", "MODEL.DETECTOR_ARGS.min_size", "[64]",
-            "MODEL.DETECTOR_ARGS.max_size", "64", "MODEL.DETECTOR_ARGS.score_thresh", "0.0", *BACKBONE_OPTS]
-    args = ["--cfg", CFG, "--data-path", data, "--output", str(tmp_path / "out"), "--opts", *opts]
-    trained = check(run_task("detection.train", [*args, "TRAIN.EPOCHS", "1"]))
-    assert "Train: [0/1][1/2]" in trained.stdout
+    trained, _ = detector_trains_and_resumes(tmp_path, CFG, SMALL_HEAD)
     assert all(name in trained.stdout for name in ("points_init", "points_refine", "corner_heatmap", "foreground"))
     assert re.search(r"box AP [\d.]+ \(2 images, [1-9]\d* detections\)", trained.stdout)
-    resumed = check(run_task("detection.train", [*args, "TRAIN.EPOCHS", "2"]))
-    assert "auto-resuming from" in resumed.stdout and "Train: [1/2][1/2]" in resumed.stdout
-    assert "Train: [0/2]" not in resumed.stdout
 
 
 @pytest.mark.parametrize("opts, message", [
@@ -245,10 +234,4 @@ def test_reppoints_v2_trains_evaluates_and_resumes(tmp_path):
     (["MODEL.OUT_INDICES", "[2, 3]", "MODEL.DETECTOR_ARGS.point_strides", "[16, 32, 64, 128]"], None),
 ])
 def test_config_rules(opts, message):
-    args = task_args(CFG)
-    args.opts = opts
-    if message is None:
-        get_config(args, detection_defaults(), DETECTION_RULES)
-        return
-    with pytest.raises(UsageError, match=message):
-        get_config(args, detection_defaults(), DETECTION_RULES)
+    check_rules(CFG, opts, message)

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from config import UsageError, get_config, merge_opts
-from dense.demo import generate_detection
 from detection.config import DETECTION_RULES, detection_defaults
 from detection.model import build_detector
 from detection.sparse_rcnn import SetCriterion, hungarian_match, objects_per_process
-from tests.helpers import BACKBONE_OPTS, REPO, check, run_task, task_args
+from tests.helpers import BACKBONE_OPTS, REPO, detector_trains_and_resumes, task_args
 
 # A small Sparse R-CNN: the test backbone, 16-wide FPN and stages, 64-pixel images.
 SMALL = ["MODEL.DETECTOR", "sparse_rcnn", "MODEL.FPN_CHANNELS", 16, "MODEL.DETECTOR_ARGS.min_size", "[64]",
@@ -149,16 +148,8 @@ def test_focal_tiny_parameter_count_is_the_seeds():
 
 @pytest.mark.slow
 def test_sparse_rcnn_trains_evaluates_and_resumes(tmp_path):
-    data = generate_detection(str(tmp_path / "data"), size=64, train=4, val=2)
-    opts = ["DATA.BATCH_SIZE", "2", "DATA.NUM_WORKERS", "0", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_ITERS", "0",
-            "PRINT_FREQ", "1", "EVAL_FREQ", "1", "MODEL.DETECTOR_ARGS.num_proposals", "50", *BACKBONE_OPTS,
-            *map(str, SMALL)]
-    args = ["--cfg", str(REPO / "configs" / "detection" / "sparse_rcnn_demo.yaml"), "--data-path", data,
-            "--output", str(tmp_path / "out"), "--opts", *opts]
-    trained = check(run_task("detection.train", args))
-    assert "Train: [0/1][1/2]" in trained.stdout and "loss_giou_1" in trained.stdout
+    trained, _ = detector_trains_and_resumes(tmp_path, str(REPO / "configs" / "detection" / "sparse_rcnn_demo.yaml"),
+                                             ["MODEL.DETECTOR_ARGS.num_proposals", "50", *SMALL])
+    assert "loss_giou_1" in trained.stdout
     # 50 proposals x 3 classes: the top 100 of each of the 2 images
     assert re.search(r"box AP [\d.]+ \(2 images, 200 detections\)", trained.stdout)
-    resumed = check(run_task("detection.train", [*args, "TRAIN.EPOCHS", "2"]))
-    assert "auto-resuming from" in resumed.stdout and "Train: [1/2][1/2]" in resumed.stdout
-    assert "Train: [0/2]" not in resumed.stdout
